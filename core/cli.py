@@ -1,0 +1,276 @@
+"""``okng``: the station's command line (stable; scripts and other tools call it).
+
+    okng fit PATH... --out MODEL [--model padim] [--backbone NAME] [--image-size N]
+    okng score --model MODEL PATH... [--csv FILE] [--heatmaps DIR]
+    okng eval --model MODEL --ok PATH... --ng PATH... [--json FILE]
+    okng models
+    okng demo | okng gui [RECIPE]
+
+PATH is an image file or a folder (searched recursively). Unreadable images are reported
+on stderr and skipped; the run goes on. Exit status: 0 success, 1 error, 2 usage, 130
+interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import OkngError
+
+
+def _progress_bar(total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", file=sys.stderr, disable=None, leave=False)
+
+
+def _drive(gen, desc: str):
+    """Run a job with a progress bar; report skipped files as they happen."""
+    from .jobs import Skipped
+
+    bar = None
+    while True:
+        try:
+            p = next(gen)
+        except StopIteration as stop:
+            if bar is not None:
+                bar.close()
+            return stop.value
+        if bar is None and p.total:
+            bar = _progress_bar(p.total, desc)
+        if bar is not None:
+            bar.n = p.done
+            bar.refresh()
+        if isinstance(p.item, Skipped):
+            print(f"skipped {p.item.path}: {p.item.reason}", file=sys.stderr)
+
+
+def _paths(inputs: list[str]) -> list[str]:
+    from .imageio import iter_image_paths
+
+    paths = [str(p) for p in iter_image_paths(inputs)]
+    if not paths:
+        raise OkngError(f"no images found in {' '.join(inputs)}")
+    return paths
+
+
+def _config_from_args(args: argparse.Namespace):
+    from .detector import DetectorConfig
+
+    params = {}
+    if args.epsilon is not None:
+        params["epsilon"] = args.epsilon
+    for kv in args.param or []:
+        key, _, value = kv.partition("=")
+        try:
+            params[key] = json.loads(value)
+        except json.JSONDecodeError:
+            params[key] = value
+    kw = dict(model=args.model, backbone=args.backbone, image_size=args.image_size, model_params=params,
+              sigma=args.sigma, pooling=args.pooling, topk=args.topk, batch_size=args.batch_size,
+              false_alarm_rate=args.false_alarm_rate, seed=args.seed)
+    if args.stages:
+        kw["stages"] = tuple(int(s) for s in args.stages.split(","))
+    kw["n_channels"] = None if args.channels == 0 else args.channels
+    if args.weights:
+        kw["weights"] = args.weights
+    return DetectorConfig(**kw)
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from .jobs import CancelToken, fit_job
+    from .persistence import save_detector
+
+    paths = _paths(args.paths)
+    config = _config_from_args(args)
+    result = _drive(fit_job(paths, config, CancelToken()), "fit")
+    for s in result.skipped:
+        print(f"skipped {s.path}: {s.reason}", file=sys.stderr)
+    out = save_detector(result.detector, args.out)
+    det = result.detector
+    th = det.thresholds
+    msg = (f"fitted {config.model} on {len(result.fitted) + len(result.calibration)} OK images "
+           f"in {result.seconds:.1f} s -> {out}")
+    if th is not None:
+        msg += (f"\nimage threshold {th.image:.4g} (expected false-alarm rate "
+                f"{th.expected_false_alarm_rate():.1%} on {len(result.calibration)} held-out OK images), "
+                f"pixel threshold {th.pixel:.4g}")
+    print(msg)
+    return 0
+
+
+def _load(args):
+    from .persistence import load_detector
+
+    return load_detector(args.model)
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    import cv2
+    import numpy as np
+
+    from .jobs import CancelToken, ScoredImage, inspect_job
+
+    det = _load(args)
+    paths = _paths(args.paths)
+    results = _drive(inspect_job(paths, det, CancelToken()), "score")
+    heat_dir = Path(args.heatmaps) if args.heatmaps else None
+    if heat_dir:
+        heat_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, r in enumerate(results):
+        if isinstance(r, ScoredImage):
+            rows.append({"path": r.path, "score": f"{r.inspection.score:.6g}", "verdict": r.inspection.verdict,
+                         "peak": f"{r.inspection.peak:.6g}", "error": ""})
+            if heat_dir:
+                m = r.inspection.anomaly_map
+                scale = max(float(det.thresholds.pixel) * 2 if det.thresholds else float(m.max()), 1e-9)
+                img = np.clip(m / scale * 255.0, 0, 255).astype(np.uint8)
+                name = f"{i:05d}_{Path(r.path).stem}.png"
+                cv2.imwrite(str(heat_dir / name), cv2.applyColorMap(img, cv2.COLORMAP_JET))
+        else:
+            rows.append({"path": r.path, "score": "", "verdict": "ERROR", "peak": "", "error": r.reason})
+    fields = ["path", "score", "verdict", "peak", "error"]
+    if args.csv:
+        from .atomic import write_atomic
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "w", newline="", encoding="utf-8") as f:
+                w = csv.DictWriter(f, fieldnames=fields)
+                w.writeheader()
+                w.writerows(rows)
+
+        write_atomic(args.csv, write)
+    else:
+        w = csv.DictWriter(sys.stdout, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+    n_ng = sum(r["verdict"] == "NG" for r in rows)
+    n_err = sum(r["verdict"] == "ERROR" for r in rows)
+    print(f"{len(rows)} images: {n_ng} NG, {len(rows) - n_ng - n_err} OK, {n_err} unreadable", file=sys.stderr)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluation import evaluate_job
+    from .jobs import CancelToken
+
+    det = _load(args)
+    ev = _drive(evaluate_job(det, _paths(args.ok), _paths(args.ng), CancelToken()), "eval")
+    d = ev.to_dict()
+    if args.json:
+        from .atomic import write_bytes_atomic
+
+        write_bytes_atomic(args.json, json.dumps(d, indent=2).encode())
+    print(f"OK images {ev.n_ok}, NG images {ev.n_ng}")
+    print(f"image AUROC      {ev.image_auroc:.4f}")
+    print(f"FPR at 95% TPR   {ev.fpr_at_95_tpr:.4f}")
+    if ev.at_threshold is not None:
+        a = ev.at_threshold
+        print(f"at threshold {ev.threshold:.4g}: false-alarm rate {a['false_alarm_rate']:.3f}, "
+              f"detection rate {a['detection_rate']:.3f}, F1 {a['f1']:.3f}")
+    print(f"best-F1 threshold {ev.best_f1_threshold:.4g} (F1 {ev.best_f1:.3f})")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .models import MODELS
+
+    for name, cls in MODELS.items():
+        print(f"{name}\t{cls.summary}")
+    return 0
+
+
+def cmd_gui(args: argparse.Namespace) -> int:
+    from gui.app import run_demo, run_gui
+
+    if args.command == "demo":
+        return run_demo()
+    return run_gui(args.recipe)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .backbone import DEFAULT_BACKBONE
+    from .models import MODELS
+
+    p = argparse.ArgumentParser(prog="okng", description="OK/NG Station: visual anomaly inspection")
+    p.add_argument("--version", action="version", version=f"okng {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log details to stderr")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    f = sub.add_parser("fit", help="fit a normality model on OK images")
+    f.add_argument("paths", nargs="+", metavar="PATH", help="OK image files or folders")
+    f.add_argument("--out", required=True, metavar="MODEL", help="model file to write (.okng)")
+    f.add_argument("--model", default="padim", choices=sorted(MODELS), help="normality model")
+    f.add_argument("--backbone", default=DEFAULT_BACKBONE, help="timm model name (default works offline)")
+    f.add_argument("--weights", help="local backbone weights file (.safetensors or state dict)")
+    f.add_argument("--image-size", type=int, default=224, metavar="N", help="network input size (square)")
+    f.add_argument("--stages", help="feature stages, comma separated timm indices (default 2,3)")
+    f.add_argument("--channels", type=int, default=100, help="random channel subset size (0 = all)")
+    f.add_argument("--epsilon", type=float, help="covariance regularisation (default 0.01)")
+    f.add_argument("--param", action="append", metavar="KEY=VALUE", help="extra model parameter")
+    f.add_argument("--sigma", type=float, default=4.0, help="Gaussian blur of the map, pixels")
+    f.add_argument("--pooling", default="max", choices=["max", "topk", "blob"], help="image score pooling")
+    f.add_argument("--topk", type=int, default=100, help="pixels averaged by topk pooling")
+    f.add_argument("--false-alarm-rate", type=float, default=0.01, help="target for the calibrated threshold")
+    f.add_argument("--batch-size", type=int, default=16)
+    f.add_argument("--seed", type=int, default=0, help="seed of the channel subset")
+    f.set_defaults(func=cmd_fit)
+
+    s = sub.add_parser("score", help="score images with a model")
+    s.add_argument("--model", required=True, metavar="MODEL")
+    s.add_argument("paths", nargs="+", metavar="PATH")
+    s.add_argument("--csv", metavar="FILE", help="write results here instead of stdout")
+    s.add_argument("--heatmaps", metavar="DIR", help="write a colour heatmap PNG per image")
+    s.set_defaults(func=cmd_score)
+
+    e = sub.add_parser("eval", help="evaluate a model on labelled OK and NG images")
+    e.add_argument("--model", required=True, metavar="MODEL")
+    e.add_argument("--ok", nargs="+", required=True, metavar="PATH")
+    e.add_argument("--ng", nargs="+", required=True, metavar="PATH")
+    e.add_argument("--json", metavar="FILE")
+    e.set_defaults(func=cmd_eval)
+
+    m = sub.add_parser("models", help="list the available normality models")
+    m.set_defaults(func=cmd_models)
+
+    d = sub.add_parser("demo", help="open the station on the built-in ELPV solar-cell demo")
+    d.set_defaults(func=cmd_gui, recipe=None)
+    g = sub.add_parser("gui", help="open the station")
+    g.add_argument("recipe", nargs="?", help="recipe to open")
+    g.set_defaults(func=cmd_gui)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR,
+                        format="%(levelname)s %(name)s: %(message)s")
+    from .allocator import tune_allocator
+
+    tune_allocator()
+    try:
+        return int(args.func(args) or 0)
+    except OkngError as exc:
+        print(f"okng: error: {exc}", file=sys.stderr)
+        return 1
+    except ValueError as exc:
+        print(f"okng: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("okng: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `okng score ... | head`: the reader left, not an error
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""The detector: backbone + embedding + normality model + post-processing + thresholds.
+
+A :class:`Detector` turns images into :class:`Inspection` results. It is the object the CLI,
+the GUI controller and the benchmarks hold; long work that builds or uses one lives in
+:mod:`core.jobs` as cancellable generators.
+
+Example:
+    >>> det = Detector.create(DetectorConfig())          # loads the backbone (seconds)
+    >>> det.fit_embeddings(det.embed(images))            # OK images, batch by batch
+    >>> det.finalize()
+    >>> result = det.inspect([load_image("part.png")])[0]
+    >>> result.score, result.verdict
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+
+from .anomaly_map import PostProcess
+from .backbone import DEFAULT_BACKBONE, BackboneSpec, FeatureExtractor
+from .embedding import Embedder, choose_channels
+from .errors import NotFittedError
+from .models import NormalityModel, model_class
+from .thresholds import Thresholds, verdict
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    """Everything that defines a detector before it sees data (the recipe's settings)."""
+
+    model: str = "padim"
+    backbone: str = DEFAULT_BACKBONE
+    weights: str | None = None
+    stages: tuple[int, ...] = (2, 3)
+    image_size: int = 224
+    n_channels: int | None = 100
+    seed: int = 0
+    model_params: dict[str, Any] = field(default_factory=dict)
+    sigma: float = 4.0
+    pooling: str = "max"
+    topk: int = 100
+    batch_size: int = 16
+    #: share of the OK images held out to calibrate the thresholds (added to the model after)
+    calibration_fraction: float = 0.2
+    false_alarm_rate: float = 0.01
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stages", tuple(int(s) for s in self.stages))
+        model_class(self.model)  # validates the name
+        if not 0.0 <= self.calibration_fraction < 1.0:
+            raise ValueError("calibration fraction must be in [0, 1)")
+        if not 0.0 <= self.false_alarm_rate < 1.0:
+            raise ValueError("false-alarm rate must be in [0, 1)")
+        if self.batch_size < 1:
+            raise ValueError("batch size must be >= 1")
+        self.backbone_spec()
+        self.postprocess()
+
+    def backbone_spec(self) -> BackboneSpec:
+        return BackboneSpec(self.backbone, self.stages, self.image_size, self.weights)
+
+    def postprocess(self) -> PostProcess:
+        return PostProcess(sigma=self.sigma, pooling=self.pooling, topk=self.topk)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["stages"] = list(self.stages)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DetectorConfig:
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown settings: {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+    def with_(self, **changes: Any) -> DetectorConfig:
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class Inspection:
+    """The result of inspecting one image. Arrays are read-only snapshots."""
+
+    score: float
+    verdict: str  # "OK" | "NG" | "?" (no threshold yet)
+    anomaly_map: np.ndarray  # (S, S) float32, network input resolution
+    image_threshold: float | None
+    pixel_threshold: float | None
+
+    @property
+    def peak(self) -> float:
+        return float(self.anomaly_map.max())
+
+
+def preprocess(images: list[np.ndarray], size: int) -> torch.Tensor:
+    """RGB uint8 images of any size -> (B, 3, size, size) float32 in [0, 1]."""
+    batch = np.empty((len(images), size, size, 3), dtype=np.uint8)
+    for i, img in enumerate(images):
+        interp = cv2.INTER_AREA if min(img.shape[:2]) >= size else cv2.INTER_LINEAR
+        batch[i] = cv2.resize(img, (size, size), interpolation=interp)
+    t = torch.from_numpy(batch).permute(0, 3, 1, 2).float().div_(255.0)
+    return t.contiguous()
+
+
+class Detector:
+    def __init__(
+        self,
+        config: DetectorConfig,
+        extractor: FeatureExtractor,
+        channel_idx: np.ndarray,
+        model: NormalityModel,
+        thresholds: Thresholds | None = None,
+    ) -> None:
+        self.config = config
+        self.extractor = extractor
+        self.embedder = Embedder(extractor, channel_idx)
+        self.model = model
+        self.post = config.postprocess()
+        self.thresholds = thresholds
+
+    # -- construction -------------------------------------------------------------------
+    @classmethod
+    def create(cls, config: DetectorConfig, extractor: FeatureExtractor | None = None) -> Detector:
+        """An unfitted detector. Pass ``extractor`` to share an already loaded backbone."""
+        if extractor is None or extractor.spec != config.backbone_spec():
+            extractor = FeatureExtractor(config.backbone_spec())
+        idx = choose_channels(sum(extractor.stage_channels), config.n_channels, config.seed)
+        probe = Embedder(extractor, idx)
+        model = model_class(config.model)(probe.grid_size, probe.n_channels, **config.model_params)
+        return cls(config, extractor, idx, model)
+
+    def copy(self) -> Detector:
+        """An independent snapshot (shares only the read-only backbone)."""
+        th = None if self.thresholds is None else replace(self.thresholds)
+        return Detector(self.config, self.extractor, self.embedder.channel_idx.copy(), self.model.copy(), th)
+
+    # -- data flow ----------------------------------------------------------------------
+    @property
+    def image_size(self) -> int:
+        return self.config.image_size
+
+    def embed(self, images: list[np.ndarray] | torch.Tensor) -> torch.Tensor:
+        """RGB uint8 images (or a preprocessed batch) -> (B, C, h, w) float32 embeddings."""
+        batch = images if isinstance(images, torch.Tensor) else preprocess(images, self.image_size)
+        return self.embedder(batch)
+
+    def fit_embeddings(self, emb: torch.Tensor, patch_mask: torch.Tensor | None = None) -> None:
+        self.model.partial_fit(emb, patch_mask)
+
+    def finalize(self) -> None:
+        if self.model.n_samples < 1:
+            raise NotFittedError("no OK images were fitted: add OK images and fit first")
+        self.model.finalize()
+
+    def maps_and_scores(self, emb: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """(B, C, h, w) -> ((B, S, S) float32 maps, (B,) float64 image scores)."""
+        if self.model.n_samples < 1:
+            raise NotFittedError("the model is not fitted yet: fit it on OK images first")
+        with torch.inference_mode():
+            dist = self.model.score(emb)
+        maps = self.post.maps(dist, self.image_size)
+        pixel = self.thresholds.pixel if self.thresholds else None
+        return maps, self.post.scores(maps, pixel)
+
+    def judge(self, score: float, anomaly_map: np.ndarray) -> Inspection:
+        anomaly_map.flags.writeable = False
+        th = self.thresholds
+        v = verdict(score, th.image) if th else "?"
+        return Inspection(float(score), v, anomaly_map, th.image if th else None, th.pixel if th else None)
+
+    def inspect_embeddings(self, emb: torch.Tensor) -> list[Inspection]:
+        maps, scores = self.maps_and_scores(emb)
+        return [self.judge(s, m) for s, m in zip(scores, maps)]
+
+    def inspect(self, images: list[np.ndarray]) -> list[Inspection]:
+        """Score RGB uint8 images (any size) and judge them against the thresholds."""
+        return self.inspect_embeddings(self.embed(images))
+
+    # -- description --------------------------------------------------------------------
+    def describe(self) -> dict[str, Any]:
+        ex = self.extractor
+        return {
+            "model": self.config.model,
+            "backbone": ex.spec.name,
+            "weights": ex.weights_identity,
+            "stages": list(ex.spec.stages),
+            "stage_channels": list(ex.stage_channels),
+            "channels": self.embedder.n_channels,
+            "grid": list(self.embedder.grid_size),
+            "image_size": self.image_size,
+            "ok_images": self.model.n_samples,
+        }

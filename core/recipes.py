@@ -1,0 +1,119 @@
+"""Recipes: everything a station needs to inspect one product, in one SQLite file.
+
+A recipe is a name, the OK image paths, the detector settings, the path of the fitted model
+file and the operator's thresholds. It is stored as ``<name>.okrecipe`` (SQLite, WAL mode)
+with the model saved beside it as ``<name>.okng`` (see :mod:`core.persistence`).
+
+Example:
+    >>> r = Recipe("cells", ok_paths=paths, config=DetectorConfig().to_dict())
+    >>> save_recipe(r, "recipes/cells.okrecipe")
+    >>> r2 = load_recipe("recipes/cells.okrecipe")
+"""
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import OkngError
+
+RECIPE_SUFFIX = ".okrecipe"
+SCHEMA_VERSION = 1
+
+
+class RecipeError(OkngError):
+    """A recipe file is missing, damaged or from a newer station."""
+
+
+@dataclass
+class Recipe:
+    name: str
+    ok_paths: list[str] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
+    model_path: str | None = None  # absolute once loaded
+    image_threshold: float | None = None
+    pixel_threshold: float | None = None
+
+
+def safe_file_stem(name: str) -> str:
+    stem = re.sub(r"[^\w\-. ]+", "_", name).strip(" .")
+    return stem or "recipe"
+
+
+def model_path_for(recipe_path: str | Path) -> Path:
+    """The model file that lives beside a recipe file."""
+    return Path(recipe_path).with_suffix(".okng")
+
+
+def save_recipe(recipe: Recipe, path: str | Path) -> Path:
+    """Write (or overwrite) a recipe file in one transaction."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise RecipeError(f"cannot save recipe {path}: folder {path.parent} does not exist")
+    model = recipe.model_path
+    if model is not None and Path(model).parent == path.parent:
+        model = Path(model).name  # stored relative, so the folder can be moved
+    meta = {
+        "schema_version": SCHEMA_VERSION,
+        "name": recipe.name,
+        "config": recipe.config,
+        "model_path": model,
+        "image_threshold": recipe.image_threshold,
+        "pixel_threshold": recipe.pixel_threshold,
+    }
+    try:
+        con = sqlite3.connect(path)
+        try:
+            con.execute("PRAGMA journal_mode=WAL")
+            with con:
+                con.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+                con.execute("CREATE TABLE IF NOT EXISTS ok_images (position INTEGER PRIMARY KEY, path TEXT NOT NULL)")
+                con.execute("DELETE FROM meta")
+                con.execute("DELETE FROM ok_images")
+                con.executemany("INSERT INTO meta VALUES (?, ?)", [(k, json.dumps(v)) for k, v in meta.items()])
+                con.executemany("INSERT INTO ok_images VALUES (?, ?)", list(enumerate(recipe.ok_paths)))
+            con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            con.close()
+    except sqlite3.Error as exc:
+        raise RecipeError(f"cannot save recipe {path}: {exc}") from None
+    return path
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file not found: {path}")
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            meta = {k: json.loads(v) for k, v in con.execute("SELECT key, value FROM meta")}
+            oks = [p for (p,) in con.execute("SELECT path FROM ok_images ORDER BY position")]
+        finally:
+            con.close()
+    except (sqlite3.Error, json.JSONDecodeError) as exc:
+        raise RecipeError(f"{path} is not a readable OK/NG recipe ({exc})") from None
+    version = meta.get("schema_version")
+    if not isinstance(version, int) or version > SCHEMA_VERSION:
+        raise RecipeError(f"{path}: recipe format {version!r} is not supported by this station")
+    model = meta.get("model_path")
+    if model is not None and not Path(model).is_absolute():
+        model = str(path.parent / model)
+    try:
+        return Recipe(
+            name=str(meta["name"]),
+            ok_paths=[str(p) for p in oks],
+            config=dict(meta.get("config") or {}),
+            model_path=model,
+            image_threshold=_opt_float(meta.get("image_threshold")),
+            pixel_threshold=_opt_float(meta.get("pixel_threshold")),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise RecipeError(f"{path}: damaged recipe ({exc})") from None
+
+
+def _opt_float(v: Any) -> float | None:
+    return None if v is None else float(v)

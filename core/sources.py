@@ -1,0 +1,199 @@
+"""Frame sources for live inspection: camera, video file, watched folder. No Qt here.
+
+A source is opened, polled with :meth:`read` (the newest frame, or ``None`` when nothing
+new is available yet) and closed; :attr:`finished` says it will never deliver again (end of
+a video file). :func:`live_job` turns a source and a detector getter into a cancellable
+generator job, like the other jobs in :mod:`core.jobs`.
+
+Example:
+    >>> src = VideoSource("line.mp4")
+    >>> for p in live_job(src, lambda: det, CancelToken()):
+    ...     print(p.item.inspection.verdict)
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import cv2
+import numpy as np
+
+from .errors import ImageLoadError, OkngError
+from .imageio import IMAGE_EXTENSIONS, check_image_array, load_image
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Frame:
+    image: np.ndarray  # (H, W, 3) uint8 RGB
+    name: str  # file name or "camera 0 #12"
+    index: int
+
+
+class SourceError(OkngError):
+    """A camera, video or folder could not be opened or read."""
+
+
+class FrameSource(Protocol):
+    finished: bool
+
+    def open(self) -> None: ...
+    def read(self) -> Frame | ImageLoadError | None: ...
+    def close(self) -> None: ...
+
+
+class VideoSource:
+    """An OpenCV capture: a camera by device index (int or digit string) or a video file."""
+
+    def __init__(self, target: int | str) -> None:
+        if isinstance(target, str) and target.strip().isdigit():
+            target = int(target)
+        self.target = target
+        self.finished = False
+        self._cap: cv2.VideoCapture | None = None
+        self._n = 0
+
+    @property
+    def is_camera(self) -> bool:
+        return isinstance(self.target, int)
+
+    def open(self) -> None:
+        if not self.is_camera and not Path(self.target).is_file():
+            raise SourceError(f"video file not found: {self.target}")
+        cap = cv2.VideoCapture(self.target)
+        if not cap.isOpened():
+            cap.release()
+            what = f"camera {self.target}" if self.is_camera else f"video {self.target}"
+            raise SourceError(f"cannot open {what}")
+        if self.is_camera:  # keep only the newest frame: stale frames are dropped, not queued
+            cap.set(cv2.CAP_PROP_BUFFERSIZE, 1)
+        self._cap = cap
+        self.finished = False
+
+    def read(self) -> Frame | None:
+        if self._cap is None or self.finished:
+            return None
+        ok, bgr = self._cap.read()
+        if not ok or bgr is None:
+            if self.is_camera:
+                raise SourceError(f"camera {self.target} stopped delivering frames")
+            self.finished = True
+            return None
+        self._n += 1
+        rgb = check_image_array(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), self.target)
+        label = f"camera {self.target}" if self.is_camera else Path(str(self.target)).name
+        return Frame(rgb, f"{label} #{self._n}", self._n)
+
+    def close(self) -> None:
+        if self._cap is not None:
+            self._cap.release()
+            self._cap = None
+
+
+class FolderWatchSource:
+    """New image files appearing in a folder, in arrival order.
+
+    A file is taken once its size is non-zero and unchanged over ``stable_polls`` successive
+    polls, so a file still being written is not read half-way.
+    """
+
+    def __init__(self, folder: str | Path, include_existing: bool = False, stable_polls: int = 2) -> None:
+        self.folder = Path(folder)
+        self.include_existing = include_existing
+        self.stable_polls = stable_polls
+        self.finished = False
+        self._seen: set[str] = set()
+        self._pending: dict[str, tuple[int, int]] = {}  # path -> (size, polls seen at that size)
+        self._n = 0
+
+    def open(self) -> None:
+        if not self.folder.is_dir():
+            raise SourceError(f"folder not found: {self.folder}")
+        if not self.include_existing:
+            self._seen = {str(p) for p in self._list()}
+
+    def _list(self) -> list[Path]:
+        return sorted(p for p in self.folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+    def poll(self) -> list[str]:
+        """Paths that became ready since the last poll, oldest first."""
+        ready = []
+        for p in self._list():
+            key = str(p)
+            if key in self._seen:
+                continue
+            try:
+                size = p.stat().st_size
+            except OSError:
+                continue
+            prev, count = self._pending.get(key, (-1, 0))
+            count = count + 1 if size == prev and size > 0 else 1
+            self._pending[key] = (size, count)
+            if count >= self.stable_polls:
+                ready.append(key)
+        for key in ready:
+            self._seen.add(key)
+            del self._pending[key]
+        return ready
+
+    def read(self) -> Frame | ImageLoadError | None:
+        if not hasattr(self, "_queue"):
+            self._queue: list[str] = []
+        if not self._queue:
+            self._queue = self.poll()
+        if not self._queue:
+            return None
+        path = self._queue.pop(0)
+        self._n += 1
+        try:
+            return Frame(load_image(path), path, self._n)
+        except ImageLoadError as exc:
+            return exc
+
+    def close(self) -> None:
+        pass
+
+
+def live_job(
+    source: FrameSource,
+    get_detector: Callable[[], object],
+    token,
+    idle_seconds: float = 0.05,
+    max_frames: int | None = None,
+) -> Generator:
+    """Read the newest frame, score it with the current detector snapshot, yield the result.
+
+    ``get_detector()`` is called per frame, so a refit takes effect on the next frame. Each
+    yield is a :class:`~core.jobs.Progress` whose ``item`` is a ScoredImage or Skipped.
+    Returns the number of frames inspected.
+    """
+    from .jobs import Progress, ScoredImage, Skipped
+
+    source.open()
+    n = 0
+    try:
+        while max_frames is None or n < max_frames:
+            token.raise_if_cancelled()
+            frame = source.read()
+            if frame is None:
+                if source.finished:
+                    break
+                time.sleep(idle_seconds)  # nothing new yet; cancellation latency <= idle_seconds
+                continue
+            if isinstance(frame, ImageLoadError):
+                n += 1
+                yield Progress(n, 0, str(frame.path), Skipped(str(frame.path), frame.reason))
+                continue
+            det = get_detector()
+            t = time.perf_counter()
+            inspection = det.inspect([frame.image])[0]
+            n += 1
+            yield Progress(n, 0, frame.name, ScoredImage(frame.name, inspection, frame.image, time.perf_counter() - t))
+    finally:
+        source.close()
+    return n

@@ -1,0 +1,61 @@
+"""Entry points: ``okng gui`` -> :func:`run_gui`, ``okng demo`` -> :func:`run_demo`.
+
+The composition root: the only place the runner, controller and window are built.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from PySide6.QtWidgets import QApplication
+
+log = logging.getLogger(__name__)
+
+
+def build(settings=None):
+    """Create (or reuse) the QApplication and return (app, controller, window)."""
+    from core.allocator import tune_allocator
+
+    from .controller import StationController
+    from .main_window import MainWindow
+    from .runner import EngineRunner
+
+    app = QApplication.instance() or QApplication(sys.argv[:1])
+    app.setApplicationName("OK-NG Station")
+    app.setOrganizationName("OKNG")
+    tune_allocator()
+    runner = EngineRunner()
+    controller = StationController(runner)
+    window = MainWindow(controller, settings)
+    runner.setParent(controller)
+    controller.setParent(window)
+    return app, controller, window
+
+
+def run_gui(recipe_path: str | None = None, demo: bool = False) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app, controller, window = build()
+    if demo:
+        controller.open_demo()
+    elif recipe_path:
+        window.open_recipe(recipe_path)
+    window.show()
+    return app.exec()
+
+
+def run_demo() -> int:
+    """Open the ELPV demo recipe, ready to Fit with one click."""
+    return run_gui(demo=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="okng-gui", description="OK/NG Station")
+    parser.add_argument("recipe", nargs="?", help="recipe file (.okrecipe) to open")
+    parser.add_argument("--demo", action="store_true", help="open the ELPV solar-cell demo")
+    args = parser.parse_args(argv)
+    return run_gui(args.recipe, demo=args.demo)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

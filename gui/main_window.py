@@ -1,0 +1,243 @@
+"""MainWindow: docks the panels around the inspection view and wires them to the controller."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from PySide6.QtCore import QSettings, QStandardPaths, Qt, Slot
+from PySide6.QtGui import QAction, QKeySequence
+from PySide6.QtWidgets import (QDockWidget, QFileDialog, QHBoxLayout, QLabel, QMainWindow, QPushButton,
+                               QVBoxLayout, QWidget)
+
+from .panels.histogram_panel import HistogramPanel
+from .panels.ok_set_panel import OkSetPanel
+from .panels.results_panel import ResultsPanel
+from .panels.source_panel import SourcePanel
+from .panels.threshold_panel import ThresholdPanel
+from .views.inspection_view import InspectionView
+
+APP_TITLE = "OK/NG Station"
+RECIPE_FILTER = "OK/NG recipes (*.okrecipe)"
+MAX_RECENT = 8
+
+
+class MainWindow(QMainWindow):
+    def __init__(self, controller, settings: QSettings | None = None) -> None:
+        super().__init__()
+        self.controller = c = controller
+        self.settings = settings or QSettings("OKNG", "OK-NG Station")
+        self.view = InspectionView()
+        self.ok_panel = OkSetPanel()
+        self.source_panel = SourcePanel()
+        self.threshold_panel = ThresholdPanel()
+        self.histogram = HistogramPanel()
+        self.results_panel = ResultsPanel()
+        self.error_label = QLabel()
+        self.error_label.setWordWrap(True)
+        self.error_label.setStyleSheet("background:#ffd7d7; color:#800; padding:6px; font-weight:bold;")
+        dismiss = QPushButton("Dismiss")
+        dismiss.clicked.connect(lambda: self.error_banner.hide())
+        self.error_banner = QWidget()
+        row = QHBoxLayout(self.error_banner)
+        row.setContentsMargins(0, 0, 0, 0)
+        row.addWidget(self.error_label, 1)
+        row.addWidget(dismiss)
+        self.error_banner.hide()
+        central = QWidget()
+        lay = QVBoxLayout(central)
+        lay.addWidget(self.error_banner)
+        lay.addWidget(self.view, 1)
+        self.setCentralWidget(central)
+        self._dock("OK images", self.ok_panel, Qt.DockWidgetArea.LeftDockWidgetArea)
+        self._dock("Inspect", self.source_panel, Qt.DockWidgetArea.LeftDockWidgetArea)
+        self._dock("Thresholds", self.threshold_panel, Qt.DockWidgetArea.RightDockWidgetArea)
+        self._dock("Score histogram", self.histogram, Qt.DockWidgetArea.RightDockWidgetArea)
+        self._dock("Results", self.results_panel, Qt.DockWidgetArea.RightDockWidgetArea)
+        self._build_actions()
+        self._wire()
+        self.on_recipe_changed(c.recipe.name)
+        self.ok_panel.set_paths(c.ok_paths)
+        self.resize(1500, 950)
+        geometry = self.settings.value("window/geometry")
+        if geometry is not None:
+            self.restoreGeometry(geometry)
+            self.restoreState(self.settings.value("window/state"))
+
+    def _dock(self, title: str, widget: QWidget, area) -> QDockWidget:
+        dock = QDockWidget(title, self)
+        dock.setObjectName(title)
+        dock.setWidget(widget)
+        dock.setFeatures(QDockWidget.DockWidgetFeature.DockWidgetMovable | QDockWidget.DockWidgetFeature.DockWidgetFloatable)
+        self.addDockWidget(area, dock)
+        return dock
+
+    def _action(self, menu, text: str, slot, shortcut=None) -> QAction:
+        a = QAction(text, self)
+        if shortcut:
+            a.setShortcut(QKeySequence(shortcut))
+            a.setShortcutContext(Qt.ShortcutContext.WindowShortcut)
+        a.triggered.connect(slot)
+        menu.addAction(a)
+        self.addAction(a)
+        return a
+
+    def _build_actions(self) -> None:
+        c = self.controller
+        m = self.menuBar().addMenu("&Recipe")
+        self._action(m, "&New recipe", lambda: c.new_recipe("untitled"), QKeySequence.StandardKey.New)
+        self._action(m, "&Open recipe…", self.open_recipe_dialog, "Ctrl+Shift+O")
+        self.recent_menu = m.addMenu("Open &recent")
+        self._action(m, "&Save recipe", self.save_recipe, QKeySequence.StandardKey.Save)
+        self._action(m, "Save recipe &as…", self.save_recipe_as, "Ctrl+Shift+S")
+        m.addSeparator()
+        self._action(m, "&Quit", self.close, QKeySequence.StandardKey.Quit)
+        m = self.menuBar().addMenu("&Inspect")
+        self._action(m, "&Open images to inspect…", self.source_panel._ask_files, "Ctrl+O")
+        self._action(m, "&Fit model", c.start_fit, "F5")
+        self.demo_action = self._action(m, "Inspect &demo stream", c.inspect_demo_stream, "Ctrl+D")
+        self._action(m, "Start/stop &live", self.source_panel.request_live_toggle, "F6")
+        self._action(m, "&Next image / stop live", self.next_or_stop, "Space")
+        self._action(m, "&Cancel", c.cancel, "Esc")
+        self._update_recent_menu()
+
+    def _wire(self) -> None:
+        c, v = self.controller, self.view
+        self.ok_panel.add_requested.connect(c.add_ok_paths)
+        self.ok_panel.remove_requested.connect(c.remove_ok_paths)
+        self.ok_panel.fit_requested.connect(c.start_fit)
+        self.ok_panel.cancel_requested.connect(c.cancel)
+        self.source_panel.inspect_files_requested.connect(c.inspect_paths)
+        self.source_panel.inspect_folder_requested.connect(lambda f: c.inspect_paths([f]))
+        self.source_panel.demo_stream_requested.connect(c.inspect_demo_stream)
+        self.source_panel.live_requested.connect(c.start_live)
+        self.source_panel.stop_requested.connect(c.stop_live)
+        self.threshold_panel.thresholds_changed.connect(c.set_thresholds)
+        self.histogram.threshold_moved.connect(self.on_histogram_moved)
+        self.results_panel.result_selected.connect(c.show_result)
+        c.ok_paths_changed.connect(self.ok_panel.set_paths)
+        c.recipe_changed.connect(self.on_recipe_changed)
+        c.model_changed.connect(self.on_model_changed)
+        c.thresholds_changed.connect(self.on_thresholds_changed)
+        c.result_added.connect(self.on_result_added)
+        c.results_changed.connect(self.on_results_changed)
+        c.display_changed.connect(self.on_display)
+        c.busy_changed.connect(self.ok_panel.set_busy)
+        c.progress.connect(self.on_progress)
+        c.live_changed.connect(self.source_panel.set_live)
+        c.status.connect(lambda msg: self.statusBar().showMessage(msg, 15000))
+        c.error.connect(self.show_error)
+
+    # -- controller -> widgets -----------------------------------------------------------------
+    @Slot(str)
+    def on_recipe_changed(self, name: str) -> None:
+        self.setWindowTitle(f"{APP_TITLE} — {name}")
+        self.source_panel.demo_button.setVisible(bool(self.controller.demo_stream))
+        self.results_panel.clear()
+        self.view.clear()
+
+    @Slot()
+    def on_model_changed(self) -> None:
+        c = self.controller
+        cal, peaks, seen = c.calibration_scores(), c.calibration_peaks(), c.inspected_scores()
+        image, pixel = c.image_threshold or 0.0, c.pixel_threshold or 0.0
+        top_i = max([image, *cal.tolist(), *seen.tolist(), 1e-3]) * 2.0
+        top_p = max([pixel, *peaks.tolist(), 1e-3]) * 2.0
+        self.threshold_panel.configure(image, pixel, (0.0, top_i), (0.0, top_p), cal)
+        self.histogram.set_threshold(image)
+        self.histogram.set_scores(cal, seen)
+        self.view.set_pixel_threshold(pixel, 2.0 * pixel if pixel else None)
+
+    @Slot(float, float)
+    def on_thresholds_changed(self, image: float, pixel: float) -> None:
+        if self.threshold_panel.values() != (image, pixel):
+            self.threshold_panel.set_values(image, pixel)
+        self.histogram.set_threshold(image)
+        self.view.set_pixel_threshold(pixel, 2.0 * pixel if pixel else None)
+
+    @Slot(float)
+    def on_histogram_moved(self, value: float) -> None:
+        self.controller.set_thresholds(value, self.controller.pixel_threshold or 0.0)
+
+    @Slot(object)
+    def on_result_added(self, rec) -> None:
+        self.results_panel.add_result(rec.id, rec.name, rec.score, rec.verdict, rec.seconds, rec.thumbnail)
+        self.histogram.set_scores(inspected=self.controller.inspected_scores())
+
+    @Slot()
+    def on_results_changed(self) -> None:
+        c = self.controller
+        if not c.results:
+            self.results_panel.clear()
+        self.results_panel.set_verdicts({r.id: r.verdict for r in c.results.values()})
+        self.histogram.set_scores(inspected=c.inspected_scores())
+
+    @Slot(object)
+    def on_display(self, d) -> None:
+        self.view.set_image(d.image, d.name)
+        self.view.set_anomaly_map(d.anomaly_map)
+        self.view.set_regions(d.contours)
+        self.view.set_verdict(d.verdict, d.score, d.image_threshold)
+
+    @Slot(int, int, str)
+    def on_progress(self, done: int, total: int, message: str) -> None:
+        self.ok_panel.set_progress(done, total, message)
+        self.statusBar().showMessage(message, 5000)
+
+    @Slot(str)
+    def show_error(self, message: str) -> None:
+        self.error_label.setText(message)
+        self.error_banner.show()
+        self.statusBar().showMessage(message, 15000)
+
+    # -- recipes, recent list, shortcuts ----------------------------------------------------
+    def next_or_stop(self) -> None:
+        if self.controller.live:
+            self.controller.stop_live()
+        else:
+            self.results_panel.select_next()
+
+    def _recipes_dir(self) -> str:
+        d = Path(QStandardPaths.writableLocation(QStandardPaths.StandardLocation.AppDataLocation)) / "recipes"
+        d.mkdir(parents=True, exist_ok=True)
+        return str(d)
+
+    def open_recipe_dialog(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Open recipe", self._recipes_dir(), RECIPE_FILTER)
+        if path:
+            self.open_recipe(path)
+
+    def open_recipe(self, path: str) -> None:
+        self.controller.open_recipe(path)
+        self._remember(path)
+
+    def save_recipe(self) -> None:
+        if not self.controller.save_recipe():
+            self.save_recipe_as()
+        elif self.controller.recipe_path:
+            self._remember(str(self.controller.recipe_path))
+
+    def save_recipe_as(self) -> None:
+        from core.recipes import safe_file_stem  # tiny, Qt-free helper module
+
+        start = str(Path(self._recipes_dir()) / (safe_file_stem(self.controller.recipe.name) + ".okrecipe"))
+        path, _ = QFileDialog.getSaveFileName(self, "Save recipe", start, RECIPE_FILTER)
+        if path:
+            path = path if path.endswith(".okrecipe") else path + ".okrecipe"
+            self.controller.save_recipe(path)
+            self._remember(path)
+
+    def _remember(self, path: str) -> None:
+        recent = [p for p in (self.settings.value("recent") or []) if p != path]
+        self.settings.setValue("recent", [path, *recent][:MAX_RECENT])
+        self._update_recent_menu()
+
+    def _update_recent_menu(self) -> None:
+        self.recent_menu.clear()
+        for p in self.settings.value("recent") or []:
+            self.recent_menu.addAction(Path(p).stem, lambda p=p: self.open_recipe(p))
+        self.recent_menu.setEnabled(not self.recent_menu.isEmpty())
+
+    def closeEvent(self, event) -> None:  # noqa: N802 - Qt override
+        self.settings.setValue("window/geometry", self.saveGeometry())
+        self.settings.setValue("window/state", self.saveState())
+        self.controller.shutdown(5000)
+        super().closeEvent(event)

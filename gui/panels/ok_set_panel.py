@@ -1,0 +1,139 @@
+"""OkSetPanel: the OK images a model is fitted on (thumbnails, count, add/remove) and the Fit job."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from PySide6.QtCore import QSize, Qt, QTimer, Signal
+from PySide6.QtWidgets import (QFileDialog, QHBoxLayout, QLabel, QListView, QListWidget, QListWidgetItem,
+                               QProgressBar, QPushButton, QVBoxLayout, QWidget, QAbstractItemView)
+
+from ..imaging import file_thumbnail
+
+IMAGE_FILTER = "Images (*.png *.jpg *.jpeg *.bmp *.tif *.tiff *.webp *.pgm *.ppm)"
+THUMBS_PER_TICK = 8
+
+
+class OkSetPanel(QWidget):
+    add_requested = Signal(list)  # files and/or folders, not yet expanded
+    remove_requested = Signal(list)  # paths
+    fit_requested = Signal()
+    cancel_requested = Signal()
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.setAcceptDrops(True)
+        self.list = QListWidget()
+        self.list.setViewMode(QListView.ViewMode.IconMode)
+        self.list.setIconSize(QSize(56, 56))
+        self.list.setGridSize(QSize(64, 64))
+        self.list.setResizeMode(QListView.ResizeMode.Adjust)
+        self.list.setMovement(QListView.Movement.Static)
+        self.list.setUniformItemSizes(True)
+        self.list.setSelectionMode(QAbstractItemView.SelectionMode.ExtendedSelection)
+        self.count_label = QLabel()
+        self.add_files_button = QPushButton("Add images…")
+        self.add_folder_button = QPushButton("Add folder…")
+        self.remove_button = QPushButton("Remove")
+        self.fit_button = QPushButton("Fit model  (F5)")
+        self.fit_button.setStyleSheet("font-weight:bold; padding:6px;")
+        self.cancel_button = QPushButton("Cancel")
+        self.progress = QProgressBar()
+        self.progress.setTextVisible(True)
+        self.add_files_button.clicked.connect(self._ask_files)
+        self.add_folder_button.clicked.connect(self._ask_folder)
+        self.remove_button.clicked.connect(self._remove_selected)
+        self.fit_button.clicked.connect(self.fit_requested)
+        self.cancel_button.clicked.connect(self.cancel_requested)
+
+        buttons = QHBoxLayout()
+        for b in (self.add_files_button, self.add_folder_button, self.remove_button):
+            buttons.addWidget(b)
+        fit_row = QHBoxLayout()
+        fit_row.addWidget(self.fit_button, 1)
+        fit_row.addWidget(self.cancel_button)
+        lay = QVBoxLayout(self)
+        lay.addWidget(self.count_label)
+        lay.addWidget(self.list, 1)
+        lay.addLayout(buttons)
+        lay.addLayout(fit_row)
+        lay.addWidget(self.progress)
+        self._thumb_queue: list[QListWidgetItem] = []
+        self._thumb_timer = QTimer(self)
+        self._thumb_timer.setInterval(0)
+        self._thumb_timer.timeout.connect(self._load_some_thumbnails)
+        self.set_paths([])
+        self.set_busy(False)
+
+    # -- state from the controller -------------------------------------------------------------
+    def set_paths(self, paths: list[str]) -> None:
+        self.list.clear()
+        self._thumb_queue = []
+        for p in paths:
+            item = QListWidgetItem(Path(p).name)
+            item.setData(Qt.ItemDataRole.UserRole, p)
+            item.setToolTip(p)
+            self.list.addItem(item)
+            self._thumb_queue.append(item)
+        self.count_label.setText(f"<b>{len(paths)}</b> OK images" + ("" if paths else " — add some, then Fit"))
+        if self._thumb_queue:
+            self._thumb_timer.start()
+        self._update_enabled()
+
+    def paths(self) -> list[str]:
+        return [self.list.item(i).data(Qt.ItemDataRole.UserRole) for i in range(self.list.count())]
+
+    def set_busy(self, busy: bool) -> None:
+        self._busy = busy
+        self.cancel_button.setEnabled(busy)
+        if not busy:
+            self.progress.setRange(0, 1)
+            self.progress.setValue(0)
+            self.progress.setFormat("idle")
+        self._update_enabled()
+
+    def set_progress(self, done: int, total: int, message: str) -> None:
+        self.progress.setRange(0, max(total, 1))
+        self.progress.setValue(done)
+        self.progress.setFormat(message or "%v/%m")
+
+    def _update_enabled(self) -> None:
+        busy = getattr(self, "_busy", False)
+        self.fit_button.setEnabled(not busy and self.list.count() > 0)
+
+    # -- thumbnails, a few per event-loop turn so 200 images never freeze the UI ------------------
+    def _load_some_thumbnails(self) -> None:
+        for _ in range(THUMBS_PER_TICK):
+            if not self._thumb_queue:
+                self._thumb_timer.stop()
+                return
+            item = self._thumb_queue.pop(0)
+            icon = file_thumbnail(item.data(Qt.ItemDataRole.UserRole), 56)
+            if icon is not None:
+                item.setIcon(icon)
+                item.setText("")
+
+    # -- user actions -----------------------------------------------------------------------------
+    def _ask_files(self) -> None:
+        files, _ = QFileDialog.getOpenFileNames(self, "Add OK images", "", IMAGE_FILTER)
+        if files:
+            self.add_requested.emit(files)
+
+    def _ask_folder(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Add a folder of OK images")
+        if folder:
+            self.add_requested.emit([folder])
+
+    def _remove_selected(self) -> None:
+        paths = [i.data(Qt.ItemDataRole.UserRole) for i in self.list.selectedItems()]
+        if paths:
+            self.remove_requested.emit(paths)
+
+    def dragEnterEvent(self, event) -> None:  # noqa: N802 - Qt override
+        if event.mimeData().hasUrls():
+            event.acceptProposedAction()
+
+    def dropEvent(self, event) -> None:  # noqa: N802 - Qt override
+        paths = [u.toLocalFile() for u in event.mimeData().urls() if u.isLocalFile()]
+        if paths:
+            self.add_requested.emit(paths)
+            event.acceptProposedAction()

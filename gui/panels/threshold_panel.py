@@ -1,0 +1,124 @@
+"""ThresholdPanel: image-score and pixel thresholds, each a slider + spin box kept in sync.
+
+Moving either control emits ``thresholds_changed(image, pixel)`` once; the controller re-judges
+stored results from their maps, it never re-runs the model.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import numpy as np
+from PySide6.QtCore import Qt, Signal
+from PySide6.QtWidgets import QDoubleSpinBox, QGridLayout, QGroupBox, QLabel, QSlider, QWidget
+
+STEPS = 1000
+
+
+@contextmanager
+def signals_blocked(*widgets):
+    previous = [w.blockSignals(True) for w in widgets]
+    try:
+        yield
+    finally:
+        for w, p in zip(widgets, previous):
+            w.blockSignals(p)
+
+
+class _ThresholdRow:
+    """One slider + spin box pair mapping [lo, hi] to integer slider steps."""
+
+    def __init__(self, on_change) -> None:
+        self.lo, self.hi = 0.0, 10.0
+        self.slider = QSlider(Qt.Orientation.Horizontal)
+        self.slider.setRange(0, STEPS)
+        self.spin = QDoubleSpinBox()
+        self.spin.setDecimals(3)
+        self.spin.setKeyboardTracking(False)
+        self._on_change = on_change
+        self.slider.valueChanged.connect(self._from_slider)
+        self.spin.valueChanged.connect(self._from_spin)
+        self.set_range(0.0, 10.0)
+
+    def set_range(self, lo: float, hi: float) -> None:
+        self.lo, self.hi = float(lo), float(max(hi, lo + 1e-6))
+        with signals_blocked(self.spin, self.slider):
+            self.spin.setRange(self.lo, self.hi)
+            self.spin.setSingleStep((self.hi - self.lo) / 200)
+            self._sync_slider(self.spin.value())
+
+    def _sync_slider(self, value: float) -> None:
+        self.slider.setValue(round((value - self.lo) / (self.hi - self.lo) * STEPS))
+
+    def value(self) -> float:
+        return float(self.spin.value())
+
+    def set_value(self, value: float) -> None:
+        with signals_blocked(self.spin, self.slider):
+            self.spin.setValue(value)
+            self._sync_slider(self.spin.value())
+
+    def _from_slider(self, step: int) -> None:
+        with signals_blocked(self.spin):
+            self.spin.setValue(self.lo + (self.hi - self.lo) * step / STEPS)
+        self._on_change()
+
+    def _from_spin(self, value: float) -> None:
+        with signals_blocked(self.slider):
+            self._sync_slider(value)
+        self._on_change()
+
+
+class ThresholdPanel(QGroupBox):
+    thresholds_changed = Signal(float, float)  # image threshold, pixel threshold
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__("Thresholds", parent)
+        self._calibration = np.zeros(0)
+        self.image_row = _ThresholdRow(self._changed)
+        self.pixel_row = _ThresholdRow(self._changed)
+        self.far_label = QLabel("Expected false alarms: — (fit a model)")
+        self.far_label.setWordWrap(True)
+        grid = QGridLayout(self)
+        grid.addWidget(QLabel("Image score (OK/NG)"), 0, 0, 1, 2)
+        grid.addWidget(self.image_row.slider, 1, 0)
+        grid.addWidget(self.image_row.spin, 1, 1)
+        grid.addWidget(QLabel("Pixel (heat map, regions)"), 2, 0, 1, 2)
+        grid.addWidget(self.pixel_row.slider, 3, 0)
+        grid.addWidget(self.pixel_row.spin, 3, 1)
+        grid.addWidget(self.far_label, 4, 0, 1, 2)
+        grid.setColumnStretch(0, 1)
+        self.setEnabled(False)
+
+    def configure(self, image: float, pixel: float, image_range: tuple[float, float],
+                  pixel_range: tuple[float, float], calibration_scores: np.ndarray | None = None) -> None:
+        """Set ranges and values without emitting ``thresholds_changed``."""
+        self._calibration = np.asarray(calibration_scores if calibration_scores is not None else [], np.float64)
+        self.image_row.set_range(*image_range)
+        self.pixel_row.set_range(*pixel_range)
+        self.set_values(image, pixel)
+        self.setEnabled(True)
+
+    def set_values(self, image: float, pixel: float) -> None:
+        self.image_row.set_value(image)
+        self.pixel_row.set_value(pixel)
+        self._update_far()
+
+    def values(self) -> tuple[float, float]:
+        return self.image_row.value(), self.pixel_row.value()
+
+    def expected_false_alarm_rate(self) -> float | None:
+        if self._calibration.size == 0:
+            return None
+        return float((self._calibration > self.image_row.value()).mean())
+
+    def _update_far(self) -> None:
+        far = self.expected_false_alarm_rate()
+        if far is None:
+            self.far_label.setText("Expected false alarms: unknown (no calibration images)")
+        else:
+            self.far_label.setText(
+                f"Expected false alarms: {far:.1%} of OK parts ({self._calibration.size} calibration images)")
+
+    def _changed(self) -> None:
+        self._update_far()
+        self.thresholds_changed.emit(*self.values())

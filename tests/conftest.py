@@ -1,0 +1,51 @@
+"""Shared fixtures: synthetic part images, a tiny detector configuration, real ELPV cells."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+import cv2
+import numpy as np
+import pytest
+
+from core.detector import DetectorConfig
+
+
+def make_part(rng: np.random.Generator, size: int = 96, defect: bool = False) -> np.ndarray:
+    """A textured grey 'part' with a bright ring; ``defect`` paints a dark scratch."""
+    yy, xx = np.mgrid[:size, :size]
+    img = 120 + 20 * np.sin(xx / 5.0) + rng.normal(0, 6, (size, size))
+    cv2.circle(img, (size // 2, size // 2), size // 3, 220, 3)
+    if defect:
+        cv2.line(img, (size // 4, size // 4), (size // 2, size // 3), 10, 4)
+    return np.clip(np.repeat(img[..., None], 3, axis=2), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture
+def tiny_config() -> DetectorConfig:
+    """Random-weight backbone at 64 px: fast, for tests where accuracy does not matter."""
+    return DetectorConfig(weights="random", image_size=64, n_channels=24, batch_size=4)
+
+
+@pytest.fixture
+def part_images(tmp_path):
+    """Writes 12 OK parts and 3 defective parts as PNG; returns (ok_paths, ng_paths)."""
+    rng = np.random.default_rng(0)
+    ok, ng = [], []
+    for i in range(12):
+        p = tmp_path / f"ok_{i:02d}.png"
+        cv2.imwrite(str(p), make_part(rng))
+        ok.append(str(p))
+    for i in range(3):
+        p = tmp_path / f"ng_{i:02d}.png"
+        cv2.imwrite(str(p), make_part(rng, defect=True))
+        ng.append(str(p))
+    return ok, ng
+
+
+@pytest.fixture(scope="session")
+def elpv_split():
+    from core.demo import demo_split
+
+    return demo_split()

@@ -1,0 +1,67 @@
+"""``okng`` end to end on real ELPV cells with the offline backbone."""
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+
+from core.cli import main
+
+
+def okng(*args):
+    return subprocess.run([sys.executable, "-m", "core.cli", *args], capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def cli_model(tmp_path_factory, elpv_split):
+    out = tmp_path_factory.mktemp("cli") / "cells.okng"
+    r = okng("fit", *elpv_split.ok_train[:20], "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "fitted padim on 20 OK images" in r.stdout
+    return out
+
+
+def test_score_writes_one_csv_row_per_image_in_input_order(cli_model, elpv_split, tmp_path):
+    paths = elpv_split.eval_ng[:2] + elpv_split.eval_ok[:2]
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    csv_path = tmp_path / "out.csv"
+    r = okng("score", "--model", str(cli_model), paths[0], str(bad), *paths[1:], "--csv", str(csv_path),
+             "--heatmaps", str(tmp_path / "maps"))
+    assert r.returncode == 0, r.stderr
+    assert f"skipped {bad}" in r.stderr
+    rows = list(csv.DictReader(csv_path.open()))
+    assert [row["path"] for row in rows] == [paths[0], str(bad), *paths[1:]]
+    assert {"path", "score", "verdict"} <= set(rows[0])
+    assert rows[1]["verdict"] == "ERROR" and "not a readable image" in rows[1]["error"]
+    assert all(row["verdict"] in ("OK", "NG") for row in rows if row["path"] != str(bad))
+    assert len(list((tmp_path / "maps").glob("*.png"))) == 4
+
+
+def test_eval_reports_auroc_and_writes_json(cli_model, elpv_split, tmp_path):
+    j = tmp_path / "eval.json"
+    r = okng("eval", "--model", str(cli_model), "--ok", *elpv_split.eval_ok[:8], "--ng", *elpv_split.eval_ng[:8],
+             "--json", str(j))
+    assert r.returncode == 0, r.stderr
+    d = json.loads(j.read_text())
+    assert d["n_ok"] == 8 and d["n_ng"] == 8
+    assert 0.5 < d["image_auroc"] <= 1.0  # real defects rank above good cells
+    assert "image AUROC" in r.stdout
+
+
+def test_models_lists_padim_first_on_its_line(capsys):
+    assert main(["models"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split("\t")[0] == "padim"
+
+
+def test_errors_are_one_clear_line_and_exit_code_1(tmp_path, capsys):
+    assert main(["score", "--model", str(tmp_path / "missing.okng"), str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("okng: error:") and "Traceback" not in err
+
+
+def test_fit_on_an_empty_folder_says_no_images(tmp_path, capsys):
+    assert main(["fit", str(tmp_path), "--out", str(tmp_path / "m.okng")]) == 1
+    assert "no images found" in capsys.readouterr().err

@@ -1,0 +1,91 @@
+"""Fit and inspect jobs: streaming, calibration, cancellation, bad files, too few images."""
+import numpy as np
+import pytest
+
+from core import CancelToken, Cancelled, NotFittedError, Skipped, fit_job, inspect_job, run_job
+from core.detector import Detector
+from core.jobs import split_calibration
+
+
+def test_fit_calibrates_on_held_out_ok_images_then_absorbs_them(tiny_config, part_images):
+    ok, _ = part_images
+    result = run_job(fit_job(ok, tiny_config, CancelToken()))
+    det = result.detector
+    assert len(result.fitted) + len(result.calibration) == len(ok)
+    assert len(result.calibration) == 2  # 20 % of 12
+    assert det.model.n_samples == len(ok)  # calibration images were added after scoring
+    assert det.thresholds is not None and det.thresholds.calibration_scores.size == 2
+    assert det.thresholds.expected_false_alarm_rate() == 0.0
+
+
+def test_streamed_fit_equals_fitting_in_one_batch(tiny_config, part_images):
+    ok, _ = part_images
+    cfg = tiny_config.with_(calibration_fraction=0.0)
+    small = run_job(fit_job(ok, cfg.with_(batch_size=3), CancelToken())).detector
+    big = run_job(fit_job(ok, cfg.with_(batch_size=64), CancelToken())).detector
+    probe = big.embed([np.full((64, 64, 3), 90, np.uint8)])
+    np.testing.assert_allclose(small.model.score(probe).numpy(), big.model.score(probe).numpy(), rtol=1e-4)
+
+
+def test_defective_parts_score_above_the_threshold(tiny_config, part_images):
+    ok, ng = part_images
+    det = run_job(fit_job(ok, tiny_config, CancelToken())).detector
+    results = run_job(inspect_job(ng + ok[:2], det, CancelToken()))
+    ng_scores = [r.inspection.score for r in results[:3]]
+    assert min(ng_scores) > det.thresholds.image
+    assert all(r.inspection.verdict == "NG" for r in results[:3])
+    assert results[0].inspection.anomaly_map.shape == (64, 64)
+    assert not results[0].inspection.anomaly_map.flags.writeable
+
+
+def test_cancel_stops_a_fit_at_the_next_batch(tiny_config, part_images):
+    ok, _ = part_images
+    token = CancelToken()
+    gen = fit_job(ok, tiny_config, token)
+    next(gen)  # backbone loaded
+    next(gen)  # first batch fitted
+    token.cancel()
+    with pytest.raises(Cancelled):
+        next(gen)
+
+
+def test_unreadable_files_are_skipped_and_reported_in_input_order(tiny_config, part_images, tmp_path):
+    ok, _ = part_images
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG garbage")
+    result = run_job(fit_job([*ok[:3], str(bad), *ok[3:]], tiny_config, CancelToken()))
+    assert [s.path for s in result.skipped] == [str(bad)]
+    det = result.detector
+    out = run_job(inspect_job([ok[0], str(bad), ok[1]], det, CancelToken()))
+    assert [type(r).__name__ for r in out] == ["ScoredImage", "Skipped", "ScoredImage"]
+    assert isinstance(out[1], Skipped) and "not a readable image" in out[1].reason
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_one_or_two_ok_images_give_a_usable_model_without_nan(tiny_config, part_images, n):
+    ok, ng = part_images
+    det = run_job(fit_job(ok[:n], tiny_config, CancelToken())).detector
+    assert det.thresholds is None  # too few to hold any out
+    r = run_job(inspect_job(ng[:1], det, CancelToken()))[0]
+    assert np.isfinite(r.inspection.score) and r.inspection.verdict == "?"
+
+
+def test_fit_with_no_readable_image_says_so(tiny_config, tmp_path):
+    bad = tmp_path / "x.png"
+    bad.write_bytes(b"")
+    with pytest.raises(NotFittedError, match="could be read"):
+        run_job(fit_job([str(bad)], tiny_config, CancelToken()))
+
+
+def test_an_unfitted_detector_refuses_to_score(tiny_config):
+    det = Detector.create(tiny_config)
+    with pytest.raises(NotFittedError):
+        det.inspect([np.zeros((64, 64, 3), np.uint8)])
+
+
+def test_calibration_split_is_deterministic_and_disjoint():
+    paths = [f"p{i}" for i in range(23)]
+    fit, cal = split_calibration(paths, 0.2)
+    assert len(cal) == 5 and not set(fit) & set(cal) and sorted(fit + cal) == sorted(paths)
+    assert split_calibration(paths, 0.2) == (fit, cal)
+    assert split_calibration(paths[:4], 0.2) == (paths[:4], [])

@@ -1,0 +1,64 @@
+"""Metrics against brute force; thresholds from OK images mean what they say."""
+import itertools
+
+import numpy as np
+import pytest
+
+from core import metrics
+from core.thresholds import calibrate, quantile_threshold, verdict
+
+
+def brute_auroc(y, s):
+    pos, neg = s[y == 1], s[y == 0]
+    wins = sum((p > n) + 0.5 * (p == n) for p, n in itertools.product(pos, neg))
+    return wins / (len(pos) * len(neg))
+
+
+def test_auroc_matches_pairwise_count_with_ties():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 60)
+    s = rng.integers(0, 10, 60).astype(float)  # many ties
+    assert metrics.auroc(y, s) == pytest.approx(brute_auroc(y, s))
+
+
+def test_auroc_is_nan_with_one_class():
+    assert np.isnan(metrics.auroc(np.zeros(4), np.arange(4.0)))
+
+
+def test_fpr_at_95_tpr():
+    y = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    s = np.array([0.1, 0.2, 0.3, 0.9, 0.4, 0.5, 0.6, 0.95])
+    # all positives are caught only once the threshold is at or below 0.4 -> 1 of 4 negatives above
+    assert metrics.fpr_at_tpr(y, s, 0.95) == pytest.approx(0.25)
+
+
+def test_best_f1_threshold_separates_separable_data():
+    y = np.array([0, 0, 0, 1, 1])
+    s = np.array([1.0, 2.0, 3.0, 7.0, 8.0])
+    t, f1 = metrics.best_f1_threshold(y, s)
+    assert 3.0 <= t < 7.0 and f1 == pytest.approx(1.0)
+    assert metrics.confusion_at(y, s, t)["f1"] == pytest.approx(1.0)
+
+
+def test_pro_is_one_for_a_perfect_map_and_low_for_an_inverted_one():
+    masks = np.zeros((2, 32, 32), bool)
+    masks[0, 4:10, 4:10] = True
+    masks[1, 20:30, 2:6] = True
+    perfect = masks.astype(float) + np.random.default_rng(0).uniform(0, 0.1, masks.shape)
+    assert metrics.pro_score(masks, perfect) > 0.95
+    assert metrics.pro_score(masks, -perfect) < 0.1
+    assert metrics.pixel_auroc(masks, perfect) == pytest.approx(1.0)
+
+
+def test_calibrated_threshold_lets_at_most_the_target_rate_of_ok_scores_through():
+    ok = np.arange(1.0, 201.0)  # 200 held-out OK scores
+    t = quantile_threshold(ok, 0.01)
+    assert (ok > t).mean() <= 0.01
+    assert (ok > t).sum() == 2  # and not stricter than needed
+    th = calibrate(ok, ok + 1, 0.01)
+    assert th.expected_false_alarm_rate() == pytest.approx(0.01)
+    assert th.expected_false_alarm_rate(0.0) == 1.0
+
+
+def test_verdict_is_ng_strictly_above_threshold():
+    assert verdict(1.0, 1.0) == "OK" and verdict(1.0001, 1.0) == "NG"

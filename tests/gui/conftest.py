@@ -1,0 +1,41 @@
+import os
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def ok_images(tmp_path):
+    """8 synthetic 'OK' parts: a textured grey square, small random variations."""
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "ok"
+    folder.mkdir()
+    paths = []
+    for i in range(8):
+        img = np.full((64, 64, 3), 120, np.uint8)
+        img[::8] = 160
+        img = np.clip(img + rng.normal(0, 4, img.shape), 0, 255).astype(np.uint8)
+        p = folder / f"ok_{i}.png"
+        cv2.imwrite(str(p), img)
+        paths.append(str(p))
+    return paths
+
+
+@pytest.fixture
+def defect_image(tmp_path):
+    img = np.full((64, 64, 3), 120, np.uint8)
+    img[::8] = 160
+    cv2.circle(img, (40, 20), 9, (255, 255, 255), -1)
+    p = tmp_path / "defect.png"
+    cv2.imwrite(str(p), img)
+    return str(p)
+
+
+@pytest.fixture
+def tiny_config():
+    from core import DetectorConfig
+
+    return DetectorConfig(weights="random", image_size=64, n_channels=20, batch_size=4)

@@ -1,0 +1,127 @@
+"""Each panel alone, fed plain numpy data (no engine)."""
+import numpy as np
+import pytest
+from PySide6.QtCore import QPointF
+
+from gui.panels.histogram_panel import HistogramPanel
+from gui.panels.ok_set_panel import OkSetPanel
+from gui.panels.results_panel import ResultsPanel
+from gui.panels.threshold_panel import ThresholdPanel
+from gui.views.inspection_view import InspectionView
+
+
+def test_threshold_slider_and_spin_stay_in_sync(qtbot):
+    panel = ThresholdPanel()
+    qtbot.addWidget(panel)
+    panel.configure(5.0, 3.0, (0.0, 10.0), (0.0, 6.0), np.array([1.0, 2.0, 4.0, 6.0]))
+    assert panel.image_row.slider.value() == 500
+    assert "25.0%" in panel.far_label.text()  # one of four calibration scores above 5
+    with qtbot.waitSignal(panel.thresholds_changed) as blocker:
+        panel.image_row.slider.setValue(300)
+    assert blocker.args[0] == pytest.approx(3.0)
+    assert blocker.args[1] == pytest.approx(3.0)
+    assert panel.image_row.spin.value() == pytest.approx(3.0)
+    assert "50.0%" in panel.far_label.text()
+    emitted = []
+    panel.thresholds_changed.connect(lambda a, b: emitted.append((a, b)))
+    panel.pixel_row.spin.setValue(4.5)
+    assert emitted == [(pytest.approx(3.0), pytest.approx(4.5))]  # exactly once
+    assert panel.pixel_row.slider.value() == 750
+    panel.set_values(1.0, 1.0)  # programmatic: no signal
+    assert len(emitted) == 1
+
+
+def test_histogram_line_emits_only_on_user_move(qtbot):
+    h = HistogramPanel()
+    qtbot.addWidget(h)
+    h.set_scores(np.array([1.0, 1.2, 1.4]), np.array([1.1, 3.0]))
+    x, y = h.ok_curve.getData()
+    assert y.sum() == 3
+    assert h.inspected_curve.getData()[1].sum() == 2
+    with qtbot.assertNotEmitted(h.threshold_moved):
+        h.set_threshold(2.0)
+    assert h.threshold() == 2.0
+    with qtbot.waitSignal(h.threshold_moved) as blocker:
+        h.line.setValue(2.5)  # what a drag does
+    assert blocker.args == [2.5]
+
+
+def test_inspection_view_heat_levels_regions_and_click(qtbot):
+    v = InspectionView()
+    qtbot.addWidget(v)
+    v.resize(600, 600)
+    v.show()
+    img = np.zeros((300, 200, 3), np.uint8)
+    amap = np.zeros((50, 50), np.float32)
+    amap[10:20, 30:40] = 5.0
+    v.set_image(img, "part")
+    v.set_pixel_threshold(2.0, 4.0)
+    v.set_anomaly_map(amap)
+    assert v.heat.levels is not None and tuple(v.heat.levels) == (2.0, 4.0)
+    v.set_pixel_threshold(3.0, 6.0)
+    assert tuple(v.heat.levels) == (3.0, 6.0)
+    # the map is stretched over the image: its rect is the image's
+    r = v.heat.mapRectToParent(v.heat.boundingRect())
+    assert (r.width(), r.height()) == (200, 300)
+    v.set_regions([np.array([[30, 10], [39, 10], [39, 19], [30, 19]])])
+    assert v.outline_count == 1
+    box = v._outlines[0].path().boundingRect()
+    assert box.left() == pytest.approx(30.5 * 4) and box.top() == pytest.approx(10.5 * 6)
+    # a click on map pixel (row 15, col 35) = image point (35.5*4, 15.5*6)
+    scene = v.heat.mapToScene(QPointF(35.5, 15.5))
+    assert v.map_pixel_at_scene(scene) == (15, 35)
+    with qtbot.waitSignal(v.pixel_clicked) as blocker:
+        v._on_scene_clicked(_FakeClick(scene))
+    assert blocker.args == [15, 35]
+    v.set_verdict("NG", 7.5, 5.0)
+    assert v.verdict_text == "NG" and "7.50 / threshold 5.00" in v.detail_label.text()
+    v.set_verdict("OK", 2.0, 5.0)
+    assert v.verdict_text == "OK"
+
+
+class _FakeClick:
+    def __init__(self, pos):
+        self._pos = pos
+
+    def button(self):
+        from PySide6.QtCore import Qt
+        return Qt.MouseButton.LeftButton
+
+    def scenePos(self):  # noqa: N802
+        return self._pos
+
+
+def test_results_panel_rows_selection_and_rejudge(qtbot):
+    p = ResultsPanel()
+    qtbot.addWidget(p)
+    thumb = np.zeros((40, 40, 3), np.uint8)
+    p.add_result(7, "a.png", 1.0, "OK", 0.01, thumb)
+    p.add_result(8, "b.png", 9.0, "NG", 0.02, None)
+    assert p.row_count() == 2
+    with qtbot.waitSignal(p.result_selected) as blocker:
+        p.select_row(1)
+    assert blocker.args == [8]
+    p.set_verdicts({7: "NG"})
+    assert p.table.item(0, 3).text() == "NG"
+    with qtbot.waitSignal(p.result_selected) as blocker:
+        p.select_row(0)
+    assert blocker.args == [7]
+
+
+def test_ok_set_panel_lists_thumbnails_and_requests(qtbot, ok_images):
+    p = OkSetPanel()
+    qtbot.addWidget(p)
+    assert not p.fit_button.isEnabled()
+    p.set_paths(ok_images)
+    assert "8" in p.count_label.text() and p.fit_button.isEnabled()
+    qtbot.waitUntil(lambda: not p.list.item(7).icon().isNull())
+    p.list.item(0).setSelected(True)
+    with qtbot.waitSignal(p.remove_requested) as blocker:
+        p.remove_button.click()
+    assert blocker.args == [[ok_images[0]]]
+    with qtbot.waitSignal(p.fit_requested):
+        p.fit_button.click()
+    p.set_busy(True)
+    assert not p.fit_button.isEnabled() and p.cancel_button.isEnabled()
+    with qtbot.waitSignal(p.cancel_requested):
+        p.cancel_button.click()

@@ -1,0 +1,84 @@
+"""Qt-free core.sources and core.recipes used by the station."""
+import cv2
+import numpy as np
+import pytest
+
+from core.errors import ImageLoadError
+from core.jobs import CancelToken, ScoredImage, run_job
+from core.recipes import Recipe, RecipeError, load_recipe, save_recipe
+from core.sources import FolderWatchSource, SourceError, VideoSource, live_job
+
+
+def _video(path, n=5):
+    w = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 48))
+    assert w.isOpened()
+    for i in range(n):
+        w.write(np.full((48, 64, 3), 20 * i, np.uint8))
+    w.release()
+    return path
+
+
+def test_video_file_source_reads_all_frames(tmp_path):
+    src = VideoSource(str(_video(tmp_path / "v.avi")))
+    src.open()
+    frames = []
+    while (f := src.read()) is not None:
+        frames.append(f)
+    src.close()
+    assert src.finished and len(frames) == 5
+    assert frames[0].image.shape == (48, 64, 3) and frames[0].image.dtype == np.uint8
+
+
+def test_missing_camera_and_video_are_clear_errors(tmp_path):
+    with pytest.raises(SourceError, match="not found"):
+        VideoSource(str(tmp_path / "nope.avi")).open()
+    with pytest.raises(SourceError, match="camera 57"):
+        VideoSource("57").open()
+
+
+def test_folder_watch_waits_for_stable_size(tmp_path):
+    (tmp_path / "old.png").write_bytes(b"x")
+    src = FolderWatchSource(tmp_path)
+    src.open()
+    assert src.read() is None  # existing files are not re-inspected
+    img = np.full((32, 32, 3), 100, np.uint8)
+    ok, data = cv2.imencode(".png", img)
+    partial = tmp_path / "new.png"
+    partial.write_bytes(data.tobytes()[:20])
+    assert src.read() is None  # first sight
+    partial.write_bytes(data.tobytes())  # still growing
+    assert src.read() is None
+    frame = src.read()  # size unchanged since last poll: ready
+    assert frame is not None and frame.image.shape == (32, 32, 3)
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    src.read()
+    assert isinstance(src.read(), ImageLoadError)
+
+
+def test_live_job_scores_every_video_frame(tmp_path):
+    class FakeDetector:
+        def inspect(self, images):
+            from core.detector import Inspection
+            m = np.zeros((8, 8), np.float32)
+            return [Inspection(float(images[0].mean()), "OK", m, 1.0, 1.0)]
+
+    src = VideoSource(str(_video(tmp_path / "v.avi")))
+    items = []
+    n = run_job(live_job(src, FakeDetector, CancelToken()), lambda p: items.append(p.item))
+    assert n == 5 and all(isinstance(i, ScoredImage) for i in items)
+    assert items[-1].inspection.score > items[0].inspection.score
+
+
+def test_recipe_round_trip_and_errors(tmp_path):
+    r = Recipe("cells", ["/a.png", "/b.png"], {"image_size": 64}, str(tmp_path / "cells.okng"), 3.5, 2.0)
+    path = save_recipe(r, tmp_path / "cells.okrecipe")
+    r2 = load_recipe(path)
+    assert r2 == r
+    r.ok_paths = ["/c.png"]
+    save_recipe(r, path)  # overwrite
+    assert load_recipe(path).ok_paths == ["/c.png"]
+    (tmp_path / "junk.okrecipe").write_bytes(b"garbage" * 100)
+    with pytest.raises(RecipeError):
+        load_recipe(tmp_path / "junk.okrecipe")
+    with pytest.raises(RecipeError, match="not found"):
+        load_recipe(tmp_path / "missing.okrecipe")
