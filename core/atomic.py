@@ -7,8 +7,10 @@ file and leaves the previous file untouched.
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -35,6 +37,7 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
             os.fsync(f.fileno())
         os.replace(tmp, target)
         _fsync_dir(folder)
+        _remove_stale_temps(folder, target.name)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         reason = "the disk is full" if exc.errno == 28 else (exc.strerror or str(exc))
@@ -42,6 +45,29 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+#: A temporary file this old was left by a killed writer (a live save takes seconds at most).
+STALE_TEMP_SECONDS = 600.0
+
+
+def _remove_stale_temps(folder: Path, name: str) -> None:
+    """Delete temporary files of ``name`` left by a writer that was killed mid-save.
+
+    They are named ``.NAME.XXXX.tmp`` (hidden, never ``*.okng``/``*.csv``), so nothing
+    mistakes them for the real file; this only reclaims their disk space. Young ones are
+    kept: they may belong to another process saving the same file right now.
+    """
+    limit = time.time() - STALE_TEMP_SECONDS
+    try:
+        for p in folder.glob(f".{glob.escape(name)}.*.tmp"):
+            try:
+                if p.is_file() and p.stat().st_mtime < limit:
+                    p.unlink()
+            except OSError:
+                pass
+    except OSError:
+        pass
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -178,6 +178,31 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_simulate_feedback(args: argparse.Namespace) -> int:
+    from .jobs import CancelToken
+    from .simulate import simulate_feedback_job
+
+    try:
+        clicks = [int(c) for c in args.clicks.split(",")]
+    except ValueError:
+        raise ValueError(f"--clicks takes comma-separated numbers, got {args.clicks!r}") from None
+    det = _load(args)
+    res = _drive(simulate_feedback_job(det, _paths(args.pool), _paths(args.ok), _paths(args.ng), clicks,
+                                       CancelToken(), reweight=not args.no_reweight), "simulate")
+    d = res.to_dict()
+    if args.json:
+        from .atomic import write_bytes_atomic
+
+        write_bytes_atomic(args.json, json.dumps(d, indent=2).encode())
+    print(f"{'clicks':>6} {'false alarms':>12} {'detection':>9} {'AUROC':>7} {'FPR@95':>7} {'threshold':>9}")
+    for c in res.checkpoints:
+        print(f"{c.clicks:>6} {c.false_alarm_rate:>12.3f} {c.detection_rate:>9.3f} {c.auroc:>7.4f} "
+              f"{c.fpr_at_95_tpr:>7.3f} {c.threshold:>9.4g}")
+    if res.pool_exhausted:
+        print(f"the pool ran out after {res.checkpoints[-1].clicks} clicks", file=sys.stderr)
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from .models import MODELS
 
@@ -235,6 +260,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--ng", nargs="+", required=True, metavar="PATH")
     e.add_argument("--json", metavar="FILE")
     e.set_defaults(func=cmd_eval)
+
+    sf = sub.add_parser("simulate-feedback", help="measure what false-alarm clicks would buy (model unchanged)")
+    sf.add_argument("--model", required=True, metavar="MODEL")
+    sf.add_argument("--pool", nargs="+", required=True, metavar="PATH", help="unseen OK images to click on")
+    sf.add_argument("--ok", nargs="+", required=True, metavar="PATH", help="held-out OK images")
+    sf.add_argument("--ng", nargs="+", required=True, metavar="PATH", help="held-out defective images")
+    sf.add_argument("--clicks", default="5,10,20", help="checkpoints, comma separated")
+    sf.add_argument("--no-reweight", action="store_true", help="only add to the OK memory, no channel weights")
+    sf.add_argument("--json", metavar="FILE")
+    sf.set_defaults(func=cmd_simulate_feedback)
 
     m = sub.add_parser("models", help="list the available normality models")
     m.set_defaults(func=cmd_models)

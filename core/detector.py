@@ -126,6 +126,10 @@ class Detector:
         self.model = model
         self.post = config.postprocess()
         self.thresholds = thresholds
+        #: (N, C, h, w) float16 embeddings of the held-out OK calibration images. Kept so
+        #: that every model change (feedback, reweighting) can be recalibrated on truly
+        #: unseen OK images in milliseconds, without re-reading them.
+        self.calibration_embeddings: torch.Tensor | None = None
 
     # -- construction -------------------------------------------------------------------
     @classmethod
@@ -141,7 +145,9 @@ class Detector:
     def copy(self) -> Detector:
         """An independent snapshot (shares only the read-only backbone)."""
         th = None if self.thresholds is None else replace(self.thresholds)
-        return Detector(self.config, self.extractor, self.embedder.channel_idx.copy(), self.model.copy(), th)
+        det = Detector(self.config, self.extractor, self.embedder.channel_idx.copy(), self.model.copy(), th)
+        det.calibration_embeddings = self.calibration_embeddings  # never modified in place
+        return det
 
     # -- data flow ----------------------------------------------------------------------
     @property
@@ -184,6 +190,45 @@ class Detector:
     def inspect(self, images: list[np.ndarray]) -> list[Inspection]:
         """Score RGB uint8 images (any size) and judge them against the thresholds."""
         return self.inspect_embeddings(self.embed(images))
+
+    def calibrate_on(self, held_out: torch.Tensor, false_alarm_rate: float | None = None) -> None:
+        """Set the thresholds from held-out OK embeddings (N, C, h, w) and keep them."""
+        self.calibration_embeddings = held_out.to(torch.float16)
+        self.recalibrate(false_alarm_rate)
+
+    def calibration_scores(self, chunk: int = 16) -> tuple[np.ndarray, np.ndarray]:
+        """(image scores, map peaks) of the held-out OK images under the current model."""
+        held = self.calibration_embeddings
+        if held is None or held.shape[0] == 0:
+            return np.zeros(0), np.zeros(0)
+        scores, peaks = [], []
+        for i in range(0, held.shape[0], chunk):
+            maps, s = self.maps_and_scores(held[i : i + chunk].to(torch.float32))
+            scores.append(s)
+            peaks.append(maps.reshape(len(maps), -1).max(axis=1))
+        return np.concatenate(scores), np.concatenate(peaks)
+
+    def recalibrate(self, false_alarm_rate: float | None = None) -> None:
+        """Re-derive both thresholds at the target false-alarm rate for the current model.
+
+        Blob pooling needs a pixel level to score, so it is calibrated in two passes.
+        """
+        from .thresholds import calibrate
+
+        if self.calibration_embeddings is None or self.calibration_embeddings.shape[0] == 0:
+            return
+        far = false_alarm_rate if false_alarm_rate is not None else (
+            self.thresholds.target_false_alarm_rate if self.thresholds else self.config.false_alarm_rate)
+        for _ in range(2 if self.config.pooling == "blob" else 1):
+            self.thresholds = calibrate(*self.calibration_scores(), far)
+
+    def refresh_calibration(self) -> None:
+        """Keep the thresholds; re-score the held-out OK images so the expected false-alarm
+        rate shown for them is true for the current model (after feedback)."""
+        if self.thresholds is None or self.calibration_embeddings is None:
+            return
+        scores, peaks = self.calibration_scores()
+        self.thresholds = replace(self.thresholds, calibration_scores=scores, calibration_peaks=peaks)
 
     # -- description --------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:

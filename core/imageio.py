@@ -12,8 +12,14 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+
+# OpenCV's own decoder limit (default 2**30 pixels) applies to formats Pillow cannot peek
+# at (PFM, HDR, PAM...): lower it to ours so a forged header cannot make it allocate GBs.
+# Read once, at the first decode; setdefault keeps an operator's explicit setting.
+os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", "100000000")
 
 import cv2
 import numpy as np
@@ -28,6 +34,13 @@ IMAGE_EXTENSIONS = frozenset(
 #: Larger images are refused before decoding: 20000 x 20000 RGB is 1.2 GB of pixels.
 MAX_PIXELS = 100_000_000
 MIN_SIDE = 8
+#: Pillow formats the fallback decoder may use: plain raster formats decoded in-process.
+#: Anything else is refused; notably EPS, which Pillow renders by running Ghostscript on
+#: the file (an external program on untrusted input; it also crashed with CalledProcessError).
+PILLOW_FORMATS = (
+    "BMP", "DIB", "DDS", "GIF", "ICO", "CUR", "JPEG", "JPEG2000", "PCX", "PNG", "PPM", "PSD",
+    "QOI", "SGI", "SUN", "TGA", "TIFF", "WEBP", "XBM", "XPM",
+)
 
 
 def _decode(data: np.ndarray, path: object) -> np.ndarray:
@@ -52,15 +65,17 @@ def _decode_with_pillow(data: np.ndarray, path: object) -> np.ndarray:
 
     Image.MAX_IMAGE_PIXELS = MAX_PIXELS
     try:
-        with Image.open(io.BytesIO(data.tobytes())) as im:
+        with Image.open(io.BytesIO(data.tobytes()), formats=PILLOW_FORMATS) as im:
             im = ImageOps.exif_transpose(im)
             if im.mode in ("P", "PA", "LA", "RGBA", "CMYK", "YCbCr", "1", "L", "RGB"):
                 im = im.convert("RGBA" if "A" in im.mode or im.mode == "P" else "RGB")
             arr = np.asarray(im)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise ImageLoadError(path, f"not a readable image ({exc.__class__.__name__})") from None
     except Image.DecompressionBombError:
         raise ImageLoadError(path, "image is too large to inspect") from None
+    except Exception as exc:  # noqa: BLE001 - Pillow plugins raise anything on damaged data
+        # (UnidentifiedImageError, OSError, SyntaxError, but also NotImplementedError from DDS,
+        # struct.error, IndexError...): a damaged file is a skipped file, never a crash.
+        raise ImageLoadError(path, f"not a readable image ({exc.__class__.__name__})") from None
     if arr.ndim == 3 and arr.shape[2] == 4:
         return _normalise(arr, path, channel_order="rgba")
     return _normalise(arr, path, channel_order="rgb")
@@ -149,6 +164,10 @@ def load_image(path: str | os.PathLike[str]) -> np.ndarray:
     """
     p = Path(path)
     try:
+        # A FIFO or device named like an image would block read_bytes forever (or, like
+        # /dev/zero, never end): only regular files are read.
+        if not stat.S_ISREG(p.stat().st_mode) and not p.is_dir():
+            raise ImageLoadError(p, "not a regular file (a pipe, socket or device)")
         raw = p.read_bytes()
     except FileNotFoundError:
         raise ImageLoadError(p, "file not found") from None

@@ -31,7 +31,6 @@ from .backbone import FeatureExtractor
 from .detector import Detector, DetectorConfig, Inspection, preprocess
 from .errors import Cancelled, ImageLoadError, NotFittedError
 from .imageio import load_image
-from .thresholds import calibrate
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")
@@ -158,11 +157,12 @@ def fit_job(
     token: CancelToken,
     extractor: FeatureExtractor | None = None,
 ) -> Generator[Progress, None, FitResult]:
-    """Fit a detector on OK images, calibrate thresholds on a held-out share, then absorb it.
+    """Fit a detector on OK images and calibrate its thresholds on a held-out share.
 
-    Memory stays constant in the number of images (statistics are streamed); the held-out
-    calibration images are added to the model after their scores are taken, reusing their
-    embeddings, so no image goes through the backbone twice.
+    Memory stays constant in the number of fitted images (statistics are streamed). The
+    held-out images stay out of the model, so the stated false-alarm rate is measured on
+    unseen OK parts, and stays honest when feedback later changes the model: their
+    embeddings are kept (float16) and re-scored after every change.
     """
     t0 = time.perf_counter()
     paths = [str(p) for p in paths]
@@ -185,44 +185,22 @@ def fit_job(
         raise NotFittedError(f"none of the {len(fit_paths)} OK images could be read")
     det.finalize()
     held: list[torch.Tensor] = []
-    scores: list[float] = []
-    peaks: list[float] = []
     for batch in iter_batches(cal_paths, det.image_size, config.batch_size):
         token.raise_if_cancelled()
         result.skipped += batch.skipped
         if batch.tensor is not None:
-            emb = det.embed(batch.tensor)
-            maps, s = det.maps_and_scores(emb)
-            scores += s.tolist()
-            peaks += maps.reshape(len(maps), -1).max(axis=1).tolist()
-            held.append(emb)
+            held.append(det.embed(batch.tensor).to(torch.float16))
             result.calibration += batch.paths
         done += len(batch.paths) + len(batch.skipped)
         yield Progress(done, len(paths), f"calibrating: {done}/{len(paths)} images")
-    if scores:
-        det.thresholds = calibrate(np.array(scores), np.array(peaks), config.false_alarm_rate)
-        for emb in held:
-            det.fit_embeddings(emb)
-        det.finalize()
-        if det.config.pooling == "blob":  # blob scores depend on the pixel level: re-take them
-            det.thresholds = _recalibrate_blob(det, held, det.thresholds.pixel, config.false_alarm_rate)
+    if held:
+        det.calibrate_on(torch.cat(held))
     else:
         log.warning("no OK images held out for calibration (fewer than 5 images, or calibration "
                     "fraction 0): set the thresholds by hand")
     result.seconds = time.perf_counter() - t0
     release_free_memory()
     return result
-
-
-def _recalibrate_blob(det: Detector, held: list[torch.Tensor], pixel: float, far: float):
-    scores, peaks = [], []
-    for emb in held:
-        maps, s = det.maps_and_scores(emb)
-        scores += s.tolist()
-        peaks += maps.reshape(len(maps), -1).max(axis=1).tolist()
-    th = calibrate(np.array(scores), np.array(peaks), far)
-    th.pixel = pixel
-    return th
 
 
 def inspect_job(

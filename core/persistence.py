@@ -71,6 +71,8 @@ def detector_tensors(det: Detector) -> dict[str, torch.Tensor]:
     if det.thresholds is not None:
         t["thresholds.calibration_scores"] = torch.from_numpy(np.asarray(det.thresholds.calibration_scores, np.float64))
         t["thresholds.calibration_peaks"] = torch.from_numpy(np.asarray(det.thresholds.calibration_peaks, np.float64))
+    if det.calibration_embeddings is not None:
+        t["calibration.embeddings"] = det.calibration_embeddings.to(torch.float16)
     return {k: v.detach().contiguous().cpu() for k, v in t.items()}
 
 
@@ -132,8 +134,12 @@ def _check_meta(meta: Any, path: Path) -> None:
             "Update OK/NG Station, or refit the model here."
         )
     _require(version == FORMAT_VERSION, path, f"model format {version} is no longer supported; refit the model")
+    _require(isinstance(meta.get("okng_version", ""), str), path, "field 'okng_version' is not text")
     for key in ("config", "backbone", "model"):
         _require(isinstance(meta.get(key), dict), path, f"field {key!r} is missing or not an object")
+    _check_config_types(meta["config"], path)
+    b = meta["backbone"]
+    _require(b.get("weights") is None or isinstance(b.get("weights"), str), path, "backbone weights invalid")
     m = meta["model"]
     _require(isinstance(m.get("kind"), str) and isinstance(m.get("params"), dict), path, "model kind/params invalid")
     _require(isinstance(m.get("grid"), list) and len(m["grid"]) == 2 and all(isinstance(g, int) and 0 < g <= 4096 for g in m["grid"]),
@@ -145,6 +151,34 @@ def _check_meta(meta: Any, path: Path) -> None:
              path, "thresholds invalid")
 
 
+def _check_config_types(cfg: dict[str, Any], path: Path) -> None:
+    """Each recipe setting must have its declared type (a bool is not a number, "224" is not
+    224): DetectorConfig itself does not check types, and a wrong one would load silently and
+    fail later, mid-inspection."""
+    import dataclasses
+
+    for f in dataclasses.fields(DetectorConfig):
+        if f.name not in cfg:
+            continue
+        v, ann = cfg[f.name], str(f.type).replace(" ", "")
+        if v is None and ann.endswith("|None"):
+            continue
+        base = ann.removesuffix("|None")
+        if base == "int":
+            ok = isinstance(v, int) and not isinstance(v, bool)
+        elif base == "float":
+            ok = _is_number(v)
+        elif base == "str":
+            ok = isinstance(v, str)
+        elif base.startswith("tuple[int"):
+            ok = isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v)
+        elif base.startswith("dict"):
+            ok = isinstance(v, dict)
+        else:
+            ok = True
+        _require(ok, path, f"invalid settings in the model file: {f.name!r} has the wrong type ({type(v).__name__})")
+
+
 def load_detector(path: str | os.PathLike[str], extractor: FeatureExtractor | None = None) -> Detector:
     """Rebuild a detector from a model file. ``extractor`` shares an already loaded backbone."""
     path = Path(path)
@@ -152,7 +186,6 @@ def load_detector(path: str | os.PathLike[str], extractor: FeatureExtractor | No
     try:
         config = DetectorConfig.from_dict(dict(meta["config"]))
         cls = model_class(meta["model"]["kind"])
-        model = cls(tuple(meta["model"]["grid"]), meta["model"]["n_channels"], **meta["model"]["params"])
     except (TypeError, ValueError) as exc:
         raise ModelFileError(f"{path}: invalid settings in the model file ({exc})") from None
     if extractor is None or extractor.spec != config.backbone_spec():
@@ -166,19 +199,32 @@ def load_detector(path: str | os.PathLike[str], extractor: FeatureExtractor | No
             f"{path} was fitted with backbone weights {stored_weights!r} but this station loads "
             f"{extractor.weights_identity!r}; scores would be meaningless. Refit the model."
         )
+    # Declared sizes are checked against the backbone and against the tensors actually in the
+    # file BEFORE the model is built: a model allocates its state from (grid, n_channels)
+    # (PaDiM: grid*C*C float64), so a forged header could otherwise make it allocate GBs.
+    grid, n_channels = tuple(meta["model"]["grid"]), meta["model"]["n_channels"]
     idx = tensors.pop("embedding.channel_idx", None)
     _require(idx is not None and idx.dim() == 1 and idx.dtype == torch.int64, path, "channel indices missing")
-    _require(idx.numel() == model.n_channels, path, "channel indices do not match the model")
+    _require(idx.numel() == n_channels, path, "channel indices do not match the model")
+    total = sum(extractor.stage_channels)
+    _require(n_channels <= total and int(idx.unique().numel()) == n_channels
+             and int(idx.min()) >= 0 and int(idx.max()) < total,
+             path, f"channel indices invalid for this backbone ({total} channels)")
+    stride = extractor.stage_strides[0]
+    backbone_grid = (-(-config.image_size // stride),) * 2
+    _require(grid == backbone_grid, path, f"model grid {list(grid)} does not match the backbone's {list(backbone_grid)}")
     weights = tensors.pop("model_weights.channels", None)
     cal_scores = tensors.pop("thresholds.calibration_scores", torch.zeros(0, dtype=torch.float64))
     cal_peaks = tensors.pop("thresholds.calibration_peaks", torch.zeros(0, dtype=torch.float64))
+    for name, t in (("calibration_scores", cal_scores), ("calibration_peaks", cal_peaks)):
+        _require(t.dim() == 1 and t.is_floating_point(), path, f"threshold {name} invalid")
     model_t = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-    expected = model.expected_shapes(model_t)
-    _require(set(model_t) == set(expected), path,
-             f"model tensors {sorted(model_t)} do not match {model.kind}'s {sorted(expected)}")
-    for name, shape in expected.items():
-        _require(tuple(model_t[name].shape) == tuple(shape), path,
-                 f"tensor {name!r} has shape {tuple(model_t[name].shape)}, expected {tuple(shape)}")
+    _check_model_shapes(cls, grid, n_channels, meta["model"]["params"], model_t, path, meta_device=True)
+    try:
+        model = cls(grid, n_channels, **meta["model"]["params"])
+    except (TypeError, ValueError) as exc:
+        raise ModelFileError(f"{path}: invalid settings in the model file ({exc})") from None
+    _check_model_shapes(model, grid, n_channels, None, model_t, path, meta_device=False)
     try:
         det = Detector(config, extractor, idx.numpy(), model)
     except ValueError as exc:
@@ -186,7 +232,8 @@ def load_detector(path: str | os.PathLike[str], extractor: FeatureExtractor | No
     _require(tuple(det.embedder.grid_size) == tuple(model.grid), path, "model grid does not match the backbone")
     model.load_tensors(model_t)
     if weights is not None:
-        _require(tuple(weights.shape) == (model.n_channels,), path, "channel weights have the wrong shape")
+        _require(tuple(weights.shape) == (model.n_channels,) and weights.is_floating_point(), path,
+                 "channel weights have the wrong shape")
         model.set_channel_weights(weights)
     th = meta.get("thresholds")
     if th is not None:
@@ -195,3 +242,38 @@ def load_detector(path: str | os.PathLike[str], extractor: FeatureExtractor | No
     if model.n_samples > 0:
         det.finalize()
     return det
+
+
+def _check_model_shapes(model_or_cls, grid, n_channels, params, model_t, path: Path, meta_device: bool) -> None:
+    """Compare the stored model tensors with the shapes the model expects.
+
+    With ``meta_device`` the model is first built on PyTorch's "meta" device, which records
+    shapes without allocating memory, so oversized declarations are refused for free. A model
+    whose constructor cannot run on the meta device is checked after the real construction.
+    """
+    if meta_device:
+        try:
+            with torch.device("meta"):
+                model_or_cls = model_or_cls(grid, n_channels, **params)
+            expected = model_or_cls.expected_shapes(model_t)
+        except (TypeError, ValueError) as exc:
+            raise ModelFileError(f"{path}: invalid settings in the model file ({exc})") from None
+        except Exception:  # noqa: BLE001 - constructor not meta-compatible: check after building
+            log.debug("meta-device shape check skipped for %s", model_or_cls)
+            return
+    else:
+        expected = model_or_cls.expected_shapes(model_t)
+    kind = getattr(model_or_cls, "kind", "?")
+    _require(set(model_t) == set(expected), path,
+             f"model tensors {sorted(model_t)} do not match {kind}'s {sorted(expected)}")
+    for name, shape in expected.items():
+        _require(tuple(model_t[name].shape) == tuple(shape), path,
+                 f"tensor {name!r} has shape {tuple(model_t[name].shape)}, expected {tuple(shape)}")
+    try:  # dtypes too: same-size bytes of another type (I64 for F64) pass the shape check
+        reference = {k: v.dtype for k, v in model_or_cls.tensors().items()}
+    except Exception:  # noqa: BLE001 - a model may not expose tensors before fitting
+        reference = {}
+    for name, dtype in reference.items():
+        if name in model_t:
+            _require(model_t[name].dtype == dtype, path,
+                     f"tensor {name!r} is {model_t[name].dtype}, expected {dtype}; the file is damaged")

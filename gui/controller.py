@@ -112,6 +112,7 @@ class StationController(QObject):
         self._stop_live_for_change()
         self.recipe = Recipe(name, list(ok_paths or []), (config or DetectorConfig()).to_dict())
         self.recipe_path = None
+        self.demo_stream, self.demo_truth = [], {}
         self._set_detector(None)
         self.clear_results()
         self.recipe_changed.emit(name)
@@ -124,6 +125,7 @@ class StationController(QObject):
         self.new_recipe(DEMO_RECIPE_NAME, DetectorConfig(), split.ok_train)
         self.demo_stream = split.stream_paths
         self.demo_truth = {c.path: ("OK" if c.is_ok else "NG") for c in split.stream}
+        self.recipe_changed.emit(DEMO_RECIPE_NAME)  # again, now that the demo stream is known
         self.status.emit(f"Demo: {len(split.ok_train)} OK cells ready — press Fit (F5)")
 
     def add_ok_paths(self, inputs: list[str]) -> None:
@@ -184,9 +186,9 @@ class StationController(QObject):
             return
         source = FolderWatchSource(target) if kind == "folder" else VideoSource(target)
         self._skipped = []
-        self.runner.submit(partial(live_job, source, self._current_detector), replace=True, tag="live")
-        self.live = True
+        self.live = True  # before submit: a job may end (and report) before submit returns
         self.live_changed.emit(True)
+        self.runner.submit(partial(live_job, source, self._current_detector), replace=True, tag="live")
         self.status.emit(f"Live inspection from {kind} {target} — Space or Esc to stop")
 
     def _current_detector(self):
@@ -233,6 +235,7 @@ class StationController(QObject):
         tag = self._tag()
         if tag == "fit" and isinstance(value, FitResult):
             self.extractor = value.detector.extractor
+            self._skipped += value.skipped
             self._set_detector(value.detector)
             msg = f"Model fitted on {len(value.fitted)} images, calibrated on {len(value.calibration)} in {value.seconds:.1f} s"
             if value.detector.thresholds is None:

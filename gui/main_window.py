@@ -49,9 +49,12 @@ class MainWindow(QMainWindow):
         self.setCentralWidget(central)
         self._dock("OK images", self.ok_panel, Qt.DockWidgetArea.LeftDockWidgetArea)
         self._dock("Inspect", self.source_panel, Qt.DockWidgetArea.LeftDockWidgetArea)
-        self._dock("Thresholds", self.threshold_panel, Qt.DockWidgetArea.RightDockWidgetArea)
-        self._dock("Score histogram", self.histogram, Qt.DockWidgetArea.RightDockWidgetArea)
-        self._dock("Results", self.results_panel, Qt.DockWidgetArea.RightDockWidgetArea)
+        self.threshold_panel.setTitle("")  # the dock says it already
+        right = [self._dock("Thresholds", self.threshold_panel, Qt.DockWidgetArea.RightDockWidgetArea),
+                 self._dock("Score histogram", self.histogram, Qt.DockWidgetArea.RightDockWidgetArea),
+                 self._dock("Results", self.results_panel, Qt.DockWidgetArea.RightDockWidgetArea)]
+        self.resizeDocks(right, [160, 220, 520], Qt.Orientation.Vertical)
+        self.resizeDocks(right[:1], [560], Qt.Orientation.Horizontal)
         self._build_actions()
         self._wire()
         self.on_recipe_changed(c.recipe.name)

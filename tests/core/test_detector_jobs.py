@@ -1,21 +1,32 @@
 """Fit and inspect jobs: streaming, calibration, cancellation, bad files, too few images."""
 import numpy as np
 import pytest
+import torch
 
 from core import CancelToken, Cancelled, NotFittedError, Skipped, fit_job, inspect_job, run_job
 from core.detector import Detector
 from core.jobs import split_calibration
 
 
-def test_fit_calibrates_on_held_out_ok_images_then_absorbs_them(tiny_config, part_images):
+def test_fit_calibrates_on_held_out_ok_images_kept_out_of_the_model(tiny_config, part_images):
     ok, _ = part_images
     result = run_job(fit_job(ok, tiny_config, CancelToken()))
     det = result.detector
     assert len(result.fitted) + len(result.calibration) == len(ok)
     assert len(result.calibration) == 2  # 20 % of 12
-    assert det.model.n_samples == len(ok)  # calibration images were added after scoring
+    assert det.model.n_samples == len(ok) - 2  # held-out images stay unseen by the model
     assert det.thresholds is not None and det.thresholds.calibration_scores.size == 2
     assert det.thresholds.expected_false_alarm_rate() == 0.0
+    assert det.calibration_embeddings.shape == (2, 24, 8, 8)
+
+
+def test_recalibration_after_a_model_change_restores_the_target_rate(tiny_config, part_images):
+    ok, ng = part_images
+    det = run_job(fit_job(ok, tiny_config.with_(calibration_fraction=0.5), CancelToken())).detector
+    before = det.thresholds.image
+    det.model.set_channel_weights(torch.full((24,), 2.0))  # doubles every distance
+    det.recalibrate()
+    assert det.thresholds.image == pytest.approx(2 * before, rel=1e-3)
 
 
 def test_streamed_fit_equals_fitting_in_one_batch(tiny_config, part_images):

@@ -68,3 +68,21 @@ def test_channel_weights_of_one_change_nothing_and_zero_weights_remove_a_channel
     torch.testing.assert_close(model.score(probe), base)
     model.set_channel_weights(torch.tensor([1.0, 1.0, 0.0]))
     assert float(model.score(probe)) < float(base) / 10
+
+
+def test_masked_update_refreshes_only_touched_patches_and_equals_a_full_finalize():
+    rng = np.random.default_rng(4)
+    model = PadimModel((3, 3), 5)
+    model.partial_fit(torch.from_numpy(rng.normal(0, 1, (20, 5, 3, 3)).astype(np.float32)))
+    model.finalize()
+    extra = torch.from_numpy(rng.normal(2, 1, (1, 5, 3, 3)).astype(np.float32))
+    mask = torch.zeros(1, 3, 3, dtype=torch.bool)
+    mask[0, 1, 2] = True
+    model.partial_fit(extra, mask)
+    model.finalize()
+    fresh = PadimModel((3, 3), 5)
+    fresh.load_tensors(model.tensors())
+    fresh.finalize()
+    probe = torch.from_numpy(rng.normal(0, 1, (2, 5, 3, 3)).astype(np.float32))
+    torch.testing.assert_close(model.score(probe), fresh.score(probe))
+    assert model.stats.count.view(3, 3)[1, 2] == 21 and model.stats.count.view(3, 3)[0, 0] == 20

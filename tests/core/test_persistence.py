@@ -25,6 +25,7 @@ def test_round_trip_gives_identical_scores_and_thresholds(fitted, tmp_path):
     np.testing.assert_array_equal(back.embedder.channel_idx, det.embedder.channel_idx)
     assert back.thresholds.image == det.thresholds.image
     np.testing.assert_array_equal(back.thresholds.calibration_scores, det.thresholds.calibration_scores)
+    torch.testing.assert_close(back.calibration_embeddings, det.calibration_embeddings, rtol=0, atol=0)
     assert back.config == det.config
 
 

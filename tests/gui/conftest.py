@@ -2,6 +2,7 @@ import os
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
+import gui  # noqa: E402,F401  (applies the PySide6 6.12 emit() workaround first)
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -39,3 +40,5 @@ def tiny_config():
     from core import DetectorConfig
 
     return DetectorConfig(weights="random", image_size=64, n_channels=20, batch_size=4)
+
+

@@ -1,0 +1,219 @@
+"""Click-to-label feedback: a marked false alarm changes the model before the next image.
+
+Two mechanisms, both applied at once (issue 4):
+
+* **OK memory set** - the embeddings of the marked region (a whole image for "this part is
+  OK") are added to the normality model through its ``partial_fit`` with a patch mask: for
+  PaDiM an exact update of those patches' Gaussian statistics, for a memory-bank model an
+  addition to the bank. No refit, milliseconds.
+* **Per-channel reweighting** - every false alarm tells which channels drove its distance
+  (each channel's share of ``d^2 = sum_k d_k (P d)_k``). Channels that carry more than their
+  share of false-alarm distance, and less of confirmed-defect distance, get a weight below
+  one. The strength is chosen by a guard: the strongest setting under which every confirmed
+  defect still scores above the recalibrated threshold.
+
+After any change the held-out OK embeddings are re-scored: the thresholds an engineer set
+stay where they are, and the expected false-alarm rate shown for them is re-measured on
+unseen parts for the new model. Every change is undoable (bounded
+stack of detector snapshots).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+import torch
+
+from .detector import Detector
+from .models.base import patches_first
+
+#: strengths tried by the guard, strongest first (0 = no reweighting)
+STRENGTHS = (1.0, 0.5, 0.25, 0.0)
+MIN_WEIGHT = 0.2
+
+
+@dataclass(frozen=True)
+class WeightChange:
+    """What reweighting did, for the engineer: per stage and the most lowered channels."""
+
+    strength: float
+    stage_mean_weight: dict[str, float]
+    lowest: list[tuple[int, float]]  # (channel index into the backbone's stages, weight)
+
+
+@dataclass(frozen=True)
+class FeedbackRecord:
+    kind: str
+    patches: int
+    score_before: float
+    score_after: float
+    threshold_before: float | None
+    threshold_after: float | None
+    expected_false_alarm_rate: float | None
+    seconds: float
+    weights: WeightChange | None = None
+
+
+def region_patch_mask(region_mask: np.ndarray | None, grid: tuple[int, int], dilate: int = 1) -> torch.Tensor:
+    """(S, S) bool region in map pixels -> (1, h, w) bool patches it touches (+ ring).
+
+    The ring covers the neighbouring patches whose distances the blur spread into the
+    marked outline.
+    """
+    h, w = grid
+    if region_mask is None:
+        return torch.ones(1, h, w, dtype=torch.bool)
+    small = cv2.resize(region_mask.astype(np.float32), (w, h), interpolation=cv2.INTER_AREA) > 0
+    if dilate > 0:
+        k = np.ones((2 * dilate + 1, 2 * dilate + 1), np.uint8)
+        small = cv2.dilate(small.astype(np.uint8), k) > 0
+    return torch.from_numpy(small)[None]
+
+
+def channel_shares(det: Detector, emb: torch.Tensor, patch_mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the masked patches of each channel's share of the squared distance, (C,).
+
+    Uses the model's Gaussian view when it has one (PaDiM family); otherwise the squared
+    deviation from the patch mean of the OK data, which is the Euclidean analogue.
+    """
+    model = det.model
+    x = patches_first(model.weighted(emb))[:, 0, :]  # (P, C), one image
+    sel = patches_first(patch_mask[:, None].float())[:, 0, 0] > 0
+    mean = getattr(model, "_mean", None)
+    prec = getattr(model, "_precision", None)
+    if mean is None or prec is None:
+        diff = x[sel]
+        contrib = diff * diff
+    else:
+        w = model.channel_weights
+        mu = mean[sel] * (w if w is not None else 1.0)
+        diff = x[sel] - mu
+        contrib = diff * torch.einsum("pcd,pd->pc", prec[sel], diff)
+    total = contrib.sum(-1, keepdim=True).clamp_min(1e-12)
+    return (contrib / total).mean(0)
+
+
+@dataclass
+class FeedbackLearner:
+    """Applies operator labels to a detector; keeps the evidence and an undo stack."""
+
+    detector: Detector
+    max_undo: int = 10
+    reweight: bool = True
+    fa_shares: list[torch.Tensor] = field(default_factory=list)
+    defect_shares: list[torch.Tensor] = field(default_factory=list)
+    defect_embeddings: list[torch.Tensor] = field(default_factory=list)
+    _undo: list[tuple[Detector, int, int, int]] = field(default_factory=list)
+
+    def _push(self) -> None:
+        self._undo.append((self.detector.copy(), len(self.fa_shares), len(self.defect_shares),
+                           len(self.defect_embeddings)))
+        del self._undo[: -self.max_undo]
+
+    @property
+    def can_undo(self) -> bool:
+        return bool(self._undo)
+
+    def undo(self) -> bool:
+        """Put back the detector as it was before the last label."""
+        if not self._undo:
+            return False
+        det, n_fa, n_def, n_emb = self._undo.pop()
+        self.detector = det
+        del self.fa_shares[n_fa:], self.defect_shares[n_def:], self.defect_embeddings[n_emb:]
+        return True
+
+    def _score(self, emb: torch.Tensor) -> float:
+        return float(self.detector.maps_and_scores(emb)[1][0])
+
+    def mark_false_alarm(self, image: np.ndarray | torch.Tensor, region_mask: np.ndarray | None = None) -> FeedbackRecord:
+        """"This is fine": add the region (or whole image if None) to the OK memory, reweight."""
+        t0 = time.perf_counter()
+        emb = image if isinstance(image, torch.Tensor) else self.detector.embed([image])
+        before = self._score(emb)
+        th_before = self.detector.thresholds.image if self.detector.thresholds else None
+        self._push()
+        det = self.detector = self.detector.copy()
+        mask = region_patch_mask(region_mask, det.model.grid)
+        self.fa_shares.append(channel_shares(det, emb, mask))
+        det.model.partial_fit(emb, mask)
+        det.finalize()
+        change = self._reweight() if self.reweight else None
+        det.refresh_calibration()
+        return self._record("image_ok" if region_mask is None else "false_alarm", mask, emb, before, th_before, t0, change)
+
+    def mark_defect(self, image: np.ndarray | torch.Tensor, region_mask: np.ndarray | None = None) -> FeedbackRecord:
+        """"This is a real defect": remember it so reweighting never hides it."""
+        t0 = time.perf_counter()
+        emb = image if isinstance(image, torch.Tensor) else self.detector.embed([image])
+        before = self._score(emb)
+        th_before = self.detector.thresholds.image if self.detector.thresholds else None
+        self._push()
+        self.detector = self.detector.copy()
+        if region_mask is None:  # the hottest quarter of patches stands for the defect
+            d = self.detector.model.score(emb)[0]
+            mask = (d >= torch.quantile(d.flatten(), 0.75))[None]
+        else:
+            mask = region_patch_mask(region_mask, self.detector.model.grid, dilate=0)
+        self.defect_shares.append(channel_shares(self.detector, emb, mask))
+        self.defect_embeddings.append(emb.to(torch.float16))
+        change = self._reweight() if self.reweight and self.fa_shares else None
+        self.detector.refresh_calibration()
+        return self._record("defect" if region_mask is not None else "image_ng", mask, emb, before, th_before, t0, change)
+
+    def reset_weights(self) -> None:
+        self._push()
+        self.detector = self.detector.copy()
+        self.detector.model.set_channel_weights(None)
+        self.fa_shares.clear()
+        self.defect_shares.clear()
+        self.detector.refresh_calibration()
+
+    # -- reweighting --------------------------------------------------------------------
+    def _candidate_weights(self, strength: float) -> torch.Tensor | None:
+        c = self.detector.model.n_channels
+        fa = torch.stack(self.fa_shares).mean(0)
+        excess = (fa - 1.0 / c).clamp_min(0.0)
+        if self.defect_shares:
+            dfct = torch.stack(self.defect_shares).mean(0)
+            excess = torch.where(dfct >= fa, torch.zeros_like(excess), excess)  # defect channels stay
+        if strength == 0.0 or float(excess.max()) <= 0:
+            return None
+        w = 1.0 / (1.0 + strength * c * excess)
+        return w.clamp_min(MIN_WEIGHT).to(torch.float32)
+
+    def _defects_still_caught(self) -> bool:
+        det = self.detector
+        if not self.defect_embeddings or det.thresholds is None:
+            return True
+        return all(self._score(e.to(torch.float32)) > det.thresholds.image for e in self.defect_embeddings)
+
+    def _reweight(self) -> WeightChange | None:
+        model = self.detector.model
+        previous = model.channel_weights
+        for strength in STRENGTHS:
+            w = self._candidate_weights(strength)
+            model.set_channel_weights(w)
+            if w is None or self._defects_still_caught():
+                return None if w is None else self._describe(w, strength)
+        model.set_channel_weights(previous)
+        return None
+
+    def _describe(self, w: torch.Tensor, strength: float) -> WeightChange:
+        emb = self.detector.embedder
+        stages = self.detector.extractor.spec.stages
+        per_stage = {f"stage {stages[s]}": float(w[torch.from_numpy(emb.channel_stage == s)].mean())
+                     for s in range(len(stages)) if (emb.channel_stage == s).any()}
+        order = torch.argsort(w)[:5]
+        return WeightChange(strength, per_stage, [(int(emb.channel_idx[i]), float(w[i])) for i in order])
+
+    def _record(self, kind, mask, emb, before, th_before, t0, change) -> FeedbackRecord:
+        th = self.detector.thresholds
+        return FeedbackRecord(
+            kind=kind, patches=int(mask.sum()), score_before=before, score_after=self._score(emb),
+            threshold_before=th_before, threshold_after=th.image if th else None,
+            expected_false_alarm_rate=th.expected_false_alarm_rate() if th else None,
+            seconds=time.perf_counter() - t0, weights=change,
+        )

@@ -1,0 +1,186 @@
+"""Operator labels in SQLite: what was marked, on which image, against which model, by whom.
+
+Every label is committed before :meth:`LabelStore.add` returns (WAL journal,
+``synchronous=FULL``), so a label the operator saw acknowledged on screen survives a crash
+or a killed process. Undo marks a label as undone (never deletes), so the history stays
+auditable and exportable.
+
+Example:
+    >>> store = LabelStore("cells.labels.sqlite")
+    >>> lid = store.add(Label(image_path="p.png", image_sha256=sha, kind="false_alarm",
+    ...                       region=RegionShape.from_mask(mask), model_id="...", operator="ana"))
+    >>> store.undo(lid)
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import sqlite3
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+KINDS = ("false_alarm", "defect", "image_ok", "image_ng")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS labels (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    created_at REAL NOT NULL,
+    operator TEXT NOT NULL,
+    image_path TEXT NOT NULL,
+    image_sha256 TEXT NOT NULL,
+    kind TEXT NOT NULL CHECK (kind IN ('false_alarm', 'defect', 'image_ok', 'image_ng')),
+    region_json TEXT,            -- polygon + bbox in anomaly-map coordinates, or NULL (whole image)
+    region_mask BLOB,            -- PNG of the exact region mask, or NULL
+    map_size INTEGER NOT NULL,   -- side of the anomaly map the region refers to
+    model_id TEXT NOT NULL,
+    score REAL,
+    undone_at REAL
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+SCHEMA_VERSION = "1"
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def array_sha256(img: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(img).tobytes()).hexdigest()
+
+
+@dataclass(frozen=True)
+class RegionShape:
+    """A marked region: outline polygon, bounding box and exact mask (map coordinates)."""
+
+    polygon: list[tuple[int, int]]
+    bbox: tuple[int, int, int, int]
+    mask: np.ndarray = field(repr=False)
+
+    @classmethod
+    def from_mask(cls, mask: np.ndarray) -> RegionShape:
+        m = np.ascontiguousarray(mask, dtype=bool)
+        contours, _ = cv2.findContours(m.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        poly = [tuple(int(v) for v in pt) for pt in max(contours, key=len).reshape(-1, 2)] if contours else []
+        ys, xs = np.nonzero(m)
+        bbox = (int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)) if xs.size else (0, 0, 0, 0)
+        return cls(poly, bbox, m)
+
+    def mask_png(self) -> bytes:
+        return cv2.imencode(".png", self.mask.astype(np.uint8) * 255)[1].tobytes()
+
+    @staticmethod
+    def mask_from_png(data: bytes) -> np.ndarray:
+        return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE) > 127
+
+
+@dataclass(frozen=True)
+class Label:
+    image_path: str
+    image_sha256: str
+    kind: str
+    model_id: str
+    operator: str = ""
+    region: RegionShape | None = None
+    map_size: int = 0
+    score: float | None = None
+    id: int | None = None
+    created_at: float | None = None
+    undone_at: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"label kind must be one of {KINDS}, got {self.kind!r}")
+
+
+class LabelStore:
+    """SQLite-backed label list. One connection per store; not shared across threads."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._db = sqlite3.connect(str(self.path), isolation_level=None, timeout=10.0)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+        row = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+        if row is None:
+            self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
+        elif row[0] != SCHEMA_VERSION:
+            raise ValueError(f"{self.path}: label store schema {row[0]} is not supported (expected {SCHEMA_VERSION})")
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> LabelStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def add(self, label: Label) -> int:
+        """Commit a label durably and return its id."""
+        r = label.region
+        cur = self._db.execute(
+            "INSERT INTO labels (created_at, operator, image_path, image_sha256, kind, region_json, region_mask,"
+            " map_size, model_id, score) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                time.time(), label.operator, label.image_path, label.image_sha256, label.kind,
+                None if r is None else json.dumps({"polygon": r.polygon, "bbox": r.bbox}),
+                None if r is None else r.mask_png(),
+                label.map_size, label.model_id, label.score,
+            ),
+        )
+        return int(cur.lastrowid)
+
+    def undo(self, label_id: int) -> None:
+        self._db.execute("UPDATE labels SET undone_at=? WHERE id=? AND undone_at IS NULL", (time.time(), label_id))
+
+    def redo(self, label_id: int) -> None:
+        self._db.execute("UPDATE labels SET undone_at=NULL WHERE id=?", (label_id,))
+
+    def labels(self, include_undone: bool = False) -> list[Label]:
+        q = "SELECT * FROM labels" + ("" if include_undone else " WHERE undone_at IS NULL") + " ORDER BY id"
+        cur = self._db.execute(q)
+        cols = [c[0] for c in cur.description]
+        out = []
+        for row in cur.fetchall():
+            d = dict(zip(cols, row))
+            region = None
+            if d["region_json"] is not None:
+                meta = json.loads(d["region_json"])
+                region = RegionShape([tuple(p) for p in meta["polygon"]], tuple(meta["bbox"]),
+                                     RegionShape.mask_from_png(d["region_mask"]))
+            out.append(Label(d["image_path"], d["image_sha256"], d["kind"], d["model_id"], d["operator"], region,
+                             d["map_size"], d["score"], d["id"], d["created_at"], d["undone_at"]))
+        return out
+
+    def export_csv(self) -> str:
+        """All labels (undone ones flagged) as CSV text, regions as JSON."""
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["id", "created_at", "operator", "image_path", "image_sha256", "kind", "region", "model_id",
+                    "score", "undone"])
+        for lab in self.labels(include_undone=True):
+            region = "" if lab.region is None else json.dumps({"polygon": lab.region.polygon, "bbox": lab.region.bbox})
+            w.writerow([lab.id, time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(lab.created_at)), lab.operator,
+                        lab.image_path, lab.image_sha256, lab.kind, region, lab.model_id,
+                        "" if lab.score is None else f"{lab.score:.6g}", "yes" if lab.undone_at else ""])
+        return buf.getvalue()
+
+    def export_json(self) -> str:
+        rows = []
+        for lab in self.labels(include_undone=True):
+            d = asdict(lab)
+            d["region"] = None if lab.region is None else {"polygon": lab.region.polygon, "bbox": lab.region.bbox}
+            rows.append(d)
+        return json.dumps(rows, indent=2)

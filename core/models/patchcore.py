@@ -1,0 +1,232 @@
+"""PatchCore: a memory bank of locally aware OK patch features, nearest-neighbour distance.
+
+Fit collects every OK patch (each embedding averaged over its 3x3 neighbourhood, so a patch
+"sees" a little context), then :meth:`finalize` keeps a coreset: k-center greedy picks the
+patch farthest from everything picked so far, ``coreset_ratio`` of them (default 10%). The
+greedy search runs on a seeded random projection of the features (``projection_dim``,
+default 128, only used when the embedding is wider) and updates the running minimum
+distance with one chunked matrix-vector product per pick. The full collected bank is freed
+once the coreset exists. The score of a patch is the Euclidean distance to its nearest
+memory item (chunked matrix products; the winner's distance is recomputed exactly).
+
+Feedback (``partial_fit`` after ``finalize``, "this is OK") appends the new patches straight
+to the memory bank without re-subsampling, so the next image already benefits. That is not
+what a refit would give (a refit would subsample them), hence ``exact_incremental = False``.
+
+Image score: the station pools the patch-distance map (max / top-k mean / blob) like for
+every other model. The paper's reweighting of the worst patch by how isolated its nearest
+memory item is (eq. 7) is available as :meth:`PatchcoreModel.image_scores` for callers that
+want it; the detector does not use it.
+
+Reference: Roth et al., "Towards Total Recall in Industrial Anomaly Detection", CVPR 2022.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .base import NormalityModel
+
+#: rows of the bank / queries handled per matrix product (bounds temporary memory)
+_CHUNK = 8192
+
+
+def local_features(emb: torch.Tensor, size: int = 3) -> torch.Tensor:
+    """(B, C, h, w) -> (B, C, h, w): mean over each patch's size x size neighbourhood
+    (border patches average only the neighbours that exist)."""
+    if size <= 1:
+        return emb
+    return F.avg_pool2d(emb, size, stride=1, padding=size // 2, count_include_pad=False)
+
+
+def _rows(emb: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) -> (B*h*w, C), image-major then row-major patch order."""
+    b, c, h, w = emb.shape
+    return emb.permute(0, 2, 3, 1).reshape(b * h * w, c)
+
+
+def nearest(queries: torch.Tensor, bank: torch.Tensor, chunk: int = _CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest bank row of each query row: (distances (Q,), indices (Q,)).
+
+    Candidates come from ``|q|^2 + |m|^2 - 2 q.m`` (fast, one matrix product per chunk);
+    the winner's distance is then recomputed as ``|q - m|`` so it is exact, not cancelled.
+    """
+    q_n = queries.shape[0]
+    best = torch.full((q_n,), float("inf"), dtype=torch.float32)
+    arg = torch.zeros(q_n, dtype=torch.int64)
+    if bank.shape[0] == 0:
+        raise ValueError("the memory bank is empty")
+    for qs in range(0, q_n, chunk):
+        q = queries[qs : qs + chunk]
+        q_sq = (q * q).sum(1, keepdim=True)
+        b_best = best[qs : qs + chunk]
+        b_arg = arg[qs : qs + chunk]
+        for ms in range(0, bank.shape[0], chunk):
+            m = bank[ms : ms + chunk]
+            d2 = torch.addmm(q_sq + (m * m).sum(1)[None, :], q, m.T, alpha=-2.0)
+            val, idx = d2.min(1)
+            better = val < b_best
+            b_best[better] = val[better]
+            b_arg[better] = idx[better] + ms
+    dist = (queries - bank[arg]).norm(dim=1)
+    return dist, arg
+
+
+def kcenter_greedy(x: torch.Tensor, n_pick: int, seed: int = 0, chunk: int = 65536) -> torch.Tensor:
+    """Indices of ``n_pick`` rows of ``x`` (N, d) chosen by k-center greedy: start at a
+    seeded random row, then repeatedly take the row farthest from all rows taken so far."""
+    n = x.shape[0]
+    if n_pick >= n:
+        return torch.arange(n)
+    g = torch.Generator().manual_seed(seed)
+    x = x.contiguous()
+    x_sq = (x * x).sum(1)
+    min_d = torch.full((n,), float("inf"), dtype=torch.float32)
+    picked = torch.empty(n_pick, dtype=torch.int64)
+    cur = int(torch.randint(n, (1,), generator=g))
+    buf = torch.empty(min(chunk, n), dtype=torch.float32)
+    for i in range(n_pick):
+        picked[i] = cur
+        c = x[cur]
+        c_sq = float(x_sq[cur])
+        for s in range(0, n, chunk):
+            e = min(s + chunk, n)
+            d = torch.mv(x[s:e], c, out=buf[: e - s])
+            d.mul_(-2.0).add_(x_sq[s:e]).add_(c_sq)  # squared distance to the new centre
+            torch.minimum(min_d[s:e], d, out=min_d[s:e])
+        min_d[cur] = -1.0  # never pick twice (distance is 0 anyway; guards ties)
+        cur = int(torch.argmax(min_d))
+    return picked
+
+
+class PatchcoreModel(NormalityModel):
+    kind = "patchcore"
+    summary = "memory bank of OK patches (k-center coreset), nearest-neighbour distance (PatchCore)"
+    exact_incremental = False
+
+    def __init__(
+        self,
+        grid: tuple[int, int],
+        n_channels: int,
+        coreset_ratio: float = 0.1,
+        projection_dim: int = 128,
+        neighbourhood: int = 3,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(grid, n_channels)
+        if not 0.0 < float(coreset_ratio) <= 1.0:
+            raise ValueError(f"coreset_ratio must be in (0, 1], got {coreset_ratio}")
+        if int(projection_dim) < 1 or int(neighbourhood) < 1 or int(neighbourhood) % 2 == 0:
+            raise ValueError("projection_dim must be >= 1 and neighbourhood an odd number >= 1")
+        self.coreset_ratio = float(coreset_ratio)
+        self.projection_dim = int(projection_dim)
+        self.neighbourhood = int(neighbourhood)
+        self.seed = int(seed)
+        #: (N, C) float32 memory bank; None until the first finalize
+        self.bank: torch.Tensor | None = None
+        self._pending: list[torch.Tensor] = []  # collected patches before the coreset
+        self._images = 0
+
+    def params(self) -> dict[str, Any]:
+        return {"coreset_ratio": self.coreset_ratio, "projection_dim": self.projection_dim,
+                "neighbourhood": self.neighbourhood, "seed": self.seed}
+
+    @property
+    def n_samples(self) -> int:
+        return self._images
+
+    def _features(self, emb: torch.Tensor) -> torch.Tensor:
+        return local_features(emb.to(torch.float32), self.neighbourhood)
+
+    def partial_fit(self, emb: torch.Tensor, patch_mask: torch.Tensor | None = None) -> None:
+        rows = _rows(self._features(emb))
+        if patch_mask is not None:
+            keep = patch_mask.reshape(-1).to(torch.bool)
+            rows = rows[keep]
+            self._images += int(patch_mask.reshape(patch_mask.shape[0], -1).any(1).sum())
+        else:
+            self._images += emb.shape[0]
+        rows = rows.contiguous().clone()
+        if self.bank is None:
+            self._pending.append(rows)
+        else:  # feedback after fitting: straight into the bank, no re-subsampling
+            self.bank = torch.cat([self.bank, rows])
+
+    def finalize(self) -> None:
+        if not self._pending:
+            if self.bank is None:
+                raise ValueError("no OK patches collected before finalize")
+            return
+        full = torch.cat(self._pending)
+        self._pending = []
+        n_pick = max(1, int(round(self.coreset_ratio * full.shape[0])))
+        if n_pick < full.shape[0]:
+            proj = full
+            if full.shape[1] > self.projection_dim:
+                g = torch.Generator().manual_seed(self.seed)
+                w = torch.randn(full.shape[1], self.projection_dim, generator=g) / self.projection_dim**0.5
+                proj = full @ w
+            idx = kcenter_greedy(proj, n_pick, self.seed)
+            del proj
+            full = full[idx].contiguous()
+        self.bank = full if self.bank is None else torch.cat([self.bank, full])
+
+    def _query(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.bank is None or self._pending:
+            self.finalize()
+        assert self.bank is not None
+        bank = self.bank
+        q = _rows(self._features(self.weighted(emb.to(torch.float32))))
+        if self.channel_weights is not None:
+            bank = bank * self.channel_weights
+        return q, bank
+
+    def score(self, emb: torch.Tensor) -> torch.Tensor:
+        q, bank = self._query(emb)
+        dist, _ = nearest(q, bank)
+        return dist.reshape(emb.shape[0], *self.grid)
+
+    def image_scores(self, emb: torch.Tensor, num_neighbors: int = 9) -> torch.Tensor:
+        """(B,) image scores with the paper's reweighting (eq. 7): the worst patch's distance
+        s* to its nearest memory item m*, times ``1 - softmax`` weight of how close m* is to
+        its own ``num_neighbors`` nearest bank items (an isolated m* weighs more)."""
+        q, bank = self._query(emb)
+        dist, arg = nearest(q, bank)
+        b = emb.shape[0]
+        dist, arg = dist.reshape(b, -1), arg.reshape(b, -1)
+        worst = dist.argmax(1)
+        s_star = dist[torch.arange(b), worst]
+        m_star = bank[arg[torch.arange(b), worst]]  # (B, C)
+        k = min(num_neighbors, bank.shape[0])
+        d_bank = torch.cdist(m_star, bank)  # (B, N)
+        nn_m = bank[d_bank.topk(k, largest=False).indices]  # (B, k, C) incl. m* itself
+        d_q = (q.reshape(b, -1, q.shape[1])[torch.arange(b), worst][:, None, :] - nn_m).norm(dim=2)  # (B, k)
+        weight = 1.0 - torch.softmax(d_q, dim=1)[:, 0]
+        return weight * s_star
+
+    def copy(self) -> PatchcoreModel:
+        clone = PatchcoreModel(self.grid, self.n_channels, **self.params())
+        clone.bank = None if self.bank is None else self.bank.clone()
+        clone._pending = [p.clone() for p in self._pending]
+        clone._images = self._images
+        clone.set_channel_weights(None if self.channel_weights is None else self.channel_weights.clone())
+        return clone
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The memory bank; collected patches are subsampled first (finalize)."""
+        if self._pending or self.bank is None:
+            self.finalize()
+        assert self.bank is not None
+        return {"bank": self.bank, "n_images": torch.tensor([self._images], dtype=torch.int64)}
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.bank = tensors["bank"].to(torch.float32).contiguous()
+        self._images = int(tensors["n_images"].reshape(-1)[0])
+        self._pending = []
+
+    def expected_shapes(self, tensors: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+        bank = tensors.get("bank")
+        n = int(bank.shape[0]) if bank is not None and bank.dim() == 2 else 0
+        return {"bank": (max(n, 1), self.n_channels), "n_images": (1,)}

@@ -1,0 +1,227 @@
+"""Issue 6: tampered or damaged model files are refused with ModelFileError, never another
+exception, never a silent load, and never after allocating what a forged header declares."""
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from core import CancelToken, ModelFileError, fit_job, load_detector, run_job, save_detector
+from core.models.padim import PadimModel
+from core.persistence import read_model_file
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    import cv2
+    import numpy as np
+
+    from core.detector import DetectorConfig
+    from tests.conftest import make_part
+
+    d = tmp_path_factory.mktemp("model")
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(8):
+        p = d / f"ok_{i}.png"
+        cv2.imwrite(str(p), make_part(rng))
+        paths.append(str(p))
+    cfg = DetectorConfig(weights="random", image_size=64, n_channels=24, batch_size=4)
+    det = run_job(fit_job(paths, cfg, CancelToken())).detector
+    return save_detector(det, d / "good.okng").read_bytes()
+
+
+@pytest.fixture
+def path(model_file, tmp_path):
+    p = tmp_path / "m.okng"
+    p.write_bytes(model_file)
+    return p
+
+
+def _split(raw: bytes) -> tuple[dict, bytes]:
+    n = struct.unpack("<Q", raw[:8])[0]
+    return json.loads(raw[8 : 8 + n]), raw[8 + n :]
+
+
+def _join(header: dict, body: bytes) -> bytes:
+    h = json.dumps(header).encode()
+    return struct.pack("<Q", len(h)) + h + body
+
+
+def _edit_meta(path, change):
+    header, body = _split(path.read_bytes())
+    meta = json.loads(header["__metadata__"]["okng"])
+    change(meta)
+    header["__metadata__"]["okng"] = json.dumps(meta)
+    path.write_bytes(_join(header, body))
+
+
+def _refused(path, match=None):
+    with pytest.raises(ModelFileError, match=match) as info:
+        load_detector(path)
+    assert str(path) in str(info.value)
+    return str(info.value)
+
+
+def test_the_untampered_file_loads(path):
+    assert load_detector(path).model.n_samples > 0
+
+
+# -- the safetensors container -------------------------------------------------------------
+def test_declared_header_larger_than_the_file(path):
+    raw = path.read_bytes()
+    path.write_bytes(struct.pack("<Q", len(raw) * 1000) + raw[8:])
+    _refused(path, "not a readable OK/NG model file")
+    path.write_bytes(struct.pack("<Q", 2**63 - 1) + raw[8:])
+    _refused(path, "not a readable OK/NG model file")
+
+
+def test_header_that_is_not_json(path):
+    raw = path.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    path.write_bytes(raw[:8] + b"\xff" * n + raw[8 + n :])
+    _refused(path, "not a readable OK/NG model file")
+
+
+@pytest.mark.parametrize("tamper", [
+    lambda t: t.update(dtype="F32"),                                              # half the bytes
+    lambda t: t.update(dtype="I64"),                                              # wrong kind, same size
+    lambda t: t.update(shape=[t["shape"][0] * 2, *t["shape"][1:]]),               # more than stored
+    lambda t: t.update(data_offsets=[t["data_offsets"][0], t["data_offsets"][1] + 10**9]),  # past the end
+    lambda t: t.update(data_offsets=[t["data_offsets"][1], t["data_offsets"][0]]),          # reversed
+    lambda t: t.update(dtype="pickle"),
+    lambda t: t.update(shape=[-1]),
+])
+def test_a_tensor_with_inconsistent_dtype_shape_or_offsets(path, tamper):
+    header, body = _split(path.read_bytes())
+    tamper(header["model.scatter"])
+    path.write_bytes(_join(header, body))
+    _refused(path)
+
+
+def test_a_changed_dtype_with_consistent_offsets_is_caught_by_the_shape_check(path):
+    """F64 -> F32 with the shape doubled is a valid container; the model check refuses it."""
+    tensors = load_file(str(path))
+    meta, _ = read_model_file(path)
+    tensors["model.scatter"] = tensors["model.scatter"].float()
+    tensors["model.mean"] = tensors["model.mean"].to(dtype=tensors["model.mean"].dtype).repeat(2, 1)
+    save_file(tensors, str(path), metadata={"okng": json.dumps(meta)})
+    _refused(path, "shape")
+
+
+def test_truncated_body(path):
+    raw = path.read_bytes()
+    for cut in (len(raw) - 1, len(raw) // 2, 9):
+        path.write_bytes(raw[:cut])
+        _refused(path)
+
+
+# -- the JSON description ------------------------------------------------------------------
+@pytest.mark.parametrize("version", [True, False, 1.0, "1", None, [1], {"v": 1}, -1, 0])
+def test_format_version_must_be_the_integer_1(path, version):
+    _edit_meta(path, lambda m: m.update(format_version=version))
+    _refused(path, "format")
+
+
+@pytest.mark.parametrize("field", ["format", "okng_version", "config", "backbone", "model", "thresholds"])
+@pytest.mark.parametrize("value", [None, 7, 1.5, True, "text", [], [1, 2]])
+def test_each_top_level_field_of_the_wrong_type(path, field, value):
+    if field == "thresholds" and value is None:
+        pytest.skip("thresholds: null is valid (an uncalibrated model)")
+    if field == "okng_version" and isinstance(value, str):
+        pytest.skip("any text is a valid version string")
+    _edit_meta(path, lambda m: m.update({field: value}))
+    _refused(path)
+
+
+def test_the_description_must_be_an_object(path):
+    header, body = _split(path.read_bytes())
+    for desc in ("[]", "1", '"okng-model"', "null", "{"):
+        header["__metadata__"]["okng"] = desc
+        path.write_bytes(_join(header, body))
+        _refused(path)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("image_size", 64.0), ("image_size", True), ("n_channels", "24"), ("seed", None), ("stages", "2,3"),
+    ("stages", [2.0]), ("sigma", "4"), ("sigma", float("nan")), ("pooling", 1), ("topk", 1.5),
+    ("batch_size", 1.5), ("batch_size", True), ("weights", 5), ("model_params", []), ("model", None),
+    ("false_alarm_rate", "0.01"), ("calibration_fraction", None), ("backbone", ["x"]), ("unknown_key", 1),
+])
+def test_config_settings_of_the_wrong_type_are_refused(path, key, value):
+    _edit_meta(path, lambda m: m["config"].update({key: value}))
+    _refused(path, "invalid settings")
+
+
+@pytest.mark.parametrize("change", [
+    lambda m: m["model"].update(params=[]),
+    lambda m: m["model"].update(params={"epsilon": "x"}),
+    lambda m: m["model"].update(params={"epsilon": -1}),
+    lambda m: m["model"].update(params={"rm -rf": 1}),
+    lambda m: m["model"].update(kind=None),
+    lambda m: m["model"].update(n_channels=24.0),
+    lambda m: m["model"].update(n_channels=True),
+    lambda m: m["model"].update(grid=[8, 8.0]),
+    lambda m: m["model"].update(grid=[8]),
+    lambda m: m["backbone"].update(weights=["x"]),
+    lambda m: m["thresholds"].update(image=True),
+    lambda m: m["thresholds"].update(pixel=float("inf")),
+])
+def test_model_and_threshold_fields_of_the_wrong_type(path, change):
+    _edit_meta(path, change)
+    _refused(path)
+
+
+# -- sizes that would allocate gigabytes -----------------------------------------------------
+@pytest.fixture
+def no_huge_model(monkeypatch):
+    """Fail loudly if a model is ever constructed with sizes the file does not back."""
+    real_init = PadimModel.__init__
+    seen = []
+
+    def init(self, grid, n_channels, *a, **k):
+        import torch
+
+        seen.append((tuple(grid), n_channels))
+        on_meta = torch.empty(0).device.type == "meta"
+        assert on_meta or grid[0] * grid[1] * n_channels * n_channels <= 10**7, "allocated a forged size"
+        real_init(self, grid, n_channels, *a, **k)
+
+    monkeypatch.setattr(PadimModel, "__init__", init)
+    return seen
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda m: m["model"].update(grid=[4096, 4096]), "grid"),
+    (lambda m: m["model"].update(grid=[4096, 4096], n_channels=24), "grid"),
+    (lambda m: m["model"].update(n_channels=100_000), "channel"),
+    (lambda m: m["model"].update(grid=[4096, 4096], n_channels=100_000), "channel"),
+    (lambda m: m["model"].update(grid=[10**12, 10**12]), "grid"),
+    (lambda m: m["config"].update(image_size=4096), "grid"),
+])
+def test_giant_declared_sizes_are_refused_before_allocating(path, no_huge_model, change, message):
+    _edit_meta(path, change)
+    _refused(path, message)
+
+
+def test_channel_indices_that_back_a_giant_channel_count_are_refused(path, no_huge_model):
+    """Duplicated indices could declare more channels than the backbone has."""
+    import torch
+
+    tensors = load_file(str(path))
+    meta, _ = read_model_file(path)
+    tensors["embedding.channel_idx"] = torch.zeros(5000, dtype=torch.int64)
+    meta["model"]["n_channels"] = 5000
+    save_file(tensors, str(path), metadata={"okng": json.dumps(meta)})
+    _refused(path, "channel indices invalid")
+
+
+def test_a_model_tensor_of_the_wrong_shape_is_refused_before_the_model_is_built(path, no_huge_model):
+    tensors = load_file(str(path))
+    meta, _ = read_model_file(path)
+    tensors["model.scatter"] = tensors["model.scatter"][:, :3, :3].contiguous()
+    save_file(tensors, str(path), metadata={"okng": json.dumps(meta)})
+    _refused(path, "shape")
+    assert no_huge_model and all(g == (8, 8) for g, _ in no_huge_model)

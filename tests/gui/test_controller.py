@@ -1,0 +1,115 @@
+"""StationController with the inline SyncRunner and a small real (random-weight) detector."""
+import numpy as np
+import pytest
+from PySide6.QtCore import QSettings
+
+from gui.controller import StationController
+from gui.runner import SyncRunner
+
+
+@pytest.fixture
+def controller(qtbot, ok_images, tiny_config):
+    c = StationController(SyncRunner())
+    c.new_recipe("synthetic", tiny_config)
+    c.add_ok_paths([str(__import__("pathlib").Path(ok_images[0]).parent)])  # a folder expands
+    return c
+
+
+def test_fit_inspect_and_rejudge_without_rerunning(qtbot, controller, defect_image, ok_images, monkeypatch):
+    c = controller
+    assert len(c.ok_paths) == 8
+    errors = []
+    c.error.connect(errors.append)
+    with qtbot.waitSignal(c.model_changed):
+        c.start_fit()
+    assert c.detector is not None and c.image_threshold is not None
+    assert c.calibration_scores().size == 2  # 20 % of 8 held out
+    with qtbot.waitSignal(c.display_changed, timeout=5000) as shown:
+        c.inspect_paths([defect_image, ok_images[0]])
+    assert len(c.results) == 2 and not errors
+    d = shown.args[0]
+    assert d.image.shape == (64, 64, 3) and d.anomaly_map.shape == (64, 64)
+    defect = next(r for r in c.results.values() if r.name == "defect.png")
+    # threshold just below / above the defect score flips its verdict; the model is not called
+    monkeypatch.setattr(c.detector, "inspect", lambda *a: pytest.fail("model re-run"))
+    monkeypatch.setattr(c.detector, "embed", lambda *a: pytest.fail("model re-run"))
+    with qtbot.waitSignal(c.results_changed):
+        c.set_thresholds(defect.score - 1e-3, c.pixel_threshold)
+    assert defect.verdict == "NG"
+    c.set_thresholds(defect.score + 1e-3, c.pixel_threshold)
+    assert defect.verdict == "OK"
+    assert c.detector.thresholds.image == pytest.approx(defect.score + 1e-3)
+    # pixel threshold below the map max gives region outlines for the shown image
+    c.show_result(defect.id)
+    c.set_thresholds(c.image_threshold, float(np.percentile(defect.anomaly_map, 90)))
+    qtbot.waitUntil(lambda: c.display() is not None and len(c.display().contours) >= 1)
+
+
+def test_errors_are_reported_not_swallowed(qtbot, controller, tmp_path):
+    c = controller
+    with qtbot.waitSignal(c.error) as err:
+        c.inspect_paths([str(tmp_path)])  # no model yet
+    assert "fit" in err.args[0].lower()
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not a png")
+    c.add_ok_paths([str(bad)])
+    messages = []
+    c.error.connect(messages.append)
+    with qtbot.waitSignal(c.model_changed):
+        c.start_fit()
+    assert any("broken.png" in m for m in messages)
+
+
+def test_recipe_save_and_open_restore_model_and_thresholds(qtbot, controller, tmp_path):
+    c = controller
+    c.start_fit()
+    c.set_thresholds(c.image_threshold * 1.5, c.pixel_threshold * 1.25)
+    saved = (c.image_threshold, c.pixel_threshold)
+    path = tmp_path / "synthetic.okrecipe"
+    assert c.save_recipe(path)
+    assert path.is_file() and path.with_suffix(".okng").is_file()
+    c2 = StationController(SyncRunner())
+    names = []
+    c2.recipe_changed.connect(names.append)
+    with qtbot.waitSignal(c2.model_changed):
+        c2.open_recipe(path)
+    assert names[-1] == "synthetic" and c2.ok_paths == c.ok_paths
+    assert (c2.image_threshold, c2.pixel_threshold) == pytest.approx(saved)
+    with qtbot.waitSignal(c2.error):
+        c2.open_recipe(tmp_path / "missing.okrecipe")
+
+
+def test_main_window_smoke(qtbot, controller, tmp_path):
+    from gui.main_window import MainWindow
+
+    settings = QSettings(str(tmp_path / "settings.ini"), QSettings.Format.IniFormat)
+    w = MainWindow(controller, settings)
+    qtbot.addWidget(w)
+    w.show()
+    assert w.windowTitle() == "OK/NG Station — synthetic"
+    assert w.ok_panel.list.count() == 8
+    controller.error.emit("something failed")
+    assert w.error_banner.isVisible() and "something failed" in w.error_label.text()
+    w.close()
+    assert settings.value("window/geometry") is not None
+
+
+def test_live_video_shows_latest_result(qtbot, controller, tmp_path):
+    import cv2
+
+    c = controller
+    c.start_fit()
+    video = tmp_path / "line.avi"
+    w = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 64))
+    for i in range(4):
+        w.write(np.full((64, 64, 3), 100 + 10 * i, np.uint8))
+    w.release()
+    shown = []
+    c.display_changed.connect(shown.append)
+    live = []
+    c.live_changed.connect(live.append)
+    c.start_live("video", str(video))  # SyncRunner: runs to the end of the file inline
+    assert len(c.results) == 4 and live == [True, False]
+    qtbot.waitUntil(lambda: len(shown) >= 1)
+    assert len(shown) == 1  # four results during one event-loop turn -> one render, the newest
+    assert shown[0].name == list(c.results.values())[-1].name
