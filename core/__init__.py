@@ -23,7 +23,7 @@ from .errors import (  # noqa: E402
     OkngError,
 )
 from .imageio import iter_image_paths, load_image  # noqa: E402
-from .jobs import CancelToken, FitResult, Progress, ScoredImage, Skipped, fit_job, inspect_job, run_job  # noqa: E402
+from .jobs import CancelToken, FitResult, Progress, ScoredImage, Skipped, fit_job, inspect_job, inspect_paths, run_job  # noqa: E402
 from .models import MODELS  # noqa: E402
 from .persistence import load_detector, save_detector  # noqa: E402
 from .regions import Region, find_regions, region_at  # noqa: E402
@@ -33,6 +33,6 @@ __all__ = [
     "BackboneSpec", "BackboneUnavailableError", "CancelToken", "Cancelled", "DEFAULT_BACKBONE",
     "Detector", "DetectorConfig", "FeatureExtractor", "FitResult", "ImageLoadError", "Inspection",
     "MODELS", "ModelFileError", "NotFittedError", "OkngError", "PostProcess", "Progress", "Region",
-    "ScoredImage", "Skipped", "Thresholds", "calibrate", "find_regions", "fit_job", "inspect_job",
+    "ScoredImage", "Skipped", "Thresholds", "calibrate", "find_regions", "fit_job", "inspect_job", "inspect_paths",
     "iter_image_paths", "load_detector", "load_image", "region_at", "run_job", "save_detector", "verdict",
 ]

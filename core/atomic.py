@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -23,27 +24,34 @@ class SaveError(OkngError):
 
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path next to ``target``; on success it replaces ``target``."""
+    """Yield a temporary path (in a hidden folder next to ``target``); on success it replaces ``target``."""
     target = Path(target)
     folder = target.parent if str(target.parent) else Path(".")
     if not folder.is_dir():
         raise SaveError(f"cannot save {target}: folder {folder} does not exist")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    # A private hidden folder per save: the temporary file, and any temporary file the
+    # writer itself makes next to it (safetensors writes its own ``.tmpXXXXXX`` and renames
+    # it), stay inside it, so a writer killed mid-save leaves only ``.NAME.XXXX.tmp/``.
+    try:
+        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder))
+    except OSError as exc:  # read-only folder, no permission, disk full
+        reason = "the disk is full" if exc.errno == 28 else (exc.strerror or str(exc))
+        raise SaveError(f"cannot save {target}: {reason}; the previous file is unchanged") from exc
+    tmp = tmp_dir / target.name
     try:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, target)
         _fsync_dir(folder)
+        shutil.rmtree(tmp_dir, ignore_errors=True)
         _remove_stale_temps(folder, target.name)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
+        shutil.rmtree(tmp_dir, ignore_errors=True)
         reason = "the disk is full" if exc.errno == 28 else (exc.strerror or str(exc))
         raise SaveError(f"cannot save {target}: {reason}; the previous file is unchanged") from exc
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
 
 
@@ -62,8 +70,8 @@ def _remove_stale_temps(folder: Path, name: str) -> None:
     try:
         for p in folder.glob(f".{glob.escape(name)}.*.tmp"):
             try:
-                if p.is_file() and p.stat().st_mtime < limit:
-                    p.unlink()
+                if p.stat().st_mtime < limit:
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
             except OSError:
                 pass
     except OSError:

@@ -29,8 +29,9 @@ def _progress_bar(total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="img", file=sys.stderr, disable=None, leave=False)
 
 
-def _drive(gen, desc: str):
-    """Run a job with a progress bar; report skipped files as they happen."""
+def _drive(gen, desc: str, on_item=None):
+    """Run a job with a progress bar; report skipped files as they happen and hand each
+    streamed item to ``on_item(index, item)``."""
     from .jobs import Skipped
 
     bar = None
@@ -48,6 +49,8 @@ def _drive(gen, desc: str):
             bar.refresh()
         if isinstance(p.item, Skipped):
             print(f"skipped {p.item.path}: {p.item.reason}", file=sys.stderr)
+        if on_item is not None and p.item is not None:
+            on_item(p.done - 1, p.item)
 
 
 def _paths(inputs: list[str]) -> list[str]:
@@ -110,31 +113,38 @@ def _load(args):
     return load_detector(args.model)
 
 
-def cmd_score(args: argparse.Namespace) -> int:
+def _heatmap_png(m, scale: float):
     import cv2
     import numpy as np
+
+    img = np.clip(m / max(scale, 1e-9) * 255.0, 0, 255).astype(np.uint8)
+    return cv2.applyColorMap(img, cv2.COLORMAP_JET)
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    import cv2
 
     from .jobs import CancelToken, ScoredImage, inspect_job
 
     det = _load(args)
     paths = _paths(args.paths)
-    results = _drive(inspect_job(paths, det, CancelToken()), "score")
     heat_dir = Path(args.heatmaps) if args.heatmaps else None
     if heat_dir:
         heat_dir.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i, r in enumerate(results):
+    rows = []  # small: a CSV row per image; maps are written and dropped as they stream
+
+    def on_item(i: int, r) -> None:
         if isinstance(r, ScoredImage):
             rows.append({"path": r.path, "score": f"{r.inspection.score:.6g}", "verdict": r.inspection.verdict,
                          "peak": f"{r.inspection.peak:.6g}", "error": ""})
             if heat_dir:
                 m = r.inspection.anomaly_map
-                scale = max(float(det.thresholds.pixel) * 2 if det.thresholds else float(m.max()), 1e-9)
-                img = np.clip(m / scale * 255.0, 0, 255).astype(np.uint8)
-                name = f"{i:05d}_{Path(r.path).stem}.png"
-                cv2.imwrite(str(heat_dir / name), cv2.applyColorMap(img, cv2.COLORMAP_JET))
+                scale = 2.0 * det.thresholds.pixel if det.thresholds else float(m.max())
+                cv2.imwrite(str(heat_dir / f"{i:05d}_{Path(r.path).stem}.png"), _heatmap_png(m, scale))
         else:
             rows.append({"path": r.path, "score": "", "verdict": "ERROR", "peak": "", "error": r.reason})
+
+    _drive(inspect_job(paths, det, CancelToken()), "score", on_item=on_item)
     fields = ["path", "score", "verdict", "peak", "error"]
     if args.csv:
         from .atomic import write_atomic

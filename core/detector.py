@@ -139,7 +139,10 @@ class Detector:
             extractor = FeatureExtractor(config.backbone_spec())
         idx = choose_channels(sum(extractor.stage_channels), config.n_channels, config.seed)
         probe = Embedder(extractor, idx)
-        model = model_class(config.model)(probe.grid_size, probe.n_channels, **config.model_params)
+        cls_, params = model_class(config.model), dict(config.model_params)
+        if getattr(cls_, "needs_channel_stage", False) and "channel_stage" not in params:
+            params["channel_stage"] = probe.channel_stage.tolist()  # stage of each channel (fusion)
+        model = cls_(probe.grid_size, probe.n_channels, **params)
         return cls(config, extractor, idx, model)
 
     def copy(self) -> Detector:

@@ -38,25 +38,19 @@ class Evaluation:
 def evaluate_job(det: Detector, ok_paths: list[str], ng_paths: list[str], token: CancelToken):
     """Generator job: score both sets and compute image-level metrics."""
     labelled = [(p, 0) for p in ok_paths] + [(p, 1) for p in ng_paths]
-    gen = inspect_job([p for p, _ in labelled], det, token)
-    results: list[ScoredImage | Skipped]
-    while True:
-        try:
-            yield next(gen)
-        except StopIteration as stop:
-            results = stop.value
-            break
     scores, labels, skipped = [], [], []
-    for (_, y), r in zip(labelled, results):
+    for progress in inspect_job([p for p, _ in labelled], det, token):
+        r = progress.item
         if isinstance(r, Skipped):
             skipped.append(r)
-        else:
+        elif isinstance(r, ScoredImage):
             scores.append(r.inspection.score)
-            labels.append(y)
+            labels.append(labelled[progress.done - 1][1])
+        yield progress
     s, y = np.array(scores), np.array(labels)
     th = det.thresholds.image if det.thresholds else None
     best_t, best_f1 = metrics.best_f1_threshold(y, s) if len(s) else (float("nan"), float("nan"))
-    yield Progress(len(results), len(results), "metrics")
+    yield Progress(len(labelled), len(labelled), "metrics")
     return Evaluation(
         n_ok=int((y == 0).sum()), n_ng=int((y == 1).sum()),
         image_auroc=metrics.auroc(y, s), fpr_at_95_tpr=metrics.fpr_at_tpr(y, s, 0.95),

@@ -190,11 +190,29 @@ class FeedbackLearner:
             return True
         return all(self._score(e.to(torch.float32)) > det.thresholds.image for e in self.defect_embeddings)
 
+    def _keep_ok_scale(self, w: torch.Tensor) -> torch.Tensor:
+        """Rescale weights so held-out OK parts keep their median score.
+
+        Distances are homogeneous in a global weight scale, so this is exact: lowering a
+        few channels cannot pass as an improvement by shrinking every score (which would only
+        move the operating point); what remains is a change in how parts are ranked.
+        """
+        det = self.detector
+        if det.calibration_embeddings is None or det.thresholds is None or det.thresholds.calibration_scores.size == 0:
+            return w
+        before = float(np.median(det.thresholds.calibration_scores))
+        det.model.set_channel_weights(w)
+        after = float(np.median(det.calibration_scores()[0]))
+        return w * (before / after) if after > 0 else w
+
     def _reweight(self) -> WeightChange | None:
         model = self.detector.model
         previous = model.channel_weights
+        self.detector.refresh_calibration()  # OK scores under the updated memory, old weights
         for strength in STRENGTHS:
             w = self._candidate_weights(strength)
+            if w is not None:
+                w = self._keep_ok_scale(w)
             model.set_channel_weights(w)
             if w is None or self._defects_still_caught():
                 return None if w is None else self._describe(w, strength)

@@ -203,17 +203,27 @@ def fit_job(
     return result
 
 
+@dataclass(frozen=True)
+class InspectSummary:
+    scored: int
+    skipped: int
+
+
 def inspect_job(
     paths: Iterable[str | Path],
     detector: Detector,
     token: CancelToken,
     keep_images: bool = False,
     batch_size: int | None = None,
-) -> Generator[Progress, None, list[ScoredImage | Skipped]]:
-    """Score images in input order; each Progress carries the ScoredImage or Skipped."""
+) -> Generator[Progress, None, InspectSummary]:
+    """Score images in input order; each Progress carries one ScoredImage or Skipped.
+
+    Results are streamed, never accumulated: a run over 10,000 images holds one batch of
+    anomaly maps at a time, and the consumer keeps what it needs (a CSV row, a table row).
+    """
     paths = [str(p) for p in paths]
     bs = batch_size or detector.config.batch_size
-    out: list[ScoredImage | Skipped] = []
+    done = scored = 0
     for batch in iter_batches(paths, detector.image_size, bs, keep_images=keep_images):
         token.raise_if_cancelled()
         t = time.perf_counter()
@@ -224,7 +234,17 @@ def inspect_job(
                 item: ScoredImage | Skipped = row
             else:
                 item = ScoredImage(p, results[row], batch.images[row] if keep_images else None, per)
-            out.append(item)
-            yield Progress(len(out), len(paths), Path(p).name, item)
+                scored += 1
+            done += 1
+            yield Progress(done, len(paths), Path(p).name, item)
     release_free_memory()
-    return out
+    return InspectSummary(scored, done - scored)
+
+
+def inspect_paths(paths: Iterable[str | Path], detector: Detector,
+                  token: CancelToken | None = None) -> list[ScoredImage | Skipped]:
+    """Inspect a (small) list of images and return every result, in input order.
+
+    For scripts and tests; long runs should consume :func:`inspect_job`'s stream instead.
+    """
+    return [p.item for p in inspect_job(paths, detector, token or CancelToken()) if p.item is not None]

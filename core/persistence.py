@@ -218,6 +218,11 @@ def load_detector(path: str | os.PathLike[str], extractor: FeatureExtractor | No
     cal_peaks = tensors.pop("thresholds.calibration_peaks", torch.zeros(0, dtype=torch.float64))
     for name, t in (("calibration_scores", cal_scores), ("calibration_peaks", cal_peaks)):
         _require(t.dim() == 1 and t.is_floating_point(), path, f"threshold {name} invalid")
+    cal_emb = tensors.pop("calibration.embeddings", None)
+    _require(cal_emb is None or (cal_emb.dtype == torch.float16 and cal_emb.dim() == 4
+                                 and tuple(cal_emb.shape[1:]) == (n_channels, *grid)
+                                 and cal_emb.shape[0] == cal_scores.numel()),
+             path, "calibration embeddings have the wrong shape")
     model_t = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     _check_model_shapes(cls, grid, n_channels, meta["model"]["params"], model_t, path, meta_device=True)
     try:
@@ -239,6 +244,7 @@ def load_detector(path: str | os.PathLike[str], extractor: FeatureExtractor | No
     if th is not None:
         det.thresholds = Thresholds(float(th["image"]), float(th["pixel"]), cal_scores.numpy(), cal_peaks.numpy(),
                                     float(th["target_false_alarm_rate"]))
+    det.calibration_embeddings = cal_emb
     if model.n_samples > 0:
         det.finalize()
     return det

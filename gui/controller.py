@@ -22,6 +22,8 @@ from core.jobs import FitResult, Progress, ScoredImage, Skipped
 from core.recipes import Recipe, load_recipe, model_path_for, save_recipe
 from core.sources import FolderWatchSource, VideoSource, live_job
 
+from .feedback import FeedbackController, model_id_for
+
 log = logging.getLogger(__name__)
 MAX_RESULTS = 500
 KEEP_IMAGES = 50  # decoded images kept for redisplay; older file results are re-read from disk
@@ -75,7 +77,7 @@ class StationController(QObject):
     status = Signal(str)
     error = Signal(str)
 
-    def __init__(self, runner, parent: QObject | None = None) -> None:
+    def __init__(self, runner, parent: QObject | None = None, labels_dir: str | Path | None = None) -> None:
         super().__init__(parent)
         self.runner = runner
         self.recipe = Recipe("untitled", config=DetectorConfig().to_dict())
@@ -92,6 +94,7 @@ class StationController(QObject):
         self._next_id = 1
         self._skipped: list[Skipped] = []
         self._render_pending = False
+        self.feedback = FeedbackController(self, labels_dir)  # click-to-label (gui/feedback.py)
         runner.progress.connect(self._on_runner_progress)
         runner.yielded.connect(self._on_runner_yielded)
         runner.returned.connect(self._on_runner_returned)
@@ -114,6 +117,8 @@ class StationController(QObject):
         self.recipe_path = None
         self.demo_stream, self.demo_truth = [], {}
         self._set_detector(None)
+        self.feedback.model_replaced(None, "")
+        self.feedback.recipe_replaced()
         self.clear_results()
         self.recipe_changed.emit(name)
         self.ok_paths_changed.emit(self.ok_paths)
@@ -237,6 +242,7 @@ class StationController(QObject):
             self.extractor = value.detector.extractor
             self._skipped += value.skipped
             self._set_detector(value.detector)
+            self.feedback.model_replaced(value.detector, model_id_for(None, len(value.fitted)))
             msg = f"Model fitted on {len(value.fitted)} images, calibrated on {len(value.calibration)} in {value.seconds:.1f} s"
             if value.detector.thresholds is None:
                 msg += " — too few images to calibrate: set the thresholds by hand"
@@ -244,9 +250,12 @@ class StationController(QObject):
         elif tag == "load":
             self.extractor = value.extractor
             self._set_detector(value, self.recipe.image_threshold, self.recipe.pixel_threshold)
+            self.feedback.model_replaced(value, model_id_for(self.recipe.model_path, value.model.n_samples))
             self.status.emit(f"Recipe {self.recipe.name} ready")
         elif tag == "save":
             self._write_recipe_file()
+        elif tag == "feedback":
+            self.feedback.on_returned(value)
         elif tag in ("inspect", "live"):
             self.status.emit(f"Done: {len(self.results)} results")
         self._end_job(tag)
@@ -254,6 +263,9 @@ class StationController(QObject):
     @Slot(object)
     def _on_runner_failed(self, exc: object) -> None:
         tag = self._tag()
+        if tag == "feedback":
+            self.feedback.on_failed(exc)
+            return
         what = {"fit": "Fit failed", "inspect": "Inspection failed", "live": "Live inspection stopped",
                 "load": "Could not load the model", "save": "Could not save the model"}.get(tag, "Error")
         self.error.emit(f"{what}: {exc}")
@@ -262,6 +274,9 @@ class StationController(QObject):
     @Slot()
     def _on_runner_cancelled(self) -> None:
         tag = self._tag()
+        if tag == "feedback":
+            self.feedback.on_failed("cancelled")
+            return
         self.status.emit("Live inspection stopped" if tag == "live" else f"{tag or 'job'} cancelled")
         self._end_job(tag)
 
@@ -399,6 +414,7 @@ class StationController(QObject):
             return
         self.new_recipe(recipe.name)
         self.recipe, self.recipe_path = recipe, path
+        self.feedback.recipe_replaced()  # now the labels beside this recipe
         self.recipe_changed.emit(recipe.name)
         self.ok_paths_changed.emit(self.ok_paths)
         if recipe.model_path and Path(recipe.model_path).is_file():
@@ -416,6 +432,7 @@ class StationController(QObject):
         if self.live:
             self.error.emit("Stop live inspection before saving the recipe.")
             return True
+        self.feedback.recipe_saved_to(path)
         self.recipe_path = path
         self.recipe.image_threshold, self.recipe.pixel_threshold = self.image_threshold, self.pixel_threshold
         if self.detector is not None:

@@ -8,6 +8,7 @@ from PySide6.QtGui import QAction, QKeySequence
 from PySide6.QtWidgets import (QDockWidget, QFileDialog, QHBoxLayout, QLabel, QMainWindow, QPushButton,
                                QVBoxLayout, QWidget)
 
+from .labeling import install_labeling
 from .panels.histogram_panel import HistogramPanel
 from .panels.ok_set_panel import OkSetPanel
 from .panels.results_panel import ResultsPanel
@@ -53,10 +54,11 @@ class MainWindow(QMainWindow):
         right = [self._dock("Thresholds", self.threshold_panel, Qt.DockWidgetArea.RightDockWidgetArea),
                  self._dock("Score histogram", self.histogram, Qt.DockWidgetArea.RightDockWidgetArea),
                  self._dock("Results", self.results_panel, Qt.DockWidgetArea.RightDockWidgetArea)]
-        self.resizeDocks(right, [160, 220, 520], Qt.Orientation.Vertical)
-        self.resizeDocks(right[:1], [560], Qt.Orientation.Horizontal)
         self._build_actions()
         self._wire()
+        self.labels_panel, labels_dock = install_labeling(self)  # dock, Label menu, click popup
+        self.resizeDocks([*right, labels_dock], [150, 260, 200, 330], Qt.Orientation.Vertical)
+        self.resizeDocks(right[:1], [560], Qt.Orientation.Horizontal)
         self.on_recipe_changed(c.recipe.name)
         self.ok_panel.set_paths(c.ok_paths)
         self.resize(1500, 950)
@@ -170,7 +172,8 @@ class MainWindow(QMainWindow):
         c = self.controller
         if not c.results:
             self.results_panel.clear()
-        self.results_panel.set_verdicts({r.id: r.verdict for r in c.results.values()})
+        self.results_panel.set_verdicts({r.id: r.verdict for r in c.results.values()},
+                                        {r.id: r.score for r in c.results.values()})
         self.histogram.set_scores(inspected=c.inspected_scores())
 
     @Slot(object)

@@ -2,9 +2,16 @@
 from __future__ import annotations
 
 from .base import NormalityModel
+from .fusion import StageFusionModel
+from .lowrank import LowRankPadimModel
+from .mixture import KMeansPadimModel
 from .padim import PadimModel
+from .patchcore import PatchcoreModel
 
-MODELS: dict[str, type[NormalityModel]] = {cls.kind: cls for cls in (PadimModel,)}
+MODELS: dict[str, type[NormalityModel]] = {
+    cls.kind: cls
+    for cls in (PadimModel, PatchcoreModel, KMeansPadimModel, LowRankPadimModel, StageFusionModel)
+}
 
 
 def model_class(kind: str) -> type[NormalityModel]:
@@ -14,4 +21,7 @@ def model_class(kind: str) -> type[NormalityModel]:
         raise ValueError(f"unknown model {kind!r}; available: {', '.join(MODELS)}") from None
 
 
-__all__ = ["MODELS", "NormalityModel", "PadimModel", "model_class"]
+__all__ = [
+    "MODELS", "KMeansPadimModel", "LowRankPadimModel", "NormalityModel", "PadimModel", "PatchcoreModel",
+    "StageFusionModel", "model_class",
+]

@@ -22,6 +22,8 @@ Reference: Roth et al., "Towards Total Recall in Industrial Anomaly Detection", 
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -74,30 +76,62 @@ def nearest(queries: torch.Tensor, bank: torch.Tensor, chunk: int = _CHUNK) -> t
     return dist, arg
 
 
-def kcenter_greedy(x: torch.Tensor, n_pick: int, seed: int = 0, chunk: int = 65536) -> torch.Tensor:
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """Per-pick work is small vector ops: thread hand-offs cost more than they save (measured
+    8 ms vs 0.03 ms for a 157k-element minimum on 2 busy cores)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def kcenter_greedy(x: torch.Tensor, n_pick: int, seed: int = 0) -> torch.Tensor:
     """Indices of ``n_pick`` rows of ``x`` (N, d) chosen by k-center greedy: start at a
-    seeded random row, then repeatedly take the row farthest from all rows taken so far."""
+    seeded random row, then repeatedly take the row farthest from all rows taken so far.
+
+    Each row remembers its nearest centre; a new centre c can only come closer to row i if
+    ``|c - centre(i)| < 2 * r_i`` (triangle inequality), so only those rows are re-measured.
+    Same picks as the plain algorithm (up to float ties), several times faster once the
+    radii shrink.
+    """
     n = x.shape[0]
     if n_pick >= n:
         return torch.arange(n)
     g = torch.Generator().manual_seed(seed)
-    x = x.contiguous()
-    x_sq = (x * x).sum(1)
-    min_d = torch.full((n,), float("inf"), dtype=torch.float32)
-    picked = torch.empty(n_pick, dtype=torch.int64)
-    cur = int(torch.randint(n, (1,), generator=g))
-    buf = torch.empty(min(chunk, n), dtype=torch.float32)
-    for i in range(n_pick):
-        picked[i] = cur
-        c = x[cur]
-        c_sq = float(x_sq[cur])
-        for s in range(0, n, chunk):
-            e = min(s + chunk, n)
-            d = torch.mv(x[s:e], c, out=buf[: e - s])
-            d.mul_(-2.0).add_(x_sq[s:e]).add_(c_sq)  # squared distance to the new centre
-            torch.minimum(min_d[s:e], d, out=min_d[s:e])
-        min_d[cur] = -1.0  # never pick twice (distance is 0 anyway; guards ties)
-        cur = int(torch.argmax(min_d))
+    with _one_thread():
+        x = x.to(torch.float32).contiguous()
+        x_sq = (x * x).sum(1)
+        assign = torch.zeros(n, dtype=torch.int64)
+        centres = torch.empty(n_pick, x.shape[1])
+        centres_sq = torch.empty(n_pick)
+        picked = torch.empty(n_pick, dtype=torch.int64)
+        cur = int(torch.randint(n, (1,), generator=g))
+        min_d = torch.addmv(x_sq, x, x[cur], alpha=-2.0).add_(x_sq[cur]).clamp_min_(0.0)  # squared
+        for i in range(n_pick):
+            c, c_sq = x[cur], x_sq[cur]
+            picked[i] = cur
+            centres[i], centres_sq[i] = c, c_sq
+            if i > 0:
+                cc = torch.addmv(centres_sq[:i], centres[:i], c, alpha=-2.0).add_(c_sq).clamp_min_(0.0)
+                cand = torch.nonzero(cc[assign] < 4.0 * min_d * (1.0 + 1e-4) + 1e-6).squeeze(1)
+                if cand.numel() > n // 4:  # gathering rows costs more than measuring them all
+                    d = torch.addmv(x_sq, x, c, alpha=-2.0).add_(c_sq).clamp_min_(0.0)
+                    better = d < min_d
+                    min_d = torch.where(better, d, min_d)
+                    assign.masked_fill_(better, i)
+                else:
+                    d = torch.addmv(x_sq.index_select(0, cand), x.index_select(0, cand), c, alpha=-2.0)
+                    d.add_(c_sq).clamp_min_(0.0)
+                    better = d < min_d.index_select(0, cand)
+                    idx = cand[better]
+                    min_d[idx] = d[better]
+                    assign[idx] = i
+            min_d[cur] = 0.0
+            assign[cur] = i
+            cur = int(torch.argmax(min_d))
     return picked
 
 

@@ -58,12 +58,14 @@ class ResultsPanel(QWidget):
         item.setText(verdict)
         item.setBackground(QBrush(VERDICT_COLOURS.get(verdict, QColor(255, 255, 255))))
 
-    def set_verdicts(self, verdicts: dict[int, str]) -> None:
-        """Re-paint verdicts by result id (after a threshold change)."""
+    def set_verdicts(self, verdicts: dict[int, str], scores: dict[int, float] | None = None) -> None:
+        """Re-paint verdicts (and scores, after a label re-inspected an image) by result id."""
         for row in range(self.table.rowCount()):
             rid = self.table.item(row, 0).data(Qt.ItemDataRole.UserRole)
             if rid in verdicts:
                 self._paint_verdict(row, verdicts[rid])
+            if scores and rid in scores:
+                self.table.item(row, 2).setText(f"{scores[rid]:.3f}")
 
     def clear(self) -> None:
         self.table.setRowCount(0)

@@ -51,6 +51,7 @@ class InspectionView(QWidget):
         self.viewbox.addItem(self.base)
         self.viewbox.addItem(self.heat)
         self._outlines: list[QGraphicsPathItem] = []
+        self._selected: QGraphicsPathItem | None = None
         self.graphics.scene().sigMouseClicked.connect(self._on_scene_clicked)
 
         self.opacity_slider = QSlider(Qt.Orientation.Horizontal)
@@ -119,32 +120,51 @@ class InspectionView(QWidget):
             self.opacity_slider.setValue(round(alpha * 100))
             self.opacity_slider.blockSignals(False)
 
+    def _outline_item(self, contour: np.ndarray, pen: QPen, z: float) -> QGraphicsPathItem | None:
+        if len(contour) < 2 or self._map_shape is None or self._image_shape is None:
+            return None
+        sx = self._image_shape[1] / self._map_shape[1]
+        sy = self._image_shape[0] / self._map_shape[0]
+        path = QPainterPath()
+        pts = (np.asarray(contour, np.float64) + 0.5) * (sx, sy)  # pixel centres
+        path.moveTo(QPointF(*pts[0]))
+        for x, y in pts[1:]:
+            path.lineTo(QPointF(x, y))
+        path.closeSubpath()
+        item = QGraphicsPathItem(path)
+        item.setPen(pen)
+        item.setZValue(z)
+        self.viewbox.addItem(item)
+        return item
+
     def set_regions(self, contours: list[np.ndarray]) -> None:
         """Region outlines: (N, 2) x, y points in map coordinates, drawn scaled to the image."""
         for item in self._outlines:
             self.viewbox.removeItem(item)
         self._outlines = []
-        if not contours or self._map_shape is None or self._image_shape is None:
-            return
-        sx = self._image_shape[1] / self._map_shape[1]
-        sy = self._image_shape[0] / self._map_shape[0]
         pen = QPen(QColor(0, 255, 255))
         pen.setWidth(2)
         pen.setCosmetic(True)
-        for c in contours:
-            if len(c) < 2:
-                continue
-            path = QPainterPath()
-            pts = (np.asarray(c, np.float64) + 0.5) * (sx, sy)  # pixel centres
-            path.moveTo(QPointF(*pts[0]))
-            for x, y in pts[1:]:
-                path.lineTo(QPointF(x, y))
-            path.closeSubpath()
-            item = QGraphicsPathItem(path)
-            item.setPen(pen)
-            item.setZValue(20)
-            self.viewbox.addItem(item)
-            self._outlines.append(item)
+        for c in contours or []:
+            item = self._outline_item(c, pen, 20)
+            if item is not None:
+                self._outlines.append(item)
+
+    def set_selected_region(self, contour: np.ndarray | None) -> None:
+        """Highlight the region picked for labelling (None clears it)."""
+        if self._selected is not None:
+            self.viewbox.removeItem(self._selected)
+            self._selected = None
+        if contour is not None:
+            pen = QPen(QColor(255, 220, 0))
+            pen.setWidth(4)
+            pen.setCosmetic(True)
+            pen.setStyle(Qt.PenStyle.DashLine)
+            self._selected = self._outline_item(contour, pen, 30)
+
+    @property
+    def has_selected_region(self) -> bool:
+        return self._selected is not None
 
     @property
     def outline_count(self) -> int:
@@ -170,6 +190,7 @@ class InspectionView(QWidget):
         self.base.clear()
         self.set_anomaly_map(None)
         self.set_regions([])
+        self.set_selected_region(None)
         self._image_shape = None
         self.name_label.setText("")
         self.set_verdict("", None, None)

@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from core import CancelToken, Cancelled, NotFittedError, Skipped, fit_job, inspect_job, run_job
+from core import CancelToken, Cancelled, NotFittedError, Skipped, fit_job, run_job
+from core.jobs import inspect_paths
 from core.detector import Detector
 from core.jobs import split_calibration
 
@@ -41,7 +42,7 @@ def test_streamed_fit_equals_fitting_in_one_batch(tiny_config, part_images):
 def test_defective_parts_score_above_the_threshold(tiny_config, part_images):
     ok, ng = part_images
     det = run_job(fit_job(ok, tiny_config, CancelToken())).detector
-    results = run_job(inspect_job(ng + ok[:2], det, CancelToken()))
+    results = inspect_paths(ng + ok[:2], det)
     ng_scores = [r.inspection.score for r in results[:3]]
     assert min(ng_scores) > det.thresholds.image
     assert all(r.inspection.verdict == "NG" for r in results[:3])
@@ -67,7 +68,7 @@ def test_unreadable_files_are_skipped_and_reported_in_input_order(tiny_config, p
     result = run_job(fit_job([*ok[:3], str(bad), *ok[3:]], tiny_config, CancelToken()))
     assert [s.path for s in result.skipped] == [str(bad)]
     det = result.detector
-    out = run_job(inspect_job([ok[0], str(bad), ok[1]], det, CancelToken()))
+    out = inspect_paths([ok[0], str(bad), ok[1]], det)
     assert [type(r).__name__ for r in out] == ["ScoredImage", "Skipped", "ScoredImage"]
     assert isinstance(out[1], Skipped) and "not a readable image" in out[1].reason
 
@@ -77,7 +78,7 @@ def test_one_or_two_ok_images_give_a_usable_model_without_nan(tiny_config, part_
     ok, ng = part_images
     det = run_job(fit_job(ok[:n], tiny_config, CancelToken())).detector
     assert det.thresholds is None  # too few to hold any out
-    r = run_job(inspect_job(ng[:1], det, CancelToken()))[0]
+    r = inspect_paths(ng[:1], det)[0]
     assert np.isfinite(r.inspection.score) and r.inspection.verdict == "?"
 
 

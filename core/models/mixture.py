@@ -1,0 +1,191 @@
+"""Per-patch mixture: K Gaussians per patch position (k-means clusters), nearest component.
+
+One Gaussian per patch is too wide when OK parts look several ways at the same place (a pin
+that is sometimes lit, sometimes in shadow): the covariance has to cover all of them and a
+defect in between goes unnoticed. Here each patch position gets ``components`` clusters
+(k-means, batched over all patch positions: seeded k-means++ initialisation, then Lloyd
+iterations), each with its own covariance + epsilon*I, and the score of a patch is the
+Mahalanobis distance to the nearest component.
+
+Fitting needs all OK embeddings at once, so :meth:`partial_fit` before the first
+:meth:`finalize` only stores them (float32, N x C x h x w) and ``finalize`` clusters.
+Afterwards (feedback, "this is OK") each new patch is merged into the Gaussian statistics of
+its nearest component (Mahalanobis), exactly like PaDiM merges into its one Gaussian; the
+clusters are not re-run, so this is not a refit (``exact_incremental = False``).
+Components left without samples (fewer distinct OK samples than K) are ignored.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .base import NormalityModel, patches_first
+from .gaussian import GaussianStats, precision_from_covariance
+from .padim import mahalanobis
+
+
+def _sq_dist(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """x (P, N, C), c (P, K, C) -> (P, N, K) squared Euclidean distances."""
+    d = (x * x).sum(-1, keepdim=True) - 2.0 * torch.bmm(x, c.transpose(1, 2)) + (c * c).sum(-1)[:, None, :]
+    return d.clamp_min_(0.0)
+
+
+def batched_kmeans(x: torch.Tensor, w: torch.Tensor, k: int, iterations: int = 30,
+                   seed: int = 0) -> torch.Tensor:
+    """k-means for every patch at once. x (P, N, C) float, w (P, N) 0/1 sample weights.
+    Returns assignments (P, N) int64 in [0, k) (meaningless where w == 0)."""
+    p, n, _ = x.shape
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.arange(p)
+    # k-means++: first centre uniform among the valid samples, then proportional to D^2
+    first = torch.multinomial(w + 1e-12, 1, generator=g).squeeze(1)
+    centres = [x[rows, first]]
+    d2 = _sq_dist(x, centres[0][:, None, :])[..., 0]
+    for _ in range(1, k):
+        prob = d2 * w
+        prob = torch.where(prob.sum(1, keepdim=True) > 0, prob, w) + 1e-12  # all duplicates
+        nxt = torch.multinomial(prob, 1, generator=g).squeeze(1)
+        centres.append(x[rows, nxt])
+        d2 = torch.minimum(d2, _sq_dist(x, centres[-1][:, None, :])[..., 0])
+    c = torch.stack(centres, 1)  # (P, K, C)
+    assign = _sq_dist(x, c).argmin(2)
+    for _ in range(iterations):
+        onehot = torch.nn.functional.one_hot(assign, k).to(x.dtype) * w[..., None]  # (P, N, K)
+        counts = onehot.sum(1)  # (P, K)
+        sums = torch.bmm(onehot.transpose(1, 2), x)  # (P, K, C)
+        c = torch.where(counts[..., None] > 0, sums / counts.clamp_min(1.0)[..., None], c)
+        new = _sq_dist(x, c).argmin(2)
+        if torch.equal(new, assign):
+            break
+        assign = new
+    return assign
+
+
+class KMeansPadimModel(NormalityModel):
+    kind = "padim-kmeans"
+    summary = "K Gaussians per patch (k-means clusters), Mahalanobis to the nearest (multi-modal OK)"
+    exact_incremental = False
+
+    def __init__(self, grid: tuple[int, int], n_channels: int, components: int = 3, epsilon: float = 0.01,
+                 iterations: int = 30, seed: int = 0) -> None:
+        super().__init__(grid, n_channels)
+        if int(components) < 1 or int(iterations) < 0:
+            raise ValueError("components must be >= 1 and iterations >= 0")
+        if not epsilon > 0:
+            raise ValueError(f"epsilon must be > 0, got {epsilon}")
+        self.components = int(components)
+        self.epsilon = float(epsilon)
+        self.iterations = int(iterations)
+        self.seed = int(seed)
+        #: per (patch, component) statistics, rows p*K + k; None until the first finalize
+        self.stats: GaussianStats | None = None
+        self._pending: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+        self._mean: torch.Tensor | None = None  # (P, K, C) float32
+        self._precision: torch.Tensor | None = None  # (P*K, C, C) float32
+        self._valid: torch.Tensor | None = None  # (P, K) bool
+
+    def params(self) -> dict[str, Any]:
+        return {"components": self.components, "epsilon": self.epsilon,
+                "iterations": self.iterations, "seed": self.seed}
+
+    @property
+    def n_samples(self) -> int:
+        if self.stats is not None:
+            return int(self.stats.count.view(self.n_patches, self.components).sum(1).max())
+        return sum(int(e.shape[0]) for e, _ in self._pending)
+
+    def partial_fit(self, emb: torch.Tensor, patch_mask: torch.Tensor | None = None) -> None:
+        if self.stats is None:
+            self._pending.append((emb.to(torch.float32).clone(),
+                                  None if patch_mask is None else patch_mask.to(torch.bool).clone()))
+            self._precision = None
+            return
+        # after fitting: merge every patch into its nearest component's Gaussian
+        if self._precision is None:
+            self._derive()
+        p, k = self.n_patches, self.components
+        x = patches_first(emb.to(torch.float32))  # (P, B, C)
+        nearest = self._component_distances(x).argmin(2)  # (P, B)
+        weight = torch.nn.functional.one_hot(nearest, k).permute(0, 2, 1).to(torch.float64)  # (P, K, B)
+        if patch_mask is not None:
+            weight = weight * patches_first(patch_mask[:, None].to(torch.float64))[..., 0][:, None, :]
+        xk = x[:, None].expand(p, k, *x.shape[1:]).reshape(p * k, *x.shape[1:])
+        self.stats.update(xk, weight.reshape(p * k, -1))
+        self._precision = None
+
+    def finalize(self) -> None:
+        if self.stats is None:
+            if not self._pending:
+                raise ValueError("no OK samples collected before finalize")
+            self._fit()
+        self._derive()
+
+    def _fit(self) -> None:
+        emb = torch.cat([e for e, _ in self._pending])
+        masks = [torch.ones(e.shape[0], *e.shape[2:], dtype=torch.bool) if m is None else m for e, m in self._pending]
+        self._pending = []
+        x = patches_first(emb)  # (P, N, C)
+        del emb
+        w = patches_first(torch.cat(masks)[:, None].to(torch.float32))[..., 0]  # (P, N)
+        p, k = self.n_patches, self.components
+        assign = batched_kmeans(x, w, k, self.iterations, self.seed)
+        weight = torch.nn.functional.one_hot(assign, k).permute(0, 2, 1).to(torch.float64) * w[:, None, :]
+        stats = GaussianStats.empty(p * k, self.n_channels)
+        for j in range(k):  # one component at a time keeps the float64 copy of x at (P, N, C)
+            rows = torch.arange(p) * k + j
+            part = GaussianStats.empty(p, self.n_channels)
+            part.update(x, weight[:, j])
+            stats.count[rows], stats.mean[rows], stats.scatter[rows] = part.count, part.mean, part.scatter
+        self.stats = stats
+
+    def _derive(self) -> None:
+        assert self.stats is not None
+        p, k = self.n_patches, self.components
+        self._valid = (self.stats.count >= 1).view(p, k)
+        if not bool(self._valid.any(1).all()):
+            raise ValueError("every patch needs at least one OK sample before scoring")
+        self._precision = precision_from_covariance(self.stats.covariance(self.epsilon)).to(torch.float32)
+        self._mean = self.stats.mean.to(torch.float32).view(p, k, self.n_channels).contiguous()
+
+    def _component_distances(self, x: torch.Tensor) -> torch.Tensor:
+        """x (P, B, C) weighted-or-not samples -> (P, B, K) Mahalanobis distances (inf for
+        empty components)."""
+        assert self._precision is not None and self._mean is not None and self._valid is not None
+        p, k = self.n_patches, self.components
+        prec = self._precision.view(p, k, self.n_channels, self.n_channels)
+        mean = self._mean
+        if self.channel_weights is not None:
+            mean = mean * self.channel_weights
+        out = torch.stack([mahalanobis(x, mean[:, j], prec[:, j]) for j in range(k)], 2)
+        return out.masked_fill_(~self._valid[:, None, :], float("inf"))
+
+    def score(self, emb: torch.Tensor) -> torch.Tensor:
+        if self._precision is None:
+            self.finalize()
+        x = patches_first(self.weighted(emb.to(torch.float32)))
+        d = self._component_distances(x).min(2).values  # (P, B)
+        return d.T.reshape(emb.shape[0], *self.grid).contiguous()
+
+    def copy(self) -> KMeansPadimModel:
+        clone = KMeansPadimModel(self.grid, self.n_channels, **self.params())
+        clone.stats = None if self.stats is None else self.stats.copy()
+        clone._pending = [(e.clone(), None if m is None else m.clone()) for e, m in self._pending]
+        clone.set_channel_weights(None if self.channel_weights is None else self.channel_weights.clone())
+        return clone
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Per-component statistics; stored OK embeddings are clustered first (finalize)."""
+        if self.stats is None:
+            self.finalize()
+        assert self.stats is not None
+        return {"count": self.stats.count, "mean": self.stats.mean, "scatter": self.stats.scatter}
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.stats = GaussianStats(*(tensors[k].to(torch.float64).clone() for k in ("count", "mean", "scatter")))
+        self._pending = []
+        self._precision = self._mean = self._valid = None
+
+    def expected_shapes(self, tensors: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+        r, c = self.n_patches * self.components, self.n_channels
+        return {"count": (r,), "mean": (r, c), "scatter": (r, c, c)}

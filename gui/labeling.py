@@ -1,0 +1,65 @@
+"""Click-to-label wiring: the Labels dock, the Label menu and its shortcuts, the region popup.
+
+Kept out of MainWindow so the window stays a layout; all state lives in
+``controller.feedback`` (gui/feedback.py).
+"""
+from __future__ import annotations
+
+from PySide6.QtCore import Qt
+from PySide6.QtGui import QCursor
+from PySide6.QtWidgets import QMenu
+
+from .panels.labels_panel import LabelsPanel
+
+SHORTCUTS = {"false_alarm": "F", "defect": "D", "image_ok": "O", "image_ng": "N"}
+MENU_TEXT = {"false_alarm": "False alarm (this is fine)", "defect": "Real defect",
+             "image_ok": "Part is OK", "image_ng": "Part is NG"}
+
+
+def install_labeling(window, area=Qt.DockWidgetArea.RightDockWidgetArea):
+    """Add the Labels dock and menu to ``window``; returns (panel, dock)."""
+    c, fb, view, settings = window.controller, window.controller.feedback, window.view, window.settings
+    panel = LabelsPanel()
+    dock = window._dock("Labels", panel, area)
+    panel.set_operator(str(settings.value("operator", "") or ""))
+    fb.operator = panel.operator()
+
+    def set_operator(name: str) -> None:
+        fb.operator = name
+        settings.setValue("operator", name)
+
+    def mark(kind: str) -> None:
+        fb.mark_region(kind) if kind in ("false_alarm", "defect") else fb.mark_image(kind)
+
+    m = window.menuBar().addMenu("&Label")
+    for kind in ("false_alarm", "defect", "image_ok", "image_ng"):
+        window._action(m, MENU_TEXT[kind], lambda _=False, k=kind: mark(k), SHORTCUTS[kind])
+    m.addSeparator()
+    window._action(m, "&Undo last label", fb.undo_last, "Ctrl+Z")
+    window._action(m, "&Reset channel weights", fb.reset_weights)
+
+    def clicked(row: int, col: int) -> None:
+        if not fb.select_at(row, col):
+            return
+        menu = QMenu(window)
+        menu.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
+        for kind in ("false_alarm", "defect"):
+            menu.addAction(f"{MENU_TEXT[kind]}\t{SHORTCUTS[kind]}", lambda k=kind: mark(k))
+        window.label_menu = menu  # reachable for tests
+        menu.popup(QCursor.pos())
+
+    view.pixel_clicked.connect(clicked)
+    panel.mark_requested.connect(mark)
+    panel.undo_requested.connect(fb.undo_last)
+    panel.export_requested.connect(fb.export)
+    panel.reset_weights_requested.connect(fb.reset_weights)
+    panel.operator_changed.connect(set_operator)
+    fb.labels_changed.connect(panel.set_rows)
+    fb.weights_changed.connect(panel.set_weight_change)
+    fb.can_undo_changed.connect(panel.set_can_undo)
+    fb.selection_changed.connect(lambda contour: panel.set_region_selected(contour is not None))
+    fb.selection_changed.connect(view.set_selected_region)
+    c.model_changed.connect(lambda: panel.set_model_ready(c.detector is not None))
+    c.display_changed.connect(lambda d: None if fb.has_selection else view.set_selected_region(None))
+    panel.set_rows(fb.rows())
+    return panel, dock

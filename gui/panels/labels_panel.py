@@ -1,0 +1,152 @@
+"""LabelsPanel: operator labels (click-to-label feedback), undo, export and what the model changed.
+
+Plain widgets fed plain data: rows are objects with ``id, created_at, image_name, kind,
+score_before, score_after, undone`` (see ``gui.feedback.LabelRow``); the weight change is any
+object with ``strength, stage_mean_weight, lowest`` (``core.feedback.WeightChange``) or None.
+"""
+from __future__ import annotations
+
+import time
+
+from PySide6.QtCore import Qt, Signal
+from PySide6.QtGui import QBrush, QColor, QFont
+from PySide6.QtWidgets import (QAbstractItemView, QFileDialog, QGridLayout, QHBoxLayout, QHeaderView, QLabel,
+                               QLineEdit, QPushButton, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget)
+
+COLUMNS = ["time", "image", "label", "score before → after"]
+KIND_TEXT = {"false_alarm": "false alarm", "defect": "real defect", "image_ok": "part OK", "image_ng": "part NG"}
+EXPORT_FILTER = "CSV (*.csv);;JSON (*.json)"
+
+
+class LabelsPanel(QWidget):
+    mark_requested = Signal(str)  # "false_alarm" | "defect" | "image_ok" | "image_ng"
+    undo_requested = Signal()
+    export_requested = Signal(str)  # target path, .csv or .json
+    reset_weights_requested = Signal()
+    operator_changed = Signal(str)
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.operator_edit = QLineEdit()
+        self.operator_edit.setPlaceholderText("your name")
+        self.operator_edit.editingFinished.connect(lambda: self.operator_changed.emit(self.operator()))
+        self.false_alarm_button = QPushButton("False alarm  (F)")
+        self.false_alarm_button.setToolTip("The selected region is fine: teach the model (F)")
+        self.defect_button = QPushButton("Real defect  (D)")
+        self.defect_button.setToolTip("The selected region is a real defect (D)")
+        self.part_ok_button = QPushButton("Part is OK  (O)")
+        self.part_ok_button.setToolTip("The whole part is OK: add it to the OK memory (O)")
+        self.part_ng_button = QPushButton("Part is NG  (N)")
+        self.part_ng_button.setToolTip("The whole part is defective (N)")
+        for b, kind in ((self.false_alarm_button, "false_alarm"), (self.defect_button, "defect"),
+                        (self.part_ok_button, "image_ok"), (self.part_ng_button, "image_ng")):
+            b.clicked.connect(lambda _=False, k=kind: self.mark_requested.emit(k))
+        self.table = QTableWidget(0, len(COLUMNS))
+        self.table.setHorizontalHeaderLabels(COLUMNS)
+        self.table.verticalHeader().setVisible(False)
+        self.table.verticalHeader().setDefaultSectionSize(22)
+        self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+        self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+        header = self.table.horizontalHeader()
+        header.setSectionResizeMode(1, QHeaderView.ResizeMode.Stretch)
+        for col in (0, 2, 3):
+            header.setSectionResizeMode(col, QHeaderView.ResizeMode.ResizeToContents)
+        self.undo_button = QPushButton("Undo last  (Ctrl+Z)")
+        self.undo_button.clicked.connect(self.undo_requested)
+        self.export_button = QPushButton("Export…")
+        self.export_button.clicked.connect(self._ask_export)
+        self.reset_button = QPushButton("Reset weights")
+        self.reset_button.setToolTip("Set every channel weight back to 1 (the OK memory added stays)")
+        self.reset_button.clicked.connect(self.reset_weights_requested)
+        self.changed_label = QLabel()
+        self.changed_label.setWordWrap(True)
+        self.changed_label.setTextFormat(Qt.TextFormat.RichText)
+        self.changed_label.setStyleSheet("background:#f4f4f4; padding:4px;")
+
+        marks = QGridLayout()
+        marks.addWidget(self.false_alarm_button, 0, 0)
+        marks.addWidget(self.defect_button, 0, 1)
+        marks.addWidget(self.part_ok_button, 1, 0)
+        marks.addWidget(self.part_ng_button, 1, 1)
+        top = QHBoxLayout()
+        top.addWidget(QLabel("Operator"))
+        top.addWidget(self.operator_edit, 1)
+        bottom = QHBoxLayout()
+        bottom.addWidget(self.undo_button)
+        bottom.addWidget(self.export_button)
+        bottom.addStretch(1)
+        bottom.addWidget(self.reset_button)
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(4, 4, 4, 4)
+        lay.addLayout(top)
+        lay.addLayout(marks)
+        lay.addWidget(self.table, 1)
+        lay.addLayout(bottom)
+        lay.addWidget(self.changed_label)
+        self.set_region_selected(False)
+        self.set_can_undo(False)
+        self.set_weight_change(None)
+        self.set_model_ready(False)
+
+    # -- state --------------------------------------------------------------------------------------
+    def operator(self) -> str:
+        return self.operator_edit.text().strip()
+
+    def set_operator(self, name: str) -> None:
+        self.operator_edit.setText(name)
+
+    def set_region_selected(self, selected: bool) -> None:
+        self.false_alarm_button.setEnabled(selected)
+        self.defect_button.setEnabled(selected)
+
+    def set_model_ready(self, ready: bool) -> None:
+        self.part_ok_button.setEnabled(ready)
+        self.part_ng_button.setEnabled(ready)
+        self.reset_button.setEnabled(ready)
+
+    def set_can_undo(self, can: bool) -> None:
+        self.undo_button.setEnabled(can)
+
+    def set_rows(self, rows: list) -> None:
+        self.table.setRowCount(len(rows))
+        grey = QBrush(QColor(150, 150, 150))
+        for r, row in enumerate(rows):
+            when = time.strftime("%H:%M:%S", time.localtime(row.created_at)) if row.created_at else ""
+            if row.score_before is None:
+                scores = ""
+            elif row.score_after is None:
+                scores = f"{row.score_before:.2f}"
+            else:
+                scores = f"{row.score_before:.2f} → {row.score_after:.2f}"
+            kind = KIND_TEXT.get(row.kind, row.kind) + ("  (undone)" if row.undone else "")
+            for c, text in enumerate((when, row.image_name, kind, scores)):
+                item = QTableWidgetItem(text)
+                item.setData(Qt.ItemDataRole.UserRole, row.id)
+                if c == 3:
+                    item.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+                if row.undone:
+                    item.setForeground(grey)
+                    f = QFont(item.font())
+                    f.setStrikeOut(True)
+                    item.setFont(f)
+                self.table.setItem(r, c, item)
+        self.export_button.setEnabled(bool(rows))
+        self.table.scrollToBottom()
+
+    def set_weight_change(self, change) -> None:
+        if change is None:
+            self.changed_label.setText("<b>What changed:</b> channel weights unchanged "
+                                       "(a false alarm lowers the channels that drove it)")
+            return
+        stages = ", ".join(f"{k} {v:.2f}" for k, v in change.stage_mean_weight.items())
+        lowest = ", ".join(f"#{i} {w:.2f}" for i, w in change.lowest)
+        self.changed_label.setText(f"<b>What changed</b> (strength {change.strength:g})<br>"
+                                   f"mean weight per stage: {stages}<br>most lowered channels: {lowest}")
+
+    # -- export ---------------------------------------------------------------------------------------
+    def _ask_export(self) -> None:
+        path, chosen = QFileDialog.getSaveFileName(self, "Export labels", "labels.csv", EXPORT_FILTER)
+        if path:
+            if not path.lower().endswith((".csv", ".json")):
+                path += ".json" if "json" in chosen.lower() else ".csv"
+            self.export_requested.emit(path)

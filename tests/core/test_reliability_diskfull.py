@@ -1,0 +1,133 @@
+"""Issue 6: a full disk gives one clear error line and leaves the previous output intact.
+
+ENOSPC is simulated in core.atomic's write path (no real disk is filled).
+"""
+from __future__ import annotations
+
+import errno
+import os
+
+import cv2
+import numpy as np
+import pytest
+
+from core.cli import main
+from tests.conftest import make_part
+
+
+@pytest.fixture(scope="module")
+def station(tmp_path_factory):
+    d = tmp_path_factory.mktemp("full")
+    rng = np.random.default_rng(0)
+    ok, ng = [], []
+    for i in range(8):
+        cv2.imwrite(str(d / f"ok_{i}.png"), make_part(rng))
+        ok.append(str(d / f"ok_{i}.png"))
+    for i in range(2):
+        cv2.imwrite(str(d / f"ng_{i}.png"), make_part(rng, defect=True))
+        ng.append(str(d / f"ng_{i}.png"))
+    model = d / "m.okng"
+    fit_args = ["fit", *ok, "--out", str(model), "--weights", "random", "--image-size", "64",
+                "--channels", "24", "--batch-size", "4"]
+    assert main(fit_args) == 0
+    return model, ok, ng, fit_args
+
+
+def _disk_full_at(monkeypatch, where: str):
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(where, full)
+
+
+def _one_clear_line(capsys, target):
+    err = capsys.readouterr().err.strip().splitlines()
+    last = err[-1]
+    assert last.startswith("okng: error: cannot save") and str(target) in last
+    assert "disk is full" in last and "previous file is unchanged" in last
+    assert "Traceback" not in "\n".join(err)
+
+
+def _no_temporaries(folder):
+    assert [p.name for p in folder.iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.parametrize("where", ["core.atomic.os.fsync", "core.atomic.os.replace"])
+def test_score_csv_on_a_full_disk(station, tmp_path, monkeypatch, capsys, where):
+    model, ok, ng, _ = station
+    out = tmp_path / "results.csv"
+    out.write_text("previous results\n")
+    _disk_full_at(monkeypatch, where)
+    assert main(["score", "--model", str(model), *ok[:2], "--csv", str(out)]) == 1
+    _one_clear_line(capsys, out)
+    assert out.read_text() == "previous results\n"
+    _no_temporaries(tmp_path)
+
+
+def test_score_csv_when_the_write_itself_fails(station, tmp_path, monkeypatch, capsys):
+    """ENOSPC raised by the csv writer's own file writes (the usual place on a real disk)."""
+    import builtins
+
+    model, ok, ng, _ = station
+    out = tmp_path / "results.csv"
+    out.write_text("previous results\n")
+    real_open = builtins.open
+
+    class FullFile:
+        def __init__(self, f):
+            self._f = f
+
+        def write(self, s):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self._f.close()
+
+        def __getattr__(self, name):
+            return getattr(self._f, name)
+
+    def fake_open(file, mode="r", *a, **k):
+        f = real_open(file, mode, *a, **k)
+        return FullFile(f) if ".tmp" in str(file) and "w" in mode else f
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+    assert main(["score", "--model", str(model), *ok[:2], "--csv", str(out)]) == 1
+    monkeypatch.undo()
+    _one_clear_line(capsys, out)
+    assert out.read_text() == "previous results\n"
+    _no_temporaries(tmp_path)
+
+
+@pytest.mark.parametrize("where", ["core.atomic.os.fsync", "pathlib.Path.write_bytes"])
+def test_eval_json_on_a_full_disk(station, tmp_path, monkeypatch, capsys, where):
+    model, ok, ng, _ = station
+    out = tmp_path / "eval.json"
+    out.write_text('{"previous": true}')
+    _disk_full_at(monkeypatch, where)
+    assert main(["eval", "--model", str(model), "--ok", *ok[:3], "--ng", *ng, "--json", str(out)]) == 1
+    monkeypatch.undo()
+    _one_clear_line(capsys, out)
+    assert out.read_text() == '{"previous": true}'
+    _no_temporaries(tmp_path)
+
+
+@pytest.mark.parametrize("where", ["core.atomic.os.fsync", "safetensors.torch.serialize_file",
+                                   "core.atomic.tempfile.mkdtemp"])
+def test_fit_out_on_a_full_disk(station, tmp_path, monkeypatch, capsys, where):
+    from core.persistence import load_detector
+
+    model, ok, ng, fit_args = station
+    out = tmp_path / "model.okng"
+    out.write_bytes(model.read_bytes())
+    args = list(fit_args)
+    args[args.index("--out") + 1] = str(out)
+    _disk_full_at(monkeypatch, where)
+    assert main(args) == 1
+    monkeypatch.undo()
+    _one_clear_line(capsys, out)
+    assert out.read_bytes() == model.read_bytes()
+    load_detector(out)
+    _no_temporaries(tmp_path)

@@ -1,0 +1,160 @@
+"""Click-to-label feedback: the labels panel alone, and the controller with a small real detector."""
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from PySide6.QtCore import QSettings
+
+from core import find_regions
+from core.labels import LabelStore
+from gui.controller import StationController
+from gui.panels.labels_panel import LabelsPanel
+from gui.runner import SyncRunner
+from gui.views.inspection_view import InspectionView
+
+
+def test_labels_panel_with_plain_data(qtbot):
+    p = LabelsPanel()
+    qtbot.addWidget(p)
+    assert not p.false_alarm_button.isEnabled() and not p.undo_button.isEnabled()
+    rows = [SimpleNamespace(id=1, created_at=1.7e9, image_name="a.png", kind="false_alarm", score_before=9.5,
+                            score_after=4.25, undone=False),
+            SimpleNamespace(id=2, created_at=1.7e9, image_name="b.png", kind="image_ng", score_before=3.0,
+                            score_after=None, undone=True)]
+    p.set_rows(rows)
+    assert p.table.rowCount() == 2
+    assert p.table.item(0, 3).text() == "9.50 → 4.25" and p.table.item(0, 2).text() == "false alarm"
+    assert "undone" in p.table.item(1, 2).text() and p.table.item(1, 2).font().strikeOut()
+    p.set_region_selected(True)
+    with qtbot.waitSignal(p.mark_requested) as m:
+        p.false_alarm_button.click()
+    assert m.args == ["false_alarm"]
+    p.set_model_ready(True)
+    with qtbot.waitSignal(p.mark_requested) as m:
+        p.part_ok_button.click()
+    assert m.args == ["image_ok"]
+    p.set_can_undo(True)
+    with qtbot.waitSignal(p.undo_requested):
+        p.undo_button.click()
+    p.set_weight_change(SimpleNamespace(strength=0.5, stage_mean_weight={"stage 2": 1.0, "stage 3": 0.81},
+                                        lowest=[(115, 0.26), (7, 0.5)]))
+    assert "stage 3 0.81" in p.changed_label.text() and "#115 0.26" in p.changed_label.text()
+    p.set_weight_change(None)
+    assert "unchanged" in p.changed_label.text()
+    p.operator_edit.setText("ana")
+    with qtbot.waitSignal(p.operator_changed) as op:
+        p.operator_edit.editingFinished.emit()
+    assert op.args == ["ana"]
+
+
+@pytest.fixture
+def station(qtbot, ok_images, tiny_config, defect_image, tmp_path):
+    """Fitted on the synthetic OK parts, the defect image inspected and shown, regions visible."""
+    c = StationController(SyncRunner(), labels_dir=tmp_path / "labels")
+    c.new_recipe("synthetic", tiny_config)
+    c.add_ok_paths([str(Path(ok_images[0]).parent)])
+    c.start_fit()
+    with qtbot.waitSignal(c.display_changed):
+        c.inspect_paths([defect_image])
+    rec = c.results[c.shown_id]
+    c.set_thresholds(c.image_threshold, float(np.percentile(rec.anomaly_map, 90)))  # a localised region
+    return c
+
+
+def test_click_region_mark_false_alarm_then_undo(qtbot, station, defect_image):
+    c, fb = station, station.feedback
+    fb.operator = "ana"
+    rec = c.results[c.shown_id]
+    regions = find_regions(rec.anomaly_map, c.pixel_threshold)
+    assert regions
+    view = InspectionView()
+    qtbot.addWidget(view)
+    view.pixel_clicked.connect(fb.select_at)
+    # a click on empty space selects and submits nothing
+    empty = np.argwhere(~np.any([r.mask for r in regions], axis=0))[0]
+    with qtbot.waitSignal(c.status) as st:
+        view.pixel_clicked.emit(int(empty[0]), int(empty[1]))
+    assert "nothing labelled" in st.args[0] and not fb.has_selection
+    submitted = []
+    c.runner.busy_changed.connect(submitted.append)
+    fb.mark_region("false_alarm")
+    assert submitted == [] and not fb.store_path.exists()
+    # a click inside the hottest region, then "false alarm (this is fine)"
+    row, col = np.unravel_index(np.argmax(np.where(regions[0].mask, rec.anomaly_map, -np.inf)), rec.anomaly_map.shape)
+    view.pixel_clicked.emit(int(row), int(col))
+    assert fb.has_selection
+    before, before_map, model_before = rec.score, rec.anomaly_map, c.detector
+    saved = []
+    fb.label_saved.connect(saved.append)
+    with qtbot.waitSignal(c.display_changed):
+        fb.mark_region("false_alarm")
+    assert saved and c.detector is not model_before
+    assert rec.score < before  # re-inspected under the new model
+    assert c.image_threshold == model_before.thresholds.image  # the operator's thresholds stay
+    with LabelStore(fb.store_path) as fresh:  # committed: visible to a new connection
+        (lab,) = fresh.labels()
+    assert lab.id == saved[0] and lab.kind == "false_alarm" and lab.operator == "ana"
+    assert lab.image_path == defect_image and len(lab.image_sha256) == 64 and lab.model_id.startswith("fit@")
+    assert lab.score == pytest.approx(before, rel=1e-4)
+    assert np.array_equal(lab.region.mask, regions[0].mask)
+    assert fb.rows()[0].score_after == pytest.approx(rec.score)
+    # undo: previous model, previous score exactly, label kept but marked undone
+    with qtbot.waitSignal(c.display_changed):
+        fb.undo_last()
+    assert rec.score == before and rec.anomaly_map is before_map
+    with LabelStore(fb.store_path) as fresh:
+        assert fresh.labels() == []
+        assert fresh.labels(include_undone=True)[0].undone_at is not None
+    assert fb.rows()[0].undone
+
+
+def test_part_ok_joins_ok_set_export_and_failed_store(qtbot, station, defect_image, tmp_path):
+    c, fb = station, station.feedback
+    fb.mark_image("image_ok")
+    assert defect_image in c.ok_paths
+    out = tmp_path / "labels.csv"
+    fb.export(str(out))
+    text = out.read_text()
+    assert "image_ok" in text and "defect.png" in text
+    fb.export(str(tmp_path / "labels.json"))
+    assert '"kind": "image_ok"' in (tmp_path / "labels.json").read_text()
+    fb.undo_last()
+    assert defect_image not in c.ok_paths
+    # a label that cannot be committed is not acknowledged and the model goes back
+    def broken_add(label):
+        raise OSError("disk full")
+
+    fb.store().add = broken_add
+    errors = []
+    c.error.connect(errors.append)
+    fb.mark_image("image_ng")
+    assert errors and "NOT saved" in errors[-1]
+    assert not fb._steps and not fb.learner.can_undo and c.detector is not None
+    assert fb.rows()[-1].kind == "image_ok"  # nothing new in the store
+
+
+def test_main_window_popup_and_labels_panel(qtbot, station, tmp_path):
+    from gui.main_window import MainWindow
+
+    c = station
+    w = MainWindow(c, QSettings(str(tmp_path / "s.ini"), QSettings.Format.IniFormat))
+    qtbot.addWidget(w)
+    w.show()
+    c.show_result(c.shown_id)
+    qtbot.waitUntil(lambda: w.view.outline_count >= 1)
+    rec = c.results[c.shown_id]
+    region = find_regions(rec.anomaly_map, c.pixel_threshold)[0]
+    row, col = np.argwhere(region.mask)[len(np.argwhere(region.mask)) // 2]
+    w.view.pixel_clicked.emit(int(row), int(col))
+    assert w.view.has_selected_region and w.labels_panel.false_alarm_button.isEnabled()
+    menu = w.label_menu
+    qtbot.waitUntil(menu.isVisible)
+    before = rec.score
+    menu.actions()[0].trigger()  # "False alarm (this is fine)"
+    menu.close()
+    qtbot.waitUntil(lambda: w.labels_panel.table.rowCount() == 1)
+    assert rec.score < before and w.labels_panel.undo_button.isEnabled()
+    assert "→" in w.labels_panel.table.item(0, 3).text()
+    qtbot.waitUntil(lambda: f"{rec.score:.2f}" in w.view.detail_label.text())
+    w.close()
