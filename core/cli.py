@@ -198,7 +198,7 @@ def cmd_simulate_feedback(args: argparse.Namespace) -> int:
         raise ValueError(f"--clicks takes comma-separated numbers, got {args.clicks!r}") from None
     det = _load(args)
     res = _drive(simulate_feedback_job(det, _paths(args.pool), _paths(args.ok), _paths(args.ng), clicks,
-                                       CancelToken(), reweight=not args.no_reweight), "simulate")
+                                       CancelToken(), reweight=args.reweight), "simulate")
     d = res.to_dict()
     if args.json:
         from .atomic import write_bytes_atomic
@@ -277,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     sf.add_argument("--ok", nargs="+", required=True, metavar="PATH", help="held-out OK images")
     sf.add_argument("--ng", nargs="+", required=True, metavar="PATH", help="held-out defective images")
     sf.add_argument("--clicks", default="5,10,20", help="checkpoints, comma separated")
-    sf.add_argument("--no-reweight", action="store_true", help="only add to the OK memory, no channel weights")
+    sf.add_argument("--reweight", action="store_true", help="also learn per-channel weights (off by default)")
     sf.add_argument("--json", metavar="FILE")
     sf.set_defaults(func=cmd_simulate_feedback)
 

@@ -101,7 +101,10 @@ class FeedbackLearner:
 
     detector: Detector
     max_undo: int = 10
-    reweight: bool = True
+    #: off by default: on the ELPV demo it moved the operating point without re-ranking parts
+    #: (README, feedback figures); it pays off where false alarms share channels, e.g. a
+    #: recurring texture or lighting change.
+    reweight: bool = False
     fa_shares: list[torch.Tensor] = field(default_factory=list)
     defect_shares: list[torch.Tensor] = field(default_factory=list)
     defect_embeddings: list[torch.Tensor] = field(default_factory=list)

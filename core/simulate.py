@@ -79,7 +79,7 @@ def _evaluate(det: Detector, ok: list[torch.Tensor], ng: list[torch.Tensor]) -> 
 
 def simulate_feedback_job(
     det: Detector, pool: list[str], ok: list[str], ng: list[str], clicks: list[int], token: CancelToken,
-    reweight: bool = True,
+    reweight: bool = False,
 ) -> Generator[Progress, None, SimulationResult]:
     if det.thresholds is None:
         raise ValueError("the model has no calibrated threshold: fit it on at least 5 OK images")

@@ -108,6 +108,7 @@ class FeedbackController(QObject):
         self.station = station
         self.labels_dir = Path(labels_dir) if labels_dir is not None else None
         self.operator = ""
+        self.reweight = False
         self.learner: FeedbackLearner | None = None
         self.model_id = ""
         self._revision = 0
@@ -120,12 +121,18 @@ class FeedbackController(QObject):
     # -- model & store lifecycle (called by the station controller) -------------------------------
     def model_replaced(self, detector, model_id: str) -> None:
         """A freshly fitted or loaded model: new learner, empty undo stack."""
-        self.learner = FeedbackLearner(detector) if detector is not None else None
+        self.learner = FeedbackLearner(detector, reweight=self.reweight) if detector is not None else None
         self.model_id, self._revision = model_id, 0
         self._steps.clear()
         self._select(None)
         self.can_undo_changed.emit(False)
         self.weights_changed.emit(None)
+
+    def set_reweight(self, on: bool) -> None:
+        """Channel reweighting on/off for the next labels (the OK memory update always runs)."""
+        self.reweight = bool(on)
+        if self.learner is not None:
+            self.learner.reweight = self.reweight
 
     def recipe_replaced(self) -> None:
         self.close_store()

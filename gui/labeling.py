@@ -53,6 +53,7 @@ def install_labeling(window, area=Qt.DockWidgetArea.RightDockWidgetArea):
     panel.undo_requested.connect(fb.undo_last)
     panel.export_requested.connect(fb.export)
     panel.reset_weights_requested.connect(fb.reset_weights)
+    panel.reweight_toggled.connect(fb.set_reweight)
     panel.operator_changed.connect(set_operator)
     fb.labels_changed.connect(panel.set_rows)
     fb.weights_changed.connect(panel.set_weight_change)

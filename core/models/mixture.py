@@ -81,9 +81,10 @@ class KMeansPadimModel(NormalityModel):
         #: per (patch, component) statistics, rows p*K + k; None until the first finalize
         self.stats: GaussianStats | None = None
         self._pending: list[tuple[torch.Tensor, torch.Tensor | None]] = []
-        self._mean: torch.Tensor | None = None  # (P, K, C) float32
-        self._precision: torch.Tensor | None = None  # (P*K, C, C) float32
-        self._valid: torch.Tensor | None = None  # (P, K) bool
+        self._means: torch.Tensor | None = None  # (P, K, C) float32
+        self._precisions: torch.Tensor | None = None  # (P*K, C, C) float32
+        self._valids: torch.Tensor | None = None  # (P, K) bool
+        self._dirty: torch.Tensor | None = None  # (P*K,) components updated since _derive
 
     def params(self) -> dict[str, Any]:
         return {"components": self.components, "epsilon": self.epsilon,
@@ -99,20 +100,21 @@ class KMeansPadimModel(NormalityModel):
         if self.stats is None:
             self._pending.append((emb.to(torch.float32).clone(),
                                   None if patch_mask is None else patch_mask.to(torch.bool).clone()))
-            self._precision = None
             return
         # after fitting: merge every patch into its nearest component's Gaussian
-        if self._precision is None:
+        if self._stale:
             self._derive()
         p, k = self.n_patches, self.components
         x = patches_first(emb.to(torch.float32))  # (P, B, C)
-        nearest = self._component_distances(x).argmin(2)  # (P, B)
+        nearest = self._component_distances(patches_first(self.weighted(emb.to(torch.float32)))).argmin(2)
         weight = torch.nn.functional.one_hot(nearest, k).permute(0, 2, 1).to(torch.float64)  # (P, K, B)
         if patch_mask is not None:
             weight = weight * patches_first(patch_mask[:, None].to(torch.float64))[..., 0][:, None, :]
         xk = x[:, None].expand(p, k, *x.shape[1:]).reshape(p * k, *x.shape[1:])
-        self.stats.update(xk, weight.reshape(p * k, -1))
-        self._precision = None
+        weight = weight.reshape(p * k, -1)
+        self.stats.update(xk, weight)
+        touched = weight.sum(1) > 0
+        self._dirty = touched if self._dirty is None else self._dirty | touched
 
     def finalize(self) -> None:
         if self.stats is None:
@@ -139,29 +141,43 @@ class KMeansPadimModel(NormalityModel):
             stats.count[rows], stats.mean[rows], stats.scatter[rows] = part.count, part.mean, part.scatter
         self.stats = stats
 
+    @property
+    def _stale(self) -> bool:
+        return self._precisions is None or (self._dirty is not None and bool(self._dirty.any()))
+
     def _derive(self) -> None:
+        """Means and precisions from the statistics; after a feedback update only the
+        components that received samples are recomputed."""
         assert self.stats is not None
         p, k = self.n_patches, self.components
-        self._valid = (self.stats.count >= 1).view(p, k)
-        if not bool(self._valid.any(1).all()):
+        self._valids = (self.stats.count >= 1).view(p, k)
+        if not bool(self._valids.any(1).all()):
             raise ValueError("every patch needs at least one OK sample before scoring")
-        self._precision = precision_from_covariance(self.stats.covariance(self.epsilon)).to(torch.float32)
-        self._mean = self.stats.mean.to(torch.float32).view(p, k, self.n_channels).contiguous()
+        if self._precisions is not None and self._means is not None and self._dirty is not None:
+            rows = torch.nonzero(self._dirty).flatten()
+            if rows.numel():
+                cov = self.stats.covariance(self.epsilon, rows)
+                self._precisions[rows] = precision_from_covariance(cov).to(torch.float32)
+                self._means.view(p * k, -1)[rows] = self.stats.mean[rows].to(torch.float32)
+        else:
+            self._precisions = precision_from_covariance(self.stats.covariance(self.epsilon)).to(torch.float32)
+            self._means = self.stats.mean.to(torch.float32).view(p, k, self.n_channels).contiguous()
+        self._dirty = torch.zeros(p * k, dtype=torch.bool)
 
     def _component_distances(self, x: torch.Tensor) -> torch.Tensor:
         """x (P, B, C) weighted-or-not samples -> (P, B, K) Mahalanobis distances (inf for
         empty components)."""
-        assert self._precision is not None and self._mean is not None and self._valid is not None
+        assert self._precisions is not None and self._means is not None and self._valids is not None
         p, k = self.n_patches, self.components
-        prec = self._precision.view(p, k, self.n_channels, self.n_channels)
-        mean = self._mean
+        prec = self._precisions.view(p, k, self.n_channels, self.n_channels)
+        mean = self._means
         if self.channel_weights is not None:
             mean = mean * self.channel_weights
         out = torch.stack([mahalanobis(x, mean[:, j], prec[:, j]) for j in range(k)], 2)
-        return out.masked_fill_(~self._valid[:, None, :], float("inf"))
+        return out.masked_fill_(~self._valids[:, None, :], float("inf"))
 
     def score(self, emb: torch.Tensor) -> torch.Tensor:
-        if self._precision is None:
+        if self._stale:
             self.finalize()
         x = patches_first(self.weighted(emb.to(torch.float32)))
         d = self._component_distances(x).min(2).values  # (P, B)
@@ -171,6 +187,9 @@ class KMeansPadimModel(NormalityModel):
         clone = KMeansPadimModel(self.grid, self.n_channels, **self.params())
         clone.stats = None if self.stats is None else self.stats.copy()
         clone._pending = [(e.clone(), None if m is None else m.clone()) for e, m in self._pending]
+        for name in ("_means", "_precisions", "_valids", "_dirty"):
+            v = getattr(self, name)
+            setattr(clone, name, None if v is None else v.clone())
         clone.set_channel_weights(None if self.channel_weights is None else self.channel_weights.clone())
         return clone
 
@@ -184,7 +203,7 @@ class KMeansPadimModel(NormalityModel):
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         self.stats = GaussianStats(*(tensors[k].to(torch.float64).clone() for k in ("count", "mean", "scatter")))
         self._pending = []
-        self._precision = self._mean = self._valid = None
+        self._precisions = self._means = self._valids = self._dirty = None
 
     def expected_shapes(self, tensors: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
         r, c = self.n_patches * self.components, self.n_channels

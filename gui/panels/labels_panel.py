@@ -10,7 +10,8 @@ import time
 
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtGui import QBrush, QColor, QFont
-from PySide6.QtWidgets import (QAbstractItemView, QFileDialog, QGridLayout, QHBoxLayout, QHeaderView, QLabel,
+from PySide6.QtWidgets import (
+    QCheckBox,QAbstractItemView, QFileDialog, QGridLayout, QHBoxLayout, QHeaderView, QLabel,
                                QLineEdit, QPushButton, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget)
 
 COLUMNS = ["time", "image", "label", "score before → after"]
@@ -24,6 +25,7 @@ class LabelsPanel(QWidget):
     export_requested = Signal(str)  # target path, .csv or .json
     reset_weights_requested = Signal()
     operator_changed = Signal(str)
+    reweight_toggled = Signal(bool)
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -58,6 +60,12 @@ class LabelsPanel(QWidget):
         self.reset_button = QPushButton("Reset weights")
         self.reset_button.setToolTip("Set every channel weight back to 1 (the OK memory added stays)")
         self.reset_button.clicked.connect(self.reset_weights_requested)
+        self.reweight_check = QCheckBox("Learn channel weights")
+        self.reweight_check.setToolTip(
+            "Besides adding false alarms to the OK memory, lower the channels that drive them "
+            "(never so far that a confirmed defect passes). Off by default: see the README's "
+            "feedback figures for what it bought on the demo data.")
+        self.reweight_check.toggled.connect(self.reweight_toggled)
         self.changed_label = QLabel()
         self.changed_label.setWordWrap(True)
         self.changed_label.setTextFormat(Qt.TextFormat.RichText)
@@ -75,6 +83,7 @@ class LabelsPanel(QWidget):
         bottom.addWidget(self.undo_button)
         bottom.addWidget(self.export_button)
         bottom.addStretch(1)
+        bottom.addWidget(self.reweight_check)
         bottom.addWidget(self.reset_button)
         lay = QVBoxLayout(self)
         lay.setContentsMargins(4, 4, 4, 4)

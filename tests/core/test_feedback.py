@@ -59,7 +59,7 @@ def test_undo_restores_the_previous_model_exactly(fitted):
 
     det, _, ng = fitted
     img = load_image(ng[1])
-    learner = FeedbackLearner(det)
+    learner = FeedbackLearner(det, reweight=True)
     probe = det.embed([img])
     base = learner.detector.model.score(probe)
     learner.mark_false_alarm(img, None)
@@ -74,7 +74,7 @@ def test_reweighting_never_hides_a_confirmed_defect(fitted):
     from core.imageio import load_image
 
     det, ok, ng = fitted
-    learner = FeedbackLearner(det)
+    learner = FeedbackLearner(det, reweight=True)
     defect = load_image(ng[2])
     learner.mark_defect(defect, None)
     for p in ng[:2]:  # marking other defects as false alarms pushes towards hiding defects
@@ -90,7 +90,7 @@ def test_reweighting_lowers_channels_that_drive_false_alarms():
     rng = np.random.default_rng(0)
     det.model.partial_fit(torch.from_numpy(rng.normal(0, 1, (30, 6, 8, 8)).astype(np.float32)))
     det.finalize()
-    learner = FeedbackLearner(det)
+    learner = FeedbackLearner(det, reweight=True)
     fa = torch.from_numpy(rng.normal(0, 1, (1, 6, 8, 8)).astype(np.float32))
     fa[:, 4] += 8.0  # channel 4 alone makes these look abnormal
     rec = learner.mark_false_alarm(fa, np.ones((64, 64), bool))

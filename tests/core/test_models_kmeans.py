@@ -98,7 +98,7 @@ def test_fewer_samples_than_components_still_scores():
     model.partial_fit(torch.from_numpy(rng.normal(0, 1, (2, 3, 2, 2)).astype(np.float32)))
     d = model.score(torch.zeros(1, 3, 2, 2))
     assert torch.isfinite(d).all() and (d >= 0).all()
-    assert int(model._valid.sum(1).max()) <= 2
+    assert int(model._valids.sum(1).max()) <= 2
 
 
 def test_channel_weights_of_one_change_nothing():
@@ -123,3 +123,24 @@ def test_save_load_round_trip_gives_identical_scores(tiny_config, part_images, t
     assert [r.score for r in back.inspect(imgs)] == [r.score for r in det.inspect(imgs)]
     with pytest.raises(ValueError):
         KMeansPadimModel((2, 2), 3, components=0)
+
+
+def test_feedback_refreshes_only_touched_components_and_equals_a_fresh_derivation():
+    rng = np.random.default_rng(5)
+    train, _ = clustered(rng)
+    model = KMeansPadimModel((2, 3), 4)
+    model.partial_fit(torch.from_numpy(train))
+    model.finalize()
+    untouched = model._precisions.clone()
+    mask = torch.zeros(1, 2, 3, dtype=torch.bool)
+    mask[0, 0, 1] = True
+    model.partial_fit(torch.from_numpy(train[7:8] + 0.3), mask)
+    probe = torch.from_numpy(train[:3] + 0.7)
+    got = model.score(probe)
+    changed = (model._precisions != untouched).flatten(1).any(1)
+    assert int(changed.sum()) == 1 and bool(changed[1 * 3: 2 * 3].any())  # patch (0, 1) is rows 3..5
+    fresh = KMeansPadimModel((2, 3), 4)
+    fresh.load_tensors(model.tensors())
+    torch.testing.assert_close(fresh.score(probe), got)
+    clone = model.copy()
+    torch.testing.assert_close(clone.score(probe), got)
