@@ -52,7 +52,7 @@ def _rows(emb: torch.Tensor) -> torch.Tensor:
 def nearest(queries: torch.Tensor, bank: torch.Tensor, chunk: int = _CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest bank row of each query row: (distances (Q,), indices (Q,)).
 
-    Candidates come from ``|q|^2 + |m|^2 - 2 q.m`` (fast, one matrix product per chunk);
+    Candidates come from ``|m|^2 - 2 q.m`` (fast, one matrix product per chunk);
     the winner's distance is then recomputed as ``|q - m|`` so it is exact, not cancelled.
     """
     q_n = queries.shape[0]
@@ -60,14 +60,15 @@ def nearest(queries: torch.Tensor, bank: torch.Tensor, chunk: int = _CHUNK) -> t
     arg = torch.zeros(q_n, dtype=torch.int64)
     if bank.shape[0] == 0:
         raise ValueError("the memory bank is empty")
+    bank_sq = (bank * bank).sum(1)
     for qs in range(0, q_n, chunk):
         q = queries[qs : qs + chunk]
-        q_sq = (q * q).sum(1, keepdim=True)
         b_best = best[qs : qs + chunk]
         b_arg = arg[qs : qs + chunk]
         for ms in range(0, bank.shape[0], chunk):
             m = bank[ms : ms + chunk]
-            d2 = torch.addmm(q_sq + (m * m).sum(1)[None, :], q, m.T, alpha=-2.0)
+            # |m|^2 - 2 q.m: the per-query |q|^2 does not change which m is nearest
+            d2 = torch.addmm(bank_sq[None, ms : ms + chunk], q, m.T, alpha=-2.0)
             val, idx = d2.min(1)
             better = val < b_best
             b_best[better] = val[better]
