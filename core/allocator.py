@@ -8,7 +8,7 @@ threshold keeps those buffers in the heap and reuses them.
 
 Raising the thresholds without bound is not safe: a heap that is never trimmed keeps every
 fragment a growing memory bank leaves behind (seen: 24 GB). So the mmap threshold is fixed
-at 256 MB (larger blocks, e.g. a memory bank, still get their own mapping and go back to
+at 128 MB (larger blocks, e.g. a memory bank, still get their own mapping and go back to
 the OS when freed), the trim threshold at 512 MB (at most that much free heap top is kept),
 and :func:`release_free_memory` (``malloc_trim``) runs at the end of every long job to hand
 interior free pages back. The benchmark ``packaging/bench_engine.py`` measures both effects.
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD = 256 << 20
+MMAP_THRESHOLD = 128 << 20
 TRIM_THRESHOLD = 512 << 20
 
 _libc = None

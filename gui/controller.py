@@ -20,7 +20,8 @@ from core import load_detector, load_image, save_detector, verdict
 from core.errors import OkngError
 from core.jobs import FitResult, Progress, ScoredImage, Skipped
 from core.recipes import Recipe, load_recipe, model_path_for, save_recipe
-from core.sources import FolderWatchSource, VideoSource, live_job
+from core.recipes import safe_file_stem
+from core.sources import CapturedFrame, FolderWatchSource, VideoSource, capture_job, live_job
 
 from .feedback import FeedbackController, model_id_for
 
@@ -77,9 +78,12 @@ class StationController(QObject):
     status = Signal(str)
     error = Signal(str)
 
-    def __init__(self, runner, parent: QObject | None = None, labels_dir: str | Path | None = None) -> None:
+    def __init__(self, runner, parent: QObject | None = None, labels_dir: str | Path | None = None,
+                 captures_dir: str | Path | None = None) -> None:
         super().__init__(parent)
         self.runner = runner
+        self.captures_root = Path(captures_dir) if captures_dir is not None else None  # for unsaved recipes
+        self._captured: list[str] = []
         self.recipe = Recipe("untitled", config=DetectorConfig().to_dict())
         self.recipe_path: Path | None = None
         self.detector = None
@@ -149,6 +153,34 @@ class StationController(QObject):
         self.recipe.ok_paths = [p for p in self.recipe.ok_paths if p not in drop]
         self.ok_paths_changed.emit(self.ok_paths)
         self.status.emit(f"Removed {len(drop)} images; refit to apply")
+
+    def capture_folder(self) -> Path:
+        """Where captured OK frames go: beside the recipe, or ``<AppData>/captures/<recipe>/`` if unsaved."""
+        stem = safe_file_stem(self.recipe.name)
+        if self.recipe_path is not None:
+            return self.recipe_path.parent / f"{self.recipe_path.stem}.captures"
+        if self.captures_root is None:
+            from PySide6.QtCore import QStandardPaths
+
+            loc = QStandardPaths.StandardLocation.AppDataLocation
+            self.captures_root = Path(QStandardPaths.writableLocation(loc)) / "captures"
+        return self.captures_root / stem
+
+    def capture_ok(self, kind: str, target: str, count: int = 1) -> None:
+        """Grab ``count`` frames from a camera (index) or video file and add them as OK images."""
+        if kind == "folder":
+            self.error.emit("Capture needs a camera or a video file: choose one in the Inspect panel.")
+            return
+        if not target:
+            self.error.emit("Enter a camera index or a video file to capture OK images from.")
+            return
+        if count < 1:
+            return
+        self._stop_live_for_change()  # a camera cannot be opened twice
+        self._captured = []
+        folder = self.capture_folder()
+        self.runner.submit(partial(capture_job, VideoSource(target), folder, int(count)), tag="capture")
+        self.status.emit(f"Capturing {count} OK frame(s) from {kind} {target} into {folder}…")
 
     # -- jobs ---------------------------------------------------------------------------------------
     def start_fit(self) -> None:
@@ -232,6 +264,8 @@ class StationController(QObject):
         if isinstance(item, Skipped):
             self._skipped.append(item)
             self.status.emit(f"Skipped {Path(item.path).name}: {item.reason}")
+        elif isinstance(item, CapturedFrame):
+            self._captured.append(item.path)
         elif isinstance(item, ScoredImage):
             self._add_result(item, from_file=self._tag() == "inspect")
 
@@ -258,6 +292,8 @@ class StationController(QObject):
             self.feedback.on_returned(value)
         elif tag in ("inspect", "live"):
             self.status.emit(f"Done: {len(self.results)} results")
+        elif tag == "capture" and not self._captured:
+            self.error.emit("No frame could be captured: the source delivered no image.")
         self._end_job(tag)
 
     @Slot(object)
@@ -266,7 +302,7 @@ class StationController(QObject):
         if tag == "feedback":
             self.feedback.on_failed(exc)
             return
-        what = {"fit": "Fit failed", "inspect": "Inspection failed", "live": "Live inspection stopped",
+        what = {"fit": "Fit failed", "capture": "Capture failed", "inspect": "Inspection failed", "live": "Live inspection stopped",
                 "load": "Could not load the model", "save": "Could not save the model"}.get(tag, "Error")
         self.error.emit(f"{what}: {exc}")
         self._end_job(tag)
@@ -281,6 +317,10 @@ class StationController(QObject):
         self._end_job(tag)
 
     def _end_job(self, tag: str) -> None:
+        if tag == "capture":  # frames saved before a cancel or an error are kept too
+            captured, self._captured = self._captured, []
+            if captured:
+                self.add_ok_paths(captured)
         if tag == "live":
             self.live = False
             self.live_changed.emit(False)

@@ -110,6 +110,7 @@ class MainWindow(QMainWindow):
         self.ok_panel.remove_requested.connect(c.remove_ok_paths)
         self.ok_panel.fit_requested.connect(c.start_fit)
         self.ok_panel.cancel_requested.connect(c.cancel)
+        self.ok_panel.capture_requested.connect(self.capture_ok)
         self.source_panel.inspect_files_requested.connect(c.inspect_paths)
         self.source_panel.inspect_folder_requested.connect(lambda f: c.inspect_paths([f]))
         self.source_panel.demo_stream_requested.connect(c.inspect_demo_stream)
@@ -193,6 +194,12 @@ class MainWindow(QMainWindow):
         self.error_label.setText(message)
         self.error_banner.show()
         self.statusBar().showMessage(message, 15000)
+
+    @Slot(int)
+    def capture_ok(self, count: int) -> None:
+        """Capture OK frames from the live source configured in the Inspect panel."""
+        sp = self.source_panel
+        self.controller.capture_ok(sp.live_kind(), sp.target_edit.text().strip(), count)
 
     # -- recipes, recent list, shortcuts ----------------------------------------------------
     def next_or_stop(self) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 from PySide6.QtCore import QSize, Qt, QTimer, Signal
 from PySide6.QtGui import QColor, QIcon, QPixmap
 from PySide6.QtWidgets import (QFileDialog, QHBoxLayout, QLabel, QListView, QListWidget, QListWidgetItem,
-                               QProgressBar, QPushButton, QVBoxLayout, QWidget, QAbstractItemView)
+                               QProgressBar, QPushButton, QSpinBox, QVBoxLayout, QWidget, QAbstractItemView)
 
 from ..imaging import file_thumbnail
 
@@ -18,6 +18,7 @@ class OkSetPanel(QWidget):
     add_requested = Signal(list)  # files and/or folders, not yet expanded
     remove_requested = Signal(list)  # paths
     fit_requested = Signal()
+    capture_requested = Signal(int)  # number of frames to grab from the live source
     cancel_requested = Signal()
 
     def __init__(self, parent: QWidget | None = None) -> None:
@@ -35,6 +36,14 @@ class OkSetPanel(QWidget):
         self.add_files_button = QPushButton("Add images…")
         self.add_folder_button = QPushButton("Add folder…")
         self.remove_button = QPushButton("Remove")
+        self.capture_button = QPushButton("Capture OK from camera…")
+        self.capture_button.setToolTip("Grab frames from the camera or video set in the Inspect panel "
+                                       "and add them as OK images")
+        self.capture_count = QSpinBox()
+        self.capture_count.setRange(1, 1000)
+        self.capture_count.setValue(1)
+        self.capture_count.setSuffix(" frame(s)")
+        self.capture_button.clicked.connect(lambda: self.capture_requested.emit(self.capture_count.value()))
         self.fit_button = QPushButton("Fit model  (F5)")
         self.fit_button.setStyleSheet("font-weight:bold; padding:6px;")
         self.cancel_button = QPushButton("Cancel")
@@ -49,6 +58,9 @@ class OkSetPanel(QWidget):
         buttons = QHBoxLayout()
         for b in (self.add_files_button, self.add_folder_button, self.remove_button):
             buttons.addWidget(b)
+        capture_row = QHBoxLayout()
+        capture_row.addWidget(self.capture_button, 1)
+        capture_row.addWidget(self.capture_count)
         fit_row = QHBoxLayout()
         fit_row.addWidget(self.fit_button, 1)
         fit_row.addWidget(self.cancel_button)
@@ -56,6 +68,7 @@ class OkSetPanel(QWidget):
         lay.addWidget(self.count_label)
         lay.addWidget(self.list, 1)
         lay.addLayout(buttons)
+        lay.addLayout(capture_row)
         lay.addLayout(fit_row)
         lay.addWidget(self.progress)
         self._thumb_queue: list[QListWidgetItem] = []
@@ -103,6 +116,7 @@ class OkSetPanel(QWidget):
     def _update_enabled(self) -> None:
         busy = getattr(self, "_busy", False)
         self.fit_button.setEnabled(not busy and self.list.count() > 0)
+        self.capture_button.setEnabled(not busy)
 
     # -- thumbnails, a few per event-loop turn so 200 images never freeze the UI ------------------
     def _load_some_thumbnails(self) -> None:

@@ -101,3 +101,10 @@ def test_calibration_split_is_deterministic_and_disjoint():
     assert len(cal) == 5 and not set(fit) & set(cal) and sorted(fit + cal) == sorted(paths)
     assert split_calibration(paths, 0.2) == (fit, cal)
     assert split_calibration(paths[:4], 0.2) == (paths[:4], [])
+
+
+def test_a_parameter_the_model_does_not_take_is_refused_by_name():
+    from core.detector import DetectorConfig
+
+    with pytest.raises(ValueError, match="has no parameter epsilon; it takes coreset_ratio"):
+        DetectorConfig(model="patchcore", model_params={"epsilon": 0.1})

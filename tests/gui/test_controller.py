@@ -113,3 +113,44 @@ def test_live_video_shows_latest_result(qtbot, controller, tmp_path):
     qtbot.waitUntil(lambda: len(shown) >= 1)
     assert len(shown) == 1  # four results during one event-loop turn -> one render, the newest
     assert shown[0].name == list(c.results.values())[-1].name
+
+
+def _write_video(path, n, size=64):
+    import cv2
+
+    w = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (size, size))
+    for i in range(n):
+        w.write(np.full((size, size, 3), 100 + 10 * i, np.uint8))
+    w.release()
+
+
+def test_capture_ok_frames_from_video(qtbot, controller, tmp_path):
+    c = controller
+    c.captures_root = tmp_path / "appdata" / "captures"
+    video = tmp_path / "cam.avi"
+    _write_video(video, 6)
+    before = len(c.ok_paths)
+    errors = []
+    c.error.connect(errors.append)
+    with qtbot.waitSignal(c.ok_paths_changed) as changed:
+        c.capture_ok("video", str(video), 3)  # SyncRunner: runs inline
+    assert not errors
+    folder = tmp_path / "appdata" / "captures" / "synthetic"  # unsaved recipe -> app-data folder
+    pngs = sorted(folder.glob("*.png"))
+    assert len(pngs) == 3 and not list(folder.glob(".*"))  # no temporary files left
+    assert len(c.ok_paths) == before + 3 and changed.args[0][-3:] == [str(p) for p in pngs]
+    import cv2
+    assert cv2.imread(str(pngs[0])).shape == (64, 64, 3)
+    # a saved recipe captures beside itself
+    c.recipe_path = tmp_path / "line" / "synthetic.okrecipe"
+    assert c.capture_folder() == tmp_path / "line" / "synthetic.captures"
+
+
+def test_capture_from_missing_camera_is_a_clear_error(qtbot, controller):
+    c = controller
+    before = len(c.ok_paths)
+    with qtbot.waitSignal(c.error) as err:
+        c.capture_ok("camera", "97", 1)
+    assert "cannot open camera 97" in err.args[0] and len(c.ok_paths) == before
+    with qtbot.waitSignal(c.error):
+        c.capture_ok("folder", "/tmp", 1)
