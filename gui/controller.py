@@ -183,6 +183,31 @@ class StationController(QObject):
         self.status.emit(f"Capturing {count} OK frame(s) from {kind} {target} into {folder}…")
 
     # -- jobs ---------------------------------------------------------------------------------------
+    # -- model choice (issue 5) ---------------------------------------------------------------------
+    #: channel subset each model is fitted with by default (low-rank projects all channels)
+    MODEL_CHANNELS = {"padim-lowrank": None}
+
+    @staticmethod
+    def available_models() -> list[tuple[str, str]]:
+        """(name, one-line summary) of every normality model, for the chooser."""
+        from core.models import MODELS
+
+        return [(name, cls.summary) for name, cls in MODELS.items()]
+
+    def set_model(self, name: str) -> None:
+        """Choose the normality model for the next fit; its own parameters start at defaults."""
+        if name == self.recipe.config.get("model", "padim"):
+            return
+        cfg = dict(self.recipe.config, model=name, model_params={},
+                   n_channels=self.MODEL_CHANNELS.get(name, 100))
+        try:
+            DetectorConfig.from_dict(dict(cfg))
+        except (TypeError, ValueError) as exc:
+            self.error.emit(f"Cannot use model {name}: {exc}")
+            return
+        self.recipe.config = cfg
+        self.status.emit(f"Model for the next fit: {name} (press F5 to fit)")
+
     def start_fit(self) -> None:
         if not self.recipe.ok_paths:
             self.error.emit("Add OK images before fitting a model.")

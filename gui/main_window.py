@@ -109,6 +109,7 @@ class MainWindow(QMainWindow):
         self.ok_panel.add_requested.connect(c.add_ok_paths)
         self.ok_panel.remove_requested.connect(c.remove_ok_paths)
         self.ok_panel.fit_requested.connect(c.start_fit)
+        self.ok_panel.model_chosen.connect(c.set_model)
         self.ok_panel.cancel_requested.connect(c.cancel)
         self.ok_panel.capture_requested.connect(self.capture_ok)
         self.source_panel.inspect_files_requested.connect(c.inspect_paths)
@@ -136,6 +137,7 @@ class MainWindow(QMainWindow):
     @Slot(str)
     def on_recipe_changed(self, name: str) -> None:
         self.setWindowTitle(f"{APP_TITLE} — {name}")
+        self.ok_panel.set_models(self.controller.available_models(), self.controller.config.model)
         self.source_panel.demo_button.setVisible(bool(self.controller.demo_stream))
         self.results_panel.clear()
         self.view.clear()

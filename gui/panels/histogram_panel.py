@@ -47,9 +47,12 @@ class HistogramPanel(QWidget):
         if hi <= lo:
             hi = lo + 1.0
         edges = np.linspace(lo, hi, 41)
+        top = 1
         for curve, data in ((self.ok_curve, self._ok), (self.inspected_curve, self._inspected)):
             counts, _ = np.histogram(data, bins=edges)
             curve.setData(edges, counts)
+            top = max(top, int(counts.max()) if counts.size else 0)
+        self.plot.setYRange(0, top * 1.1, padding=0)  # no negative counts on an empty plot
 
     def set_threshold(self, value: float) -> None:
         """Move the line without emitting ``threshold_moved``."""

@@ -144,8 +144,9 @@ class LabelsPanel(QWidget):
 
     def set_weight_change(self, change) -> None:
         if change is None:
-            self.changed_label.setText("<b>What changed:</b> channel weights unchanged "
-                                       "(a false alarm lowers the channels that drove it)")
+            self.changed_label.setText("<b>What changed:</b> channel weights unchanged (with "
+                                       "<i>Learn channel weights</i> on, a false alarm lowers the "
+                                       "channels that drove it)")
             return
         stages = ", ".join(f"{k} {v:.2f}" for k, v in change.stage_mean_weight.items())
         lowest = ", ".join(f"#{i} {w:.2f}" for i, w in change.lowest)

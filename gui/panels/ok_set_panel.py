@@ -5,8 +5,10 @@ from pathlib import Path
 
 from PySide6.QtCore import QSize, Qt, QTimer, Signal
 from PySide6.QtGui import QColor, QIcon, QPixmap
-from PySide6.QtWidgets import (QFileDialog, QHBoxLayout, QLabel, QListView, QListWidget, QListWidgetItem,
-                               QProgressBar, QPushButton, QSpinBox, QVBoxLayout, QWidget, QAbstractItemView)
+from PySide6.QtWidgets import (
+    QAbstractItemView, QComboBox, QFileDialog, QHBoxLayout, QLabel, QListView, QListWidget,
+    QListWidgetItem, QProgressBar, QPushButton, QSpinBox, QVBoxLayout, QWidget,
+)
 
 from ..imaging import file_thumbnail
 
@@ -20,6 +22,7 @@ class OkSetPanel(QWidget):
     fit_requested = Signal()
     capture_requested = Signal(int)  # number of frames to grab from the live source
     cancel_requested = Signal()
+    model_chosen = Signal(str)  # normality model name for the next fit
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -44,6 +47,11 @@ class OkSetPanel(QWidget):
         self.capture_count.setValue(1)
         self.capture_count.setSuffix(" frame(s)")
         self.capture_button.clicked.connect(lambda: self.capture_requested.emit(self.capture_count.value()))
+        self.model_combo = QComboBox()
+        self.model_combo.setToolTip("Normality model fitted by the next Fit (see the README's "
+                                    "'Which model' for when to pick which)")
+        self.model_combo.activated.connect(
+            lambda i: self.model_chosen.emit(self.model_combo.itemData(i)))
         self.fit_button = QPushButton("Fit model  (F5)")
         self.fit_button.setStyleSheet("font-weight:bold; padding:6px;")
         self.cancel_button = QPushButton("Cancel")
@@ -62,6 +70,7 @@ class OkSetPanel(QWidget):
         capture_row.addWidget(self.capture_button, 1)
         capture_row.addWidget(self.capture_count)
         fit_row = QHBoxLayout()
+        fit_row.addWidget(self.model_combo)
         fit_row.addWidget(self.fit_button, 1)
         fit_row.addWidget(self.cancel_button)
         lay = QVBoxLayout(self)
@@ -95,6 +104,14 @@ class OkSetPanel(QWidget):
         if self._thumb_queue:
             self._thumb_timer.start()
         self._update_enabled()
+
+    def set_models(self, models: list[tuple[str, str]], current: str) -> None:
+        """Fill the chooser with (name, summary) pairs and select ``current``."""
+        self.model_combo.clear()
+        for name, summary in models:
+            self.model_combo.addItem(name, name)
+            self.model_combo.setItemData(self.model_combo.count() - 1, summary, Qt.ItemDataRole.ToolTipRole)
+        self.model_combo.setCurrentIndex(max(self.model_combo.findData(current), 0))
 
     def paths(self) -> list[str]:
         return [self.list.item(i).data(Qt.ItemDataRole.UserRole) for i in range(self.list.count())]

@@ -154,3 +154,14 @@ def test_capture_from_missing_camera_is_a_clear_error(qtbot, controller):
     assert "cannot open camera 97" in err.args[0] and len(c.ok_paths) == before
     with qtbot.waitSignal(c.error):
         c.capture_ok("folder", "/tmp", 1)
+
+
+@pytest.mark.parametrize("name", ["patchcore", "padim-lowrank"])
+def test_a_model_chosen_in_the_gui_is_the_one_fitted(qtbot, controller, name):
+    c = controller
+    names = [n for n, _ in c.available_models()]
+    assert names[0] == "padim" and name in names
+    c.set_model(name)
+    with qtbot.waitSignal(c.model_changed, timeout=60000):
+        c.start_fit()
+    assert c.detector.model.kind == name

@@ -125,3 +125,15 @@ def test_ok_set_panel_lists_thumbnails_and_requests(qtbot, ok_images):
     assert not p.fit_button.isEnabled() and p.cancel_button.isEnabled()
     with qtbot.waitSignal(p.cancel_requested):
         p.cancel_button.click()
+
+
+def test_ok_set_panel_model_chooser_emits_the_chosen_name(qtbot):
+    from gui.panels.ok_set_panel import OkSetPanel
+
+    panel = OkSetPanel()
+    qtbot.addWidget(panel)
+    panel.set_models([("padim", "one Gaussian"), ("patchcore", "memory bank")], "patchcore")
+    assert panel.model_combo.currentText() == "patchcore"
+    with qtbot.waitSignal(panel.model_chosen) as sig:
+        panel.model_combo.activated.emit(0)
+    assert sig.args == ["padim"]
