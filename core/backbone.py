@@ -138,7 +138,7 @@ def resolve_weights(spec: BackboneSpec) -> LoadedWeights:
 def _create_timm_model(spec: BackboneSpec, weights: LoadedWeights) -> torch.nn.Module:
     import timm
 
-    if spec.name not in timm.list_models():
+    if not timm.is_model(spec.name):
         raise BackboneUnavailableError(
             f"unknown backbone {spec.name!r}; any timm model name works, e.g. resnet18, "
             f"wide_resnet50_2, or the offline default {DEFAULT_BACKBONE}"

@@ -254,5 +254,7 @@ class MainWindow(QMainWindow):
     def closeEvent(self, event) -> None:  # noqa: N802 - Qt override
         self.settings.setValue("window/geometry", self.saveGeometry())
         self.settings.setValue("window/state", self.saveState())
-        self.controller.shutdown(5000)
+        # The engine stops at its next cancellation point (at most one batch, or the backbone
+        # load); destroying a running QThread would abort the process, so wait generously.
+        self.controller.shutdown(60000)
         super().closeEvent(event)

@@ -90,3 +90,25 @@ def test_shutdown_while_running_cancels_and_ends_thread(qtbot):
     assert not r.thread.isRunning()
     with pytest.raises(RuntimeError):
         r.submit(finite_job)
+
+
+def test_closing_the_window_during_a_fit_ends_the_engine_thread_and_keeps_the_old_model(qtbot, tmp_path, ok_images,
+                                                                                          tiny_config):
+    from PySide6.QtCore import QSettings
+
+    from gui.controller import StationController
+    from gui.main_window import MainWindow
+
+    runner = EngineRunner()
+    c = StationController(runner)
+    c.new_recipe("closing", tiny_config, [str(p) for p in ok_images])
+    w = MainWindow(c, QSettings(str(tmp_path / "s.ini"), QSettings.Format.IniFormat))
+    qtbot.addWidget(w)
+    w.show()
+    progress = []
+    c.progress.connect(lambda *a: progress.append(a))
+    c.start_fit()
+    qtbot.waitUntil(lambda: len(progress) > 0, timeout=10000)  # the fit is under way
+    w.close()
+    assert not runner.thread.isRunning()
+    assert c.detector is None  # the unfinished fit never replaced the (absent) model
