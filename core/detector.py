@@ -147,7 +147,10 @@ class Detector:
         probe = Embedder(extractor, idx)
         cls_, params = model_class(config.model), dict(config.model_params)
         if getattr(cls_, "needs_channel_stage", False) and "channel_stage" not in params:
-            params["channel_stage"] = probe.channel_stage.tolist()  # stage of each channel (fusion)
+            params["channel_stage"] = probe.channel_stage.tolist()  # stage of each channel
+        if getattr(cls_, "needs_stage_strides", False) and "stage_strides" not in params:
+            strides = extractor.stage_strides
+            params["stage_strides"] = [s // strides[0] for s in strides]  # relative to the finest
         model = cls_(probe.grid_size, probe.n_channels, **params)
         return cls(config, extractor, idx, model)
 

@@ -139,3 +139,17 @@ def test_save_load_round_trip_gives_identical_scores(tiny_config, part_images, t
     assert back.model.bank.shape == det.model.bank.shape and back.model.n_samples == det.model.n_samples
     with pytest.raises(ValueError):
         PatchcoreModel((2, 2), 3, coreset_ratio=0.0)
+
+
+def test_each_stage_is_pooled_over_the_same_image_area():
+    """A stage at twice the stride is pooled 5x5 on the fine grid (3x3 of its own cells)."""
+    import torch
+
+    from core.models.patchcore import PatchcoreModel, local_features
+
+    emb = torch.randn(1, 4, 9, 9, generator=torch.Generator().manual_seed(0))
+    model = PatchcoreModel((9, 9), 4, channel_stage=[0, 0, 1, 1], stage_strides=[1, 2])
+    got = model._features(emb)
+    torch.testing.assert_close(got[:, :2], local_features(emb[:, :2], 3))
+    torch.testing.assert_close(got[:, 2:], local_features(emb[:, 2:], 5))
+    assert model.params()["stage_strides"] == [1, 2]
