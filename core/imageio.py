@@ -61,7 +61,7 @@ def _decode(data: np.ndarray, path: object) -> np.ndarray:
 def _decode_with_pillow(data: np.ndarray, path: object) -> np.ndarray:
     import io
 
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import Image, ImageOps
 
     Image.MAX_IMAGE_PIXELS = MAX_PIXELS
     try:

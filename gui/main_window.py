@@ -105,7 +105,7 @@ class MainWindow(QMainWindow):
         self._update_recent_menu()
 
     def _wire(self) -> None:
-        c, v = self.controller, self.view
+        c = self.controller
         self.ok_panel.add_requested.connect(c.add_ok_paths)
         self.ok_panel.remove_requested.connect(c.remove_ok_paths)
         self.ok_panel.fit_requested.connect(c.start_fit)

@@ -36,7 +36,7 @@ def main() -> int:
 
     from core.demo import elpv_cells
     from core.detector import DetectorConfig
-    from core.jobs import CancelToken, Progress, ScoredImage, fit_job, inspect_job, run_job
+    from core.jobs import CancelToken, ScoredImage, fit_job, inspect_job, run_job
 
     proc = psutil.Process()
     cells = elpv_cells(None)

@@ -49,3 +49,23 @@ def elpv_split():
     from core.demo import demo_split
 
     return demo_split()
+
+
+@pytest.fixture(scope="session")
+def saved_tiny_model(tmp_path_factory):
+    """A tiny detector fitted on 8 synthetic parts and saved once per session.
+
+    Returns (model path, a defective part image) for tests that abuse model files.
+    """
+    from core import CancelToken, fit_job, run_job, save_detector
+
+    d = tmp_path_factory.mktemp("tiny-model")
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(8):
+        p = d / f"ok_{i}.png"
+        cv2.imwrite(str(p), make_part(rng))
+        paths.append(str(p))
+    cfg = DetectorConfig(weights="random", image_size=64, n_channels=24, batch_size=4)
+    det = run_job(fit_job(paths, cfg, CancelToken())).detector
+    return save_detector(det, d / "original.okng"), make_part(rng, defect=True)

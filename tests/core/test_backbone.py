@@ -1,6 +1,5 @@
 """The offline default backbone is really ImageNet EfficientNet-Lite0, correctly normalised."""
 import cv2
-import numpy as np
 import pytest
 import torch
 

@@ -18,13 +18,9 @@ import subprocess
 import sys
 import time
 
-import cv2
-import numpy as np
 import pytest
 
-from core import CancelToken, fit_job, load_detector, run_job, save_detector
-from core.detector import DetectorConfig
-from tests.conftest import make_part
+from core import load_detector, save_detector
 
 ZYGOTE = r"""
 import os, sys
@@ -52,17 +48,8 @@ KILLS = 25
 
 
 @pytest.fixture(scope="module")
-def fitted_file(tmp_path_factory):
-    d = tmp_path_factory.mktemp("kill")
-    rng = np.random.default_rng(0)
-    paths = []
-    for i in range(8):
-        p = d / f"ok_{i}.png"
-        cv2.imwrite(str(p), make_part(rng))
-        paths.append(str(p))
-    cfg = DetectorConfig(weights="random", image_size=64, n_channels=24, batch_size=4)
-    det = run_job(fit_job(paths, cfg, CancelToken())).detector
-    return save_detector(det, d / "original.okng"), make_part(rng, defect=True)
+def fitted_file(saved_tiny_model):
+    return saved_tiny_model
 
 
 def test_sigkill_during_saves_never_leaves_an_unloadable_model(fitted_file, tmp_path):

@@ -8,29 +8,14 @@ import struct
 import pytest
 from safetensors.torch import load_file, save_file
 
-from core import CancelToken, ModelFileError, fit_job, load_detector, run_job, save_detector
+from core import ModelFileError, load_detector
 from core.models.padim import PadimModel
 from core.persistence import read_model_file
 
 
 @pytest.fixture(scope="module")
-def model_file(tmp_path_factory):
-    import cv2
-    import numpy as np
-
-    from core.detector import DetectorConfig
-    from tests.conftest import make_part
-
-    d = tmp_path_factory.mktemp("model")
-    rng = np.random.default_rng(0)
-    paths = []
-    for i in range(8):
-        p = d / f"ok_{i}.png"
-        cv2.imwrite(str(p), make_part(rng))
-        paths.append(str(p))
-    cfg = DetectorConfig(weights="random", image_size=64, n_channels=24, batch_size=4)
-    det = run_job(fit_job(paths, cfg, CancelToken())).detector
-    return save_detector(det, d / "good.okng").read_bytes()
+def model_file(saved_tiny_model):
+    return saved_tiny_model[0].read_bytes()
 
 
 @pytest.fixture
