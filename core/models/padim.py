@@ -19,8 +19,10 @@ from .gaussian import GaussianStats, precision_from_covariance
 def mahalanobis(x: torch.Tensor, mean: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
     """Batched Mahalanobis distance. x (P, B, C), mean (P, C), precision (P, C, C) -> (P, B)."""
     diff = x - mean[:, None, :]
-    # one fused contraction: measured ~1.5x faster than bmm + multiply + sum at batch 1
-    d2 = torch.einsum("pbc,pcd,pbd->pb", diff, precision, diff)
+    # Memory-bound: the precision matrices (31 MB at 28x28 patches x 100 channels) are read
+    # once per batch. bmm measured 2.0 ms in cache / 7.5 ms after a cache flush at batch 1,
+    # einsum 2.3 / 8.2 ms; float16 storage or a packed triangle did not help on this CPU.
+    d2 = (torch.bmm(diff, precision) * diff).sum(-1)
     return d2.clamp_min_(0.0).sqrt_()
 
 
