@@ -129,3 +129,16 @@ def test_labels_committed_before_a_kill_are_all_there(tmp_path):
     assert "acknowledged" in r.stdout and r.returncode == -9
     with LabelStore(db) as store:
         assert len(store.labels()) == 25
+
+
+@pytest.mark.parametrize("model", ["padim", "padim-lowrank", "padim-fusion", "padim-kmeans", "patchcore"])
+def test_every_model_learns_a_marked_false_alarm(tiny_config, part_images, model):
+    from core.imageio import load_image
+
+    ok, ng = part_images
+    channels = None if model == "padim-lowrank" else tiny_config.n_channels
+    det = run_job(fit_job(ok, tiny_config.with_(model=model, n_channels=channels), CancelToken())).detector
+    img = load_image(ng[0])
+    before = det.inspect([img])[0]
+    rec = FeedbackLearner(det).mark_false_alarm(img, before.anomaly_map > 0.5 * before.peak)
+    assert rec.score_after < 0.5 * rec.score_before
