@@ -13,6 +13,19 @@ from PySide6.QtWidgets import QApplication
 log = logging.getLogger(__name__)
 
 
+def _preload_engine_modules() -> None:
+    """Import the engine's heavy modules now, on the UI thread, before the window shows.
+
+    Otherwise the engine thread imports timm (about a second of module loading) during the
+    first fit while holding the import lock, and every import PySide6 makes on the UI thread
+    meanwhile (its signature loader imports lazily) waits for it: measured UI stalls of
+    160-310 ms during the first fit (packaging/bench_gui.py).
+    """
+    import safetensors.torch  # noqa: F401
+    import timm  # noqa: F401
+    import timm.layers  # noqa: F401
+
+
 def build(settings=None):
     """Create (or reuse) the QApplication and return (app, controller, window)."""
     from core.allocator import tune_allocator
@@ -22,6 +35,7 @@ def build(settings=None):
     from .runner import EngineRunner
 
     app = QApplication.instance() or QApplication(sys.argv[:1])
+    _preload_engine_modules()
     app.setApplicationName("OK-NG Station")
     app.setOrganizationName("OKNG")
     tune_allocator()
