@@ -127,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     meter = StallMeter()
     split = demo_split()
     ok = split.ok_train[: args.fit]
-    cells = (split.stream_paths + split.ok_train[args.fit:])[: args.frames]
+    pool = split.stream_paths + split.ok_train[args.fit:]
+    cells = [pool[i % len(pool)] for i in range(args.frames)]  # cycles for long (soak) runs
     video = tmp / "cells.avi"
     n_video = write_video(cells, video, args.size)
     errors: list[str] = []
@@ -152,6 +153,17 @@ def main(argv: list[str] | None = None) -> int:
     arrived: list[str] = []  # result names in the order the engine delivered them
     rendered: list[tuple[str, int]] = []  # (name, number of results arrived when it was rendered)
     c.result_added.connect(lambda rec: arrived.append(rec.name))
+    # Soak figures (issue 6): memory, open files and threads at result 1,000 and at the end.
+    import psutil
+
+    proc = psutil.Process()
+    marks: dict[str, tuple[float, int, int]] = {}
+
+    def mark(name: str) -> None:
+        marks[name] = (proc.memory_info().rss / 2**20, proc.num_fds(), proc.num_threads())
+
+    c.result_added.connect(lambda rec: len(arrived) == 1000 and "at_1000" not in marks and mark("at_1000"))
+    mark("start")
     view = window.view
     real_set_image = view.set_image
 
@@ -190,6 +202,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"rendered frames/s:       {render_fps:.2f}  ({len(rendered)} renders; {superseded} results "
           f"superseded by a newer one before being drawn; {stale} renders of a non-newest result)")
     print(f"dropped without supersede: {dropped}")
+    mark("end")
+    for name, (rss, fds, threads) in marks.items():
+        print(f"soak {name:8s}: RSS {rss:7.1f} MB, open files {fds}, threads {threads}")
+    if "at_1000" in marks:
+        print(f"soak RSS growth from result 1,000 to {len(arrived):,}: {marks['end'][0] - marks['at_1000'][0]:+.1f} MB "
+              "(target < 50 MB)")
     verdict = all_gaps.max() <= 100.0 and dropped == 0 and not errors
     print(f"target (no stall > 100 ms, 0 dropped): {'MET' if verdict else 'NOT MET'}")
     if errors:

@@ -112,3 +112,30 @@ def test_closing_the_window_during_a_fit_ends_the_engine_thread_and_keeps_the_ol
     w.close()
     assert not runner.thread.isRunning()
     assert c.detector is None  # the unfinished fit never replaced the (absent) model
+
+
+def test_closing_the_window_during_an_inspection_or_a_save_ends_cleanly(qtbot, tmp_path, ok_images, tiny_config):
+    from PySide6.QtCore import QSettings
+
+    from core import load_detector
+    from gui.controller import StationController
+    from gui.main_window import MainWindow
+
+    runner = EngineRunner()
+    c = StationController(runner)
+    c.new_recipe("closing", tiny_config, [str(p) for p in ok_images])
+    w = MainWindow(c, QSettings(str(tmp_path / "s.ini"), QSettings.Format.IniFormat))
+    qtbot.addWidget(w)
+    w.show()
+    with qtbot.waitSignal(c.model_changed, timeout=60000):
+        c.start_fit()
+    recipe = tmp_path / "closing.okrecipe"
+    c.save_recipe(str(recipe))  # the model save runs on the engine thread, before the inspection
+    progress = []
+    c.progress.connect(lambda *a: progress.append(a))
+    c.inspect_paths([str(p) for p in ok_images] * 20)
+    qtbot.waitUntil(lambda: len(progress) > 0, timeout=10000)
+    w.close()
+    assert not runner.thread.isRunning()
+    model = recipe.with_suffix(".okng")
+    assert model.exists() and load_detector(model).model.n_samples > 0  # whole and loadable
