@@ -29,10 +29,9 @@ def test_false_alarm_region_update_equals_a_refit_with_those_patches(fitted, par
     # from scratch: the same OK images plus exactly the marked patches of the image
     ref = det.copy()
     ref.model = type(det.model)(det.model.grid, det.model.n_channels, **det.model.params())
-    fit_set = [p for p in ok if p not in set(det.thresholds and [])]
     from core.jobs import split_calibration
 
-    fit_paths, _ = split_calibration(fit_set, det.config.calibration_fraction)
+    fit_paths, _ = split_calibration(ok, det.config.calibration_fraction)  # what fit_job fitted
     ref.model.partial_fit(ref.embed([load_image(p) for p in fit_paths]))
     ref.model.partial_fit(ref.embed([img]), region_patch_mask(mask, det.model.grid))
     ref.finalize()

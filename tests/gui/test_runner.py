@@ -92,8 +92,9 @@ def test_shutdown_while_running_cancels_and_ends_thread(qtbot):
         r.submit(finite_job)
 
 
-def test_closing_the_window_during_a_fit_ends_the_engine_thread_and_keeps_the_old_model(qtbot, tmp_path, ok_images,
-                                                                                          tiny_config):
+@pytest.fixture
+def live_window(qtbot, tmp_path, ok_images, tiny_config):
+    """The real main window on a real engine thread, with a tiny recipe: (runner, controller, window)."""
     from PySide6.QtCore import QSettings
 
     from gui.controller import StationController
@@ -105,6 +106,11 @@ def test_closing_the_window_during_a_fit_ends_the_engine_thread_and_keeps_the_ol
     w = MainWindow(c, QSettings(str(tmp_path / "s.ini"), QSettings.Format.IniFormat))
     qtbot.addWidget(w)
     w.show()
+    return runner, c, w
+
+
+def test_closing_the_window_during_a_fit_ends_the_engine_thread_and_keeps_the_old_model(qtbot, live_window):
+    runner, c, w = live_window
     progress = []
     c.progress.connect(lambda *a: progress.append(a))
     c.start_fit()
@@ -114,19 +120,10 @@ def test_closing_the_window_during_a_fit_ends_the_engine_thread_and_keeps_the_ol
     assert c.detector is None  # the unfinished fit never replaced the (absent) model
 
 
-def test_closing_the_window_during_an_inspection_or_a_save_ends_cleanly(qtbot, tmp_path, ok_images, tiny_config):
-    from PySide6.QtCore import QSettings
-
+def test_closing_the_window_during_an_inspection_or_a_save_ends_cleanly(qtbot, tmp_path, ok_images, live_window):
     from core import load_detector
-    from gui.controller import StationController
-    from gui.main_window import MainWindow
 
-    runner = EngineRunner()
-    c = StationController(runner)
-    c.new_recipe("closing", tiny_config, [str(p) for p in ok_images])
-    w = MainWindow(c, QSettings(str(tmp_path / "s.ini"), QSettings.Format.IniFormat))
-    qtbot.addWidget(w)
-    w.show()
+    runner, c, w = live_window
     with qtbot.waitSignal(c.model_changed, timeout=60000):
         c.start_fit()
     recipe = tmp_path / "closing.okrecipe"
