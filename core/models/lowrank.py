@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from .base import NormalityModel, patches_first
-from .padim import PadimModel, mahalanobis
+from .mahalanobis import mahalanobis
+from .padim import PadimModel
 
 
 def semi_orthogonal(n_channels: int, rank: int, seed: int) -> torch.Tensor:

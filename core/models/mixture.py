@@ -22,7 +22,7 @@ import torch
 
 from .base import NormalityModel, patches_first
 from .gaussian import GaussianStats, precision_from_covariance
-from .padim import mahalanobis
+from .mahalanobis import mahalanobis, pack_symmetric
 
 
 def _sq_dist(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -82,7 +82,9 @@ class KMeansPadimModel(NormalityModel):
         self.stats: GaussianStats | None = None
         self._pending: list[tuple[torch.Tensor, torch.Tensor | None]] = []
         self._means: torch.Tensor | None = None  # (P, K, C) float32
-        self._precisions: torch.Tensor | None = None  # (P*K, C, C) float32
+        #: (K, P, C (C + 1) / 2) float32 packed precisions, component-major so that one
+        #: component's matrices are contiguous for the scoring kernel
+        self._precisions: torch.Tensor | None = None
         self._valids: torch.Tensor | None = None  # (P, K) bool
         self._dirty: torch.Tensor | None = None  # (P*K,) components updated since _derive
 
@@ -157,10 +159,11 @@ class KMeansPadimModel(NormalityModel):
             rows = torch.nonzero(self._dirty).flatten()
             if rows.numel():
                 cov = self.stats.covariance(self.epsilon, rows)
-                self._precisions[rows] = precision_from_covariance(cov).to(torch.float32)
+                self._precisions[rows % k, rows // k] = pack_symmetric(precision_from_covariance(cov)).to(torch.float32)
                 self._means.view(p * k, -1)[rows] = self.stats.mean[rows].to(torch.float32)
         else:
-            self._precisions = precision_from_covariance(self.stats.covariance(self.epsilon)).to(torch.float32)
+            packed = pack_symmetric(precision_from_covariance(self.stats.covariance(self.epsilon))).to(torch.float32)
+            self._precisions = packed.view(p, k, -1).transpose(0, 1).contiguous()
             self._means = self.stats.mean.to(torch.float32).view(p, k, self.n_channels).contiguous()
         self._dirty = torch.zeros(p * k, dtype=torch.bool)
 
@@ -168,12 +171,11 @@ class KMeansPadimModel(NormalityModel):
         """x (P, B, C) weighted-or-not samples -> (P, B, K) Mahalanobis distances (inf for
         empty components)."""
         assert self._precisions is not None and self._means is not None and self._valids is not None
-        p, k = self.n_patches, self.components
-        prec = self._precisions.view(p, k, self.n_channels, self.n_channels)
+        k = self.components
         mean = self._means
         if self.channel_weights is not None:
             mean = mean * self.channel_weights
-        out = torch.stack([mahalanobis(x, mean[:, j], prec[:, j]) for j in range(k)], 2)
+        out = torch.stack([mahalanobis(x, mean[:, j], self._precisions[j]) for j in range(k)], 2)
         return out.masked_fill_(~self._valids[:, None, :], float("inf"))
 
     def score(self, emb: torch.Tensor) -> torch.Tensor:

@@ -137,8 +137,8 @@ def test_feedback_refreshes_only_touched_components_and_equals_a_fresh_derivatio
     model.partial_fit(torch.from_numpy(train[7:8] + 0.3), mask)
     probe = torch.from_numpy(train[:3] + 0.7)
     got = model.score(probe)
-    changed = (model._precisions != untouched).flatten(1).any(1)
-    assert int(changed.sum()) == 1 and bool(changed[1 * 3: 2 * 3].any())  # patch (0, 1) is rows 3..5
+    changed = (model._precisions != untouched).any(-1)  # (components, patches)
+    assert int(changed.sum()) == 1 and bool(changed[:, 1].any())  # patch (0, 1) is patch 1
     fresh = KMeansPadimModel((2, 3), 4)
     fresh.load_tensors(model.tensors())
     torch.testing.assert_close(fresh.score(probe), got)
