@@ -75,8 +75,10 @@ def _config_from_args(args: argparse.Namespace):
         except json.JSONDecodeError:
             params[key] = value
     kw = dict(model=args.model, backbone=args.backbone, image_size=args.image_size, model_params=params,
-              sigma=args.sigma, pooling=args.pooling, topk=args.topk, batch_size=args.batch_size,
+              sigma=args.sigma, pooling=args.pooling, topk=args.topk,
               false_alarm_rate=args.false_alarm_rate, seed=args.seed)
+    if args.batch_size is not None:
+        kw["batch_size"] = args.batch_size
     if args.stages:
         kw["stages"] = tuple(int(s) for s in args.stages.split(","))
     kw["n_channels"] = None if args.channels == 0 else args.channels
@@ -253,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--pooling", default="max", choices=["max", "topk", "blob"], help="image score pooling")
     f.add_argument("--topk", type=int, default=100, help="pixels averaged by topk pooling")
     f.add_argument("--false-alarm-rate", type=float, default=0.01, help="target for the calibrated threshold")
-    f.add_argument("--batch-size", type=int, default=16)
+    f.add_argument("--batch-size", type=int, help="images per backbone pass (default 8)")
     f.add_argument("--seed", type=int, default=0, help="seed of the channel subset")
     f.set_defaults(func=cmd_fit)
 

@@ -14,7 +14,9 @@ tf_efficientnet_lite0 stages at stride 8 and 16 (timm indices 2, 3; anomalib lay
 blocks.2, blocks.4), 100 random channels. anomalib runs as it ships (its timm extractor runs
 the whole backbone; default glibc allocator); the station runs as it ships (pruned backbone,
 bounded allocator tuning, see core/allocator.py). Every measurement runs in a fresh process so
-peak RSS is per measurement.
+peak RSS is per measurement; fits are repeated (``--repeats``, default 3) and reported as
+medians, and latency calls are interleaved, because this machine's speed and the allocator's
+placement vary between identical runs.
 """
 from __future__ import annotations
 
@@ -235,6 +237,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="50 and 200 images only, no anomalib fit at 800")
     ap.add_argument("--json", help="write all figures here")
     ap.add_argument("--no-anomalib", action="store_true")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="fresh processes per fit size; figures are medians (peak RSS varies ±50 MB "
+                         "between identical runs with allocator placement)")
     ap.add_argument("--patchcore", type=int, metavar="N", help="only compare PatchCore fits on N OK images")
     args = ap.parse_args()
     if args.patchcore:
@@ -255,8 +260,15 @@ def main() -> None:
     sizes = [50, 200] if args.quick else [50, 200, 800]
     for impl in impls:
         for n in sizes:
-            res["fit"][f"{impl}/{n}"] = r = run_worker(py[impl], "fit", impl, str(n))
-            print(f"fit {impl:9s} n={n:4d}: {r['fit_s']:7.1f} s  peak RSS {r['peak_rss_mb']:7.0f} MB", flush=True)
+            runs = [run_worker(py[impl], "fit", impl, str(n)) for _ in range(args.repeats)]
+            res["fit"][f"{impl}/{n}"] = r = {
+                "fit_s": statistics.median(x["fit_s"] for x in runs),
+                "peak_rss_mb": statistics.median(x["peak_rss_mb"] for x in runs),
+                "runs": runs,
+            }
+            spread = [round(x["peak_rss_mb"]) for x in runs]
+            print(f"fit {impl:9s} n={n:4d}: {r['fit_s']:7.1f} s  peak RSS {r['peak_rss_mb']:7.0f} MB "
+                  f"(median of {len(runs)}: {spread})", flush=True)
         res["latency"][impl] = r = run_worker(py[impl], "latency", impl)
         print(f"latency {impl:9s}: backbone {r['backbone_ms']:.1f} ms, after {r['after_backbone_ms']:.1f} ms "
               f"({r['after_share']:.0%}), total {r['total_ms']:.1f} ms, batch-32 {r['throughput_b32']:.1f} img/s, "

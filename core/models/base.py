@@ -20,6 +20,9 @@ class NormalityModel(ABC):
     summary: ClassVar[str]
     #: True when :meth:`partial_fit` after :meth:`finalize` equals a refit on all data
     exact_incremental: ClassVar[bool] = True
+    #: True when scoring goes through :func:`core.models.mahalanobis.mahalanobis`, whose
+    #: compiled kernel the fit job loads up front (see :func:`core.jobs.fit_job`)
+    uses_mahalanobis: ClassVar[bool] = False
 
     def __init__(self, grid: tuple[int, int], n_channels: int, **params: Any) -> None:
         self.grid = (int(grid[0]), int(grid[1]))

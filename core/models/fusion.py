@@ -33,6 +33,7 @@ class StageFusionModel(NormalityModel):
     kind = "padim-fusion"
     summary = "one Gaussian per patch per backbone stage, distance maps fused by weight"
     exact_incremental = True
+    uses_mahalanobis = True
     #: Detector.create passes ``channel_stage`` (the stage of each embedding channel)
     needs_channel_stage = True
 

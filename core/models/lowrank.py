@@ -41,6 +41,7 @@ class LowRankPadimModel(NormalityModel):
     kind = "padim-lowrank"
     summary = "PaDiM on a semi-orthogonal projection to `rank` dims (Kim et al.); for wide backbones"
     exact_incremental = True
+    uses_mahalanobis = True
 
     def __init__(self, grid: tuple[int, int], n_channels: int, rank: int = 100,
                  epsilon: float = 0.01, seed: int = 0) -> None:

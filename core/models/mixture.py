@@ -66,6 +66,7 @@ class KMeansPadimModel(NormalityModel):
     kind = "padim-kmeans"
     summary = "K Gaussians per patch (k-means clusters), Mahalanobis to the nearest (multi-modal OK)"
     exact_incremental = False
+    uses_mahalanobis = True
 
     def __init__(self, grid: tuple[int, int], n_channels: int, components: int = 3, epsilon: float = 0.01,
                  iterations: int = 30, seed: int = 0) -> None:

@@ -25,6 +25,7 @@ class PadimModel(NormalityModel):
     kind = "padim"
     summary = "one Gaussian per patch position, Mahalanobis distance (PaDiM)"
     exact_incremental = True
+    uses_mahalanobis = True
 
     def __init__(self, grid: tuple[int, int], n_channels: int, epsilon: float = 0.01) -> None:
         super().__init__(grid, n_channels)
