@@ -50,7 +50,7 @@ def test_trace_of_product_equals_the_full_matrix_trace():
 
 
 @pytest.mark.parametrize("batch", [1, 3, 8, 32])
-@pytest.mark.parametrize("channels", [1, 7, 100])
+@pytest.mark.parametrize("channels", [1, 7, 100, 176, 300])
 def test_distances_match_a_float64_reference(batch, channels):
     x, mean, prec = problem(13, batch, channels)
     got = M.mahalanobis(torch.from_numpy(x), torch.from_numpy(mean), packed(prec))
