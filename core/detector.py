@@ -32,6 +32,23 @@ from .thresholds import Thresholds, verdict
 log = logging.getLogger(__name__)
 
 
+def _check_param_type(model: str, key: str, value: Any, default: Any) -> None:
+    """Refuse a model parameter whose type does not match its default's (``--param
+    rank=1.5``), by name, here rather than deep inside the model when it is built."""
+    if isinstance(default, bool):
+        ok, want = isinstance(value, bool), "true or false"
+    elif isinstance(default, int):
+        ok, want = isinstance(value, int) and not isinstance(value, bool), "a whole number"
+    elif isinstance(default, float):
+        ok, want = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    elif isinstance(default, str):
+        ok, want = isinstance(value, str), "text"
+    else:  # None default: a list or other structure the model checks itself
+        ok, want = True, ""
+    if not ok:
+        raise ValueError(f"model {model!r} parameter {key} must be {want}, got {value!r}")
+
+
 @dataclass(frozen=True)
 class DetectorConfig:
     """Everything that defines a detector before it sees data (the recipe's settings)."""
@@ -62,6 +79,9 @@ class DetectorConfig:
         if unknown:
             raise ValueError(f"model {self.model!r} has no parameter {', '.join(sorted(unknown))}; "
                              f"it takes {', '.join(sorted(accepted)) or 'none'}")
+        defaults = {k: v.default for k, v in inspect.signature(cls.__init__).parameters.items()}
+        for key, value in self.model_params.items():
+            _check_param_type(self.model, key, value, defaults[key])
         if not 0.0 <= self.calibration_fraction < 1.0:
             raise ValueError("calibration fraction must be in [0, 1)")
         if not 0.0 <= self.false_alarm_rate < 1.0:

@@ -108,3 +108,22 @@ def test_a_parameter_the_model_does_not_take_is_refused_by_name():
 
     with pytest.raises(ValueError, match="has no parameter epsilon; it takes .*coreset_ratio"):
         DetectorConfig(model="patchcore", model_params={"epsilon": 0.1})
+
+
+@pytest.mark.parametrize("model, params, message", [
+    ("padim", {"epsilon": "small"}, "epsilon must be a number, got 'small'"),
+    ("padim", {"epsilon": True}, "epsilon must be a number"),
+    ("padim-lowrank", {"rank": 1.5}, "rank must be a whole number, got 1.5"),
+    ("patchcore", {"coreset_ratio": [0.1]}, "coreset_ratio must be a number"),
+])
+def test_a_parameter_of_the_wrong_type_is_refused_by_name(model, params, message):
+    from core.detector import DetectorConfig
+
+    with pytest.raises(ValueError, match=message):
+        DetectorConfig(model=model, model_params=params)
+
+
+def test_whole_numbers_are_accepted_where_a_number_is_expected():
+    from core.detector import DetectorConfig
+
+    assert DetectorConfig(model="padim", model_params={"epsilon": 1}).model_params == {"epsilon": 1}
