@@ -31,7 +31,6 @@ from .backbone import FeatureExtractor
 from .detector import Detector, DetectorConfig, Inspection, preprocess
 from .errors import Cancelled, ImageLoadError, NotFittedError
 from .imageio import load_image
-from .models.mahalanobis import warm_up
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")
@@ -171,11 +170,10 @@ def fit_job(
         raise NotFittedError("no OK images given: add OK images to fit a model")
     yield Progress(0, len(paths), "loading backbone")
     det = Detector.create(config, extractor)
-    if det.model.uses_mahalanobis:
-        # Compile (or load from cache) now, while the heap is small: at the first score,
-        # inside calibration, numba's ~130 MB landed on top of the fit's peak and made the
-        # peak vary by ±50 MB between runs (packaging/bench_engine.py).
-        warm_up()
+    # Compiled scoring code now, while the heap is small: loaded at the first score, inside
+    # calibration, numba's ~130 MB landed on top of the fit's peak and made the peak vary by
+    # ±50 MB between runs (packaging/bench_engine.py).
+    det.warm_up()
     fit_paths, cal_paths = split_calibration(paths, config.calibration_fraction)
     result = FitResult(det)
     done = 0
@@ -206,6 +204,7 @@ def fit_job(
             result.calibration += batch.paths
         done += len(batch.paths) + len(batch.skipped)
         yield Progress(done, len(paths), f"calibrating: {done}/{len(paths)} images")
+    yield Progress(done, len(paths), "building the model")  # PatchCore's coreset: a minute
     release_free_memory()  # hand back the loops' freed batch buffers before finalize
     det.finalize()
     if n_held:

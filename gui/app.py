@@ -27,8 +27,8 @@ def _preload_engine_modules() -> None:
 
     try:  # the compiled scoring kernel's compiler; it compiles (or loads its cache) lazily
         import core.models._mahalanobis_kernel  # noqa: F401
-    except ImportError:
-        pass  # scoring falls back to torch.bmm
+    except Exception as exc:  # noqa: BLE001 - a broken numba/llvmlite only costs speed
+        log.warning("numba unavailable (%s); scoring falls back to torch.bmm", exc)
 
 
 def build(settings=None):

@@ -523,7 +523,9 @@ class StationController(QObject):
 
 def _load_job(path: str, extractor):
     yield Progress(0, 1, f"loading model {Path(path).name}")
-    return load_detector(path, extractor)
+    det = load_detector(path, extractor)
+    det.warm_up()  # here, not in the operator's first inspection
+    return det
 
 
 def _save_job(det, path: Path):

@@ -13,7 +13,8 @@ the per-product overhead. Measured per image after the backbone has run (bench_e
 
 So precision matrices are stored packed: for each patch the rows of the upper triangle
 ``S[i, i:]`` concatenated, ``C (C + 1) / 2`` values (:func:`pack_symmetric`). Without numba,
-or for float64 inputs, the matrices are unpacked and ``torch.bmm`` is used; both paths agree
+or for inputs other than float32, the matrices are unpacked and ``torch.bmm`` is used (in
+the widest of the inputs' types); both paths agree
 with a float64 reference to float32 rounding (tests/core/test_mahalanobis.py).
 
 numba's ``workqueue`` threading layer is used unless the user chose another one: it is
@@ -106,8 +107,9 @@ def warm_up() -> None:
 
 
 def _squared_bmm(x: torch.Tensor, mean: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-    diff = x - mean[:, None, :]
-    return (torch.bmm(diff, unpack_symmetric(packed, x.shape[-1])) * diff).sum(-1)
+    dtype = torch.promote_types(torch.promote_types(x.dtype, mean.dtype), packed.dtype)
+    diff = x.to(dtype) - mean.to(dtype)[:, None, :]
+    return (torch.bmm(diff, unpack_symmetric(packed.to(dtype), x.shape[-1])) * diff).sum(-1)
 
 
 def _squared_kernel(x: torch.Tensor, mean: torch.Tensor, packed: torch.Tensor, kernel) -> torch.Tensor:

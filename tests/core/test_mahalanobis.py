@@ -58,11 +58,47 @@ def test_distances_match_a_float64_reference(batch, channels):
     np.testing.assert_allclose(got.numpy(), reference(x, mean, prec), rtol=1e-4, atol=1e-5)
 
 
-def test_the_compiled_kernel_is_used_for_single_images():
-    """Guards the speed-up: if numba stops compiling, scoring silently falls back to bmm."""
+@pytest.mark.parametrize("batch", [1, 8])
+def test_float32_scoring_runs_the_compiled_kernel_not_the_torch_fallback(monkeypatch, batch):
+    """Guards the speed-up: if numba stopped compiling, scoring would silently fall back."""
     pytest.importorskip("numba")
-    M.warm_up()
-    assert M._kernel is not None
+
+    def no_fallback(*args):
+        raise AssertionError("torch.bmm fallback used")
+
+    monkeypatch.setattr(M, "_squared_bmm", no_fallback)
+    x, mean, prec = problem(5, batch, 12)
+    got = M.mahalanobis(torch.from_numpy(x), torch.from_numpy(mean), packed(prec))
+    np.testing.assert_allclose(got.numpy(), reference(x, mean, prec), rtol=1e-4, atol=1e-5)
+
+
+def test_an_ill_conditioned_precision_keeps_float32_accuracy():
+    """Realistic PaDiM statistics: strongly correlated channels, covariance + 0.01 I, so the
+    precision's eigenvalues span four orders of magnitude (float32 limits the accuracy)."""
+    rng = np.random.default_rng(3)
+    n_patches, channels = 6, 100
+    factors = rng.standard_normal((n_patches, channels, 10))
+    cov = factors @ factors.transpose(0, 2, 1) + 0.01 * np.eye(channels)
+    prec = np.linalg.inv(cov).astype(np.float32)
+    prec = (prec + prec.transpose(0, 2, 1)) / 2
+    mean = rng.standard_normal((n_patches, channels)).astype(np.float32)
+    x = (mean[:, None] + rng.standard_normal((n_patches, 4, channels))).astype(np.float32)
+    got = M.mahalanobis(torch.from_numpy(x), torch.from_numpy(mean), packed(prec))
+    np.testing.assert_allclose(got.numpy(), reference(x, mean, prec), rtol=1e-2)
+
+
+def test_a_nan_feature_gives_a_nan_distance_not_a_plausible_score():
+    x, mean, prec = problem(3, 2, 6)
+    x[1, 0, 2] = np.nan
+    got = M.mahalanobis(torch.from_numpy(x), torch.from_numpy(mean), packed(prec))
+    assert torch.isnan(got[1, 0]) and not torch.isnan(got[[0, 2]]).any() and not torch.isnan(got[1, 1])
+
+
+def test_mixed_precision_inputs_are_scored_in_the_widest_type():
+    x, mean, prec = problem(4, 2, 5)
+    got = M.mahalanobis(torch.from_numpy(x).double(), torch.from_numpy(mean), packed(prec))
+    assert got.dtype == torch.float64
+    np.testing.assert_allclose(got.numpy(), reference(x, mean, prec), rtol=1e-5)
 
 
 def test_strided_views_give_the_same_distances_as_contiguous_copies():
