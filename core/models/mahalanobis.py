@@ -14,8 +14,8 @@ the per-product overhead. Measured per image after the backbone has run (bench_e
 So precision matrices are stored packed: for each patch the rows of the upper triangle
 ``S[i, i:]`` concatenated, ``C (C + 1) / 2`` values (:func:`pack_symmetric`). Without numba,
 or for inputs other than float32, the matrices are unpacked and ``torch.bmm`` is used (in
-the widest of the inputs' types); both paths agree
-with a float64 reference to float32 rounding (tests/core/test_mahalanobis.py).
+the widest of the inputs' types); both paths agree with a float64 reference to float32
+rounding (tests/core/test_mahalanobis.py).
 
 numba's ``workqueue`` threading layer is used unless the user chose another one: it is
 fork-safe and always available, but must not be entered from two threads at once, so calls
