@@ -63,6 +63,8 @@ def _paths(inputs: list[str]) -> list[str]:
 
 
 def _config_from_args(args: argparse.Namespace):
+    """The fit settings: the model's own defaults (:meth:`DetectorConfig.for_model`), then
+    every option the user gave."""
     from .detector import DetectorConfig
 
     params = {}
@@ -74,17 +76,14 @@ def _config_from_args(args: argparse.Namespace):
             params[key] = json.loads(value)
         except json.JSONDecodeError:
             params[key] = value
-    kw = dict(model=args.model, backbone=args.backbone, image_size=args.image_size, model_params=params,
-              sigma=args.sigma, pooling=args.pooling, topk=args.topk,
-              false_alarm_rate=args.false_alarm_rate, seed=args.seed)
-    if args.batch_size is not None:
-        kw["batch_size"] = args.batch_size
+    given = {k: getattr(args, k) for k in ("backbone", "image_size", "sigma", "pooling", "topk",
+                                            "false_alarm_rate", "seed", "batch_size", "weights")
+             if getattr(args, k) is not None}
     if args.stages:
-        kw["stages"] = tuple(int(s) for s in args.stages.split(","))
-    kw["n_channels"] = None if args.channels == 0 else args.channels
-    if args.weights:
-        kw["weights"] = args.weights
-    return DetectorConfig(**kw)
+        given["stages"] = tuple(int(s) for s in args.stages.split(","))
+    if args.channels is not None:
+        given["n_channels"] = None if args.channels == 0 else args.channels
+    return DetectorConfig.for_model(args.model, model_params=params, **given)
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
@@ -223,17 +222,23 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_gui(args: argparse.Namespace) -> int:
-    from gui.app import run_demo, run_gui
+def _add_plugin_commands(sub: argparse._SubParsersAction) -> None:
+    """Commands other installed packages add (the station window's ``gui`` and ``demo``),
+    found through the ``okng.commands`` entry-point group: the engine never imports the GUI."""
+    from importlib.metadata import entry_points
 
-    if args.command == "demo":
-        return run_demo()
-    return run_gui(args.recipe)
+    for ep in entry_points(group="okng.commands"):
+        try:
+            ep.load()(sub)
+        except Exception as exc:  # noqa: BLE001 - a broken plugin must not break `okng score`
+            logging.getLogger(__name__).warning("okng: command plugin %s unavailable: %s", ep.name, exc)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .backbone import DEFAULT_BACKBONE
+    from .detector import DetectorConfig
     from .models import MODELS
+
+    D = DetectorConfig()  # the defaults, written once (core/detector.py)
 
     p = argparse.ArgumentParser(prog="okng", description="OK/NG Station: visual anomaly inspection")
     p.add_argument("--version", action="version", version=f"okng {__version__}")
@@ -244,19 +249,22 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("paths", nargs="+", metavar="PATH", help="OK image files or folders")
     f.add_argument("--out", required=True, metavar="MODEL", help="model file to write (.okng)")
     f.add_argument("--model", default="padim", choices=sorted(MODELS), help="normality model")
-    f.add_argument("--backbone", default=DEFAULT_BACKBONE, help="timm model name (default works offline)")
+    f.add_argument("--backbone", help=f"timm model name (default {D.backbone}, works offline)")
     f.add_argument("--weights", help="local backbone weights file (.safetensors or state dict)")
-    f.add_argument("--image-size", type=int, default=224, metavar="N", help="network input size (square)")
-    f.add_argument("--stages", help="feature stages, comma separated timm indices (default 2,3)")
-    f.add_argument("--channels", type=int, default=100, help="random channel subset size (0 = all)")
+    f.add_argument("--image-size", type=int, metavar="N", help=f"network input size, square (default {D.image_size})")
+    f.add_argument("--stages", help="feature stages, comma separated timm indices (default "
+                                    f"{','.join(map(str, D.stages))})")
+    f.add_argument("--channels", type=int, help="random channel subset size, 0 = all (default: the "
+                                                f"model's own, {D.n_channels} for the PaDiM family)")
     f.add_argument("--epsilon", type=float, help="covariance regularisation (default 0.01)")
     f.add_argument("--param", action="append", metavar="KEY=VALUE", help="extra model parameter")
-    f.add_argument("--sigma", type=float, default=4.0, help="Gaussian blur of the map, pixels")
-    f.add_argument("--pooling", default="max", choices=["max", "topk", "blob"], help="image score pooling")
-    f.add_argument("--topk", type=int, default=100, help="pixels averaged by topk pooling")
-    f.add_argument("--false-alarm-rate", type=float, default=0.01, help="target for the calibrated threshold")
-    f.add_argument("--batch-size", type=int, help="images per backbone pass (default 8)")
-    f.add_argument("--seed", type=int, default=0, help="seed of the channel subset")
+    f.add_argument("--sigma", type=float, help=f"Gaussian blur of the map, pixels (default {D.sigma:g})")
+    f.add_argument("--pooling", choices=["max", "topk", "blob"], help=f"image score pooling (default {D.pooling})")
+    f.add_argument("--topk", type=int, help=f"pixels averaged by topk pooling (default {D.topk})")
+    f.add_argument("--false-alarm-rate", type=float,
+                   help=f"target for the calibrated threshold (default {D.false_alarm_rate:g})")
+    f.add_argument("--batch-size", type=int, help=f"images per backbone pass (default {D.batch_size})")
+    f.add_argument("--seed", type=int, help=f"seed of the channel subset (default {D.seed})")
     f.set_defaults(func=cmd_fit)
 
     s = sub.add_parser("score", help="score images with a model")
@@ -286,11 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("models", help="list the available normality models")
     m.set_defaults(func=cmd_models)
 
-    d = sub.add_parser("demo", help="open the station on the built-in ELPV solar-cell demo")
-    d.set_defaults(func=cmd_gui, recipe=None)
-    g = sub.add_parser("gui", help="open the station")
-    g.add_argument("recipe", nargs="?", help="recipe to open")
-    g.set_defaults(func=cmd_gui)
+    _add_plugin_commands(sub)
     return p
 
 

@@ -110,6 +110,19 @@ class DetectorConfig:
             raise ValueError(f"unknown settings: {', '.join(sorted(unknown))}")
         return cls(**d)
 
+    @classmethod
+    def for_model(cls, model: str, base: DetectorConfig | None = None, **settings: Any) -> DetectorConfig:
+        """Settings for ``model`` with that model's own defaults (its channel subset, fresh
+        model parameters), the rest taken from ``base`` and then ``settings``.
+
+        Used by the CLI and the GUI alike, so ``okng fit --model padim-lowrank`` and the
+        GUI's chooser build the same detector.
+        """
+        d = (base or cls()).to_dict()
+        d.update(model=model, model_params={}, n_channels=model_class(model).default_channels)
+        d.update(settings)
+        return cls.from_dict(d)
+
     def with_(self, **changes: Any) -> DetectorConfig:
         return replace(self, **changes)
 
@@ -158,6 +171,9 @@ class Detector:
         #: that every model change (feedback, reweighting) can be recalibrated on truly
         #: unseen OK images in milliseconds, without re-reading them.
         self.calibration_embeddings: torch.Tensor | None = None
+        #: ids of the stored operator labels this model has learnt, in order (see
+        #: :mod:`core.session_labels`); saved in the model file
+        self.applied_labels: tuple[int, ...] = ()
 
     # -- construction -------------------------------------------------------------------
     @classmethod
@@ -181,6 +197,7 @@ class Detector:
         th = None if self.thresholds is None else replace(self.thresholds)
         det = Detector(self.config, self.extractor, self.embedder.channel_idx.copy(), self.model.copy(), th)
         det.calibration_embeddings = self.calibration_embeddings  # never modified in place
+        det.applied_labels = self.applied_labels
         return det
 
     # -- data flow ----------------------------------------------------------------------

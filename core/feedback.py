@@ -121,6 +121,15 @@ class FeedbackLearner:
     def can_undo(self) -> bool:
         return bool(self._undo)
 
+    @property
+    def undo_depth(self) -> int:
+        """How many changes :meth:`undo` can take back."""
+        return len(self._undo)
+
+    def clear_undo(self) -> None:
+        """Make the current detector the base (after replaying stored labels on a refit)."""
+        self._undo.clear()
+
     def undo(self) -> bool:
         """Put back the detector as it was before the last label."""
         if not self._undo:

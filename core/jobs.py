@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Generator, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,6 +75,9 @@ class ScoredImage:
     inspection: Inspection
     image: np.ndarray | None = None  # the decoded RGB image, when asked for
     seconds: float = 0.0
+    #: (1, C, h, w) float16 embedding, when asked for: lets a session re-judge this result
+    #: under a changed model (feedback) without decoding or running the backbone again
+    embedding: torch.Tensor | None = None
 
 
 @dataclass
@@ -84,6 +87,100 @@ class FitResult:
     calibration: list[str] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
     seconds: float = 0.0
+
+
+@dataclass
+class JobCallbacks:
+    """What to call when a submitted job reports; every field optional.
+
+    ``on_item`` gets each :attr:`Progress.item` (a scored image, a skipped file, a captured
+    frame) as it streams; ``on_progress`` each :class:`Progress`; exactly one of
+    ``on_returned(value)``, ``on_failed(exception)`` or ``on_cancelled()`` ends the job.
+    """
+
+    on_returned: Callable[[Any], None] | None = None
+    on_failed: Callable[[BaseException], None] | None = None
+    on_cancelled: Callable[[], None] | None = None
+    on_item: Callable[[Any], None] | None = None
+    on_progress: Callable[[Progress], None] | None = None
+
+
+def drive(job: Callable[[CancelToken], Any], token: CancelToken, report: Callable[[str, Any], None]) -> None:
+    """Run ``job(token)`` (a generator function) to its end, reporting each event.
+
+    ``report(kind, payload)`` gets ``started``, ``progress`` (a Progress), ``item`` (its
+    payload, or any non-Progress yielded value), and one of ``returned`` (the generator's
+    return value), ``failed`` (the exception) or ``cancelled``. Exceptions are reported,
+    never swallowed; the generator is always closed so its own ``finally:`` runs.
+    """
+    if token.cancelled:
+        report("cancelled", None)
+        return
+    report("started", None)
+    gen = None
+    try:
+        gen = job(token)
+        while True:
+            token.raise_if_cancelled()
+            value = next(gen)
+            if isinstance(value, Progress):
+                report("progress", value)
+                if value.item is not None:
+                    report("item", value.item)
+            else:
+                report("item", value)
+    except StopIteration as stop:
+        report("returned", stop.value)
+    except Cancelled:
+        log.debug("job cancelled")
+        report("cancelled", None)
+    except Exception as exc:  # reported, never swallowed
+        log.exception("job failed")
+        report("failed", exc)
+    finally:
+        if gen is not None and hasattr(gen, "close"):
+            gen.close()
+
+
+def deliver(callbacks: JobCallbacks, kind: str, payload: Any) -> None:
+    """Route one :func:`drive` event to its callback (failures without one are logged)."""
+    if kind == "progress" and callbacks.on_progress:
+        callbacks.on_progress(payload)
+    elif kind == "item" and callbacks.on_item:
+        callbacks.on_item(payload)
+    elif kind == "returned" and callbacks.on_returned:
+        callbacks.on_returned(payload)
+    elif kind == "failed":
+        if callbacks.on_failed:
+            callbacks.on_failed(payload)
+        else:
+            log.error("job failed with no handler: %s", payload)
+    elif kind == "cancelled" and callbacks.on_cancelled:
+        callbacks.on_cancelled()
+
+
+class InlineExecutor:
+    """Runs each submitted job to its end in the caller's thread: scripts, the CLI, tests.
+
+    The same ``submit`` contract as the GUI's engine runner, so an
+    :class:`~core.session.InspectionSession` works unchanged without Qt.
+    """
+
+    busy = False
+
+    def submit(self, job: Callable[[CancelToken], Any], callbacks: JobCallbacks | None = None,
+               replace: bool = False) -> CancelToken:
+        token = CancelToken()
+        cb = callbacks or JobCallbacks()
+        self.busy = True
+        try:
+            drive(job, token, lambda kind, payload: deliver(cb, kind, payload))
+        finally:
+            self.busy = False
+        return token
+
+    def cancel(self) -> None:
+        """Nothing runs in the background: a job is over when submit returns."""
 
 
 def run_job(gen: Generator[Any, None, R], on_progress=None) -> R:
@@ -229,6 +326,7 @@ def inspect_job(
     token: CancelToken,
     keep_images: bool = False,
     batch_size: int | None = None,
+    keep_embeddings: bool = False,
 ) -> Generator[Progress, None, InspectSummary]:
     """Score images in input order; each Progress carries one ScoredImage or Skipped.
 
@@ -241,13 +339,15 @@ def inspect_job(
     for batch in iter_batches(paths, detector.image_size, bs, keep_images=keep_images):
         token.raise_if_cancelled()
         t = time.perf_counter()
-        results = detector.inspect_embeddings(detector.embed(batch.tensor)) if batch.tensor is not None else []
+        emb = detector.embed(batch.tensor) if batch.tensor is not None else None
+        results = detector.inspect_embeddings(emb) if emb is not None else []
         per = (time.perf_counter() - t) / max(len(results), 1)
         for p, row in batch.order:
             if isinstance(row, Skipped):
                 item: ScoredImage | Skipped = row
             else:
-                item = ScoredImage(p, results[row], batch.images[row] if keep_images else None, per)
+                kept = emb[row : row + 1].to(torch.float16) if keep_embeddings and emb is not None else None
+                item = ScoredImage(p, results[row], batch.images[row] if keep_images else None, per, kept)
                 scored += 1
             done += 1
             yield Progress(done, len(paths), Path(p).name, item)
@@ -262,3 +362,23 @@ def inspect_paths(paths: Iterable[str | Path], detector: Detector,
     For scripts and tests; long runs should consume :func:`inspect_job`'s stream instead.
     """
     return [p.item for p in inspect_job(paths, detector, token or CancelToken()) if p.item is not None]
+
+
+def load_model_job(path: str | Path, extractor: FeatureExtractor | None, token: CancelToken
+                   ) -> Generator[Progress, None, Detector]:
+    """Load a model file (sharing an already loaded backbone when it matches) and load the
+    compiled scoring kernel now, not in the operator's first inspection."""
+    from .persistence import load_detector
+
+    yield Progress(0, 1, f"loading model {Path(path).name}")
+    det = load_detector(path, extractor)
+    det.warm_up()
+    return det
+
+
+def save_model_job(detector: Detector, path: str | Path, token: CancelToken) -> Generator[Progress, None, Path]:
+    """Save a model file atomically (the previous file stays whole on any failure)."""
+    from .persistence import save_detector
+
+    yield Progress(0, 1, f"saving model {Path(path).name}")
+    return save_detector(detector, path)

@@ -121,6 +121,14 @@ class LabelStore:
     def close(self) -> None:
         self._db.close()
 
+    def backup_to(self, target: str | Path) -> None:
+        """Copy the whole store, consistently, to a new file (SQLite online backup)."""
+        dst = sqlite3.connect(str(target))
+        try:
+            self._db.backup(dst)
+        finally:
+            dst.close()
+
     def __enter__(self) -> LabelStore:
         return self
 

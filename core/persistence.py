@@ -60,6 +60,7 @@ def _metadata(det: Detector) -> dict[str, Any]:
         "thresholds": None if th is None else {
             "image": th.image, "pixel": th.pixel, "target_false_alarm_rate": th.target_false_alarm_rate,
         },
+        "feedback": {"applied_labels": [int(i) for i in det.applied_labels]},
     }
 
 
@@ -245,6 +246,11 @@ def load_detector(path: str | os.PathLike[str], extractor: FeatureExtractor | No
         det.thresholds = Thresholds(float(th["image"]), float(th["pixel"]), cal_scores.numpy(), cal_peaks.numpy(),
                                     float(th["target_false_alarm_rate"]))
     det.calibration_embeddings = cal_emb
+    fb = meta.get("feedback") or {}
+    labels = fb.get("applied_labels", []) if isinstance(fb, dict) else None
+    _require(isinstance(labels, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in labels),
+             path, "the list of applied labels is damaged")
+    det.applied_labels = tuple(labels)
     if model.n_samples > 0:
         det.finalize()
     return det

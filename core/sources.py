@@ -21,6 +21,7 @@ from typing import Protocol
 
 import cv2
 import numpy as np
+import torch
 
 from .errors import ImageLoadError, OkngError
 from .imageio import IMAGE_EXTENSIONS, check_image_array, load_image
@@ -165,6 +166,7 @@ def live_job(
     token,
     idle_seconds: float = 0.05,
     max_frames: int | None = None,
+    keep_embeddings: bool = False,
 ) -> Generator:
     """Read the newest frame, score it with the current detector snapshot, yield the result.
 
@@ -191,9 +193,12 @@ def live_job(
                 continue
             det = get_detector()
             t = time.perf_counter()
-            inspection = det.inspect([frame.image])[0]
+            emb = det.embed([frame.image])
+            inspection = det.inspect_embeddings(emb)[0]
+            kept = emb.to(torch.float16) if keep_embeddings else None
             n += 1
-            yield Progress(n, 0, frame.name, ScoredImage(frame.name, inspection, frame.image, time.perf_counter() - t))
+            yield Progress(n, 0, frame.name,
+                           ScoredImage(frame.name, inspection, frame.image, time.perf_counter() - t, kept))
     finally:
         source.close()
     return n

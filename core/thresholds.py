@@ -29,6 +29,15 @@ class Thresholds:
         t = self.image if threshold is None else threshold
         return float((self.calibration_scores > t).mean())
 
+    def matches_calibration(self) -> bool:
+        """True when both thresholds are what calibration at the target rate gives on the
+        stored held-out scores, i.e. nobody set them by hand since."""
+        if self.calibration_scores.size == 0 or self.calibration_peaks.size == 0:
+            return False
+        far = self.target_false_alarm_rate
+        return (self.image == quantile_threshold(self.calibration_scores, far)
+                and self.pixel == quantile_threshold(self.calibration_peaks, far))
+
 
 def quantile_threshold(ok_scores: np.ndarray, false_alarm_rate: float) -> float:
     """Smallest threshold with at most ``false_alarm_rate`` of ``ok_scores`` above it."""

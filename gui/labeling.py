@@ -1,7 +1,7 @@
 """Click-to-label wiring: the Labels dock, the Label menu and its shortcuts, the region popup.
 
-Kept out of MainWindow so the window stays a layout; all state lives in
-``controller.feedback`` (gui/feedback.py).
+Kept out of MainWindow so the window stays a layout; all state lives in the session's
+:class:`core.session_labels.LabelBook` (``controller.session.labels``).
 """
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ MENU_TEXT = {"false_alarm": "False alarm (this is fine)", "defect": "Real defect
 
 def install_labeling(window, area=Qt.DockWidgetArea.RightDockWidgetArea):
     """Add the Labels dock and menu to ``window``; returns (panel, dock)."""
-    c, fb, view, settings = window.controller, window.controller.feedback, window.view, window.settings
+    c, view, settings = window.controller, window.view, window.settings
+    s, fb = c.session, c.session.labels
     panel = LabelsPanel()
     dock = window._dock("Labels", panel, area)
     panel.set_operator(str(settings.value("operator", "") or ""))
@@ -28,9 +29,7 @@ def install_labeling(window, area=Qt.DockWidgetArea.RightDockWidgetArea):
         fb.operator = name
         settings.setValue("operator", name)
 
-    def mark(kind: str) -> None:
-        fb.mark_region(kind) if kind in ("false_alarm", "defect") else fb.mark_image(kind)
-
+    mark = fb.mark
     m = window.menuBar().addMenu("&Label")
     for kind in ("false_alarm", "defect", "image_ok", "image_ng"):
         window._action(m, MENU_TEXT[kind], lambda _=False, k=kind: mark(k), SHORTCUTS[kind])
@@ -55,12 +54,13 @@ def install_labeling(window, area=Qt.DockWidgetArea.RightDockWidgetArea):
     panel.reset_weights_requested.connect(fb.reset_weights)
     panel.reweight_toggled.connect(fb.set_reweight)
     panel.operator_changed.connect(set_operator)
-    fb.labels_changed.connect(panel.set_rows)
-    fb.weights_changed.connect(panel.set_weight_change)
-    fb.can_undo_changed.connect(panel.set_can_undo)
-    fb.selection_changed.connect(lambda contour: panel.set_region_selected(contour is not None))
-    fb.selection_changed.connect(view.set_selected_region)
-    c.model_changed.connect(lambda: panel.set_model_ready(c.detector is not None))
+    c.labels_changed.connect(panel.set_rows)
+    c.weights_changed.connect(panel.set_weight_change)
+    c.can_undo_changed.connect(panel.set_can_undo)
+    c.reweight_changed.connect(panel.set_reweight)
+    c.selection_changed.connect(lambda contour: panel.set_region_selected(contour is not None))
+    c.selection_changed.connect(view.set_selected_region)
+    c.model_changed.connect(lambda: panel.set_model_ready(s.detector is not None))
     c.display_changed.connect(lambda d: None if fb.has_selection else view.set_selected_region(None))
     panel.set_rows(fb.rows())
     return panel, dock

@@ -1,12 +1,15 @@
-"""MainWindow: docks the panels around the inspection view and wires them to the controller."""
+"""MainWindow: docks the panels around the inspection view; intents go to the session, the
+controller's signals come back to the panels."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from PySide6.QtCore import QSettings, QStandardPaths, Qt, Slot
 from PySide6.QtGui import QAction, QKeySequence
-from PySide6.QtWidgets import (QDockWidget, QFileDialog, QHBoxLayout, QLabel, QMainWindow, QPushButton,
-                               QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (QDockWidget, QFileDialog, QHBoxLayout, QLabel, QMainWindow, QMessageBox,
+                               QPushButton, QVBoxLayout, QWidget)
+
+from core.session_results import heat_vmax
 
 from .labeling import install_labeling
 from .panels.histogram_panel import HistogramPanel
@@ -59,8 +62,8 @@ class MainWindow(QMainWindow):
         self.labels_panel, labels_dock = install_labeling(self)  # dock, Label menu, click popup
         self.resizeDocks([*right, labels_dock], [150, 260, 200, 330], Qt.Orientation.Vertical)
         self.resizeDocks(right[:1], [560], Qt.Orientation.Horizontal)
-        self.on_recipe_changed(c.recipe.name)
-        self.ok_panel.set_paths(c.ok_paths)
+        self.on_recipe_changed(c.session.recipe.name)
+        self.ok_panel.set_paths(c.session.ok_paths)
         self.resize(1500, 950)
         geometry = self.settings.value("window/geometry")
         if geometry is not None:
@@ -86,9 +89,9 @@ class MainWindow(QMainWindow):
         return a
 
     def _build_actions(self) -> None:
-        c = self.controller
+        s = self.controller.session
         m = self.menuBar().addMenu("&Recipe")
-        self._action(m, "&New recipe", lambda: c.new_recipe("untitled"), QKeySequence.StandardKey.New)
+        self._action(m, "&New recipe", lambda: s.new_recipe("untitled"), QKeySequence.StandardKey.New)
         self._action(m, "&Open recipe…", self.open_recipe_dialog, "Ctrl+Shift+O")
         self.recent_menu = m.addMenu("Open &recent")
         self._action(m, "&Save recipe", self.save_recipe, QKeySequence.StandardKey.Save)
@@ -97,29 +100,31 @@ class MainWindow(QMainWindow):
         self._action(m, "&Quit", self.close, QKeySequence.StandardKey.Quit)
         m = self.menuBar().addMenu("&Inspect")
         self._action(m, "&Open images to inspect…", self.source_panel._ask_files, "Ctrl+O")
-        self._action(m, "&Fit model", c.start_fit, "F5")
-        self.demo_action = self._action(m, "Inspect &demo stream", c.inspect_demo_stream, "Ctrl+D")
+        self._action(m, "&Fit model", s.start_fit, "F5")
+        self.demo_action = self._action(m, "Inspect &demo stream", s.inspect_demo_stream, "Ctrl+D")
         self._action(m, "Start/stop &live", self.source_panel.request_live_toggle, "F6")
         self._action(m, "&Next image / stop live", self.next_or_stop, "Space")
-        self._action(m, "&Cancel", c.cancel, "Esc")
+        self._action(m, "&Cancel", s.cancel, "Esc")
         self._update_recent_menu()
 
     def _wire(self) -> None:
-        c = self.controller
-        self.ok_panel.add_requested.connect(c.add_ok_paths)
-        self.ok_panel.remove_requested.connect(c.remove_ok_paths)
-        self.ok_panel.fit_requested.connect(c.start_fit)
-        self.ok_panel.model_chosen.connect(c.set_model)
-        self.ok_panel.cancel_requested.connect(c.cancel)
+        c, s = self.controller, self.controller.session
+        # intents go straight to the Qt-free session
+        self.ok_panel.add_requested.connect(s.add_ok_paths)
+        self.ok_panel.remove_requested.connect(s.remove_ok_paths)
+        self.ok_panel.fit_requested.connect(s.start_fit)
+        self.ok_panel.model_chosen.connect(s.set_model)
+        self.ok_panel.cancel_requested.connect(s.cancel)
         self.ok_panel.capture_requested.connect(self.capture_ok)
-        self.source_panel.inspect_files_requested.connect(c.inspect_paths)
-        self.source_panel.inspect_folder_requested.connect(lambda f: c.inspect_paths([f]))
-        self.source_panel.demo_stream_requested.connect(c.inspect_demo_stream)
-        self.source_panel.live_requested.connect(c.start_live)
-        self.source_panel.stop_requested.connect(c.stop_live)
-        self.threshold_panel.thresholds_changed.connect(c.set_thresholds)
+        self.source_panel.inspect_files_requested.connect(s.inspect_paths)
+        self.source_panel.inspect_folder_requested.connect(lambda f: s.inspect_paths([f]))
+        self.source_panel.demo_stream_requested.connect(s.inspect_demo_stream)
+        self.source_panel.live_requested.connect(s.start_live)
+        self.source_panel.stop_requested.connect(s.stop_live)
+        self.threshold_panel.thresholds_changed.connect(s.set_thresholds)
         self.histogram.threshold_moved.connect(self.on_histogram_moved)
-        self.results_panel.result_selected.connect(c.show_result)
+        self.results_panel.result_selected.connect(s.show_result)
+        # notifications come back as the controller's Qt signals
         c.ok_paths_changed.connect(self.ok_panel.set_paths)
         c.recipe_changed.connect(self.on_recipe_changed)
         c.model_changed.connect(self.on_model_changed)
@@ -132,52 +137,56 @@ class MainWindow(QMainWindow):
         c.live_changed.connect(self.source_panel.set_live)
         c.status.connect(lambda msg: self.statusBar().showMessage(msg, 15000))
         c.error.connect(self.show_error)
+        c.question_asked.connect(self.ask)
 
     # -- controller -> widgets -----------------------------------------------------------------
     @Slot(str)
     def on_recipe_changed(self, name: str) -> None:
+        s = self.controller.session
         self.setWindowTitle(f"{APP_TITLE} — {name}")
-        self.ok_panel.set_models(self.controller.available_models(), self.controller.config.model)
-        self.source_panel.demo_button.setVisible(bool(self.controller.demo_stream))
+        self.ok_panel.set_models(s.available_models(), s.config.model)
+        self.source_panel.demo_button.setVisible(bool(s.demo_stream))
         self.results_panel.clear()
         self.view.clear()
 
     @Slot()
     def on_model_changed(self) -> None:
-        c = self.controller
-        cal, peaks, seen = c.calibration_scores(), c.calibration_peaks(), c.inspected_scores()
-        image, pixel = c.image_threshold or 0.0, c.pixel_threshold or 0.0
+        s = self.controller.session
+        cal, peaks, seen = s.calibration_scores(), s.calibration_peaks(), s.inspected_scores()
+        image, pixel = s.image_threshold or 0.0, s.pixel_threshold or 0.0
         top_i = max([image, *cal.tolist(), *seen.tolist(), 1e-3]) * 2.0
         top_p = max([pixel, *peaks.tolist(), 1e-3]) * 2.0
         self.threshold_panel.configure(image, pixel, (0.0, top_i), (0.0, top_p), cal)
         self.histogram.set_threshold(image)
         self.histogram.set_scores(cal, seen)
-        self.view.set_pixel_threshold(pixel, 2.0 * pixel if pixel else None)
+        self.view.set_pixel_threshold(pixel, heat_vmax(pixel))
 
     @Slot(float, float)
     def on_thresholds_changed(self, image: float, pixel: float) -> None:
         if self.threshold_panel.values() != (image, pixel):
             self.threshold_panel.set_values(image, pixel)
         self.histogram.set_threshold(image)
-        self.view.set_pixel_threshold(pixel, 2.0 * pixel if pixel else None)
+        self.view.set_pixel_threshold(pixel, heat_vmax(pixel))
 
     @Slot(float)
     def on_histogram_moved(self, value: float) -> None:
-        self.controller.set_thresholds(value, self.controller.pixel_threshold or 0.0)
+        s = self.controller.session
+        s.set_thresholds(value, s.pixel_threshold or 0.0)
 
     @Slot(object)
     def on_result_added(self, rec) -> None:
         self.results_panel.add_result(rec.id, rec.name, rec.score, rec.verdict, rec.seconds, rec.thumbnail)
-        self.histogram.set_scores(inspected=self.controller.inspected_scores())
+        self.histogram.set_scores(inspected=self.controller.session.inspected_scores())
 
     @Slot()
     def on_results_changed(self) -> None:
-        c = self.controller
-        if not c.results:
+        s = self.controller.session
+        if not len(s.results):
             self.results_panel.clear()
-        self.results_panel.set_verdicts({r.id: r.verdict for r in c.results.values()},
-                                        {r.id: r.score for r in c.results.values()})
-        self.histogram.set_scores(inspected=c.inspected_scores())
+        self.results_panel.set_verdicts({r.id: r.verdict for r in s.results},
+                                        {r.id: r.score for r in s.results},
+                                        {r.id: r.changed_from for r in s.results if r.changed_from})
+        self.histogram.set_scores(inspected=s.inspected_scores())
 
     @Slot(object)
     def on_display(self, d) -> None:
@@ -197,16 +206,28 @@ class MainWindow(QMainWindow):
         self.error_banner.show()
         self.statusBar().showMessage(message, 15000)
 
+    @Slot(object)
+    def ask(self, q) -> None:
+        """A decision the session leaves to a person: a modal question, its buttons the options."""
+        box = QMessageBox(QMessageBox.Icon.Question, q.title, q.text, parent=self)
+        buttons = {box.addButton(opt, QMessageBox.ButtonRole.AcceptRole): opt for opt in q.options}
+        default = next(b for b, opt in buttons.items() if opt == q.default)
+        box.setDefaultButton(default)
+        box.setEscapeButton(default)
+        self.question_box = box  # reachable for tests
+        box.exec()
+        q.answer(buttons.get(box.clickedButton(), q.default))
+
     @Slot(int)
     def capture_ok(self, count: int) -> None:
         """Capture OK frames from the live source configured in the Inspect panel."""
         sp = self.source_panel
-        self.controller.capture_ok(sp.live_kind(), sp.target_edit.text().strip(), count)
+        self.controller.session.capture_ok(sp.live_kind(), sp.target_edit.text().strip(), count)
 
     # -- recipes, recent list, shortcuts ----------------------------------------------------
     def next_or_stop(self) -> None:
-        if self.controller.live:
-            self.controller.stop_live()
+        if self.controller.session.live:
+            self.controller.session.stop_live()
         else:
             self.results_panel.select_next()
 
@@ -221,23 +242,24 @@ class MainWindow(QMainWindow):
             self.open_recipe(path)
 
     def open_recipe(self, path: str) -> None:
-        self.controller.open_recipe(path)
+        self.controller.session.open_recipe(path)
         self._remember(path)
 
     def save_recipe(self) -> None:
-        if not self.controller.save_recipe():
+        s = self.controller.session
+        if not s.save_recipe():
             self.save_recipe_as()
-        elif self.controller.recipe_path:
-            self._remember(str(self.controller.recipe_path))
+        elif s.recipe_path:
+            self._remember(str(s.recipe_path))
 
     def save_recipe_as(self) -> None:
         from core.recipes import safe_file_stem  # tiny, Qt-free helper module
 
-        start = str(Path(self._recipes_dir()) / (safe_file_stem(self.controller.recipe.name) + ".okrecipe"))
+        start = str(Path(self._recipes_dir()) / (safe_file_stem(self.controller.session.recipe.name) + ".okrecipe"))
         path, _ = QFileDialog.getSaveFileName(self, "Save recipe", start, RECIPE_FILTER)
         if path:
             path = path if path.endswith(".okrecipe") else path + ".okrecipe"
-            self.controller.save_recipe(path)
+            self.controller.session.save_recipe(path)
             self._remember(path)
 
     def _remember(self, path: str) -> None:

@@ -23,6 +23,10 @@ class NormalityModel(ABC):
     #: True when scoring goes through :func:`core.models.mahalanobis.mahalanobis`, whose
     #: compiled kernel the fit job loads up front (see :func:`core.jobs.fit_job`)
     uses_mahalanobis: ClassVar[bool] = False
+    #: size of the random channel subset a recipe fits this model with unless the engineer
+    #: sets one (None: every channel of the chosen stages). The one place for this policy:
+    #: the CLI and the GUI both go through :meth:`core.detector.DetectorConfig.for_model`.
+    default_channels: ClassVar[int | None] = 100
 
     def __init__(self, grid: tuple[int, int], n_channels: int, **params: Any) -> None:
         self.grid = (int(grid[0]), int(grid[1]))

@@ -40,6 +40,8 @@ def semi_orthogonal(n_channels: int, rank: int, seed: int) -> torch.Tensor:
 class LowRankPadimModel(NormalityModel):
     kind = "padim-lowrank"
     summary = "PaDiM on a semi-orthogonal projection to `rank` dims (Kim et al.); for wide backbones"
+    #: the semi-orthogonal projection replaces the random subset: it sees every channel
+    default_channels = None
     exact_incremental = True
     uses_mahalanobis = True
 

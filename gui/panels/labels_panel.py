@@ -113,6 +113,12 @@ class LabelsPanel(QWidget):
         self.part_ng_button.setEnabled(ready)
         self.reset_button.setEnabled(ready)
 
+    def set_reweight(self, on: bool) -> None:
+        """Show what the current model does, without echoing it back as a toggle."""
+        blocked = self.reweight_check.blockSignals(True)
+        self.reweight_check.setChecked(on)
+        self.reweight_check.blockSignals(blocked)
+
     def set_can_undo(self, can: bool) -> None:
         self.undo_button.setEnabled(can)
 
@@ -128,6 +134,8 @@ class LabelsPanel(QWidget):
             else:
                 scores = f"{row.score_before:.2f} → {row.score_after:.2f}"
             kind = KIND_TEXT.get(row.kind, row.kind) + ("  (undone)" if row.undone else "")
+            if not row.undone and not row.in_model:
+                kind += "  (not in model)"  # e.g. its image changed since; a refit could not replay it
             for c, text in enumerate((when, row.image_name, kind, scores)):
                 item = QTableWidgetItem(text)
                 item.setData(Qt.ItemDataRole.UserRole, row.id)

@@ -53,17 +53,21 @@ class ResultsPanel(QWidget):
             self.table.removeRow(0)
         self.table.scrollToBottom()
 
-    def _paint_verdict(self, row: int, verdict: str) -> None:
+    def _paint_verdict(self, row: int, verdict: str, changed_from: str | None = None) -> None:
         item = self.table.item(row, 3)
-        item.setText(verdict)
+        item.setText(verdict if not changed_from else f"{changed_from} → {verdict}")
+        item.setToolTip("" if not changed_from else f"was {changed_from} before the last label changed the model")
         item.setBackground(QBrush(VERDICT_COLOURS.get(verdict, QColor(255, 255, 255))))
 
-    def set_verdicts(self, verdicts: dict[int, str], scores: dict[int, float] | None = None) -> None:
-        """Re-paint verdicts (and scores, after a label re-inspected an image) by result id."""
+    def set_verdicts(self, verdicts: dict[int, str], scores: dict[int, float] | None = None,
+                     changed_from: dict[int, str] | None = None) -> None:
+        """Re-paint verdicts (and scores, after a label re-judged them) by result id; a verdict
+        a label flipped shows as "NG → OK"."""
+        changed_from = changed_from or {}
         for row in range(self.table.rowCount()):
             rid = self.table.item(row, 0).data(Qt.ItemDataRole.UserRole)
             if rid in verdicts:
-                self._paint_verdict(row, verdicts[rid])
+                self._paint_verdict(row, verdicts[rid], changed_from.get(rid))
             if scores and rid in scores:
                 self.table.item(row, 2).setText(f"{scores[rid]:.3f}")
 

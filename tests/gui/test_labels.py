@@ -19,11 +19,15 @@ def test_labels_panel_with_plain_data(qtbot):
     qtbot.addWidget(p)
     assert not p.false_alarm_button.isEnabled() and not p.undo_button.isEnabled()
     rows = [SimpleNamespace(id=1, created_at=1.7e9, image_name="a.png", kind="false_alarm", score_before=9.5,
-                            score_after=4.25, undone=False),
+                            score_after=4.25, undone=False, in_model=True),
             SimpleNamespace(id=2, created_at=1.7e9, image_name="b.png", kind="image_ng", score_before=3.0,
-                            score_after=None, undone=True)]
+                            score_after=None, undone=True, in_model=False),
+            SimpleNamespace(id=3, created_at=1.7e9, image_name="c.png", kind="false_alarm", score_before=8.0,
+                            score_after=None, undone=False, in_model=False)]
     p.set_rows(rows)
-    assert p.table.rowCount() == 2
+    assert p.table.rowCount() == 3
+    assert "not in model" not in p.table.item(0, 2).text() + p.table.item(1, 2).text()
+    assert "not in model" in p.table.item(2, 2).text()  # active but not replayed into this model
     assert p.table.item(0, 3).text() == "9.50 → 4.25" and p.table.item(0, 2).text() == "false alarm"
     assert "undone" in p.table.item(1, 2).text() and p.table.item(1, 2).font().strikeOut()
     p.set_region_selected(True)
@@ -52,21 +56,21 @@ def test_labels_panel_with_plain_data(qtbot):
 def station(qtbot, ok_images, tiny_config, defect_image, tmp_path):
     """Fitted on the synthetic OK parts, the defect image inspected and shown, regions visible."""
     c = StationController(SyncRunner(), labels_dir=tmp_path / "labels")
-    c.new_recipe("synthetic", tiny_config)
-    c.add_ok_paths([str(Path(ok_images[0]).parent)])
-    c.start_fit()
+    c.session.new_recipe("synthetic", tiny_config)
+    c.session.add_ok_paths([str(Path(ok_images[0]).parent)])
+    c.session.start_fit()
     with qtbot.waitSignal(c.display_changed):
-        c.inspect_paths([defect_image])
-    rec = c.results[c.shown_id]
-    c.set_thresholds(c.image_threshold, float(np.percentile(rec.anomaly_map, 90)))  # a localised region
+        c.session.inspect_paths([defect_image])
+    rec = c.session.results.get(c.session.shown_id)
+    c.session.set_thresholds(c.session.image_threshold, float(np.percentile(rec.anomaly_map, 90)))  # a localised region
     return c
 
 
 def test_click_region_mark_false_alarm_then_undo(qtbot, station, defect_image):
-    c, fb = station, station.feedback
+    c, fb = station, station.session.labels
     fb.operator = "ana"
-    rec = c.results[c.shown_id]
-    regions = find_regions(rec.anomaly_map, c.pixel_threshold)
+    rec = c.session.results.get(c.session.shown_id)
+    regions = find_regions(rec.anomaly_map, c.session.pixel_threshold)
     assert regions
     view = InspectionView()
     qtbot.addWidget(view)
@@ -84,14 +88,14 @@ def test_click_region_mark_false_alarm_then_undo(qtbot, station, defect_image):
     row, col = np.unravel_index(np.argmax(np.where(regions[0].mask, rec.anomaly_map, -np.inf)), rec.anomaly_map.shape)
     view.pixel_clicked.emit(int(row), int(col))
     assert fb.has_selection
-    before, before_map, model_before = rec.score, rec.anomaly_map, c.detector
+    before, before_map, model_before = rec.score, rec.anomaly_map, c.session.detector
     saved = []
     fb.label_saved.connect(saved.append)
     with qtbot.waitSignal(c.display_changed):
         fb.mark_region("false_alarm")
-    assert saved and c.detector is not model_before
+    assert saved and c.session.detector is not model_before
     assert rec.score < before  # re-inspected under the new model
-    assert c.image_threshold == model_before.thresholds.image  # the operator's thresholds stay
+    assert c.session.image_threshold == model_before.thresholds.image  # the operator's thresholds stay
     with LabelStore(fb.store_path) as fresh:  # committed: visible to a new connection
         (lab,) = fresh.labels()
     assert lab.id == saved[0] and lab.kind == "false_alarm" and lab.operator == "ana"
@@ -110,9 +114,9 @@ def test_click_region_mark_false_alarm_then_undo(qtbot, station, defect_image):
 
 
 def test_part_ok_joins_ok_set_export_and_failed_store(qtbot, station, defect_image, tmp_path):
-    c, fb = station, station.feedback
+    c, fb = station, station.session.labels
     fb.mark_image("image_ok")
-    assert defect_image in c.ok_paths
+    assert defect_image in c.session.ok_paths
     out = tmp_path / "labels.csv"
     fb.export(str(out))
     text = out.read_text()
@@ -120,7 +124,7 @@ def test_part_ok_joins_ok_set_export_and_failed_store(qtbot, station, defect_ima
     fb.export(str(tmp_path / "labels.json"))
     assert '"kind": "image_ok"' in (tmp_path / "labels.json").read_text()
     fb.undo_last()
-    assert defect_image not in c.ok_paths
+    assert defect_image not in c.session.ok_paths
     # a label that cannot be committed is not acknowledged and the model goes back
     def broken_add(label):
         raise OSError("disk full")
@@ -130,7 +134,7 @@ def test_part_ok_joins_ok_set_export_and_failed_store(qtbot, station, defect_ima
     c.error.connect(errors.append)
     fb.mark_image("image_ng")
     assert errors and "NOT saved" in errors[-1]
-    assert not fb._steps and not fb.learner.can_undo and c.detector is not None
+    assert not fb.can_undo and not fb.learner.can_undo and c.session.detector is not None
     assert fb.rows()[-1].kind == "image_ok"  # nothing new in the store
 
 
@@ -141,10 +145,10 @@ def test_main_window_popup_and_labels_panel(qtbot, station, tmp_path):
     w = MainWindow(c, QSettings(str(tmp_path / "s.ini"), QSettings.Format.IniFormat))
     qtbot.addWidget(w)
     w.show()
-    c.show_result(c.shown_id)
+    c.session.show_result(c.session.shown_id)
     qtbot.waitUntil(lambda: w.view.outline_count >= 1)
-    rec = c.results[c.shown_id]
-    region = find_regions(rec.anomaly_map, c.pixel_threshold)[0]
+    rec = c.session.results.get(c.session.shown_id)
+    region = find_regions(rec.anomaly_map, c.session.pixel_threshold)[0]
     row, col = np.argwhere(region.mask)[len(np.argwhere(region.mask)) // 2]
     w.view.pixel_clicked.emit(int(row), int(col))
     assert w.view.has_selected_region and w.labels_panel.false_alarm_button.isEnabled()

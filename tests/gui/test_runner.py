@@ -3,7 +3,7 @@ import threading
 
 import pytest
 
-from core.jobs import Progress
+from core.jobs import JobCallbacks, Progress
 from gui.runner import EngineRunner
 
 
@@ -35,57 +35,78 @@ def failing_job(token):
     raise ValueError("boom")
 
 
-def test_returns_value_from_worker_thread(qtbot, runner):
+class Recorder:
+    """Per-job callbacks that remember what they were given."""
+
+    def __init__(self):
+        self.returned, self.failed, self.cancelled, self.items = [], [], [], []
+
+    def callbacks(self):
+        return JobCallbacks(on_returned=self.returned.append, on_failed=self.failed.append,
+                            on_cancelled=lambda: self.cancelled.append(True), on_item=self.items.append)
+
+
+def test_returns_value_from_worker_thread_to_its_own_callback(qtbot, runner):
     progress = []
     runner.progress.connect(lambda p: progress.append(p.done))
-    with qtbot.waitSignal(runner.busy_changed) as busy:
-        with qtbot.waitSignal(runner.returned, timeout=5000) as blocker:
-            runner.submit(finite_job, tag="finite")
-    assert blocker.args == ["done"]
+    rec = Recorder()
+    with qtbot.waitSignal(runner.busy_changed):
+        runner.submit(finite_job, rec.callbacks())
+    qtbot.waitUntil(lambda: rec.returned == ["done"], timeout=5000)
     qtbot.waitUntil(lambda: not runner.busy)
-    assert progress == [1, 2, 3]
+    assert progress == [1, 2, 3] and not rec.failed and not rec.cancelled
 
 
 def test_cancel_stops_endless_job(qtbot, runner):
     threads = set()
-    items = []
-    runner.yielded.connect(items.append)
+    rec = Recorder()
     with qtbot.waitSignal(runner.started, timeout=5000):
-        runner.submit(lambda token: endless_job(token, threads), tag="endless")
-    qtbot.waitUntil(lambda: len(items) > 3, timeout=5000)
+        runner.submit(lambda token: endless_job(token, threads), rec.callbacks())
+    qtbot.waitUntil(lambda: len(rec.items) > 3, timeout=5000)
     assert runner.busy
-    with qtbot.waitSignal(runner.cancelled, timeout=5000):
-        runner.cancel()
+    runner.cancel()
+    qtbot.waitUntil(lambda: rec.cancelled == [True], timeout=5000)
     qtbot.waitUntil(lambda: not runner.busy, timeout=5000)
     assert threading.get_ident() not in threads  # ran in the engine thread
+    assert not rec.returned and not rec.failed
 
 
 def test_replace_cancels_running_job_and_runs_next(qtbot, runner):
     threads = set()
-    items = []
-    runner.yielded.connect(items.append)
-    runner.submit(lambda token: endless_job(token, threads))
-    qtbot.waitUntil(lambda: len(items) > 0, timeout=5000)
-    with qtbot.waitSignal(runner.cancelled, timeout=5000):
-        with qtbot.waitSignal(runner.returned, timeout=5000) as blocker:
-            runner.submit(finite_job, replace=True)
-    assert blocker.args == ["done"]
+    first, second = Recorder(), Recorder()
+    runner.submit(lambda token: endless_job(token, threads), first.callbacks())
+    qtbot.waitUntil(lambda: len(first.items) > 0, timeout=5000)
+    runner.submit(finite_job, second.callbacks(), replace=True)
+    qtbot.waitUntil(lambda: second.returned == ["done"], timeout=5000)
+    assert first.cancelled == [True] and not first.returned and not second.cancelled
 
 
-def test_failure_is_reported(qtbot, runner):
-    with qtbot.waitSignal(runner.failed, timeout=5000) as blocker:
-        runner.submit(failing_job)
-    assert isinstance(blocker.args[0], ValueError)
+def test_failure_is_reported_to_the_failing_job_only(qtbot, runner):
+    bad, good = Recorder(), Recorder()
+    runner.submit(failing_job, bad.callbacks())
+    runner.submit(finite_job, good.callbacks())
+    qtbot.waitUntil(lambda: good.returned == ["done"], timeout=5000)
+    assert len(bad.failed) == 1 and isinstance(bad.failed[0], ValueError) and not good.failed
     qtbot.waitUntil(lambda: not runner.busy)
+
+
+def test_a_callback_may_submit_the_next_job(qtbot, runner):
+    """A job's last callback runs after it left the queue, so chaining jobs keeps `busy` true."""
+    second = Recorder()
+    busy = []
+    runner.busy_changed.connect(busy.append)
+    runner.submit(finite_job, JobCallbacks(on_returned=lambda _v: runner.submit(finite_job, second.callbacks())))
+    qtbot.waitUntil(lambda: second.returned == ["done"], timeout=5000)
+    qtbot.waitUntil(lambda: not runner.busy)
+    assert busy[0] is True and busy[-1] is False
 
 
 def test_shutdown_while_running_cancels_and_ends_thread(qtbot):
     r = EngineRunner()
     threads = set()
-    items = []
-    r.yielded.connect(items.append)
-    r.submit(lambda token: endless_job(token, threads))
-    qtbot.waitUntil(lambda: len(items) > 0, timeout=5000)
+    rec = Recorder()
+    r.submit(lambda token: endless_job(token, threads), rec.callbacks())
+    qtbot.waitUntil(lambda: len(rec.items) > 0, timeout=5000)
     assert r.shutdown(5000)
     assert not r.thread.isRunning()
     with pytest.raises(RuntimeError):
@@ -102,7 +123,7 @@ def live_window(qtbot, tmp_path, ok_images, tiny_config):
 
     runner = EngineRunner()
     c = StationController(runner)
-    c.new_recipe("closing", tiny_config, [str(p) for p in ok_images])
+    c.session.new_recipe("closing", tiny_config, [str(p) for p in ok_images])
     w = MainWindow(c, QSettings(str(tmp_path / "s.ini"), QSettings.Format.IniFormat))
     qtbot.addWidget(w)
     w.show()
@@ -113,11 +134,11 @@ def test_closing_the_window_during_a_fit_ends_the_engine_thread_and_keeps_the_ol
     runner, c, w = live_window
     progress = []
     c.progress.connect(lambda *a: progress.append(a))
-    c.start_fit()
+    c.session.start_fit()
     qtbot.waitUntil(lambda: len(progress) > 0, timeout=10000)  # the fit is under way
     w.close()
     assert not runner.thread.isRunning()
-    assert c.detector is None  # the unfinished fit never replaced the (absent) model
+    assert c.session.detector is None  # the unfinished fit never replaced the (absent) model
 
 
 def test_closing_the_window_during_an_inspection_or_a_save_ends_cleanly(qtbot, tmp_path, ok_images, live_window):
@@ -125,12 +146,12 @@ def test_closing_the_window_during_an_inspection_or_a_save_ends_cleanly(qtbot, t
 
     runner, c, w = live_window
     with qtbot.waitSignal(c.model_changed, timeout=60000):
-        c.start_fit()
+        c.session.start_fit()
     recipe = tmp_path / "closing.okrecipe"
-    c.save_recipe(str(recipe))  # the model save runs on the engine thread, before the inspection
+    c.session.save_recipe(str(recipe))  # the model save runs on the engine thread, before the inspection
     progress = []
     c.progress.connect(lambda *a: progress.append(a))
-    c.inspect_paths([str(p) for p in ok_images] * 20)
+    c.session.inspect_paths([str(p) for p in ok_images] * 20)
     qtbot.waitUntil(lambda: len(progress) > 0, timeout=10000)
     w.close()
     assert not runner.thread.isRunning()

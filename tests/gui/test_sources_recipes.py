@@ -57,10 +57,14 @@ def test_folder_watch_waits_for_stable_size(tmp_path):
 
 def test_live_job_scores_every_video_frame(tmp_path):
     class FakeDetector:
-        def inspect(self, images):
+        def embed(self, images):
+            import torch
+            return torch.full((1, 2, 2, 2), float(images[0].mean()))
+
+        def inspect_embeddings(self, emb):
             from core.detector import Inspection
             m = np.zeros((8, 8), np.float32)
-            return [Inspection(float(images[0].mean()), "OK", m, 1.0, 1.0)]
+            return [Inspection(float(emb.mean()), "OK", m, 1.0, 1.0)]
 
     src = VideoSource(str(_video(tmp_path / "v.avi")))
     items = []

@@ -1,0 +1,488 @@
+"""InspectionSession: one place for the station's state and every intent that changes it.
+
+The recipe and its OK set, the current detector, the thresholds, the session's results (re-
+judged when thresholds or the model change), the labels and their undo history. Plain Python:
+it notifies through :class:`~core.events.Event` callbacks and runs long work as generator
+jobs on an injected executor (the GUI's engine thread, or :class:`~core.jobs.InlineExecutor`
+in scripts and tests). Job results come back through callbacks on the thread that owns the
+session; jobs themselves only read snapshots (a detector is replaced, never edited in place
+while a job may read it).
+
+Example:
+    >>> s = InspectionSession(InlineExecutor())
+    >>> s.new_recipe("cells", DetectorConfig(), ok_paths)
+    >>> s.start_fit()                       # returns when done with the inline executor
+    >>> s.inspect_paths(["part.png"])
+    >>> [(r.name, r.score, r.verdict) for r in s.results]
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .detector import Detector, DetectorConfig
+from .errors import OkngError
+from .events import Event, Question
+from .imageio import iter_image_paths, load_image
+from .jobs import FitResult, JobCallbacks, ScoredImage, Skipped, fit_job, inspect_job, load_model_job, save_model_job
+from .models import MODELS
+from .recipes import Recipe, load_recipe, model_path_for, safe_file_stem, save_recipe
+from .session_labels import LabelBook
+from .session_results import Display, ResultRecord, SessionResults, compose_display, display_name
+from .sources import CapturedFrame, FolderWatchSource, VideoSource, capture_job, live_job
+from .thresholds import Thresholds
+
+log = logging.getLogger(__name__)
+DEMO_RECIPE_NAME = "ELPV mono cells (demo)"
+
+
+class InspectionSession:
+    def __init__(self, executor: Any, labels_dir: str | Path | None = None,
+                 captures_dir: str | Path | None = None) -> None:
+        self.executor = executor
+        self.labels_dir = Path(labels_dir) if labels_dir is not None else Path.home() / ".okng" / "labels"
+        self.captures_dir = Path(captures_dir) if captures_dir is not None else Path.home() / ".okng" / "captures"
+        # notifications
+        self.recipe_changed = Event()  # (name)
+        self.ok_paths_changed = Event()  # (paths)
+        self.model_changed = Event()  # ()
+        self.thresholds_changed = Event()  # (image, pixel)
+        self.results_changed = Event()  # () verdicts, scores or maps of stored results changed
+        self.result_added = Event()  # (ResultRecord)
+        self.shown_changed = Event()  # (result id) the result to display
+        self.live_changed = Event()  # (bool)
+        self.status = Event()  # (message)
+        self.error = Event()  # (message)
+        self.question = Event()  # (Question)
+        # state
+        self.recipe = Recipe("untitled", config=DetectorConfig().to_dict())
+        self.recipe_path: Path | None = None
+        self.detector: Detector | None = None
+        self.extractor = None
+        self.image_threshold: float | None = None
+        self.pixel_threshold: float | None = None
+        #: True once the engineer moved a threshold away from the model's calibration
+        self.thresholds_hand_set = False
+        self.results = SessionResults()
+        self.shown_id: int | None = None
+        self.demo_stream: list[str] = []
+        self.demo_truth: dict[str, str] = {}
+        self.live = False
+        self.labels = LabelBook(self)
+
+    # -- recipe & OK set --------------------------------------------------------------------
+    @property
+    def config(self) -> DetectorConfig:
+        return DetectorConfig.from_dict(dict(self.recipe.config))
+
+    @property
+    def ok_paths(self) -> list[str]:
+        return list(self.recipe.ok_paths)
+
+    @staticmethod
+    def available_models() -> list[tuple[str, str]]:
+        """(name, one-line summary) of every normality model."""
+        return [(name, cls.summary) for name, cls in MODELS.items()]
+
+    def new_recipe(self, name: str, config: DetectorConfig | None = None, ok_paths: list[str] | None = None) -> None:
+        self._stop_live()
+        self.recipe = Recipe(name, list(ok_paths or []), (config or DetectorConfig()).to_dict())
+        self.recipe_path = None
+        self.demo_stream, self.demo_truth = [], {}
+        self.set_detector(None)
+        self.labels.recipe_replaced()
+        self.clear_results()
+        self.recipe_changed.emit(name)
+        self.ok_paths_changed.emit(self.ok_paths)
+
+    def open_demo(self) -> None:
+        from .demo import demo_split
+
+        split = demo_split()
+        self.new_recipe(DEMO_RECIPE_NAME, DetectorConfig(), split.ok_train)
+        self.demo_stream = split.stream_paths
+        self.demo_truth = {c.path: ("OK" if c.is_ok else "NG") for c in split.stream}
+        self.recipe_changed.emit(DEMO_RECIPE_NAME)  # again, now that the demo stream is known
+        self.status.emit(f"Demo: {len(split.ok_train)} OK cells ready — press Fit (F5)")
+
+    def add_ok_paths(self, inputs: list[str]) -> None:
+        known = set(self.recipe.ok_paths)
+        new = list(dict.fromkeys(str(p) for p in iter_image_paths(inputs) if str(p) not in known))
+        if not new:
+            self.status.emit("No new images found")
+            return
+        self.recipe.ok_paths.extend(new)
+        self.ok_paths_changed.emit(self.ok_paths)
+        self.status.emit(f"Added {len(new)} OK images ({len(self.recipe.ok_paths)} in total); refit to use them")
+
+    def remove_ok_paths(self, paths: list[str]) -> None:
+        drop = set(paths)
+        self.recipe.ok_paths = [p for p in self.recipe.ok_paths if p not in drop]
+        self.ok_paths_changed.emit(self.ok_paths)
+        self.status.emit(f"Removed {len(drop)} images; refit to apply")
+
+    def set_model(self, name: str) -> None:
+        """Choose the normality model for the next fit, with that model's own defaults."""
+        if name == self.recipe.config.get("model", "padim"):
+            return
+        try:
+            cfg = DetectorConfig.for_model(name, self.config)
+        except (TypeError, ValueError) as exc:
+            self.error.emit(f"Cannot use model {name}: {exc}")
+            return
+        self.recipe.config = cfg.to_dict()
+        self.status.emit(f"Model for the next fit: {name} (press F5 to fit)")
+
+    # -- jobs -------------------------------------------------------------------------------
+    def submit(self, job, replace: bool = False, **callbacks: Any) -> None:
+        """Run ``job(token)`` on the executor; callbacks as in :class:`~core.jobs.JobCallbacks`."""
+        self.executor.submit(job, JobCallbacks(**callbacks), replace=replace)
+
+    def _skip_reporter(self) -> tuple[list[Skipped], Callable[[Any], None], Callable[[], None]]:
+        """(list, on_item for Skipped records, a function that reports them once at the end)."""
+        skipped: list[Skipped] = []
+
+        def on_skipped(item: Any) -> None:
+            skipped.append(item)
+            self.status.emit(f"Skipped {Path(item.path).name}: {item.reason}")
+
+        def report() -> None:
+            if skipped:
+                first = skipped[0]
+                self.error.emit(f"{len(skipped)} image(s) could not be read and were skipped, "
+                                f"e.g. {first.path}: {first.reason}")
+                skipped.clear()
+
+        return skipped, on_skipped, report
+
+    def _failed(self, what: str, after: Callable[[], None] | None = None) -> Callable[[BaseException], None]:
+        def on_failed(exc: BaseException) -> None:
+            self.error.emit(f"{what}: {exc}")
+            if after is not None:
+                after()
+        return on_failed
+
+    def start_fit(self) -> None:
+        if not self.recipe.ok_paths:
+            self.error.emit("Add OK images before fitting a model.")
+            return
+        self._stop_live()
+        try:
+            config = self.config
+        except (TypeError, ValueError) as exc:
+            self.error.emit(f"Invalid detector settings in the recipe: {exc}")
+            return
+        skipped, _, report = self._skip_reporter()
+
+        def done(result: FitResult) -> None:
+            skipped.extend(result.skipped)
+            self._fit_done(result)
+            report()
+
+        job = partial(fit_job, list(self.recipe.ok_paths), config, extractor=self.extractor)
+        self.status.emit(f"Fitting on {len(self.recipe.ok_paths)} OK images…")
+        self.submit(job, on_returned=done, on_failed=self._failed("Fit failed", report),
+                     on_cancelled=lambda: self.status.emit("Fit cancelled; the model is unchanged"))
+
+    def _fit_done(self, result: FitResult) -> None:
+        det = result.detector
+        self.extractor = det.extractor
+        th = det.thresholds
+        mine = (self.image_threshold, self.pixel_threshold)
+        keep_mine = self.thresholds_hand_set and None not in mine and th is not None
+        self.set_detector(det, *(mine if keep_mine else (None, None)))
+        self.thresholds_hand_set = keep_mine
+        msg = f"Model fitted on {len(result.fitted)} images, calibrated on {len(result.calibration)} in {result.seconds:.1f} s"
+        if th is None:
+            msg += " — too few images to calibrate: set the thresholds by hand"
+        self.status.emit(msg)
+        if keep_mine:
+            self._ask_thresholds_after_fit(th)
+        self.labels.model_replaced(det, replay=True)
+
+    def _ask_thresholds_after_fit(self, th: Thresholds) -> None:
+        keep, new = "Keep my thresholds", "Use the new calibration"
+
+        def answer(option: str) -> None:
+            if option == new:
+                self.set_thresholds(th.image, th.pixel)
+                self.thresholds_hand_set = False
+                self.status.emit(f"Thresholds from the new calibration: image {th.image:.4g}, pixel {th.pixel:.4g}")
+
+        self.ask(Question(
+            "Thresholds after refit",
+            f"You set the thresholds by hand (image {self.image_threshold:.4g}, pixel {self.pixel_threshold:.4g}). "
+            f"The new model calibrates to image {th.image:.4g}, pixel {th.pixel:.4g} at the target "
+            f"false-alarm rate. Keep yours?", (keep, new), keep, answer))
+
+    def ask(self, q: Question) -> None:
+        if self.question.connected:
+            self.question.emit(q)
+        else:
+            q.answer(q.default)
+
+    def inspect_paths(self, inputs: list[str]) -> None:
+        if not self._require_model():
+            return
+        paths = [str(p) for p in iter_image_paths(inputs)]
+        if not paths:
+            self.error.emit("No images to inspect were found.")
+            return
+        self._stop_live()
+        _, on_skipped, report = self._skip_reporter()
+
+        def on_item(item: Any) -> None:
+            self._add_result(item, from_file=True) if isinstance(item, ScoredImage) else on_skipped(item)
+
+        def done(_summary: Any) -> None:
+            self.status.emit(f"Done: {len(self.results)} results")
+            report()
+
+        job = partial(inspect_job, paths, self.detector, keep_images=True, batch_size=4, keep_embeddings=True)
+        self.status.emit(f"Inspecting {len(paths)} images…")
+        self.submit(job, on_item=on_item, on_returned=done, on_failed=self._failed("Inspection failed", report),
+                     on_cancelled=lambda: (self.status.emit("Inspection cancelled"), report()))
+
+    def inspect_demo_stream(self) -> None:
+        if not self.demo_stream:
+            self.error.emit("No demo stream: open the demo first (okng demo).")
+            return
+        self.inspect_paths(self.demo_stream)
+
+    def start_live(self, kind: str, target: str) -> None:
+        if not self._require_model():
+            return
+        if not target:
+            self.error.emit("Enter a camera index, a video file or a folder for live inspection.")
+            return
+        source = FolderWatchSource(target) if kind == "folder" else VideoSource(target)
+        _, on_skipped, report = self._skip_reporter()
+
+        def on_item(item: Any) -> None:
+            self._add_result(item, from_file=False) if isinstance(item, ScoredImage) else on_skipped(item)
+
+        def ended(message: str) -> Callable[..., None]:
+            def end(*_: Any) -> None:
+                self.live = False
+                self.live_changed.emit(False)
+                self.status.emit(message)
+                report()
+            return end
+
+        def failed(exc: BaseException) -> None:
+            self.error.emit(f"Live inspection stopped: {exc}")
+            ended("Live inspection stopped")()
+
+        self.live = True  # before submit: a job may end (and report) before submit returns
+        self.live_changed.emit(True)
+        job = partial(live_job, source, self.current_detector, keep_embeddings=True)
+        self.status.emit(f"Live inspection from {kind} {target} — Space or Esc to stop")
+        self.submit(job, replace=True, on_item=on_item, on_returned=lambda _n: ended(f"Done: {len(self.results)} results")(),
+                     on_failed=failed, on_cancelled=ended("Live inspection stopped"))
+
+    def current_detector(self) -> Detector | None:
+        """Read by the live job on the engine thread: a reference read of a snapshot."""
+        return self.detector
+
+    def stop_live(self) -> None:
+        if self.live:
+            self.executor.cancel()
+
+    def cancel(self) -> None:
+        if self.executor.busy:
+            self.executor.cancel()
+            self.status.emit("Cancelling…")
+
+    def _stop_live(self) -> None:
+        if self.live:
+            self.executor.cancel()
+
+    def _require_model(self) -> bool:
+        if self.detector is None:
+            self.error.emit("No model yet: fit the OK images first (F5) or open a recipe.")
+            return False
+        return True
+
+    # -- capture ----------------------------------------------------------------------------
+    def capture_folder(self) -> Path:
+        """Where captured OK frames go: beside the recipe, or ``<captures_dir>/<recipe>/``."""
+        if self.recipe_path is not None:
+            return self.recipe_path.parent / f"{self.recipe_path.stem}.captures"
+        return self.captures_dir / safe_file_stem(self.recipe.name)
+
+    def capture_ok(self, kind: str, target: str, count: int = 1) -> None:
+        """Grab ``count`` frames from a camera (index) or video file and add them as OK images."""
+        if kind == "folder":
+            self.error.emit("Capture needs a camera or a video file: choose one in the Inspect panel.")
+            return
+        if not target:
+            self.error.emit("Enter a camera index or a video file to capture OK images from.")
+            return
+        if count < 1:
+            return
+        self._stop_live()  # a camera cannot be opened twice
+        captured: list[str] = []
+        folder = self.capture_folder()
+
+        def finish(*_: Any) -> None:  # frames saved before a cancel or an error are kept too
+            if captured:
+                self.add_ok_paths(captured)
+
+        def done(_saved: Any) -> None:
+            if not captured:
+                self.error.emit("No frame could be captured: the source delivered no image.")
+            finish()
+
+        self.status.emit(f"Capturing {count} OK frame(s) from {kind} {target} into {folder}…")
+        self.submit(partial(capture_job, VideoSource(target), folder, int(count)),
+                     on_item=lambda f: captured.append(f.path) if isinstance(f, CapturedFrame) else None,
+                     on_returned=done, on_failed=self._failed("Capture failed", finish), on_cancelled=finish)
+
+    # -- detector & thresholds --------------------------------------------------------------
+    def set_detector(self, det: Detector | None, image_thr: float | None = None,
+                     pixel_thr: float | None = None) -> None:
+        """Make ``det`` current; thresholds given here win over the model's calibration."""
+        self.detector = det
+        th = det.thresholds if det is not None else None
+        self.image_threshold = image_thr if image_thr is not None else (th.image if th else None)
+        self.pixel_threshold = pixel_thr if pixel_thr is not None else (th.pixel if th else None)
+        self._push_thresholds_to_detector()
+        self.model_changed.emit()
+        if self.image_threshold is not None and self.pixel_threshold is not None:
+            self.thresholds_changed.emit(self.image_threshold, self.pixel_threshold)
+        self._rejudge()
+
+    def calibration_scores(self) -> np.ndarray:
+        th = self.detector.thresholds if self.detector is not None else None
+        return np.asarray(th.calibration_scores if th is not None else [], np.float64)
+
+    def calibration_peaks(self) -> np.ndarray:
+        th = self.detector.thresholds if self.detector is not None else None
+        return np.asarray(th.calibration_peaks if th is not None else [], np.float64)
+
+    def inspected_scores(self) -> np.ndarray:
+        return self.results.scores()
+
+    def set_thresholds(self, image: float, pixel: float) -> None:
+        """Re-judge every stored result and redraw the shown one; no model work."""
+        if (image, pixel) == (self.image_threshold, self.pixel_threshold):
+            return
+        self.image_threshold, self.pixel_threshold = float(image), float(pixel)
+        self.thresholds_hand_set = True
+        self._push_thresholds_to_detector()
+        self.thresholds_changed.emit(self.image_threshold, self.pixel_threshold)
+        self._rejudge()
+
+    def _push_thresholds_to_detector(self) -> None:
+        det = self.detector
+        if det is None or self.image_threshold is None or self.pixel_threshold is None:
+            return
+        th = det.thresholds or Thresholds(self.image_threshold, self.pixel_threshold)
+        # rebinding the attribute is atomic: a live job sees the old or the new value, never a mix
+        det.thresholds = replace(th, image=self.image_threshold, pixel=self.pixel_threshold)
+
+    def _rejudge(self) -> None:
+        self.results.rejudge(self.image_threshold)
+        self.results_changed.emit()
+
+    # -- results ----------------------------------------------------------------------------
+    def _add_result(self, item: ScoredImage, from_file: bool) -> None:
+        insp = item.inspection
+        rec = self.results.add(display_name(item.path, from_file, self.demo_truth), insp.score, insp.anomaly_map,
+                               item.image, item.path if from_file else None, item.seconds, self.image_threshold,
+                               item.embedding)
+        self.result_added.emit(rec)
+        self.show_result(rec.id)
+
+    def clear_results(self) -> None:
+        self.results.clear()
+        self.shown_id = None
+        self.results_changed.emit()
+
+    def show_result(self, result_id: int) -> None:
+        if result_id in self.results:
+            self.shown_id = result_id
+            self.shown_changed.emit(result_id)
+
+    @property
+    def shown(self) -> ResultRecord | None:
+        return self.results.get(self.shown_id)
+
+    def image_of(self, rec: ResultRecord) -> np.ndarray | None:
+        """The record's image, re-read from its file if it was dropped (None if gone)."""
+        if rec.image is not None or rec.path is None:
+            return rec.image
+        try:
+            return load_image(rec.path)
+        except OkngError as exc:
+            self.error.emit(str(exc))
+            return None
+
+    def display(self) -> Display | None:
+        rec = self.shown
+        if rec is None:
+            return None
+        return compose_display(rec, self.image_of(rec), self.image_threshold, self.pixel_threshold)
+
+    # -- recipes on disk --------------------------------------------------------------------
+    def open_recipe(self, path: str | Path) -> None:
+        path = Path(path)
+        try:
+            recipe = load_recipe(path)
+            DetectorConfig.from_dict(dict(recipe.config))
+        except (OkngError, TypeError, ValueError) as exc:
+            self.error.emit(f"Cannot open recipe: {exc}")
+            return
+        self.new_recipe(recipe.name)
+        self.recipe, self.recipe_path = recipe, path
+        self.labels.recipe_replaced()  # now the labels beside this recipe
+        self.recipe_changed.emit(recipe.name)
+        self.ok_paths_changed.emit(self.ok_paths)
+        if not (recipe.model_path and Path(recipe.model_path).is_file()):
+            self.status.emit(f"Recipe {recipe.name} opened; no fitted model yet — press Fit (F5)")
+            return
+
+        def loaded(det: Detector) -> None:
+            self.extractor = det.extractor
+            self.set_detector(det, recipe.image_threshold, recipe.pixel_threshold)
+            th = det.thresholds
+            self.thresholds_hand_set = th is not None and not th.matches_calibration()
+            self.labels.model_replaced(det, replay=False)
+            self.status.emit(f"Recipe {recipe.name} ready")
+
+        self.status.emit(f"Loading model {Path(recipe.model_path).name}…")
+        self.submit(partial(load_model_job, recipe.model_path, self.extractor), on_returned=loaded,
+                     on_failed=self._failed("Could not load the model"))
+
+    def save_recipe(self, path: str | Path | None = None) -> bool:
+        """Save the recipe (and its model beside it). False if there is no path yet."""
+        path = Path(path) if path is not None else self.recipe_path
+        if path is None:
+            return False
+        if self.live:
+            self.error.emit("Stop live inspection before saving the recipe.")
+            return True
+        self.labels.recipe_saved_to(path)
+        self.recipe_path = path
+        self.recipe.image_threshold, self.recipe.pixel_threshold = self.image_threshold, self.pixel_threshold
+        if self.detector is None:
+            self._write_recipe_file()
+            return True
+        model = model_path_for(path)
+        self.recipe.model_path = str(model)
+        self.submit(partial(save_model_job, self.detector, model), on_returned=lambda _p: self._write_recipe_file(),
+                     on_failed=self._failed("Could not save the model"))
+        return True
+
+    def _write_recipe_file(self) -> None:
+        try:
+            save_recipe(self.recipe, self.recipe_path)
+        except OkngError as exc:
+            self.error.emit(str(exc))
+            return
+        self.status.emit(f"Recipe saved to {self.recipe_path}")

@@ -1,0 +1,472 @@
+"""The session's click-to-label half: select a region, label it, undo, replay after a refit.
+
+A label travels: the operator's click selects a region of the shown result; the label job
+(:mod:`core.feedback_jobs`) updates the model on the engine thread and re-judges every result;
+back here, if the label would turn any NG verdict into OK the session asks first
+(:class:`~core.session.Question`), then the label is committed to SQLite *before* it takes
+effect on screen, and the new detector becomes current with the operator's thresholds kept.
+
+Labels are the state: the store keeps what is needed to replay each one (image path and
+content hash, region, kind), a refit replays every active label, and the model file records
+which labels it holds (:attr:`core.detector.Detector.applied_labels`).
+"""
+from __future__ import annotations
+
+import logging
+import sqlite3
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import cv2
+import numpy as np
+
+from .atomic import write_bytes_atomic
+from .errors import OkngError
+from .events import Event, Question
+from .feedback import FeedbackLearner
+from .feedback_jobs import KIND_TEXT, LabelOutcome, ModelOutcome, ReplayOutcome, Rescored
+from .feedback_jobs import label_job, replay_labels_job, reset_weights_job, undo_job
+from .labels import Label, LabelStore, RegionShape, file_sha256
+from .recipes import safe_file_stem
+from .regions import find_regions, region_at
+from .session_results import judge
+
+if TYPE_CHECKING:
+    from .detector import Detector
+    from .session import InspectionSession
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LabelRow:
+    """One line of a labels list (plain data)."""
+
+    id: int
+    created_at: float
+    image_name: str
+    kind: str
+    score_before: float | None
+    score_after: float | None
+    undone: bool = False
+    in_model: bool = False
+
+
+@dataclass
+class _Step:
+    """One undoable change."""
+
+    label_id: int | None  # None for "reset weights"
+    result_id: int | None
+    before: tuple[float, np.ndarray, str] | None  # the labelled result's score, map and verdict
+    added_ok_path: str | None = None
+
+
+class LabelBook:
+    def __init__(self, session: InspectionSession) -> None:
+        self.session = session
+        self.labels_changed = Event()  # ([LabelRow], oldest first)
+        self.weights_changed = Event()  # (WeightChange | None)
+        self.selection_changed = Event()  # ((N, 2) contour of the selected region, or None)
+        self.can_undo_changed = Event()  # (bool)
+        self.label_saved = Event()  # (label id), after the SQLite commit
+        self.reweight_changed = Event()  # (bool) what the current model does
+        self.operator = ""
+        self.reweight = False
+        self.learner: FeedbackLearner | None = None
+        self.model_id = ""
+        self._store: LabelStore | None = None
+        self._selected: tuple[int, np.ndarray, np.ndarray] | None = None  # (result id, mask, contour)
+        self._steps: list[_Step] = []
+        self._pending = False
+        self._scores: dict[int, tuple[float, float]] = {}  # label id -> (before, after), this session
+
+    # -- model & store lifecycle ------------------------------------------------------------
+    def model_replaced(self, detector: Detector | None, replay: bool) -> None:
+        """A fitted or loaded model: new learner, empty undo history. After a fit
+        (``replay``) every active stored label is applied to it again."""
+        if detector is not None:
+            self.reweight = detector.model.channel_weights is not None or (replay and self.reweight)
+        self.learner = FeedbackLearner(detector, reweight=self.reweight) if detector is not None else None
+        self.model_id = _model_id(self.session.recipe.model_path if not replay else None, detector)
+        self._steps.clear()
+        self._select(None)
+        self.can_undo_changed.emit(False)
+        self.weights_changed.emit(None)
+        self.reweight_changed.emit(self.reweight)
+        self.labels_changed.emit(self.rows())
+        if replay and detector is not None:
+            self._replay()
+
+    def _replay(self) -> None:
+        try:
+            active = self.store().labels() if self.store_path.exists() else []
+        except (sqlite3.Error, OSError, ValueError) as exc:
+            self.session.error.emit(f"Labels could not be read, none replayed: {exc}")
+            return
+        if not active:
+            return
+        s, learner = self.session, self.learner
+        self._pending = True
+
+        def done(out: ReplayOutcome) -> None:
+            self._pending = False
+            learner.clear_undo()
+            out.detector.applied_labels = tuple(out.applied)
+            s.set_detector(out.detector, s.image_threshold, s.pixel_threshold)
+            self.labels_changed.emit(self.rows())
+            msg = f"{len(out.applied)} stored label(s) replayed into the new model"
+            if out.skipped:
+                lid, why = out.skipped[0]
+                s.error.emit(f"{msg}; {len(out.skipped)} could not be, e.g. label #{lid}: {why}")
+            else:
+                s.status.emit(msg)
+
+        def failed(exc: BaseException) -> None:
+            self._pending = False
+            s.error.emit(f"Stored labels could not be replayed: {exc}")
+
+        s.submit(partial(replay_labels_job, learner, active), on_returned=done, on_failed=failed,
+                  on_cancelled=lambda: failed(RuntimeError("cancelled")))
+
+    def set_reweight(self, on: bool) -> None:
+        """Channel reweighting on/off for the next labels (the OK memory update always runs)."""
+        self.reweight = bool(on)
+        if self.learner is not None:
+            self.learner.reweight = self.reweight
+
+    def recipe_replaced(self) -> None:
+        self.close_store()
+        self._scores.clear()
+        self.labels_changed.emit(self.rows())
+
+    def close_store(self) -> None:
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+    @property
+    def store_path(self) -> Path:
+        s = self.session
+        if s.recipe_path is not None:
+            return Path(s.recipe_path).with_suffix(".labels.sqlite")
+        return s.labels_dir / f"{safe_file_stem(s.recipe.name)}.labels.sqlite"
+
+    def store(self) -> LabelStore:
+        path = self.store_path
+        if self._store is None or self._store.path != path:
+            self.close_store()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._store = LabelStore(path)
+        return self._store
+
+    def recipe_saved_to(self, recipe_path: Path) -> None:
+        """Carry the labels of a not-yet-saved recipe over to the file beside it."""
+        target = Path(recipe_path).with_suffix(".labels.sqlite")
+        if self._store is None or self._store.path == target or target.exists():
+            return
+        try:
+            self._store.backup_to(target)
+        except sqlite3.Error as exc:
+            self.session.error.emit(f"Could not copy the labels beside the recipe: {exc}")
+            return
+        self.close_store()
+        self.labels_changed.emit(self.rows())
+
+    # -- selection --------------------------------------------------------------------------
+    def select_at(self, row: int, col: int) -> bool:
+        """Select the highlighted region under map pixel (row, col) of the shown result."""
+        s = self.session
+        rec, region = s.shown, None
+        if rec is not None and s.pixel_threshold is not None:
+            region = region_at(find_regions(rec.anomaly_map, s.pixel_threshold), row, col)
+        if region is None:
+            self._select(None)
+            s.status.emit("No highlighted region here — nothing labelled. Click inside an outline.")
+            return False
+        self._select((rec.id, region.mask, region.contour))
+        s.status.emit("Region selected: F = false alarm (this is fine), D = real defect")
+        return True
+
+    def _select(self, sel: tuple[int, np.ndarray, np.ndarray] | None) -> None:
+        self._selected = sel
+        self.selection_changed.emit(None if sel is None else sel[2])
+
+    @property
+    def has_selection(self) -> bool:
+        return self._selected is not None and self._selected[0] == self.session.shown_id
+
+    # -- labelling --------------------------------------------------------------------------
+    def mark_region(self, kind: str) -> None:
+        """"false_alarm" or "defect" on the selected region."""
+        if not self.has_selection:
+            self.session.status.emit("Click a highlighted region first — nothing labelled.")
+            return
+        rid, mask, _ = self._selected
+        self._submit(kind, rid, mask)
+
+    def mark_image(self, kind: str) -> None:
+        """"image_ok" or "image_ng" on the whole shown part."""
+        if self.session.shown is None:
+            self.session.status.emit("No inspected image to label.")
+            return
+        self._submit(kind, self.session.shown_id, None)
+
+    def mark(self, kind: str) -> None:
+        self.mark_region(kind) if kind in ("false_alarm", "defect") else self.mark_image(kind)
+
+    def _busy(self) -> bool:
+        s = self.session
+        if self.learner is None:
+            s.error.emit("No model yet: fit the OK images first (F5) or open a recipe.")
+            return True
+        if self._pending:
+            s.status.emit("Still learning from the previous label…")
+            return True
+        if s.live:
+            s.error.emit("Stop live inspection before labelling (Space).")
+            return True
+        return False
+
+    def _submit(self, kind: str, result_id: int, mask: np.ndarray | None) -> None:
+        if self._busy():
+            return
+        s = self.session
+        rec = s.results.get(result_id)
+        req = {"kind": kind, "result_id": result_id, "mask": mask, "name": rec.name, "path": rec.path,
+               "before": (rec.score, rec.anomaly_map, rec.verdict), "image": rec.image}
+        self._select(None)
+        self._pending = True
+        job = partial(label_job, self.learner, kind, rec.image, rec.path, mask, s.results.with_embeddings())
+        s.status.emit(f"Learning from '{KIND_TEXT[kind]}' on {rec.name}…")
+        s.submit(job, on_returned=lambda out: self._on_label_outcome(req, out), on_failed=self._on_failed,
+                  on_cancelled=lambda: self._on_failed(RuntimeError("cancelled")))
+
+    def _on_failed(self, exc: BaseException) -> None:
+        self._pending = False
+        self.session.error.emit(f"Labelling failed, the model is unchanged: {exc}")
+
+    def _on_label_outcome(self, req: dict, out: LabelOutcome) -> None:
+        s = self.session
+        flips = [r for r in out.rescored if self._flips_to_ok(r, req)]
+        if not flips and not out.defects_flipped:
+            self._commit(req, out)
+            return
+        names = [s.results.get(r.result_id).name for r in flips]
+        parts = []
+        if names:
+            shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+            parts.append(f"{len(names)} part(s) judged NG would be judged OK: {shown}")
+        if out.defects_flipped:
+            parts.append(f"{out.defects_flipped} part(s) labelled as real defects would pass")
+        apply, cancel = "Apply the label", "Do not apply"
+
+        def answer(option: str) -> None:
+            if option == apply:
+                self._commit(req, out)
+            else:
+                self._revert("Label not applied; the model is unchanged.")
+
+        s.ask(_question(f"'{KIND_TEXT[req['kind']]}' on {req['name']}: " + "; ".join(parts) + ". Apply it?",
+                        (apply, cancel), cancel, answer))
+
+    def _flips_to_ok(self, r: Rescored, req: dict) -> bool:
+        s = self.session
+        rec = s.results.get(r.result_id)
+        if rec is None or rec.verdict != "NG" or judge(r.score, s.image_threshold) != "OK":
+            return False
+        # the labelled part itself passing is what a false alarm / part-OK label asks for
+        return not (r.result_id == req["result_id"] and req["kind"] in ("false_alarm", "image_ok"))
+
+    def _revert(self, message: str, is_error: bool = False) -> None:
+        """Give the learner its previous model back (the label never took effect)."""
+        s, learner = self.session, self.learner
+
+        def done(_out: ModelOutcome) -> None:
+            self._pending = False
+
+        s.submit(partial(undo_job, learner, []), on_returned=done, on_failed=self._on_failed)
+        (s.error if is_error else s.status).emit(message)
+
+    def _commit(self, req: dict, out: LabelOutcome) -> None:
+        s, rec = self.session, out.record
+        kind, mask = req["kind"], req["mask"]
+        try:
+            path, sha = req["path"], out.sha256
+            if path is None:  # a live frame: keep the image so the label can be replayed
+                path, sha = self._keep_frame(req["image"])
+            label = Label(image_path=path, image_sha256=sha, kind=kind,
+                          model_id=f"{self.model_id}#r{len(self._steps)}", operator=self.operator,
+                          region=RegionShape.from_mask(mask) if mask is not None else None,
+                          map_size=int(req["before"][1].shape[0]), score=float(rec.score_before))
+            label_id = self.store().add(label)  # committed (WAL, synchronous=FULL) before it returns
+        except (sqlite3.Error, OSError, ValueError, OkngError) as exc:
+            self._revert(f"Label NOT saved ({exc}); the model change was reverted.", is_error=True)
+            return
+        self._pending = False
+        self._scores[label_id] = (rec.score_before, rec.score_after)
+        out.detector.applied_labels = (*out.detector.applied_labels, label_id)
+        added = None
+        if kind == "image_ok" and req["path"] and req["path"] not in s.recipe.ok_paths:
+            added = req["path"]
+            s.recipe.ok_paths.append(added)
+            s.ok_paths_changed.emit(s.ok_paths)
+        self._push_step(_Step(label_id, req["result_id"], req["before"], added))
+        self._apply_model(out.detector, out.rescored, req["result_id"], out.labelled)
+        if rec.weights is not None:
+            self.weights_changed.emit(rec.weights)
+        far = "" if rec.expected_false_alarm_rate is None else \
+            f"; expected false alarms now {rec.expected_false_alarm_rate:.1%}"
+        self.labels_changed.emit(self.rows())
+        self.label_saved.emit(label_id)
+        self.can_undo_changed.emit(True)
+        s.status.emit(f"Label #{label_id} saved: {KIND_TEXT[kind]} on {req['name']} — score "
+                      f"{rec.score_before:.2f} → {rec.score_after:.2f}{far} (Ctrl+Z to undo)")
+
+    def _keep_frame(self, image: np.ndarray | None) -> tuple[str, str]:
+        if image is None:
+            raise OkngError("the image of this live frame is gone")
+        folder = self.store_path.with_suffix(".images")
+        folder.mkdir(parents=True, exist_ok=True)
+        ok, png = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+        if not ok:
+            raise OkngError("could not encode the live frame")
+        target = folder / f"frame-{time.strftime('%Y%m%dT%H%M%S')}-{len(self._steps)}.png"
+        write_bytes_atomic(target, png.tobytes())
+        return str(target), file_sha256(target)
+
+    def _push_step(self, step: _Step) -> None:
+        self._steps.append(step)
+        del self._steps[: -self.learner.max_undo]  # the learner keeps this many snapshots
+
+    def _apply_model(self, detector: Detector, rescored: list[Rescored], result_id: int | None,
+                     labelled: Any) -> None:
+        """The new model becomes current (operator's thresholds stay); every re-judged result
+        takes its new score, and remembers a verdict the change flipped."""
+        s = self.session
+        s.detector = detector  # set_detector below re-judges; first update the scores
+        for r in rescored:
+            rec = s.results.get(r.result_id)
+            if rec is not None:
+                rec.score, rec.anomaly_map = r.score, r.anomaly_map
+        labelled_rec = s.results.get(result_id)
+        if labelled_rec is not None and labelled is not None:
+            labelled_rec.score, labelled_rec.anomaly_map = labelled.score, labelled.anomaly_map
+        before = {rec.id: rec.verdict for rec in s.results}
+        s.set_detector(detector, s.image_threshold, s.pixel_threshold)
+        for rec in s.results:
+            if rec.verdict != before[rec.id]:
+                rec.changed_from = before[rec.id]
+        s.results_changed.emit()
+        if labelled_rec is not None:
+            s.show_result(labelled_rec.id)
+
+    # -- undo, reset ------------------------------------------------------------------------
+    @property
+    def can_undo(self) -> bool:
+        return bool(self._steps)
+
+    def undo_last(self) -> None:
+        if not self._steps:
+            self.session.status.emit("Nothing to undo.")
+            return
+        if self._busy():
+            return
+        s, step = self.session, self._steps[-1]
+        self._pending = True
+        s.submit(partial(undo_job, self.learner, s.results.with_embeddings()),
+                  on_returned=lambda out: self._on_undone(step, out), on_failed=self._on_failed)
+
+    def _on_undone(self, step: _Step, out: ModelOutcome) -> None:
+        s = self.session
+        self._pending = False
+        self._steps.pop()
+        if step.label_id is not None:
+            try:
+                self.store().undo(step.label_id)
+            except sqlite3.Error as exc:
+                s.error.emit(f"Could not mark label #{step.label_id} undone in the label store: {exc}")
+        if step.added_ok_path is not None and step.added_ok_path in s.recipe.ok_paths:
+            s.recipe.ok_paths.remove(step.added_ok_path)
+            s.ok_paths_changed.emit(s.ok_paths)
+        rescored = [r for r in out.rescored if r.result_id != step.result_id]
+        self._apply_model(out.detector, rescored, None, None)
+        r = s.results.get(step.result_id)
+        if r is not None and step.before is not None:
+            # the model is exactly the one that produced these values: restore them bit for bit
+            r.score, r.anomaly_map, _ = step.before
+            r.verdict = judge(r.score, s.image_threshold)
+            s.results_changed.emit()
+            s.show_result(r.id)
+        self.weights_changed.emit(None)
+        self.labels_changed.emit(self.rows())
+        self.can_undo_changed.emit(bool(self._steps))
+        what = "weights reset" if step.label_id is None else f"label #{step.label_id}"
+        s.status.emit(f"Undone: {what}" + (f"; {r.name} scores {r.score:.2f} again" if r is not None else ""))
+
+    def reset_weights(self) -> None:
+        if self._busy():
+            return
+        s = self.session
+        rec = s.shown
+        before = (rec.score, rec.anomaly_map, rec.verdict) if rec is not None else None
+        self._pending = True
+
+        def done(out: ModelOutcome) -> None:
+            self._pending = False
+            self._push_step(_Step(None, rec.id if rec is not None else None, before))
+            self._apply_model(out.detector, out.rescored, None, None)
+            self.weights_changed.emit(None)
+            self.can_undo_changed.emit(True)
+            s.status.emit("Channel weights reset (Ctrl+Z to undo)")
+
+        s.submit(partial(reset_weights_job, self.learner, s.results.with_embeddings()), on_returned=done,
+                  on_failed=self._on_failed)
+
+    # -- list, export -----------------------------------------------------------------------
+    def rows(self) -> list[LabelRow]:
+        if self._store is None and not self.store_path.exists():
+            return []  # do not create a file just to list nothing
+        try:
+            labels = self.store().labels(include_undone=True)
+        except (sqlite3.Error, OSError, ValueError) as exc:
+            log.warning("label store unreadable: %s", exc)
+            return []
+        det = self.session.detector
+        in_model = set(det.applied_labels) if det is not None else set()
+        out = []
+        for lab in labels:
+            before, after = self._scores.get(lab.id, (lab.score, None))
+            out.append(LabelRow(lab.id, lab.created_at or 0.0, Path(lab.image_path).name, lab.kind, before, after,
+                                lab.undone_at is not None, lab.id in in_model))
+        return out
+
+    def export(self, path: str) -> None:
+        fmt = "json" if path.lower().endswith(".json") else "csv"
+        try:
+            st = self.store()
+            text = st.export_json() if fmt == "json" else st.export_csv()
+            write_bytes_atomic(path, text.encode("utf-8"))
+        except (OkngError, sqlite3.Error, OSError) as exc:
+            self.session.error.emit(f"Export failed: {exc}")
+            return
+        self.session.status.emit(f"Labels exported to {path}")
+
+    def refresh(self) -> None:
+        self.labels_changed.emit(self.rows())
+
+
+def _question(text: str, options: tuple[str, ...], default: str, on_answer) -> Question:
+    return Question("Label would pass NG parts", text, options, default, on_answer)
+
+
+def _model_id(path: str | None, det: Detector | None) -> str:
+    """A readable model identity: the model file name and its time, or the fit time."""
+    if path and Path(path).is_file():
+        t = time.strftime("%Y%m%dT%H%M%S", time.localtime(Path(path).stat().st_mtime))
+        return f"{Path(path).name}@{t}"
+    n = det.model.n_samples if det is not None else 0
+    return f"fit@{time.strftime('%Y%m%dT%H%M%S')}/{n}ok"

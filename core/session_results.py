@@ -1,0 +1,137 @@
+"""The results of an inspection session: kept, re-judged and shown without running the model.
+
+Each inspected image becomes a :class:`ResultRecord` (score, verdict, anomaly map, and the
+embedding that lets feedback re-judge it under a changed model). Threshold changes re-judge
+stored scores; :func:`compose_display` builds what a view draws from a record and the
+thresholds. Plain Python: the GUI shows these, the session owns them.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .regions import find_regions
+from .thresholds import verdict
+
+#: results a session keeps (the results table); older ones drop out first
+MAX_RESULTS = 500
+#: decoded images kept for redisplay; older file results are re-read from disk
+KEEP_IMAGES = 50
+#: the heatmap's colour scale tops out at this multiple of the pixel threshold
+HEAT_RANGE = 2.0
+
+
+def heat_vmax(pixel_threshold: float | None) -> float | None:
+    """Top of the heatmap colour scale for a pixel threshold (None: the view decides)."""
+    return HEAT_RANGE * pixel_threshold if pixel_threshold else None
+
+
+def judge(score: float, image_threshold: float | None) -> str:
+    """'OK' / 'NG' against the threshold, '?' when there is none (never counted as OK)."""
+    return "?" if image_threshold is None else verdict(score, image_threshold)
+
+
+@dataclass
+class ResultRecord:
+    id: int
+    name: str
+    score: float
+    verdict: str
+    anomaly_map: np.ndarray  # (S, S) float32, read-only
+    image: np.ndarray | None  # (H, W, 3) uint8 RGB, dropped for older file results
+    path: str | None  # the image file, None for a live frame
+    seconds: float
+    thumbnail: np.ndarray | None = None
+    embedding: torch.Tensor | None = None  # (1, C, h, w) float16, for re-judging after feedback
+    #: the verdict before the last feedback changed it (the results table shows "NG → OK")
+    changed_from: str | None = None
+
+
+@dataclass(frozen=True)
+class Display:
+    """Everything the inspection view needs for one result."""
+
+    result_id: int
+    name: str
+    image: np.ndarray
+    anomaly_map: np.ndarray
+    contours: list
+    verdict: str
+    score: float
+    image_threshold: float | None
+    pixel_threshold: float | None
+    vmax: float | None
+
+
+def thumbnail(img: np.ndarray, size: int = 48) -> np.ndarray:
+    step = max(1, min(img.shape[:2]) // size)
+    return np.ascontiguousarray(img[::step, ::step])
+
+
+class SessionResults:
+    """Ordered, bounded results with ids; re-judged in place when thresholds move."""
+
+    def __init__(self) -> None:
+        self._records: OrderedDict[int, ResultRecord] = OrderedDict()
+        self._next_id = 1
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __iter__(self):
+        return iter(self._records.values())
+
+    def __contains__(self, result_id: object) -> bool:
+        return result_id in self._records
+
+    def get(self, result_id: int | None) -> ResultRecord | None:
+        return self._records.get(result_id) if result_id is not None else None
+
+    def add(self, name: str, score: float, anomaly_map: np.ndarray, image: np.ndarray | None,
+            path: str | None, seconds: float, image_threshold: float | None,
+            embedding: torch.Tensor | None = None) -> ResultRecord:
+        rid = self._next_id
+        self._next_id += 1
+        rec = ResultRecord(rid, name, float(score), judge(score, image_threshold), anomaly_map, image, path,
+                           seconds, thumbnail(image) if image is not None else None, embedding)
+        self._records[rid] = rec
+        for old in self._records.values():  # oldest first: drop decoded images past KEEP_IMAGES
+            if old.id > rid - KEEP_IMAGES:
+                break
+            if old.path is not None:
+                old.image = None
+        while len(self._records) > MAX_RESULTS:
+            self._records.popitem(last=False)
+        return rec
+
+    def clear(self) -> None:
+        self._records.clear()
+
+    def rejudge(self, image_threshold: float | None) -> None:
+        for r in self._records.values():
+            r.verdict = judge(r.score, image_threshold)
+
+    def scores(self) -> np.ndarray:
+        return np.array([r.score for r in self._records.values()], np.float64)
+
+    def with_embeddings(self) -> list[tuple[int, torch.Tensor]]:
+        return [(r.id, r.embedding) for r in self._records.values() if r.embedding is not None]
+
+
+def compose_display(rec: ResultRecord, image: np.ndarray | None, image_threshold: float | None,
+                    pixel_threshold: float | None) -> Display:
+    """What to draw for ``rec``: the image (black if it is gone), map, region outlines."""
+    if image is None:
+        image = np.zeros(rec.anomaly_map.shape + (3,), np.uint8)
+    contours = [r.contour for r in find_regions(rec.anomaly_map, pixel_threshold)] if pixel_threshold is not None else []
+    return Display(rec.id, rec.name, image, rec.anomaly_map, contours, rec.verdict, rec.score,
+                   image_threshold, pixel_threshold, heat_vmax(pixel_threshold))
+
+
+def display_name(path: str, from_file: bool, truth: dict[str, str]) -> str:
+    name = Path(path).name if from_file else path
+    return name + (f"  [truth {truth[path]}]" if path in truth else "")

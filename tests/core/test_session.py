@@ -1,0 +1,199 @@
+"""InspectionSession without Qt: the station's state and flows, driven inline.
+
+These are the GUI's flows (fit, inspect, thresholds, click-to-label, undo, refit, recipes)
+as plain Python: the window only adapts them.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+
+from core.detector import DetectorConfig
+from core.jobs import InlineExecutor
+from core.labels import LabelStore
+from core.regions import find_regions
+from core.session import InspectionSession
+from tests.conftest import make_part
+
+
+@pytest.fixture
+def session(tmp_path, part_images, tiny_config):
+    ok, _ = part_images
+    s = InspectionSession(InlineExecutor(), labels_dir=tmp_path / "labels", captures_dir=tmp_path / "captures")
+    s.errors = []
+    s.error.connect(s.errors.append)
+    s.new_recipe("parts", tiny_config, ok)
+    s.start_fit()
+    assert s.detector is not None and not s.errors
+    return s
+
+
+def _inspect(s, paths):
+    s.inspect_paths(list(paths))
+    return list(s.results)[-len(paths):]
+
+
+def test_thresholds_rejudge_stored_results_without_running_the_model(session, part_images, monkeypatch):
+    s = session
+    _, ng = part_images
+    rec = _inspect(s, ng[:1])[0]
+    assert rec.embedding is not None and rec.embedding.shape[0] == 1  # kept for feedback re-judging
+    monkeypatch.setattr(s.detector, "embed", lambda *a: pytest.fail("model re-run"))
+    changes = []
+    s.results_changed.connect(lambda: changes.append(rec.verdict))
+    s.set_thresholds(rec.score - 1e-3, s.pixel_threshold)
+    s.set_thresholds(rec.score + 1e-3, s.pixel_threshold)
+    assert changes == ["NG", "OK"] and s.thresholds_hand_set
+    assert s.detector.thresholds.image == pytest.approx(rec.score + 1e-3)  # live jobs judge the same
+
+
+def test_false_alarm_click_travels_session_job_model_session(session, part_images):
+    s = session
+    _, ng = part_images
+    rec = _inspect(s, ng[:1])[0]
+    s.set_thresholds(s.image_threshold, float(np.percentile(rec.anomaly_map, 90)))
+    region = find_regions(rec.anomaly_map, s.pixel_threshold)[0]
+    row, col = np.argwhere(region.mask)[len(np.argwhere(region.mask)) // 2]
+    saved = []
+    s.labels.label_saved.connect(saved.append)
+    assert s.labels.select_at(int(row), int(col))
+    peak_before = float(rec.anomaly_map[region.mask].max())
+    model_before = s.detector
+    s.labels.mark_region("false_alarm")
+    assert saved == [1] and s.detector is not model_before
+    assert float(rec.anomaly_map[region.mask].max()) < peak_before  # re-judged under the new model
+    with LabelStore(s.labels.store_path) as fresh:  # committed before acknowledged
+        (lab,) = fresh.labels()
+    assert lab.kind == "false_alarm" and np.array_equal(lab.region.mask, region.mask)
+    assert s.detector.applied_labels == (1,)
+    assert s.labels.rows()[0].in_model
+    s.labels.undo_last()
+    assert s.detector is not None and s.detector.applied_labels == ()
+    assert not s.labels.rows()[0].in_model and s.labels.rows()[0].undone
+
+
+def _twin_ng_results(s, ng_path):
+    """The same defective part inspected twice: labelling one as OK must ask about the other."""
+    first, twin = _inspect(s, [ng_path, ng_path])
+    s.set_thresholds(first.score * (1 - 1e-4), s.pixel_threshold)
+    assert first.verdict == twin.verdict == "NG"
+    s.show_result(first.id)
+    return first, twin
+
+
+def test_a_label_that_would_pass_another_ng_part_asks_first_and_can_be_refused(session, part_images):
+    s = session
+    first, twin = _twin_ng_results(s, part_images[1][0])
+    asked = []
+    s.question.connect(asked.append)
+    model_before, score_before = s.detector, twin.score
+    s.labels.mark_image("image_ok")
+    (q,) = asked
+    assert twin.name in q.text and "judged NG would be judged OK" in q.text
+    assert s.detector is model_before and twin.verdict == "NG"  # nothing applied while asking
+    q.answer("Do not apply")
+    assert s.detector is model_before and twin.score == score_before and twin.verdict == "NG"
+    assert not s.labels.store_path.exists() or s.labels.rows() == []
+    assert not s.labels.learner.can_undo  # the learner got its previous model back
+
+
+def test_accepting_the_flip_applies_it_and_marks_the_changed_verdicts(session, part_images):
+    s = session
+    first, twin = _twin_ng_results(s, part_images[1][0])
+    s.question.connect(lambda q: q.answer("Apply the label"))
+    s.labels.mark_image("image_ok")
+    assert twin.verdict == "OK" and twin.changed_from == "NG"
+    assert len(s.labels.rows()) == 1
+
+
+def test_without_anyone_to_ask_a_flip_is_never_applied(session, part_images):
+    s = session
+    first, twin = _twin_ng_results(s, part_images[1][0])
+    s.labels.mark_image("image_ok")  # no listener: the safe default
+    assert twin.verdict == "NG" and s.detector.applied_labels == ()
+
+
+def test_refit_replays_active_labels_and_reports_the_ones_it_cannot(session, part_images, tmp_path):
+    s = session
+    _, ng = part_images
+    moved = tmp_path / "moved.png"
+    moved.write_bytes(open(ng[2], "rb").read())
+    for path in (ng[0], str(moved), ng[1]):
+        _inspect(s, [path])
+        s.labels.mark_image("image_ok")
+    s.labels.undo_last()  # the third label is undone: not replayed
+    ids = [r.id for r in s.labels.rows()]
+    assert s.detector.applied_labels == tuple(ids[:2])
+    cv2.imwrite(str(moved), make_part(np.random.default_rng(9)))  # the image changed since its label
+    errors = []
+    s.error.connect(errors.append)
+    s.start_fit()
+    assert s.detector.applied_labels == (ids[0],)
+    assert errors and f"label #{ids[1]}" in errors[-1] and "changed" in errors[-1]
+    rows = {r.id: r for r in s.labels.rows()}
+    assert rows[ids[0]].in_model and not rows[ids[1]].in_model and rows[ids[2]].undone
+
+
+def test_hand_set_thresholds_survive_a_refit_or_the_engineer_chooses(session):
+    s = session
+    s.set_thresholds(s.image_threshold * 3, s.pixel_threshold * 2)
+    mine = (s.image_threshold, s.pixel_threshold)
+    s.start_fit()  # nobody to ask: the engineer's thresholds stay
+    assert (s.image_threshold, s.pixel_threshold) == mine
+    s.question.connect(lambda q: q.answer("Use the new calibration"))
+    s.start_fit()
+    th = s.detector.thresholds
+    assert (s.image_threshold, s.pixel_threshold) == (th.image, th.pixel) != mine
+    assert not s.thresholds_hand_set
+
+
+def test_recipe_round_trip_restores_model_labels_and_reweighting(session, part_images, tmp_path):
+    s = session
+    s.labels.set_reweight(True)
+    _inspect(s, part_images[1][:1])
+    s.labels.mark_image("image_ok")
+    s.labels.mark_image("image_ng")  # a confirmed defect gives reweighting something to guard
+    path = tmp_path / "parts.okrecipe"
+    assert s.save_recipe(path) and path.with_suffix(".okng").is_file()
+    again = InspectionSession(InlineExecutor(), labels_dir=tmp_path / "other")
+    states = []
+    again.labels.reweight_changed.connect(states.append)
+    again.open_recipe(path)
+    assert again.detector.applied_labels == s.detector.applied_labels != ()
+    assert states[-1] is (s.detector.model.channel_weights is not None)
+    assert [r.in_model for r in again.labels.rows()] == [r.in_model for r in s.labels.rows()]
+    assert (again.image_threshold, again.pixel_threshold) == pytest.approx((s.image_threshold, s.pixel_threshold))
+
+
+def test_lowrank_model_policy_is_the_same_for_cli_and_gui(session):
+    from core.cli import _config_from_args, build_parser
+
+    args = build_parser().parse_args(["fit", "x.png", "--out", "m.okng", "--model", "padim-lowrank"])
+    cli_cfg = _config_from_args(args)
+    assert cli_cfg.n_channels is None  # every channel, projected: not plain PaDiM on 100 channels
+    session.set_model("padim-lowrank")
+    assert session.config.model == "padim-lowrank" and session.config.n_channels is None
+    assert DetectorConfig.for_model("padim").n_channels == 100
+    args = build_parser().parse_args(["fit", "x.png", "--out", "m.okng", "--model", "padim-lowrank", "--channels", "50"])
+    assert _config_from_args(args).n_channels == 50  # the engineer's choice wins
+
+
+def test_the_engine_imports_no_qt_and_no_gui():
+    code = ("import sys, core, core.session, core.cli, core.session_labels, core.feedback_jobs; "
+            "bad = sorted({m.split('.')[0] for m in sys.modules} & {'PySide6', 'pyqtgraph', 'superqt', 'gui'}); "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_okng_offers_the_window_commands_without_loading_qt():
+    """`okng gui` / `okng demo` come from the GUI package's entry point; the CLI stays Qt-free."""
+    code = ("import sys, core.cli; p = core.cli.build_parser(); "
+            "a = p.parse_args(['gui', 'r.okrecipe']); assert a.recipe == 'r.okrecipe', a; "
+            "assert p.parse_args(['demo']).command == 'demo'; "
+            "bad = sorted({m.split('.')[0] for m in sys.modules} & {'PySide6', 'pyqtgraph'}); "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
