@@ -11,7 +11,7 @@ fragment a growing memory bank leaves behind (seen: 24 GB). So the mmap threshol
 at 128 MB (larger blocks, e.g. a memory bank, still get their own mapping and go back to
 the OS when freed), the trim threshold at 512 MB (at most that much free heap top is kept),
 and :func:`release_free_memory` (``malloc_trim``) runs at the end of every long job to hand
-interior free pages back. The benchmark ``packaging/bench_engine.py`` measures both effects.
+interior free pages back. The benchmark ``benchmarks/bench_engine.py`` measures both effects.
 """
 from __future__ import annotations
 

@@ -65,7 +65,7 @@ class DetectorConfig:
     pooling: str = "max"
     topk: int = 100
     #: images per backbone pass; 8 is as fast as 16 on CPU and halves the transient activation
-    #: memory (~200 MB less peak RSS in a fit at 224 px, packaging/bench_engine.py)
+    #: memory (~200 MB less peak RSS in a fit at 224 px, benchmarks/bench_engine.py)
     batch_size: int = 8
     #: share of the OK images held out to calibrate the thresholds (added to the model after)
     calibration_fraction: float = 0.2

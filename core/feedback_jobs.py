@@ -62,7 +62,8 @@ class ReplayOutcome:
     skipped: list[tuple[int, str]]  # (label id, why it could not be replayed)
 
 
-def rescore(det: Detector, items: Sequence[tuple[int, torch.Tensor]], token: CancelToken | None = None) -> list[Rescored]:
+def rescore(det: Detector, items: Sequence[tuple[int, torch.Tensor]],
+            token: CancelToken | None = None) -> list[Rescored]:
     """Score kept embeddings (id, (1, C, h, w)) under ``det`` in chunks."""
     out: list[Rescored] = []
     for lo in range(0, len(items), RESCORE_CHUNK):

@@ -269,7 +269,7 @@ def fit_job(
     det = Detector.create(config, extractor)
     # Compiled scoring code now, while the heap is small: loaded at the first score, inside
     # calibration, numba's ~130 MB landed on top of the fit's peak and made the peak vary by
-    # ±50 MB between runs (packaging/bench_engine.py).
+    # ±50 MB between runs (benchmarks/bench_engine.py).
     det.warm_up()
     fit_paths, cal_paths = split_calibration(paths, config.calibration_fraction)
     result = FitResult(det)

@@ -197,7 +197,8 @@ class InspectionSession:
         keep_mine = self.thresholds_hand_set and None not in mine and th is not None
         self.set_detector(det, *(mine if keep_mine else (None, None)))
         self.thresholds_hand_set = keep_mine
-        msg = f"Model fitted on {len(result.fitted)} images, calibrated on {len(result.calibration)} in {result.seconds:.1f} s"
+        msg = (f"Model fitted on {len(result.fitted)} images, calibrated on {len(result.calibration)} "
+               f"in {result.seconds:.1f} s")
         if th is None:
             msg += " — too few images to calibrate: set the thresholds by hand"
         self.status.emit(msg)
@@ -282,7 +283,8 @@ class InspectionSession:
         self.live_changed.emit(True)
         job = partial(live_job, source, self.current_detector, keep_embeddings=True)
         self.status.emit(f"Live inspection from {kind} {target} — Space or Esc to stop")
-        self.submit(job, replace=True, on_item=on_item, on_returned=lambda _n: ended(f"Done: {len(self.results)} results")(),
+        self.submit(job, replace=True, on_item=on_item,
+                    on_returned=lambda _n: ended(f"Done: {len(self.results)} results")(),
                      on_failed=failed, on_cancelled=ended("Live inspection stopped"))
 
     def current_detector(self) -> Detector | None:

@@ -127,7 +127,7 @@ def compose_display(rec: ResultRecord, image: np.ndarray | None, image_threshold
     """What to draw for ``rec``: the image (black if it is gone), map, region outlines."""
     if image is None:
         image = np.zeros(rec.anomaly_map.shape + (3,), np.uint8)
-    contours = [r.contour for r in find_regions(rec.anomaly_map, pixel_threshold)] if pixel_threshold is not None else []
+    contours = [] if pixel_threshold is None else [r.contour for r in find_regions(rec.anomaly_map, pixel_threshold)]
     return Display(rec.id, rec.name, image, rec.anomaly_map, contours, rec.verdict, rec.score,
                    image_threshold, pixel_threshold, heat_vmax(pixel_threshold))
 

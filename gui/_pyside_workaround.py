@@ -2,7 +2,7 @@
 without taking a reference, so every emit from Python (ours, pyqtgraph's, pytest-qt's) drops
 one reference to ``True``; after a few hundred emits CPython aborts with
 "Fatal Python error: bool_dealloc". The same happens to ``None`` on a long live run: the
-10,000-frame GUI soak (packaging/bench_gui.py) aborted with "none_dealloc" after a few
+10,000-frame GUI soak (benchmarks/bench_gui.py) aborted with "none_dealloc" after a few
 thousand frames. On CPython < 3.12 we make ``True``, ``False`` and ``None`` effectively
 immortal, which is what CPython 3.12+ does itself (PEP 683). Harmless on fixed PySide versions.
 """

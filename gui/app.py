@@ -19,7 +19,7 @@ def _preload_engine_modules() -> None:
     Otherwise the engine thread imports timm (about a second of module loading) during the
     first fit while holding the import lock, and every import PySide6 makes on the UI thread
     meanwhile (its signature loader imports lazily) waits for it: measured UI stalls of
-    160-310 ms during the first fit (packaging/bench_gui.py).
+    160-310 ms during the first fit (benchmarks/bench_gui.py).
     """
     import safetensors.torch  # noqa: F401
     import timm  # noqa: F401

@@ -77,7 +77,8 @@ class GaussianStats:
     def covariance(self, epsilon: float, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Unbiased covariance + epsilon*I, (P, C, C) float64.
 
-        ``rows`` limits the result to those patches. With one sample per patch the covariance is epsilon*I (Euclidean distance scaled by
+        ``rows`` limits the result to those patches. With one sample per patch the covariance
+        is epsilon*I (Euclidean distance scaled by
         1/sqrt(epsilon)) instead of anomalib's NaN: a usable, if crude, model.
         """
         count, scatter = (self.count, self.scatter) if rows is None else (self.count[rows], self.scatter[rows])

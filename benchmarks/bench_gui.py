@@ -10,7 +10,7 @@ For (b) it counts results delivered by the engine (``controller.result_added``) 
 actually rendered by the inspection view (``InspectionView.set_image`` wrapped), and checks that
 every scored frame was either shown or superseded by a newer one that was shown afterwards.
 
-    QT_QPA_PLATFORM=offscreen .venv/bin/python packaging/bench_gui.py [--frames 100] [--fit 60]
+    QT_QPA_PLATFORM=offscreen .venv/bin/python benchmarks/bench_gui.py [--frames 100] [--fit 60]
 
 Target: no stall over 100 ms; 0 results dropped without a newer frame shown.
 """
@@ -135,12 +135,12 @@ def main(argv: list[str] | None = None) -> int:
     c.error.connect(errors.append)
 
     # (a) fit
-    c.new_recipe("bench", DetectorConfig(), ok)
+    c.session.new_recipe("bench", DetectorConfig(), ok)
     settle(500)  # let the OK thumbnails load: that is not what is measured here
     meter.start()
     t0 = time.perf_counter()
-    c.start_fit()
-    fitted = wait_for(c.busy_changed, args.timeout) and c.detector is not None
+    c.session.start_fit()
+    fitted = wait_for(c.busy_changed, args.timeout) and c.session.detector is not None
     fit_s = time.perf_counter() - t0
     fit_gaps = meter.stop()
     print(f"fit on {len(ok)} OK cells: {'done' if fitted else 'FAILED/TIMEOUT'} in {fit_s:.1f} s")
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     settle(300)
     meter.start()
     t0 = time.perf_counter()
-    c.start_live("video", str(video))
+    c.session.start_live("video", str(video))
     stopped = wait_for(c.live_changed, args.timeout)
     live_s = time.perf_counter() - t0
     settle(200)  # the last render is queued behind the job's end

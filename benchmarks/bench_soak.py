@@ -1,6 +1,6 @@
 """Soak test (issue 6): inspect N images in one process and watch memory, files and threads.
 
-    python packaging/bench_soak.py [--images 10000] [--report soak.json]
+    python benchmarks/bench_soak.py [--images 10000] [--report soak.json]
 
 Fits the default detector on 50 OK ELPV cells, then streams N images (cycling through all
 ELPV cells) through core.jobs.inspect_job, the same path the CLI and GUI use. Prints RSS,

