@@ -14,6 +14,7 @@ Example:
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -234,15 +235,19 @@ def iter_batches(paths: list[str], size: int, batch_size: int, keep_images: bool
 
 
 def split_calibration(paths: list[str], fraction: float) -> tuple[list[str], list[str]]:
-    """Deterministic split: every k-th image is held out to calibrate the thresholds.
+    """Deterministic, order-free split: which images are held out to calibrate the thresholds.
 
-    Needs at least 5 images to hold any out; the fit set always keeps the majority.
+    Images are ranked by a hash of their path and every k-th in that ranking is held out, so
+    the same OK set gives the same split (and the same thresholds) whatever order it comes in:
+    the GUI's list, a folder walk on the command line, a recipe. Both lists keep the input
+    order. Needs at least 5 images to hold any out; the fit set always keeps the majority.
     """
     n_cal = int(round(len(paths) * fraction)) if len(paths) >= 5 else 0
     if n_cal == 0:
         return list(paths), []
+    ranked = sorted(range(len(paths)), key=lambda i: (hashlib.sha256(str(paths[i]).encode()).digest(), i))
     step = len(paths) / n_cal
-    cal_idx = {int(i * step + step / 2) for i in range(n_cal)}
+    cal_idx = {ranked[int(i * step + step / 2)] for i in range(n_cal)}
     fit = [p for i, p in enumerate(paths) if i not in cal_idx]
     cal = [p for i, p in enumerate(paths) if i in cal_idx]
     return fit, cal

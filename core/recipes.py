@@ -36,6 +36,9 @@ class Recipe:
     model_path: str | None = None  # absolute once loaded
     image_threshold: float | None = None
     pixel_threshold: float | None = None
+    #: station settings that are not the detector's: live source, engineer PIN hash, whether
+    #: NG images are copied, results-log retention (see :class:`core.session.InspectionSession`)
+    station: dict[str, Any] = field(default_factory=dict)
 
 
 def safe_file_stem(name: str) -> str:
@@ -63,6 +66,7 @@ def save_recipe(recipe: Recipe, path: str | Path) -> Path:
         "model_path": model,
         "image_threshold": recipe.image_threshold,
         "pixel_threshold": recipe.pixel_threshold,
+        "station": recipe.station,
     }
     try:
         con = sqlite3.connect(path)
@@ -110,6 +114,7 @@ def load_recipe(path: str | Path) -> Recipe:
             model_path=model,
             image_threshold=_opt_float(meta.get("image_threshold")),
             pixel_threshold=_opt_float(meta.get("pixel_threshold")),
+            station=dict(meta.get("station") or {}),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise RecipeError(f"{path}: damaged recipe ({exc})") from None

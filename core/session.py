@@ -32,7 +32,9 @@ from .imageio import iter_image_paths, load_image
 from .jobs import FitResult, JobCallbacks, ScoredImage, Skipped, fit_job, inspect_job, load_model_job, save_model_job
 from .models import MODELS
 from .recipes import Recipe, load_recipe, model_path_for, safe_file_stem, save_recipe
+from .roles import ENGINEER, OPERATOR, hash_pin, verify_pin
 from .session_labels import LabelBook
+from .session_shift import ShiftLog
 from .session_results import Display, ResultRecord, SessionResults, compose_display, display_name
 from .sources import CapturedFrame, FolderWatchSource, VideoSource, capture_job, live_job
 from .thresholds import Thresholds
@@ -59,6 +61,8 @@ class InspectionSession:
         self.status = Event()  # (message)
         self.error = Event()  # (message)
         self.question = Event()  # (Question)
+        self.dirty_changed = Event()  # (bool) unsaved changes
+        self.role_changed = Event()  # ("engineer" | "operator")
         # state
         self.recipe = Recipe("untitled", config=DetectorConfig().to_dict())
         self.recipe_path: Path | None = None
@@ -73,7 +77,13 @@ class InspectionSession:
         self.demo_stream: list[str] = []
         self.demo_truth: dict[str, str] = {}
         self.live = False
+        #: who is at the station: written into every label and results-log row
+        self.operator = ""
+        self.role = ENGINEER
+        #: True when the recipe, its thresholds or its model changed since it was saved or opened
+        self.dirty = False
         self.labels = LabelBook(self)
+        self.shift = ShiftLog(self)
 
     # -- recipe & OK set --------------------------------------------------------------------
     @property
@@ -96,9 +106,12 @@ class InspectionSession:
         self.demo_stream, self.demo_truth = [], {}
         self.set_detector(None)
         self.labels.recipe_replaced()
+        self.shift.recipe_replaced()
         self.clear_results()
+        self._set_role(ENGINEER)
         self.recipe_changed.emit(name)
         self.ok_paths_changed.emit(self.ok_paths)
+        self.mark_saved()
 
     def open_demo(self) -> None:
         from .demo import demo_split
@@ -110,25 +123,94 @@ class InspectionSession:
         self.recipe_changed.emit(DEMO_RECIPE_NAME)  # again, now that the demo stream is known
         self.status.emit(f"Demo: {len(split.ok_train)} OK cells ready — press Fit (F5)")
 
+    # -- unsaved changes, roles -------------------------------------------------------------
+    def mark_dirty(self) -> None:
+        if not self.dirty:
+            self.dirty = True
+            self.dirty_changed.emit(True)
+
+    def mark_saved(self) -> None:
+        if self.dirty:
+            self.dirty = False
+            self.dirty_changed.emit(False)
+
+    def _set_role(self, role: str) -> None:
+        if role != self.role:
+            self.role = role
+            self.role_changed.emit(role)
+
+    @property
+    def has_pin(self) -> bool:
+        return bool(self.recipe.station.get("pin_hash"))
+
+    def set_pin(self, pin: str) -> bool:
+        """Engineer only: protect engineer mode of this recipe with a PIN (saved hashed)."""
+        if not self._engineer_only("set the PIN"):
+            return False
+        try:
+            self.recipe.station["pin_hash"] = hash_pin(pin)
+        except ValueError as exc:
+            self.error.emit(str(exc))
+            return False
+        self.mark_dirty()
+        self.status.emit("Engineer PIN set; save the recipe to keep it")
+        return True
+
+    def lock(self) -> None:
+        """Operator mode: thresholds, fitting and settings are locked; labels stay allowed."""
+        if not self.has_pin:
+            self.error.emit("Set an engineer PIN first (Recipe menu), so an engineer can unlock again.")
+            return
+        self._set_role(OPERATOR)
+        self.status.emit("Operator mode: thresholds, fitting and settings are locked")
+
+    def unlock(self, pin: str) -> bool:
+        if self.role == ENGINEER:
+            return True
+        if not verify_pin(pin, str(self.recipe.station.get("pin_hash", ""))):
+            self.error.emit("Wrong PIN: still in operator mode.")
+            return False
+        self._set_role(ENGINEER)
+        self.status.emit("Engineer mode: thresholds, fitting and settings unlocked")
+        return True
+
+    def _engineer_only(self, what: str) -> bool:
+        if self.role == ENGINEER:
+            return True
+        self.error.emit(f"Operator mode: an engineer must unlock the station to {what} (Recipe ▸ Engineer mode).")
+        return False
+
+    def set_station_setting(self, key: str, value: Any) -> None:
+        """A recipe's station setting (live source, NG copies, log retention)."""
+        if self.recipe.station.get(key) != value:
+            self.recipe.station[key] = value
+            self.mark_dirty()
+
     def add_ok_paths(self, inputs: list[str]) -> None:
+        if not self._engineer_only("change the OK set"):
+            return
         known = set(self.recipe.ok_paths)
         new = list(dict.fromkeys(str(p) for p in iter_image_paths(inputs) if str(p) not in known))
         if not new:
             self.status.emit("No new images found")
             return
         self.recipe.ok_paths.extend(new)
+        self.mark_dirty()
         self.ok_paths_changed.emit(self.ok_paths)
         self.status.emit(f"Added {len(new)} OK images ({len(self.recipe.ok_paths)} in total); refit to use them")
 
     def remove_ok_paths(self, paths: list[str]) -> None:
+        if not self._engineer_only("change the OK set"):
+            return
         drop = set(paths)
         self.recipe.ok_paths = [p for p in self.recipe.ok_paths if p not in drop]
+        self.mark_dirty()
         self.ok_paths_changed.emit(self.ok_paths)
         self.status.emit(f"Removed {len(drop)} images; refit to apply")
 
     def set_model(self, name: str) -> None:
         """Choose the normality model for the next fit, with that model's own defaults."""
-        if name == self.recipe.config.get("model", "padim"):
+        if name == self.recipe.config.get("model", "padim") or not self._engineer_only("change the model"):
             return
         try:
             cfg = DetectorConfig.for_model(name, self.config)
@@ -136,6 +218,7 @@ class InspectionSession:
             self.error.emit(f"Cannot use model {name}: {exc}")
             return
         self.recipe.config = cfg.to_dict()
+        self.mark_dirty()
         self.status.emit(f"Model for the next fit: {name} (press F5 to fit)")
 
     # -- jobs -------------------------------------------------------------------------------
@@ -168,6 +251,8 @@ class InspectionSession:
         return on_failed
 
     def start_fit(self) -> None:
+        if not self._engineer_only("fit a model"):
+            return
         if not self.recipe.ok_paths:
             self.error.emit("Add OK images before fitting a model.")
             return
@@ -197,6 +282,7 @@ class InspectionSession:
         keep_mine = self.thresholds_hand_set and None not in mine and th is not None
         self.set_detector(det, *(mine if keep_mine else (None, None)))
         self.thresholds_hand_set = keep_mine
+        self.mark_dirty()
         msg = (f"Model fitted on {len(result.fitted)} images, calibrated on {len(result.calibration)} "
                f"in {result.seconds:.1f} s")
         if th is None:
@@ -262,6 +348,7 @@ class InspectionSession:
             self.error.emit("Enter a camera index, a video file or a folder for live inspection.")
             return
         source = FolderWatchSource(target) if kind == "folder" else VideoSource(target)
+        self.set_station_setting("live_source", [kind, target])  # the recipe remembers it
         _, on_skipped, report = self._skip_reporter()
 
         def on_item(item: Any) -> None:
@@ -374,8 +461,12 @@ class InspectionSession:
         """Re-judge every stored result and redraw the shown one; no model work."""
         if (image, pixel) == (self.image_threshold, self.pixel_threshold):
             return
+        if not self._engineer_only("move the thresholds"):
+            self.thresholds_changed.emit(self.image_threshold, self.pixel_threshold)  # controls snap back
+            return
         self.image_threshold, self.pixel_threshold = float(image), float(pixel)
         self.thresholds_hand_set = True
+        self.mark_dirty()
         self._push_thresholds_to_detector()
         self.thresholds_changed.emit(self.image_threshold, self.pixel_threshold)
         self._rejudge()
@@ -398,6 +489,7 @@ class InspectionSession:
         rec = self.results.add(display_name(item.path, from_file, self.demo_truth), insp.score, insp.anomaly_map,
                                item.image, item.path if from_file else None, item.seconds, self.image_threshold,
                                item.embedding)
+        self.shift.record(rec, self.labels.current_model_id)
         self.result_added.emit(rec)
         self.show_result(rec.id)
 
@@ -442,7 +534,9 @@ class InspectionSession:
             return
         self.new_recipe(recipe.name)
         self.recipe, self.recipe_path = recipe, path
-        self.labels.recipe_replaced()  # now the labels beside this recipe
+        self.labels.recipe_replaced()  # now the labels and the results log beside this recipe
+        self.shift.recipe_replaced()
+        self._set_role(OPERATOR if self.has_pin else ENGINEER)
         self.recipe_changed.emit(recipe.name)
         self.ok_paths_changed.emit(self.ok_paths)
         if not (recipe.model_path and Path(recipe.model_path).is_file()):
@@ -455,6 +549,7 @@ class InspectionSession:
             th = det.thresholds
             self.thresholds_hand_set = th is not None and not th.matches_calibration()
             self.labels.model_replaced(det, replay=False)
+            self.mark_saved()  # what was just opened is what is on disk
             self.status.emit(f"Recipe {recipe.name} ready")
 
         self.status.emit(f"Loading model {Path(recipe.model_path).name}…")
@@ -470,6 +565,7 @@ class InspectionSession:
             self.error.emit("Stop live inspection before saving the recipe.")
             return True
         self.labels.recipe_saved_to(path)
+        self.shift.recipe_saved_to(path)
         self.recipe_path = path
         self.recipe.image_threshold, self.recipe.pixel_threshold = self.image_threshold, self.pixel_threshold
         if self.detector is None:
@@ -487,4 +583,5 @@ class InspectionSession:
         except OkngError as exc:
             self.error.emit(str(exc))
             return
+        self.mark_saved()
         self.status.emit(f"Recipe saved to {self.recipe_path}")

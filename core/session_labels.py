@@ -74,7 +74,6 @@ class LabelBook:
         self.can_undo_changed = Event()  # (bool)
         self.label_saved = Event()  # (label id), after the SQLite commit
         self.reweight_changed = Event()  # (bool) what the current model does
-        self.operator = ""
         self.reweight = False
         self.learner: FeedbackLearner | None = None
         self.model_id = ""
@@ -83,6 +82,21 @@ class LabelBook:
         self._steps: list[_Step] = []
         self._pending = False
         self._scores: dict[int, tuple[float, float]] = {}  # label id -> (before, after), this session
+
+    @property
+    def operator(self) -> str:
+        return self.session.operator
+
+    @operator.setter
+    def operator(self, name: str) -> None:
+        self.session.operator = name.strip()
+
+    @property
+    def current_model_id(self) -> str:
+        """The fitted or loaded model plus the labels it has learnt since (results log)."""
+        det = self.session.detector
+        n = len(det.applied_labels) if det is not None else 0
+        return f"{self.model_id}+{n}labels" if n else self.model_id
 
     # -- model & store lifecycle ------------------------------------------------------------
     def model_replaced(self, detector: Detector | None, replay: bool) -> None:
@@ -229,6 +243,9 @@ class LabelBook:
         if s.live:
             s.error.emit("Stop live inspection before labelling (Space).")
             return True
+        if not s.operator:
+            s.error.emit("Enter your name (Labels panel) before labelling: every label records who made it.")
+            return True
         return False
 
     def _submit(self, kind: str, result_id: int, mask: np.ndarray | None) -> None:
@@ -299,7 +316,7 @@ class LabelBook:
             if path is None:  # a live frame: keep the image so the label can be replayed
                 path, sha = self._keep_frame(req["image"])
             label = Label(image_path=path, image_sha256=sha, kind=kind,
-                          model_id=f"{self.model_id}#r{len(self._steps)}", operator=self.operator,
+                          model_id=self.current_model_id, operator=self.operator,
                           region=RegionShape.from_mask(mask) if mask is not None else None,
                           map_size=int(req["before"][1].shape[0]), score=float(rec.score_before))
             label_id = self.store().add(label)  # committed (WAL, synchronous=FULL) before it returns
@@ -307,6 +324,7 @@ class LabelBook:
             self._revert(f"Label NOT saved ({exc}); the model change was reverted.", is_error=True)
             return
         self._pending = False
+        s.mark_dirty()
         self._scores[label_id] = (rec.score_before, rec.score_after)
         out.detector.applied_labels = (*out.detector.applied_labels, label_id)
         added = None
@@ -384,6 +402,7 @@ class LabelBook:
         s = self.session
         self._pending = False
         self._steps.pop()
+        s.mark_dirty()
         if step.label_id is not None:
             try:
                 self.store().undo(step.label_id)

@@ -7,6 +7,7 @@ a region is outlined exactly where it would make the part NG under max pooling.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,6 +30,14 @@ class Thresholds:
         t = self.image if threshold is None else threshold
         return float((self.calibration_scores > t).mean())
 
+    def false_alarm_bound(self, threshold: float | None = None, confidence: float = 0.95) -> float | None:
+        """Upper confidence bound on the false-alarm rate at ``threshold`` (None if unknown)."""
+        if self.calibration_scores.size == 0:
+            return None
+        t = self.image if threshold is None else threshold
+        k = int((self.calibration_scores > t).sum())
+        return false_alarm_upper_bound(k, int(self.calibration_scores.size), confidence)
+
     def matches_calibration(self) -> bool:
         """True when both thresholds are what calibration at the target rate gives on the
         stored held-out scores, i.e. nobody set them by hand since."""
@@ -37,6 +46,44 @@ class Thresholds:
         far = self.target_false_alarm_rate
         return (self.image == quantile_threshold(self.calibration_scores, far)
                 and self.pixel == quantile_threshold(self.calibration_peaks, far))
+
+
+def false_alarm_upper_bound(false_alarms: int, n: int, confidence: float = 0.95) -> float:
+    """One-sided Clopper-Pearson upper bound on a false-alarm rate seen as ``false_alarms``
+    out of ``n`` held-out OK parts: the true rate is below it with ``confidence``.
+
+    With 0 of 40 the bound is 7.2 %: 40 parts cannot show that a station meets 1 %.
+    """
+    if n <= 0:
+        return 1.0
+    k = min(max(int(false_alarms), 0), n)
+    if k == n:
+        return 1.0
+    alpha = 1.0 - confidence
+
+    def cdf(p: float) -> float:  # P(X <= k) for X ~ Binomial(n, p), in log space
+        if p <= 0.0:
+            return 1.0
+        if p >= 1.0:
+            return 0.0
+        lp, lq = math.log(p), math.log1p(-p)
+        terms = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * lp + (n - i) * lq
+                 for i in range(k + 1)]
+        top = max(terms)
+        return math.exp(top) * sum(math.exp(t - top) for t in terms)
+
+    lo, hi = k / n, 1.0
+    for _ in range(60):  # cdf falls as p rises: bisect for cdf(p) = alpha
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf(mid) > alpha else (lo, mid)
+    return hi
+
+
+def held_out_needed(false_alarm_rate: float, confidence: float = 0.95) -> int:
+    """Held-out OK parts needed before zero false alarms can show a rate below the target."""
+    if false_alarm_rate <= 0:
+        return 0
+    return math.ceil(math.log(1.0 - confidence) / math.log1p(-false_alarm_rate))
 
 
 def quantile_threshold(ok_scores: np.ndarray, false_alarm_rate: float) -> float:

@@ -22,7 +22,7 @@ def install_labeling(window, area=Qt.DockWidgetArea.RightDockWidgetArea):
     s, fb = c.session, c.session.labels
     panel = LabelsPanel()
     dock = window._dock("Labels", panel, area)
-    panel.set_operator(str(settings.value("operator", "") or ""))
+    panel.set_operator(str(settings.value("operator", "") or "") or s.operator)  # last operator here
     fb.operator = panel.operator()
 
     def set_operator(name: str) -> None:

@@ -103,6 +103,19 @@ def test_calibration_split_is_deterministic_and_disjoint():
     assert split_calibration(paths[:4], 0.2) == (paths[:4], [])
 
 
+def test_the_same_ok_set_in_any_order_holds_out_the_same_images():
+    """GUI list order, a folder walk and a recipe must give the same thresholds (issue 12)."""
+    import random
+
+    paths = [f"/cells/cell{i:04d}.png" for i in range(200)]
+    _, cal = split_calibration(paths, 0.2)
+    shuffled = paths[:]
+    random.Random(3).shuffle(shuffled)
+    fit2, cal2 = split_calibration(shuffled, 0.2)
+    assert sorted(cal2) == sorted(cal) and len(cal) == 40
+    assert [p for p in shuffled if p in set(cal)] == cal2  # input order kept within each list
+
+
 def test_a_parameter_the_model_does_not_take_is_refused_by_name():
     from core.detector import DetectorConfig
 

@@ -62,3 +62,16 @@ def test_calibrated_threshold_lets_at_most_the_target_rate_of_ok_scores_through(
 
 def test_verdict_is_ng_strictly_above_threshold():
     assert verdict(1.0, 1.0) == "OK" and verdict(1.0001, 1.0) == "NG"
+
+
+def test_false_alarm_bound_is_clopper_pearson():
+    from core.thresholds import false_alarm_upper_bound, held_out_needed
+
+    # 0 of n: the bound solves (1 - p)^n = 0.05 exactly
+    for n in (10, 40, 300):
+        assert false_alarm_upper_bound(0, n) == pytest.approx(1 - 0.05 ** (1 / n), rel=1e-6)
+    assert false_alarm_upper_bound(0, 40) == pytest.approx(0.0722, abs=1e-4)
+    # 2 of 40 (reference value from the beta quantile, scipy.stats.beta.ppf(0.95, 3, 38))
+    assert false_alarm_upper_bound(2, 40) == pytest.approx(0.1490, abs=2e-4)
+    assert false_alarm_upper_bound(40, 40) == 1.0 and false_alarm_upper_bound(0, 0) == 1.0
+    assert held_out_needed(0.01) == 299 and false_alarm_upper_bound(0, 299) < 0.01 < false_alarm_upper_bound(0, 298)

@@ -27,6 +27,7 @@ def session(tmp_path, part_images, tiny_config):
     s.errors = []
     s.error.connect(s.errors.append)
     s.new_recipe("parts", tiny_config, ok)
+    s.operator = "ana"
     s.start_fit()
     assert s.detector is not None and not s.errors
     return s
@@ -198,3 +199,58 @@ def test_okng_offers_the_window_commands_without_loading_qt():
             "bad = sorted({m.split('.')[0] for m in sys.modules} & {'PySide6', 'pyqtgraph'}); "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_every_inspection_is_logged_and_counted(session, part_images, tmp_path):
+    s = session
+    ok, ng = part_images
+    counts = []
+    s.shift.counters_changed.connect(counts.append)
+    s.set_station_setting("copy_ng_images", True)
+    recs = _inspect(s, [ok[0], ng[0]])
+    c = counts[-1]
+    assert (c.total, c.ok + c.ng) == (2, 2) and c.ng == sum(r.verdict == "NG" for r in recs)
+    entries = s.shift.log().entries()
+    assert [e.image_path for e in reversed(entries)] == [ok[0], ng[0]]
+    assert all(e.operator == "ana" and len(e.image_sha256) == 64 and e.model_id.startswith("fit@") for e in entries)
+    ng_rows = [e for e in entries if e.verdict == "NG"]
+    assert all(e.ng_copy and cv2.imread(e.ng_copy) is not None for e in ng_rows)
+    s.shift.reset_counters()
+    assert s.shift.counters().total == 0 and len(s.shift.log().entries()) == 2
+
+
+def test_operator_mode_locks_thresholds_fit_and_settings_but_not_labels(session, part_images):
+    s = session
+    errors = []
+    s.error.connect(errors.append)
+    s.lock()
+    assert s.role == "engineer" and "PIN" in errors[-1]  # no PIN: nobody could unlock again
+    assert s.set_pin("4711") and s.recipe.station["pin_hash"].startswith("pbkdf2-sha256$")
+    assert "4711" not in s.recipe.station["pin_hash"]
+    s.lock()
+    assert s.role == "operator"
+    before = (s.image_threshold, s.pixel_threshold, len(s.ok_paths), s.detector)
+    s.set_thresholds(1.0, 1.0)
+    s.start_fit()
+    s.add_ok_paths(part_images[1])
+    s.set_model("patchcore")
+    assert (s.image_threshold, s.pixel_threshold, len(s.ok_paths), s.detector) == before
+    assert sum("Operator mode" in e for e in errors) == 4
+    _inspect(s, part_images[1][:1])
+    s.labels.mark_image("image_ng")  # operators still label
+    assert len(s.labels.rows()) == 1
+    assert not s.unlock("0000") and s.role == "operator"
+    assert s.unlock("4711") and s.role == "engineer"
+
+
+def test_unsaved_changes_are_tracked_until_saved(session, tmp_path):
+    s = session
+    assert s.dirty  # a fitted model nobody saved yet
+    path = tmp_path / "parts.okrecipe"
+    s.save_recipe(path)
+    assert not s.dirty
+    s.set_thresholds(s.image_threshold * 1.1, s.pixel_threshold)
+    assert s.dirty
+    s.save_recipe()
+    s.open_recipe(path)
+    assert not s.dirty and s.role == "engineer"

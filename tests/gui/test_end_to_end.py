@@ -59,6 +59,7 @@ def test_click_region_mark_false_alarm_score_falls(qtbot, tmp_path):
     w.show()
     try:
         c.session.new_recipe("ELPV e2e labels", ok_paths=split.ok_train[:12])
+        c.session.operator = "e2e"
         with qtbot.waitSignal(c.model_changed, timeout=120_000):
             c.session.start_fit()
         ng = next(x.path for x in split.stream if x.is_ng)

@@ -58,6 +58,7 @@ def station(qtbot, ok_images, tiny_config, defect_image, tmp_path):
     c = StationController(SyncRunner(), labels_dir=tmp_path / "labels")
     c.session.new_recipe("synthetic", tiny_config)
     c.session.add_ok_paths([str(Path(ok_images[0]).parent)])
+    c.session.operator = "ben"
     c.session.start_fit()
     with qtbot.waitSignal(c.display_changed):
         c.session.inspect_paths([defect_image])

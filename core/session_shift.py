@@ -1,0 +1,123 @@
+"""The session's shift: every result goes to the results log; counters come from it.
+
+Kept beside the recipe as ``<recipe>.results.sqlite`` (for a recipe not saved yet, in the
+session's data folder, carried over on its first save). NG images can be kept as PNG copies
+in ``<recipe>.ng/`` (recipe setting ``copy_ng_images``) for the quality engineer.
+"""
+from __future__ import annotations
+
+import logging
+import sqlite3
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import cv2
+import numpy as np
+
+from .atomic import write_bytes_atomic
+from .errors import OkngError
+from .events import Event
+from .labels import array_sha256, file_sha256
+from .recipes import safe_file_stem
+from .results_log import Counters, LogEntry, ResultsLog, truth_from_path
+
+if TYPE_CHECKING:
+    from .session import InspectionSession
+    from .session_results import ResultRecord
+
+log = logging.getLogger(__name__)
+
+
+class ShiftLog:
+    def __init__(self, session: InspectionSession) -> None:
+        self.session = session
+        self.counters_changed = Event()  # (Counters)
+        self._log: ResultsLog | None = None
+
+    @property
+    def path(self) -> Path:
+        s = self.session
+        if s.recipe_path is not None:
+            return Path(s.recipe_path).with_suffix(".results.sqlite")
+        return s.labels_dir / f"{safe_file_stem(s.recipe.name)}.results.sqlite"
+
+    def log(self) -> ResultsLog:
+        path = self.path
+        if self._log is None or self._log.path != path:
+            self.close()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            st = self.session.recipe.station
+            self._log = ResultsLog(path, st.get("log_max_rows"), st.get("log_max_age_days"))
+        return self._log
+
+    def close(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def recipe_replaced(self) -> None:
+        self.close()
+        self.counters_changed.emit(self.counters())
+
+    def recipe_saved_to(self, recipe_path: Path) -> None:
+        """Carry the log of a not-yet-saved recipe over to the file beside it."""
+        target = Path(recipe_path).with_suffix(".results.sqlite")
+        if self._log is None or self._log.path == target or target.exists():
+            return
+        try:
+            self._log.backup_to(target)
+        except sqlite3.Error as exc:
+            self.session.error.emit(f"Could not copy the results log beside the recipe: {exc}")
+            return
+        self.close()
+
+    def record(self, rec: ResultRecord, model_id: str) -> None:
+        """Log one inspection; a log that cannot be written is an error on screen, never a
+        lost inspection silently."""
+        s = self.session
+        try:
+            sha = file_sha256(rec.path) if rec.path else array_sha256(rec.image) if rec.image is not None else ""
+            truth = s.demo_truth.get(rec.path or "") or truth_from_path(rec.path)
+            copy = self._keep_ng(rec) if rec.verdict == "NG" and s.recipe.station.get("copy_ng_images") else None
+            self.log().add(LogEntry(time.time(), rec.path or rec.name, sha, rec.score, rec.verdict,
+                                    s.image_threshold, s.pixel_threshold, model_id, s.operator, truth, copy))
+        except (sqlite3.Error, OSError, OkngError, ValueError) as exc:
+            s.error.emit(f"Result of {rec.name} NOT logged: {exc}")
+            return
+        self.counters_changed.emit(self.counters())
+
+    def _keep_ng(self, rec: ResultRecord) -> str | None:
+        image = rec.image if rec.image is not None else self.session.image_of(rec)
+        if image is None:
+            return None
+        folder = self.path.with_suffix("").with_suffix(".ng")
+        folder.mkdir(parents=True, exist_ok=True)
+        ok, png = cv2.imencode(".png", cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2BGR))
+        if not ok:
+            raise OkngError("could not encode the NG image")
+        target = folder / f"{time.strftime('%Y%m%dT%H%M%S')}-{rec.id:06d}-{safe_file_stem(Path(rec.name).stem)[:60]}.png"
+        write_bytes_atomic(target, png.tobytes())
+        return str(target)
+
+    def counters(self) -> Counters | None:
+        if self._log is None and not self.path.exists():
+            return None  # nothing inspected under this recipe yet: no file just to say so
+        try:
+            return self.log().counters()
+        except sqlite3.Error as exc:
+            log.warning("results log unreadable: %s", exc)
+            return None
+
+    def reset_counters(self) -> None:
+        self.log().reset_counters()
+        self.counters_changed.emit(self.counters())
+        self.session.status.emit("Counters reset: a new shift starts now (the log keeps every result)")
+
+    def export(self, path: str, ng_only: bool = False) -> None:
+        try:
+            write_bytes_atomic(path, self.log().export_csv(ng_only).encode("utf-8"))
+        except (OkngError, sqlite3.Error, OSError) as exc:
+            self.session.error.emit(f"Export failed: {exc}")
+            return
+        self.session.status.emit(f"Results log exported to {path}")
