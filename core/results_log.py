@@ -166,7 +166,8 @@ class ResultsLog:
     def reset_counters(self, now: float | None = None) -> None:
         """Start a new shift: counters count from now (the log keeps every row)."""
         with self._db:
-            self._db.execute("INSERT OR REPLACE INTO meta VALUES ('shift_start', ?)", (repr(time.time() if now is None else now),))
+            start = time.time() if now is None else now
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES ('shift_start', ?)", (repr(start),))
 
     def backup_to(self, target: str | Path) -> None:
         dst = sqlite3.connect(str(target))

@@ -96,7 +96,8 @@ class ShiftLog:
         ok, png = cv2.imencode(".png", cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2BGR))
         if not ok:
             raise OkngError("could not encode the NG image")
-        target = folder / f"{time.strftime('%Y%m%dT%H%M%S')}-{rec.id:06d}-{safe_file_stem(Path(rec.name).stem)[:60]}.png"
+        stem = safe_file_stem(Path(rec.name).stem)[:60]
+        target = folder / f"{time.strftime('%Y%m%dT%H%M%S')}-{rec.id:06d}-{stem}.png"
         write_bytes_atomic(target, png.tobytes())
         return str(target)
 

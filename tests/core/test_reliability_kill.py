@@ -7,7 +7,8 @@ saves write identical content, so any loadable file must score identically).
 
 Temporary folders of killed writers (``.m.okng.XXXX.tmp/``, holding safetensors' own
 ``.tmpXXXXXX``) stay behind; they are hidden folders, never ``*.okng`` files, and the next
-successful save in that folder deletes those older than :data:`core.atomic.STALE_TEMP_SECONDS` (younger ones may belong to a live writer).
+successful save in that folder deletes those older than :data:`core.atomic.STALE_TEMP_SECONDS`
+(younger ones may belong to a live writer).
 """
 from __future__ import annotations
 
