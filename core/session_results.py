@@ -23,6 +23,8 @@ MAX_RESULTS = 500
 KEEP_IMAGES = 50
 #: the heatmap's colour scale tops out at this multiple of the pixel threshold
 HEAT_RANGE = 2.0
+#: an NG with no region above the pixel threshold outlines the area above this share of its peak
+HOTTEST_SHARE = 0.8
 
 
 def heat_vmax(pixel_threshold: float | None) -> float | None:
@@ -65,6 +67,8 @@ class Display:
     image_threshold: float | None
     pixel_threshold: float | None
     vmax: float | None
+    #: a line for the operator when the picture needs explaining (empty: nothing to say)
+    note: str = ""
 
 
 def thumbnail(img: np.ndarray, size: int = 48) -> np.ndarray:
@@ -125,11 +129,20 @@ class SessionResults:
 def compose_display(rec: ResultRecord, image: np.ndarray | None, image_threshold: float | None,
                     pixel_threshold: float | None) -> Display:
     """What to draw for ``rec``: the image (black if it is gone), map, region outlines."""
+    note = ""
     if image is None:
         image = np.zeros(rec.anomaly_map.shape + (3,), np.uint8)
+        note = "The image is no longer available; the heat map is shown on black."
     contours = [] if pixel_threshold is None else [r.contour for r in find_regions(rec.anomaly_map, pixel_threshold)]
+    if rec.verdict == "NG" and not contours:
+        # NG by the image score although no pixel passes the pixel threshold: never show an NG
+        # with nothing to look at; outline the hottest area instead and say why.
+        peak = float(rec.anomaly_map.max())
+        contours = [r.contour for r in find_regions(rec.anomaly_map, HOTTEST_SHARE * peak)][:1]
+        note = ("NG by image score; no pixel is above the pixel threshold — the hottest area is outlined. "
+                "Lower the pixel threshold to see the regions that count.")
     return Display(rec.id, rec.name, image, rec.anomaly_map, contours, rec.verdict, rec.score,
-                   image_threshold, pixel_threshold, heat_vmax(pixel_threshold))
+                   image_threshold, pixel_threshold, heat_vmax(pixel_threshold), note)
 
 
 def display_name(path: str, from_file: bool, truth: dict[str, str]) -> str:

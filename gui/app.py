@@ -52,14 +52,39 @@ def build(settings=None):
     return app, controller, window
 
 
+def show_splash(app):
+    """A splash within a second of start: torch and timm take ~6 s to import on a 2-core
+    machine (benchmarks/bench_startup.py), and the operator should see the station coming."""
+    from PySide6.QtCore import Qt
+    from PySide6.QtGui import QColor, QFont, QPainter, QPixmap
+    from PySide6.QtWidgets import QSplashScreen
+
+    pix = QPixmap(560, 170)
+    pix.fill(QColor("#20262e"))
+    p = QPainter(pix)
+    p.setPen(QColor("white"))
+    p.setFont(QFont("Sans", 26, QFont.Weight.Bold))
+    p.drawText(pix.rect().adjusted(0, -30, 0, 0), Qt.AlignmentFlag.AlignCenter, "OK/NG Station")
+    p.end()
+    splash = QSplashScreen(pix)
+    splash.show()
+    splash.showMessage("Loading the inspection engine…", Qt.AlignmentFlag.AlignBottom | Qt.AlignmentFlag.AlignHCenter,
+                       QColor("#cfd8dc"))
+    app.processEvents()
+    return splash
+
+
 def run_gui(recipe_path: str | None = None, demo: bool = False) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = QApplication.instance() or QApplication(sys.argv[:1])
+    splash = show_splash(app)
     app, controller, window = build()
     if demo:
-        controller.open_demo()
+        controller.session.open_demo()
     elif recipe_path:
         window.open_recipe(recipe_path)
     window.show()
+    splash.finish(window)
     return app.exec()
 
 

@@ -44,6 +44,9 @@ class StationController(QObject):
     can_undo_changed = Signal(bool)
     label_saved = Signal(int)
     reweight_changed = Signal(bool)
+    counters_changed = Signal(object)  # core.results_log.Counters | None
+    dirty_changed = Signal(bool)
+    role_changed = Signal(str)
     # the engine's
     busy_changed = Signal(bool)
     progress = Signal(int, int, str)
@@ -57,12 +60,13 @@ class StationController(QObject):
             captures_dir if captures_dir is not None else _app_data("captures"))
         self._render_pending = False
         for name in ("model_changed", "ok_paths_changed", "recipe_changed", "thresholds_changed", "results_changed",
-                     "result_added", "live_changed", "status", "error"):
+                     "result_added", "live_changed", "status", "error", "dirty_changed", "role_changed"):
             getattr(s, name).connect(getattr(self, name).emit)
         for name in ("labels_changed", "weights_changed", "selection_changed", "can_undo_changed", "label_saved",
                      "reweight_changed"):
             getattr(s.labels, name).connect(getattr(self, name).emit)
         s.question.connect(self.question_asked.emit)
+        s.shift.counters_changed.connect(self.counters_changed.emit)
         s.shown_changed.connect(lambda _id: self.schedule_render())
         s.results_changed.connect(self.schedule_render)
         s.thresholds_changed.connect(lambda *_: self.schedule_render())
@@ -92,4 +96,5 @@ class StationController(QObject):
 
     def shutdown(self, timeout_ms: int = 5000) -> bool:
         self.session.labels.close_store()
+        self.session.shift.close()
         return self.runner.shutdown(timeout_ms)

@@ -12,7 +12,9 @@ from PySide6.QtWidgets import QMenu
 from .panels.labels_panel import LabelsPanel
 
 SHORTCUTS = {"false_alarm": "F", "defect": "D", "image_ok": "O", "image_ng": "N"}
-MENU_TEXT = {"false_alarm": "False alarm (this is fine)", "defect": "Real defect",
+# The ampersands make F and D work inside the region popup itself (menu mnemonics): while the
+# popup is open it has the keyboard, so the window's F / D shortcuts would not fire.
+MENU_TEXT = {"false_alarm": "&False alarm (this is fine)", "defect": "Real &defect",
              "image_ok": "Part is OK", "image_ng": "Part is NG"}
 
 

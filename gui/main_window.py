@@ -1,27 +1,27 @@
 """MainWindow: docks the panels around the inspection view; intents go to the session, the
-controller's signals come back to the panels."""
+controller's signals come back to the panels. Menus live in gui/recipe_menu.py and
+gui/labeling.py."""
 from __future__ import annotations
 
-from pathlib import Path
-
-from PySide6.QtCore import QSettings, QStandardPaths, Qt, Slot
+from PySide6.QtCore import QSettings, Qt, Slot
 from PySide6.QtGui import QAction, QKeySequence
-from PySide6.QtWidgets import (QDockWidget, QFileDialog, QHBoxLayout, QLabel, QMainWindow, QMessageBox,
-                               QPushButton, QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (QDockWidget, QHBoxLayout, QLabel, QMainWindow, QMessageBox, QPushButton, QVBoxLayout,
+                               QWidget)
 
 from core.session_results import heat_vmax
+from core.thresholds import false_alarm_upper_bound, held_out_needed
 
 from .labeling import install_labeling
 from .panels.histogram_panel import HistogramPanel
 from .panels.ok_set_panel import OkSetPanel
 from .panels.results_panel import ResultsPanel
+from .panels.shift_panel import ShiftPanel
 from .panels.source_panel import SourcePanel
 from .panels.threshold_panel import ThresholdPanel
+from .recipe_menu import RecipeMenu
 from .views.inspection_view import InspectionView
 
 APP_TITLE = "OK/NG Station"
-RECIPE_FILTER = "OK/NG recipes (*.okrecipe)"
-MAX_RECENT = 8
 
 
 class MainWindow(QMainWindow):
@@ -35,6 +35,39 @@ class MainWindow(QMainWindow):
         self.threshold_panel = ThresholdPanel()
         self.histogram = HistogramPanel()
         self.results_panel = ResultsPanel()
+        self.shift_panel = ShiftPanel()
+        self._build_error_banner()
+        central = QWidget()
+        lay = QVBoxLayout(central)
+        lay.addWidget(self.error_banner)
+        lay.addWidget(self.view, 1)
+        self.setCentralWidget(central)
+        left, right = Qt.DockWidgetArea.LeftDockWidgetArea, Qt.DockWidgetArea.RightDockWidgetArea
+        self._dock("OK images", self.ok_panel, left)
+        self._dock("Inspect", self.source_panel, left)
+        shift_dock = self._dock("Shift", self.shift_panel, left)
+        self.threshold_panel.setTitle("")  # the dock says it already
+        docks = [self._dock("Thresholds", self.threshold_panel, right),
+                 self._dock("Score histogram", self.histogram, right),
+                 self._dock("Results", self.results_panel, right)]
+        self.recipe_menu = RecipeMenu(self)
+        self._build_inspect_menu()
+        self._wire()
+        self.labels_panel, labels_dock = install_labeling(self)  # dock, Label menu, click popup
+        self.resizeDocks([*docks, labels_dock], [150, 220, 300, 260], Qt.Orientation.Vertical)
+        self.resizeDocks(docks[:1], [560], Qt.Orientation.Horizontal)
+        self.tabifyDockWidget(self.findChild(QDockWidget, "Inspect"), shift_dock)
+        self.findChild(QDockWidget, "Inspect").raise_()
+        self.threshold_panel.set_far_describer(self.describe_false_alarms)
+        self.on_recipe_changed(c.session.recipe.name)
+        self.ok_panel.set_paths(c.session.ok_paths)
+        self.resize(1500, 950)
+        geometry = self.settings.value("window/geometry")
+        if geometry is not None:
+            self.restoreGeometry(geometry)
+            self.restoreState(self.settings.value("window/state"))
+
+    def _build_error_banner(self) -> None:
         self.error_label = QLabel()
         self.error_label.setWordWrap(True)
         self.error_label.setStyleSheet("background:#ffd7d7; color:#800; padding:6px; font-weight:bold;")
@@ -46,29 +79,6 @@ class MainWindow(QMainWindow):
         row.addWidget(self.error_label, 1)
         row.addWidget(dismiss)
         self.error_banner.hide()
-        central = QWidget()
-        lay = QVBoxLayout(central)
-        lay.addWidget(self.error_banner)
-        lay.addWidget(self.view, 1)
-        self.setCentralWidget(central)
-        self._dock("OK images", self.ok_panel, Qt.DockWidgetArea.LeftDockWidgetArea)
-        self._dock("Inspect", self.source_panel, Qt.DockWidgetArea.LeftDockWidgetArea)
-        self.threshold_panel.setTitle("")  # the dock says it already
-        right = [self._dock("Thresholds", self.threshold_panel, Qt.DockWidgetArea.RightDockWidgetArea),
-                 self._dock("Score histogram", self.histogram, Qt.DockWidgetArea.RightDockWidgetArea),
-                 self._dock("Results", self.results_panel, Qt.DockWidgetArea.RightDockWidgetArea)]
-        self._build_actions()
-        self._wire()
-        self.labels_panel, labels_dock = install_labeling(self)  # dock, Label menu, click popup
-        self.resizeDocks([*right, labels_dock], [150, 260, 200, 330], Qt.Orientation.Vertical)
-        self.resizeDocks(right[:1], [560], Qt.Orientation.Horizontal)
-        self.on_recipe_changed(c.session.recipe.name)
-        self.ok_panel.set_paths(c.session.ok_paths)
-        self.resize(1500, 950)
-        geometry = self.settings.value("window/geometry")
-        if geometry is not None:
-            self.restoreGeometry(geometry)
-            self.restoreState(self.settings.value("window/state"))
 
     def _dock(self, title: str, widget: QWidget, area) -> QDockWidget:
         dock = QDockWidget(title, self)
@@ -89,16 +99,8 @@ class MainWindow(QMainWindow):
         self.addAction(a)
         return a
 
-    def _build_actions(self) -> None:
+    def _build_inspect_menu(self) -> None:
         s = self.controller.session
-        m = self.menuBar().addMenu("&Recipe")
-        self._action(m, "&New recipe", lambda: s.new_recipe("untitled"), QKeySequence.StandardKey.New)
-        self._action(m, "&Open recipe…", self.open_recipe_dialog, "Ctrl+Shift+O")
-        self.recent_menu = m.addMenu("Open &recent")
-        self._action(m, "&Save recipe", self.save_recipe, QKeySequence.StandardKey.Save)
-        self._action(m, "Save recipe &as…", self.save_recipe_as, "Ctrl+Shift+S")
-        m.addSeparator()
-        self._action(m, "&Quit", self.close, QKeySequence.StandardKey.Quit)
         m = self.menuBar().addMenu("&Inspect")
         self._action(m, "&Open images to inspect…", self.source_panel._ask_files, "Ctrl+O")
         self._action(m, "&Fit model", s.start_fit, "F5")
@@ -106,7 +108,6 @@ class MainWindow(QMainWindow):
         self._action(m, "Start/stop &live", self.source_panel.request_live_toggle, "F6")
         self._action(m, "&Next image / stop live", self.next_or_stop, "Space")
         self._action(m, "&Cancel", s.cancel, "Esc")
-        self._update_recent_menu()
 
     def _wire(self) -> None:
         c, s = self.controller, self.controller.session
@@ -125,6 +126,9 @@ class MainWindow(QMainWindow):
         self.threshold_panel.thresholds_changed.connect(s.set_thresholds)
         self.histogram.threshold_moved.connect(self.on_histogram_moved)
         self.results_panel.result_selected.connect(s.show_result)
+        self.shift_panel.reset_requested.connect(s.shift.reset_counters)
+        self.shift_panel.export_requested.connect(s.shift.export)
+        self.shift_panel.copy_ng_toggled.connect(lambda on: s.set_station_setting("copy_ng_images", on))
         # notifications come back as the controller's Qt signals
         c.ok_paths_changed.connect(self.ok_panel.set_paths)
         c.recipe_changed.connect(self.on_recipe_changed)
@@ -135,20 +139,44 @@ class MainWindow(QMainWindow):
         c.display_changed.connect(self.on_display)
         c.busy_changed.connect(self.ok_panel.set_busy)
         c.progress.connect(self.on_progress)
-        c.live_changed.connect(self.source_panel.set_live)
+        c.live_changed.connect(self.on_live_changed)
         c.status.connect(lambda msg: self.statusBar().showMessage(msg, 15000))
         c.error.connect(self.show_error)
         c.question_asked.connect(self.ask)
+        c.counters_changed.connect(self.shift_panel.set_counters)
+        c.role_changed.connect(self.on_role_changed)
+        c.dirty_changed.connect(lambda _d: self._update_title())
 
     # -- controller -> widgets -----------------------------------------------------------------
+    def _update_title(self) -> None:
+        s = self.controller.session
+        role = "  [operator mode]" if s.role == "operator" else ""
+        self.setWindowTitle(f"{APP_TITLE} — {s.recipe.name}{' *' if s.dirty else ''}{role}")
+
     @Slot(str)
     def on_recipe_changed(self, name: str) -> None:
         s = self.controller.session
-        self.setWindowTitle(f"{APP_TITLE} — {name}")
+        self._update_title()
         self.ok_panel.set_models(s.available_models(), s.config.model)
         self.source_panel.demo_button.setVisible(bool(s.demo_stream))
+        live = s.recipe.station.get("live_source")
+        if isinstance(live, list) and len(live) == 2 and live[0] in ("camera", "video", "folder"):
+            self.source_panel.set_live_target(str(live[0]), str(live[1]))
+        self.shift_panel.set_copy_ng(bool(s.recipe.station.get("copy_ng_images")))
+        self.shift_panel.set_counters(s.shift.counters())
+        self.on_role_changed(s.role)
         self.results_panel.clear()
         self.view.clear()
+        self.error_banner.hide()  # an error about the previous recipe is stale now
+
+    @Slot(str)
+    def on_role_changed(self, role: str) -> None:
+        locked = role == "operator"
+        self.threshold_panel.setEnabled(not locked and self.controller.session.detector is not None)
+        self.ok_panel.setEnabled(not locked)
+        self.histogram.line.setMovable(not locked)
+        self.recipe_menu.show_role(role)
+        self._update_title()
 
     @Slot()
     def on_model_changed(self) -> None:
@@ -161,6 +189,25 @@ class MainWindow(QMainWindow):
         self.histogram.set_threshold(image)
         self.histogram.set_scores(cal, seen)
         self.view.set_pixel_threshold(pixel, heat_vmax(pixel))
+        if s.detector is not None:
+            self.error_banner.hide()  # "no model yet" and fit errors are answered now
+        self.on_role_changed(s.role)
+
+    def describe_false_alarms(self, threshold: float) -> tuple[str, bool]:
+        """The expected false-alarm rate at ``threshold`` with its honest bound, for the panel."""
+        det = self.controller.session.detector
+        th = det.thresholds if det is not None else None
+        if th is None or th.calibration_scores.size == 0:
+            return "Expected false alarms: unknown (no held-out OK images to measure them on)", True
+        n = int(th.calibration_scores.size)
+        k = int((th.calibration_scores > threshold).sum())
+        bound = false_alarm_upper_bound(k, n)
+        text = (f"Expected false alarms: {k / n:.1%} of OK parts (at most {bound:.1%} with 95 % confidence; "
+                f"{n} held-out parts)")
+        target, needed = th.target_false_alarm_rate, held_out_needed(th.target_false_alarm_rate)
+        if n < needed:
+            text += f" — too few held-out parts to show {target:.0%}: add OK images ({needed} held out needed)"
+        return text, n < needed or bound > 2 * max(target, 1e-9)
 
     @Slot(float, float)
     def on_thresholds_changed(self, image: float, pixel: float) -> None:
@@ -195,6 +242,14 @@ class MainWindow(QMainWindow):
         self.view.set_anomaly_map(d.anomaly_map)
         self.view.set_regions(d.contours)
         self.view.set_verdict(d.verdict, d.score, d.image_threshold)
+        self.view.set_note(d.note)
+
+    @Slot(bool)
+    def on_live_changed(self, running: bool) -> None:
+        self.source_panel.set_live(running)
+        if running:  # the previous run's verdict must not stay up until the first frame
+            self.view.show_waiting("Live: waiting for the first frame…")
+            self.view.setFocus()  # Space stops live; it must not type into a text field
 
     @Slot(int, int, str)
     def on_progress(self, done: int, total: int, message: str) -> None:
@@ -225,56 +280,19 @@ class MainWindow(QMainWindow):
         sp = self.source_panel
         self.controller.session.capture_ok(sp.live_kind(), sp.target_edit.text().strip(), count)
 
-    # -- recipes, recent list, shortcuts ----------------------------------------------------
     def next_or_stop(self) -> None:
         if self.controller.session.live:
             self.controller.session.stop_live()
         else:
             self.results_panel.select_next()
 
-    def _recipes_dir(self) -> str:
-        d = Path(QStandardPaths.writableLocation(QStandardPaths.StandardLocation.AppDataLocation)) / "recipes"
-        d.mkdir(parents=True, exist_ok=True)
-        return str(d)
-
-    def open_recipe_dialog(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "Open recipe", self._recipes_dir(), RECIPE_FILTER)
-        if path:
-            self.open_recipe(path)
-
     def open_recipe(self, path: str) -> None:
-        self.controller.session.open_recipe(path)
-        self._remember(path)
-
-    def save_recipe(self) -> None:
-        s = self.controller.session
-        if not s.save_recipe():
-            self.save_recipe_as()
-        elif s.recipe_path:
-            self._remember(str(s.recipe_path))
-
-    def save_recipe_as(self) -> None:
-        from core.recipes import safe_file_stem  # tiny, Qt-free helper module
-
-        start = str(Path(self._recipes_dir()) / (safe_file_stem(self.controller.session.recipe.name) + ".okrecipe"))
-        path, _ = QFileDialog.getSaveFileName(self, "Save recipe", start, RECIPE_FILTER)
-        if path:
-            path = path if path.endswith(".okrecipe") else path + ".okrecipe"
-            self.controller.session.save_recipe(path)
-            self._remember(path)
-
-    def _remember(self, path: str) -> None:
-        recent = [p for p in (self.settings.value("recent") or []) if p != path]
-        self.settings.setValue("recent", [path, *recent][:MAX_RECENT])
-        self._update_recent_menu()
-
-    def _update_recent_menu(self) -> None:
-        self.recent_menu.clear()
-        for p in self.settings.value("recent") or []:
-            self.recent_menu.addAction(Path(p).stem, lambda p=p: self.open_recipe(p))
-        self.recent_menu.setEnabled(not self.recent_menu.isEmpty())
+        self.recipe_menu.open(path, confirmed=True)
 
     def closeEvent(self, event) -> None:  # noqa: N802 - Qt override
+        if not self.recipe_menu.confirm_discard("quit"):
+            event.ignore()
+            return
         self.settings.setValue("window/geometry", self.saveGeometry())
         self.settings.setValue("window/state", self.saveState())
         # The engine stops at its next cancellation point (at most one batch, or the backbone

@@ -64,6 +64,9 @@ class SourcePanel(QWidget):
     def set_live(self, running: bool) -> None:
         self.live_button.setChecked(running)
         self.live_button.setText("Stop live  (Space)" if running else "Start live  (F6)")
+        # while live, the source cannot change, and Space must stop live, not type into the field
+        self.kind_combo.setEnabled(not running)
+        self.target_edit.setEnabled(not running)
 
     def request_live_toggle(self) -> None:
         self.live_button.click()

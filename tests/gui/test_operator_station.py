@@ -1,0 +1,127 @@
+"""Running a shift at the window: no lost work, recent recipes, roles, counters, traps."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PySide6.QtCore import QSettings, QTimer
+from PySide6.QtWidgets import QMessageBox
+
+from gui.controller import StationController
+from gui.main_window import MainWindow
+from gui.recipe_menu import recent_list
+from gui.runner import SyncRunner
+
+
+@pytest.fixture
+def window(qtbot, tmp_path, ok_images, tiny_config):
+    c = StationController(SyncRunner(), labels_dir=tmp_path / "labels", captures_dir=tmp_path / "captures")
+    c.session.new_recipe("synthetic", tiny_config, list(ok_images))
+    w = MainWindow(c, QSettings(str(tmp_path / "s.ini"), QSettings.Format.IniFormat))
+    qtbot.addWidget(w)
+    w.show()
+    return w
+
+
+def _answer_next_box(qtbot, w, text):
+    """Click the button labelled ``text`` on the next modal box the window opens."""
+    def click():
+        box = getattr(w, "question_box", None)
+        if box is None or not box.isVisible():
+            QTimer.singleShot(20, click)
+            return
+        next(b for b in box.buttons() if b.text() == text).click()
+    QTimer.singleShot(0, click)
+
+
+def test_quitting_with_unsaved_work_asks_and_cancel_keeps_the_window(qtbot, window, tmp_path):
+    w, s = window, window.controller.session
+    s.start_fit()
+    assert s.dirty and w.windowTitle().endswith("*")
+    _answer_next_box(qtbot, w, "Cancel")
+    w.close()
+    assert w.isVisible() and s.detector is not None  # nothing lost
+    _answer_next_box(qtbot, w, "Cancel")
+    w.recipe_menu.new_recipe()  # Ctrl+N
+    assert s.recipe.name == "synthetic" and s.detector is not None
+    _answer_next_box(qtbot, w, "Discard changes")
+    w.recipe_menu.new_recipe()
+    assert s.recipe.name == "untitled" and not s.dirty
+
+
+def test_recent_recipes_survive_a_single_entry_and_a_missing_file(qtbot, window, tmp_path):
+    w, s = window, window.controller.session
+    assert recent_list("solar") == ["solar"] and recent_list(None) == [] and recent_list(["a", "b"]) == ["a", "b"]
+    path = tmp_path / "solar.okrecipe"
+    s.save_recipe(path)
+    w.recipe_menu._remember(str(path))
+    w.settings.sync()
+    again = QSettings(w.settings.fileName(), QSettings.Format.IniFormat)
+    w.settings = again  # a single saved entry comes back from the INI file as a plain string
+    w.recipe_menu.update_recent()
+    assert [a.text() for a in w.recipe_menu.recent_menu.actions()] == ["solar"]
+    path.unlink()
+    errors = []
+    w.controller.error.connect(errors.append)
+    w.recipe_menu.recent_menu.actions()[0].trigger()
+    assert errors and "not found" in errors[-1] and w.recipe_menu.recent_menu.isEmpty()
+
+
+def test_operator_mode_disables_the_engineer_controls(qtbot, window):
+    w, s = window, window.controller.session
+    s.start_fit()
+    s.set_pin("2468")
+    s.lock()
+    assert "operator mode" in w.windowTitle()
+    assert not w.threshold_panel.isEnabled() and not w.ok_panel.isEnabled()
+    assert w.recipe_menu.unlock_action.isEnabled() and not w.recipe_menu.lock_action.isEnabled()
+    assert w.labels_panel.isEnabled()  # operators still label
+    assert s.unlock("2468")
+    assert w.threshold_panel.isEnabled() and w.ok_panel.isEnabled()
+
+
+def test_shift_counters_follow_the_inspections(qtbot, window, defect_image, ok_images):
+    w, s = window, window.controller.session
+    s.start_fit()
+    s.inspect_paths([defect_image, ok_images[0]])
+    sp = w.shift_panel
+    assert sp.values["total"].text() == "2"
+    assert int(sp.values["ok"].text()) + int(sp.values["ng"].text()) == 2
+    sp.reset_requested.emit()
+    assert sp.values["total"].text() == "0"
+
+
+def test_an_ng_with_nothing_above_the_pixel_threshold_still_shows_where(qtbot, window, defect_image):
+    w, s = window, window.controller.session
+    s.start_fit()
+    s.inspect_paths([defect_image])
+    rec = s.shown
+    s.set_thresholds(rec.score * 0.5, float(rec.anomaly_map.max()) * 2)  # NG, but no pixel above
+    d = s.display()
+    assert d.verdict == "NG" and len(d.contours) == 1 and "hottest area" in d.note
+    import cv2
+
+    row, col = np.unravel_index(np.argmax(rec.anomaly_map), rec.anomaly_map.shape)
+    assert cv2.pointPolygonTest(d.contours[0].astype(np.float32), (float(col), float(row)), False) >= 0
+    qtbot.waitUntil(lambda: w.view.outline_count == 1)
+
+
+def test_live_start_clears_the_previous_verdict_and_locks_the_source(qtbot, window, tmp_path):
+    import cv2
+
+    w, s = window, window.controller.session
+    s.start_fit()
+    shown = []
+    w.view.set_verdict = lambda *a: shown.append(a[0])
+    video = tmp_path / "v.avi"
+    vw = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 64))
+    vw.write(np.full((64, 64, 3), 120, np.uint8))
+    vw.release()
+    states = []
+    w.controller.live_changed.connect(lambda on: states.append(
+        (on, w.source_panel.target_edit.isEnabled(), w.view.verdict_text)))
+    s.start_live("video", str(video))
+    assert states[0][:2] == (True, False) and states[-1][:2] == (False, True)
+    assert s.recipe.station["live_source"] == ["video", str(video)]
+    assert Path(str(video)).exists()
