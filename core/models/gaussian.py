@@ -110,4 +110,7 @@ def precision_from_covariance(cov: torch.Tensor) -> torch.Tensor:
         chol[bad] = chol_bad
         info[bad] = info_bad
         tries += 1
-    return torch.cholesky_inverse(chol)
+    # cholesky_solve against the identity, not cholesky_inverse: same result (to 1e-15), but
+    # torch's batched cholesky_inverse is ~10x slower on CPU (5.6 s vs 0.5 s for 784 matrices
+    # at 100 channels), which was most of the time to load a model file or finalize a fit.
+    return torch.cholesky_solve(eye.expand_as(cov), chol)
