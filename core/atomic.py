@@ -146,3 +146,76 @@ def write_atomic(target: str | os.PathLike[str], write: Callable[[Path], None]) 
 
 def write_bytes_atomic(target: str | os.PathLike[str], data: bytes) -> None:
     write_atomic(target, lambda p: p.write_bytes(data))
+
+
+#: suffix of a file written progressively (``okng score --csv``): kept if the run stops
+PARTIAL_SUFFIX = ".partial"
+
+
+class PartialFile:
+    """Write ``target`` progressively through ``<target>.partial``, renamed over ``target``
+    by :meth:`commit` (fsync, rename, fsync folder: atomic like :func:`atomic_path`).
+
+    Until then ``target`` keeps the previous run's content. A run that is killed or
+    interrupted leaves ``<target>.partial`` behind with every row written so far (each
+    :meth:`write` is flushed to the OS, so a ``SIGKILL`` loses nothing already written): its
+    name says the run did not finish, and the older ``target`` is not this run's result.
+    A failed write (disk full) removes the partial file and raises :class:`SaveError`.
+    """
+
+    def __init__(self, target: str | os.PathLike[str], encoding: str = "utf-8") -> None:
+        self.target = Path(target)
+        folder = self.target.parent if str(self.target.parent) else Path(".")
+        if not folder.is_dir():
+            raise SaveError(f"cannot save {self.target}: folder {folder} does not exist")
+        if self.target.is_dir():
+            raise SaveError(f"cannot save {self.target}: it is a folder")
+        self.folder = folder
+        self.path = self.target.with_name(self.target.name + PARTIAL_SUFFIX)
+        try:
+            self._f = open(self.path, "w", newline="", encoding=encoding)
+        except OSError as exc:
+            raise SaveError(f"cannot save {self.target}: {_reason(exc)}; the previous file is unchanged") from exc
+
+    @property
+    def closed(self) -> bool:
+        return self._f.closed
+
+    def _fail(self, exc: BaseException) -> SaveError:
+        self.discard()
+        return SaveError(f"cannot save {self.target}: {_reason(exc)}; the previous file is unchanged")
+
+    def write(self, text: str) -> None:
+        try:
+            self._f.write(text)
+            self._f.flush()
+        except OSError as exc:
+            raise self._fail(exc) from exc
+
+    def commit(self) -> None:
+        try:
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._f.close()
+            os.chmod(self.path, _file_mode(self.target))
+            os.replace(self.path, self.target)
+            _fsync_dir(self.folder)
+        except OSError as exc:
+            raise self._fail(exc) from exc
+
+    def keep(self) -> None:
+        """Close, leaving ``<target>.partial`` as the record of an unfinished run."""
+        try:
+            self._f.close()
+        except OSError:
+            pass
+
+    def discard(self) -> None:
+        try:
+            self._f.close()
+        except OSError:
+            pass
+        try:
+            self.path.unlink()
+        except OSError:
+            pass
