@@ -91,7 +91,7 @@ def test_score_csv_when_the_write_itself_fails(station, tmp_path, monkeypatch, c
 
     def fake_open(file, mode="r", *a, **k):
         f = real_open(file, mode, *a, **k)
-        return FullFile(f) if ".tmp" in str(file) and "w" in mode else f
+        return FullFile(f) if (".tmp" in str(file) or str(file).endswith(".partial")) and "w" in mode else f
 
     monkeypatch.setattr(builtins, "open", fake_open)
     assert main(["score", "--model", str(model), *ok[:2], "--csv", str(out)]) == 1
