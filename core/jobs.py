@@ -169,12 +169,13 @@ def fit_job(
     if not paths:
         raise NotFittedError("no OK images given: add OK images to fit a model")
     yield Progress(0, len(paths), "loading backbone")
-    det = Detector.create(config, extractor)
+    fit_paths, cal_paths = split_calibration(paths, config.calibration_fraction)
+    det = Detector.create(config, extractor, n_images=len(paths))
+    det.model.check_fit_size(len(fit_paths))  # e.g. more k-means components than images
     # Compiled scoring code now, while the heap is small: loaded at the first score, inside
     # calibration, numba's ~130 MB landed on top of the fit's peak and made the peak vary by
     # ±50 MB between runs (packaging/bench_engine.py).
     det.warm_up()
-    fit_paths, cal_paths = split_calibration(paths, config.calibration_fraction)
     result = FitResult(det)
     done = 0
     for batch in iter_batches(fit_paths, det.image_size, config.batch_size):

@@ -249,6 +249,9 @@ def _check_meta(meta: Any, path: Path) -> None:
     _require(th is None or (isinstance(th, dict) and _is_number(th.get("image")) and _is_number(th.get("pixel"))
                             and _is_number(th.get("target_false_alarm_rate"))),
              path, "thresholds invalid")
+    if th is not None:
+        _require(0.0 <= th["target_false_alarm_rate"] < 1.0, path,
+                 f"thresholds invalid: target_false_alarm_rate must be from 0 to 1, got {th['target_false_alarm_rate']!r}")
 
 
 def _check_config_types(cfg: dict[str, Any], path: Path) -> None:

@@ -291,3 +291,19 @@ def test_a_format_1_file_without_checksum_loads_with_a_warning(path, caplog):
     resaved = save_detector(det, path.with_name("resaved.okng"))
     m, _ = read_model_file(resaved)
     assert m["format_version"] == 2 and b"okng_sha256" in resaved.read_bytes()[:4096]
+
+
+# -- settings in a model file are validated like the CLI's (issue 13) -------------------------
+@pytest.mark.parametrize("change, setting", [
+    (lambda m: m["config"].update(sigma=1e308), "sigma"),      # OverflowError when scoring
+    (lambda m: m["config"].update(sigma=1e5), "sigma"),        # 150 s for 4 images
+    (lambda m: m["config"].update(topk=0), "topk"),
+    (lambda m: m["config"].update(false_alarm_rate=7.0), "false_alarm_rate"),
+    (lambda m: m["config"].update(model_params={"epsilon": 1e300}), "epsilon"),
+    (lambda m: m["thresholds"].update(target_false_alarm_rate=-5), "target_false_alarm_rate"),
+    (lambda m: m["thresholds"].update(target_false_alarm_rate=1.5), "target_false_alarm_rate"),
+])
+def test_out_of_range_settings_in_a_model_file_are_refused(path, change, setting):
+    _edit_meta(path, change)
+    msg = _refused(path)
+    assert setting in msg
