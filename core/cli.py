@@ -125,6 +125,7 @@ def _config_from_args(args: argparse.Namespace):
     if args.stages:
         kw["stages"] = tuple(int(s) for s in args.stages.split(","))
     kw["n_channels"] = None if args.channels == 0 else args.channels
+    kw["bit_depth"] = None if args.bit_depth == "range" else int(args.bit_depth)
     if args.weights:
         # stored resolved: a relative path would point elsewhere from another folder
         kw["weights"] = args.weights if args.weights == "random" else str(Path(args.weights).expanduser().resolve())
@@ -352,6 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--false-alarm-rate", type=float, default=0.01, help="target for the calibrated threshold")
     f.add_argument("--batch-size", type=int, help="images per backbone pass (default 8)")
     f.add_argument("--seed", type=int, default=0, help="seed of the channel subset")
+    f.add_argument("--bit-depth", default="range", choices=["range", "8", "10", "12", "14", "16"],
+                   help="16-bit images: scale by each image's own range (default) or by this fixed bit "
+                        "depth (keeps absolute brightness; e.g. 12 for a 12-bit camera)")
     f.set_defaults(func=cmd_fit)
 
     s = sub.add_parser("score", help="score images with a model")

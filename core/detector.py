@@ -127,6 +127,9 @@ class DetectorConfig:
     #: share of the OK images held out to calibrate the thresholds (added to the model after)
     calibration_fraction: float = 0.2
     false_alarm_rate: float = 0.01
+    #: how 16-bit images become 8-bit: None = each image's own range, 8/10/12/14/16 = that
+    #: fixed depth (see core.imageio; a fixed depth keeps absolute brightness)
+    bit_depth: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stages", tuple(int(s) for s in self.stages))
@@ -174,6 +177,9 @@ class DetectorConfig:
         check_range(_name("batch_size"), self.batch_size, 1, MAX_BATCH_SIZE, integer=True)
         check_range(_name("calibration_fraction"), self.calibration_fraction, 0.0, MAX_CALIBRATION_FRACTION)
         check_range(_name("false_alarm_rate"), self.false_alarm_rate, 0.0, MAX_FALSE_ALARM_RATE)
+        from .imageio import check_bit_depth
+
+        check_bit_depth(self.bit_depth)
 
     def backbone_spec(self) -> BackboneSpec:
         return BackboneSpec(self.backbone, self.stages, self.image_size, self.weights)

@@ -286,8 +286,11 @@ def load_detector(path: str | os.PathLike[str], extractor: FeatureExtractor | No
     """Rebuild a detector from a model file. ``extractor`` shares an already loaded backbone."""
     path = Path(path)
     meta, tensors = read_model_file(path)
+    cfg = dict(meta["config"])
+    if meta["format_version"] < 2:
+        cfg.setdefault("bit_depth", 16)  # format 1 read 16-bit images as a fixed 16-bit depth
     try:
-        config = DetectorConfig.from_dict(dict(meta["config"]))
+        config = DetectorConfig.from_dict(cfg)
         cls = model_class(meta["model"]["kind"])
     except (TypeError, ValueError) as exc:
         raise ModelFileError(f"{path}: invalid settings in the model file ({exc})") from None
