@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import socket
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -135,6 +138,85 @@ def resolve_weights(spec: BackboneSpec) -> LoadedWeights:
     return LoadedWeights(f"timm-pretrained:{spec.name}")
 
 
+#: seconds the connectivity probe waits before calling the machine offline
+PROBE_TIMEOUT = 3.0
+
+
+def _env_offline() -> bool:
+    return any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")
+               for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "OKNG_OFFLINE"))
+
+
+def _reachable(host: str, port: int = 443, timeout: float = PROBE_TIMEOUT) -> bool:
+    """A TCP connection to ``host`` within ``timeout`` s (name lookup included: it runs in a
+    helper thread, since getaddrinfo itself has no timeout)."""
+    ok = threading.Event()
+
+    def probe() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                ok.set()
+        except OSError:
+            pass
+
+    t = threading.Thread(target=probe, daemon=True, name="okng-net-probe")
+    t.start()
+    t.join(timeout)
+    return ok.is_set()
+
+
+def _cached_pretrained_file(name: str) -> tuple[str | None, str]:
+    """(local file of ``name``'s pretrained weights if cached, host they come from)."""
+    try:
+        from timm.models import get_pretrained_cfg
+
+        cfg = get_pretrained_cfg(name)
+    except Exception:  # noqa: BLE001 - unknown tag etc.: let timm report it
+        return None, "huggingface.co"
+    if cfg is None:
+        return None, "huggingface.co"
+    if getattr(cfg, "file", None):
+        return cfg.file, ""
+    hub_id = getattr(cfg, "hf_hub_id", None)
+    if hub_id:
+        host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            for fname in (getattr(cfg, "hf_hub_filename", None), "model.safetensors", "pytorch_model.bin"):
+                if fname:
+                    found = try_to_load_from_cache(hub_id.split("@")[0], fname)
+                    if isinstance(found, str):
+                        return found, host
+        except Exception:  # noqa: BLE001 - no cache, unreadable cache
+            pass
+        return None, host
+    url = getattr(cfg, "url", None) or ""
+    if url:
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
+        return (str(cached) if cached.is_file() else None), url.split("://")[-1].split("/")[0]
+    return None, "huggingface.co"
+
+
+def _offline_source(spec: BackboneSpec) -> str | None:
+    """When the machine is offline (HF_HUB_OFFLINE set, or the weights' host unreachable
+    within :data:`PROBE_TIMEOUT`): the cached weights file to load instead of downloading,
+    or :class:`BackboneUnavailableError` at once (instead of a minute of download retries).
+    Online: None (timm downloads as usual)."""
+    cached, host = _cached_pretrained_file(spec.name)
+    if not _env_offline() and host and _reachable(host):
+        return None
+    if cached is not None:
+        log.info("offline: loading %s's pretrained weights from the local cache %s", spec.name, cached)
+        return cached
+    why = "HF_HUB_OFFLINE is set" if _env_offline() else f"{host or 'the weights server'} cannot be reached"
+    raise BackboneUnavailableError(
+        f"pretrained weights for {spec.name!r} are not on this machine and cannot be downloaded "
+        f"({why}: offline?). Use the offline default backbone {DEFAULT_BACKBONE} (its weights come "
+        f"with the station), or pass a local weights file with --weights."
+    )
+
+
 def _create_timm_model(spec: BackboneSpec, weights: LoadedWeights) -> torch.nn.Module:
     import timm
 
@@ -144,11 +226,19 @@ def _create_timm_model(spec: BackboneSpec, weights: LoadedWeights) -> torch.nn.M
             f"wide_resnet50_2, or the offline default {DEFAULT_BACKBONE}"
         )
     hub = weights.state_dict is None and weights.identity != "random"
+    overlay = None
+    if hub:
+        cached = _offline_source(spec)
+        if cached is not None:
+            overlay = {"file": cached}
     try:
         # "random" weights are seeded so that a test model file reloads to the same network
         with torch.random.fork_rng():
             torch.manual_seed(0)
-            model = timm.create_model(spec.name, pretrained=hub)
+            if overlay is not None:
+                model = timm.create_model(spec.name, pretrained=True, pretrained_cfg_overlay=overlay)
+            else:
+                model = timm.create_model(spec.name, pretrained=hub)
     except Exception as exc:  # noqa: BLE001 - network, hub or cache failures
         raise BackboneUnavailableError(
             f"cannot download pretrained weights for {spec.name!r} ({exc.__class__.__name__}: "

@@ -7,8 +7,17 @@
     okng demo | okng gui [RECIPE]
 
 PATH is an image file or a folder (searched recursively). Unreadable images are reported
-on stderr and skipped; the run goes on. Exit status: 0 success, 1 error, 2 usage, 130
-interrupted.
+on stderr and skipped; the run goes on; a folder without images is reported too. Exit
+status: 0 success, 1 error, 2 usage, 130 interrupted (a closed output pipe, as in
+``okng score ... | head``, is a success).
+
+``okng score`` streams one CSV row per image as soon as it is scored (stdout is flushed per
+row). With ``--csv FILE`` the rows go to ``FILE.partial``, renamed to FILE when the run ends:
+a run that is killed or interrupted leaves ``FILE.partial`` (every row scored so far) and
+FILE, if it exists, is still the previous run's. Text fields starting with ``=``, ``+``, ``-``,
+``@``, tab or carriage return get a leading ``'`` so spreadsheets do not run them as formulas.
+Heatmaps are named ``NNNNN_<image name>.png`` (NNNNN: the image's row, from 0); names that
+would pass 255 bytes are shortened, keeping the row number and a hash of the full name.
 """
 from __future__ import annotations
 
@@ -56,10 +65,44 @@ def _drive(gen, desc: str, on_item=None):
 def _paths(inputs: list[str]) -> list[str]:
     from .imageio import iter_image_paths
 
-    paths = [str(p) for p in iter_image_paths(inputs)]
+    paths = []
+    for item in inputs:
+        found = [str(p) for p in iter_image_paths([item])]
+        if not found and Path(item).is_dir():
+            print(f"okng: warning: no images found in folder {item}", file=sys.stderr)
+        paths += found
     if not paths:
         raise OkngError(f"no images found in {' '.join(inputs)}")
     return paths
+
+
+#: first characters that make a spreadsheet read a cell as a formula (CSV injection)
+FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_safe(text: str) -> str:
+    """Neutralise a text cell a spreadsheet would evaluate: ``=cmd|...`` -> ``'=cmd|...``."""
+    return "'" + text if text.startswith(FORMULA_PREFIXES) else text
+
+
+#: longest file name most file systems take (bytes)
+NAME_MAX = 255
+
+
+def heatmap_name(index: int, image_path: str, max_bytes: int = NAME_MAX) -> str:
+    """``NNNNN_<stem>.png``; shortened on a character boundary when over ``max_bytes``
+    (UTF-8), with 8 hex digits of the full stem's hash so the name still says which image.
+    Names stay unique: the row number is always kept."""
+    import hashlib
+
+    stem = Path(image_path).stem
+    name = f"{index:05d}_{stem}.png"
+    if len(name.encode("utf-8")) <= max_bytes:
+        return name
+    tag = "~" + hashlib.sha256(stem.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+    budget = max_bytes - len(f"{index:05d}_{tag}.png".encode())
+    cut = stem.encode("utf-8", "surrogateescape")[:budget].decode("utf-8", "ignore")
+    return f"{index:05d}_{cut}{tag}.png"
 
 
 def _config_from_args(args: argparse.Namespace):
@@ -83,6 +126,11 @@ def _config_from_args(args: argparse.Namespace):
         given["stages"] = tuple(int(s) for s in args.stages.split(","))
     if args.channels is not None:
         given["n_channels"] = None if args.channels == 0 else args.channels
+    if args.bit_depth is not None:
+        given["bit_depth"] = None if args.bit_depth == "range" else int(args.bit_depth)
+    if args.weights and args.weights != "random":
+        # stored resolved: a relative path would point elsewhere from another folder
+        given["weights"] = str(Path(args.weights).expanduser().resolve())
     return DetectorConfig.for_model(args.model, model_params=params, **given)
 
 
@@ -122,48 +170,99 @@ def _heatmap_png(m, scale: float):
     return cv2.applyColorMap(img, cv2.COLORMAP_JET)
 
 
-def cmd_score(args: argparse.Namespace) -> int:
+def _heat_dir(arg: str | None) -> Path | None:
+    if not arg:
+        return None
+    d = Path(arg)
+    if d.exists() and not d.is_dir():
+        raise OkngError(f"--heatmaps {arg}: a file of that name exists; give a folder")
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        from .atomic import _reason
+
+        raise OkngError(f"cannot create heatmap folder {arg}: {_reason(exc)}") from None
+    return d
+
+
+def _write_heatmap(path: Path, img) -> None:
+    """Encode then write with Python, so a failed write is an error, never a silent
+    zero-byte file (cv2.imwrite only returns False)."""
     import cv2
+
+    from .atomic import SaveError, _reason
+
+    ok, buf = cv2.imencode(".png", img)
+    if not ok:
+        raise SaveError(f"cannot save heatmap {path}: PNG encoding failed")
+    try:
+        with open(path, "wb") as f:
+            f.write(buf.tobytes())
+    except OSError as exc:
+        try:
+            path.unlink()
+        except OSError:
+            pass
+        raise SaveError(f"cannot save heatmap {path}: {_reason(exc)}") from None
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    import io
 
     from .jobs import CancelToken, ScoredImage, inspect_job
 
     det = _load(args)
     paths = _paths(args.paths)
-    heat_dir = Path(args.heatmaps) if args.heatmaps else None
-    if heat_dir:
-        heat_dir.mkdir(parents=True, exist_ok=True)
-    rows = []  # small: a CSV row per image; maps are written and dropped as they stream
+    heat_dir = _heat_dir(args.heatmaps)
+    fields = ["path", "score", "verdict", "peak", "error"]
+    out = None
+    if args.csv:
+        from .atomic import PartialFile
+
+        out = PartialFile(args.csv)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=fields)
+
+    def emit(row: dict | None) -> None:
+        w.writeheader() if row is None else w.writerow(row)
+        text = buf.getvalue()
+        buf.seek(0)
+        buf.truncate()
+        if out is not None:
+            out.write(text)  # flushed: a killed run keeps every row in FILE.partial
+        else:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+
+    counts = {"OK": 0, "NG": 0, "?": 0, "ERROR": 0}
 
     def on_item(i: int, r) -> None:
         if isinstance(r, ScoredImage):
-            rows.append({"path": r.path, "score": f"{r.inspection.score:.6g}", "verdict": r.inspection.verdict,
-                         "peak": f"{r.inspection.peak:.6g}", "error": ""})
+            row = {"path": csv_safe(r.path), "score": f"{r.inspection.score:.6g}", "verdict": r.inspection.verdict,
+                   "peak": f"{r.inspection.peak:.6g}", "error": ""}
             if heat_dir:
                 m = r.inspection.anomaly_map
                 scale = 2.0 * det.thresholds.pixel if det.thresholds else float(m.max())
-                cv2.imwrite(str(heat_dir / f"{i:05d}_{Path(r.path).stem}.png"), _heatmap_png(m, scale))
+                _write_heatmap(heat_dir / heatmap_name(i, r.path), _heatmap_png(m, scale))
         else:
-            rows.append({"path": r.path, "score": "", "verdict": "ERROR", "peak": "", "error": r.reason})
+            row = {"path": csv_safe(r.path), "score": "", "verdict": "ERROR", "peak": "", "error": csv_safe(r.reason)}
+        counts[row["verdict"]] = counts.get(row["verdict"], 0) + 1
+        emit(row)
 
-    _drive(inspect_job(paths, det, CancelToken()), "score", on_item=on_item)
-    fields = ["path", "score", "verdict", "peak", "error"]
-    if args.csv:
-        from .atomic import write_atomic
-
-        def write(tmp: Path) -> None:
-            with open(tmp, "w", newline="", encoding="utf-8") as f:
-                w = csv.DictWriter(f, fieldnames=fields)
-                w.writeheader()
-                w.writerows(rows)
-
-        write_atomic(args.csv, write)
-    else:
-        w = csv.DictWriter(sys.stdout, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
-    n_ng = sum(r["verdict"] == "NG" for r in rows)
-    n_err = sum(r["verdict"] == "ERROR" for r in rows)
-    print(f"{len(rows)} images: {n_ng} NG, {len(rows) - n_ng - n_err} OK, {n_err} unreadable", file=sys.stderr)
+    try:
+        emit(None)
+        _drive(inspect_job(paths, det, CancelToken()), "score", on_item=on_item)
+    except BaseException:
+        if out is not None and out.path.exists() and not out.closed:
+            out.keep()
+            print(f"okng: the run did not finish: the rows scored so far are in {out.path}; "
+                  f"{args.csv} is not this run's result", file=sys.stderr)
+        raise
+    if out is not None:
+        out.commit()
+    n = sum(counts.values())
+    print(f"{n} images: {counts['NG']} NG, {n - counts['NG'] - counts['ERROR']} OK, {counts['ERROR']} unreadable",
+          file=sys.stderr)
     return 0
 
 
@@ -265,6 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"target for the calibrated threshold (default {D.false_alarm_rate:g})")
     f.add_argument("--batch-size", type=int, help=f"images per backbone pass (default {D.batch_size})")
     f.add_argument("--seed", type=int, help=f"seed of the channel subset (default {D.seed})")
+    f.add_argument("--bit-depth", choices=["range", "8", "10", "12", "14", "16"],
+                   help="16-bit images: scale by each image's own range (default) or by this fixed bit "
+                        "depth (keeps absolute brightness; e.g. 12 for a 12-bit camera)")
     f.set_defaults(func=cmd_fit)
 
     s = sub.add_parser("score", help="score images with a model")

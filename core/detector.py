@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -25,7 +26,7 @@ import torch
 from .anomaly_map import PostProcess
 from .backbone import DEFAULT_BACKBONE, BackboneSpec, FeatureExtractor
 from .embedding import Embedder, choose_channels
-from .errors import NotFittedError
+from .errors import NotFittedError, ResourceError
 from .models import NormalityModel, model_class
 from .thresholds import Thresholds, verdict
 
@@ -49,6 +50,62 @@ def _check_param_type(model: str, key: str, value: Any, default: Any) -> None:
         raise ValueError(f"model {model!r} parameter {key} must be {want}, got {value!r}")
 
 
+#: the command-line option of each setting, for messages
+_OPTION = {
+    "image_size": "--image-size", "n_channels": "--channels", "seed": "--seed", "sigma": "--sigma",
+    "pooling": "--pooling", "topk": "--topk", "batch_size": "--batch-size", "stages": "--stages",
+    "false_alarm_rate": "--false-alarm-rate", "calibration_fraction": "calibration fraction",
+}
+#: largest seed (numpy and torch generators both take it)
+MAX_SEED = 2**32 - 1
+#: a Gaussian blur wider than this (pixels) only erases the map (and takes minutes: kernel 8*sigma)
+MAX_SIGMA = 64.0
+MAX_BATCH_SIZE = 1024
+MAX_CALIBRATION_FRACTION = 0.5  # the fit set keeps the majority
+MAX_FALSE_ALARM_RATE = 0.5
+
+
+def _name(key: str) -> str:
+    opt = _OPTION.get(key)
+    return f"{key} ({opt})" if opt and opt.startswith("--") else key
+
+
+def check_range(name: str, value: Any, lo: float, hi: float, integer: bool = False, unit: str = "") -> None:
+    """Refuse ``value`` unless it is a finite number (a whole one if ``integer``) in
+    ``[lo, hi]``; the message names the setting and the range."""
+    import numbers
+
+    kind = numbers.Integral if integer else numbers.Real
+    ok = isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value) and lo <= value <= hi
+    if not ok:
+        what = "a whole number" if integer else "a number"
+        raise ValueError(f"{name} must be {what} from {lo:g} to {hi:g}{unit}, got {value!r}")
+
+
+def _check_model_params(model: str, cls: type, params: dict[str, Any], n_channels: int | None) -> None:
+    """Ranges each model declares (``param_ranges``: name -> (lo, hi, integer)), finiteness
+    of every number, and odd-only ``neighbourhood``."""
+    ranges = getattr(cls, "param_ranges", {})
+    for key, value in params.items():
+        label = f"model {model!r} parameter {key}"
+        if key in ranges:
+            lo, hi, integer = ranges[key]
+            if isinstance(value, list):
+                for v in value:
+                    check_range(label, v, lo, hi, integer)
+            else:
+                check_range(label, value, lo, hi, integer)
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{label} must be a finite number, got {value!r}")
+        elif isinstance(value, list) and any(isinstance(v, float) and not math.isfinite(v) for v in value):
+            raise ValueError(f"{label} must hold finite numbers, got {value!r}")
+    if "neighbourhood" in params and int(params["neighbourhood"]) % 2 == 0:
+        raise ValueError(f"model {model!r} parameter neighbourhood must be odd, got {params['neighbourhood']}")
+    check = getattr(cls, "check_channels", None)
+    if check is not None and n_channels is not None:
+        check(params, n_channels)
+
+
 @dataclass(frozen=True)
 class DetectorConfig:
     """Everything that defines a detector before it sees data (the recipe's settings)."""
@@ -70,6 +127,9 @@ class DetectorConfig:
     #: share of the OK images held out to calibrate the thresholds (added to the model after)
     calibration_fraction: float = 0.2
     false_alarm_rate: float = 0.01
+    #: how 16-bit images become 8-bit: None = each image's own range, 8/10/12/14/16 = that
+    #: fixed depth (see core.imageio; a fixed depth keeps absolute brightness)
+    bit_depth: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stages", tuple(int(s) for s in self.stages))
@@ -82,14 +142,44 @@ class DetectorConfig:
         defaults = {k: v.default for k, v in inspect.signature(cls.__init__).parameters.items()}
         for key, value in self.model_params.items():
             _check_param_type(self.model, key, value, defaults[key])
-        if not 0.0 <= self.calibration_fraction < 1.0:
-            raise ValueError("calibration fraction must be in [0, 1)")
-        if not 0.0 <= self.false_alarm_rate < 1.0:
-            raise ValueError("false-alarm rate must be in [0, 1)")
-        if self.batch_size < 1:
-            raise ValueError("batch size must be >= 1")
+        self.validate()
+        _check_model_params(self.model, cls, self.model_params, self.n_channels)
         self.backbone_spec()
         self.postprocess()
+
+    def validate(self) -> None:
+        """Every setting in a sane range, up front (CLI, GUI and model files alike): a value
+        that would crash or run for minutes after the fit is refused before it, by name.
+        Checks that need the backbone or the data (channels available, images per model
+        component) run when the fit starts (:meth:`Detector.create`, :func:`core.jobs.fit_job`)."""
+        from .anomaly_map import POOLINGS
+
+        if not isinstance(self.backbone, str) or not self.backbone.strip() or len(self.backbone) > 200:
+            raise ValueError(f"backbone must be a timm model name, got {self.backbone!r}")
+        if self.weights is not None and not isinstance(self.weights, str):
+            raise ValueError(f"weights must be a file path, got {self.weights!r}")
+        check_range(_name("image_size"), self.image_size, 32, 4096, integer=True, unit=" pixels")
+        if self.n_channels is not None:
+            check_range(_name("n_channels"), self.n_channels, 1, 100_000, integer=True)
+        check_range(_name("seed"), self.seed, 0, MAX_SEED, integer=True)
+        if not 1 <= len(self.stages) <= 6:
+            raise ValueError(f"stages (--stages) must list 1 to 6 feature stages, got {list(self.stages)}")
+        for st in self.stages:
+            check_range(_name("stages"), st, 0, 9, integer=True)
+        if sorted(set(self.stages)) != list(self.stages):
+            raise ValueError(f"stages (--stages) must be increasing feature indices, got {list(self.stages)}")
+        check_range(_name("sigma"), self.sigma, 0.0, MAX_SIGMA, unit=" pixels")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling (--pooling) must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
+        if isinstance(self.image_size, int):
+            check_range(_name("topk"), self.topk, 1, self.image_size**2, integer=True,
+                        unit=f" pixels (the map has {self.image_size}x{self.image_size})")
+        check_range(_name("batch_size"), self.batch_size, 1, MAX_BATCH_SIZE, integer=True)
+        check_range(_name("calibration_fraction"), self.calibration_fraction, 0.0, MAX_CALIBRATION_FRACTION)
+        check_range(_name("false_alarm_rate"), self.false_alarm_rate, 0.0, MAX_FALSE_ALARM_RATE)
+        from .imageio import check_bit_depth
+
+        check_bit_depth(self.bit_depth)
 
     def backbone_spec(self) -> BackboneSpec:
         return BackboneSpec(self.backbone, self.stages, self.image_size, self.weights)
@@ -125,6 +215,90 @@ class DetectorConfig:
 
     def with_(self, **changes: Any) -> DetectorConfig:
         return replace(self, **changes)
+
+
+def estimate_fit_memory(config: DetectorConfig, grid: tuple[int, int], n_channels: int,
+                        n_images: int | None = None) -> tuple[float, str]:
+    """(bytes, what dominates) a fit needs at its peak, roughly: the model's float64
+    statistics and float32 precisions, stored embeddings for models that keep them, the
+    held-out embeddings, one batch through the backbone and the statistics update."""
+    p, c = grid[0] * grid[1], n_channels
+    n = n_images or 0
+    params = config.model_params
+    kind = config.model
+    gauss = lambda k: p * k * k * 8.0 + p * k * (k + 1) / 2 * 4.0 + p * k * 8.0  # noqa: E731
+    if kind == "padim-lowrank":
+        k = min(int(params.get("rank", 100)), c)
+        state, what = gauss(k) + p * c * 8.0, f"{p} patches x {k}x{k} covariances (float64)"
+    elif kind == "padim-kmeans":
+        k = int(params.get("components", 3))
+        state = k * gauss(c) + 2 * n * p * c * 4.0
+        what = f"{p} patches x {k} components x {c}x{c} covariances (float64) + {n} stored embeddings"
+    elif kind == "patchcore":
+        state, what = 2 * n * p * c * 4.0, f"{n} images x {p} patches x {c} channels of memory bank"
+    else:
+        state, what = gauss(c), f"{p} patches x {c}x{c} covariances (float64)"
+    n_cal = int(round(n * config.calibration_fraction)) if n >= 5 else 0
+    held = n_cal * p * c * 2.0
+    s = config.image_size
+    # backbone activations (~60 float32 per input pixel at the peak for EfficientNet-Lite0's
+    # early stages) + the batch's embedding and its float64 copies in the statistics update
+    batch = config.batch_size * (s * s * 4.0 * 60 + p * c * 8.0 * 3)
+    what = f"{_gb(state)} for {what}, {_gb(batch)} for a batch of {config.batch_size} through the backbone"
+    return state + held + batch, what
+
+
+def available_memory() -> float | None:
+    """Bytes this process may still allocate: MemAvailable, capped by a cgroup limit."""
+    avail = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        if limit != "max":
+            with open("/sys/fs/cgroup/memory.current") as f:
+                room = float(limit) - float(f.read().strip())
+            avail = room if avail is None else min(avail, room)
+    except (OSError, ValueError):
+        pass
+    if avail is None:
+        try:
+            import psutil
+
+            avail = float(psutil.virtual_memory().available)
+        except Exception:  # noqa: BLE001 - no psutil, unknown platform: no check
+            return None
+    return avail
+
+
+def _gb(b: float) -> str:
+    return f"{b / 1e9:.1f} GB" if b >= 1e8 else f"{b / 1e6:.0f} MB"
+
+
+def check_memory(config: DetectorConfig, grid: tuple[int, int], n_channels: int, n_images: int | None = None,
+                 stage_channels: tuple[int, ...] | None = None) -> None:
+    """Refuse, with the reason, a fit that would need more memory than is available."""
+    need, what = estimate_fit_memory(config, grid, n_channels, n_images)
+    avail = available_memory()
+    if avail is None or need <= avail:
+        return
+    ratio = grid[0] / max(config.image_size, 1)  # patches per pixel
+    fit = None
+    for size in range(config.image_size - 32, 31, -32):
+        g = max(1, math.ceil(size * ratio))
+        if estimate_fit_memory(config.with_(image_size=size, topk=1), (g, g), n_channels, n_images)[0] <= 0.8 * avail:
+            fit = size
+            break
+    hint = f"use --image-size {fit} or less, or fewer --channels" if fit else "use fewer --channels"
+    raise ResourceError(
+        f"this fit needs about {_gb(need)} of memory at image size {config.image_size} ({what}) but "
+        f"{_gb(avail)} is available: {hint} (larger images need tiling, not supported yet)")
 
 
 @dataclass(frozen=True)
@@ -177,12 +351,25 @@ class Detector:
 
     # -- construction -------------------------------------------------------------------
     @classmethod
-    def create(cls, config: DetectorConfig, extractor: FeatureExtractor | None = None) -> Detector:
-        """An unfitted detector. Pass ``extractor`` to share an already loaded backbone."""
+    def create(cls, config: DetectorConfig, extractor: FeatureExtractor | None = None,
+               n_images: int | None = None) -> Detector:
+        """An unfitted detector. Pass ``extractor`` to share an already loaded backbone.
+
+        Refuses (before allocating the model) a channel count the backbone's stages do not
+        have, model parameters that do not fit those channels, and a fit whose estimated
+        memory (:func:`estimate_fit_memory`; ``n_images`` refines it) exceeds what is free.
+        """
         if extractor is None or extractor.spec != config.backbone_spec():
             extractor = FeatureExtractor(config.backbone_spec())
-        idx = choose_channels(sum(extractor.stage_channels), config.n_channels, config.seed)
+        total = sum(extractor.stage_channels)
+        if config.n_channels is not None and config.n_channels > total:
+            raise ValueError(
+                f"n_channels (--channels) is {config.n_channels} but stages {list(config.stages)} of "
+                f"{config.backbone} have {total} channels: choose 1 to {total}, or 0 for all of them")
+        idx = choose_channels(total, config.n_channels, config.seed)
         probe = Embedder(extractor, idx)
+        _check_model_params(config.model, model_class(config.model), config.model_params, probe.n_channels)
+        check_memory(config, probe.grid_size, probe.n_channels, n_images, extractor.stage_channels)
         cls_, params = model_class(config.model), dict(config.model_params)
         if getattr(cls_, "needs_channel_stage", False) and "channel_stage" not in params:
             params["channel_stage"] = probe.channel_stage.tolist()  # stage of each channel

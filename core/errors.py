@@ -29,3 +29,7 @@ class NotFittedError(OkngError):
 
 class Cancelled(OkngError):
     """A job stopped because its cancel token was set."""
+
+
+class ResourceError(OkngError):
+    """The work would need more memory (or another resource) than the machine has."""

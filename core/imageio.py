@@ -1,8 +1,27 @@
 """Robust image loading: any file a production line may produce becomes RGB uint8, or a clear error.
 
 Every reader failure becomes :class:`~core.errors.ImageLoadError` naming the file and the
-reason, so a batch can report the file and go on. Handles 16-bit and float images (scaled by
-their own range), grayscale, RGBA (composited on black), palette images and EXIF rotation.
+reason, so a batch can report the file and go on. Handles 16-bit and float images, grayscale,
+RGBA (composited on black), palette images and EXIF rotation.
+
+16-bit images (``bit_depth``): the rule that maps them to 8 bits is a setting.
+
+* ``None`` (default): scaled by their own range (minimum..maximum -> 0..255). 12-bit camera
+  data stored in 16-bit files keeps its detail (the old right shift by 8 crushed 0..2016 to
+  0..7). Trade-off: brightness becomes relative to each image, so a part that is darker or
+  brighter overall is stretched to look like the others, and one very dark (or bright) spot
+  sets the scale of the whole image: a dark defect can come out less dark than it is, a
+  global exposure fault can vanish.
+* ``8``, ``10``, ``12``, ``14`` or ``16``: a fixed depth, ``value * 255 / (2**bits - 1)``
+  (values above the depth's maximum clip to 255). Same scale for every image: absolute
+  brightness is kept. Prefer it when the camera's bit depth is known (12 for most
+  industrial 12-bit cameras).
+
+8-bit images are never rescaled; float images in [0, 1] keep their absolute brightness,
+other float images are scaled by their own range.
+
+EXIF orientation is applied the same way for every format and pixel type (RGB, RGBA, gray,
+8 or 16 bits; PNG, JPEG, TIFF, WebP): the same part saved two ways is read the same way up.
 
 Example:
     >>> from core.imageio import load_image
@@ -43,22 +62,64 @@ PILLOW_FORMATS = (
 )
 
 
-def _decode(data: np.ndarray, path: object) -> np.ndarray:
-    """Decode with OpenCV (applies EXIF orientation); fall back to Pillow for odd formats."""
-    flags = cv2.IMREAD_UNCHANGED  # keeps 16-bit and alpha; EXIF applied below
-    img = cv2.imdecode(data, flags)
+#: accepted ``bit_depth`` values besides None (per-image range)
+BIT_DEPTHS = (8, 10, 12, 14, 16)
+
+
+def check_bit_depth(bit_depth: int | None) -> None:
+    if bit_depth is not None and (type(bit_depth) is not int or bit_depth not in BIT_DEPTHS):
+        raise ValueError(f"bit_depth (--bit-depth) must be one of {', '.join(map(str, BIT_DEPTHS))} or "
+                         f"None (each image's own range), got {bit_depth!r}")
+
+
+def exif_orientation(data: np.ndarray) -> int:
+    """The EXIF orientation tag (1..8) of an encoded image, 1 when absent or unreadable."""
+    import io
+
+    from PIL import Image
+
+    try:
+        Image.MAX_IMAGE_PIXELS = None  # header only; sizes are checked elsewhere
+        with Image.open(io.BytesIO(data.tobytes())) as im:
+            value = im.getexif().get(0x0112, 1)
+    except Exception:  # noqa: BLE001 - no EXIF, odd format: upright
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def apply_orientation(img: np.ndarray, orientation: int) -> np.ndarray:
+    """Turn a decoded (H, W[, C]) array upright (same result as Pillow's exif_transpose)."""
+    if orientation == 2:
+        img = img[:, ::-1]
+    elif orientation == 3:
+        img = img[::-1, ::-1]
+    elif orientation == 4:
+        img = img[::-1]
+    elif orientation == 5:
+        img = img.swapaxes(0, 1)
+    elif orientation == 6:
+        img = np.rot90(img, -1)
+    elif orientation == 7:
+        img = img[::-1, ::-1].swapaxes(0, 1)
+    elif orientation == 8:
+        img = np.rot90(img, 1)
+    return np.ascontiguousarray(img)
+
+
+def _decode(data: np.ndarray, path: object, bit_depth: int | None = None) -> np.ndarray:
+    """Decode with OpenCV, then apply the EXIF orientation ourselves (OpenCV applies it only
+    for some pixel formats); fall back to Pillow for odd formats."""
+    img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)  # keeps 16-bit and alpha
     if img is not None and img.ndim >= 2:
-        # IMREAD_UNCHANGED ignores EXIF orientation; IMREAD_COLOR honours it. Re-decode the
-        # plain 8-bit 3-channel case so rotated phone/camera JPEGs come out upright.
-        if img.dtype == np.uint8 and (img.ndim == 2 or img.shape[2] == 3):
-            oriented = cv2.imdecode(data, cv2.IMREAD_COLOR)
-            if oriented is not None:
-                return cv2.cvtColor(oriented, cv2.COLOR_BGR2RGB)
-        return _to_rgb_from_bgr(img)
-    return _decode_with_pillow(data, path)
+        # IMREAD_UNCHANGED ignores EXIF orientation for PNG, JPEG and WebP, but OpenCV's TIFF
+        # decoder applies the TIFF Orientation tag itself, in every pixel format
+        if bytes(data[:4]) not in (b"II*\x00", b"MM\x00*"):
+            img = apply_orientation(img, exif_orientation(data))
+        return _to_rgb_from_bgr(img, bit_depth)
+    return _decode_with_pillow(data, path, bit_depth)
 
 
-def _decode_with_pillow(data: np.ndarray, path: object) -> np.ndarray:
+def _decode_with_pillow(data: np.ndarray, path: object, bit_depth: int | None = None) -> np.ndarray:
     import io
 
     from PIL import Image, ImageOps
@@ -77,24 +138,25 @@ def _decode_with_pillow(data: np.ndarray, path: object) -> np.ndarray:
         # struct.error, IndexError...): a damaged file is a skipped file, never a crash.
         raise ImageLoadError(path, f"not a readable image ({exc.__class__.__name__})") from None
     if arr.ndim == 3 and arr.shape[2] == 4:
-        return _normalise(arr, path, channel_order="rgba")
-    return _normalise(arr, path, channel_order="rgb")
+        return _normalise(arr, path, channel_order="rgba", bit_depth=bit_depth)
+    return _normalise(arr, path, channel_order="rgb", bit_depth=bit_depth)
 
 
-def _to_rgb_from_bgr(img: np.ndarray) -> np.ndarray:
+def _to_rgb_from_bgr(img: np.ndarray, bit_depth: int | None = None) -> np.ndarray:
     if img.ndim == 3 and img.shape[2] == 4:
         img = img[:, :, [2, 1, 0, 3]]
-        return _normalise(img, None, channel_order="rgba")
+        return _normalise(img, None, channel_order="rgba", bit_depth=bit_depth)
     if img.ndim == 3 and img.shape[2] == 3:
         img = img[:, :, ::-1]
-    return _normalise(img, None, channel_order="rgb")
+    return _normalise(img, None, channel_order="rgb", bit_depth=bit_depth)
 
 
-def _scale_to_uint8(img: np.ndarray) -> np.ndarray:
+def _scale_to_uint8(img: np.ndarray, bit_depth: int | None = None) -> np.ndarray:
     if img.dtype == np.uint8:
         return img
-    if img.dtype == np.uint16:
-        return (img >> 8).astype(np.uint8)
+    if img.dtype == np.uint16 and bit_depth is not None:
+        top = float(2**bit_depth - 1)
+        return np.clip(img.astype(np.float32) * (255.0 / top) + 0.5, 0, 255).astype(np.uint8)
     work = img.astype(np.float32)
     finite = np.isfinite(work)
     if not finite.any():
@@ -102,14 +164,20 @@ def _scale_to_uint8(img: np.ndarray) -> np.ndarray:
     lo, hi = float(work[finite].min()), float(work[finite].max())
     if np.issubdtype(img.dtype, np.floating) and lo >= 0.0 and hi <= 1.0:
         lo, hi = 0.0, 1.0  # float images in [0, 1]: keep their absolute brightness
+    elif hi == lo and np.issubdtype(img.dtype, np.integer):
+        lo, hi = 0.0, float(np.iinfo(img.dtype).max)  # flat image: no range, absolute scale
     span = hi - lo if hi > lo else 1.0
     work = np.where(finite, (work - lo) / span, 0.0)
     return np.clip(work * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
-def _normalise(img: np.ndarray, path: object, channel_order: str) -> np.ndarray:
+def _normalise(img: np.ndarray, path: object, channel_order: str, bit_depth: int | None = None) -> np.ndarray:
     """Any decoded array -> contiguous (H, W, 3) uint8 RGB."""
-    img = _scale_to_uint8(img)
+    if img.ndim == 3 and img.shape[2] in (2, 4) and img.dtype == np.uint16:
+        # colour by the bit-depth rule, alpha by its own full 16-bit scale
+        alpha = (img[:, :, -1:].astype(np.float32) / 65535.0 * 255.0 + 0.5).astype(np.uint8)
+        img = np.concatenate([_scale_to_uint8(img[:, :, :-1], bit_depth), alpha], axis=2)
+    img = _scale_to_uint8(img, bit_depth)
     if img.ndim == 2:
         img = np.repeat(img[:, :, None], 3, axis=2)
     elif img.ndim == 3 and img.shape[2] == 1:
@@ -125,11 +193,13 @@ def _normalise(img: np.ndarray, path: object, channel_order: str) -> np.ndarray:
     return np.ascontiguousarray(img)
 
 
-def check_image_array(img: np.ndarray, path: object = "<array>") -> np.ndarray:
+def check_image_array(img: np.ndarray, path: object = "<array>", bit_depth: int | None = None) -> np.ndarray:
     """Validate and convert an in-memory image (from a camera or a caller) to RGB uint8."""
+    check_bit_depth(bit_depth)
     if not isinstance(img, np.ndarray) or img.ndim not in (2, 3) or img.size == 0:
         raise ImageLoadError(path, "not an image array")
-    out = _normalise(img, path, channel_order="rgba" if img.ndim == 3 and img.shape[2] == 4 else "rgb")
+    out = _normalise(img, path, channel_order="rgba" if img.ndim == 3 and img.shape[2] == 4 else "rgb",
+                     bit_depth=bit_depth)
     _check_size(out.shape[0], out.shape[1], path)
     return out
 
@@ -155,13 +225,17 @@ def _peek_size(data: np.ndarray) -> tuple[int, int] | None:
         return None
 
 
-def load_image(path: str | os.PathLike[str]) -> np.ndarray:
+def load_image(path: str | os.PathLike[str], bit_depth: int | None = None) -> np.ndarray:
     """Read an image file as (H, W, 3) uint8 RGB.
+
+    ``bit_depth``: how 16-bit pixels become 8-bit (see the module docstring): None scales
+    each image by its own range, 8/10/12/14/16 by that fixed depth.
 
     Raises:
         ImageLoadError: the file is missing, unreadable, empty, not an image, truncated,
             too small or too large. The message names the file and the reason.
     """
+    check_bit_depth(bit_depth)
     p = Path(path)
     try:
         # A FIFO or device named like an image would block read_bytes forever (or, like
@@ -184,7 +258,7 @@ def load_image(path: str | os.PathLike[str]) -> np.ndarray:
     if size is not None:
         _check_size(size[1], size[0], p)
     try:
-        img = _decode(data, p)
+        img = _decode(data, p, bit_depth)
     except ImageLoadError as exc:
         raise ImageLoadError(p, exc.reason) from None
     except (cv2.error, ValueError, MemoryError) as exc:

@@ -205,11 +205,11 @@ class _Batch:
     order: list[tuple[str, int | Skipped]]
 
 
-def _load_batch(paths: list[str], size: int, keep_images: bool) -> _Batch:
+def _load_batch(paths: list[str], size: int, keep_images: bool, bit_depth: int | None = None) -> _Batch:
     ok_paths, imgs, skipped, order = [], [], [], []
     for p in paths:
         try:
-            imgs.append(load_image(p))
+            imgs.append(load_image(p, bit_depth))
             order.append((p, len(ok_paths)))
             ok_paths.append(p)
         except ImageLoadError as exc:
@@ -220,17 +220,19 @@ def _load_batch(paths: list[str], size: int, keep_images: bool) -> _Batch:
     return _Batch(ok_paths, tensor, imgs if keep_images else [], skipped, order)
 
 
-def iter_batches(paths: list[str], size: int, batch_size: int, keep_images: bool = False) -> Iterator[_Batch]:
-    """Decode batches one ahead in a helper thread, so decoding overlaps the backbone."""
+def iter_batches(paths: list[str], size: int, batch_size: int, keep_images: bool = False,
+                 bit_depth: int | None = None) -> Iterator[_Batch]:
+    """Decode batches one ahead in a helper thread, so decoding overlaps the backbone.
+    ``bit_depth``: the 16-bit rule of :func:`core.imageio.load_image` (the detector's setting)."""
     chunks = [paths[i : i + batch_size] for i in range(0, len(paths), batch_size)]
     if not chunks:
         return
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="okng-decode") as pool:
-        pending = pool.submit(_load_batch, chunks[0], size, keep_images)
+        pending = pool.submit(_load_batch, chunks[0], size, keep_images, bit_depth)
         for nxt in chunks[1:] + [None]:
             batch = pending.result()
             if nxt is not None:
-                pending = pool.submit(_load_batch, nxt, size, keep_images)
+                pending = pool.submit(_load_batch, nxt, size, keep_images, bit_depth)
             yield batch
 
 
@@ -271,15 +273,16 @@ def fit_job(
     if not paths:
         raise NotFittedError("no OK images given: add OK images to fit a model")
     yield Progress(0, len(paths), "loading backbone")
-    det = Detector.create(config, extractor)
+    fit_paths, cal_paths = split_calibration(paths, config.calibration_fraction)
+    det = Detector.create(config, extractor, n_images=len(paths))
+    det.model.check_fit_size(len(fit_paths))  # e.g. more k-means components than images
     # Compiled scoring code now, while the heap is small: loaded at the first score, inside
     # calibration, numba's ~130 MB landed on top of the fit's peak and made the peak vary by
     # ±50 MB between runs (benchmarks/bench_engine.py).
     det.warm_up()
-    fit_paths, cal_paths = split_calibration(paths, config.calibration_fraction)
     result = FitResult(det)
     done = 0
-    for batch in iter_batches(fit_paths, det.image_size, config.batch_size):
+    for batch in iter_batches(fit_paths, det.image_size, config.batch_size, bit_depth=config.bit_depth):
         token.raise_if_cancelled()
         result.skipped += batch.skipped
         if batch.tensor is not None:
@@ -296,7 +299,7 @@ def fit_job(
     h, w = det.embedder.grid_size
     held = torch.empty((len(cal_paths), det.embedder.n_channels, h, w), dtype=torch.float16)
     n_held = 0
-    for batch in iter_batches(cal_paths, det.image_size, config.batch_size):
+    for batch in iter_batches(cal_paths, det.image_size, config.batch_size, bit_depth=config.bit_depth):
         token.raise_if_cancelled()
         result.skipped += batch.skipped
         if batch.tensor is not None:
@@ -341,7 +344,8 @@ def inspect_job(
     paths = [str(p) for p in paths]
     bs = batch_size or detector.config.batch_size
     done = scored = 0
-    for batch in iter_batches(paths, detector.image_size, bs, keep_images=keep_images):
+    for batch in iter_batches(paths, detector.image_size, bs, keep_images=keep_images,
+                              bit_depth=detector.config.bit_depth):
         token.raise_if_cancelled()
         t = time.perf_counter()
         emb = detector.embed(batch.tensor) if batch.tensor is not None else None

@@ -25,6 +25,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from .sqlitedb import connect, enable_wal, retry_busy, write_transaction
+
 KINDS = ("false_alarm", "defect", "image_ok", "image_ng")
 
 _SCHEMA = """
@@ -108,15 +110,27 @@ class LabelStore:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self._db = sqlite3.connect(str(self.path), isolation_level=None, timeout=10.0)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
-        row = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
-        if row is None:
-            self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
-        elif row[0] != SCHEMA_VERSION:
-            raise ValueError(f"{self.path}: label store schema {row[0]} is not supported (expected {SCHEMA_VERSION})")
+        # Another process may be creating the same store right now (two stations opening one
+        # recipe): WAL switch retried, schema + version row in one immediate transaction.
+        self._db = connect(str(self.path))
+        try:
+            enable_wal(self._db)
+            self._db.execute("PRAGMA synchronous=FULL")
+
+            def init(db: sqlite3.Connection) -> str:
+                for stmt in _SCHEMA.split(";"):
+                    if stmt.strip():
+                        db.execute(stmt)
+                db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
+                return db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0]
+
+            version = write_transaction(self._db, init)
+        except BaseException:
+            self._db.close()
+            raise
+        if version != SCHEMA_VERSION:
+            self._db.close()
+            raise ValueError(f"{self.path}: label store schema {version} is not supported (expected {SCHEMA_VERSION})")
 
     def close(self) -> None:
         self._db.close()
@@ -138,7 +152,7 @@ class LabelStore:
     def add(self, label: Label) -> int:
         """Commit a label durably and return its id."""
         r = label.region
-        cur = self._db.execute(
+        cur = retry_busy(lambda: self._db.execute(
             "INSERT INTO labels (created_at, operator, image_path, image_sha256, kind, region_json, region_mask,"
             " map_size, model_id, score) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
@@ -147,14 +161,15 @@ class LabelStore:
                 None if r is None else r.mask_png(),
                 label.map_size, label.model_id, label.score,
             ),
-        )
+        ))
         return int(cur.lastrowid)
 
     def undo(self, label_id: int) -> None:
-        self._db.execute("UPDATE labels SET undone_at=? WHERE id=? AND undone_at IS NULL", (time.time(), label_id))
+        retry_busy(lambda: self._db.execute("UPDATE labels SET undone_at=? WHERE id=? AND undone_at IS NULL",
+                                            (time.time(), label_id)))
 
     def redo(self, label_id: int) -> None:
-        self._db.execute("UPDATE labels SET undone_at=NULL WHERE id=?", (label_id,))
+        retry_busy(lambda: self._db.execute("UPDATE labels SET undone_at=NULL WHERE id=?", (label_id,)))
 
     def labels(self, include_undone: bool = False) -> list[Label]:
         q = "SELECT * FROM labels" + ("" if include_undone else " WHERE undone_at IS NULL") + " ORDER BY id"

@@ -6,16 +6,27 @@ shapes, non-finite values or fields of the wrong type is refused with a clear
 :class:`~core.errors.ModelFileError`. Saving is atomic: the previous file survives a crash
 or a full disk.
 
+Integrity (format 2): the header carries ``okng_sha256``, the SHA-256 of the whole file
+(8-byte length, header, tensor data) computed with that digest field set to 64 zeros. It is
+verified before anything in the file is used, so one flipped bit anywhere (a stored
+threshold, a tensor value, the header) is refused as damaged instead of silently changing
+verdicts. Format 1 files (written before the checksum existed) still load, with a logged
+warning that their integrity cannot be verified; saving them again adds the checksum.
+A format-2 file without its checksum is refused.
+
 Example:
     >>> save_detector(det, "cells.okng")
     >>> det2 = load_detector("cells.okng")      # same scores, bit for bit
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import os
+import re
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +44,14 @@ from .thresholds import Thresholds
 log = logging.getLogger(__name__)
 
 FORMAT = "okng-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: oldest format still read (format 1: no checksum; loads with a warning)
+OLDEST_FORMAT_VERSION = 1
 MODEL_SUFFIX = ".okng"
+#: header metadata key of the file checksum (see the module docstring)
+CHECKSUM_KEY = "okng_sha256"
+_ZERO_DIGEST = b"0" * 64
+_CHECKSUM_FIELD = re.compile(rb'"' + CHECKSUM_KEY.encode() + rb'"\s*:\s*"([^"\\]*)"')
 
 
 def _metadata(det: Detector) -> dict[str, Any]:
@@ -79,40 +96,123 @@ def detector_tensors(det: Detector) -> dict[str, torch.Tensor]:
 
 def save_detector(det: Detector, path: str | os.PathLike[str]) -> Path:
     """Write the detector atomically; returns the path written."""
-    from safetensors.torch import save_file
+    return write_model_file(path, detector_tensors(det), _metadata(det))
+
+
+def _digest_field(header: bytes) -> re.Match[bytes] | None:
+    found = list(_CHECKSUM_FIELD.finditer(header))
+    return found[0] if len(found) == 1 else None
+
+
+def _file_digest(raw: bytes | memoryview, header_len: int, field: re.Match[bytes]) -> str:
+    """SHA-256 of the file with the digest value replaced by zeros (no copy of the data)."""
+    view = memoryview(raw)
+    lo, hi = 8 + field.start(1), 8 + field.end(1)
+    h = hashlib.sha256()
+    h.update(view[:lo])
+    h.update(_ZERO_DIGEST)
+    h.update(view[hi:])
+    return h.hexdigest()
+
+
+def seal_model_bytes(raw: bytes) -> list[bytes | memoryview]:
+    """Set the checksum field of a serialized model (safetensors bytes whose metadata holds
+    ``okng_sha256`` with a 64-character value) to the file's digest.
+
+    Returns the file as pieces to write in order (the tensor data is not copied).
+    """
+    n = struct.unpack("<Q", raw[:8])[0]
+    field = _digest_field(bytes(raw[8 : 8 + n]))
+    if field is None or field.end(1) - field.start(1) != 64:
+        raise ValueError("no checksum field to seal")
+    digest = _file_digest(raw, n, field).encode()
+    view = memoryview(raw)
+    return [view[: 8 + field.start(1)], digest, view[8 + field.end(1) :]]
+
+
+def write_model_file(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor],
+                     meta: dict[str, Any]) -> Path:
+    """Serialize tensors + description with its checksum and write it atomically.
+
+    The bytes are written by Python, so a full disk raises ``OSError(ENOSPC)``, which
+    :mod:`core.atomic` turns into one clear line (safetensors' own ``save_file`` raises its
+    ``SafetensorError`` instead, not an OSError).
+    """
+    from safetensors.torch import save
 
     path = Path(path)
-    meta = {"okng": json.dumps(_metadata(det))}
-    tensors = detector_tensors(det)
-    write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    raw = save(tensors, metadata={"okng": json.dumps(meta), CHECKSUM_KEY: _ZERO_DIGEST.decode()})
+    pieces = seal_model_bytes(raw)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            for piece in pieces:
+                f.write(piece)
+
+    write_atomic(path, write)
     return path
 
 
 def read_model_file(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Parse a model file into (metadata, tensors) without trusting anything in it."""
-    from safetensors import safe_open
+    """Parse a model file into (metadata, tensors) without trusting anything in it.
+
+    The whole file is read once; the checksum is verified on those very bytes, and the
+    tensors are taken from them (no second read that could see another file).
+    """
+    from safetensors.torch import load
 
     path = Path(path)
+    if path.is_dir():
+        raise ModelFileError(f"{path} is a folder, not a model file (model files end in {MODEL_SUFFIX})")
     if not path.is_file():
         raise ModelFileError(f"model file not found: {path}")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ModelFileError(f"cannot read model file {path}: {exc.strerror or exc}") from None
+    try:
+        tensors = load(raw)
+        n = struct.unpack("<Q", raw[:8])[0]
+        header = json.loads(raw[8 : 8 + n])
+        header = header.get("__metadata__") or {}
     except Exception as exc:  # noqa: BLE001 - any parse failure means "not a model file"
         raise ModelFileError(f"{path} is not a readable OK/NG model file ({str(exc)[:160]})") from None
-    raw = header.get("okng")
-    if not isinstance(raw, str):
+    raw_meta = header.get("okng") if isinstance(header, dict) else None
+    if not isinstance(raw_meta, str):
         raise ModelFileError(f"{path} is a safetensors file but not an OK/NG Station model")
+    checked = _verify_checksum(raw, n, header, path)
     try:
-        meta = json.loads(raw)
+        meta = json.loads(raw_meta)
     except json.JSONDecodeError:
         raise ModelFileError(f"{path}: the model description is damaged (invalid JSON)") from None
     _check_meta(meta, path)
+    if not checked:
+        if meta["format_version"] >= 2:
+            raise ModelFileError(f"{path}: the file's checksum is missing; the file is damaged. "
+                                 "Restore it from a backup or refit the model.")
+        log.warning("%s is a model file of format %d, written before model files carried a checksum: "
+                    "its integrity cannot be verified. Save it again (or refit) to add one.",
+                    path, meta["format_version"])
     for name, t in tensors.items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise ModelFileError(f"{path}: tensor {name!r} holds NaN or infinite values; the file is damaged")
     return meta, tensors
+
+
+def _verify_checksum(raw: bytes, header_len: int, header: dict[str, Any], path: Path) -> bool:
+    """True if the file carries a checksum and it matches; False if it carries none."""
+    if CHECKSUM_KEY not in header:
+        return False
+    stored = header[CHECKSUM_KEY]
+    field = _digest_field(raw[8 : 8 + header_len])
+    damaged = ModelFileError(f"{path}: the file is damaged (its checksum does not match its content: a "
+                             "changed byte on disk or in transfer). Restore it from a backup or refit the model.")
+    if not (isinstance(stored, str) and re.fullmatch("[0-9a-f]{64}", stored)) or field is None \
+            or field.group(1) != stored.encode():
+        raise damaged
+    if _file_digest(raw, header_len, field) != stored:
+        raise damaged
+    return True
 
 
 def _require(cond: bool, path: Path, what: str) -> None:
@@ -134,7 +234,7 @@ def _check_meta(meta: Any, path: Path) -> None:
             f"version {meta.get('okng_version', '?')}); this station reads format {FORMAT_VERSION}. "
             "Update OK/NG Station, or refit the model here."
         )
-    _require(version == FORMAT_VERSION, path, f"model format {version} is no longer supported; refit the model")
+    _require(version >= OLDEST_FORMAT_VERSION, path, f"model format {version} is no longer supported; refit the model")
     _require(isinstance(meta.get("okng_version", ""), str), path, "field 'okng_version' is not text")
     for key in ("config", "backbone", "model"):
         _require(isinstance(meta.get(key), dict), path, f"field {key!r} is missing or not an object")
@@ -150,6 +250,9 @@ def _check_meta(meta: Any, path: Path) -> None:
     _require(th is None or (isinstance(th, dict) and _is_number(th.get("image")) and _is_number(th.get("pixel"))
                             and _is_number(th.get("target_false_alarm_rate"))),
              path, "thresholds invalid")
+    if th is not None:
+        _require(0.0 <= th["target_false_alarm_rate"] < 1.0, path,
+                 f"thresholds invalid: target_false_alarm_rate must be from 0 to 1, got {th['target_false_alarm_rate']!r}")
 
 
 def _check_config_types(cfg: dict[str, Any], path: Path) -> None:
@@ -184,8 +287,11 @@ def load_detector(path: str | os.PathLike[str], extractor: FeatureExtractor | No
     """Rebuild a detector from a model file. ``extractor`` shares an already loaded backbone."""
     path = Path(path)
     meta, tensors = read_model_file(path)
+    cfg = dict(meta["config"])
+    if meta["format_version"] < 2:
+        cfg.setdefault("bit_depth", 16)  # format 1 read 16-bit images as a fixed 16-bit depth
     try:
-        config = DetectorConfig.from_dict(dict(meta["config"]))
+        config = DetectorConfig.from_dict(cfg)
         cls = model_class(meta["model"]["kind"])
     except (TypeError, ValueError) as exc:
         raise ModelFileError(f"{path}: invalid settings in the model file ({exc})") from None

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import OkngError
+from .sqlitedb import connect, enable_wal, retry_busy, write_transaction
 
 RECIPE_SUFFIX = ".okrecipe"
 SCHEMA_VERSION = 1
@@ -68,18 +69,26 @@ def save_recipe(recipe: Recipe, path: str | Path) -> Path:
         "pixel_threshold": recipe.pixel_threshold,
         "station": recipe.station,
     }
+    def write(con: sqlite3.Connection) -> None:
+        con.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        con.execute("CREATE TABLE IF NOT EXISTS ok_images (position INTEGER PRIMARY KEY, path TEXT NOT NULL)")
+        con.execute("DELETE FROM meta")
+        con.execute("DELETE FROM ok_images")
+        con.executemany("INSERT INTO meta VALUES (?, ?)", [(k, json.dumps(v)) for k, v in meta.items()])
+        con.executemany("INSERT INTO ok_images VALUES (?, ?)", list(enumerate(recipe.ok_paths)))
+
     try:
-        con = sqlite3.connect(path)
+        # Another process may save the same recipe at the same moment: the WAL switch is
+        # retried and the write lock taken up front (BEGIN IMMEDIATE), so the two saves
+        # serialise (the last one wins whole) instead of failing with "database is locked".
+        con = connect(str(path))
         try:
-            con.execute("PRAGMA journal_mode=WAL")
-            with con:
-                con.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-                con.execute("CREATE TABLE IF NOT EXISTS ok_images (position INTEGER PRIMARY KEY, path TEXT NOT NULL)")
-                con.execute("DELETE FROM meta")
-                con.execute("DELETE FROM ok_images")
-                con.executemany("INSERT INTO meta VALUES (?, ?)", [(k, json.dumps(v)) for k, v in meta.items()])
-                con.executemany("INSERT INTO ok_images VALUES (?, ?)", list(enumerate(recipe.ok_paths)))
-            con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            enable_wal(con)
+            write_transaction(con, write)
+            try:
+                con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.OperationalError:
+                pass  # busy: another connection reads; the WAL is checkpointed later
         finally:
             con.close()
     except sqlite3.Error as exc:
@@ -92,10 +101,18 @@ def load_recipe(path: str | Path) -> Recipe:
     if not path.is_file():
         raise RecipeError(f"recipe file not found: {path}")
     try:
-        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        con = connect(f"file:{path}?mode=ro", uri=True)
         try:
-            meta = {k: json.loads(v) for k, v in con.execute("SELECT key, value FROM meta")}
-            oks = [p for (p,) in con.execute("SELECT path FROM ok_images ORDER BY position")]
+            def read() -> tuple[dict[str, Any], list[str]]:
+                con.execute("BEGIN")  # one snapshot for both tables
+                try:
+                    m = {k: json.loads(v) for k, v in con.execute("SELECT key, value FROM meta")}
+                    o = [p for (p,) in con.execute("SELECT path FROM ok_images ORDER BY position")]
+                finally:
+                    con.execute("COMMIT")
+                return m, o
+
+            meta, oks = retry_busy(read)
         finally:
             con.close()
     except (sqlite3.Error, json.JSONDecodeError) as exc:

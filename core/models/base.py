@@ -71,6 +71,13 @@ class NormalityModel(ABC):
     def n_samples(self) -> int:
         """How many OK images (or image equivalents) the model has seen."""
 
+    #: accepted parameter ranges: name -> (lo, hi, whole number), checked by DetectorConfig
+    param_ranges: ClassVar[dict[str, tuple[float, float, bool]]] = {}
+
+    def check_fit_size(self, n_images: int) -> None:
+        """Refuse (ValueError) parameters that are degenerate for ``n_images`` OK images;
+        called when a fit starts."""
+
     # Per-channel weights are shared by all models (feedback loop, issue 4).
     channel_weights: torch.Tensor | None = None
 

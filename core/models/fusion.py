@@ -36,6 +36,8 @@ class StageFusionModel(NormalityModel):
     uses_mahalanobis = True
     #: Detector.create passes ``channel_stage`` (the stage of each embedding channel)
     needs_channel_stage = True
+    #: accepted ranges (lo, hi, whole number; lists: each item), checked by DetectorConfig
+    param_ranges = {"stage_weights": (0.0, 1e6, False), "channel_stage": (0, 9, True), "epsilon": (1e-8, 1e4, False)}
 
     def __init__(self, grid: tuple[int, int], n_channels: int, channel_stage: list[int] | None = None,
                  stage_weights: list[float] | None = None, epsilon: float = 0.01) -> None:

@@ -44,6 +44,16 @@ class LowRankPadimModel(NormalityModel):
     default_channels = None
     exact_incremental = True
     uses_mahalanobis = True
+    #: accepted ranges (lo, hi, whole number), checked by DetectorConfig
+    param_ranges = {"rank": (1, 4096, True), "epsilon": (1e-8, 1e4, False), "seed": (0, 2**32 - 1, True)}
+
+    @staticmethod
+    def check_channels(params: dict[str, Any], n_channels: int) -> None:
+        """A rank above the channel count is plain PaDiM under another name: refused."""
+        rank = params.get("rank", 100)
+        if rank > n_channels:
+            raise ValueError(f"model 'padim-lowrank' parameter rank must be from 1 to the number of "
+                             f"channels ({n_channels}), got {rank}")
 
     def __init__(self, grid: tuple[int, int], n_channels: int, rank: int = 100,
                  epsilon: float = 0.01, seed: int = 0) -> None:

@@ -67,6 +67,16 @@ class KMeansPadimModel(NormalityModel):
     summary = "K Gaussians per patch (k-means clusters), Mahalanobis to the nearest (multi-modal OK)"
     exact_incremental = False
     uses_mahalanobis = True
+    #: accepted ranges (lo, hi, whole number), checked by DetectorConfig
+    param_ranges = {"components": (1, 16, True), "epsilon": (1e-8, 1e4, False), "iterations": (0, 1000, True), "seed": (0, 2**32 - 1, True)}
+
+    def check_fit_size(self, n_images: int) -> None:
+        """Each component needs OK images of its own: more components than images leaves
+        some empty (quietly ignored), a degenerate mixture."""
+        if self.components > n_images:
+            raise ValueError(f"model 'padim-kmeans' parameter components is {self.components} but only "
+                             f"{n_images} OK images are fitted: use at most {max(n_images, 1)} components "
+                             "or add OK images")
 
     def __init__(self, grid: tuple[int, int], n_channels: int, components: int = 3, epsilon: float = 0.01,
                  iterations: int = 30, seed: int = 0) -> None:

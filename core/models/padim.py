@@ -26,6 +26,8 @@ class PadimModel(NormalityModel):
     summary = "one Gaussian per patch position, Mahalanobis distance (PaDiM)"
     exact_incremental = True
     uses_mahalanobis = True
+    #: accepted ranges (lo, hi, whole number), checked by DetectorConfig
+    param_ranges = {"epsilon": (1e-8, 1e4, False)}
 
     def __init__(self, grid: tuple[int, int], n_channels: int, epsilon: float = 0.01) -> None:
         super().__init__(grid, n_channels)

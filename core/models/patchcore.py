@@ -144,6 +144,20 @@ class PatchcoreModel(NormalityModel):
     #: the finest, so every stage is pooled over the same image neighbourhood (see _features)
     needs_channel_stage = True
     needs_stage_strides = True
+    #: accepted ranges (lo, hi, whole number; lists: each item), checked by DetectorConfig
+    param_ranges = {"coreset_ratio": (1e-3, 1.0, False), "projection_dim": (1, 4096, True),
+                    "neighbourhood": (1, 15, True), "seed": (0, 2**32 - 1, True), "channel_stage": (0, 9, True),
+                    "stage_strides": (1, 64, True)}
+
+    def check_fit_size(self, n_images: int) -> None:
+        """The coreset must keep at least a quarter of one image's patches."""
+        total = n_images * self.n_patches
+        keep = max(1, int(round(self.coreset_ratio * total)))
+        need = min(max(1, self.n_patches // 4), total)
+        if keep < need:
+            raise ValueError(f"model 'patchcore' parameter coreset_ratio {self.coreset_ratio:g} keeps {keep} of "
+                             f"{total} patches from {n_images} OK images; at least {need} are needed: use "
+                             f"coreset_ratio >= {need / total:.3g} or add OK images")
 
     def __init__(
         self,

@@ -99,3 +99,39 @@ def test_a_weights_file_that_is_not_a_state_dict_is_refused(tmp_path):
 def test_stage_out_of_range_is_refused():
     with pytest.raises(ValueError, match="stages 0..4"):
         FeatureExtractor(BackboneSpec(stages=(3, 7), weights="random"))
+
+
+def _no_cache(monkeypatch):
+    monkeypatch.setattr("huggingface_hub.try_to_load_from_cache", lambda *a, **k: None)
+
+
+def test_offline_by_env_refuses_an_uncached_backbone_at_once(monkeypatch):
+    """HF_HUB_OFFLINE=1 set after start-up (huggingface_hub read it at import): before, the
+    hub still retried for ~47 s; now the refusal is immediate and names the offline default."""
+    import time
+
+    _no_cache(monkeypatch)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    t = time.monotonic()
+    with pytest.raises(BackboneUnavailableError, match="tf_efficientnet_lite0") as info:
+        FeatureExtractor(BackboneSpec(name="resnet10t", stages=(1, 2)))
+    assert time.monotonic() - t < 5.0
+    assert "HF_HUB_OFFLINE" in str(info.value) and "--weights" in str(info.value)
+
+
+def test_an_unreachable_hub_is_detected_by_a_short_probe(monkeypatch):
+    """No name resolution (as on an offline machine): refused within the probe timeout."""
+    import socket
+    import time
+
+    _no_cache(monkeypatch)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+
+    def no_dns(*a, **k):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    monkeypatch.setattr(socket, "create_connection", no_dns)
+    t = time.monotonic()
+    with pytest.raises(BackboneUnavailableError, match="cannot be reached"):
+        FeatureExtractor(BackboneSpec(name="resnet10t", stages=(1, 2)))
+    assert time.monotonic() - t < 5.0

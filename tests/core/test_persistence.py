@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from core import CancelToken, ModelFileError, fit_job, load_detector, run_job, save_detector
-from core.persistence import read_model_file
+from core.persistence import read_model_file, write_model_file
 
 
 @pytest.fixture
@@ -36,7 +36,7 @@ def _rewrite(path, meta_change=None, tensor_change=None):
         meta_change(meta)
     if tensor_change:
         tensor_change(tensors)
-    save_file(tensors, str(path), metadata={"okng": json.dumps(meta)})
+    write_model_file(path, tensors, meta)  # with a valid checksum: the check under test is reached
 
 
 @pytest.mark.parametrize(
@@ -99,7 +99,7 @@ def test_a_failed_save_leaves_the_previous_file_intact(fitted, tmp_path, monkeyp
     def disk_full(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("safetensors.torch.save_file", disk_full)
+    monkeypatch.setattr("core.atomic.os.fsync", disk_full)
     with pytest.raises(SaveError, match="disk is full"):
         save_detector(det, path)
     assert path.read_bytes() == before

@@ -91,7 +91,7 @@ def test_score_csv_when_the_write_itself_fails(station, tmp_path, monkeypatch, c
 
     def fake_open(file, mode="r", *a, **k):
         f = real_open(file, mode, *a, **k)
-        return FullFile(f) if ".tmp" in str(file) and "w" in mode else f
+        return FullFile(f) if (".tmp" in str(file) or str(file).endswith(".partial")) and "w" in mode else f
 
     monkeypatch.setattr(builtins, "open", fake_open)
     assert main(["score", "--model", str(model), *ok[:2], "--csv", str(out)]) == 1
@@ -114,7 +114,7 @@ def test_eval_json_on_a_full_disk(station, tmp_path, monkeypatch, capsys, where)
     _no_temporaries(tmp_path)
 
 
-@pytest.mark.parametrize("where", ["core.atomic.os.fsync", "safetensors.torch.serialize_file",
+@pytest.mark.parametrize("where", ["core.atomic.os.fsync", "core.atomic.os.replace",
                                    "core.atomic.tempfile.mkdtemp"])
 def test_fit_out_on_a_full_disk(station, tmp_path, monkeypatch, capsys, where):
     from core.persistence import load_detector
@@ -131,3 +131,77 @@ def test_fit_out_on_a_full_disk(station, tmp_path, monkeypatch, capsys, where):
     assert out.read_bytes() == model.read_bytes()
     load_detector(out)
     _no_temporaries(tmp_path)
+
+
+# -- a real full disk (issue 13): a 2 MB tmpfs, filled up ----------------------------------
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 2 MB tmpfs mounted at tmp_path/disk (root only), unmounted afterwards."""
+    import shutil
+    import subprocess
+
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a small tmpfs needs root (the faked ENOSPC tests above still run)")
+    d = tmp_path / "disk"
+    d.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(d)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode(errors='replace').strip()}")
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", "-l", str(d)], check=False)
+
+
+def _fill(folder, leave: int) -> None:
+    """Fill the file system of ``folder`` until only ``leave`` bytes are free."""
+    st = os.statvfs(folder)
+    free = st.f_bavail * st.f_frsize
+    with open(folder / "filler", "wb") as f:
+        f.write(b"\0" * max(free - leave, 0))
+
+
+def test_fit_out_on_a_really_full_disk(station, small_disk, capsys):
+    """safetensors raises SafetensorError ('No space left on device'), not OSError: the
+    station's writer must still give the one clear line and keep the previous model."""
+    from core.persistence import load_detector
+
+    model, ok, ng, fit_args = station
+    out = small_disk / "model.okng"
+    out.write_bytes(model.read_bytes())
+    _fill(small_disk, leave=64 * 1024)  # the model is ~300 kB
+    args = list(fit_args)
+    args[args.index("--out") + 1] = str(out)
+    capsys.readouterr()
+    assert main(args) == 1
+    _one_clear_line(capsys, out)
+    assert out.read_bytes() == model.read_bytes()
+    load_detector(out)
+    _no_temporaries(small_disk)
+
+
+def test_safetensors_own_writer_on_a_really_full_disk_is_a_clean_save_error(small_disk):
+    """The exception the library really raises, caught by core.atomic."""
+    import torch
+    from safetensors.torch import save_file
+
+    from core.atomic import SaveError, write_atomic
+
+    target = small_disk / "t.safetensors"
+    target.write_bytes(b"previous")
+    _fill(small_disk, leave=16 * 1024)
+    with pytest.raises(SaveError, match="the disk is full; the previous file is unchanged"):
+        write_atomic(target, lambda tmp: save_file({"a": torch.zeros(200_000)}, str(tmp)))
+    assert target.read_bytes() == b"previous"
+    _no_temporaries(small_disk)
+
+
+def test_score_csv_on_a_really_full_disk(station, small_disk, capsys):
+    model, ok, ng, _ = station
+    out = small_disk / "results.csv"
+    out.write_text("previous results\n")
+    _fill(small_disk, leave=0)
+    assert main(["score", "--model", str(model), *ok[:2], "--csv", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "disk is full" in err and "Traceback" not in err
+    assert out.read_text() == "previous results\n"

@@ -254,3 +254,132 @@ def test_a_fifo_or_device_given_explicitly_does_not_hang(tmp_path):
         load_image(fifo)
     with pytest.raises(ImageLoadError, match="not a regular file"):
         load_image("/dev/zero")
+
+
+# -- 16-bit images: the bit-depth rule (issue 13) ---------------------------------------------
+def _twelve_bit_png(path, top=2016):
+    ramp = np.linspace(0, top, 64 * 64).round().astype(np.uint16).reshape(64, 64)
+    cv2.imwrite(str(path), ramp)
+    return ramp
+
+
+def test_twelve_bit_data_in_a_16_bit_file_keeps_its_grey_levels(tmp_path):
+    """Values 0..2016 came out as 0..7 (a right shift by 8): now scaled by the image's range
+    by default, as the docstring always said."""
+    from core.imageio import load_image
+
+    p = tmp_path / "cam12.png"
+    _twelve_bit_png(p)
+    img = load_image(p)
+    assert img.min() == 0 and img.max() == 255
+    assert len(np.unique(img[:, :, 0])) > 200
+
+
+def test_a_fixed_bit_depth_keeps_absolute_brightness(tmp_path):
+    from core.imageio import load_image
+
+    p = tmp_path / "cam12.png"
+    ramp = _twelve_bit_png(p)
+    img = load_image(p, bit_depth=12)[:, :, 0]
+    np.testing.assert_array_equal(img, np.clip(ramp * (255 / 4095) + 0.5, 0, 255).astype(np.uint8))
+    assert img.max() == 126 and len(np.unique(img)) == 127  # 2016 of 4095: half brightness, 127 levels
+    dark = tmp_path / "dark.png"
+    cv2.imwrite(str(dark), (ramp // 4).astype(np.uint16))
+    assert load_image(dark, bit_depth=12).max() == 31  # a darker part stays darker
+    assert load_image(dark).max() == 255  # per-image range: stretched like the others
+    assert load_image(p, bit_depth=16).max() == round(2016 * 255 / 65535)
+    assert load_image(p, bit_depth=8).max() == 255  # clipped above the depth's maximum
+
+
+@pytest.mark.parametrize("bad", [11, 0, 32, "12", True, 12.0])
+def test_an_unknown_bit_depth_is_refused(tmp_path, bad):
+    from core.detector import DetectorConfig
+    from core.imageio import load_image
+
+    p = tmp_path / "x.png"
+    _twelve_bit_png(p)
+    with pytest.raises(ValueError, match="bit_depth"):
+        load_image(p, bit_depth=bad)
+    with pytest.raises(ValueError, match="bit_depth"):
+        DetectorConfig(bit_depth=bad)
+
+
+def test_the_cli_stores_the_bit_depth_in_the_model(tmp_path):
+    from core.cli import main
+    from core.persistence import load_detector
+
+    paths = []
+    for i in range(3):
+        p = tmp_path / f"c{i}.png"
+        _twelve_bit_png(p, top=2016 + i)
+        paths.append(str(p))
+    out = tmp_path / "m.okng"
+    assert main(["fit", *paths, "--out", str(out), "--weights", "random", "--image-size", "64",
+                 "--channels", "24", "--bit-depth", "12"]) == 0
+    assert load_detector(out).config.bit_depth == 12
+
+
+# -- EXIF orientation for every pixel format (issue 13) ----------------------------------------
+def _exif(orientation: int) -> bytes:
+    from PIL import Image
+
+    ex = Image.Exif()
+    ex[0x0112] = orientation
+    raw = ex.tobytes()
+    return raw[6:] if raw.startswith(b"Exif\x00\x00") else raw
+
+
+def _png_with_exif(png: bytes, orientation: int) -> bytes:
+    """Insert an eXIf chunk right after IHDR (before the pixel data, where readers look)."""
+    import struct
+    import zlib
+
+    data = _exif(orientation)
+    chunk = struct.pack(">I", len(data)) + b"eXIf" + data
+    chunk += struct.pack(">I", zlib.crc32(chunk[4:]) & 0xFFFFFFFF)
+    end_ihdr = 8 + 8 + 13 + 4
+    return png[:end_ihdr] + chunk + png[end_ihdr:]
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_the_same_part_saved_in_any_pixel_format_is_read_in_one_orientation(tmp_path, orientation):
+    """OpenCV applied EXIF orientation to RGB PNG, JPEG and TIFF but not to RGBA or 16-bit
+    PNG: the same part came out rotated in some formats only."""
+    from PIL import Image
+
+    from core.imageio import apply_orientation, load_image
+
+    rng = np.random.default_rng(orientation)
+    rgb = np.zeros((40, 64, 3), np.uint8)
+    rgb[:, :, 0] = np.linspace(0, 250, 64, dtype=np.uint8)[None, :]
+    rgb[:, :, 1] = np.linspace(0, 250, 40, dtype=np.uint8)[:, None]
+    rgb[5:12, 3:20] = (255, 255, 255)  # a marker near the top-left corner
+    rgb[:, :, 2] = rng.integers(0, 50, (40, 64))
+    expected = apply_orientation(rgb, orientation)
+    bgr = np.ascontiguousarray(rgb[:, :, ::-1])
+    files = {
+        "rgb.png": _png_with_exif(cv2.imencode(".png", bgr)[1].tobytes(), orientation),
+        "rgba.png": _png_with_exif(cv2.imencode(".png", np.dstack([bgr, np.full((40, 64), 255, np.uint8)]))[1]
+                                   .tobytes(), orientation),
+        "rgb16.png": _png_with_exif(cv2.imencode(".png", bgr.astype(np.uint16) * 257)[1].tobytes(), orientation),
+        "gray16.png": _png_with_exif(cv2.imencode(".png", rgb[:, :, 0].astype(np.uint16) * 257)[1].tobytes(),
+                                     orientation),
+    }
+    for name, raw in files.items():
+        (tmp_path / name).write_bytes(raw)
+    pil = Image.fromarray(rgb)
+    pil.save(tmp_path / "rgb.jpg", exif=_jpeg_exif(orientation), quality=98)
+    pil.save(tmp_path / "rgb.tif", tiffinfo={0x0112: orientation})
+    for name in [*files, "rgb.jpg", "rgb.tif"]:
+        got = load_image(tmp_path / name, bit_depth=16)
+        assert got.shape == expected.shape, f"{name} read in another orientation"
+        if name.startswith("gray"):
+            ref = np.repeat(expected[:, :, :1], 3, axis=2)
+        else:
+            ref = expected
+        tol = 12 if name.endswith(".jpg") else 0
+        assert np.abs(got.astype(int) - ref.astype(int)).mean() <= tol, name
+
+
+def _jpeg_exif(orientation: int) -> bytes:
+    return b"Exif\x00\x00" + _exif(orientation)

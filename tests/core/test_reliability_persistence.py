@@ -6,11 +6,11 @@ import json
 import struct
 
 import pytest
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from core import ModelFileError, load_detector
 from core.models.padim import PadimModel
-from core.persistence import read_model_file
+from core.persistence import read_model_file, seal_model_bytes, write_model_file
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +31,14 @@ def _split(raw: bytes) -> tuple[dict, bytes]:
 
 
 def _join(header: dict, body: bytes) -> bytes:
+    """Rebuild the container; its checksum is recomputed (when it has one) so that the
+    check under test is reached, not the checksum's."""
     h = json.dumps(header).encode()
-    return struct.pack("<Q", len(h)) + h + body
+    raw = struct.pack("<Q", len(h)) + h + body
+    try:
+        return b"".join(bytes(p) for p in seal_model_bytes(raw))
+    except (ValueError, struct.error):
+        return raw
 
 
 def _edit_meta(path, change):
@@ -92,7 +98,7 @@ def test_a_changed_dtype_with_consistent_offsets_is_caught_by_the_shape_check(pa
     meta, _ = read_model_file(path)
     tensors["model.scatter"] = tensors["model.scatter"].float()
     tensors["model.mean"] = tensors["model.mean"].to(dtype=tensors["model.mean"].dtype).repeat(2, 1)
-    save_file(tensors, str(path), metadata={"okng": json.dumps(meta)})
+    write_model_file(path, tensors, meta)
     _refused(path, "shape")
 
 
@@ -105,7 +111,7 @@ def test_truncated_body(path):
 
 # -- the JSON description ------------------------------------------------------------------
 @pytest.mark.parametrize("version", [True, False, 1.0, "1", None, [1], {"v": 1}, -1, 0])
-def test_format_version_must_be_the_integer_1(path, version):
+def test_format_version_must_be_a_known_integer(path, version):
     _edit_meta(path, lambda m: m.update(format_version=version))
     _refused(path, "format")
 
@@ -199,7 +205,7 @@ def test_channel_indices_that_back_a_giant_channel_count_are_refused(path, no_hu
     meta, _ = read_model_file(path)
     tensors["embedding.channel_idx"] = torch.zeros(5000, dtype=torch.int64)
     meta["model"]["n_channels"] = 5000
-    save_file(tensors, str(path), metadata={"okng": json.dumps(meta)})
+    write_model_file(path, tensors, meta)
     _refused(path, "channel indices invalid")
 
 
@@ -207,6 +213,97 @@ def test_a_model_tensor_of_the_wrong_shape_is_refused_before_the_model_is_built(
     tensors = load_file(str(path))
     meta, _ = read_model_file(path)
     tensors["model.scatter"] = tensors["model.scatter"][:, :3, :3].contiguous()
-    save_file(tensors, str(path), metadata={"okng": json.dumps(meta)})
+    write_model_file(path, tensors, meta)
     _refused(path, "shape")
     assert no_huge_model and all(g == (8, 8) for g, _ in no_huge_model)
+
+
+# -- integrity: a checksum over header and data (issue 13) -----------------------------------
+FLIPS = 200
+
+
+def test_random_single_bit_flips_anywhere_are_all_refused(saved_tiny_model, tmp_path):
+    """200 single-bit flips (fixed seed) at random places of a saved model: each file is
+    refused with ModelFileError (or, were a flip to change no content, loads identically).
+    Before the checksum, 3 of 20 flips in tensor data silently changed scores and 2 crashed."""
+    import random
+
+    import numpy as np
+
+    original, probe = saved_tiny_model
+    raw = original.read_bytes()
+    ref = load_detector(original)
+    expected = ref.inspect([probe])[0].score
+    n_header = 8 + struct.unpack("<Q", raw[:8])[0]
+    rng = random.Random(13)
+    # half anywhere, half in the header (small, but holds thresholds and settings)
+    places = [rng.randrange(len(raw)) for _ in range(FLIPS // 2)] + [rng.randrange(n_header) for _ in range(FLIPS // 2)]
+    refused = identical = 0
+    p = tmp_path / "flipped.okng"
+    for pos in places:
+        bit = rng.randrange(8)
+        b = bytearray(raw)
+        b[pos] ^= 1 << bit
+        p.write_bytes(bytes(b))
+        try:
+            det = load_detector(p, extractor=ref.extractor)
+        except ModelFileError:
+            refused += 1
+            continue
+        assert det.inspect([probe])[0].score == expected, f"flip at byte {pos} bit {bit} changed the score"
+        assert det.thresholds.image == ref.thresholds.image
+        np.testing.assert_array_equal(det.embedder.channel_idx, ref.embedder.channel_idx)
+        identical += 1
+    assert refused + identical == FLIPS
+    assert refused == FLIPS  # every byte of the file is covered by the checksum
+
+
+def test_a_changed_stored_threshold_is_refused_as_damaged(path):
+    raw = bytearray(path.read_bytes())
+    i = raw.index(b'\\"image\\": ') + len(b'\\"image\\": ')
+    raw[i] ^= 0x01  # one digit of the image threshold: 1 <-> 0, 3 <-> 2 ...
+    path.write_bytes(bytes(raw))
+    msg = _refused(path, "damaged")
+    assert "checksum" in msg
+
+
+def test_a_format_2_file_without_its_checksum_is_refused(path):
+    header, body = _split(path.read_bytes())
+    del header["__metadata__"]["okng_sha256"]
+    path.write_bytes(_join(header, body))
+    _refused(path, "checksum is missing")
+
+
+def test_a_format_1_file_without_checksum_loads_with_a_warning(path, caplog):
+    """Files written before the checksum existed keep working; the warning says why they
+    cannot be verified. Saving again writes format 2 with a checksum."""
+    from core import save_detector
+
+    header, body = _split(path.read_bytes())
+    del header["__metadata__"]["okng_sha256"]
+    meta = json.loads(header["__metadata__"]["okng"])
+    meta["format_version"] = 1
+    header["__metadata__"]["okng"] = json.dumps(meta)
+    path.write_bytes(_join(header, body))
+    with caplog.at_level("WARNING"):
+        det = load_detector(path)
+    assert "integrity cannot be verified" in caplog.text
+    resaved = save_detector(det, path.with_name("resaved.okng"))
+    m, _ = read_model_file(resaved)
+    assert m["format_version"] == 2 and b"okng_sha256" in resaved.read_bytes()[:4096]
+
+
+# -- settings in a model file are validated like the CLI's (issue 13) -------------------------
+@pytest.mark.parametrize("change, setting", [
+    (lambda m: m["config"].update(sigma=1e308), "sigma"),      # OverflowError when scoring
+    (lambda m: m["config"].update(sigma=1e5), "sigma"),        # 150 s for 4 images
+    (lambda m: m["config"].update(topk=0), "topk"),
+    (lambda m: m["config"].update(false_alarm_rate=7.0), "false_alarm_rate"),
+    (lambda m: m["config"].update(model_params={"epsilon": 1e300}), "epsilon"),
+    (lambda m: m["thresholds"].update(target_false_alarm_rate=-5), "target_false_alarm_rate"),
+    (lambda m: m["thresholds"].update(target_false_alarm_rate=1.5), "target_false_alarm_rate"),
+])
+def test_out_of_range_settings_in_a_model_file_are_refused(path, change, setting):
+    _edit_meta(path, change)
+    msg = _refused(path)
+    assert setting in msg

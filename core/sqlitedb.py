@@ -1,0 +1,68 @@
+"""SQLite access shared by the labels store and recipes: safe when processes race.
+
+SQLite's busy timeout does not cover every contention: switching a new file to WAL, or
+upgrading a read transaction to a write one while another process writes, returns
+``database is locked`` at once. :func:`retry_busy` retries those within a deadline, and
+:func:`write_transaction` takes the write lock up front (``BEGIN IMMEDIATE``), so a
+check-then-insert cannot interleave with another process's (``UNIQUE constraint failed``).
+"""
+from __future__ import annotations
+
+import random
+import sqlite3
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+#: seconds a store waits for another process before giving up
+BUSY_TIMEOUT = 10.0
+
+
+def is_busy(exc: BaseException) -> bool:
+    msg = str(exc).lower()
+    return isinstance(exc, sqlite3.OperationalError) and ("locked" in msg or "busy" in msg)
+
+
+def retry_busy(fn: Callable[[], T], timeout: float = BUSY_TIMEOUT) -> T:
+    """Call ``fn`` until it does not fail with SQLITE_BUSY/LOCKED, for up to ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    delay = 0.005
+    while True:
+        try:
+            return fn()
+        except sqlite3.OperationalError as exc:
+            if not is_busy(exc) or time.monotonic() > deadline:
+                raise
+        time.sleep(delay * (0.5 + random.random()))
+        delay = min(delay * 2, 0.2)
+
+
+def connect(path: str, timeout: float = BUSY_TIMEOUT, uri: bool = False) -> sqlite3.Connection:
+    """Autocommit connection (transactions explicit) with a busy timeout."""
+    return sqlite3.connect(path, timeout=timeout, isolation_level=None, uri=uri)
+
+
+def enable_wal(con: sqlite3.Connection) -> None:
+    retry_busy(lambda: con.execute("PRAGMA journal_mode=WAL").fetchone())
+
+
+def write_transaction(con: sqlite3.Connection, body: Callable[[sqlite3.Connection], T],
+                      timeout: float = BUSY_TIMEOUT) -> T:
+    """Run ``body(con)`` in one ``BEGIN IMMEDIATE`` transaction, retried whole if busy."""
+
+    def attempt() -> T:
+        con.execute("BEGIN IMMEDIATE")
+        try:
+            result = body(con)
+            con.execute("COMMIT")
+            return result
+        except BaseException:
+            try:
+                con.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            raise
+
+    return retry_busy(attempt, timeout)
