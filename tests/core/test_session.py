@@ -180,8 +180,8 @@ def test_lowrank_model_policy_is_the_same_for_cli_and_gui(session):
     assert session.config.model == "padim-lowrank" and session.config.n_channels is None
     assert DetectorConfig.for_model("padim").n_channels == 100
     args = build_parser().parse_args(["fit", "x.png", "--out", "m.okng", "--model", "padim-lowrank",
-                                      "--channels", "50"])
-    assert _config_from_args(args).n_channels == 50  # the engineer's choice wins
+                                      "--channels", "150"])
+    assert _config_from_args(args).n_channels == 150  # the engineer's choice wins
 
 
 def test_the_engine_imports_no_qt_and_no_gui():
