@@ -65,6 +65,9 @@ def _drive(gen, desc: str, on_item=None):
 def _paths(inputs: list[str]) -> list[str]:
     from .imageio import iter_image_paths
 
+    missing = [item for item in inputs if not Path(item).exists()]
+    if missing:
+        raise OkngError(f"not found: {', '.join(missing)}")
     paths = []
     for item in inputs:
         found = [str(p) for p in iter_image_paths([item])]
@@ -140,6 +143,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
     paths = _paths(args.paths)
     config = _config_from_args(args)
+    _check_output(args.out, "--out")
     result = _drive(fit_job(paths, config, CancelToken()), "fit")
     for s in result.skipped:
         print(f"skipped {s.path}: {s.reason}", file=sys.stderr)
@@ -153,13 +157,53 @@ def cmd_fit(args: argparse.Namespace) -> int:
                 f"{th.expected_false_alarm_rate():.1%} on {len(result.calibration)} held-out OK images), "
                 f"pixel threshold {th.pixel:.4g}")
     print(msg)
+    _warn_uncalibrated(det)
     return 0
 
 
+def _check_output(path: str | None, option: str) -> None:
+    """Refuse an output whose folder does not exist before the work, not after it."""
+    if path and not Path(path).expanduser().resolve().parent.is_dir():
+        raise OkngError(f"{option} {path}: folder {Path(path).parent} does not exist (nothing was done)")
+
+
 def _load(args):
+    """``--model`` is a model file, an exported bundle folder, or a recipe (its model with the
+    recipe's thresholds): an engineer should not have to know which file holds what."""
     from .persistence import load_detector
 
-    return load_detector(args.model)
+    path = Path(args.model)
+    if path.is_file() and _is_recipe(path):
+        return _load_recipe_model(path)
+    return load_detector(path)
+
+
+def _is_recipe(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(16) == b"SQLite format 3\x00"
+
+
+def _load_recipe_model(path: Path):
+    from dataclasses import replace
+
+    from .persistence import load_detector
+    from .recipes import load_recipe
+
+    recipe = load_recipe(path)
+    if not recipe.model_path or not Path(recipe.model_path).is_file():
+        raise OkngError(f"recipe {path} has no fitted model yet: fit it in the station (F5) or with okng fit")
+    det = load_detector(recipe.model_path)
+    if det.thresholds is not None and recipe.image_threshold is not None and recipe.pixel_threshold is not None:
+        det.thresholds = replace(det.thresholds, image=recipe.image_threshold, pixel=recipe.pixel_threshold)
+    print(f"okng: using the model of recipe {recipe.name}: {recipe.model_path}", file=sys.stderr)
+    return det
+
+
+def _warn_uncalibrated(det) -> None:
+    if det.thresholds is None:
+        print("okng: warning: the model has no calibrated threshold (fitted on fewer than 5 OK images): "
+              "every verdict is '?' (no verdict) — never counted as OK. Refit on more OK images.",
+              file=sys.stderr)
 
 
 def _heatmap_png(m, scale: float):
@@ -212,6 +256,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     from .jobs import CancelToken, ScoredImage, inspect_job
 
     det = _load(args)
+    _warn_uncalibrated(det)
     paths = _paths(args.paths)
     heat_dir = _heat_dir(args.heatmaps)
     fields = ["path", "score", "verdict", "peak", "error"]
@@ -261,7 +306,8 @@ def cmd_score(args: argparse.Namespace) -> int:
     if out is not None:
         out.commit()
     n = sum(counts.values())
-    print(f"{n} images: {counts['NG']} NG, {n - counts['NG'] - counts['ERROR']} OK, {counts['ERROR']} unreadable",
+    no_verdict = f", {counts['?']} without a verdict (no threshold)" if counts["?"] else ""
+    print(f"{n} images: {counts['NG']} NG, {counts['OK']} OK{no_verdict}, {counts['ERROR']} unreadable",
           file=sys.stderr)
     return 0
 
@@ -270,6 +316,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluation import evaluate_job
     from .jobs import CancelToken
 
+    _check_output(args.json, "--json")
     det = _load(args)
     ev = _drive(evaluate_job(det, _paths(args.ok), _paths(args.ng), CancelToken()), "eval")
     d = ev.to_dict()
@@ -296,6 +343,7 @@ def cmd_simulate_feedback(args: argparse.Namespace) -> int:
         clicks = [int(c) for c in args.clicks.split(",")]
     except ValueError:
         raise ValueError(f"--clicks takes comma-separated numbers, got {args.clicks!r}") from None
+    _check_output(args.json, "--json")
     det = _load(args)
     res = _drive(simulate_feedback_job(det, _paths(args.pool), _paths(args.ok), _paths(args.ng), clicks,
                                        CancelToken(), reweight=args.reweight), "simulate")

@@ -69,8 +69,11 @@ class VideoSource:
         cap = cv2.VideoCapture(self.target)
         if not cap.isOpened():
             cap.release()
-            what = f"camera {self.target}" if self.is_camera else f"video {self.target}"
-            raise SourceError(f"cannot open {what}")
+            if self.is_camera:
+                raise SourceError(f"cannot open camera {self.target}: check that it is plugged in and not in use by "
+                                  "another program, or try another device index (0, 1, …) or a video file")
+            raise SourceError(f"cannot open video {self.target}: the file is not a video this station can decode "
+                              "(try MP4/AVI, or convert it)")
         if self.is_camera:  # keep only the newest frame: stale frames are dropped, not queued
             cap.set(cv2.CAP_PROP_BUFFERSIZE, 1)
         self._cap = cap
