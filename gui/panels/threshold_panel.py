@@ -2,9 +2,14 @@
 
 Moving either control emits ``thresholds_changed(image, pixel)`` once; the controller re-judges
 stored results from their maps, it never re-runs the model.
+
+A value set from outside (``set_values``, ``configure``) is never clamped: when it lies outside a
+row's range the range grows to hold it, so the spin box shows the value the station judges at
+and the slider handle stands where that value belongs.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager
 
 import numpy as np
@@ -12,6 +17,11 @@ from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import QDoubleSpinBox, QGridLayout, QGroupBox, QLabel, QSlider, QWidget
 
 STEPS = 1000
+HEADROOM = 1.25  # a range grown to hold a value ends this far beyond it
+WARNING_STYLE = "color:#b35900; font-weight:bold;"
+
+#: ``fn(threshold) -> text`` or ``fn(threshold) -> (text, is_warning)``
+FarDescriber = Callable[[float], "str | tuple[str, bool]"]
 
 
 @contextmanager
@@ -46,6 +56,15 @@ class _ThresholdRow:
             self.spin.setSingleStep((self.hi - self.lo) / 200)
             self._sync_slider(self.spin.value())
 
+    def covers(self, value: float) -> bool:
+        return self.lo <= value <= self.hi
+
+    def _grow_to(self, value: float) -> None:
+        if value > self.hi:
+            self.set_range(self.lo, value * HEADROOM if value > 0 else value + 1.0)
+        elif value < self.lo:
+            self.set_range(value * HEADROOM if value < 0 else 0.0, self.hi)
+
     def _sync_slider(self, value: float) -> None:
         self.slider.setValue(round((value - self.lo) / (self.hi - self.lo) * STEPS))
 
@@ -53,6 +72,11 @@ class _ThresholdRow:
         return float(self.spin.value())
 
     def set_value(self, value: float) -> None:
+        """Show ``value`` without emitting; grows the range when the value lies outside it."""
+        value = float(value)
+        if not np.isfinite(value):
+            return
+        self._grow_to(value)
         with signals_blocked(self.spin, self.slider):
             self.spin.setValue(value)
             self._sync_slider(self.spin.value())
@@ -74,10 +98,14 @@ class ThresholdPanel(QGroupBox):
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__("Thresholds", parent)
         self._calibration = np.zeros(0)
+        self._describer: FarDescriber | None = None
+        self._configured = False
         self.image_row = _ThresholdRow(self._changed)
         self.pixel_row = _ThresholdRow(self._changed)
         self.far_label = QLabel("Expected false alarms: — (fit a model)")
         self.far_label.setWordWrap(True)
+        self.far_label.setTextFormat(Qt.TextFormat.PlainText)
+        self.far_warning = False
         grid = QGridLayout(self)
         grid.addWidget(QLabel("Image score (OK/NG)"), 0, 0, 1, 2)
         grid.addWidget(self.image_row.slider, 1, 0)
@@ -90,15 +118,26 @@ class ThresholdPanel(QGroupBox):
         self.setEnabled(False)
 
     def configure(self, image: float, pixel: float, image_range: tuple[float, float],
-                  pixel_range: tuple[float, float], calibration_scores: np.ndarray | None = None) -> None:
-        """Set ranges and values without emitting ``thresholds_changed``."""
+                  pixel_range: tuple[float, float], calibration_scores: np.ndarray | None = None,
+                  keep_range: bool = True) -> None:
+        """Set ranges and values without emitting ``thresholds_changed``.
+
+        On a later call (a refit after a label) a row keeps its current range while its value
+        still fits and the requested range has the same scale (top within a factor of 2), so the
+        slider handle does not jump when the value did not change. ``keep_range=False`` always
+        takes the requested ranges.
+        """
         self._calibration = np.asarray(calibration_scores if calibration_scores is not None else [], np.float64)
-        self.image_row.set_range(*image_range)
-        self.pixel_row.set_range(*pixel_range)
+        for row, value, (lo, hi) in ((self.image_row, image, image_range), (self.pixel_row, pixel, pixel_range)):
+            same_scale = self._configured and row.hi / 2 <= hi <= row.hi * 2 and row.covers(value)
+            if not (keep_range and same_scale):
+                row.set_range(lo, hi)
+        self._configured = True
         self.set_values(image, pixel)
         self.setEnabled(True)
 
     def set_values(self, image: float, pixel: float) -> None:
+        """Show both thresholds (no signal); a value beyond a row's range grows the range."""
         self.image_row.set_value(image)
         self.pixel_row.set_value(pixel)
         self._update_far()
@@ -106,18 +145,38 @@ class ThresholdPanel(QGroupBox):
     def values(self) -> tuple[float, float]:
         return self.image_row.value(), self.pixel_row.value()
 
+    def set_far_describer(self, fn: FarDescriber | None) -> None:
+        """Let the caller write the expected-false-alarm line.
+
+        ``fn(threshold: float)`` returns either the full text (``str``) or ``(text, is_warning)``;
+        with ``is_warning`` true the line is shown in orange. It is called with the image
+        threshold whenever that changes. ``None`` restores the built-in text (the fraction of
+        calibration scores above the threshold).
+        """
+        self._describer = fn
+        self._update_far()
+
     def expected_false_alarm_rate(self) -> float | None:
         if self._calibration.size == 0:
             return None
         return float((self._calibration > self.image_row.value()).mean())
 
-    def _update_far(self) -> None:
+    def _default_far_text(self) -> str:
         far = self.expected_false_alarm_rate()
         if far is None:
-            self.far_label.setText("Expected false alarms: unknown (no calibration images)")
+            return "Expected false alarms: unknown (no calibration images)"
+        return f"Expected false alarms: {far:.1%} of OK parts ({self._calibration.size} calibration images)"
+
+    def _update_far(self) -> None:
+        warning = False
+        if self._describer is None:
+            text = self._default_far_text()
         else:
-            self.far_label.setText(
-                f"Expected false alarms: {far:.1%} of OK parts ({self._calibration.size} calibration images)")
+            out = self._describer(self.image_row.value())
+            text, warning = (out, False) if isinstance(out, str) else (str(out[0]), bool(out[1]))
+        self.far_warning = warning
+        self.far_label.setText(text)
+        self.far_label.setStyleSheet(WARNING_STYLE if warning else "")
 
     def _changed(self) -> None:
         self._update_far()
