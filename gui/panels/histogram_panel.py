@@ -123,26 +123,33 @@ class HistogramPanel(QWidget):
         self.threshold_moved.emit(self.threshold())
 
     def _place_label(self) -> None:
-        """Text on the inner side of the line, at the top unless the legend is there.
+        """At the top, on the inner side of the line (towards the middle of the view); on the
+        other side if the legend is in the way and that side has room; else below the legend.
 
         Computed from the view range rather than item transforms, which update lazily."""
         vb = self.plot.getViewBox()
         (x0, x1), _ = vb.viewRange()
         frac = (self.line.value() - x0) / (x1 - x0) if x1 > x0 else 0.0
-        anchor = (1, 0) if frac > 0.5 else (0, 0)
-        self.label.anchors = [anchor, anchor]
-        self.label.setAnchor(anchor)
-        position = LABEL_TOP
+        inner = (1, 0) if frac > 0.5 else (0, 0)
+        anchor, position = inner, LABEL_TOP
         width, height = vb.width(), vb.height()
         if height > 0 and self.legend.isVisible():
             text = self.label.boundingRect()
-            x = frac * width
-            left = x - text.width() if anchor[0] else x
-            top = (1.0 - position) * height
-            label = QRectF(left, top, text.width(), text.height())
+            x, top = frac * width, (1.0 - LABEL_TOP) * height
             legend = self.legend.mapRectToItem(vb, self.legend.boundingRect())
-            if label.intersects(legend):
-                position = max(0.05, 1.0 - (legend.bottom() + 4) / height)
+
+            def rect(a):
+                return QRectF(x - text.width() if a[0] else x, top, text.width(), text.height())
+
+            outer = (0, 0) if inner[0] else (1, 0)
+            if rect(inner).intersects(legend):
+                r = rect(outer)
+                if r.left() >= 0 and r.right() <= width and not r.intersects(legend):
+                    anchor = outer
+                else:
+                    position = max(0.05, 1.0 - (legend.bottom() + 4) / height)
+        self.label.anchors = [anchor, anchor]
+        self.label.setAnchor(anchor)
         self.label.setPosition(position)
 
     def label_rect(self):

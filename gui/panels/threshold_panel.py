@@ -107,14 +107,15 @@ class ThresholdPanel(QGroupBox):
         self.far_label.setTextFormat(Qt.TextFormat.PlainText)
         self.far_warning = False
         grid = QGridLayout(self)
-        grid.addWidget(QLabel("Image score (OK/NG)"), 0, 0, 1, 2)
-        grid.addWidget(self.image_row.slider, 1, 0)
-        grid.addWidget(self.image_row.spin, 1, 1)
-        grid.addWidget(QLabel("Pixel (heat map, regions)"), 2, 0, 1, 2)
-        grid.addWidget(self.pixel_row.slider, 3, 0)
-        grid.addWidget(self.pixel_row.spin, 3, 1)
-        grid.addWidget(self.far_label, 4, 0, 1, 2)
-        grid.setColumnStretch(0, 1)
+        grid.setVerticalSpacing(4)
+        grid.addWidget(QLabel("Image score (OK/NG)"), 0, 0)
+        grid.addWidget(self.image_row.slider, 0, 1)
+        grid.addWidget(self.image_row.spin, 0, 2)
+        grid.addWidget(QLabel("Pixel (heat map)"), 1, 0)
+        grid.addWidget(self.pixel_row.slider, 1, 1)
+        grid.addWidget(self.pixel_row.spin, 1, 2)
+        grid.addWidget(self.far_label, 2, 0, 1, 3)
+        grid.setColumnStretch(1, 1)
         self.setEnabled(False)
 
     def configure(self, image: float, pixel: float, image_range: tuple[float, float],
@@ -177,6 +178,17 @@ class ThresholdPanel(QGroupBox):
         self.far_warning = warning
         self.far_label.setText(text)
         self.far_label.setStyleSheet(WARNING_STYLE if warning else "")
+        self._fit_far_label()
+
+    def _fit_far_label(self) -> None:
+        """Reserve the height the wrapped text needs at the label's width (a dock may be short)."""
+        width = self.far_label.width()
+        if width > 10:
+            self.far_label.setMinimumHeight(self.far_label.heightForWidth(width))
+
+    def resizeEvent(self, event) -> None:  # noqa: N802 - Qt override
+        super().resizeEvent(event)
+        self._fit_far_label()
 
     def _changed(self) -> None:
         self._update_far()

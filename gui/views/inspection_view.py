@@ -18,7 +18,7 @@ from PySide6.QtGui import QColor, QPainterPath, QPen
 from PySide6.QtWidgets import (QCheckBox, QGraphicsPathItem, QHBoxLayout, QLabel, QSizePolicy, QSlider,
                                QVBoxLayout, QWidget)
 
-from ..imaging import heat_lut
+from ..imaging import heat_lut, image_fingerprint
 
 VERDICT_STYLE = {
     "OK": "background:#1b7a2e; color:white;",
@@ -44,9 +44,6 @@ class _ElidedLabel(QLabel):
         self._full = text
         self.setToolTip(text)
         self._elide()
-
-    def full_text(self) -> str:
-        return self._full
 
     def resizeEvent(self, event) -> None:  # noqa: N802 - Qt override
         super().resizeEvent(event)
@@ -134,7 +131,7 @@ class InspectionView(QWidget):
         ticked; a new image size always does. Showing the same image again keeps the zoom."""
         rgb = np.ascontiguousarray(rgb)
         shape = rgb.shape[:2]
-        key = (name, _fingerprint(rgb)) if key is None else key
+        key = (name, image_fingerprint(rgb)) if key is None else key
         self.base.setImage(rgb, levels=(0, 255))
         self.name_label.set_full_text(name)
         new_image = key != self._image_key
@@ -187,6 +184,7 @@ class InspectionView(QWidget):
         self.full_heat_check.setChecked(on)
 
     def _on_full_heat_toggled(self, on: bool) -> None:
+        self.heat.setLookupTable(heat_lut(fade_in=on))
         self.heat.setLevels(self._levels())
         self.full_heatmap_toggled.emit(on)
 
@@ -312,9 +310,3 @@ class InspectionView(QWidget):
         if hit is not None:
             self.pixel_clicked.emit(*hit)
 
-
-def _fingerprint(rgb: np.ndarray) -> int:
-    """Cheap identity of an image's pixels: a hash of a coarse sample (at most ~32 x 32)."""
-    h, w = rgb.shape[:2]
-    sample = rgb[:: max(1, h // 32), :: max(1, w // 32)]
-    return hash((rgb.shape, sample.tobytes()))

@@ -55,8 +55,13 @@ def test_threshold_far_describer_writes_the_line_and_may_warn(qtbot):
         seen.append(t)
         return (f"Expected false alarms at {t:.1f}: too few held-out parts to show 1 %: need 299", t < 5.5)
 
+    panel.resize(360, 150)
+    panel.show()
+    qtbot.waitExposed(panel)
     panel.set_far_describer(describe)
     assert panel.far_label.text().startswith("Expected false alarms at 5.0: too few")
+    label = panel.far_label
+    assert label.height() >= label.heightForWidth(label.width()) > label.fontMetrics().height()  # all lines
     assert panel.far_label.wordWrap() and panel.far_warning
     assert "#b35900" in panel.far_label.styleSheet()  # orange
     panel.image_row.slider.setValue(800)  # the operator moves the threshold
@@ -97,14 +102,17 @@ def _view_rects(h, qtbot):
             legend.mapRectToItem(vb, legend.boundingRect()))
 
 
-@pytest.mark.parametrize("where", ["max", "min", "beyond"])
+@pytest.mark.parametrize("where", ["max", "min", "beyond", "middle"])
 def test_histogram_threshold_label_stays_inside_and_off_the_legend(histogram, qtbot, where):
     h = histogram
-    value = {"max": 118.0, "min": float(h._ok.min()), "beyond": 300.0}[where]
+    (x0, x1), _ = h.plot.getViewBox().viewRange()
+    value = {"max": 118.0, "min": float(h._ok.min()), "beyond": 300.0, "middle": x0 + 0.49 * (x1 - x0)}[where]
     h.set_threshold(value)
     view, label, legend = _view_rects(h, qtbot)
     assert view.contains(label), (view, label)
     assert not label.intersects(legend)
+    if where == "middle":  # room on the left of the line: the label stays at the top
+        assert label.top() < legend.bottom()
     assert f"{value:.2f}" in h.line.label.toPlainText()
     (x0, x1), _ = h.plot.getViewBox().viewRange()
     assert x0 < value < x1 and x1 > 118.0  # the scores and the threshold, with a margin
@@ -182,6 +190,7 @@ def test_full_heat_map_shows_the_whole_map(view, qtbot):
     with qtbot.waitSignal(view.full_heatmap_toggled) as blocker:
         view.full_heat_check.click()
     assert blocker.args == [True] and view.full_heatmap
+    assert view.heat.lut[1][3] < 60  # the cool end of the whole map fades in, it does not tint the part
     assert tuple(view.heat.levels) == (0.5, 6.0)  # the map's minimum up to vmax
     view.set_pixel_threshold(4.0, None)
     assert tuple(view.heat.levels) == (0.5, 6.0)
