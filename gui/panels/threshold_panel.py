@@ -35,10 +35,15 @@ def signals_blocked(*widgets):
 
 
 class _ThresholdRow:
-    """One slider + spin box pair mapping [lo, hi] to integer slider steps."""
+    """One slider + spin box pair mapping [lo, hi] to integer slider steps.
+
+    The row keeps the exact value it was given: the spin box shows it rounded to its decimals
+    (more decimals for a small range), but ``value()`` returns it unrounded until the operator
+    moves this row's slider or edits its spin box."""
 
     def __init__(self, on_change) -> None:
         self.lo, self.hi = 0.0, 10.0
+        self._value = 0.0
         self.slider = QSlider(Qt.Orientation.Horizontal)
         self.slider.setRange(0, STEPS)
         self.spin = QDoubleSpinBox()
@@ -51,10 +56,13 @@ class _ThresholdRow:
 
     def set_range(self, lo: float, hi: float) -> None:
         self.lo, self.hi = float(lo), float(max(hi, lo + 1e-6))
+        span = self.hi - self.lo
         with signals_blocked(self.spin, self.slider):
+            self.spin.setDecimals(int(np.clip(4 - np.floor(np.log10(span)), 3, 8)))
             self.spin.setRange(self.lo, self.hi)
-            self.spin.setSingleStep((self.hi - self.lo) / 200)
-            self._sync_slider(self.spin.value())
+            self.spin.setSingleStep(span / 200)
+            self.spin.setValue(self._value)
+            self._sync_slider(self._value)
 
     def covers(self, value: float) -> bool:
         return self.lo <= value <= self.hi
@@ -69,24 +77,27 @@ class _ThresholdRow:
         self.slider.setValue(round((value - self.lo) / (self.hi - self.lo) * STEPS))
 
     def value(self) -> float:
-        return float(self.spin.value())
+        return self._value
 
     def set_value(self, value: float) -> None:
         """Show ``value`` without emitting; grows the range when the value lies outside it."""
         value = float(value)
         if not np.isfinite(value):
             return
+        self._value = value
         self._grow_to(value)
         with signals_blocked(self.spin, self.slider):
             self.spin.setValue(value)
-            self._sync_slider(self.spin.value())
+            self._sync_slider(value)
 
     def _from_slider(self, step: int) -> None:
+        self._value = self.lo + (self.hi - self.lo) * step / STEPS
         with signals_blocked(self.spin):
-            self.spin.setValue(self.lo + (self.hi - self.lo) * step / STEPS)
+            self.spin.setValue(self._value)
         self._on_change()
 
     def _from_spin(self, value: float) -> None:
+        self._value = float(value)
         with signals_blocked(self.slider):
             self._sync_slider(value)
         self._on_change()

@@ -33,6 +33,20 @@ def test_threshold_value_beyond_the_range_is_shown_not_clamped(qtbot):
     assert row.spin.value() == -5.0 and row.slider.value() == _slider_step(row, -5.0)
 
 
+def test_threshold_values_are_kept_exact_and_small_scales_get_decimals(qtbot):
+    panel = ThresholdPanel()
+    qtbot.addWidget(panel)
+    panel.configure(66.86812, 60.123456, (0.0, 133.7), (0.0, 120.0))
+    assert panel.values() == (66.86812, 60.123456)  # the spin box shows 66.868, the station keeps the rest
+    emitted = []
+    panel.thresholds_changed.connect(lambda a, b: emitted.append((a, b)))
+    panel.pixel_row.spin.setValue(50.0)
+    assert emitted == [(66.86812, 50.0)]
+    panel.configure(0.00123, 0.0005, (0.0, 0.0025), (0.0, 0.001), keep_range=False)  # a small-score model
+    assert panel.image_row.spin.value() == pytest.approx(0.00123, abs=1e-9)
+    assert panel.image_row.spin.text().replace(",", ".").startswith("0.00123")
+
+
 def test_threshold_refit_with_an_unchanged_value_keeps_the_handle_still(qtbot):
     panel = ThresholdPanel()
     qtbot.addWidget(panel)
