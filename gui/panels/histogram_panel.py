@@ -29,7 +29,6 @@ class HistogramPanel(QWidget):
         self.plot.setBackground("w")
         self.plot.setLabel("bottom", "image score")
         self.plot.setLabel("left", "share of images")
-        self.plot.setMenuEnabled(False)
         for side in ("left", "bottom"):
             axis = self.plot.getAxis(side)
             axis.enableAutoSIPrefix(False)  # a share is 0..1, never "x0.001"
