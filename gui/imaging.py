@@ -36,13 +36,23 @@ def file_thumbnail(path: str, size: int = 64) -> QIcon | None:
     return QIcon(QPixmap.fromImage(img))
 
 
-def heat_lut() -> np.ndarray:
-    """(256, 4) uint8 RGBA: entry 0 fully transparent, then yellow -> orange -> red, rising alpha."""
+def heat_lut(fade_in: bool = False) -> np.ndarray:
+    """(256, 4) uint8 RGBA: entry 0 fully transparent, then yellow -> orange -> red, rising alpha.
+
+    ``fade_in``: alpha rises from 0 instead of 120, for the full map, whose low end is the
+    coolest part of the image rather than the pixel threshold."""
     t = np.linspace(0.0, 1.0, 256)
     lut = np.empty((256, 4), np.uint8)
     lut[:, 0] = 255
     lut[:, 1] = np.clip(230 * (1 - t), 0, 255).astype(np.uint8)
     lut[:, 2] = 0
-    lut[:, 3] = np.clip(120 + 135 * t, 0, 255).astype(np.uint8)
+    lut[:, 3] = np.clip(255 * t ** 1.5 if fade_in else 120 + 135 * t, 0, 255).astype(np.uint8)
     lut[0] = (0, 0, 0, 0)
     return lut
+
+
+def image_fingerprint(rgb: np.ndarray) -> int:
+    """Cheap identity of an image's pixels: a hash of its shape and a coarse (~32 x 32) sample."""
+    h, w = rgb.shape[:2]
+    sample = np.ascontiguousarray(rgb[:: max(1, h // 32), :: max(1, w // 32)])
+    return hash((rgb.shape, sample.tobytes()))

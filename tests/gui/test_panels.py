@@ -36,8 +36,8 @@ def test_histogram_line_emits_only_on_user_move(qtbot):
     qtbot.addWidget(h)
     h.set_scores(np.array([1.0, 1.2, 1.4]), np.array([1.1, 3.0]))
     x, y = h.ok_curve.getData()
-    assert y.sum() == 3
-    assert h.inspected_curve.getData()[1].sum() == 2
+    assert y.sum() == pytest.approx(1.0)  # a share of the 3 calibration images per bin
+    assert h.counts() == (3, 2)
     with qtbot.assertNotEmitted(h.threshold_moved):
         h.set_threshold(2.0)
     assert h.threshold() == 2.0
