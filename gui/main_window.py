@@ -238,7 +238,7 @@ class MainWindow(QMainWindow):
 
     @Slot(object)
     def on_display(self, d) -> None:
-        self.view.set_image(d.image, d.name)
+        self.view.set_image(d.image, d.name, key=d.result_id)  # a new result shows whole (zoom reset)
         self.view.set_anomaly_map(d.anomaly_map)
         self.view.set_regions(d.contours)
         self.view.set_verdict(d.verdict, d.score, d.image_threshold)

@@ -42,3 +42,18 @@ def tiny_config():
     return DetectorConfig(weights="random", image_size=64, n_channels=20, batch_size=4)
 
 
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_teardown(item):
+    """The test is over: pytest-qt closes its windows next, and a window with unsaved work
+    would stop at "Save changes?" with nobody to answer. Tests of that prompt answer it
+    themselves, inside the test."""
+    from PySide6.QtWidgets import QApplication
+
+    from gui.main_window import MainWindow
+
+    for w in QApplication.topLevelWidgets():
+        if isinstance(w, MainWindow):
+            w.controller.session.mark_saved()
+    return (yield)

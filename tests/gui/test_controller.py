@@ -86,10 +86,11 @@ def test_main_window_smoke(qtbot, controller, tmp_path):
     w = MainWindow(controller, settings)
     qtbot.addWidget(w)
     w.show()
-    assert w.windowTitle() == "OK/NG Station — synthetic"
+    assert w.windowTitle() == "OK/NG Station — synthetic *"  # OK images added, not saved yet
     assert w.ok_panel.list.count() == 8
     controller.error.emit("something failed")
     assert w.error_banner.isVisible() and "something failed" in w.error_label.text()
+    controller.session.mark_saved()  # unsaved work is asked about: tests/gui/test_operator_station.py
     w.close()
     assert settings.value("window/geometry") is not None
 

@@ -162,4 +162,5 @@ def test_main_window_popup_and_labels_panel(qtbot, station, tmp_path):
     assert rec.score < before and w.labels_panel.undo_button.isEnabled()
     assert "→" in w.labels_panel.table.item(0, 3).text()
     qtbot.waitUntil(lambda: f"{rec.score:.2f}" in w.view.detail_label.text())
+    c.session.mark_saved()  # unsaved work is asked about: tests/gui/test_operator_station.py
     w.close()
