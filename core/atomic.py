@@ -39,7 +39,7 @@ def is_disk_full(exc: BaseException) -> bool:
     return any(t in str(exc) for t in _DISK_FULL_TEXT)
 
 
-def _reason(exc: BaseException) -> str:
+def describe_error(exc: BaseException) -> str:
     if is_disk_full(exc):
         return "the disk is full"
     if isinstance(exc, OSError):
@@ -78,7 +78,7 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         tmp_dir = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder))
     except OSError as exc:  # read-only folder, no permission, disk full
-        raise SaveError(f"cannot save {target}: {_reason(exc)}; the previous file is unchanged") from exc
+        raise SaveError(f"cannot save {target}: {describe_error(exc)}; the previous file is unchanged") from exc
     tmp = tmp_dir / target.name
     try:
         yield tmp
@@ -95,7 +95,7 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     except Exception as exc:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         if isinstance(exc, OSError) or is_disk_full(exc):
-            raise SaveError(f"cannot save {target}: {_reason(exc)}; the previous file is unchanged") from exc
+            raise SaveError(f"cannot save {target}: {describe_error(exc)}; the previous file is unchanged") from exc
         raise
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -175,7 +175,7 @@ class PartialFile:
         try:
             self._f = open(self.path, "w", newline="", encoding=encoding)
         except OSError as exc:
-            raise SaveError(f"cannot save {self.target}: {_reason(exc)}; the previous file is unchanged") from exc
+            raise SaveError(f"cannot save {self.target}: {describe_error(exc)}; the previous file is unchanged") from exc
 
     @property
     def closed(self) -> bool:
@@ -183,7 +183,7 @@ class PartialFile:
 
     def _fail(self, exc: BaseException) -> SaveError:
         self.discard()
-        return SaveError(f"cannot save {self.target}: {_reason(exc)}; the previous file is unchanged")
+        return SaveError(f"cannot save {self.target}: {describe_error(exc)}; the previous file is unchanged")
 
     def write(self, text: str) -> None:
         try:

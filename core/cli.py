@@ -223,9 +223,9 @@ def _heat_dir(arg: str | None) -> Path | None:
     try:
         d.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        from .atomic import _reason
+        from .atomic import describe_error
 
-        raise OkngError(f"cannot create heatmap folder {arg}: {_reason(exc)}") from None
+        raise OkngError(f"cannot create heatmap folder {arg}: {describe_error(exc)}") from None
     return d
 
 
@@ -234,7 +234,7 @@ def _write_heatmap(path: Path, img) -> None:
     zero-byte file (cv2.imwrite only returns False)."""
     import cv2
 
-    from .atomic import SaveError, _reason
+    from .atomic import SaveError, describe_error
 
     ok, buf = cv2.imencode(".png", img)
     if not ok:
@@ -247,7 +247,7 @@ def _write_heatmap(path: Path, img) -> None:
             path.unlink()
         except OSError:
             pass
-        raise SaveError(f"cannot save heatmap {path}: {_reason(exc)}") from None
+        raise SaveError(f"cannot save heatmap {path}: {describe_error(exc)}") from None
 
 
 def cmd_score(args: argparse.Namespace) -> int:

@@ -49,9 +49,10 @@ class LowRankPadimModel(NormalityModel):
 
     @staticmethod
     def check_channels(params: dict[str, Any], n_channels: int) -> None:
-        """A rank above the channel count is plain PaDiM under another name: refused."""
-        rank = params.get("rank", 100)
-        if rank > n_channels:
+        """An explicit rank above the channel count is plain PaDiM under another name: refused.
+        (The default rank on fewer channels keeps them all, as documented.)"""
+        rank = params.get("rank")
+        if rank is not None and rank > n_channels:
             raise ValueError(f"model 'padim-lowrank' parameter rank must be from 1 to the number of "
                              f"channels ({n_channels}), got {rank}")
 

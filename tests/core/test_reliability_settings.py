@@ -98,6 +98,7 @@ def test_sane_settings_are_accepted():
     DetectorConfig(sigma=0, topk=1, batch_size=1, false_alarm_rate=0.0, calibration_fraction=0.0, seed=0)
     DetectorConfig(image_size=4096, sigma=64, topk=4096**2, seed=2**32 - 1, false_alarm_rate=0.5)
     DetectorConfig(model="padim-lowrank", n_channels=100, model_params={"rank": 100})
+    DetectorConfig(model="padim-lowrank", n_channels=24)  # default rank 100: all 24 kept
     DetectorConfig(model="patchcore", model_params={"coreset_ratio": 0.01, "neighbourhood": 5})
     DetectorConfig(model="padim-fusion", model_params={"stage_weights": [1.0, 0.5]})
 
