@@ -175,7 +175,8 @@ class PartialFile:
         try:
             self._f = open(self.path, "w", newline="", encoding=encoding)
         except OSError as exc:
-            raise SaveError(f"cannot save {self.target}: {describe_error(exc)}; the previous file is unchanged") from exc
+            raise SaveError(f"cannot save {self.target}: {describe_error(exc)}; "
+                            "the previous file is unchanged") from exc
 
     @property
     def closed(self) -> bool:

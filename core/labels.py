@@ -75,7 +75,8 @@ class RegionShape:
         contours, _ = cv2.findContours(m.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
         poly = [tuple(int(v) for v in pt) for pt in max(contours, key=len).reshape(-1, 2)] if contours else []
         ys, xs = np.nonzero(m)
-        bbox = (int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)) if xs.size else (0, 0, 0, 0)
+        bbox = ((int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1))
+                if xs.size else (0, 0, 0, 0))
         return cls(poly, bbox, m)
 
     def mask_png(self) -> bytes:

@@ -74,7 +74,7 @@ class NormalityModel(ABC):
     #: accepted parameter ranges: name -> (lo, hi, whole number), checked by DetectorConfig
     param_ranges: ClassVar[dict[str, tuple[float, float, bool]]] = {}
 
-    def check_fit_size(self, n_images: int) -> None:
+    def check_fit_size(self, n_images: int) -> None:  # noqa: B027 - optional hook, no-op by default
         """Refuse (ValueError) parameters that are degenerate for ``n_images`` OK images;
         called when a fit starts."""
 

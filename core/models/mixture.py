@@ -68,7 +68,8 @@ class KMeansPadimModel(NormalityModel):
     exact_incremental = False
     uses_mahalanobis = True
     #: accepted ranges (lo, hi, whole number), checked by DetectorConfig
-    param_ranges = {"components": (1, 16, True), "epsilon": (1e-8, 1e4, False), "iterations": (0, 1000, True), "seed": (0, 2**32 - 1, True)}
+    param_ranges = {"components": (1, 16, True), "epsilon": (1e-8, 1e4, False), "iterations": (0, 1000, True),
+                    "seed": (0, 2**32 - 1, True)}
 
     def check_fit_size(self, n_images: int) -> None:
         """Each component needs OK images of its own: more components than images leaves

@@ -1,5 +1,4 @@
 """Model files round-trip exactly and refuse anything that is not a sound model of ours."""
-import json
 
 import numpy as np
 import pytest

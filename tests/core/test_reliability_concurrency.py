@@ -61,7 +61,8 @@ def test_concurrent_creation_by_real_processes_never_fails(tmp_path, worker):
     suffix = ".labels.sqlite" if worker is _labels_worker else ".okrecipe"
     paths = [str(tmp_path / f"store{i}{suffix}") for i in range(TRIALS)]
     failed = _run(worker, paths)
-    assert failed == [], f"{len(failed)} of {TRIALS * WORKERS} creations failed:\n" + "\n".join(f for _, f in failed[:3])
+    assert failed == [], (f"{len(failed)} of {TRIALS * WORKERS} creations failed:\n"
+                          + "\n".join(f for _, f in failed[:3]))
     if worker is _labels_worker:
         from core.labels import LabelStore
 

@@ -6,7 +6,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PySide6.QtCore import QSettings, QTimer
-from PySide6.QtWidgets import QMessageBox
 
 from gui.controller import StationController
 from gui.main_window import MainWindow
