@@ -94,7 +94,7 @@ def label_job(learner: FeedbackLearner, kind: str, image: np.ndarray | None, pat
     if image is None:
         if path is None:
             raise ImageLoadError("?", "the image of this result is gone and it has no file")
-        image = load_image(path)
+        image = load_image(path, learner.detector.config.bit_depth)
     sha = file_sha256(path) if path else array_sha256(image)
     token.raise_if_cancelled()
     old = learner.detector
@@ -150,7 +150,7 @@ def replay_labels_job(learner: FeedbackLearner, labels: Sequence[Label],
             if file_sha256(lab.image_path) != lab.image_sha256:
                 skipped.append((lab.id, "the image file changed since it was labelled"))
                 continue
-            image = load_image(lab.image_path)
+            image = load_image(lab.image_path, learner.detector.config.bit_depth)
         except (OSError, ImageLoadError) as exc:
             skipped.append((lab.id, f"image unavailable: {exc}"))
             continue

@@ -347,7 +347,8 @@ class InspectionSession:
         if not target:
             self.error.emit("Enter a camera index, a video file or a folder for live inspection.")
             return
-        source = FolderWatchSource(target) if kind == "folder" else VideoSource(target)
+        bit_depth = self.detector.config.bit_depth
+        source = FolderWatchSource(target, bit_depth=bit_depth) if kind == "folder" else VideoSource(target)
         self.set_station_setting("live_source", [kind, target])  # the recipe remembers it
         _, on_skipped, report = self._skip_reporter()
 
@@ -512,7 +513,7 @@ class InspectionSession:
         if rec.image is not None or rec.path is None:
             return rec.image
         try:
-            return load_image(rec.path)
+            return load_image(rec.path, self.detector.config.bit_depth if self.detector else None)
         except OkngError as exc:
             self.error.emit(str(exc))
             return None

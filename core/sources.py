@@ -106,8 +106,10 @@ class FolderWatchSource:
     polls, so a file still being written is not read half-way.
     """
 
-    def __init__(self, folder: str | Path, include_existing: bool = False, stable_polls: int = 2) -> None:
+    def __init__(self, folder: str | Path, include_existing: bool = False, stable_polls: int = 2,
+                 bit_depth: int | None = None) -> None:
         self.folder = Path(folder)
+        self.bit_depth = bit_depth  # how 16-bit files become 8-bit: the model's own rule
         self.include_existing = include_existing
         self.stable_polls = stable_polls
         self.finished = False
@@ -155,7 +157,7 @@ class FolderWatchSource:
         path = self._queue.pop(0)
         self._n += 1
         try:
-            return Frame(load_image(path), path, self._n)
+            return Frame(load_image(path, self.bit_depth), path, self._n)
         except ImageLoadError as exc:
             return exc
 

@@ -86,3 +86,20 @@ def test_recipe_round_trip_and_errors(tmp_path):
         load_recipe(tmp_path / "junk.okrecipe")
     with pytest.raises(RecipeError, match="not found"):
         load_recipe(tmp_path / "missing.okrecipe")
+
+
+def test_a_watched_folder_reads_16_bit_files_with_the_models_bit_depth(tmp_path):
+    """A 12-bit camera's files must read the same live as in the fit (issue 13 item 6)."""
+    from core.sources import FolderWatchSource
+
+    img = np.full((32, 32), 2000, np.uint16)  # 12-bit data: 2000 of 4095
+    src = FolderWatchSource(tmp_path, stable_polls=1, bit_depth=12)
+    src.open()
+    cv2.imwrite(str(tmp_path / "part.png"), img)
+    frame = None
+    for _ in range(5):
+        frame = src.read()
+        if frame is not None:
+            break
+    src.close()
+    assert frame is not None and int(frame.image[0, 0, 0]) == round(2000 / 4095 * 255)
