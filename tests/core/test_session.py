@@ -254,3 +254,24 @@ def test_unsaved_changes_are_tracked_until_saved(session, tmp_path):
     s.save_recipe()
     s.open_recipe(path)
     assert not s.dirty and s.role == "engineer"
+
+
+def test_a_label_the_database_refuses_is_not_applied(session, part_images, monkeypatch):
+    """What sqlite3 really raises when the store is locked or the disk is full."""
+    import sqlite3
+
+    s = session
+    _inspect(s, part_images[1][:1])
+    store = s.labels.store()
+    model_before = s.detector
+
+    def locked(label):
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(store, "add", locked)
+    errors = []
+    s.error.connect(errors.append)
+    s.labels.mark_image("image_ok")
+    assert errors and "NOT saved" in errors[-1] and "database is locked" in errors[-1]
+    assert s.detector is model_before and s.detector.applied_labels == ()
+    assert not s.labels.can_undo and not s.labels.learner.can_undo  # the learner is back too

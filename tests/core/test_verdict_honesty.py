@@ -1,0 +1,147 @@
+"""Which score belongs to which image, where thresholds come from, what is kept in a model
+file: the honesty of a verdict, written so that a one-line slip in the engine fails here
+(issue 18's mutation table)."""
+from __future__ import annotations
+
+import math
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from core import CancelToken, Skipped, fit_job, load_detector, run_job, save_detector
+from core.jobs import ScoredImage, inspect_job
+from core.thresholds import calibrate, quantile_threshold
+from tests.conftest import make_part
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    """A tiny detector on 12 synthetic OK parts (2 held out), and the result of its fit."""
+    from core.detector import DetectorConfig
+
+    d = tmp_path_factory.mktemp("honesty")
+    rng = np.random.default_rng(7)
+    ok = []
+    for i in range(12):
+        p = d / f"ok_{i:02d}.png"
+        cv2.imwrite(str(p), make_part(rng))
+        ok.append(str(p))
+    cfg = DetectorConfig(weights="random", image_size=64, n_channels=24, batch_size=4)
+    return run_job(fit_job(ok, cfg, CancelToken())), d
+
+
+def _parts(folder, n, seed):
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        img = make_part(rng, defect=bool(i % 2))
+        img = np.clip(img.astype(int) + 9 * i, 0, 255).astype(np.uint8)  # every part different
+        p = folder / f"part_{seed}_{i}.png"
+        cv2.imwrite(str(p), img)
+        paths.append(str(p))
+    return paths
+
+
+def test_every_score_belongs_to_its_own_image_across_batches(fitted, tmp_path):
+    result, _ = fitted
+    det = result.detector
+    paths = _parts(tmp_path, 7, seed=1)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    paths.insert(3, str(broken))  # an unreadable file inside the second batch
+    items = [p.item for p in inspect_job(paths, det, CancelToken(), batch_size=3)]
+    assert [getattr(i, "path") for i in items] == paths  # input order, one item per input
+    assert isinstance(items[3], Skipped)
+    from core.imageio import load_image
+
+    for item in items:
+        if isinstance(item, ScoredImage):
+            alone = det.inspect([load_image(item.path)])[0]
+            assert item.inspection.score == pytest.approx(alone.score, rel=1e-5)
+            np.testing.assert_allclose(item.inspection.anomaly_map, alone.anomaly_map, rtol=1e-4, atol=1e-5)
+    scores = [i.inspection.score for i in items if isinstance(i, ScoredImage)]
+    assert len(set(np.round(scores, 4))) == len(scores)  # the parts really differ
+
+
+def test_thresholds_come_from_the_held_out_images_only(fitted):
+    result, _ = fitted
+    det = result.detector
+    assert result.calibration and not set(result.calibration) & set(result.fitted)
+    fresh = [p.item.inspection for p in inspect_job(result.calibration, det, CancelToken())]
+    # the stored calibration scores are those files' scores under this model (kept as float16)
+    np.testing.assert_allclose(det.thresholds.calibration_scores, [f.score for f in fresh], rtol=2e-3)
+    np.testing.assert_allclose(det.thresholds.calibration_peaks, [f.peak for f in fresh], rtol=2e-3)
+    # and they are not the fitted images' scores, which the model has seen
+    seen = [p.item.inspection.score for p in inspect_job(result.fitted[-2:], det, CancelToken())]
+    assert not np.allclose(sorted(seen), sorted(det.thresholds.calibration_scores), rtol=2e-3)
+
+
+@pytest.mark.parametrize("n, far", [(10, 0.15), (7, 0.5), (20, 0.075), (3, 0.5), (40, 0.0375)])
+def test_quantile_threshold_is_the_smallest_meeting_the_target(n, far):
+    assert math.floor(far * n) != round(far * n)  # sizes where floor and round differ
+    scores = np.random.default_rng(n).normal(10, 2, n)
+    t = quantile_threshold(scores, far)
+    assert (scores > t).mean() <= far  # the rate is met ...
+    lower = np.sort(scores)[np.sort(scores) < t]
+    if lower.size:  # ... and no smaller observed threshold meets it
+        assert (scores > lower[-1]).mean() > far
+
+
+@pytest.mark.parametrize("pooling", ["topk", "blob"])
+def test_pixel_threshold_is_calibrated_on_map_peaks_whatever_the_pooling(tmp_path, pooling):
+    from core.detector import DetectorConfig
+
+    rng = np.random.default_rng(3)
+    ok = []
+    for i in range(10):
+        p = tmp_path / f"ok{i}.png"
+        cv2.imwrite(str(p), make_part(rng))
+        ok.append(str(p))
+    cfg = DetectorConfig(weights="random", image_size=64, n_channels=16, batch_size=4, pooling=pooling, topk=20,
+                         calibration_fraction=0.4, false_alarm_rate=0.25)
+    res = run_job(fit_job(ok, cfg, CancelToken()))
+    th = res.detector.thresholds
+    peaks = [p.item.inspection.peak for p in inspect_job(res.calibration, res.detector, CancelToken())]
+    assert th.pixel == pytest.approx(quantile_threshold(np.array(peaks), 0.25), rel=2e-3)
+    assert th.image == pytest.approx(quantile_threshold(th.calibration_scores, 0.25))
+
+
+def test_a_reweighted_detector_round_trips_every_threshold_field(fitted, tmp_path):
+    result, _ = fitted
+    det = result.detector.copy()
+    w = torch.linspace(0.3, 1.7, det.model.n_channels)
+    det.model.set_channel_weights(w)
+    det.recalibrate(0.2)
+    path = save_detector(det, tmp_path / "weighted.okng")
+    back = load_detector(path)
+    assert torch.equal(back.model.channel_weights, w)
+    a, b = det.thresholds, back.thresholds
+    assert (a.image, a.pixel, a.target_false_alarm_rate) == (b.image, b.pixel, b.target_false_alarm_rate)
+    np.testing.assert_array_equal(a.calibration_scores, b.calibration_scores)
+    np.testing.assert_array_equal(a.calibration_peaks, b.calibration_peaks)
+    img = make_part(np.random.default_rng(5), defect=True)
+    assert back.inspect([img])[0].score == pytest.approx(det.inspect([img])[0].score, rel=1e-6)
+
+
+def test_after_feedback_the_expected_rate_is_measured_on_the_rescored_held_out_parts(fitted):
+    from core.feedback import FeedbackLearner
+
+    result, _ = fitted
+    learner = FeedbackLearner(result.detector.copy())
+    th_before = learner.detector.thresholds
+    learner.mark_false_alarm(make_part(np.random.default_rng(11), defect=True))
+    det = learner.detector
+    scores, _ = det.calibration_scores()
+    assert det.thresholds.image == th_before.image  # the engineer's threshold stays
+    np.testing.assert_allclose(det.thresholds.calibration_scores, scores)  # re-scored, not the old ones
+    assert det.thresholds.expected_false_alarm_rate() == pytest.approx(float((scores > th_before.image).mean()))
+    assert not np.allclose(det.thresholds.calibration_scores, th_before.calibration_scores)
+
+
+def test_calibrate_returns_exactly_the_quantiles_it_is_given():
+    s = np.array([5.0, 1.0, 3.0, 9.0, 7.0, 2.0, 8.0, 4.0, 6.0, 10.0])
+    p = s * 2
+    th = calibrate(s, p, 0.2)
+    assert (th.image, th.pixel) == (8.0, 16.0) and th.target_false_alarm_rate == 0.2
