@@ -23,7 +23,7 @@ def install_labeling(window, area=Qt.DockWidgetArea.RightDockWidgetArea):
     c, view, settings = window.controller, window.view, window.settings
     s, fb = c.session, c.session.labels
     panel = LabelsPanel()
-    dock = window._dock("Labels", panel, area)
+    dock = window.add_dock("Labels", panel, area)
     panel.set_operator(str(settings.value("operator", "") or "") or s.operator)  # last operator here
     fb.operator = panel.operator()
 
@@ -34,10 +34,10 @@ def install_labeling(window, area=Qt.DockWidgetArea.RightDockWidgetArea):
     mark = fb.mark
     m = window.menuBar().addMenu("&Label")
     for kind in ("false_alarm", "defect", "image_ok", "image_ng"):
-        window._action(m, MENU_TEXT[kind], lambda _=False, k=kind: mark(k), SHORTCUTS[kind])
+        window.add_action(m, MENU_TEXT[kind], lambda _=False, k=kind: mark(k), SHORTCUTS[kind])
     m.addSeparator()
-    window._action(m, "&Undo last label", fb.undo_last, "Ctrl+Z")
-    window._action(m, "&Reset channel weights", fb.reset_weights)
+    window.add_action(m, "&Undo last label", fb.undo_last, "Ctrl+Z")
+    window.add_action(m, "&Reset channel weights", fb.reset_weights)
 
     def clicked(row: int, col: int) -> None:
         if not fb.select_at(row, col):

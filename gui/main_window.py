@@ -43,13 +43,13 @@ class MainWindow(QMainWindow):
         lay.addWidget(self.view, 1)
         self.setCentralWidget(central)
         left, right = Qt.DockWidgetArea.LeftDockWidgetArea, Qt.DockWidgetArea.RightDockWidgetArea
-        self._dock("OK images", self.ok_panel, left)
-        self._dock("Inspect", self.source_panel, left)
-        shift_dock = self._dock("Shift", self.shift_panel, left)
+        self.add_dock("OK images", self.ok_panel, left)
+        self.add_dock("Inspect", self.source_panel, left)
+        shift_dock = self.add_dock("Shift", self.shift_panel, left)
         self.threshold_panel.setTitle("")  # the dock says it already
-        docks = [self._dock("Thresholds", self.threshold_panel, right),
-                 self._dock("Score histogram", self.histogram, right),
-                 self._dock("Results", self.results_panel, right)]
+        docks = [self.add_dock("Thresholds", self.threshold_panel, right),
+                 self.add_dock("Score histogram", self.histogram, right),
+                 self.add_dock("Results", self.results_panel, right)]
         self.recipe_menu = RecipeMenu(self)
         self._build_inspect_menu()
         self._wire()
@@ -80,7 +80,7 @@ class MainWindow(QMainWindow):
         row.addWidget(dismiss)
         self.error_banner.hide()
 
-    def _dock(self, title: str, widget: QWidget, area) -> QDockWidget:
+    def add_dock(self, title: str, widget: QWidget, area) -> QDockWidget:
         dock = QDockWidget(title, self)
         dock.setObjectName(title)
         dock.setWidget(widget)
@@ -89,7 +89,7 @@ class MainWindow(QMainWindow):
         self.addDockWidget(area, dock)
         return dock
 
-    def _action(self, menu, text: str, slot, shortcut=None) -> QAction:
+    def add_action(self, menu, text: str, slot, shortcut=None) -> QAction:
         a = QAction(text, self)
         if shortcut:
             a.setShortcut(QKeySequence(shortcut))
@@ -102,12 +102,12 @@ class MainWindow(QMainWindow):
     def _build_inspect_menu(self) -> None:
         s = self.controller.session
         m = self.menuBar().addMenu("&Inspect")
-        self._action(m, "&Open images to inspect…", self.source_panel._ask_files, "Ctrl+O")
-        self._action(m, "&Fit model", s.start_fit, "F5")
-        self.demo_action = self._action(m, "Inspect &demo stream", s.inspect_demo_stream, "Ctrl+D")
-        self._action(m, "Start/stop &live", self.source_panel.request_live_toggle, "F6")
-        self._action(m, "&Next image / stop live", self.next_or_stop, "Space")
-        self._action(m, "&Cancel", s.cancel, "Esc")
+        self.add_action(m, "&Open images to inspect…", self.source_panel.ask_files, "Ctrl+O")
+        self.add_action(m, "&Fit model", s.start_fit, "F5")
+        self.demo_action = self.add_action(m, "Inspect &demo stream", s.inspect_demo_stream, "Ctrl+D")
+        self.add_action(m, "Start/stop &live", self.source_panel.request_live_toggle, "F6")
+        self.add_action(m, "&Next image / stop live", self.next_or_stop, "Space")
+        self.add_action(m, "&Cancel", s.cancel, "Esc")
 
     def _wire(self) -> None:
         c, s = self.controller, self.controller.session

@@ -30,17 +30,17 @@ class RecipeMenu:
         self.w = window
         self.session = s = window.controller.session
         m = window.menuBar().addMenu("&Recipe")
-        window._action(m, "&New recipe", self.new_recipe, QKeySequence.StandardKey.New)
-        window._action(m, "&Open recipe…", self.open_dialog, "Ctrl+Shift+O")
+        window.add_action(m, "&New recipe", self.new_recipe, QKeySequence.StandardKey.New)
+        window.add_action(m, "&Open recipe…", self.open_dialog, "Ctrl+Shift+O")
         self.recent_menu = m.addMenu("Open &recent")
-        window._action(m, "&Save recipe", self.save, QKeySequence.StandardKey.Save)
-        window._action(m, "Save recipe &as…", self.save_as, "Ctrl+Shift+S")
+        window.add_action(m, "&Save recipe", self.save, QKeySequence.StandardKey.Save)
+        window.add_action(m, "Save recipe &as…", self.save_as, "Ctrl+Shift+S")
         m.addSeparator()
-        self.pin_action = window._action(m, "Set engineer &PIN…", self.set_pin)
-        self.lock_action = window._action(m, "&Operator mode (lock settings)", s.lock, "Ctrl+L")
-        self.unlock_action = window._action(m, "&Engineer mode…", self.unlock, "Ctrl+Shift+L")
+        self.pin_action = window.add_action(m, "Set engineer &PIN…", self.set_pin)
+        self.lock_action = window.add_action(m, "&Operator mode (lock settings)", s.lock, "Ctrl+L")
+        self.unlock_action = window.add_action(m, "&Engineer mode…", self.unlock, "Ctrl+Shift+L")
         m.addSeparator()
-        window._action(m, "&Quit", window.close, QKeySequence.StandardKey.Quit)
+        window.add_action(m, "&Quit", window.close, QKeySequence.StandardKey.Quit)
         self.update_recent()
 
     # -- unsaved work ---------------------------------------------------------------------

@@ -57,7 +57,7 @@ class OkSetPanel(QWidget):
         self.cancel_button = QPushButton("Cancel")
         self.progress = QProgressBar()
         self.progress.setTextVisible(True)
-        self.add_files_button.clicked.connect(self._ask_files)
+        self.add_files_button.clicked.connect(self.ask_files)
         self.add_folder_button.clicked.connect(self._ask_folder)
         self.remove_button.clicked.connect(self._remove_selected)
         self.fit_button.clicked.connect(self.fit_requested)
@@ -149,7 +149,7 @@ class OkSetPanel(QWidget):
                 item.setText(Path(item.data(Qt.ItemDataRole.UserRole)).name)
 
     # -- user actions -----------------------------------------------------------------------------
-    def _ask_files(self) -> None:
+    def ask_files(self) -> None:
         files, _ = QFileDialog.getOpenFileNames(self, "Add OK images", "", IMAGE_FILTER)
         if files:
             self.add_requested.emit(files)

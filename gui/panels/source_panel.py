@@ -23,7 +23,7 @@ class SourcePanel(QWidget):
         self.folder_button = QPushButton("Inspect folder…")
         self.demo_button = QPushButton("Inspect demo stream")
         self.demo_button.setVisible(False)
-        self.files_button.clicked.connect(self._ask_files)
+        self.files_button.clicked.connect(self.ask_files)
         self.folder_button.clicked.connect(self._ask_folder)
         self.demo_button.clicked.connect(self.demo_stream_requested)
 
@@ -95,7 +95,7 @@ class SourcePanel(QWidget):
         if path:
             self.target_edit.setText(path)
 
-    def _ask_files(self) -> None:
+    def ask_files(self) -> None:
         files, _ = QFileDialog.getOpenFileNames(self, "Inspect images", "", IMAGE_FILTER)
         if files:
             self.inspect_files_requested.emit(files)
