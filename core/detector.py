@@ -26,6 +26,7 @@ from .anomaly_map import PostProcess
 from .backbone import DEFAULT_BACKBONE, BackboneSpec, FeatureExtractor
 from .embedding import Embedder, choose_channels
 from .errors import NotFittedError
+from .feedback_memory import FeedbackMemory
 from .models import NormalityModel, model_class
 from .thresholds import Thresholds, verdict
 
@@ -158,6 +159,9 @@ class Detector:
         #: that every model change (feedback, reweighting) can be recalibrated on truly
         #: unseen OK images in milliseconds, without re-reading them.
         self.calibration_embeddings: torch.Tensor | None = None
+        #: position-free memory of accepted appearances (false-alarm feedback, issue 11);
+        #: applied to every score, so inspection, calibration, CLI and simulation all see it
+        self.memory: FeedbackMemory | None = None
 
     # -- construction -------------------------------------------------------------------
     @classmethod
@@ -181,7 +185,15 @@ class Detector:
         th = None if self.thresholds is None else replace(self.thresholds)
         det = Detector(self.config, self.extractor, self.embedder.channel_idx.copy(), self.model.copy(), th)
         det.calibration_embeddings = self.calibration_embeddings  # never modified in place
+        det.memory = None if self.memory is None else self.memory.copy()
         return det
+
+    def ensure_memory(self, **params: Any) -> FeedbackMemory:
+        """The detector's feedback memory, created (empty, with ``params``) if it has none."""
+        if self.memory is None:
+            params.setdefault("channel_groups", self.embedder.channel_stage.tolist())
+            self.memory = FeedbackMemory(self.model.grid, self.model.n_channels, **params)
+        return self.memory
 
     # -- data flow ----------------------------------------------------------------------
     @property
@@ -215,6 +227,10 @@ class Detector:
             raise NotFittedError("the model is not fitted yet: fit it on OK images first")
         with torch.inference_mode():
             dist = self.model.score(emb)
+            if self.memory is not None and len(self.memory):
+                # patches under half the pixel threshold cannot make a part NG: not looked up
+                floor = 0.5 * self.thresholds.pixel if self.thresholds is not None else None
+                dist = self.memory.apply(emb, dist, floor)
         maps = self.post.maps(dist, self.image_size)
         pixel = self.thresholds.pixel if self.thresholds else None
         return maps, self.post.scores(maps, pixel)

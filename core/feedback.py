@@ -107,6 +107,14 @@ class FeedbackLearner:
     #: (README, feedback figures); it pays off where false alarms share channels, e.g. a
     #: recurring texture or lighting change.
     reweight: bool = False
+    #: position-free memory (issue 11): a false-alarm region is accepted wherever it shows up
+    generalise: bool = True
+    #: FeedbackMemory parameters used when the detector has no memory yet (e.g. ``radius``)
+    memory_params: dict = field(default_factory=dict)
+    #: accepted patches: those of the clicked region whose distance reaches this share of
+    #: the pixel threshold (the outline is wider than the mark; a tighter set costs less
+    #: detection)
+    accept_level: float = 0.8
     fa_shares: list[torch.Tensor] = field(default_factory=list)
     defect_shares: list[torch.Tensor] = field(default_factory=list)
     defect_embeddings: list[torch.Tensor] = field(default_factory=list)
@@ -143,6 +151,8 @@ class FeedbackLearner:
         det = self.detector = self.detector.copy()
         mask = region_patch_mask(region_mask, det.model.grid)
         self.fa_shares.append(channel_shares(det, emb, mask))
+        if self.generalise:
+            self._remember(det, emb, region_mask, mask)
         det.model.partial_fit(emb, mask)
         det.finalize()
         change = self._reweight() if self.reweight else None
@@ -164,9 +174,30 @@ class FeedbackLearner:
             mask = region_patch_mask(region_mask, self.detector.model.grid, dilate=0)
         self.defect_shares.append(channel_shares(self.detector, emb, mask))
         self.defect_embeddings.append(emb.to(torch.float16))
+        if self.generalise:
+            self.detector.ensure_memory(**self.memory_params).add_defect(emb[:1], mask[0])
         change = self._reweight() if self.reweight and self.fa_shares else None
         self.detector.refresh_calibration()
         return self._record("defect" if region_mask is not None else "image_ng", mask, emb, before, th_before, t0, change)
+
+    def _remember(self, det: Detector, emb: torch.Tensor, region_mask: np.ndarray | None, mask: torch.Tensor) -> None:
+        """Put the hot patches of the clicked region into the position-free memory."""
+        with torch.inference_mode():
+            d = det.model.score(emb[:1])[0]
+        inside = mask[0] if region_mask is None else region_patch_mask(region_mask, det.model.grid, dilate=0)[0]
+        th = det.thresholds
+        level = self.accept_level * th.pixel if th is not None else 0.5 * float(d[inside].max())
+        accept = inside & (d >= level)
+        if region_mask is None and int(accept.sum()) > 64:  # whole part OK: its 64 hottest
+            accept = torch.zeros_like(accept).flatten()
+            accept[torch.topk(d.flatten(), 64).indices] = True
+            accept = accept.reshape(d.shape)
+        if not bool(accept.any()):  # nothing hot: the region's peak patch stands for it
+            flat = torch.where(inside, d, torch.full_like(d, -1.0)).flatten()
+            accept = torch.zeros(flat.numel(), dtype=torch.bool)
+            accept[int(flat.argmax())] = True
+            accept = accept.reshape(d.shape)
+        det.ensure_memory(**self.memory_params).add(emb[:1], accept, mask[0])
 
     def reset_weights(self) -> None:
         self._push()

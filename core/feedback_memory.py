@@ -1,0 +1,316 @@
+"""Position-free memory of accepted appearances: a false alarm teaches "this look is normal"
+wherever on the part it shows up next (issue 11).
+
+The model's own update after a click (PaDiM: the Gaussians *at the clicked positions*) does
+not help when a benign mark (ink stamp, label, fixture shadow) lands at a different place on
+every part. This memory keeps the clicked patches themselves and lowers the distance of any
+patch, at any position, that looks like one of them:
+
+* **Blocks, not patches.** Each accepted patch is stored with its 3x3 neighbourhood (the
+  neighbours inside the clicked region). A query patch matches an accepted one when the whole
+  block matches at that offset: the rigid arrangement of the mark, not one patch's look, which
+  is what keeps a crack from matching a stamp's stroke. The distance is the RMS over the
+  block's valid cells of the Euclidean distance in the raw embedding (raw features separated
+  two prints of one mark better than Mahalanobis-whitened ones: feedback notes).
+* **A learnt scale.** Each accepted block gets its own radius ``r``: the block distance to
+  its nearest block from *another* click (leave-one-click-out), i.e. how far apart two prints
+  of the same thing really are. A query block at distance ``D`` from accepted block ``a``
+  multiplies the model's patch distance by ``clamp(D / (margin * r_a), 0, 1) ** power``:
+  a clicked patch itself goes to 0, another print of it falls with the same factor as the
+  prints seen so far did, and anything farther keeps the model's distance. The result stays on
+  the model's own scale (a factor on its distance), so thresholds keep their meaning.
+  With a single click there is no spread yet: that click's blocks get the smallest radius
+  learnt later (until then, only near-copies of the clicked patches are lowered).
+* **Confirmed defects are negatives.** Blocks of a region marked as a real defect are kept too;
+  a query patch whose nearest defect block is nearer than its best accepted block is never
+  lowered.
+* **Radius in patches** (``radius``, per recipe): accept a match only within that many
+  patches of where the accepted patch was clicked; ``None`` (default): anywhere.
+
+Only the ``candidates`` highest-distance patches of an image are looked up (the others cannot
+make an image NG), against a shortlist by centre-patch distance, so a memory of 2,000 accepted
+patches costs ~1 ms per image (benchmarks/bench_feedback.py --timing).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .models.patchcore import _one_thread
+
+#: cells of a 3x3 block, row-major; index 4 is the centre
+_OFFSETS = torch.tensor([(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)], dtype=torch.int64)
+_CENTRE = 4
+
+
+@dataclass
+class MemoryMatch:
+    """Per queried patch: the gate factor, best accepted block and its ratio (for tests/GUI)."""
+
+    factor: torch.Tensor  # (Q,) in [0, 1]
+    ratio: torch.Tensor  # (Q,) D / (margin * r) of the best accepted block (inf: none)
+    accepted_distance: torch.Tensor  # (Q,) block distance to that block
+    defect_distance: torch.Tensor  # (Q,) block distance to the nearest defect block (inf: none)
+
+
+def blocks_of(emb: torch.Tensor, valid_map: torch.Tensor | None = None, step: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(C, h, w) embedding -> every patch's 3x3 block: ((h*w, 9, C) features, (h*w, 9) valid).
+
+    A cell is valid when it lies on the grid and (if ``valid_map`` (h, w) bool is given) in it.
+    """
+    c, h, w = emb.shape
+    p = step
+    padded = F.pad(emb, (p, p, p, p))
+    inside = torch.ones(h, w, dtype=torch.bool) if valid_map is None else valid_map.to(torch.bool)
+    inside = F.pad(inside, (p, p, p, p))
+    feats, valid = [], []
+    for dy, dx in (_OFFSETS * step).tolist():
+        feats.append(padded[:, p + dy : p + dy + h, p + dx : p + dx + w].reshape(c, -1).T)
+        valid.append(inside[p + dy : p + dy + h, p + dx : p + dx + w].reshape(-1))
+    return torch.stack(feats, 1).contiguous(), torch.stack(valid, 1)
+
+
+def block_distances(q: torch.Tensor, q_valid: torch.Tensor, m: torch.Tensor, m_valid: torch.Tensor,
+                    groups: list[slice | torch.Tensor]) -> torch.Tensor:
+    """RMS distance over commonly valid cells, per channel group:
+    q (Q, 9, C), m (Q, S, 9, C), groups: channel indices of each of G groups -> (Q, S, G).
+
+    The centre cell always counts (a pair with no other common cell still compares it)."""
+    diff = q[:, None] - m  # (Q, S, 9, C)
+    diff = diff * diff
+    sq = torch.stack([diff[..., g].sum(-1) for g in groups], -1)  # (Q, S, 9, G)
+    both = (q_valid[:, None] & m_valid).to(sq.dtype)
+    both[..., _CENTRE] = 1.0
+    return (sq * both[..., None]).sum(-2).div(both.sum(-1, keepdim=True)).sqrt()
+
+
+class FeedbackMemory:
+    """Accepted (and defect) blocks with their learnt scale; see the module docstring."""
+
+    def __init__(self, grid: tuple[int, int], n_channels: int, radius: int | None = None,
+                 low: float = 0.8, high: float = 1.0, candidates: int = 64, shortlist: int = 4,
+                 channel_groups: list[int] | None = None, step: int = 1) -> None:
+        if radius is not None and int(radius) < 0:
+            raise ValueError(f"radius must be >= 0 patches or None (anywhere), got {radius}")
+        if not 0 <= low < high or int(candidates) < 1 or int(shortlist) < 1:
+            raise ValueError("need 0 <= low < high, candidates and shortlist >= 1")
+        self.grid = (int(grid[0]), int(grid[1]))
+        self.n_channels = int(n_channels)
+        self.radius = None if radius is None else int(radius)
+        self.step = int(step)
+        self.low = float(low)
+        self.high = float(high)
+        groups = [0] * int(n_channels) if channel_groups is None else [int(g) for g in channel_groups]
+        if len(groups) != int(n_channels):
+            raise ValueError(f"channel_groups has {len(groups)} entries for {n_channels} channels")
+        self.channel_groups = groups
+        ids = sorted(set(groups))
+        self._groups: list[slice | torch.Tensor] = []
+        for g in ids:
+            members = [c for c, x in enumerate(groups) if x == g]
+            contiguous = members == list(range(members[0], members[-1] + 1))
+            self._groups.append(slice(members[0], members[-1] + 1) if contiguous else torch.tensor(members))
+        self.candidates = int(candidates)
+        self.shortlist = int(shortlist)
+        c = self.n_channels
+        self.blocks = torch.zeros(0, 9, c)  # accepted blocks (N, 9, C) float32
+        self.valid = torch.zeros(0, 9, dtype=torch.bool)
+        self.pos = torch.zeros(0, 2, dtype=torch.int64)  # (row, col) where each was clicked
+        self.click = torch.zeros(0, dtype=torch.int64)  # which click it came from
+        #: leave-one-click-out distance of each accepted block, per group (-1: no other click)
+        self.loo = torch.zeros(0, len(ids))
+        self.neg_blocks = torch.zeros(0, 9, c)
+        self.neg_valid = torch.zeros(0, 9, dtype=torch.bool)
+        self.n_clicks = 0
+
+    # -- state --------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return int(self.blocks.shape[0])
+
+    @property
+    def n_defect_blocks(self) -> int:
+        return int(self.neg_blocks.shape[0])
+
+    def params(self) -> dict[str, Any]:
+        return {"radius": self.radius, "low": self.low, "high": self.high, "candidates": self.candidates,
+                "shortlist": self.shortlist, "channel_groups": self.channel_groups, "step": self.step}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"blocks": self.blocks, "valid": self.valid, "pos": self.pos, "click": self.click,
+                "loo": self.loo, "neg_blocks": self.neg_blocks, "neg_valid": self.neg_valid,
+                "n_clicks": torch.tensor([self.n_clicks], dtype=torch.int64)}
+
+    def expected(self, tensors: dict[str, torch.Tensor]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Shape and dtype each stored tensor must have (sizes taken from the file itself)."""
+        n = int(tensors["blocks"].shape[0]) if tensors.get("blocks") is not None and tensors["blocks"].dim() == 3 else -1
+        k = int(tensors["neg_blocks"].shape[0]) if tensors.get("neg_blocks") is not None and tensors["neg_blocks"].dim() == 3 else -1
+        c = self.n_channels
+        return {"blocks": ((n, 9, c), torch.float32), "valid": ((n, 9), torch.bool), "pos": ((n, 2), torch.int64),
+                "click": ((n,), torch.int64), "loo": ((n, len(self._groups)), torch.float32),
+                "neg_blocks": ((k, 9, c), torch.float32), "neg_valid": ((k, 9), torch.bool),
+                "n_clicks": ((1,), torch.int64)}
+
+    def load_tensors(self, t: dict[str, torch.Tensor]) -> None:
+        self.blocks, self.valid, self.pos = t["blocks"].contiguous(), t["valid"].contiguous(), t["pos"].contiguous()
+        self.click, self.loo = t["click"].contiguous(), t["loo"].contiguous()
+        self.neg_blocks, self.neg_valid = t["neg_blocks"].contiguous(), t["neg_valid"].contiguous()
+        self.n_clicks = int(t["n_clicks"].reshape(-1)[0])
+
+    def copy(self) -> FeedbackMemory:
+        clone = FeedbackMemory(self.grid, self.n_channels, **self.params())
+        clone.load_tensors({k: v.clone() for k, v in self.tensors().items()})
+        return clone
+
+    # -- learning -----------------------------------------------------------------------
+    def add(self, emb: torch.Tensor, accept: torch.Tensor, region: torch.Tensor | None = None) -> int:
+        """Accept the patches ``accept`` (h, w) bool of one image's embedding ``emb`` (1, C, h, w)
+        as normal anywhere; ``region`` (h, w) bool (default: ``accept``) bounds the block
+        neighbours that count as part of the accepted appearance. Returns blocks added."""
+        accept = accept.reshape(self.grid).to(torch.bool)
+        region = accept if region is None else (region.reshape(self.grid).to(torch.bool) | accept)
+        if not bool(accept.any()):
+            return 0
+        blocks, valid = blocks_of(emb[0].to(torch.float32), region, self.step)
+        idx = torch.nonzero(accept.reshape(-1)).flatten()
+        h, w = self.grid
+        self.blocks = torch.cat([self.blocks, blocks[idx]])
+        self.valid = torch.cat([self.valid, valid[idx]])
+        self.pos = torch.cat([self.pos, torch.stack([idx // w, idx % w], 1)])
+        self.click = torch.cat([self.click, torch.full((idx.numel(),), self.n_clicks, dtype=torch.int64)])
+        self.n_clicks += 1
+        self._learn_scale(int(idx.numel()))
+        return int(idx.numel())
+
+    def add_defect(self, emb: torch.Tensor, region: torch.Tensor) -> int:
+        """Remember the blocks of a confirmed defect region (h, w) bool: never accept where
+        these are nearer than the accepted blocks."""
+        region = region.reshape(self.grid).to(torch.bool)
+        blocks, valid = blocks_of(emb[0].to(torch.float32), region, self.step)
+        idx = torch.nonzero(region.reshape(-1)).flatten()
+        self.neg_blocks = torch.cat([self.neg_blocks, blocks[idx]])
+        self.neg_valid = torch.cat([self.neg_valid, valid[idx]])
+        return int(idx.numel())
+
+    def _learn_scale(self, new: int) -> None:
+        """Leave-one-click-out radius of each accepted block, per channel group: the distance
+        to the nearest block of another click. Only the ``new`` last blocks are measured
+        against the rest (and the rest against them), so a click costs O(new x N)."""
+        n, g = len(self), len(self._groups)
+        old = n - new
+        loo = torch.cat([self.loo, torch.full((new, g), -1.0)]) if self.loo.shape[0] == old else torch.full((n, g), -1.0)
+        if old > 0 and new > 0:
+            nb, nv = self.blocks[old:], self.valid[old:]
+            d_new, _ = self._nearest(nb, nv, self.blocks[:old], self.valid[:old], None, per_group=True)
+            loo[old:] = torch.where(torch.isfinite(d_new), d_new, torch.full_like(d_new, -1.0))
+            for lo in range(0, old, 2048):
+                hi = min(lo + 2048, old)
+                d_old, _ = self._nearest(self.blocks[lo:hi], self.valid[lo:hi], nb, nv, None, per_group=True)
+                cur = loo[lo:hi]
+                better = torch.isfinite(d_old) & ((cur < 0) | (d_old < cur))
+                loo[lo:hi] = torch.where(better, d_old, cur)
+        self.loo = loo.to(torch.float32)
+
+    @property
+    def scale(self) -> torch.Tensor:
+        """(N, G) radius of each accepted block; a block with no partner click yet gets the
+        smallest radius learnt so far (0 while there is only one click)."""
+        known = self.loo >= 0
+        big = torch.where(known, self.loo, torch.full_like(self.loo, float("inf")))
+        fill = big.min(0).values if self.loo.shape[0] else torch.zeros(self.loo.shape[1])
+        fill = torch.where(torch.isfinite(fill), fill, torch.zeros_like(fill))
+        return torch.where(known, self.loo, fill.expand_as(self.loo))
+
+    def _nearest(self, q: torch.Tensor, qv: torch.Tensor, m: torch.Tensor, mv: torch.Tensor,
+                 allowed: torch.Tensor | None, rank_by: torch.Tensor | None = None,
+                 per_group: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Best block of ``m`` for each query block: ((Q, G) distances, (Q,) index; inf/-1 if none).
+
+        Shortlist by centre-patch distance, then the block distance per channel group. The
+        best is the one with the smallest ``max_g d_g / rank_by_g`` (``rank_by`` (M, G)), or
+        with ``per_group`` each group's own minimum (index: of the first group), else the
+        smallest overall distance."""
+        nq, g = q.shape[0], len(self._groups)
+        if m.shape[0] == 0 or nq == 0:
+            return torch.full((nq, g), float("inf")), torch.full((nq,), -1, dtype=torch.int64)
+        mc = m[:, _CENTRE]
+        cd = torch.addmm((mc * mc).sum(1)[None], q[:, _CENTRE], mc.T, alpha=-2.0)  # (Q, M) |q-m|^2 - |q|^2
+        if allowed is not None:
+            cd = cd.masked_fill(~allowed, float("inf"))
+        s = min(self.shortlist, m.shape[0])
+        cd_s, idx = cd.topk(s, dim=1, largest=False)
+        d = block_distances(q, qv, m[idx], mv[idx], self._groups)  # (Q, s, G)
+        d = d.masked_fill(~torch.isfinite(cd_s)[..., None], float("inf"))
+        rows = torch.arange(nq)
+        if per_group:
+            best_d, best = d.min(1)
+            return best_d, torch.where(torch.isfinite(best_d[:, 0]), idx[rows, best[:, 0]], -1)
+        if rank_by is None:
+            key = d.square().sum(-1)
+        else:
+            r = rank_by[idx]  # (Q, s, G)
+            key = torch.where(r > 0, d / r.clamp_min(1e-12), torch.where(d <= 1e-6, 0.0, float("inf"))).amax(-1)
+        best = key.argmin(1)
+        out_d = d[rows, best]
+        ok = torch.isfinite(key[rows, best]) if rank_by is not None else torch.isfinite(out_d[:, 0])
+        return out_d, torch.where(ok, idx[rows, best], torch.full_like(best, -1))
+
+    # -- scoring ------------------------------------------------------------------------
+    def match(self, q: torch.Tensor, qv: torch.Tensor, q_pos: torch.Tensor) -> MemoryMatch:
+        """Gate factors of query blocks (Q, 9, C) / valid (Q, 9) at grid positions (Q, 2)."""
+        allowed = None
+        if self.radius is not None:
+            allowed = (q_pos[:, None, :] - self.pos[None, :, :]).abs().amax(-1) <= self.radius
+        r = self.scale
+        d_acc, i_acc = self._nearest(q, qv, self.blocks, self.valid, allowed, rank_by=r)
+        has = i_acc >= 0
+        r_best = r[i_acc.clamp_min(0)] if len(self) else torch.zeros_like(d_acc)
+        per = torch.where(r_best > 0, d_acc / r_best.clamp_min(1e-12),
+                          torch.where(d_acc <= 1e-6, 0.0, float("inf")))
+        ratio = torch.where(has, per.amax(-1), torch.full((q.shape[0],), float("inf")))
+        d_neg, _ = self._nearest(q, qv, self.neg_blocks, self.neg_valid, None)
+        acc_total, neg_total = d_acc.norm(dim=-1), d_neg.norm(dim=-1)
+        factor = ((ratio - self.low) / (self.high - self.low)).clamp(0.0, 1.0)
+        factor = torch.where(neg_total <= acc_total, torch.ones_like(factor), factor)
+        return MemoryMatch(factor, ratio, acc_total, neg_total)
+
+    def apply(self, emb: torch.Tensor, dist: torch.Tensor, floor: float | None = None) -> torch.Tensor:
+        """(B, C, h, w) embeddings, (B, h, w) model distances -> distances with the memory's
+        gate applied to each image's ``candidates`` highest patches."""
+        if len(self) == 0:
+            return dist
+        with _one_thread():  # small tensor ops: thread hand-offs cost more than they save
+            return self._apply(emb, dist, floor)
+
+    def _apply(self, emb: torch.Tensor, dist: torch.Tensor, floor: float | None) -> torch.Tensor:
+        b, c, h, w = emb.shape
+        k = min(self.candidates, h * w)
+        flat = dist.reshape(b, -1)
+        val, top = flat.topk(k, dim=1)  # (B, k)
+        keep = torch.ones_like(top, dtype=torch.bool) if floor is None else val >= floor
+        if not bool(keep.any()):
+            return dist
+        img = torch.arange(b)[:, None].expand_as(top)[keep]
+        idx = top[keep]
+        q, qv = _gather_blocks(emb.to(torch.float32), img, idx, self.step)
+        pos = torch.stack([idx // w, idx % w], 1)
+        factor = self.match(q, qv, pos).factor
+        out = flat.clone()
+        out[img, idx] = flat[img, idx] * factor.to(flat.dtype)
+        return out.reshape(dist.shape)
+
+
+def _gather_blocks(emb: torch.Tensor, img: torch.Tensor, idx: torch.Tensor, step: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blocks of selected patches only: (B, C, h, w), image (K,) and flat patch indices (K,)
+    -> ((K, 9, C), (K, 9))."""
+    b, c, h, w = emb.shape
+    r, col = idx // w, idx % w
+    rr = r[:, None] + step * _OFFSETS[None, :, 0]
+    cc = col[:, None] + step * _OFFSETS[None, :, 1]
+    valid = (rr >= 0) & (rr < h) & (cc >= 0) & (cc < w)
+    flat = img[:, None] * (h * w) + rr.clamp(0, h - 1) * w + cc.clamp(0, w - 1)  # (K, 9)
+    feats = emb.permute(0, 2, 3, 1).reshape(b * h * w, c)[flat]  # (K, 9, C)
+    feats = feats * valid[..., None]
+    return feats, valid
