@@ -170,13 +170,12 @@ def run_mark(mark: str, clicks: list[int], model: str, n_pool: int, reweight: bo
     ex = _extractor(cache)
     det = _fit(split.ok_train, 0.01, model, ex)
     reference = _detection(det, ng_src)
-    clean_far = 1.0 - _detection(det, ok_src) if False else None
     t = time.perf_counter()
     sim = _simulate(det, pool, ok, ng, clicks, reweight)
     cache.save()
     return {"case": f"mark:{mark}", "model": model, "reference_detection_unmarked": reference,
             "pool": len(pool), "eval_ok": len(ok), "eval_ng": len(ng), "seconds": time.perf_counter() - t,
-            **sim, "clean_far": clean_far}
+            **sim}
 
 
 def run_poly(clicks: list[int], model: str, n_pool: int, reweight: bool, cache: FeatureCache) -> dict:
@@ -195,6 +194,55 @@ def run_poly(clicks: list[int], model: str, n_pool: int, reweight: bool, cache: 
             "pool": len(pool), "eval_ok": len(ok), "eval_ng": len(ng), "seconds": time.perf_counter() - t, **sim}
 
 
+def run_timing(mark: str, model: str, cache: "FeatureCache", n_memory: int = 2000) -> dict:
+    """Per-image scoring cost of a memory of ``n_memory`` accepted patches (batch 1), and
+    the time of a click, on marked cells."""
+
+    from core.demo import demo_split
+    from core.feedback import FeedbackLearner
+    from core.imageio import load_image
+    from core.simulate import hottest_region_mask
+
+    split = demo_split()
+    rest_ok = [c.path for c in split.stream if c.is_ok] + split.eval_ok
+    folder = ROOT / mark
+    marked = write_marked(rest_ok[:180], mark, folder / "pool", 1)
+    ex = _extractor(cache)
+    det = _fit(split.ok_train, 0.01, model, ex)
+    embs = [det.embed([load_image(p)]) for p in marked]
+    plain = [det.embed([load_image(p)]) for p in rest_ok[200:260]]
+    cache.save()
+    learner = FeedbackLearner(det.copy())
+    clicks = []
+    i = 0
+    while learner.detector.memory is None or len(learner.detector.memory) < n_memory:
+        e = embs[i % len(embs)]
+        maps, _ = learner.detector.maps_and_scores(e)
+        rec = learner.mark_false_alarm(e, hottest_region_mask(maps[0], learner.detector.thresholds.pixel))
+        clicks.append(rec.seconds)
+        i += 1
+    mem_det = learner.detector
+    no_mem = mem_det.copy()
+    no_mem.memory = None
+
+    def per_image(d, items):
+        for e in items[:5]:
+            d.maps_and_scores(e)
+        t = time.perf_counter()
+        for e in items:
+            d.maps_and_scores(e)
+        return (time.perf_counter() - t) / len(items) * 1000
+
+    out = {"memory_patches": len(mem_det.memory), "clicks": len(clicks),
+           "click_ms_median": float(np.median(clicks)) * 1000, "click_ms_max": float(np.max(clicks)) * 1000}
+    for name, items in (("plain_ok", plain), ("marked", embs[:60])):
+        base = per_image(no_mem, items)
+        with_mem = per_image(mem_det, items)
+        out[f"{name}_ms_without"], out[f"{name}_ms_with"] = base, with_mem
+        out[f"{name}_ms_added"] = with_mem - base
+    return out
+
+
 def print_table(r: dict) -> None:
     print(f"\n{r['case']} ({r['model']}): pool {r['pool']}, evaluation {r['eval_ok']} OK + {r['eval_ng']} defective; "
           f"reference detection (clean model, unmarked defects, 0 clicks): {r['reference_detection_unmarked']:.3f}")
@@ -208,19 +256,26 @@ def print_table(r: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--case", choices=("mark", "poly", "all"), default="all")
+    ap.add_argument("--case", choices=("mark", "poly", "all", "none"), default="all")
     ap.add_argument("--mark", default="ring,text", help=f"comma separated, of {', '.join(MARKS)}")
     ap.add_argument("--model", default="padim")
     ap.add_argument("--clicks", default="5,10,20")
-    ap.add_argument("--pool", type=int, default=120, help="pool images to click on")
+    ap.add_argument("--pool", type=int, default=180, help="marked good cells to click on")
     ap.add_argument("--reweight", action="store_true")
     ap.add_argument("--json", metavar="FILE")
+    ap.add_argument("--timing", action="store_true", help="time scoring with a 2,000-patch memory and clicks")
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     ROOT.mkdir(parents=True, exist_ok=True)
     cache = FeatureCache(ROOT / "features.pt")
     clicks = [int(c) for c in args.clicks.split(",")]
     results = []
+    if args.timing:
+        t = run_timing(args.mark.split(",")[0], args.model, cache)
+        print(json.dumps(t, indent=2))
+        results.append({"case": "timing", **t})
+    if args.timing and args.case == "all":
+        args.case = "none"
     if args.case in ("mark", "all"):
         for mark in args.mark.split(","):
             results.append(run_mark(mark, clicks, args.model, args.pool, args.reweight, cache))

@@ -228,9 +228,8 @@ class Detector:
         with torch.inference_mode():
             dist = self.model.score(emb)
             if self.memory is not None and len(self.memory):
-                # patches under half the pixel threshold cannot make a part NG: not looked up
-                floor = 0.5 * self.thresholds.pixel if self.thresholds is not None else None
-                dist = self.memory.apply(emb, dist, floor)
+                # patches well under the pixel threshold cannot make a part NG: not looked up
+                dist = self.memory.apply(emb, dist, self.thresholds.pixel if self.thresholds else None)
         maps = self.post.maps(dist, self.image_size)
         pixel = self.thresholds.pixel if self.thresholds else None
         return maps, self.post.scores(maps, pixel)

@@ -56,23 +56,6 @@ class MemoryMatch:
     defect_distance: torch.Tensor  # (Q,) block distance to the nearest defect block (inf: none)
 
 
-def blocks_of(emb: torch.Tensor, valid_map: torch.Tensor | None = None, step: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """(C, h, w) embedding -> every patch's 3x3 block: ((h*w, 9, C) features, (h*w, 9) valid).
-
-    A cell is valid when it lies on the grid and (if ``valid_map`` (h, w) bool is given) in it.
-    """
-    c, h, w = emb.shape
-    p = step
-    padded = F.pad(emb, (p, p, p, p))
-    inside = torch.ones(h, w, dtype=torch.bool) if valid_map is None else valid_map.to(torch.bool)
-    inside = F.pad(inside, (p, p, p, p))
-    feats, valid = [], []
-    for dy, dx in (_OFFSETS * step).tolist():
-        feats.append(padded[:, p + dy : p + dy + h, p + dx : p + dx + w].reshape(c, -1).T)
-        valid.append(inside[p + dy : p + dy + h, p + dx : p + dx + w].reshape(-1))
-    return torch.stack(feats, 1).contiguous(), torch.stack(valid, 1)
-
-
 def block_distances(q: torch.Tensor, q_valid: torch.Tensor, m: torch.Tensor, m_valid: torch.Tensor,
                     groups: list[slice | torch.Tensor]) -> torch.Tensor:
     """RMS distance over commonly valid cells, per channel group:
@@ -91,8 +74,8 @@ class FeedbackMemory:
     """Accepted (and defect) blocks with their learnt scale; see the module docstring."""
 
     def __init__(self, grid: tuple[int, int], n_channels: int, radius: int | None = None,
-                 low: float = 0.8, high: float = 1.0, candidates: int = 64, shortlist: int = 4,
-                 channel_groups: list[int] | None = None, step: int = 1) -> None:
+                 low: float = 1.0, high: float = 1.3, candidates: int = 256, shortlist: int = 16,
+                 channel_groups: list[int] | None = None, step: int = 1, floor: float = 0.7) -> None:
         if radius is not None and int(radius) < 0:
             raise ValueError(f"radius must be >= 0 patches or None (anywhere), got {radius}")
         if not 0 <= low < high or int(candidates) < 1 or int(shortlist) < 1:
@@ -101,6 +84,7 @@ class FeedbackMemory:
         self.n_channels = int(n_channels)
         self.radius = None if radius is None else int(radius)
         self.step = int(step)
+        self.floor = float(floor)
         self.low = float(low)
         self.high = float(high)
         groups = [0] * int(n_channels) if channel_groups is None else [int(g) for g in channel_groups]
@@ -122,6 +106,7 @@ class FeedbackMemory:
         self.click = torch.zeros(0, dtype=torch.int64)  # which click it came from
         #: leave-one-click-out distance of each accepted block, per group (-1: no other click)
         self.loo = torch.zeros(0, len(ids))
+        self._scale: torch.Tensor | None = None
         self.neg_blocks = torch.zeros(0, 9, c)
         self.neg_valid = torch.zeros(0, 9, dtype=torch.bool)
         self.n_clicks = 0
@@ -136,7 +121,8 @@ class FeedbackMemory:
 
     def params(self) -> dict[str, Any]:
         return {"radius": self.radius, "low": self.low, "high": self.high, "candidates": self.candidates,
-                "shortlist": self.shortlist, "channel_groups": self.channel_groups, "step": self.step}
+                "shortlist": self.shortlist, "channel_groups": self.channel_groups, "step": self.step,
+                "floor": self.floor}
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"blocks": self.blocks, "valid": self.valid, "pos": self.pos, "click": self.click,
@@ -156,6 +142,7 @@ class FeedbackMemory:
     def load_tensors(self, t: dict[str, torch.Tensor]) -> None:
         self.blocks, self.valid, self.pos = t["blocks"].contiguous(), t["valid"].contiguous(), t["pos"].contiguous()
         self.click, self.loo = t["click"].contiguous(), t["loo"].contiguous()
+        self._scale = None
         self.neg_blocks, self.neg_valid = t["neg_blocks"].contiguous(), t["neg_valid"].contiguous()
         self.n_clicks = int(t["n_clicks"].reshape(-1)[0])
 
@@ -173,11 +160,11 @@ class FeedbackMemory:
         region = accept if region is None else (region.reshape(self.grid).to(torch.bool) | accept)
         if not bool(accept.any()):
             return 0
-        blocks, valid = blocks_of(emb[0].to(torch.float32), region, self.step)
         idx = torch.nonzero(accept.reshape(-1)).flatten()
+        blocks, valid = _gather_blocks(emb[:1].to(torch.float32), torch.zeros_like(idx), idx, self.step, region)
         h, w = self.grid
-        self.blocks = torch.cat([self.blocks, blocks[idx]])
-        self.valid = torch.cat([self.valid, valid[idx]])
+        self.blocks = torch.cat([self.blocks, blocks])
+        self.valid = torch.cat([self.valid, valid])
         self.pos = torch.cat([self.pos, torch.stack([idx // w, idx % w], 1)])
         self.click = torch.cat([self.click, torch.full((idx.numel(),), self.n_clicks, dtype=torch.int64)])
         self.n_clicks += 1
@@ -188,40 +175,44 @@ class FeedbackMemory:
         """Remember the blocks of a confirmed defect region (h, w) bool: never accept where
         these are nearer than the accepted blocks."""
         region = region.reshape(self.grid).to(torch.bool)
-        blocks, valid = blocks_of(emb[0].to(torch.float32), region, self.step)
         idx = torch.nonzero(region.reshape(-1)).flatten()
-        self.neg_blocks = torch.cat([self.neg_blocks, blocks[idx]])
-        self.neg_valid = torch.cat([self.neg_valid, valid[idx]])
+        blocks, valid = _gather_blocks(emb[:1].to(torch.float32), torch.zeros_like(idx), idx, self.step, region)
+        self.neg_blocks = torch.cat([self.neg_blocks, blocks])
+        self.neg_valid = torch.cat([self.neg_valid, valid])
         return int(idx.numel())
 
     def _learn_scale(self, new: int) -> None:
-        """Leave-one-click-out radius of each accepted block, per channel group: the distance
+        """Leave-one-click-out radius of each accepted block, per channel group: its distance
         to the nearest block of another click. Only the ``new`` last blocks are measured
-        against the rest (and the rest against them), so a click costs O(new x N)."""
+        against the others (and the others against them): a click costs O(new x N)."""
         n, g = len(self), len(self._groups)
         old = n - new
-        loo = torch.cat([self.loo, torch.full((new, g), -1.0)]) if self.loo.shape[0] == old else torch.full((n, g), -1.0)
-        if old > 0 and new > 0:
+        loo = torch.full((n, g), -1.0)
+        loo[:old] = self.loo
+        if old and new:
             nb, nv = self.blocks[old:], self.valid[old:]
-            d_new, _ = self._nearest(nb, nv, self.blocks[:old], self.valid[:old], None, per_group=True)
-            loo[old:] = torch.where(torch.isfinite(d_new), d_new, torch.full_like(d_new, -1.0))
+            d, _ = self._nearest(nb, nv, self.blocks[:old], self.valid[:old], None, per_group=True)
+            loo[old:] = torch.where(torch.isfinite(d), d, torch.full_like(d, -1.0))
             for lo in range(0, old, 2048):
                 hi = min(lo + 2048, old)
-                d_old, _ = self._nearest(self.blocks[lo:hi], self.valid[lo:hi], nb, nv, None, per_group=True)
+                d, _ = self._nearest(self.blocks[lo:hi], self.valid[lo:hi], nb, nv, None, per_group=True)
                 cur = loo[lo:hi]
-                better = torch.isfinite(d_old) & ((cur < 0) | (d_old < cur))
-                loo[lo:hi] = torch.where(better, d_old, cur)
+                loo[lo:hi] = torch.where(torch.isfinite(d) & ((cur < 0) | (d < cur)), d, cur)
         self.loo = loo.to(torch.float32)
+        self._scale = None
 
     @property
     def scale(self) -> torch.Tensor:
-        """(N, G) radius of each accepted block; a block with no partner click yet gets the
-        smallest radius learnt so far (0 while there is only one click)."""
-        known = self.loo >= 0
-        big = torch.where(known, self.loo, torch.full_like(self.loo, float("inf")))
-        fill = big.min(0).values if self.loo.shape[0] else torch.zeros(self.loo.shape[1])
-        fill = torch.where(torch.isfinite(fill), fill, torch.zeros_like(fill))
-        return torch.where(known, self.loo, fill.expand_as(self.loo))
+        """(N, G) radius of each accepted block (its leave-one-click-out distance). A block
+        with no other click yet gets the smallest radius learnt so far (0 while there is only
+        one click: then only exact copies of the clicked patches are lowered)."""
+        if self._scale is None or self._scale.shape[0] != len(self):
+            known = self.loo >= 0
+            big = torch.where(known, self.loo, torch.full_like(self.loo, float("inf")))
+            fill = big.min(0).values if len(self) else torch.zeros(self.loo.shape[1])
+            fill = torch.where(torch.isfinite(fill), fill, torch.zeros_like(fill))
+            self._scale = torch.where(known, self.loo, fill.expand_as(self.loo)).contiguous()
+        return self._scale
 
     def _nearest(self, q: torch.Tensor, qv: torch.Tensor, m: torch.Tensor, mv: torch.Tensor,
                  allowed: torch.Tensor | None, rank_by: torch.Tensor | None = None,
@@ -276,12 +267,13 @@ class FeedbackMemory:
         factor = torch.where(neg_total <= acc_total, torch.ones_like(factor), factor)
         return MemoryMatch(factor, ratio, acc_total, neg_total)
 
-    def apply(self, emb: torch.Tensor, dist: torch.Tensor, floor: float | None = None) -> torch.Tensor:
+    def apply(self, emb: torch.Tensor, dist: torch.Tensor, pixel_threshold: float | None = None) -> torch.Tensor:
         """(B, C, h, w) embeddings, (B, h, w) model distances -> distances with the memory's
         gate applied to each image's ``candidates`` highest patches."""
         if len(self) == 0:
             return dist
         with _one_thread():  # small tensor ops: thread hand-offs cost more than they save
+            floor = None if pixel_threshold is None else self.floor * pixel_threshold
             return self._apply(emb, dist, floor)
 
     def _apply(self, emb: torch.Tensor, dist: torch.Tensor, floor: float | None) -> torch.Tensor:
@@ -302,14 +294,18 @@ class FeedbackMemory:
         return out.reshape(dist.shape)
 
 
-def _gather_blocks(emb: torch.Tensor, img: torch.Tensor, idx: torch.Tensor, step: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Blocks of selected patches only: (B, C, h, w), image (K,) and flat patch indices (K,)
-    -> ((K, 9, C), (K, 9))."""
+def _gather_blocks(emb: torch.Tensor, img: torch.Tensor, idx: torch.Tensor, step: int = 1,
+                   valid_map: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blocks of selected patches: (B, C, h, w), image (K,) and flat patch indices (K,)
+    -> ((K, 9, C) features, (K, 9) valid). A cell is valid on the grid and, with
+    ``valid_map`` (h, w) bool (one image), inside it; invalid cells are zero."""
     b, c, h, w = emb.shape
     r, col = idx // w, idx % w
     rr = r[:, None] + step * _OFFSETS[None, :, 0]
     cc = col[:, None] + step * _OFFSETS[None, :, 1]
     valid = (rr >= 0) & (rr < h) & (cc >= 0) & (cc < w)
+    if valid_map is not None:
+        valid &= valid_map.to(torch.bool)[rr.clamp(0, h - 1), cc.clamp(0, w - 1)]
     flat = img[:, None] * (h * w) + rr.clamp(0, h - 1) * w + cc.clamp(0, w - 1)  # (K, 9)
     feats = emb.permute(0, 2, 3, 1).reshape(b * h * w, c)[flat]  # (K, 9, C)
     feats = feats * valid[..., None]

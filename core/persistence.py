@@ -33,7 +33,10 @@ from .thresholds import Thresholds
 log = logging.getLogger(__name__)
 
 FORMAT = "okng-model"
-FORMAT_VERSION = 1
+#: 2: adds the feedback memory (``feedback_memory`` metadata + ``feedback_memory.*`` tensors);
+#: format 1 files (no memory) still load
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MODEL_SUFFIX = ".okng"
 
 
@@ -60,6 +63,7 @@ def _metadata(det: Detector) -> dict[str, Any]:
         "thresholds": None if th is None else {
             "image": th.image, "pixel": th.pixel, "target_false_alarm_rate": th.target_false_alarm_rate,
         },
+        "feedback_memory": None if det.memory is None else det.memory.params(),
     }
 
 
@@ -73,6 +77,8 @@ def detector_tensors(det: Detector) -> dict[str, torch.Tensor]:
         t["thresholds.calibration_peaks"] = torch.from_numpy(np.asarray(det.thresholds.calibration_peaks, np.float64))
     if det.calibration_embeddings is not None:
         t["calibration.embeddings"] = det.calibration_embeddings.to(torch.float16)
+    if det.memory is not None:
+        t.update({f"feedback_memory.{k}": v for k, v in det.memory.tensors().items()})
     return {k: v.detach().contiguous().cpu() for k, v in t.items()}
 
 
@@ -133,7 +139,7 @@ def _check_meta(meta: Any, path: Path) -> None:
             f"version {meta.get('okng_version', '?')}); this station reads format {FORMAT_VERSION}. "
             "Update OK/NG Station, or refit the model here."
         )
-    _require(version == FORMAT_VERSION, path, f"model format {version} is no longer supported; refit the model")
+    _require(version in READABLE_VERSIONS, path, f"model format {version} is no longer supported; refit the model")
     _require(isinstance(meta.get("okng_version", ""), str), path, "field 'okng_version' is not text")
     for key in ("config", "backbone", "model"):
         _require(isinstance(meta.get(key), dict), path, f"field {key!r} is missing or not an object")
@@ -149,6 +155,8 @@ def _check_meta(meta: Any, path: Path) -> None:
     _require(th is None or (isinstance(th, dict) and _is_number(th.get("image")) and _is_number(th.get("pixel"))
                             and _is_number(th.get("target_false_alarm_rate"))),
              path, "thresholds invalid")
+    fm = meta.get("feedback_memory")
+    _require(fm is None or isinstance(fm, dict), path, "feedback memory settings invalid")
 
 
 def _check_config_types(cfg: dict[str, Any], path: Path) -> None:
@@ -223,6 +231,7 @@ def load_detector(path: str | os.PathLike[str], extractor: FeatureExtractor | No
                                  and tuple(cal_emb.shape[1:]) == (n_channels, *grid)
                                  and cal_emb.shape[0] == cal_scores.numel()),
              path, "calibration embeddings have the wrong shape")
+    memory_t = {k[len("feedback_memory."):]: tensors.pop(k) for k in list(tensors) if k.startswith("feedback_memory.")}
     model_t = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     _check_model_shapes(cls, grid, n_channels, meta["model"]["params"], model_t, path, meta_device=True)
     try:
@@ -245,9 +254,41 @@ def load_detector(path: str | os.PathLike[str], extractor: FeatureExtractor | No
         det.thresholds = Thresholds(float(th["image"]), float(th["pixel"]), cal_scores.numpy(), cal_peaks.numpy(),
                                     float(th["target_false_alarm_rate"]))
     det.calibration_embeddings = cal_emb
+    det.memory = _load_memory(meta.get("feedback_memory"), memory_t, model, path)
     if model.n_samples > 0:
         det.finalize()
     return det
+
+
+def _load_memory(params: dict[str, Any] | None, t: dict[str, torch.Tensor], model, path: Path):
+    """The feedback memory from its settings and tensors, every shape and dtype checked."""
+    from .feedback_memory import FeedbackMemory
+
+    if params is None:
+        _require(not t, path, "feedback memory tensors without its settings")
+        return None
+    types = {"radius": (int, type(None)), "low": (int, float), "high": (int, float), "candidates": int,
+             "shortlist": int, "channel_groups": list, "step": int, "floor": (int, float)}
+    for key, value in params.items():
+        _require(key in types and isinstance(value, types[key]) and not isinstance(value, bool), path,
+                 f"feedback memory setting {key!r} invalid")
+    groups = params.get("channel_groups")
+    _require(groups is None or all(isinstance(g, int) and not isinstance(g, bool) and 0 <= g < 64 for g in groups),
+             path, "feedback memory channel groups invalid")
+    try:
+        memory = FeedbackMemory(model.grid, model.n_channels, **params)
+    except (TypeError, ValueError) as exc:
+        raise ModelFileError(f"{path}: invalid feedback memory settings ({exc})") from None
+    expected = memory.expected(t)
+    _require(set(t) == set(expected), path, f"feedback memory tensors {sorted(t)} do not match {sorted(expected)}")
+    for name, (shape, dtype) in expected.items():
+        _require(tuple(t[name].shape) == shape and t[name].dtype == dtype, path,
+                 f"feedback memory tensor {name!r} is {t[name].dtype} {tuple(t[name].shape)}, expected {dtype} {shape}")
+    h, w = model.grid
+    _require(bool(((t["pos"][:, 0] >= 0) & (t["pos"][:, 0] < h) & (t["pos"][:, 1] >= 0) & (t["pos"][:, 1] < w)).all()),
+             path, "feedback memory positions lie off the grid")
+    memory.load_tensors(t)
+    return memory
 
 
 def _check_model_shapes(model_or_cls, grid, n_channels, params, model_t, path: Path, meta_device: bool) -> None:
