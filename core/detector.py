@@ -228,8 +228,10 @@ class Detector:
         with torch.inference_mode():
             dist = self.model.score(emb)
             if self.memory is not None and len(self.memory):
-                # patches well under the pixel threshold cannot make a part NG: not looked up
-                dist = self.memory.apply(emb, dist, self.thresholds.pixel if self.thresholds else None)
+                # patches well under the decision level cannot make a part NG: not looked up
+                th = self.thresholds
+                level = None if th is None else (min(th.pixel, th.image) if self.post.pooling == "topk" else th.pixel)
+                dist = self.memory.apply(emb, dist, level)
         maps = self.post.maps(dist, self.image_size)
         pixel = self.thresholds.pixel if self.thresholds else None
         return maps, self.post.scores(maps, pixel)

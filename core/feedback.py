@@ -230,7 +230,8 @@ class FeedbackLearner:
             accept = torch.zeros(flat.numel(), dtype=torch.bool)
             accept[int(flat.argmax())] = True
             accept = accept.reshape(d.shape)
-        det.ensure_memory(**self.memory_params).add(emb[:1], accept, accept if self.block_context == "accepted" else mask[0])
+        det.ensure_memory(**self.memory_params).add(emb[:1], accept, accept if self.block_context == "accepted" else mask[0],
+                                                    reference=det.calibration_embeddings)
 
     def reset_weights(self) -> None:
         self._push()

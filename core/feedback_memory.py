@@ -12,24 +12,29 @@ patch, at any position, that looks like one of them:
   is what keeps a crack from matching a stamp's stroke. The distance is the RMS over the
   block's valid cells of the Euclidean distance in the raw embedding (raw features separated
   two prints of one mark better than Mahalanobis-whitened ones: feedback notes).
-* **A learnt scale.** Each accepted block gets its own radius ``r``: the block distance to
-  its nearest block from *another* click (leave-one-click-out), i.e. how far apart two prints
-  of the same thing really are. A query block at distance ``D`` from accepted block ``a``
-  multiplies the model's patch distance by ``clamp(D / (margin * r_a), 0, 1) ** power``:
-  a clicked patch itself goes to 0, another print of it falls with the same factor as the
-  prints seen so far did, and anything farther keeps the model's distance. The result stays on
-  the model's own scale (a factor on its distance), so thresholds keep their meaning.
-  With a single click there is no spread yet: that click's blocks get the smallest radius
-  learnt later (until then, only near-copies of the clicked patches are lowered).
+* **Several stages agreeing.** Distances are kept per backbone stage (``channel_groups``);
+  a match must hold in every stage (the ratio below is the largest over stages).
+* **A learnt scale.** Each accepted block ``a`` gets its own radius ``r_a`` per stage: its
+  block distance to the nearest block of *another* click (leave-one-click-out), i.e. how far
+  apart two prints of the same thing really are. A query block's best match is the accepted
+  block with the smallest ``ratio = max_stage D / r_a``; the model's patch distance is
+  multiplied by ``clamp((ratio - low) / (high - low), 0, 1)`` (defaults 1.0 and 1.3): as close
+  as prints seen so far are to each other -> 0, farther than 1.3 times that -> unchanged.
+  The result stays on the model's own scale (a factor on its distance, never an added one),
+  so thresholds keep their meaning and a clicked patch itself goes to 0. A single click has
+  no spread yet: then only exact copies of its patches are lowered (radius 0); from the
+  second click on, every block has a radius.
 * **Confirmed defects are negatives.** Blocks of a region marked as a real defect are kept too;
   a query patch whose nearest defect block is nearer than its best accepted block is never
   lowered.
 * **Radius in patches** (``radius``, per recipe): accept a match only within that many
   patches of where the accepted patch was clicked; ``None`` (default): anywhere.
 
-Only the ``candidates`` highest-distance patches of an image are looked up (the others cannot
-make an image NG), against a shortlist by centre-patch distance, so a memory of 2,000 accepted
-patches costs ~1 ms per image (benchmarks/bench_feedback.py --timing).
+Cost: only patches whose model distance reaches ``floor`` x the pixel threshold are looked up
+(lower ones cannot make a part NG: a map pixel is a weighted mean of patch distances), at most
+``candidates`` per image, each against a ``shortlist`` of accepted blocks picked by
+centre-patch distance. Measured with a 2,000-patch memory in benchmarks/bench_feedback.py
+``--timing`` (README, "What feedback buys").
 """
 from __future__ import annotations
 
@@ -51,7 +56,7 @@ class MemoryMatch:
     """Per queried patch: the gate factor, best accepted block and its ratio (for tests/GUI)."""
 
     factor: torch.Tensor  # (Q,) in [0, 1]
-    ratio: torch.Tensor  # (Q,) D / (margin * r) of the best accepted block (inf: none)
+    ratio: torch.Tensor  # (Q,) max over stages of D / r of the best accepted block (inf: none)
     accepted_distance: torch.Tensor  # (Q,) block distance to that block
     defect_distance: torch.Tensor  # (Q,) block distance to the nearest defect block (inf: none)
 
@@ -75,7 +80,7 @@ class FeedbackMemory:
 
     def __init__(self, grid: tuple[int, int], n_channels: int, radius: int | None = None,
                  low: float = 1.0, high: float = 1.3, candidates: int = 256, shortlist: int = 16,
-                 channel_groups: list[int] | None = None, step: int = 1, floor: float = 0.7) -> None:
+                 channel_groups: list[int] | None = None, step: int = 1, floor: float = 0.9) -> None:
         if radius is not None and int(radius) < 0:
             raise ValueError(f"radius must be >= 0 patches or None (anywhere), got {radius}")
         if not 0 <= low < high or int(candidates) < 1 or int(shortlist) < 1:
@@ -106,6 +111,8 @@ class FeedbackMemory:
         self.click = torch.zeros(0, dtype=torch.int64)  # which click it came from
         #: leave-one-click-out distance of each accepted block, per group (-1: no other click)
         self.loo = torch.zeros(0, len(ids))
+        #: distance of each accepted block to its nearest ordinary OK block, per group (-1: unknown)
+        self.ok_dist = torch.zeros(0, len(ids))
         self._scale: torch.Tensor | None = None
         self.neg_blocks = torch.zeros(0, 9, c)
         self.neg_valid = torch.zeros(0, 9, dtype=torch.bool)
@@ -126,7 +133,7 @@ class FeedbackMemory:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"blocks": self.blocks, "valid": self.valid, "pos": self.pos, "click": self.click,
-                "loo": self.loo, "neg_blocks": self.neg_blocks, "neg_valid": self.neg_valid,
+                "loo": self.loo, "ok_dist": self.ok_dist, "neg_blocks": self.neg_blocks, "neg_valid": self.neg_valid,
                 "n_clicks": torch.tensor([self.n_clicks], dtype=torch.int64)}
 
     def expected(self, tensors: dict[str, torch.Tensor]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -136,12 +143,14 @@ class FeedbackMemory:
         c = self.n_channels
         return {"blocks": ((n, 9, c), torch.float32), "valid": ((n, 9), torch.bool), "pos": ((n, 2), torch.int64),
                 "click": ((n,), torch.int64), "loo": ((n, len(self._groups)), torch.float32),
+                "ok_dist": ((n, len(self._groups)), torch.float32),
                 "neg_blocks": ((k, 9, c), torch.float32), "neg_valid": ((k, 9), torch.bool),
                 "n_clicks": ((1,), torch.int64)}
 
     def load_tensors(self, t: dict[str, torch.Tensor]) -> None:
         self.blocks, self.valid, self.pos = t["blocks"].contiguous(), t["valid"].contiguous(), t["pos"].contiguous()
         self.click, self.loo = t["click"].contiguous(), t["loo"].contiguous()
+        self.ok_dist = t["ok_dist"].contiguous()
         self._scale = None
         self.neg_blocks, self.neg_valid = t["neg_blocks"].contiguous(), t["neg_valid"].contiguous()
         self.n_clicks = int(t["n_clicks"].reshape(-1)[0])
@@ -152,10 +161,14 @@ class FeedbackMemory:
         return clone
 
     # -- learning -----------------------------------------------------------------------
-    def add(self, emb: torch.Tensor, accept: torch.Tensor, region: torch.Tensor | None = None) -> int:
+    def add(self, emb: torch.Tensor, accept: torch.Tensor, region: torch.Tensor | None = None,
+            reference: torch.Tensor | None = None) -> int:
         """Accept the patches ``accept`` (h, w) bool of one image's embedding ``emb`` (1, C, h, w)
         as normal anywhere; ``region`` (h, w) bool (default: ``accept``) bounds the block
-        neighbours that count as part of the accepted appearance. Returns blocks added."""
+        neighbours that count as part of the accepted appearance. ``reference`` (N, C, h, w):
+        embeddings of ordinary OK parts (the detector's held-out calibration images); each
+        new block's distance to its nearest ordinary block decides whether it is a recurring
+        appearance (see :attr:`scale`). Returns blocks added."""
         accept = accept.reshape(self.grid).to(torch.bool)
         region = accept if region is None else (region.reshape(self.grid).to(torch.bool) | accept)
         if not bool(accept.any()):
@@ -167,6 +180,11 @@ class FeedbackMemory:
         self.valid = torch.cat([self.valid, valid])
         self.pos = torch.cat([self.pos, torch.stack([idx // w, idx % w], 1)])
         self.click = torch.cat([self.click, torch.full((idx.numel(),), self.n_clicks, dtype=torch.int64)])
+        ok_dist = torch.full((idx.numel(), len(self._groups)), -1.0)
+        if reference is not None and reference.shape[0]:
+            d = self._nearest_in(blocks, valid, reference)
+            ok_dist = torch.where(torch.isfinite(d), d, ok_dist)
+        self.ok_dist = torch.cat([self.ok_dist, ok_dist.to(torch.float32)])
         self.n_clicks += 1
         self._learn_scale(int(idx.numel()))
         return int(idx.numel())
@@ -180,6 +198,27 @@ class FeedbackMemory:
         self.neg_blocks = torch.cat([self.neg_blocks, blocks])
         self.neg_valid = torch.cat([self.neg_valid, valid])
         return int(idx.numel())
+
+    def _nearest_in(self, q: torch.Tensor, qv: torch.Tensor, reference: torch.Tensor,
+                    chunk: int = 16) -> torch.Tensor:
+        """(Q, G) per-group block distance of each query block to its nearest block (any
+        position) of the reference embeddings (N, C, h, w): shortlist by centre patch per
+        chunk of images, block distances on the shortlist only."""
+        n, c, h, w = reference.shape
+        best = torch.full((q.shape[0], len(self._groups)), float("inf"))
+        qc = q[:, _CENTRE]
+        s = self.shortlist
+        for lo in range(0, n, chunk):
+            ref = reference[lo : lo + chunk].to(torch.float32)
+            centres = ref.permute(0, 2, 3, 1).reshape(-1, c)
+            cd = torch.addmm((centres * centres).sum(1)[None], qc, centres.T, alpha=-2.0)
+            k = min(s, centres.shape[0])
+            top = cd.topk(k, dim=1, largest=False).indices  # (Q, k)
+            flat = top.reshape(-1)
+            m, mv = _gather_blocks(ref, flat // (h * w), flat % (h * w), self.step)
+            d = block_distances(q, qv, m.view(q.shape[0], k, 9, c), mv.view(q.shape[0], k, 9), self._groups)
+            best = torch.minimum(best, d.min(1).values)
+        return best
 
     def _learn_scale(self, new: int) -> None:
         """Leave-one-click-out radius of each accepted block, per channel group: its distance
@@ -211,8 +250,29 @@ class FeedbackMemory:
             big = torch.where(known, self.loo, torch.full_like(self.loo, float("inf")))
             fill = big.min(0).values if len(self) else torch.zeros(self.loo.shape[1])
             fill = torch.where(torch.isfinite(fill), fill, torch.zeros_like(fill))
-            self._scale = torch.where(known, self.loo, fill.expand_as(self.loo)).contiguous()
+            r = torch.where(known, self.loo, fill.expand_as(self.loo))
+            self._scale = torch.where(self._recurring()[:, None], r, torch.zeros_like(r)).contiguous()
         return self._scale
+
+    def _recurring(self) -> torch.Tensor:
+        """(N,) bool: the block's click shows a *recurring* appearance. Judged per click on its
+        most unusual half of blocks (largest distance to ordinary OK patches, i.e. the mark
+        itself, not its margin): recurring when their median of ``max_stage r / ok_dist`` is
+        below 1, i.e. prints of it are nearer to each other than to anything ordinary. A
+        click on a rare texture (poly crystal) is not: its blocks then lower exact copies
+        only. Without reference distances every click counts as recurring."""
+        n = len(self)
+        out = torch.ones(n, dtype=torch.bool)
+        known = (self.ok_dist >= 0).all(-1) & (self.loo >= 0).all(-1)
+        for c in torch.unique(self.click).tolist():
+            rows = torch.nonzero((self.click == c) & known).flatten()
+            if rows.numel() == 0:
+                continue
+            s = self.ok_dist[rows].amin(-1)
+            core = rows[s >= s.median()]
+            rel = (self.loo[core] / self.ok_dist[core].clamp_min(1e-12)).amax(-1)
+            out[self.click == c] = bool(rel.median() < 1.0)
+        return out
 
     def _nearest(self, q: torch.Tensor, qv: torch.Tensor, m: torch.Tensor, mv: torch.Tensor,
                  allowed: torch.Tensor | None, rank_by: torch.Tensor | None = None,
@@ -226,6 +286,8 @@ class FeedbackMemory:
         nq, g = q.shape[0], len(self._groups)
         if m.shape[0] == 0 or nq == 0:
             return torch.full((nq, g), float("inf")), torch.full((nq,), -1, dtype=torch.int64)
+        # the shortlist is by raw centre-patch distance (also a filter: ranking it by the
+        # ratio below instead found more matches for defects too, detection 0.72 -> 0.57)
         mc = m[:, _CENTRE]
         cd = torch.addmm((mc * mc).sum(1)[None], q[:, _CENTRE], mc.T, alpha=-2.0)  # (Q, M) |q-m|^2 - |q|^2
         if allowed is not None:
@@ -242,7 +304,8 @@ class FeedbackMemory:
             key = d.square().sum(-1)
         else:
             r = rank_by[idx]  # (Q, s, G)
-            key = torch.where(r > 0, d / r.clamp_min(1e-12), torch.where(d <= 1e-6, 0.0, float("inf"))).amax(-1)
+            tol = _copy_tolerance(q)[:, None, None]
+            key = torch.where(r > 0, d / r.clamp_min(1e-12), torch.where(d <= tol, 0.0, float("inf"))).amax(-1)
         best = key.argmin(1)
         out_d = d[rows, best]
         ok = torch.isfinite(key[rows, best]) if rank_by is not None else torch.isfinite(out_d[:, 0])
@@ -259,7 +322,7 @@ class FeedbackMemory:
         has = i_acc >= 0
         r_best = r[i_acc.clamp_min(0)] if len(self) else torch.zeros_like(d_acc)
         per = torch.where(r_best > 0, d_acc / r_best.clamp_min(1e-12),
-                          torch.where(d_acc <= 1e-6, 0.0, float("inf")))
+                          torch.where(d_acc <= _copy_tolerance(q)[:, None], 0.0, float("inf")))
         ratio = torch.where(has, per.amax(-1), torch.full((q.shape[0],), float("inf")))
         d_neg, _ = self._nearest(q, qv, self.neg_blocks, self.neg_valid, None)
         acc_total, neg_total = d_acc.norm(dim=-1), d_neg.norm(dim=-1)
@@ -292,6 +355,13 @@ class FeedbackMemory:
         out = flat.clone()
         out[img, idx] = flat[img, idx] * factor.to(flat.dtype)
         return out.reshape(dist.shape)
+
+
+def _copy_tolerance(q: torch.Tensor) -> torch.Tensor:
+    """(Q,) distance under which a block counts as a copy of an accepted one when no scale is
+    known (one click): 0.1 % of its centre patch's norm, so re-embedding the same image (other
+    batch size, float rounding) still matches."""
+    return 1e-3 * q[:, _CENTRE].norm(dim=1)
 
 
 def _gather_blocks(emb: torch.Tensor, img: torch.Tensor, idx: torch.Tensor, step: int = 1,
