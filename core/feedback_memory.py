@@ -83,8 +83,8 @@ class FeedbackMemory:
                  channel_groups: list[int] | None = None, step: int = 1, floor: float = 0.9) -> None:
         if radius is not None and int(radius) < 0:
             raise ValueError(f"radius must be >= 0 patches or None (anywhere), got {radius}")
-        if not 0 <= low < high or int(candidates) < 1 or int(shortlist) < 1:
-            raise ValueError("need 0 <= low < high, candidates and shortlist >= 1")
+        if not 0 <= low < high or int(candidates) < 1 or int(shortlist) < 1 or int(step) < 1 or not floor >= 0:
+            raise ValueError("need 0 <= low < high, candidates, shortlist and step >= 1, floor >= 0")
         self.grid = (int(grid[0]), int(grid[1]))
         self.n_channels = int(n_channels)
         self.radius = None if radius is None else int(radius)
