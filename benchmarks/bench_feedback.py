@@ -17,6 +17,7 @@ cached (``features.pt`` next to them), so a rerun costs the simulation only.
     PYTHONPATH=. .venv/bin/python benchmarks/bench_feedback.py --case mark --mark ring
     PYTHONPATH=. .venv/bin/python benchmarks/bench_feedback.py --case poly
     PYTHONPATH=. .venv/bin/python benchmarks/bench_feedback.py --case all --json out.json
+    PYTHONPATH=. .venv/bin/python benchmarks/bench_feedback.py --timing --case none   # cost
 """
 from __future__ import annotations
 

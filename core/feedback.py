@@ -1,16 +1,21 @@
 """Click-to-label feedback: a marked false alarm changes the model before the next image.
 
-Two mechanisms, both applied at once (issue 4):
+Mechanisms:
 
-* **OK memory set** - the embeddings of the marked region (a whole image for "this part is
-  OK") are added to the normality model through its ``partial_fit`` with a patch mask: for
-  PaDiM an exact update of those patches' Gaussian statistics, for a memory-bank model an
-  addition to the bank. No refit, milliseconds.
+* **Feedback memory** (issue 11, :mod:`core.feedback_memory`) - the hot patches of the marked
+  region (a whole image's for "this part is OK") are accepted as normal *wherever* that
+  appearance shows up next, with a scale learnt from the clicks; confirmed defects are kept
+  as negatives. Applied in :meth:`Detector.maps_and_scores`, so every score sees it.
+* **Position-tied update** (issue 4; off by default while the memory generalises,
+  ``position_update=True`` or ``generalise=False``) - the region's embeddings go into the
+  normality model's ``partial_fit`` with a patch mask: for PaDiM an exact update of those
+  patches' Gaussian statistics, for a memory-bank model an addition to the bank.
 * **Per-channel reweighting** - every false alarm tells which channels drove its distance
   (each channel's share of ``d^2 = sum_k d_k (P d)_k``). Channels that carry more than their
   share of false-alarm distance, and less of confirmed-defect distance, get a weight below
   one. The strength is chosen by a guard: the strongest setting under which every confirmed
-  defect still scores above the recalibrated threshold.
+  defect, and every part currently judged NG (:meth:`FeedbackLearner.protect`), still scores
+  above the threshold.
 
 After any change the held-out OK embeddings are re-scored: the thresholds an engineer set
 stay where they are, and the expected false-alarm rate shown for them is re-measured on
