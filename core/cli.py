@@ -352,10 +352,11 @@ def cmd_simulate_feedback(args: argparse.Namespace) -> int:
         from .atomic import write_bytes_atomic
 
         write_bytes_atomic(args.json, json.dumps(d, indent=2).encode())
-    print(f"{'clicks':>6} {'false alarms':>12} {'detection':>9} {'AUROC':>7} {'FPR@95':>7} {'threshold':>9}")
+    print(f"{'clicks':>6} {'false alarms':>12} {'detection':>9} {'AUROC':>7} {'FPR@95':>7} {'threshold':>9} "
+          f"{'defects flipped':>15}")
     for c in res.checkpoints:
         print(f"{c.clicks:>6} {c.false_alarm_rate:>12.3f} {c.detection_rate:>9.3f} {c.auroc:>7.4f} "
-              f"{c.fpr_at_95_tpr:>7.3f} {c.threshold:>9.4g}")
+              f"{c.fpr_at_95_tpr:>7.3f} {c.threshold:>9.4g} {c.defects_flipped:>15}")
     if res.pool_exhausted:
         print(f"the pool ran out after {res.checkpoints[-1].clicks} clicks", file=sys.stderr)
     return 0

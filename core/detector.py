@@ -27,6 +27,7 @@ from .anomaly_map import PostProcess
 from .backbone import DEFAULT_BACKBONE, BackboneSpec, FeatureExtractor
 from .embedding import Embedder, choose_channels
 from .errors import NotFittedError, ResourceError
+from .feedback_memory import FeedbackMemory
 from .models import NormalityModel, model_class
 from .thresholds import Thresholds, verdict
 
@@ -349,6 +350,10 @@ class Detector:
         #: :mod:`core.session_labels`); saved in the model file
         self.applied_labels: tuple[int, ...] = ()
 
+        #: position-free memory of accepted appearances (false-alarm feedback, issue 11);
+        #: applied to every score, so inspection, calibration, CLI and simulation all see it
+        self.memory: FeedbackMemory | None = None
+
     # -- construction -------------------------------------------------------------------
     @classmethod
     def create(cls, config: DetectorConfig, extractor: FeatureExtractor | None = None,
@@ -385,7 +390,15 @@ class Detector:
         det = Detector(self.config, self.extractor, self.embedder.channel_idx.copy(), self.model.copy(), th)
         det.calibration_embeddings = self.calibration_embeddings  # never modified in place
         det.applied_labels = self.applied_labels
+        det.memory = None if self.memory is None else self.memory.copy()
         return det
+
+    def ensure_memory(self, **params: Any) -> FeedbackMemory:
+        """The detector's feedback memory, created (empty, with ``params``) if it has none."""
+        if self.memory is None:
+            params.setdefault("channel_groups", self.embedder.channel_stage.tolist())
+            self.memory = FeedbackMemory(self.model.grid, self.model.n_channels, **params)
+        return self.memory
 
     # -- data flow ----------------------------------------------------------------------
     @property
@@ -419,6 +432,11 @@ class Detector:
             raise NotFittedError("the model is not fitted yet: fit it on OK images first")
         with torch.inference_mode():
             dist = self.model.score(emb)
+            if self.memory is not None and len(self.memory):
+                # patches well under the decision level cannot make a part NG: not looked up
+                th = self.thresholds
+                level = None if th is None else (min(th.pixel, th.image) if self.post.pooling == "topk" else th.pixel)
+                dist = self.memory.apply(emb, dist, level)
         maps = self.post.maps(dist, self.image_size)
         pixel = self.thresholds.pixel if self.thresholds else None
         return maps, self.post.scores(maps, pixel)

@@ -1,16 +1,21 @@
 """Click-to-label feedback: a marked false alarm changes the model before the next image.
 
-Two mechanisms, both applied at once (issue 4):
+Mechanisms:
 
-* **OK memory set** - the embeddings of the marked region (a whole image for "this part is
-  OK") are added to the normality model through its ``partial_fit`` with a patch mask: for
-  PaDiM an exact update of those patches' Gaussian statistics, for a memory-bank model an
-  addition to the bank. No refit, milliseconds.
+* **Feedback memory** (issue 11, :mod:`core.feedback_memory`) - the hot patches of the marked
+  region (a whole image's for "this part is OK") are accepted as normal *wherever* that
+  appearance shows up next, with a scale learnt from the clicks; confirmed defects are kept
+  as negatives. Applied in :meth:`Detector.maps_and_scores`, so every score sees it.
+* **Position-tied update** (issue 4; off by default while the memory generalises,
+  ``position_update=True`` or ``generalise=False``) - the region's embeddings go into the
+  normality model's ``partial_fit`` with a patch mask: for PaDiM an exact update of those
+  patches' Gaussian statistics, for a memory-bank model an addition to the bank.
 * **Per-channel reweighting** - every false alarm tells which channels drove its distance
   (each channel's share of ``d^2 = sum_k d_k (P d)_k``). Channels that carry more than their
   share of false-alarm distance, and less of confirmed-defect distance, get a weight below
   one. The strength is chosen by a guard: the strongest setting under which every confirmed
-  defect still scores above the recalibrated threshold.
+  defect, and every part currently judged NG (:meth:`FeedbackLearner.protect`), still scores
+  above the threshold.
 
 After any change the held-out OK embeddings are re-scored: the thresholds an engineer set
 stay where they are, and the expected false-alarm rate shown for them is re-measured on
@@ -33,6 +38,8 @@ from .models.mahalanobis import unpack_symmetric
 #: strengths tried by the guard, strongest first (0 = no reweighting)
 STRENGTHS = (1.0, 0.5, 0.25, 0.0)
 MIN_WEIGHT = 0.2
+#: most patches one click puts into the feedback memory
+MAX_ACCEPT = 128
 
 
 @dataclass(frozen=True)
@@ -82,16 +89,16 @@ def channel_shares(det: Detector, emb: torch.Tensor, patch_mask: torch.Tensor) -
     model = det.model
     x = patches_first(model.weighted(emb))[:, 0, :]  # (P, C), one image
     sel = patches_first(patch_mask[:, None].float())[:, 0, 0] > 0
-    mean = getattr(model, "_mean", None)
-    prec = getattr(model, "_precision", None)
-    if mean is None or prec is None:
+    view = model.gaussian_view(torch.nonzero(sel).flatten())
+    if view is None:
         diff = x[sel]
         contrib = diff * diff
     else:
+        mean, prec = view
         w = model.channel_weights
-        mu = mean[sel] * (w if w is not None else 1.0)
+        mu = mean * (w if w is not None else 1.0)
         diff = x[sel] - mu
-        full = unpack_symmetric(prec[sel], diff.shape[-1])
+        full = unpack_symmetric(prec, diff.shape[-1])
         contrib = diff * torch.einsum("pcd,pd->pc", full, diff)
     total = contrib.sum(-1, keepdim=True).clamp_min(1e-12)
     return (contrib / total).mean(0)
@@ -107,9 +114,28 @@ class FeedbackLearner:
     #: (README, feedback figures); it pays off where false alarms share channels, e.g. a
     #: recurring texture or lighting change.
     reweight: bool = False
+    #: position-free memory (issue 11): a false-alarm region is accepted wherever it shows up
+    generalise: bool = True
+    #: FeedbackMemory parameters used when the detector has no memory yet (e.g. ``radius``)
+    memory_params: dict = field(default_factory=dict)
+    #: accepted patches: those of the clicked region whose distance reaches this share of
+    #: the pixel threshold (the outline is wider than the mark; a tighter set costs less
+    #: detection)
+    accept_level: float = 0.8
+    #: also the model's own update at the clicked positions (PaDiM: exact per-position
+    #: statistics; PatchCore: bank rows). Off while the memory generalises: on the recurring
+    #: mark benchmark it cost detection (defects at clicked places) and bought nothing the
+    #: memory does not; always on with ``generalise=False`` (the issue-4 behaviour)
+    position_update: bool = False
+    #: which neighbours count in an accepted patch's block: "accepted" (only accepted
+    #: patches: the appearance itself) or "region" (the whole clicked outline, its margin too)
+    block_context: str = "region"
     fa_shares: list[torch.Tensor] = field(default_factory=list)
     defect_shares: list[torch.Tensor] = field(default_factory=list)
     defect_embeddings: list[torch.Tensor] = field(default_factory=list)
+    #: embeddings of parts currently judged NG (set by :meth:`protect`): reweighting keeps
+    #: each of them above the image threshold, like confirmed defects
+    protected_embeddings: list[torch.Tensor] = field(default_factory=list)
     _undo: list[tuple[Detector, int, int, int]] = field(default_factory=list)
 
     def _push(self) -> None:
@@ -139,6 +165,21 @@ class FeedbackLearner:
         del self.fa_shares[n_fa:], self.defect_shares[n_def:], self.defect_embeddings[n_emb:]
         return True
 
+    def protect(self, embeddings: torch.Tensor | list[torch.Tensor] | None) -> int:
+        """Tell the learner which parts are judged NG right now: ``embeddings`` (N, C, h, w)
+        or a list of (1, C, h, w) / (C, h, w) (None or empty: none). Replaces the previous
+        set. Reweighting then never passes one of them (strength is lowered, or weights stay
+        as they were). Returns how many are protected."""
+        if embeddings is None:
+            items: list[torch.Tensor] = []
+        elif isinstance(embeddings, torch.Tensor):
+            e = embeddings if embeddings.dim() == 4 else embeddings[None]
+            items = [e[i : i + 1] for i in range(e.shape[0])]
+        else:
+            items = [e if e.dim() == 4 else e[None] for e in embeddings]
+        self.protected_embeddings = [e.detach().to(torch.float16) for e in items]
+        return len(self.protected_embeddings)
+
     def _score(self, emb: torch.Tensor) -> float:
         return float(self.detector.maps_and_scores(emb)[1][0])
 
@@ -152,7 +193,10 @@ class FeedbackLearner:
         det = self.detector = self.detector.copy()
         mask = region_patch_mask(region_mask, det.model.grid)
         self.fa_shares.append(channel_shares(det, emb, mask))
-        det.model.partial_fit(emb, mask)
+        if self.generalise:
+            self._remember(det, emb, region_mask, mask)
+        if self.position_update or not self.generalise:
+            det.model.partial_fit(emb, mask)
         det.finalize()
         change = self._reweight() if self.reweight else None
         det.refresh_calibration()
@@ -173,9 +217,35 @@ class FeedbackLearner:
             mask = region_patch_mask(region_mask, self.detector.model.grid, dilate=0)
         self.defect_shares.append(channel_shares(self.detector, emb, mask))
         self.defect_embeddings.append(emb.to(torch.float16))
+        if self.generalise:
+            self.detector.ensure_memory(**self.memory_params).add_defect(emb[:1], mask[0])
         change = self._reweight() if self.reweight and self.fa_shares else None
         self.detector.refresh_calibration()
         return self._record("defect" if region_mask is not None else "image_ng", mask, emb, before, th_before, t0, change)
+
+    def _remember(self, det: Detector, emb: torch.Tensor, region_mask: np.ndarray | None, mask: torch.Tensor) -> None:
+        """Put the clicked appearance into the position-free memory: the patches of the
+        clicked region whose own model distance reaches ``accept_level`` x the pixel threshold
+        (the outline is wider than the mark; its cool margin only gives the blocks context).
+        A whole "part is OK" accepts its hot patches."""
+        with torch.inference_mode():
+            d = det.model.score(emb[:1])[0]
+        inside = mask[0] if region_mask is None else region_patch_mask(region_mask, det.model.grid, dilate=0)[0]
+        th = det.thresholds
+        level = self.accept_level * th.pixel if th is not None else 0.5 * float(d[inside].max())
+        accept = inside & (d >= level)
+        if int(accept.sum()) > MAX_ACCEPT:  # the hottest of a very large area
+            flat = torch.where(accept, d, torch.full_like(d, -1.0)).flatten()
+            accept = torch.zeros(flat.numel(), dtype=torch.bool)
+            accept[torch.topk(flat, MAX_ACCEPT).indices] = True
+            accept = accept.reshape(d.shape)
+        if not bool(accept.any()):  # nothing hot: the region's peak patch stands for it
+            flat = torch.where(inside, d, torch.full_like(d, -1.0)).flatten()
+            accept = torch.zeros(flat.numel(), dtype=torch.bool)
+            accept[int(flat.argmax())] = True
+            accept = accept.reshape(d.shape)
+        det.ensure_memory(**self.memory_params).add(emb[:1], accept, accept if self.block_context == "accepted" else mask[0],
+                                                    reference=det.calibration_embeddings)
 
     def reset_weights(self) -> None:
         self._push()
@@ -198,11 +268,14 @@ class FeedbackLearner:
         w = 1.0 / (1.0 + strength * c * excess)
         return w.clamp_min(MIN_WEIGHT).to(torch.float32)
 
-    def _defects_still_caught(self) -> bool:
+    def _defects_still_caught(self, judged_ng: list[torch.Tensor] | None = None) -> bool:
+        """Every confirmed defect, and every protected part judged NG before this change,
+        still scores above the image threshold."""
         det = self.detector
-        if not self.defect_embeddings or det.thresholds is None:
+        if det.thresholds is None:
             return True
-        return all(self._score(e.to(torch.float32)) > det.thresholds.image for e in self.defect_embeddings)
+        guarded = self.defect_embeddings + (judged_ng or [])
+        return all(self._score(e.to(torch.float32)) > det.thresholds.image for e in guarded)
 
     def _keep_ok_scale(self, w: torch.Tensor) -> torch.Tensor:
         """Rescale weights so held-out OK parts keep their median score.
@@ -223,14 +296,17 @@ class FeedbackLearner:
         model = self.detector.model
         previous = model.channel_weights
         self.detector.refresh_calibration()  # OK scores under the updated memory, old weights
+        th = self.detector.thresholds
+        judged_ng = [] if th is None else [  # NG under the updated model, before reweighting
+            e for e in self.protected_embeddings if self._score(e.to(torch.float32)) > th.image]
         for strength in STRENGTHS:
             w = self._candidate_weights(strength)
             if w is not None:
                 w = self._keep_ok_scale(w)
             model.set_channel_weights(w)
-            if w is None or self._defects_still_caught():
+            if self._defects_still_caught(judged_ng):
                 return None if w is None else self._describe(w, strength)
-        model.set_channel_weights(previous)
+        model.set_channel_weights(previous)  # under these, every guarded part was NG
         return None
 
     def _describe(self, w: torch.Tensor, strength: float) -> WeightChange:

@@ -44,9 +44,13 @@ from .thresholds import Thresholds
 log = logging.getLogger(__name__)
 
 FORMAT = "okng-model"
+#: 2: a SHA-256 over header and data (``okng_sha256``), and the feedback memory
+#: (``feedback_memory`` metadata + ``feedback_memory.*`` tensors, optional);
+#: format 1 (no checksum, no memory) still loads, with a warning that it cannot be verified
 FORMAT_VERSION = 2
-#: oldest format still read (format 1: no checksum; loads with a warning)
+#: oldest format still read
 OLDEST_FORMAT_VERSION = 1
+READABLE_VERSIONS = (1, 2)
 MODEL_SUFFIX = ".okng"
 #: header metadata key of the file checksum (see the module docstring)
 CHECKSUM_KEY = "okng_sha256"
@@ -78,6 +82,7 @@ def _metadata(det: Detector) -> dict[str, Any]:
             "image": th.image, "pixel": th.pixel, "target_false_alarm_rate": th.target_false_alarm_rate,
         },
         "feedback": {"applied_labels": [int(i) for i in det.applied_labels]},
+        "feedback_memory": None if det.memory is None else det.memory.params(),
     }
 
 
@@ -91,6 +96,8 @@ def detector_tensors(det: Detector) -> dict[str, torch.Tensor]:
         t["thresholds.calibration_peaks"] = torch.from_numpy(np.asarray(det.thresholds.calibration_peaks, np.float64))
     if det.calibration_embeddings is not None:
         t["calibration.embeddings"] = det.calibration_embeddings.to(torch.float16)
+    if det.memory is not None:
+        t.update({f"feedback_memory.{k}": v for k, v in det.memory.tensors().items()})
     return {k: v.detach().contiguous().cpu() for k, v in t.items()}
 
 
@@ -253,6 +260,8 @@ def _check_meta(meta: Any, path: Path) -> None:
     if th is not None:
         _require(0.0 <= th["target_false_alarm_rate"] < 1.0, path,
                  f"thresholds invalid: target_false_alarm_rate must be from 0 to 1, got {th['target_false_alarm_rate']!r}")
+    fm = meta.get("feedback_memory")
+    _require(fm is None or isinstance(fm, dict), path, "feedback memory settings invalid")
 
 
 def _check_config_types(cfg: dict[str, Any], path: Path) -> None:
@@ -330,6 +339,7 @@ def load_detector(path: str | os.PathLike[str], extractor: FeatureExtractor | No
                                  and tuple(cal_emb.shape[1:]) == (n_channels, *grid)
                                  and cal_emb.shape[0] == cal_scores.numel()),
              path, "calibration embeddings have the wrong shape")
+    memory_t = {k[len("feedback_memory."):]: tensors.pop(k) for k in list(tensors) if k.startswith("feedback_memory.")}
     model_t = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     _check_model_shapes(cls, grid, n_channels, meta["model"]["params"], model_t, path, meta_device=True)
     try:
@@ -357,9 +367,41 @@ def load_detector(path: str | os.PathLike[str], extractor: FeatureExtractor | No
     _require(isinstance(labels, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in labels),
              path, "the list of applied labels is damaged")
     det.applied_labels = tuple(labels)
+    det.memory = _load_memory(meta.get("feedback_memory"), memory_t, model, path)
     if model.n_samples > 0:
         det.finalize()
     return det
+
+
+def _load_memory(params: dict[str, Any] | None, t: dict[str, torch.Tensor], model, path: Path):
+    """The feedback memory from its settings and tensors, every shape and dtype checked."""
+    from .feedback_memory import FeedbackMemory
+
+    if params is None:
+        _require(not t, path, "feedback memory tensors without its settings")
+        return None
+    types = {"radius": (int, type(None)), "low": (int, float), "high": (int, float), "candidates": int,
+             "shortlist": int, "channel_groups": list, "step": int, "floor": (int, float)}
+    for key, value in params.items():
+        _require(key in types and isinstance(value, types[key]) and not isinstance(value, bool), path,
+                 f"feedback memory setting {key!r} invalid")
+    groups = params.get("channel_groups")
+    _require(groups is None or all(isinstance(g, int) and not isinstance(g, bool) and 0 <= g < 64 for g in groups),
+             path, "feedback memory channel groups invalid")
+    try:
+        memory = FeedbackMemory(model.grid, model.n_channels, **params)
+    except (TypeError, ValueError) as exc:
+        raise ModelFileError(f"{path}: invalid feedback memory settings ({exc})") from None
+    expected = memory.expected(t)
+    _require(set(t) == set(expected), path, f"feedback memory tensors {sorted(t)} do not match {sorted(expected)}")
+    for name, (shape, dtype) in expected.items():
+        _require(tuple(t[name].shape) == shape and t[name].dtype == dtype, path,
+                 f"feedback memory tensor {name!r} is {t[name].dtype} {tuple(t[name].shape)}, expected {dtype} {shape}")
+    h, w = model.grid
+    _require(bool(((t["pos"][:, 0] >= 0) & (t["pos"][:, 0] < h) & (t["pos"][:, 1] >= 0) & (t["pos"][:, 1] < w)).all()),
+             path, "feedback memory positions lie off the grid")
+    memory.load_tensors(t)
+    return memory
 
 
 def _check_model_shapes(model_or_cls, grid, n_channels, params, model_t, path: Path, meta_device: bool) -> None:

@@ -3,7 +3,9 @@
 From a pool of unseen OK images, each one the station flags NG gets one click on its hottest
 region ("false alarm"). At 0 clicks and at each checkpoint the detector is evaluated on a
 disjoint held-out set of OK and NG images: false-alarm and detection rate at the
-(recalibrated) threshold, image AUROC and FPR at 95 % TPR. The model file is not changed.
+(recalibrated) threshold, image AUROC and FPR at 95 % TPR, and ``defects_flipped``: how many
+defective images judged NG at 0 clicks are judged OK now (what feedback silently passed).
+The model file is not changed.
 """
 from __future__ import annotations
 
@@ -30,6 +32,8 @@ class Checkpoint:
     fpr_at_95_tpr: float
     threshold: float | None
     pool_images_seen: int
+    #: evaluation defective images judged NG at 0 clicks and OK now (feedback passed them)
+    defects_flipped: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -90,12 +94,19 @@ def simulate_feedback_job(
     result = SimulationResult()
     targets = sorted(set(int(c) for c in clicks if c > 0))
 
+    ng_at_start: list[np.ndarray] = []
+
     def checkpoint(n_clicks: int, seen: int) -> None:
         d = learner.detector
         y, s = _evaluate(d, ok_e, ng_e)
+        judged_ng = s[y == 1] > d.thresholds.image
+        if not ng_at_start:
+            ng_at_start.append(judged_ng)
+        flipped = int((ng_at_start[0] & ~judged_ng).sum())
         at = metrics.confusion_at(y, s, d.thresholds.image)
         result.checkpoints.append(Checkpoint(n_clicks, at["false_alarm_rate"], at["detection_rate"],
-                                             metrics.auroc(y, s), metrics.fpr_at_tpr(y, s), d.thresholds.image, seen))
+                                             metrics.auroc(y, s), metrics.fpr_at_tpr(y, s), d.thresholds.image, seen,
+                                             flipped))
 
     checkpoint(0, 0)
     n_clicks, seen = 0, 0

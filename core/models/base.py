@@ -78,6 +78,14 @@ class NormalityModel(ABC):
         """Refuse (ValueError) parameters that are degenerate for ``n_images`` OK images;
         called when a fit starts."""
 
+    def gaussian_view(self, patch_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The Gaussian behind the distance at the given flat patch positions (K,), for
+        explaining a distance channel by channel (feedback reweighting): ``(mean (K, C),
+        packed precision (K, C (C + 1) / 2))`` float32, without channel weights, in the
+        embedding's channels. ``None`` for models without one such Gaussian per patch
+        (memory banks, mixtures, projected or fused models): callers fall back to Euclidean."""
+        return None
+
     # Per-channel weights are shared by all models (feedback loop, issue 4).
     channel_weights: torch.Tensor | None = None
 

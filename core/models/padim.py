@@ -102,6 +102,12 @@ class PadimModel(NormalityModel):
         b = emb.shape[0]
         return d.T.reshape(b, *self.grid).contiguous()
 
+    def gaussian_view(self, patch_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._precision is None or self._mean is None:
+            self.finalize()
+        assert self._precision is not None and self._mean is not None
+        return self._mean[patch_idx], self._precision[patch_idx]
+
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"count": self.stats.count, "mean": self.stats.mean, "scatter": self.stats.scatter}
 

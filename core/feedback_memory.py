@@ -1,0 +1,382 @@
+"""Position-free memory of accepted appearances: a false alarm teaches "this look is normal"
+wherever on the part it shows up next (issue 11).
+
+The model's own update after a click (PaDiM: the Gaussians *at the clicked positions*) does
+not help when a benign mark (ink stamp, label, fixture shadow) lands at a different place on
+every part. This memory keeps the clicked patches themselves and lowers the distance of any
+patch, at any position, that looks like one of them:
+
+* **Blocks, not patches.** Each accepted patch is stored with its 3x3 neighbourhood (the
+  neighbours inside the clicked region). A query patch matches an accepted one when the whole
+  block matches at that offset: the rigid arrangement of the mark, not one patch's look, which
+  is what keeps a crack from matching a stamp's stroke. The distance is the RMS over the
+  block's valid cells of the Euclidean distance in the raw embedding (raw features separated
+  two prints of one mark better than Mahalanobis-whitened ones: feedback notes).
+* **Several stages agreeing.** Distances are kept per backbone stage (``channel_groups``);
+  a match must hold in every stage (the ratio below is the largest over stages).
+* **A learnt scale.** Each accepted block ``a`` gets its own radius ``r_a`` per stage: its
+  block distance to the nearest block of *another* click (leave-one-click-out), i.e. how far
+  apart two prints of the same thing really are. A query block's best match is the accepted
+  block with the smallest ``ratio = max_stage D / r_a``; the model's patch distance is
+  multiplied by ``clamp((ratio - low) / (high - low), 0, 1)`` (defaults 1.0 and 1.3): as close
+  as prints seen so far are to each other -> 0, farther than 1.3 times that -> unchanged.
+  The result stays on the model's own scale (a factor on its distance, never an added one),
+  so thresholds keep their meaning and a clicked patch itself goes to 0. A single click has
+  no spread yet: then only exact copies of its patches are lowered (radius 0); from the
+  second click on, every block has a radius.
+* **Confirmed defects are negatives.** Blocks of a region marked as a real defect are kept too;
+  a query patch whose nearest defect block is nearer than its best accepted block is never
+  lowered.
+* **Radius in patches** (``radius``, per recipe): accept a match only within that many
+  patches of where the accepted patch was clicked; ``None`` (default): anywhere.
+
+Cost: only patches whose model distance reaches ``floor`` x the pixel threshold are looked up
+(lower ones cannot make a part NG: a map pixel is a weighted mean of patch distances), at most
+``candidates`` per image, each against a ``shortlist`` of accepted blocks picked by
+centre-patch distance. Measured with a 2,000-patch memory in benchmarks/bench_feedback.py
+``--timing`` (README, "What feedback buys").
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .models.patchcore import _one_thread
+
+#: cells of a 3x3 block, row-major; index 4 is the centre
+_OFFSETS = torch.tensor([(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)], dtype=torch.int64)
+_CENTRE = 4
+
+
+@dataclass
+class MemoryMatch:
+    """Per queried patch: the gate factor, best accepted block and its ratio (for tests/GUI)."""
+
+    factor: torch.Tensor  # (Q,) in [0, 1]
+    ratio: torch.Tensor  # (Q,) max over stages of D / r of the best accepted block (inf: none)
+    accepted_distance: torch.Tensor  # (Q,) block distance to that block
+    defect_distance: torch.Tensor  # (Q,) block distance to the nearest defect block (inf: none)
+
+
+def block_distances(q: torch.Tensor, q_valid: torch.Tensor, m: torch.Tensor, m_valid: torch.Tensor,
+                    groups: list[slice | torch.Tensor]) -> torch.Tensor:
+    """RMS distance over commonly valid cells, per channel group:
+    q (Q, 9, C), m (Q, S, 9, C), groups: channel indices of each of G groups -> (Q, S, G).
+
+    The centre cell always counts (a pair with no other common cell still compares it)."""
+    diff = q[:, None] - m  # (Q, S, 9, C)
+    diff = diff * diff
+    sq = torch.stack([diff[..., g].sum(-1) for g in groups], -1)  # (Q, S, 9, G)
+    both = (q_valid[:, None] & m_valid).to(sq.dtype)
+    both[..., _CENTRE] = 1.0
+    return (sq * both[..., None]).sum(-2).div(both.sum(-1, keepdim=True)).sqrt()
+
+
+class FeedbackMemory:
+    """Accepted (and defect) blocks with their learnt scale; see the module docstring."""
+
+    def __init__(self, grid: tuple[int, int], n_channels: int, radius: int | None = None,
+                 low: float = 1.0, high: float = 1.3, candidates: int = 256, shortlist: int = 16,
+                 channel_groups: list[int] | None = None, step: int = 1, floor: float = 0.9) -> None:
+        if radius is not None and int(radius) < 0:
+            raise ValueError(f"radius must be >= 0 patches or None (anywhere), got {radius}")
+        if not 0 <= low < high or int(candidates) < 1 or int(shortlist) < 1 or int(step) < 1 or not floor >= 0:
+            raise ValueError("need 0 <= low < high, candidates, shortlist and step >= 1, floor >= 0")
+        self.grid = (int(grid[0]), int(grid[1]))
+        self.n_channels = int(n_channels)
+        self.radius = None if radius is None else int(radius)
+        self.step = int(step)
+        self.floor = float(floor)
+        self.low = float(low)
+        self.high = float(high)
+        groups = [0] * int(n_channels) if channel_groups is None else [int(g) for g in channel_groups]
+        if len(groups) != int(n_channels):
+            raise ValueError(f"channel_groups has {len(groups)} entries for {n_channels} channels")
+        self.channel_groups = groups
+        ids = sorted(set(groups))
+        self._groups: list[slice | torch.Tensor] = []
+        for g in ids:
+            members = [c for c, x in enumerate(groups) if x == g]
+            contiguous = members == list(range(members[0], members[-1] + 1))
+            self._groups.append(slice(members[0], members[-1] + 1) if contiguous else torch.tensor(members))
+        self.candidates = int(candidates)
+        self.shortlist = int(shortlist)
+        c = self.n_channels
+        self.blocks = torch.zeros(0, 9, c)  # accepted blocks (N, 9, C) float32
+        self.valid = torch.zeros(0, 9, dtype=torch.bool)
+        self.pos = torch.zeros(0, 2, dtype=torch.int64)  # (row, col) where each was clicked
+        self.click = torch.zeros(0, dtype=torch.int64)  # which click it came from
+        #: leave-one-click-out distance of each accepted block, per group (-1: no other click)
+        self.loo = torch.zeros(0, len(ids))
+        #: distance of each accepted block to its nearest ordinary OK block, per group (-1: unknown)
+        self.ok_dist = torch.zeros(0, len(ids))
+        self._scale: torch.Tensor | None = None
+        self.neg_blocks = torch.zeros(0, 9, c)
+        self.neg_valid = torch.zeros(0, 9, dtype=torch.bool)
+        self.n_clicks = 0
+
+    # -- state --------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return int(self.blocks.shape[0])
+
+    @property
+    def n_defect_blocks(self) -> int:
+        return int(self.neg_blocks.shape[0])
+
+    def params(self) -> dict[str, Any]:
+        return {"radius": self.radius, "low": self.low, "high": self.high, "candidates": self.candidates,
+                "shortlist": self.shortlist, "channel_groups": self.channel_groups, "step": self.step,
+                "floor": self.floor}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"blocks": self.blocks, "valid": self.valid, "pos": self.pos, "click": self.click,
+                "loo": self.loo, "ok_dist": self.ok_dist, "neg_blocks": self.neg_blocks, "neg_valid": self.neg_valid,
+                "n_clicks": torch.tensor([self.n_clicks], dtype=torch.int64)}
+
+    def expected(self, tensors: dict[str, torch.Tensor]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Shape and dtype each stored tensor must have (sizes taken from the file itself)."""
+        n = int(tensors["blocks"].shape[0]) if tensors.get("blocks") is not None and tensors["blocks"].dim() == 3 else -1
+        k = int(tensors["neg_blocks"].shape[0]) if tensors.get("neg_blocks") is not None and tensors["neg_blocks"].dim() == 3 else -1
+        c = self.n_channels
+        return {"blocks": ((n, 9, c), torch.float32), "valid": ((n, 9), torch.bool), "pos": ((n, 2), torch.int64),
+                "click": ((n,), torch.int64), "loo": ((n, len(self._groups)), torch.float32),
+                "ok_dist": ((n, len(self._groups)), torch.float32),
+                "neg_blocks": ((k, 9, c), torch.float32), "neg_valid": ((k, 9), torch.bool),
+                "n_clicks": ((1,), torch.int64)}
+
+    def load_tensors(self, t: dict[str, torch.Tensor]) -> None:
+        self.blocks, self.valid, self.pos = t["blocks"].contiguous(), t["valid"].contiguous(), t["pos"].contiguous()
+        self.click, self.loo = t["click"].contiguous(), t["loo"].contiguous()
+        self.ok_dist = t["ok_dist"].contiguous()
+        self._scale = None
+        self.neg_blocks, self.neg_valid = t["neg_blocks"].contiguous(), t["neg_valid"].contiguous()
+        self.n_clicks = int(t["n_clicks"].reshape(-1)[0])
+
+    def copy(self) -> FeedbackMemory:
+        clone = FeedbackMemory(self.grid, self.n_channels, **self.params())
+        clone.load_tensors({k: v.clone() for k, v in self.tensors().items()})
+        return clone
+
+    # -- learning -----------------------------------------------------------------------
+    def add(self, emb: torch.Tensor, accept: torch.Tensor, region: torch.Tensor | None = None,
+            reference: torch.Tensor | None = None) -> int:
+        """Accept the patches ``accept`` (h, w) bool of one image's embedding ``emb`` (1, C, h, w)
+        as normal anywhere; ``region`` (h, w) bool (default: ``accept``) bounds the block
+        neighbours that count as part of the accepted appearance. ``reference`` (N, C, h, w):
+        embeddings of ordinary OK parts (the detector's held-out calibration images); each
+        new block's distance to its nearest ordinary block decides whether it is a recurring
+        appearance (see :attr:`scale`). Returns blocks added."""
+        accept = accept.reshape(self.grid).to(torch.bool)
+        region = accept if region is None else (region.reshape(self.grid).to(torch.bool) | accept)
+        if not bool(accept.any()):
+            return 0
+        idx = torch.nonzero(accept.reshape(-1)).flatten()
+        blocks, valid = _gather_blocks(emb[:1].to(torch.float32), torch.zeros_like(idx), idx, self.step, region)
+        h, w = self.grid
+        self.blocks = torch.cat([self.blocks, blocks])
+        self.valid = torch.cat([self.valid, valid])
+        self.pos = torch.cat([self.pos, torch.stack([idx // w, idx % w], 1)])
+        self.click = torch.cat([self.click, torch.full((idx.numel(),), self.n_clicks, dtype=torch.int64)])
+        ok_dist = torch.full((idx.numel(), len(self._groups)), -1.0)
+        if reference is not None and reference.shape[0]:
+            d = self._nearest_in(blocks, valid, reference)
+            ok_dist = torch.where(torch.isfinite(d), d, ok_dist)
+        self.ok_dist = torch.cat([self.ok_dist, ok_dist.to(torch.float32)])
+        self.n_clicks += 1
+        self._learn_scale(int(idx.numel()))
+        return int(idx.numel())
+
+    def add_defect(self, emb: torch.Tensor, region: torch.Tensor) -> int:
+        """Remember the blocks of a confirmed defect region (h, w) bool: never accept where
+        these are nearer than the accepted blocks."""
+        region = region.reshape(self.grid).to(torch.bool)
+        idx = torch.nonzero(region.reshape(-1)).flatten()
+        blocks, valid = _gather_blocks(emb[:1].to(torch.float32), torch.zeros_like(idx), idx, self.step, region)
+        self.neg_blocks = torch.cat([self.neg_blocks, blocks])
+        self.neg_valid = torch.cat([self.neg_valid, valid])
+        return int(idx.numel())
+
+    def _nearest_in(self, q: torch.Tensor, qv: torch.Tensor, reference: torch.Tensor,
+                    chunk: int = 16) -> torch.Tensor:
+        """(Q, G) per-group block distance of each query block to its nearest block (any
+        position) of the reference embeddings (N, C, h, w): shortlist by centre patch per
+        chunk of images, block distances on the shortlist only."""
+        n, c, h, w = reference.shape
+        best = torch.full((q.shape[0], len(self._groups)), float("inf"))
+        qc = q[:, _CENTRE]
+        s = self.shortlist
+        for lo in range(0, n, chunk):
+            ref = reference[lo : lo + chunk].to(torch.float32)
+            centres = ref.permute(0, 2, 3, 1).reshape(-1, c)
+            cd = torch.addmm((centres * centres).sum(1)[None], qc, centres.T, alpha=-2.0)
+            k = min(s, centres.shape[0])
+            top = cd.topk(k, dim=1, largest=False).indices  # (Q, k)
+            flat = top.reshape(-1)
+            m, mv = _gather_blocks(ref, flat // (h * w), flat % (h * w), self.step)
+            d = block_distances(q, qv, m.view(q.shape[0], k, 9, c), mv.view(q.shape[0], k, 9), self._groups)
+            best = torch.minimum(best, d.min(1).values)
+        return best
+
+    def _learn_scale(self, new: int) -> None:
+        """Leave-one-click-out radius of each accepted block, per channel group: its distance
+        to the nearest block of another click. Only the ``new`` last blocks are measured
+        against the others (and the others against them): a click costs O(new x N)."""
+        n, g = len(self), len(self._groups)
+        old = n - new
+        loo = torch.full((n, g), -1.0)
+        loo[:old] = self.loo
+        if old and new:
+            nb, nv = self.blocks[old:], self.valid[old:]
+            d, _ = self._nearest(nb, nv, self.blocks[:old], self.valid[:old], None, per_group=True)
+            loo[old:] = torch.where(torch.isfinite(d), d, torch.full_like(d, -1.0))
+            for lo in range(0, old, 2048):
+                hi = min(lo + 2048, old)
+                d, _ = self._nearest(self.blocks[lo:hi], self.valid[lo:hi], nb, nv, None, per_group=True)
+                cur = loo[lo:hi]
+                loo[lo:hi] = torch.where(torch.isfinite(d) & ((cur < 0) | (d < cur)), d, cur)
+        self.loo = loo.to(torch.float32)
+        self._scale = None
+
+    @property
+    def scale(self) -> torch.Tensor:
+        """(N, G) radius of each accepted block (its leave-one-click-out distance). A block
+        with no other click yet gets the smallest radius learnt so far (0 while there is only
+        one click: then only exact copies of the clicked patches are lowered)."""
+        if self._scale is None or self._scale.shape[0] != len(self):
+            known = self.loo >= 0
+            big = torch.where(known, self.loo, torch.full_like(self.loo, float("inf")))
+            fill = big.min(0).values if len(self) else torch.zeros(self.loo.shape[1])
+            fill = torch.where(torch.isfinite(fill), fill, torch.zeros_like(fill))
+            r = torch.where(known, self.loo, fill.expand_as(self.loo))
+            self._scale = torch.where(self._recurring()[:, None], r, torch.zeros_like(r)).contiguous()
+        return self._scale
+
+    def _recurring(self) -> torch.Tensor:
+        """(N,) bool: the block's click shows a *recurring* appearance. Judged per click on its
+        most unusual half of blocks (largest distance to ordinary OK patches, i.e. the mark
+        itself, not its margin): recurring when their median of ``max_stage r / ok_dist`` is
+        below 1, i.e. prints of it are nearer to each other than to anything ordinary. A
+        click on a rare texture (poly crystal) is not: its blocks then lower exact copies
+        only. Without reference distances every click counts as recurring."""
+        n = len(self)
+        out = torch.ones(n, dtype=torch.bool)
+        known = (self.ok_dist >= 0).all(-1) & (self.loo >= 0).all(-1)
+        for c in torch.unique(self.click).tolist():
+            rows = torch.nonzero((self.click == c) & known).flatten()
+            if rows.numel() == 0:
+                continue
+            s = self.ok_dist[rows].amin(-1)
+            core = rows[s >= s.median()]
+            rel = (self.loo[core] / self.ok_dist[core].clamp_min(1e-12)).amax(-1)
+            out[self.click == c] = bool(rel.median() < 1.0)
+        return out
+
+    def _nearest(self, q: torch.Tensor, qv: torch.Tensor, m: torch.Tensor, mv: torch.Tensor,
+                 allowed: torch.Tensor | None, rank_by: torch.Tensor | None = None,
+                 per_group: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Best block of ``m`` for each query block: ((Q, G) distances, (Q,) index; inf/-1 if none).
+
+        Shortlist by centre-patch distance, then the block distance per channel group. The
+        best is the one with the smallest ``max_g d_g / rank_by_g`` (``rank_by`` (M, G)), or
+        with ``per_group`` each group's own minimum (index: of the first group), else the
+        smallest overall distance."""
+        nq, g = q.shape[0], len(self._groups)
+        if m.shape[0] == 0 or nq == 0:
+            return torch.full((nq, g), float("inf")), torch.full((nq,), -1, dtype=torch.int64)
+        # the shortlist is by raw centre-patch distance (also a filter: ranking it by the
+        # ratio below instead found more matches for defects too, detection 0.72 -> 0.57)
+        mc = m[:, _CENTRE]
+        cd = torch.addmm((mc * mc).sum(1)[None], q[:, _CENTRE], mc.T, alpha=-2.0)  # (Q, M) |q-m|^2 - |q|^2
+        if allowed is not None:
+            cd = cd.masked_fill(~allowed, float("inf"))
+        s = min(self.shortlist, m.shape[0])
+        cd_s, idx = cd.topk(s, dim=1, largest=False)
+        d = block_distances(q, qv, m[idx], mv[idx], self._groups)  # (Q, s, G)
+        d = d.masked_fill(~torch.isfinite(cd_s)[..., None], float("inf"))
+        rows = torch.arange(nq)
+        if per_group:
+            best_d, best = d.min(1)
+            return best_d, torch.where(torch.isfinite(best_d[:, 0]), idx[rows, best[:, 0]], -1)
+        if rank_by is None:
+            key = d.square().sum(-1)
+        else:
+            r = rank_by[idx]  # (Q, s, G)
+            tol = _copy_tolerance(q)[:, None, None]
+            key = torch.where(r > 0, d / r.clamp_min(1e-12), torch.where(d <= tol, 0.0, float("inf"))).amax(-1)
+        best = key.argmin(1)
+        out_d = d[rows, best]
+        ok = torch.isfinite(key[rows, best]) if rank_by is not None else torch.isfinite(out_d[:, 0])
+        return out_d, torch.where(ok, idx[rows, best], torch.full_like(best, -1))
+
+    # -- scoring ------------------------------------------------------------------------
+    def match(self, q: torch.Tensor, qv: torch.Tensor, q_pos: torch.Tensor) -> MemoryMatch:
+        """Gate factors of query blocks (Q, 9, C) / valid (Q, 9) at grid positions (Q, 2)."""
+        allowed = None
+        if self.radius is not None:
+            allowed = (q_pos[:, None, :] - self.pos[None, :, :]).abs().amax(-1) <= self.radius
+        r = self.scale
+        d_acc, i_acc = self._nearest(q, qv, self.blocks, self.valid, allowed, rank_by=r)
+        has = i_acc >= 0
+        r_best = r[i_acc.clamp_min(0)] if len(self) else torch.zeros_like(d_acc)
+        per = torch.where(r_best > 0, d_acc / r_best.clamp_min(1e-12),
+                          torch.where(d_acc <= _copy_tolerance(q)[:, None], 0.0, float("inf")))
+        ratio = torch.where(has, per.amax(-1), torch.full((q.shape[0],), float("inf")))
+        d_neg, _ = self._nearest(q, qv, self.neg_blocks, self.neg_valid, None)
+        acc_total, neg_total = d_acc.norm(dim=-1), d_neg.norm(dim=-1)
+        factor = ((ratio - self.low) / (self.high - self.low)).clamp(0.0, 1.0)
+        factor = torch.where(neg_total <= acc_total, torch.ones_like(factor), factor)
+        return MemoryMatch(factor, ratio, acc_total, neg_total)
+
+    def apply(self, emb: torch.Tensor, dist: torch.Tensor, pixel_threshold: float | None = None) -> torch.Tensor:
+        """(B, C, h, w) embeddings, (B, h, w) model distances -> distances with the memory's
+        gate applied to each image's ``candidates`` highest patches."""
+        if len(self) == 0:
+            return dist
+        with _one_thread():  # small tensor ops: thread hand-offs cost more than they save
+            floor = None if pixel_threshold is None else self.floor * pixel_threshold
+            return self._apply(emb, dist, floor)
+
+    def _apply(self, emb: torch.Tensor, dist: torch.Tensor, floor: float | None) -> torch.Tensor:
+        b, c, h, w = emb.shape
+        k = min(self.candidates, h * w)
+        flat = dist.reshape(b, -1)
+        val, top = flat.topk(k, dim=1)  # (B, k)
+        keep = torch.ones_like(top, dtype=torch.bool) if floor is None else val >= floor
+        if not bool(keep.any()):
+            return dist
+        img = torch.arange(b)[:, None].expand_as(top)[keep]
+        idx = top[keep]
+        q, qv = _gather_blocks(emb.to(torch.float32), img, idx, self.step)
+        pos = torch.stack([idx // w, idx % w], 1)
+        factor = self.match(q, qv, pos).factor
+        out = flat.clone()
+        out[img, idx] = flat[img, idx] * factor.to(flat.dtype)
+        return out.reshape(dist.shape)
+
+
+def _copy_tolerance(q: torch.Tensor) -> torch.Tensor:
+    """(Q,) distance under which a block counts as a copy of an accepted one when no scale is
+    known (one click): 0.1 % of its centre patch's norm, so re-embedding the same image (other
+    batch size, float rounding) still matches."""
+    return 1e-3 * q[:, _CENTRE].norm(dim=1)
+
+
+def _gather_blocks(emb: torch.Tensor, img: torch.Tensor, idx: torch.Tensor, step: int = 1,
+                   valid_map: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blocks of selected patches: (B, C, h, w), image (K,) and flat patch indices (K,)
+    -> ((K, 9, C) features, (K, 9) valid). A cell is valid on the grid and, with
+    ``valid_map`` (h, w) bool (one image), inside it; invalid cells are zero."""
+    b, c, h, w = emb.shape
+    r, col = idx // w, idx % w
+    rr = r[:, None] + step * _OFFSETS[None, :, 0]
+    cc = col[:, None] + step * _OFFSETS[None, :, 1]
+    valid = (rr >= 0) & (rr < h) & (cc >= 0) & (cc < w)
+    if valid_map is not None:
+        valid &= valid_map.to(torch.bool)[rr.clamp(0, h - 1), cc.clamp(0, w - 1)]
+    flat = img[:, None] * (h * w) + rr.clamp(0, h - 1) * w + cc.clamp(0, w - 1)  # (K, 9)
+    feats = emb.permute(0, 2, 3, 1).reshape(b * h * w, c)[flat]  # (K, 9, C)
+    feats = feats * valid[..., None]
+    return feats, valid

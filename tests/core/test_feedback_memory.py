@@ -1,0 +1,205 @@
+"""Feedback that generalises (issue 11): a benign appearance accepted once is accepted wherever
+it shows up next; confirmed defects stay defects; reweighting never passes an NG part; the
+memory lives in the model file."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from core.detector import Detector, DetectorConfig
+from core.feedback import FeedbackLearner
+from core.feedback_memory import FeedbackMemory
+
+C, SIZE = 8, 128  # 8 channels, 16 x 16 patch grid
+
+
+def _background(rng, n):
+    return torch.from_numpy(rng.normal(0, 1, (n, C, 16, 16)).astype(np.float32))
+
+
+def _pattern(rng, scale=2.5):
+    """A 3 x 3-patch appearance (C, 3, 3): a 'stamp' in feature space."""
+    return torch.from_numpy(rng.normal(0, scale, (C, 3, 3)).astype(np.float32))
+
+
+def _with(emb, pattern, row, col, rng, jitter=0.3):
+    e = emb.clone()
+    noise = torch.from_numpy(rng.normal(0, jitter, pattern.shape).astype(np.float32))
+    e[0, :, row : row + 3, col : col + 3] = pattern + noise
+    return e
+
+
+def _region(row, col):
+    """The map-pixel outline an operator clicks around a pattern at patch (row, col)."""
+    m = np.zeros((SIZE, SIZE), bool)
+    m[row * 8 : (row + 3) * 8, col * 8 : (col + 3) * 8] = True
+    return m
+
+
+@pytest.fixture
+def detector():
+    """PaDiM on synthetic embeddings, calibrated on 40 held-out synthetic OK images."""
+    det = Detector.create(DetectorConfig(weights="random", image_size=SIZE, n_channels=C))
+    assert det.model.grid == (16, 16)
+    rng = np.random.default_rng(0)
+    det.model.partial_fit(_background(rng, 200))
+    det.finalize()
+    det.calibrate_on(_background(rng, 40))
+    return det
+
+
+def _score(det, emb):
+    return float(det.maps_and_scores(emb)[1][0])
+
+
+def test_an_accepted_pattern_is_accepted_at_other_positions_and_a_different_one_is_not(detector):
+    rng = np.random.default_rng(1)
+    stamp, other = _pattern(rng), _pattern(rng)
+    th = detector.thresholds.image
+    learner = FeedbackLearner(detector)
+    for row, col in ((2, 2), (10, 4)):  # two prints of the stamp, clicked as false alarms
+        e = _with(_background(rng, 1), stamp, row, col, rng)
+        assert _score(learner.detector, e) > th
+        rec = learner.mark_false_alarm(e, _region(row, col))
+        assert rec.score_after < th  # the clicked region itself falls below the threshold
+    det = learner.detector
+    for row, col in ((6, 11), (12, 12), (1, 9)):  # the stamp where it was never clicked
+        e = _with(_background(rng, 1), stamp, row, col, rng)
+        assert _score(detector, e) > th  # the clean model flags it ...
+        assert _score(det, e) < th  # ... the memory does not
+        d = _with(_background(rng, 1), other, row, col, rng)
+        assert _score(det, d) > th  # a different appearance is still a defect
+
+
+def test_radius_limits_where_an_appearance_is_accepted(detector):
+    rng = np.random.default_rng(2)
+    stamp = _pattern(rng)
+    learner = FeedbackLearner(detector, memory_params={"radius": 2})
+    for row, col in ((2, 2), (3, 3), (2, 4), (4, 2)):
+        learner.mark_false_alarm(_with(_background(rng, 1), stamp, row, col, rng), _region(row, col))
+    near, far = (_with(_background(rng, 1), stamp, r, c, rng) for r, c in ((3, 2), (12, 12)))
+    assert _score(learner.detector, near) < 0.8 * _score(detector, near)  # near: lowered
+    assert _score(learner.detector, far) == _score(detector, far)  # far: untouched
+
+
+def test_a_confirmed_defect_is_never_accepted_by_the_memory(detector):
+    rng = np.random.default_rng(3)
+    stamp = _pattern(rng)
+    learner = FeedbackLearner(detector)
+    for row, col in ((2, 2), (10, 4), (4, 12), (12, 7)):
+        learner.mark_false_alarm(_with(_background(rng, 1), stamp, row, col, rng), _region(row, col))
+    probe = _with(_background(rng, 1), stamp, 6, 10, rng)
+    th = learner.detector.thresholds.image
+    assert _score(learner.detector, probe) < th
+    # the engineer says: this appearance, here, is a real defect
+    learner.mark_defect(_with(_background(rng, 1), stamp, 12, 12, rng, jitter=0.1), _region(12, 12))
+    assert _score(learner.detector, probe) > th
+    assert learner.undo()  # and undo takes the defect label back
+    assert _score(learner.detector, probe) < th
+
+
+def test_memory_gate_is_on_the_model_scale_and_learnt_from_the_clicks():
+    """One click alone teaches only that exact look; the radius comes from the spread of two."""
+    rng = np.random.default_rng(4)
+    mem = FeedbackMemory((16, 16), C)
+    stamp = _pattern(rng)
+    accept = torch.zeros(16, 16, dtype=torch.bool)
+    accept[2:5, 2:5] = True
+    first = _with(_background(rng, 1), stamp, 2, 2, rng)
+    mem.add(first, accept)
+    dist = torch.full((1, 16, 16), 10.0)
+    assert float(mem.apply(first, dist)[0, 3, 3]) == 0.0  # the clicked patch itself
+    other = _with(_background(rng, 1), stamp, 2, 2, rng)
+    assert float(mem.apply(other, dist)[0, 3, 3]) == 10.0  # no spread learnt yet
+    mem.add(other, accept)
+    assert bool((mem.scale > 0).all())
+    third = _with(_background(rng, 1), stamp, 2, 2, rng)
+    assert float(mem.apply(third, dist)[0, 3, 3]) < 10.0
+    assert torch.equal(mem.apply(third, dist * 0), dist * 0)  # a factor: zero stays zero
+
+
+def test_memory_round_trips_through_the_model_file_bit_exactly(detector, tmp_path):
+    from core.persistence import load_detector, save_detector
+
+    rng = np.random.default_rng(5)
+    stamp = _pattern(rng)
+    learner = FeedbackLearner(detector, memory_params={"radius": 5})
+    for row, col in ((2, 2), (10, 4)):
+        learner.mark_false_alarm(_with(_background(rng, 1), stamp, row, col, rng), _region(row, col))
+    learner.mark_defect(_with(_background(rng, 1), _pattern(rng), 7, 7, rng), _region(7, 7))
+    det = learner.detector
+    back = load_detector(save_detector(det, tmp_path / "m.okng"), extractor=det.extractor)
+    assert back.memory is not None and back.memory.params() == det.memory.params()
+    for k, v in det.memory.tensors().items():
+        assert torch.equal(back.memory.tensors()[k], v), k
+    probe = torch.cat([_with(_background(rng, 1), stamp, 6, 8, rng) for _ in range(3)])
+    np.testing.assert_array_equal(back.maps_and_scores(probe)[1], det.maps_and_scores(probe)[1])
+    copy = det.copy()  # copies are independent
+    copy.memory.add(probe[:1], torch.ones(16, 16, dtype=torch.bool))
+    assert len(copy.memory) > len(det.memory)
+
+
+def test_a_format_1_model_file_still_loads(detector, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from core.persistence import load_detector, read_model_file, save_detector
+
+    path = save_detector(detector, tmp_path / "old.okng")
+    meta, _ = read_model_file(path)
+    tensors = load_file(str(path))
+    meta["format_version"] = 1
+    del meta["feedback_memory"]
+    save_file(tensors, str(path), metadata={"okng": json.dumps(meta)})
+    back = load_detector(path, extractor=detector.extractor)
+    assert back.memory is None
+
+
+def test_reweighting_never_passes_a_part_judged_ng(detector):
+    rng = np.random.default_rng(6)
+    fa = _background(rng, 1)
+    fa[:, 4] += 6.0  # channel 4 alone makes this good part look abnormal
+    ng = _background(rng, 1)
+    ng[0, 4, 5:8, 5:8] += 9.0  # a real defect that shows (mostly) in channel 4
+    th = detector.thresholds.image
+    assert _score(detector, ng) > th
+
+    def click(protect):
+        learner = FeedbackLearner(detector.copy(), reweight=True, generalise=False)
+        if protect:
+            assert learner.protect(ng) == 1
+        learner.mark_false_alarm(fa, np.ones((SIZE, SIZE), bool))
+        return learner
+
+    unguarded = click(protect=False)
+    assert unguarded.detector.model.channel_weights is not None
+    assert _score(unguarded.detector, ng) < unguarded.detector.thresholds.image  # the issue's failure
+    guarded = click(protect=True)
+    assert _score(guarded.detector, ng) > guarded.detector.thresholds.image
+
+
+def test_gaussian_view_is_public_for_padim_and_absent_for_patchcore(detector):
+    idx = torch.tensor([0, 17, 255])
+    mean, prec = detector.model.gaussian_view(idx)
+    assert mean.shape == (3, C) and prec.shape == (3, C * (C + 1) // 2)
+    torch.testing.assert_close(mean, detector.model.stats.mean[idx].float())
+    from core.models import PatchcoreModel
+
+    assert PatchcoreModel((4, 4), C).gaussian_view(idx[:1]) is None
+
+
+def test_simulation_reports_defects_flipped(tiny_config, part_images):
+    from core import CancelToken, fit_job, run_job
+    from core.simulate import simulate_feedback_job
+
+    ok, ng = part_images
+    det = run_job(fit_job(ok, tiny_config, CancelToken())).detector
+    res = run_job(simulate_feedback_job(det, ng + ok[:3], ok[3:], ng, [1, 2], CancelToken())).to_dict()
+    cps = res["checkpoints"]
+    assert cps[0]["clicks"] == 0 and cps[0]["defects_flipped"] == 0
+    for c in cps:
+        assert {"clicks", "false_alarm_rate", "detection_rate", "auroc", "fpr_at_95_tpr", "threshold",
+                "pool_images_seen", "defects_flipped"} <= set(c)
+    # clicking the defective images themselves as "false alarms" must show up as flips
+    assert cps[-1]["clicks"] >= 1 and cps[-1]["defects_flipped"] >= 1
+    assert json.dumps(res)
