@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -252,7 +251,8 @@ def print_table(r: dict) -> None:
         print(f"{c['clicks']:>6} {c['false_alarm_rate']:>12.3f} {c['detection_rate']:>9.3f} {c['auroc']:>7.4f} "
               f"{c.get('defects_flipped', 0):>7}")
     if r.get("click_seconds_median") is not None:
-        print(f"median click {r['click_seconds_median'] * 1000:.0f} ms" + ("; pool exhausted" if r["pool_exhausted"] else ""))
+        exhausted = "; pool exhausted" if r["pool_exhausted"] else ""
+        print(f"median click {r['click_seconds_median'] * 1000:.0f} ms{exhausted}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -183,7 +183,8 @@ class FeedbackLearner:
     def _score(self, emb: torch.Tensor) -> float:
         return float(self.detector.maps_and_scores(emb)[1][0])
 
-    def mark_false_alarm(self, image: np.ndarray | torch.Tensor, region_mask: np.ndarray | None = None) -> FeedbackRecord:
+    def mark_false_alarm(self, image: np.ndarray | torch.Tensor,
+                         region_mask: np.ndarray | None = None) -> FeedbackRecord:
         """"This is fine": add the region (or whole image if None) to the OK memory, reweight."""
         t0 = time.perf_counter()
         emb = image if isinstance(image, torch.Tensor) else self.detector.embed([image])
@@ -200,7 +201,8 @@ class FeedbackLearner:
         det.finalize()
         change = self._reweight() if self.reweight else None
         det.refresh_calibration()
-        return self._record("image_ok" if region_mask is None else "false_alarm", mask, emb, before, th_before, t0, change)
+        kind = "image_ok" if region_mask is None else "false_alarm"
+        return self._record(kind, mask, emb, before, th_before, t0, change)
 
     def mark_defect(self, image: np.ndarray | torch.Tensor, region_mask: np.ndarray | None = None) -> FeedbackRecord:
         """"This is a real defect": remember it so reweighting never hides it."""
@@ -221,7 +223,8 @@ class FeedbackLearner:
             self.detector.ensure_memory(**self.memory_params).add_defect(emb[:1], mask[0])
         change = self._reweight() if self.reweight and self.fa_shares else None
         self.detector.refresh_calibration()
-        return self._record("defect" if region_mask is not None else "image_ng", mask, emb, before, th_before, t0, change)
+        kind = "defect" if region_mask is not None else "image_ng"
+        return self._record(kind, mask, emb, before, th_before, t0, change)
 
     def _remember(self, det: Detector, emb: torch.Tensor, region_mask: np.ndarray | None, mask: torch.Tensor) -> None:
         """Put the clicked appearance into the position-free memory: the patches of the
@@ -244,8 +247,8 @@ class FeedbackLearner:
             accept = torch.zeros(flat.numel(), dtype=torch.bool)
             accept[int(flat.argmax())] = True
             accept = accept.reshape(d.shape)
-        det.ensure_memory(**self.memory_params).add(emb[:1], accept, accept if self.block_context == "accepted" else mask[0],
-                                                    reference=det.calibration_embeddings)
+        context = accept if self.block_context == "accepted" else mask[0]
+        det.ensure_memory(**self.memory_params).add(emb[:1], accept, context, reference=det.calibration_embeddings)
 
     def reset_weights(self) -> None:
         self._push()

@@ -87,9 +87,10 @@ def _defect_scores(det: Detector, learner: FeedbackLearner) -> np.ndarray:
 
 def label_job(learner: FeedbackLearner, kind: str, image: np.ndarray | None, path: str | None,
               mask: np.ndarray | None, rejudge: Sequence[tuple[int, torch.Tensor]],
-              token: CancelToken) -> Generator[Progress, None, LabelOutcome]:
+              token: CancelToken, protect: Sequence[torch.Tensor] = ()) -> Generator[Progress, None, LabelOutcome]:
     """Apply one operator label ("false_alarm"/"defect" on ``mask``, "image_ok"/"image_ng" on
-    the whole part). On any failure the learner is left exactly as it was."""
+    the whole part). ``protect``: embeddings of the parts judged NG now, which channel
+    reweighting must keep NG. On any failure the learner is left exactly as it was."""
     yield Progress(0, 2, f"learning: {KIND_TEXT[kind]}")
     if image is None:
         if path is None:
@@ -100,6 +101,7 @@ def label_job(learner: FeedbackLearner, kind: str, image: np.ndarray | None, pat
     old = learner.detector
     threshold = old.thresholds.image if old.thresholds else None
     defects_before = _defect_scores(old, learner)
+    learner.protect(list(protect))
     mark = learner.mark_false_alarm if kind in ("false_alarm", "image_ok") else learner.mark_defect
     depth = learner.undo_depth
     try:

@@ -42,7 +42,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from .models.patchcore import _one_thread
 
@@ -138,8 +137,11 @@ class FeedbackMemory:
 
     def expected(self, tensors: dict[str, torch.Tensor]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Shape and dtype each stored tensor must have (sizes taken from the file itself)."""
-        n = int(tensors["blocks"].shape[0]) if tensors.get("blocks") is not None and tensors["blocks"].dim() == 3 else -1
-        k = int(tensors["neg_blocks"].shape[0]) if tensors.get("neg_blocks") is not None and tensors["neg_blocks"].dim() == 3 else -1
+        def rows(name: str) -> int:
+            t = tensors.get(name)
+            return int(t.shape[0]) if t is not None and t.dim() == 3 else -1
+
+        n, k = rows("blocks"), rows("neg_blocks")
         c = self.n_channels
         return {"blocks": ((n, 9, c), torch.float32), "valid": ((n, 9), torch.bool), "pos": ((n, 2), torch.int64),
                 "click": ((n,), torch.int64), "loo": ((n, len(self._groups)), torch.float32),

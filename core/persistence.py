@@ -250,7 +250,8 @@ def _check_meta(meta: Any, path: Path) -> None:
     _require(b.get("weights") is None or isinstance(b.get("weights"), str), path, "backbone weights invalid")
     m = meta["model"]
     _require(isinstance(m.get("kind"), str) and isinstance(m.get("params"), dict), path, "model kind/params invalid")
-    _require(isinstance(m.get("grid"), list) and len(m["grid"]) == 2 and all(isinstance(g, int) and 0 < g <= 4096 for g in m["grid"]),
+    grid_ok = all(isinstance(g, int) and 0 < g <= 4096 for g in m.get("grid") or [None])
+    _require(isinstance(m.get("grid"), list) and len(m["grid"]) == 2 and grid_ok,
              path, "model grid invalid")
     _require(isinstance(m.get("n_channels"), int) and 0 < m["n_channels"] <= 100_000, path, "channel count invalid")
     th = meta.get("thresholds")
@@ -259,7 +260,8 @@ def _check_meta(meta: Any, path: Path) -> None:
              path, "thresholds invalid")
     if th is not None:
         _require(0.0 <= th["target_false_alarm_rate"] < 1.0, path,
-                 f"thresholds invalid: target_false_alarm_rate must be from 0 to 1, got {th['target_false_alarm_rate']!r}")
+                 "thresholds invalid: target_false_alarm_rate must be from 0 to 1, "
+                 f"got {th['target_false_alarm_rate']!r}")
     fm = meta.get("feedback_memory")
     _require(fm is None or isinstance(fm, dict), path, "feedback memory settings invalid")
 
@@ -328,7 +330,8 @@ def load_detector(path: str | os.PathLike[str], extractor: FeatureExtractor | No
              path, f"channel indices invalid for this backbone ({total} channels)")
     stride = extractor.stage_strides[0]
     backbone_grid = (-(-config.image_size // stride),) * 2
-    _require(grid == backbone_grid, path, f"model grid {list(grid)} does not match the backbone's {list(backbone_grid)}")
+    _require(grid == backbone_grid, path,
+             f"model grid {list(grid)} does not match the backbone's {list(backbone_grid)}")
     weights = tensors.pop("model_weights.channels", None)
     cal_scores = tensors.pop("thresholds.calibration_scores", torch.zeros(0, dtype=torch.float64))
     cal_peaks = tensors.pop("thresholds.calibration_peaks", torch.zeros(0, dtype=torch.float64))

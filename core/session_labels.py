@@ -104,7 +104,10 @@ class LabelBook:
         (``replay``) every active stored label is applied to it again."""
         if detector is not None:
             self.reweight = detector.model.channel_weights is not None or (replay and self.reweight)
-        self.learner = FeedbackLearner(detector, reweight=self.reweight) if detector is not None else None
+        radius = self.session.recipe.station.get("feedback_radius")  # patches; None: anywhere on the part
+        params = {"radius": int(radius)} if radius is not None else {}
+        self.learner = (FeedbackLearner(detector, reweight=self.reweight, memory_params=params)
+                        if detector is not None else None)
         self.model_id = _model_id(self.session.recipe.model_path if not replay else None, detector)
         self._steps.clear()
         self._select(None)
@@ -257,7 +260,11 @@ class LabelBook:
                "before": (rec.score, rec.anomaly_map, rec.verdict), "image": rec.image}
         self._select(None)
         self._pending = True
-        job = partial(label_job, self.learner, kind, rec.image, rec.path, mask, s.results.with_embeddings())
+        accepting = kind in ("false_alarm", "image_ok")
+        protect = [r.embedding for r in s.results if r.verdict == "NG" and r.embedding is not None
+                   and not (accepting and r.id == result_id)]  # the clicked part may pass: that is the label
+        job = partial(label_job, self.learner, kind, rec.image, rec.path, mask, s.results.with_embeddings(),
+                      protect=protect)
         s.status.emit(f"Learning from '{KIND_TEXT[kind]}' on {rec.name}…")
         s.submit(job, on_returned=lambda out: self._on_label_outcome(req, out), on_failed=self._on_failed,
                   on_cancelled=lambda: self._on_failed(RuntimeError("cancelled")))

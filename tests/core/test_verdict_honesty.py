@@ -52,7 +52,7 @@ def test_every_score_belongs_to_its_own_image_across_batches(fitted, tmp_path):
     broken.write_bytes(b"not an image")
     paths.insert(3, str(broken))  # an unreadable file inside the second batch
     items = [p.item for p in inspect_job(paths, det, CancelToken(), batch_size=3)]
-    assert [getattr(i, "path") for i in items] == paths  # input order, one item per input
+    assert [i.path for i in items] == paths  # input order, one item per input
     assert isinstance(items[3], Skipped)
     from core.imageio import load_image
 
@@ -129,7 +129,9 @@ def test_after_feedback_the_expected_rate_is_measured_on_the_rescored_held_out_p
     from core.feedback import FeedbackLearner
 
     result, _ = fitted
-    learner = FeedbackLearner(result.detector.copy())
+    # the exact position-tied update changes every held-out score (one click of the
+    # position-free memory alone generalises nothing yet, so it would leave them as they were)
+    learner = FeedbackLearner(result.detector.copy(), position_update=True)
     th_before = learner.detector.thresholds
     learner.mark_false_alarm(make_part(np.random.default_rng(11), defect=True))
     det = learner.detector
