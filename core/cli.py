@@ -1,8 +1,9 @@
 """``okng``: the station's command line (stable; scripts and other tools call it).
 
     okng fit PATH... --out MODEL [--model padim] [--backbone NAME] [--image-size N]
-    okng score --model MODEL PATH... [--csv FILE] [--heatmaps DIR]
-    okng eval --model MODEL --ok PATH... --ng PATH... [--json FILE]
+    okng score --model MODEL|BUNDLE PATH... [--csv FILE] [--heatmaps DIR] [--runtime NAME]
+    okng eval --model MODEL|BUNDLE --ok PATH... --ng PATH... [--json FILE] [--runtime NAME]
+    okng export MODEL --out DIR
     okng models
     okng demo | okng gui [RECIPE]
 
@@ -92,10 +93,12 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
     paths = _paths(args.paths)
     config = _config_from_args(args)
-    result = _drive(fit_job(paths, config, CancelToken()), "fit")
+    # no inspection here: the embedding graph is only exported, next to the model file
+    result = _drive(fit_job(paths, config, CancelToken(), runtime="torch"), "fit")
     for s in result.skipped:
         print(f"skipped {s.path}: {s.reason}", file=sys.stderr)
     out = save_detector(result.detector, args.out)
+    _export_graph(result.detector, out)
     det = result.detector
     th = det.thresholds
     msg = (f"fitted {config.model} on {len(result.fitted) + len(result.calibration)} OK images "
@@ -108,10 +111,38 @@ def cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_graph(det, model_path: Path) -> None:
+    """Export the embedding graph beside a new model file now, so that the first ``okng
+    score`` does not; a failure is logged, never an error (scoring falls back to torch)."""
+    from .runtime import ensure_graph
+
+    try:
+        ensure_graph(det.embedder, model_path)
+    except Exception as exc:  # noqa: BLE001 - the fast path is optional
+        logging.getLogger(__name__).warning("embedding graph not exported (%s); scoring will export or use torch",
+                                            exc)
+
+
 def _load(args):
+    """The model file or exported bundle ``--model``, embedding on ``--runtime`` (inspection
+    commands) or PyTorch. A forced runtime that cannot run says why on stderr and the run
+    goes on with PyTorch."""
+    from .bundle import is_bundle, load_bundle
     from .persistence import load_detector
 
-    return load_detector(args.model)
+    runtime = getattr(args, "runtime", None)
+    if is_bundle(args.model):
+        det = load_bundle(args.model, runtime)
+    else:
+        det = load_detector(args.model)
+        if hasattr(args, "runtime"):
+            det.use_runtime(runtime)
+    if runtime not in (None, "auto") and det.runtime_name != runtime:
+        for note in det.runtime_notes:
+            print(f"okng: {note}", file=sys.stderr)
+        print(f"okng: {runtime} is not available; running on {det.runtime_name}", file=sys.stderr)
+    logging.getLogger(__name__).info("embedding runtime: %s", det.runtime_name)
+    return det
 
 
 def _heatmap_png(m, scale: float):
@@ -163,7 +194,18 @@ def cmd_score(args: argparse.Namespace) -> int:
         w.writerows(rows)
     n_ng = sum(r["verdict"] == "NG" for r in rows)
     n_err = sum(r["verdict"] == "ERROR" for r in rows)
-    print(f"{len(rows)} images: {n_ng} NG, {len(rows) - n_ng - n_err} OK, {n_err} unreadable", file=sys.stderr)
+    print(f"{len(rows)} images: {n_ng} NG, {len(rows) - n_ng - n_err} OK, {n_err} unreadable "
+          f"(runtime {det.runtime_name})", file=sys.stderr)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .bundle import export_bundle
+    from .persistence import load_detector
+
+    det = load_detector(args.model)
+    out = export_bundle(det, args.out)
+    print(f"exported {args.model} -> {out} (model.okng, embedding.onnx, bundle.json)")
     return 0
 
 
@@ -234,6 +276,14 @@ def _add_plugin_commands(sub: argparse._SubParsersAction) -> None:
             logging.getLogger(__name__).warning("okng: command plugin %s unavailable: %s", ep.name, exc)
 
 
+def _add_runtime_option(p: argparse.ArgumentParser) -> None:
+    from .runtime import CHOICES
+
+    p.add_argument("--runtime", choices=CHOICES, default=None,
+                   help="what runs the backbone: auto (default, or $OKNG_RUNTIME: the fastest installed), "
+                        "torch, onnxruntime, openvino")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .detector import DetectorConfig
     from .models import MODELS
@@ -272,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("paths", nargs="+", metavar="PATH")
     s.add_argument("--csv", metavar="FILE", help="write results here instead of stdout")
     s.add_argument("--heatmaps", metavar="DIR", help="write a colour heatmap PNG per image")
+    _add_runtime_option(s)
     s.set_defaults(func=cmd_score)
 
     e = sub.add_parser("eval", help="evaluate a model on labelled OK and NG images")
@@ -279,7 +330,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--ok", nargs="+", required=True, metavar="PATH")
     e.add_argument("--ng", nargs="+", required=True, metavar="PATH")
     e.add_argument("--json", metavar="FILE")
+    _add_runtime_option(e)
     e.set_defaults(func=cmd_eval)
+
+    x = sub.add_parser("export", help="write a model as a bundle other tools and line PCs can run")
+    x.add_argument("model", metavar="MODEL", help="model file (.okng)")
+    x.add_argument("--out", required=True, metavar="DIR", help="bundle folder to write")
+    x.set_defaults(func=cmd_export)
 
     sf = sub.add_parser("simulate-feedback", help="measure what false-alarm clicks would buy (model unchanged)")
     sf.add_argument("--model", required=True, metavar="MODEL")

@@ -24,7 +24,7 @@ import torch
 
 from . import __version__
 from .atomic import write_atomic
-from .backbone import FeatureExtractor
+from .backbone import BackboneInfo, FeatureExtractor
 from .detector import Detector, DetectorConfig
 from .errors import BackboneUnavailableError, ModelFileError
 from .models import model_class
@@ -85,6 +85,7 @@ def save_detector(det: Detector, path: str | os.PathLike[str]) -> Path:
     meta = {"okng": json.dumps(_metadata(det))}
     tensors = detector_tensors(det)
     write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    det.model_path = str(path)
     return path
 
 
@@ -143,8 +144,8 @@ def _check_meta(meta: Any, path: Path) -> None:
     _require(b.get("weights") is None or isinstance(b.get("weights"), str), path, "backbone weights invalid")
     m = meta["model"]
     _require(isinstance(m.get("kind"), str) and isinstance(m.get("params"), dict), path, "model kind/params invalid")
-    _require(isinstance(m.get("grid"), list) and len(m["grid"]) == 2 and all(isinstance(g, int) and 0 < g <= 4096 for g in m["grid"]),
-             path, "model grid invalid")
+    _require(isinstance(m.get("grid"), list) and len(m["grid"]) == 2
+             and all(isinstance(g, int) and 0 < g <= 4096 for g in m["grid"]), path, "model grid invalid")
     _require(isinstance(m.get("n_channels"), int) and 0 < m["n_channels"] <= 100_000, path, "channel count invalid")
     th = meta.get("thresholds")
     _require(th is None or (isinstance(th, dict) and _is_number(th.get("image")) and _is_number(th.get("pixel"))
@@ -180,8 +181,11 @@ def _check_config_types(cfg: dict[str, Any], path: Path) -> None:
         _require(ok, path, f"invalid settings in the model file: {f.name!r} has the wrong type ({type(v).__name__})")
 
 
-def load_detector(path: str | os.PathLike[str], extractor: FeatureExtractor | None = None) -> Detector:
-    """Rebuild a detector from a model file. ``extractor`` shares an already loaded backbone."""
+def load_detector(path: str | os.PathLike[str], extractor: FeatureExtractor | BackboneInfo | None = None) -> Detector:
+    """Rebuild a detector from a model file. ``extractor`` shares an already loaded backbone
+    (a :class:`BackboneInfo`: no network, as in an exported bundle).
+
+    The detector embeds with PyTorch until :meth:`Detector.use_runtime` is called."""
     path = Path(path)
     meta, tensors = read_model_file(path)
     try:
@@ -213,7 +217,8 @@ def load_detector(path: str | os.PathLike[str], extractor: FeatureExtractor | No
              path, f"channel indices invalid for this backbone ({total} channels)")
     stride = extractor.stage_strides[0]
     backbone_grid = (-(-config.image_size // stride),) * 2
-    _require(grid == backbone_grid, path, f"model grid {list(grid)} does not match the backbone's {list(backbone_grid)}")
+    _require(grid == backbone_grid, path,
+             f"model grid {list(grid)} does not match the backbone's {list(backbone_grid)}")
     weights = tensors.pop("model_weights.channels", None)
     cal_scores = tensors.pop("thresholds.calibration_scores", torch.zeros(0, dtype=torch.float64))
     cal_peaks = tensors.pop("thresholds.calibration_peaks", torch.zeros(0, dtype=torch.float64))
@@ -253,6 +258,7 @@ def load_detector(path: str | os.PathLike[str], extractor: FeatureExtractor | No
     det.applied_labels = tuple(labels)
     if model.n_samples > 0:
         det.finalize()
+    det.model_path = str(path)
     return det
 
 
