@@ -115,12 +115,19 @@ def latency(model: Path, rounds: int) -> dict:
     return out
 
 
-def timed(cmd: list[str]) -> tuple[float, str]:
-    t = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=str(ROOT))
-    if r.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd[:4])} failed:\n{r.stderr[-2000:]}")
-    return time.perf_counter() - t, r.stderr
+def timed(cmd: list[str]) -> tuple[float, str, float]:
+    """(wall seconds, stderr, peak RSS in MB) of one fresh process."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        t = time.perf_counter()
+        p = subprocess.Popen(cmd, stdout=out, stderr=err, env=ENV, cwd=str(ROOT))
+        _, status, usage = os.wait4(p.pid, 0)
+        seconds = time.perf_counter() - t
+        p.returncode = os.waitstatus_to_exitcode(status)
+        err.seek(0)
+        text = err.read().decode(errors="replace")
+    if p.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:4])} failed:\n{text[-2000:]}")
+    return seconds, text, usage.ru_maxrss / 1024.0
 
 
 def main() -> None:
@@ -156,23 +163,27 @@ def main() -> None:
             (folder / Path(p).name).symlink_to(p)
         runs: dict[str, list[float]] = {k: [] for k in ["bare", *installed_runtimes()]}
         loads: dict[str, list[float]] = {k: [] for k in runs}
+        rss: dict[str, list[float]] = {k: [] for k in runs}
         for _ in range(args.repeats):
             for key in runs:
                 loads[key].append(load_average())
                 if key == "bare":
-                    s, _ = timed([PY, str(Path(__file__).resolve()), "worker", "bare", str(folder)])
+                    s, _, mb = timed([PY, str(Path(__file__).resolve()), "worker", "bare", str(folder)])
                 else:
-                    s, err = timed([PY, "-m", "core.cli", "score", "--model", str(model), str(folder),
-                                    "--runtime", key, "--csv", str(d / f"{key}.csv")])
+                    s, err, mb = timed([PY, "-m", "core.cli", "score", "--model", str(model), str(folder),
+                                        "--runtime", key, "--csv", str(d / f"{key}.csv")])
                     if f"(runtime {key})" not in err:
                         print(f"  {key}: did not run on {key}: {err.strip().splitlines()[-3:]}")
                 runs[key].append(s)
+                rss[key].append(mb)
         bare = statistics.median(runs["bare"])
         res["score"] = {k: {"seconds": statistics.median(v), "runs": v, "load_average": loads[k],
-                            "ratio_to_bare": statistics.median(v) / bare} for k, v in runs.items()}
+                            "peak_rss_mb": max(rss[k]), "ratio_to_bare": statistics.median(v) / bare}
+                        for k, v in runs.items()}
         print(f"\nokng score over {args.images} cells, wall s (median of {args.repeats}; load average at start)")
         for k, r in res["score"].items():
-            print(f"  {k:12s} {r['seconds']:6.1f} s  ({r['ratio_to_bare']:.2f}x bare)  runs "
+            print(f"  {k:12s} {r['seconds']:6.1f} s  ({r['ratio_to_bare']:.2f}x bare)  peak RSS "
+                  f"{r['peak_rss_mb']:5.0f} MB  runs "
                   f"{[round(x, 1) for x in r['runs']]}  load {[round(x, 2) for x in r['load_average']]}")
     best = min((lat[f"{n}/total"]["median_ms"], n) for n in installed_runtimes() if f"{n}/total" in lat)
     print(f"\nsummary: fastest batch-1 latency {best[0]:.1f} ms ({best[1]}; target <= 8 ms)")

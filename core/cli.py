@@ -137,7 +137,7 @@ def _load(args):
     elif hasattr(args, "runtime"):  # inspection only: no backbone code when the graph is cached
         det = load_for_inspection(args.model, runtime)
     else:
-        det = load_detector(args.model)
+        det = load_detector(args.model, runtime="torch")
     if runtime not in (None, "auto") and det.runtime_name != runtime:
         for note in det.runtime_notes:
             print(f"okng: {note}", file=sys.stderr)
@@ -204,7 +204,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .bundle import export_bundle
     from .persistence import load_detector
 
-    det = load_detector(args.model)
+    det = load_detector(args.model, runtime="torch")
     out = export_bundle(det, args.out)
     print(f"exported {args.model} -> {out} (model.okng, embedding.onnx, bundle.json)")
     return 0

@@ -384,10 +384,8 @@ def load_model_job(path: str | Path, extractor: FeatureExtractor | None, token: 
     from .persistence import load_detector
 
     yield Progress(0, 1, f"loading model {Path(path).name}")
-    det = load_detector(path, extractor)
+    det = load_detector(path, extractor, runtime=runtime)  # exports the graph the first time
     det.warm_up()
-    yield Progress(0, 1, "preparing the inspection runtime")
-    det.use_runtime(runtime)
     return det
 
 

@@ -181,11 +181,16 @@ def _check_config_types(cfg: dict[str, Any], path: Path) -> None:
         _require(ok, path, f"invalid settings in the model file: {f.name!r} has the wrong type ({type(v).__name__})")
 
 
-def load_detector(path: str | os.PathLike[str], extractor: FeatureExtractor | BackboneInfo | None = None) -> Detector:
+def load_detector(path: str | os.PathLike[str], extractor: FeatureExtractor | BackboneInfo | None = None,
+                  runtime: str | None = None) -> Detector:
     """Rebuild a detector from a model file. ``extractor`` shares an already loaded backbone
-    (a :class:`BackboneInfo`: no network, as in an exported bundle).
+    (a :class:`BackboneInfo`: no network, as in an exported bundle; the caller then sets
+    the runtime).
 
-    The detector embeds with PyTorch until :meth:`Detector.use_runtime` is called."""
+    ``runtime`` is what embeds at inspection, as for a fit (:meth:`Detector.use_runtime`):
+    None = ``OKNG_RUNTIME`` or auto, the fastest that works here (the graph is exported
+    beside the file the first time); ``"torch"`` = PyTorch, nothing exported. A fitted
+    detector and the same model loaded back give identical scores on the same runtime."""
     path = Path(path)
     meta, tensors = read_model_file(path)
     try:
@@ -259,6 +264,8 @@ def load_detector(path: str | os.PathLike[str], extractor: FeatureExtractor | Ba
     if model.n_samples > 0:
         det.finalize()
     det.model_path = str(path)
+    if isinstance(extractor, FeatureExtractor):
+        det.use_runtime(runtime)
     return det
 
 

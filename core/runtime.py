@@ -465,8 +465,7 @@ def load_for_inspection(path: str | os.PathLike[str], runtime: str | None = None
         except Exception as exc:  # noqa: BLE001 - any doubt: the full load below decides, with its errors
             log.info("fast load of %s not possible (%s: %s); loading the backbone", path,
                      exc.__class__.__name__, str(exc)[:160])
-    det = load_detector(path)
-    det.use_runtime(requested)
+    det = load_detector(path, runtime=requested)
     det.runtime_notes = notes + [n for n in det.runtime_notes if n not in notes]
     return det
 
