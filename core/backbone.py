@@ -53,6 +53,30 @@ class BackboneSpec:
             raise ValueError(f"image size must be between 32 and 4096, got {self.image_size}")
 
 
+@dataclass(frozen=True)
+class BackboneInfo:
+    """What the engine knows about a backbone without running it: enough to build the
+    embedding's bookkeeping (grid, channel stages) and to save a model file.
+
+    An exported bundle (:mod:`core.bundle`) loads with one of these instead of a
+    :class:`FeatureExtractor`: its network runs only as the exported graph, so neither timm
+    nor the weights package is needed. Calling it raises :class:`BackboneUnavailableError`.
+    """
+
+    spec: BackboneSpec
+    weights_identity: str
+    stage_channels: tuple[int, ...]
+    stage_strides: tuple[int, ...]
+    norm_mean: tuple[float, ...]
+    norm_std: tuple[float, ...]
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        raise BackboneUnavailableError(
+            f"the {self.spec.name} backbone is not loaded here (exported model): it runs only "
+            "through the exported embedding graph"
+        )
+
+
 @dataclass
 class LoadedWeights:
     identity: str
@@ -294,11 +318,19 @@ class FeatureExtractor(torch.nn.Module):
         """(B, 3, H, W) RGB in [0, 1] -> the network's normalised input."""
         return (x - self._mean) / self._std
 
-    @torch.inference_mode()
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """(B, 3, S, S) float32 RGB in [0, 1] -> one (B, C_i, S/r_i, S/r_i) map per stage."""
+    def info(self) -> BackboneInfo:
+        return BackboneInfo(self.spec, self.weights_identity, self.stage_channels, self.stage_strides,
+                            self.norm_mean, self.norm_std)
+
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """:meth:`forward` without inference mode (the exporter traces this)."""
         return list(
             self.model.forward_intermediates(
                 self.normalise(x), indices=list(self.spec.stages), intermediates_only=True
             )
         )
+
+    @torch.inference_mode()
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """(B, 3, S, S) float32 RGB in [0, 1] -> one (B, C_i, S/r_i, S/r_i) map per stage."""
+        return self.features(x)

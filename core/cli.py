@@ -1,8 +1,9 @@
 """``okng``: the station's command line (stable; scripts and other tools call it).
 
     okng fit PATH... --out MODEL [--model padim] [--backbone NAME] [--image-size N]
-    okng score --model MODEL PATH... [--csv FILE] [--heatmaps DIR]
-    okng eval --model MODEL --ok PATH... --ng PATH... [--json FILE]
+    okng score --model MODEL|BUNDLE PATH... [--csv FILE] [--heatmaps DIR] [--runtime NAME]
+    okng eval --model MODEL|BUNDLE --ok PATH... --ng PATH... [--json FILE] [--runtime NAME]
+    okng export MODEL --out DIR
     okng models
     okng demo | okng gui [RECIPE]
 
@@ -144,10 +145,12 @@ def cmd_fit(args: argparse.Namespace) -> int:
     paths = _paths(args.paths)
     config = _config_from_args(args)
     _check_output(args.out, "--out")
-    result = _drive(fit_job(paths, config, CancelToken()), "fit")
+    # no inspection here: the embedding graph is only exported, next to the model file
+    result = _drive(fit_job(paths, config, CancelToken(), runtime="torch"), "fit")
     for s in result.skipped:
         print(f"skipped {s.path}: {s.reason}", file=sys.stderr)
     out = save_detector(result.detector, args.out)
+    _export_graph(result.detector, out)
     det = result.detector
     th = det.thresholds
     msg = (f"fitted {config.model} on {len(result.fitted) + len(result.calibration)} OK images "
@@ -167,15 +170,42 @@ def _check_output(path: str | None, option: str) -> None:
         raise OkngError(f"{option} {path}: folder {Path(path).parent} does not exist (nothing was done)")
 
 
+def _export_graph(det, model_path: Path) -> None:
+    """Export the embedding graph beside a new model file now, so that the first ``okng
+    score`` does not; a failure is logged, never an error (scoring falls back to torch)."""
+    from .runtime import ensure_graph
+
+    try:
+        ensure_graph(det.embedder, model_path)
+    except Exception as exc:  # noqa: BLE001 - the fast path is optional
+        logging.getLogger(__name__).warning("embedding graph not exported (%s); scoring will export or use torch",
+                                            exc)
+
+
 def _load(args):
     """``--model`` is a model file, an exported bundle folder, or a recipe (its model with the
-    recipe's thresholds): an engineer should not have to know which file holds what."""
+    recipe's thresholds), embedding on ``--runtime`` (inspection commands) or PyTorch. A forced
+    runtime that cannot run says why on stderr and the run goes on with PyTorch."""
+    from .bundle import is_bundle, load_bundle
     from .persistence import load_detector
+    from .runtime import load_for_inspection
 
+    runtime = getattr(args, "runtime", None)
     path = Path(args.model)
-    if path.is_file() and _is_recipe(path):
-        return _load_recipe_model(path)
-    return load_detector(path)
+    if is_bundle(args.model):
+        det = load_bundle(args.model, runtime)
+    elif path.is_file() and _is_recipe(path):
+        det = _load_recipe_model(path, runtime)
+    elif hasattr(args, "runtime"):  # inspection only: no backbone code when the graph is cached
+        det = load_for_inspection(args.model, runtime)
+    else:
+        det = load_detector(args.model, runtime="torch")
+    if runtime not in (None, "auto") and det.runtime_name != runtime:
+        for note in det.runtime_notes:
+            print(f"okng: {note}", file=sys.stderr)
+        print(f"okng: {runtime} is not available; running on {det.runtime_name}", file=sys.stderr)
+    logging.getLogger(__name__).info("embedding runtime: %s", det.runtime_name)
+    return det
 
 
 def _is_recipe(path: Path) -> bool:
@@ -183,7 +213,7 @@ def _is_recipe(path: Path) -> bool:
         return f.read(16) == b"SQLite format 3\x00"
 
 
-def _load_recipe_model(path: Path):
+def _load_recipe_model(path: Path, runtime: str | None = None):
     from dataclasses import replace
 
     from .persistence import load_detector
@@ -192,7 +222,7 @@ def _load_recipe_model(path: Path):
     recipe = load_recipe(path)
     if not recipe.model_path or not Path(recipe.model_path).is_file():
         raise OkngError(f"recipe {path} has no fitted model yet: fit it in the station (F5) or with okng fit")
-    det = load_detector(recipe.model_path)
+    det = load_detector(recipe.model_path, runtime=runtime)
     if det.thresholds is not None and recipe.image_threshold is not None and recipe.pixel_threshold is not None:
         det.thresholds = replace(det.thresholds, image=recipe.image_threshold, pixel=recipe.pixel_threshold)
     print(f"okng: using the model of recipe {recipe.name}: {recipe.model_path}", file=sys.stderr)
@@ -307,8 +337,19 @@ def cmd_score(args: argparse.Namespace) -> int:
         out.commit()
     n = sum(counts.values())
     no_verdict = f", {counts['?']} without a verdict (no threshold)" if counts["?"] else ""
-    print(f"{n} images: {counts['NG']} NG, {counts['OK']} OK{no_verdict}, {counts['ERROR']} unreadable",
+    print(f"{n} images: {counts['NG']} NG, {counts['OK']} OK{no_verdict}, {counts['ERROR']} unreadable "
+          f"(runtime {det.runtime_name})",
           file=sys.stderr)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .bundle import export_bundle
+    from .persistence import load_detector
+
+    det = load_detector(args.model, runtime="torch")
+    out = export_bundle(det, args.out)
+    print(f"exported {args.model} -> {out} (model.okng, embedding.onnx, bundle.json)")
     return 0
 
 
@@ -382,6 +423,14 @@ def _add_plugin_commands(sub: argparse._SubParsersAction) -> None:
             logging.getLogger(__name__).warning("okng: command plugin %s unavailable: %s", ep.name, exc)
 
 
+def _add_runtime_option(p: argparse.ArgumentParser) -> None:
+    from .runtime import CHOICES
+
+    p.add_argument("--runtime", choices=CHOICES, default=None,
+                   help="what runs the backbone: auto (default, or $OKNG_RUNTIME: the fastest installed), "
+                        "torch, onnxruntime, openvino")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .detector import DetectorConfig
     from .models import MODELS
@@ -423,6 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("paths", nargs="+", metavar="PATH")
     s.add_argument("--csv", metavar="FILE", help="write results here instead of stdout")
     s.add_argument("--heatmaps", metavar="DIR", help="write a colour heatmap PNG per image")
+    _add_runtime_option(s)
     s.set_defaults(func=cmd_score)
 
     e = sub.add_parser("eval", help="evaluate a model on labelled OK and NG images")
@@ -430,7 +480,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--ok", nargs="+", required=True, metavar="PATH")
     e.add_argument("--ng", nargs="+", required=True, metavar="PATH")
     e.add_argument("--json", metavar="FILE")
+    _add_runtime_option(e)
     e.set_defaults(func=cmd_eval)
+
+    x = sub.add_parser("export", help="write a model as a bundle other tools and line PCs can run")
+    x.add_argument("model", metavar="MODEL", help="model file (.okng)")
+    x.add_argument("--out", required=True, metavar="DIR", help="bundle folder to write")
+    x.set_defaults(func=cmd_export)
 
     sf = sub.add_parser("simulate-feedback", help="measure what false-alarm clicks would buy (model unchanged)")
     sf.add_argument("--model", required=True, metavar="MODEL")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import os
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -24,9 +25,9 @@ import numpy as np
 import torch
 
 from .anomaly_map import PostProcess
-from .backbone import DEFAULT_BACKBONE, BackboneSpec, FeatureExtractor
+from .backbone import DEFAULT_BACKBONE, BackboneInfo, BackboneSpec, FeatureExtractor
 from .embedding import Embedder, choose_channels
-from .errors import NotFittedError, ResourceError
+from .errors import BackboneUnavailableError, NotFittedError, OkngError, ResourceError
 from .feedback_memory import FeedbackMemory
 from .models import NormalityModel, model_class
 from .thresholds import Thresholds, verdict
@@ -331,7 +332,7 @@ class Detector:
     def __init__(
         self,
         config: DetectorConfig,
-        extractor: FeatureExtractor,
+        extractor: FeatureExtractor | BackboneInfo,
         channel_idx: np.ndarray,
         model: NormalityModel,
         thresholds: Thresholds | None = None,
@@ -349,6 +350,13 @@ class Detector:
         #: ids of the stored operator labels this model has learnt, in order (see
         #: :mod:`core.session_labels`); saved in the model file
         self.applied_labels: tuple[int, ...] = ()
+        #: the model file this detector was loaded from or saved to (its embedding graph is
+        #: cached beside it), or None
+        self.model_path: str | None = None
+        #: what runs the embedding at inspection (see :meth:`use_runtime`); None: PyTorch
+        self._runtime = None
+        #: why the requested runtime is not the one running (one line per runtime skipped)
+        self.runtime_notes: list[str] = []
 
         #: position-free memory of accepted appearances (false-alarm feedback, issue 11);
         #: applied to every score, so inspection, calibration, CLI and simulation all see it
@@ -364,7 +372,7 @@ class Detector:
         have, model parameters that do not fit those channels, and a fit whose estimated
         memory (:func:`estimate_fit_memory`; ``n_images`` refines it) exceeds what is free.
         """
-        if extractor is None or extractor.spec != config.backbone_spec():
+        if not isinstance(extractor, FeatureExtractor) or extractor.spec != config.backbone_spec():
             extractor = FeatureExtractor(config.backbone_spec())
         total = sum(extractor.stage_channels)
         if config.n_channels is not None and config.n_channels > total:
@@ -391,6 +399,7 @@ class Detector:
         det.calibration_embeddings = self.calibration_embeddings  # never modified in place
         det.applied_labels = self.applied_labels
         det.memory = None if self.memory is None else self.memory.copy()
+        det.model_path, det._runtime, det.runtime_notes = self.model_path, self._runtime, list(self.runtime_notes)
         return det
 
     def ensure_memory(self, **params: Any) -> FeedbackMemory:
@@ -413,8 +422,77 @@ class Detector:
 
             warm_up()
 
+    # -- the embedding runtime ------------------------------------------------------------
+    @property
+    def runtime_name(self) -> str:
+        """What runs the embedding: ``"torch"``, ``"onnxruntime"`` or ``"openvino"``."""
+        return "torch" if self._runtime is None else self._runtime.name
+
+    def use_runtime(self, runtime: str | None = None, model_path: str | os.PathLike[str] | None = None) -> str:
+        """Run the embedding with ``runtime`` (``auto``/None: the fastest that works here, see
+        :mod:`core.runtime`) from now on; returns the name of the one chosen.
+
+        Exports the embedding graph the first time (seconds; then cached beside the model
+        file). Never fails for an unavailable runtime: it falls back to torch and says why in
+        :attr:`runtime_notes` and the log. Fitting always embeds with PyTorch.
+        """
+        from .runtime import select_runtime
+
+        if not self.embedder.has_backbone:
+            try:
+                self.attach_backbone()
+            except OkngError as exc:  # a bundle on a PC without timm: keep what runs
+                self.runtime_notes = [f"cannot change the runtime: {exc}"]
+                log.warning("embedding runtime unchanged: %s", exc)
+                return self.runtime_name
+        if model_path is not None:
+            self.model_path = str(model_path)
+        sel = select_runtime(self.embedder, runtime, self.model_path)
+        self._runtime = None if sel.name == "torch" else sel.runtime
+        self.runtime_notes = sel.notes
+        return self.runtime_name
+
+    def attach_backbone(self) -> None:
+        """Load the PyTorch backbone of a detector built without it (an exported bundle, or a
+        model loaded for inspection from its cached graph); raises if it cannot be had here."""
+        if self.embedder.has_backbone:
+            return
+        info = self.extractor
+        ex = FeatureExtractor(self.config.backbone_spec())
+        if ex.weights_identity != info.weights_identity:
+            raise BackboneUnavailableError(f"this station loads backbone weights {ex.weights_identity!r}, the "
+                                           f"model was fitted with {info.weights_identity!r}")
+        self.extractor = ex
+        self.embedder = Embedder(ex, self.embedder.channel_idx)
+
+    def set_runtime(self, runtime) -> None:
+        """Use an already opened runtime (an exported bundle's); None: PyTorch."""
+        self._runtime = runtime
+
     def embed(self, images: list[np.ndarray] | torch.Tensor) -> torch.Tensor:
-        """RGB uint8 images (or a preprocessed batch) -> (B, C, h, w) float32 embeddings."""
+        """RGB uint8 images (or a preprocessed batch) -> (B, C, h, w) float32 embeddings.
+
+        Runs on the runtime chosen by :meth:`use_runtime` (PyTorch until then); the result is
+        the same whichever runs it (to ~1e-6 of its range)."""
+        batch = images if isinstance(images, torch.Tensor) else preprocess(images, self.image_size)
+        rt = self._runtime
+        if rt is not None:
+            try:
+                return rt(batch)
+            except Exception as exc:  # noqa: BLE001 - the reference takes over, if it is here
+                if not self.embedder.has_backbone:
+                    try:
+                        self.attach_backbone()
+                    except OkngError:
+                        raise exc from None
+                note = f"{rt.name} failed ({exc.__class__.__name__}: {str(exc)[:160]}); using torch"
+                log.warning("embedding runtime %s", note)
+                self.runtime_notes.append(note)
+                self._runtime = None
+        return self.embedder(batch)
+
+    def embed_torch(self, images: list[np.ndarray] | torch.Tensor) -> torch.Tensor:
+        """:meth:`embed` with PyTorch whatever the runtime (fitting, reference checks)."""
         batch = images if isinstance(images, torch.Tensor) else preprocess(images, self.image_size)
         return self.embedder(batch)
 
@@ -507,4 +585,5 @@ class Detector:
             "grid": list(self.embedder.grid_size),
             "image_size": self.image_size,
             "ok_images": self.model.n_samples,
+            "runtime": self.runtime_name,
         }

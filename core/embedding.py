@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .backbone import FeatureExtractor
+from .backbone import BackboneInfo, FeatureExtractor
 
 
 def choose_channels(total: int, n_channels: int | None, seed: int) -> np.ndarray:
@@ -31,7 +31,7 @@ def choose_channels(total: int, n_channels: int | None, seed: int) -> np.ndarray
 class Embedder:
     """Turns a batch of images into per-patch embeddings for the normality models."""
 
-    def __init__(self, extractor: FeatureExtractor, channel_idx: np.ndarray) -> None:
+    def __init__(self, extractor: FeatureExtractor | BackboneInfo, channel_idx: np.ndarray) -> None:
         self.extractor = extractor
         total = sum(extractor.stage_channels)
         channel_idx = np.asarray(channel_idx, dtype=np.int64)
@@ -48,6 +48,16 @@ class Embedder:
         self.channel_stage = np.searchsorted(bounds[1:], channel_idx, side="right")
 
     @property
+    def has_backbone(self) -> bool:
+        """False for an exported model loaded without its network (see :mod:`core.bundle`)."""
+        return isinstance(self.extractor, FeatureExtractor)
+
+    @property
+    def stage_indices(self) -> list[torch.Tensor]:
+        """Per stage, the local indices of the kept channels (the exporter bakes these in)."""
+        return list(self._per_stage)
+
+    @property
     def n_channels(self) -> int:
         return int(self.channel_idx.size)
 
@@ -61,13 +71,21 @@ class Embedder:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) float32 RGB in [0, 1] -> (B, C, h, w) float32 embedding."""
         feats = self.extractor(images)
-        size = feats[0].shape[-2:]
-        parts = []
-        for f, idx in zip(feats, self._per_stage):
-            if idx.numel() == 0:
-                continue
-            f = f.index_select(1, idx) if idx.numel() < f.shape[1] else f
-            if f.shape[-2:] != size:
-                f = F.interpolate(f, size=size, mode="bilinear", align_corners=False)
-            parts.append(f)
-        return torch.cat(parts, dim=1).contiguous()
+        return combine_stages(feats, self._per_stage, tuple(feats[0].shape[-2:]))
+
+
+def combine_stages(feats: list[torch.Tensor], per_stage: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+    """Each stage's kept channels, upsampled to ``size`` (bilinear), concatenated in order.
+
+    Shared by :class:`Embedder` and the exported graph (:mod:`core.runtime`), so both compute
+    the same thing by construction.
+    """
+    parts = []
+    for f, idx in zip(feats, per_stage):
+        if idx.numel() == 0:
+            continue
+        f = f.index_select(1, idx) if idx.numel() < f.shape[1] else f
+        if tuple(f.shape[-2:]) != tuple(size):
+            f = F.interpolate(f, size=size, mode="bilinear", align_corners=False)
+        parts.append(f)
+    return torch.cat(parts, dim=1).contiguous()

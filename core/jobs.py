@@ -260,6 +260,7 @@ def fit_job(
     config: DetectorConfig,
     token: CancelToken,
     extractor: FeatureExtractor | None = None,
+    runtime: str | None = None,
 ) -> Generator[Progress, None, FitResult]:
     """Fit a detector on OK images and calibrate its thresholds on a held-out share.
 
@@ -267,6 +268,9 @@ def fit_job(
     held-out images stay out of the model, so the stated false-alarm rate is measured on
     unseen OK parts, and stays honest when feedback later changes the model: their
     embeddings are kept (float16) and re-scored after every change.
+
+    Fitting embeds with PyTorch; at the end the detector's inspection runtime is prepared
+    (``runtime``: None = ``OKNG_RUNTIME`` or auto, see :mod:`core.runtime`).
     """
     t0 = time.perf_counter()
     paths = [str(p) for p in paths]
@@ -286,7 +290,7 @@ def fit_job(
         token.raise_if_cancelled()
         result.skipped += batch.skipped
         if batch.tensor is not None:
-            det.fit_embeddings(det.embed(batch.tensor))
+            det.fit_embeddings(det.embed_torch(batch.tensor))
             result.fitted += batch.paths
         done += len(batch.paths) + len(batch.skipped)
         yield Progress(done, len(paths), f"fitting: {done}/{len(paths)} images")
@@ -303,7 +307,7 @@ def fit_job(
         token.raise_if_cancelled()
         result.skipped += batch.skipped
         if batch.tensor is not None:
-            emb = det.embed(batch.tensor)
+            emb = det.embed_torch(batch.tensor)
             held[n_held : n_held + emb.shape[0]] = emb
             n_held += emb.shape[0]
             result.calibration += batch.paths
@@ -317,6 +321,8 @@ def fit_job(
     else:
         log.warning("no OK images held out for calibration (fewer than 5 images, or calibration "
                     "fraction 0): set the thresholds by hand")
+    yield Progress(done, len(paths), "preparing the inspection runtime")
+    det.use_runtime(runtime)
     result.seconds = time.perf_counter() - t0
     release_free_memory()
     return result
@@ -373,14 +379,16 @@ def inspect_paths(paths: Iterable[str | Path], detector: Detector,
     return [p.item for p in inspect_job(paths, detector, token or CancelToken()) if p.item is not None]
 
 
-def load_model_job(path: str | Path, extractor: FeatureExtractor | None, token: CancelToken
-                   ) -> Generator[Progress, None, Detector]:
+def load_model_job(path: str | Path, extractor: FeatureExtractor | None, token: CancelToken,
+                   runtime: str | None = None) -> Generator[Progress, None, Detector]:
     """Load a model file (sharing an already loaded backbone when it matches) and load the
-    compiled scoring kernel now, not in the operator's first inspection."""
+    compiled scoring kernel and the inspection runtime (``runtime``: None = ``OKNG_RUNTIME``
+    or auto; :attr:`Detector.runtime_name` says which) now, not in the operator's first
+    inspection."""
     from .persistence import load_detector
 
     yield Progress(0, 1, f"loading model {Path(path).name}")
-    det = load_detector(path, extractor)
+    det = load_detector(path, extractor, runtime=runtime)  # exports the graph the first time
     det.warm_up()
     return det
 

@@ -35,7 +35,7 @@ import torch
 
 from . import __version__
 from .atomic import write_atomic
-from .backbone import FeatureExtractor
+from .backbone import BackboneInfo, FeatureExtractor
 from .detector import Detector, DetectorConfig
 from .errors import BackboneUnavailableError, ModelFileError
 from .models import model_class
@@ -102,8 +102,11 @@ def detector_tensors(det: Detector) -> dict[str, torch.Tensor]:
 
 
 def save_detector(det: Detector, path: str | os.PathLike[str]) -> Path:
-    """Write the detector atomically; returns the path written."""
-    return write_model_file(path, detector_tensors(det), _metadata(det))
+    """Write the detector atomically; returns the path written (the detector remembers it:
+    its embedding graph is cached beside it)."""
+    out = write_model_file(path, detector_tensors(det), _metadata(det))
+    det.model_path = str(out)
+    return out
 
 
 def _digest_field(header: bytes) -> re.Match[bytes] | None:
@@ -294,8 +297,16 @@ def _check_config_types(cfg: dict[str, Any], path: Path) -> None:
         _require(ok, path, f"invalid settings in the model file: {f.name!r} has the wrong type ({type(v).__name__})")
 
 
-def load_detector(path: str | os.PathLike[str], extractor: FeatureExtractor | None = None) -> Detector:
-    """Rebuild a detector from a model file. ``extractor`` shares an already loaded backbone."""
+def load_detector(path: str | os.PathLike[str], extractor: FeatureExtractor | BackboneInfo | None = None,
+                  runtime: str | None = None) -> Detector:
+    """Rebuild a detector from a model file. ``extractor`` shares an already loaded backbone
+    (a :class:`BackboneInfo`: no network, as in an exported bundle; the caller then sets
+    the runtime).
+
+    ``runtime`` is what embeds at inspection, as for a fit (:meth:`Detector.use_runtime`):
+    None = ``OKNG_RUNTIME`` or auto, the fastest that works here (the graph is exported
+    beside the file the first time); ``"torch"`` = PyTorch, nothing exported. A fitted
+    detector and the same model loaded back give identical scores on the same runtime."""
     path = Path(path)
     meta, tensors = read_model_file(path)
     cfg = dict(meta["config"])
@@ -373,6 +384,9 @@ def load_detector(path: str | os.PathLike[str], extractor: FeatureExtractor | No
     det.memory = _load_memory(meta.get("feedback_memory"), memory_t, model, path)
     if model.n_samples > 0:
         det.finalize()
+    det.model_path = str(path)
+    if isinstance(extractor, FeatureExtractor):
+        det.use_runtime(runtime)
     return det
 
 

@@ -1,9 +1,17 @@
 """Shared fixtures: synthetic part images, a tiny detector configuration, real ELPV cells."""
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+# exported embedding graphs of detectors without a model file: a per-run folder, not ~/.cache
+# (inherited by the CLI subprocesses the tests start)
+if "OKNG_CACHE_DIR" not in os.environ:
+    os.environ["OKNG_CACHE_DIR"] = tempfile.mkdtemp(prefix="okng-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["OKNG_CACHE_DIR"], True)
 
 import cv2
 import numpy as np

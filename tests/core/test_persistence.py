@@ -20,7 +20,13 @@ def test_round_trip_gives_identical_scores_and_thresholds(fitted, tmp_path):
     path = save_detector(det, tmp_path / "m.okng")
     back = load_detector(path)
     img = [np.full((70, 50, 3), 30, np.uint8)]
+    # the fit prepared the fastest runtime; a loaded model embeds with PyTorch until asked:
+    # the same runtime on both sides gives the same scores bit for bit
+    assert back.use_runtime(det.runtime_name) == det.runtime_name
     assert back.inspect(img)[0].score == det.inspect(img)[0].score
+    ref = det.copy()
+    assert back.use_runtime("torch") == ref.use_runtime("torch") == "torch"
+    assert back.inspect(img)[0].score == ref.inspect(img)[0].score
     np.testing.assert_array_equal(back.embedder.channel_idx, det.embedder.channel_idx)
     assert back.thresholds.image == det.thresholds.image
     np.testing.assert_array_equal(back.thresholds.calibration_scores, det.thresholds.calibration_scores)

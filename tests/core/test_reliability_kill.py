@@ -55,7 +55,7 @@ def fitted_file(saved_tiny_model):
 
 def test_sigkill_during_saves_never_leaves_an_unloadable_model(fitted_file, tmp_path):
     original, probe = fitted_file
-    ref = load_detector(original)
+    ref = load_detector(original, runtime="torch")  # the model file is under test: no graph export
     expected = ref.inspect([probe])[0].score
     target = tmp_path / "m.okng"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.getcwd())
@@ -74,7 +74,7 @@ def test_sigkill_during_saves_never_leaves_an_unloadable_model(fitted_file, tmp_
             os.kill(pid, signal.SIGKILL)
             assert zygote.stdout.readline().strip() == "reaped"
             assert target.is_file(), "the model file vanished"
-            det = load_detector(target, extractor=ref.extractor)  # shared backbone: fast
+            det = load_detector(target, extractor=ref.extractor, runtime="torch")  # shared backbone: fast
             assert det.inspect([probe])[0].score == expected
         elapsed = time.monotonic() - t0
     finally:
