@@ -378,8 +378,12 @@ def _copy_graph(src: Path, dst: Path) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     for a, b in ((src, dst), (description_path(src), description_path(dst))):
         tmp = b.with_name(f".{b.name}.tmp")
-        shutil.copyfile(a, tmp)
-        os.replace(tmp, b)
+        try:
+            shutil.copyfile(a, tmp)
+            os.replace(tmp, b)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a full disk must not leave a half copy behind
+            raise
 
 
 def ensure_graph(embedder: Embedder, model_path: str | os.PathLike[str] | None = None, rebuild: bool = False) -> Path:
