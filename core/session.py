@@ -45,8 +45,10 @@ DEMO_RECIPE_NAME = "ELPV mono cells (demo)"
 
 class InspectionSession:
     def __init__(self, executor: Any, labels_dir: str | Path | None = None,
-                 captures_dir: str | Path | None = None) -> None:
+                 captures_dir: str | Path | None = None, runtime: str | None = None) -> None:
         self.executor = executor
+        #: what runs the backbone for inspection (core.runtime; None: OKNG_RUNTIME or the fastest)
+        self.runtime = runtime
         self.labels_dir = Path(labels_dir) if labels_dir is not None else Path.home() / ".okng" / "labels"
         self.captures_dir = Path(captures_dir) if captures_dir is not None else Path.home() / ".okng" / "captures"
         # notifications
@@ -269,7 +271,7 @@ class InspectionSession:
             self._fit_done(result)
             report()
 
-        job = partial(fit_job, list(self.recipe.ok_paths), config, extractor=self.extractor)
+        job = partial(fit_job, list(self.recipe.ok_paths), config, extractor=self.extractor, runtime=self.runtime)
         self.status.emit(f"Fitting on {len(self.recipe.ok_paths)} OK images…")
         self.submit(job, on_returned=done, on_failed=self._failed("Fit failed", report),
                      on_cancelled=lambda: self.status.emit("Fit cancelled; the model is unchanged"))
@@ -284,7 +286,7 @@ class InspectionSession:
         self.thresholds_hand_set = keep_mine
         self.mark_dirty()
         msg = (f"Model fitted on {len(result.fitted)} images, calibrated on {len(result.calibration)} "
-               f"in {result.seconds:.1f} s")
+               f"in {result.seconds:.1f} s; inspection runs on {det.runtime_name}")
         if th is None:
             msg += " — too few images to calibrate: set the thresholds by hand"
         self.status.emit(msg)
@@ -551,10 +553,11 @@ class InspectionSession:
             self.thresholds_hand_set = th is not None and not th.matches_calibration()
             self.labels.model_replaced(det, replay=False)
             self.mark_saved()  # what was just opened is what is on disk
-            self.status.emit(f"Recipe {recipe.name} ready")
+            self.status.emit(f"Recipe {recipe.name} ready; inspection runs on {det.runtime_name}")
 
         self.status.emit(f"Loading model {Path(recipe.model_path).name}…")
-        self.submit(partial(load_model_job, recipe.model_path, self.extractor), on_returned=loaded,
+        self.submit(partial(load_model_job, recipe.model_path, self.extractor, runtime=self.runtime),
+                    on_returned=loaded,
                      on_failed=self._failed("Could not load the model"))
 
     def save_recipe(self, path: str | Path | None = None) -> bool:

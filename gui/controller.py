@@ -9,6 +9,7 @@ the newest (``display_changed``). Questions the session leaves to a person
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from PySide6.QtCore import QObject, QStandardPaths, QTimer, Signal, Slot
@@ -17,6 +18,16 @@ from core.jobs import Progress
 from core.session import InspectionSession
 
 log = logging.getLogger(__name__)
+
+
+def gui_runtime() -> str:
+    """The inspection runtime inside the window: ``OKNG_RUNTIME`` if set, else ONNX Runtime.
+
+    Not OpenVINO by default here: with OpenVINO compiling and running on the engine thread,
+    Qt's text layout on the UI thread crashed (segfault in QGraphicsTextItem.setHtml, every
+    run of tests/gui/test_end_to_end.py); torch and ONNX Runtime run clean in the window.
+    The command line has no Qt and keeps the fastest (OpenVINO)."""
+    return os.environ.get("OKNG_RUNTIME") or "onnxruntime"
 
 
 def _app_data(sub: str) -> Path:
@@ -57,7 +68,7 @@ class StationController(QObject):
         self.runner = runner
         self.session = s = InspectionSession(
             runner, labels_dir if labels_dir is not None else _app_data("labels"),
-            captures_dir if captures_dir is not None else _app_data("captures"))
+            captures_dir if captures_dir is not None else _app_data("captures"), runtime=gui_runtime())
         self._render_pending = False
         for name in ("model_changed", "ok_paths_changed", "recipe_changed", "thresholds_changed", "results_changed",
                      "result_added", "live_changed", "status", "error", "dirty_changed", "role_changed"):

@@ -124,3 +124,36 @@ def test_live_start_clears_the_previous_verdict_and_locks_the_source(qtbot, wind
     assert states[0][:2] == (True, False) and states[-1][:2] == (False, True)
     assert s.recipe.station["live_source"] == ["video", str(video)]
     assert Path(str(video)).exists()
+
+
+def test_f_in_the_region_popup_marks_a_false_alarm(qtbot, window, defect_image):
+    """While the popup has the keyboard the window's F shortcut cannot fire: the popup's own
+    mnemonic must (issue 12: 'F does nothing until Esc')."""
+    from PySide6.QtCore import Qt
+
+    w, s = window, window.controller.session
+    s.operator = "ana"
+    s.start_fit()
+    s.inspect_paths([defect_image])
+    rec = s.shown
+    s.set_thresholds(s.image_threshold, float(np.percentile(rec.anomaly_map, 90)))
+    from core.regions import find_regions
+
+    region = find_regions(rec.anomaly_map, s.pixel_threshold)[0]
+    row, col = np.argwhere(region.mask)[len(np.argwhere(region.mask)) // 2]
+    w.view.pixel_clicked.emit(int(row), int(col))
+    menu = w.label_menu
+    qtbot.waitUntil(menu.isVisible)
+    saved = []
+    w.controller.label_saved.connect(saved.append)
+    qtbot.keyClick(menu, Qt.Key.Key_F)
+    qtbot.waitUntil(lambda: saved == [1])
+    assert s.labels.rows()[0].kind == "false_alarm"
+
+
+def test_the_no_model_banner_goes_once_a_model_is_there(qtbot, window, defect_image):
+    w, s = window, window.controller.session
+    s.inspect_paths([defect_image])  # no model yet
+    assert w.error_banner.isVisible() and "No model yet" in w.error_label.text()
+    s.start_fit()
+    assert not w.error_banner.isVisible()
