@@ -558,7 +558,7 @@ class InspectionSession:
         self.status.emit(f"Loading model {Path(recipe.model_path).name}…")
         self.submit(partial(load_model_job, recipe.model_path, self.extractor, runtime=self.runtime),
                     on_returned=loaded,
-                     on_failed=self._failed("Could not load the model"))
+                    on_failed=self._failed("Could not load the model"))
 
     def save_recipe(self, path: str | Path | None = None) -> bool:
         """Save the recipe (and its model beside it). False if there is no path yet."""
