@@ -147,3 +147,24 @@ def test_calibrate_returns_exactly_the_quantiles_it_is_given():
     p = s * 2
     th = calibrate(s, p, 0.2)
     assert (th.image, th.pixel) == (8.0, 16.0) and th.target_false_alarm_rate == 0.2
+
+
+def test_a_region_label_updates_exactly_the_patches_it_covers(fitted):
+    """8x8 patches of 8 px: a region covering patch (2, 5) and the one-patch ring the blur
+    spread into it; every other patch keeps its statistics bit for bit."""
+    from core.feedback import FeedbackLearner
+
+    result, _ = fitted
+    det = result.detector.copy()
+    before = det.model.stats.copy()
+    region = np.zeros((64, 64), bool)
+    region[17:23, 41:47] = True  # inside patch row 2, column 5
+    learner = FeedbackLearner(det, position_update=True)
+    learner.mark_false_alarm(make_part(np.random.default_rng(2)), region)
+    after = learner.detector.model.stats
+    expected = {(r, c) for r in range(1, 4) for c in range(4, 7)}  # worked out by hand
+    changed = {(int(i) // 8, int(i) % 8) for i in torch.nonzero(after.count != before.count).flatten()}
+    assert changed == expected
+    untouched = torch.tensor([(r, c) not in expected for r in range(8) for c in range(8)])
+    assert torch.equal(after.mean[untouched], before.mean[untouched])
+    assert torch.equal(after.scatter[untouched], before.scatter[untouched])
