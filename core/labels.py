@@ -25,6 +25,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from . import sqlitedb
 from .sqlitedb import connect, enable_wal, retry_busy, write_transaction
 
 KINDS = ("false_alarm", "defect", "image_ok", "image_ng")
@@ -137,12 +138,8 @@ class LabelStore:
         self._db.close()
 
     def backup_to(self, target: str | Path) -> None:
-        """Copy the whole store, consistently, to a new file (SQLite online backup)."""
-        dst = sqlite3.connect(str(target))
-        try:
-            self._db.backup(dst)
-        finally:
-            dst.close()
+        """Copy the whole store, consistently, to a new file."""
+        sqlitedb.backup_to(self._db, target)
 
     def __enter__(self) -> LabelStore:
         return self

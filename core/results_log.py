@@ -24,6 +24,8 @@ import time
 from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 
+from . import sqlitedb
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS inspections (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -170,11 +172,8 @@ class ResultsLog:
             self._db.execute("INSERT OR REPLACE INTO meta VALUES ('shift_start', ?)", (repr(start),))
 
     def backup_to(self, target: str | Path) -> None:
-        dst = sqlite3.connect(str(target))
-        try:
-            self._db.backup(dst)
-        finally:
-            dst.close()
+        """Copy the whole log, consistently, to a new file."""
+        sqlitedb.backup_to(self._db, target)
 
     # -- reading --------------------------------------------------------------------------
     @property

@@ -8,6 +8,7 @@ check-then-insert cannot interleave with another process's (``UNIQUE constraint 
 """
 from __future__ import annotations
 
+import os
 import random
 import sqlite3
 import time
@@ -66,3 +67,12 @@ def write_transaction(con: sqlite3.Connection, body: Callable[[sqlite3.Connectio
             raise
 
     return retry_busy(attempt, timeout)
+
+
+def backup_to(con: sqlite3.Connection, target: str | os.PathLike[str]) -> None:
+    """Copy a whole database, consistently, to a new file (SQLite's online backup)."""
+    dst = sqlite3.connect(str(target))
+    try:
+        con.backup(dst)
+    finally:
+        dst.close()
