@@ -115,9 +115,12 @@ class ShiftLog:
         self.counters_changed.emit(self.counters())
         self.session.status.emit("Counters reset: a new shift starts now (the log keeps every result)")
 
-    def export(self, path: str, ng_only: bool = False) -> None:
+    def export(self, path: str, ng_only: bool = False, shift_only: bool = False) -> None:
+        """The log as CSV: all of it or the NG rows, since the shift started or ever."""
         try:
-            write_bytes_atomic(path, self.log().export_csv(ng_only).encode("utf-8"))
+            log = self.log()
+            since = log.shift_start if shift_only else None
+            write_bytes_atomic(path, log.export_csv(ng_only, since).encode("utf-8"))
         except (OkngError, sqlite3.Error, OSError) as exc:
             self.session.error.emit(f"Export failed: {exc}")
             return

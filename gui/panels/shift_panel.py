@@ -18,7 +18,7 @@ def _pct(x: float | None) -> str:
 
 class ShiftPanel(QWidget):
     reset_requested = Signal()
-    export_requested = Signal(str, bool)  # path, NG only
+    export_requested = Signal(str, bool, bool)  # path, NG only, this shift only
     copy_ng_toggled = Signal(bool)
 
     def __init__(self, parent: QWidget | None = None) -> None:
@@ -41,13 +41,14 @@ class ShiftPanel(QWidget):
         self.reset_button.setToolTip("Start a new shift: the counters count from now; the log keeps every result")
         self.export_button = QPushButton("Export log…")
         self.ng_only_check = QCheckBox("NG only")
+        self.shift_only_check = QCheckBox("this shift only")
         self.copy_ng_check = QCheckBox("Keep copies of NG images")
         self.copy_ng_check.setToolTip("Save each NG image as PNG beside the recipe (<recipe>.ng/)")
         self.reset_button.clicked.connect(self.reset_requested)
         self.export_button.clicked.connect(self._ask_export)
         self.copy_ng_check.toggled.connect(self.copy_ng_toggled)
         buttons = QHBoxLayout()
-        for w in (self.reset_button, self.export_button, self.ng_only_check):
+        for w in (self.reset_button, self.export_button, self.ng_only_check, self.shift_only_check):
             buttons.addWidget(w)
         buttons.addStretch(1)
         lay = QVBoxLayout(self)
@@ -99,4 +100,4 @@ class ShiftPanel(QWidget):
         path, _ = QFileDialog.getSaveFileName(self, "Export results log", "results.csv", "CSV (*.csv)")
         if path:
             self.export_requested.emit(path if path.lower().endswith(".csv") else path + ".csv",
-                                       self.ng_only_check.isChecked())
+                                       self.ng_only_check.isChecked(), self.shift_only_check.isChecked())

@@ -275,3 +275,19 @@ def test_a_label_the_database_refuses_is_not_applied(session, part_images, monke
     assert errors and "NOT saved" in errors[-1] and "database is locked" in errors[-1]
     assert s.detector is model_before and s.detector.applied_labels == ()
     assert not s.labels.can_undo and not s.labels.learner.can_undo  # the learner is back too
+
+
+def test_the_log_exports_all_ng_only_or_this_shift(session, part_images, tmp_path):
+    s = session
+    ok, ng = part_images
+    _inspect(s, [ok[0], ng[0]])
+    s.shift.reset_counters()
+    _inspect(s, [ng[1]])
+    every, shift = tmp_path / "all.csv", tmp_path / "shift.csv"
+    s.shift.export(str(every))
+    s.shift.export(str(shift), shift_only=True)
+    assert len(every.read_text().splitlines()) == 1 + 3
+    rows = shift.read_text().splitlines()
+    assert len(rows) == 1 + 1 and ng[1] in rows[1]
+    s.shift.export(str(tmp_path / "ng.csv"), ng_only=True)
+    assert all(",NG," in r for r in (tmp_path / "ng.csv").read_text().splitlines()[1:])
