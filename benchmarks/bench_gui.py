@@ -167,9 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     view = window.view
     real_set_image = view.set_image
 
-    def counting_set_image(rgb, name=""):
+    def counting_set_image(rgb, name="", **kwargs):
         rendered.append((name, len(arrived)))
-        return real_set_image(rgb, name)
+        return real_set_image(rgb, name, **kwargs)
 
     view.set_image = counting_set_image
     settle(300)

@@ -79,6 +79,9 @@ class ScoredImage:
     #: (1, C, h, w) float16 embedding, when asked for: lets a session re-judge this result
     #: under a changed model (feedback) without decoding or running the backbone again
     embedding: torch.Tensor | None = None
+    #: SHA-256 of the image file (or of the frame's pixels), when the consumer keeps images:
+    #: computed in the decode thread, not on the thread that shows the result
+    sha256: str = ""
 
 
 @dataclass
@@ -203,6 +206,7 @@ class _Batch:
     skipped: list[Skipped]
     #: every input path in order, with its row in ``tensor`` or its Skipped record
     order: list[tuple[str, int | Skipped]]
+    hashes: list[str] = field(default_factory=list)  # per readable path, when images are kept
 
 
 def _load_batch(paths: list[str], size: int, keep_images: bool, bit_depth: int | None = None) -> _Batch:
@@ -217,7 +221,17 @@ def _load_batch(paths: list[str], size: int, keep_images: bool, bit_depth: int |
             order.append((p, skipped[-1]))
             log.warning("skipped %s", exc)
     tensor = preprocess(imgs, size) if imgs else None
-    return _Batch(ok_paths, tensor, imgs if keep_images else [], skipped, order)
+    hashes = [_sha256(p) for p in ok_paths] if keep_images else []
+    return _Batch(ok_paths, tensor, imgs if keep_images else [], skipped, order, hashes)
+
+
+def _sha256(path: str) -> str:
+    from .labels import file_sha256
+
+    try:
+        return file_sha256(path)
+    except OSError:
+        return ""
 
 
 def iter_batches(paths: list[str], size: int, batch_size: int, keep_images: bool = False,
@@ -362,7 +376,8 @@ def inspect_job(
                 item: ScoredImage | Skipped = row
             else:
                 kept = emb[row : row + 1].to(torch.float16) if keep_embeddings and emb is not None else None
-                item = ScoredImage(p, results[row], batch.images[row] if keep_images else None, per, kept)
+                item = ScoredImage(p, results[row], batch.images[row] if keep_images else None, per, kept,
+                                   batch.hashes[row] if keep_images else "")
                 scored += 1
             done += 1
             yield Progress(done, len(paths), Path(p).name, item)

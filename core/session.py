@@ -330,12 +330,13 @@ class InspectionSession:
 
         def done(_summary: Any) -> None:
             self.status.emit(f"Done: {len(self.results)} results")
+            self.shift.refresh()
             report()
 
         job = partial(inspect_job, paths, self.detector, keep_images=True, batch_size=4, keep_embeddings=True)
         self.status.emit(f"Inspecting {len(paths)} images…")
         self.submit(job, on_item=on_item, on_returned=done, on_failed=self._failed("Inspection failed", report),
-                     on_cancelled=lambda: (self.status.emit("Inspection cancelled"), report()))
+                     on_cancelled=lambda: (self.status.emit("Inspection cancelled"), self.shift.refresh(), report()))
 
     def inspect_demo_stream(self) -> None:
         if not self.demo_stream:
@@ -361,6 +362,7 @@ class InspectionSession:
             def end(*_: Any) -> None:
                 self.live = False
                 self.live_changed.emit(False)
+                self.shift.refresh()
                 self.status.emit(message)
                 report()
             return end
@@ -491,7 +493,7 @@ class InspectionSession:
         insp = item.inspection
         rec = self.results.add(display_name(item.path, from_file, self.demo_truth), insp.score, insp.anomaly_map,
                                item.image, item.path if from_file else None, item.seconds, self.image_threshold,
-                               item.embedding)
+                               item.embedding, item.sha256)
         self.shift.record(rec, self.labels.current_model_id)
         self.result_added.emit(rec)
         self.show_result(rec.id)

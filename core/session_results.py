@@ -51,6 +51,7 @@ class ResultRecord:
     embedding: torch.Tensor | None = None  # (1, C, h, w) float16, for re-judging after feedback
     #: the verdict before the last feedback changed it (the results table shows "NG → OK")
     changed_from: str | None = None
+    sha256: str = ""  # of the image file or frame, computed off the UI thread
 
 
 @dataclass(frozen=True)
@@ -97,11 +98,11 @@ class SessionResults:
 
     def add(self, name: str, score: float, anomaly_map: np.ndarray, image: np.ndarray | None,
             path: str | None, seconds: float, image_threshold: float | None,
-            embedding: torch.Tensor | None = None) -> ResultRecord:
+            embedding: torch.Tensor | None = None, sha256: str = "") -> ResultRecord:
         rid = self._next_id
         self._next_id += 1
         rec = ResultRecord(rid, name, float(score), judge(score, image_threshold), anomaly_map, image, path,
-                           seconds, thumbnail(image) if image is not None else None, embedding)
+                           seconds, thumbnail(image) if image is not None else None, embedding, sha256=sha256)
         self._records[rid] = rec
         for old in self._records.values():  # oldest first: drop decoded images past KEEP_IMAGES
             if old.id > rid - KEEP_IMAGES:

@@ -18,7 +18,7 @@ import numpy as np
 from .atomic import write_bytes_atomic
 from .errors import OkngError
 from .events import Event
-from .labels import array_sha256, file_sha256
+from .labels import file_sha256
 from .recipes import safe_file_stem
 from .results_log import Counters, LogEntry, ResultsLog, truth_from_path
 
@@ -27,6 +27,9 @@ if TYPE_CHECKING:
     from .session_results import ResultRecord
 
 log = logging.getLogger(__name__)
+#: seconds between counter updates during a run: two queries per frame on the UI thread at
+#: 40 frames/s is work nobody can read
+COUNTERS_EVERY = 0.5
 
 
 class ShiftLog:
@@ -34,6 +37,7 @@ class ShiftLog:
         self.session = session
         self.counters_changed = Event()  # (Counters)
         self._log: ResultsLog | None = None
+        self._counted_at = 0.0  # when counters were last sent (a live run sends them twice a second)
 
     @property
     def path(self) -> Path:
@@ -58,7 +62,7 @@ class ShiftLog:
 
     def recipe_replaced(self) -> None:
         self.close()
-        self.counters_changed.emit(self.counters())
+        self.refresh()
 
     def recipe_saved_to(self, recipe_path: Path) -> None:
         """Carry the log of a not-yet-saved recipe over to the file beside it."""
@@ -77,7 +81,7 @@ class ShiftLog:
         lost inspection silently."""
         s = self.session
         try:
-            sha = file_sha256(rec.path) if rec.path else array_sha256(rec.image) if rec.image is not None else ""
+            sha = rec.sha256 or (file_sha256(rec.path) if rec.path else "")
             truth = s.demo_truth.get(rec.path or "") or truth_from_path(rec.path)
             copy = self._keep_ng(rec) if rec.verdict == "NG" and s.recipe.station.get("copy_ng_images") else None
             self.log().add(LogEntry(time.time(), rec.path or rec.name, sha, rec.score, rec.verdict,
@@ -85,6 +89,12 @@ class ShiftLog:
         except (sqlite3.Error, OSError, OkngError, ValueError) as exc:
             s.error.emit(f"Result of {rec.name} NOT logged: {exc}")
             return
+        if time.monotonic() - self._counted_at >= COUNTERS_EVERY:
+            self.refresh()
+
+    def refresh(self) -> None:
+        """Send the counters now (the session calls it when a run ends)."""
+        self._counted_at = time.monotonic()
         self.counters_changed.emit(self.counters())
 
     def _keep_ng(self, rec: ResultRecord) -> str | None:
@@ -112,7 +122,7 @@ class ShiftLog:
 
     def reset_counters(self) -> None:
         self.log().reset_counters()
-        self.counters_changed.emit(self.counters())
+        self.refresh()
         self.session.status.emit("Counters reset: a new shift starts now (the log keeps every result)")
 
     def export(self, path: str, ng_only: bool = False, shift_only: bool = False) -> None:

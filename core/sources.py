@@ -180,6 +180,7 @@ def live_job(
     Returns the number of frames inspected.
     """
     from .jobs import Progress, ScoredImage, Skipped
+    from .labels import array_sha256
 
     source.open()
     n = 0
@@ -203,7 +204,8 @@ def live_job(
             kept = emb.to(torch.float16) if keep_embeddings else None
             n += 1
             yield Progress(n, 0, frame.name,
-                           ScoredImage(frame.name, inspection, frame.image, time.perf_counter() - t, kept))
+                           ScoredImage(frame.name, inspection, frame.image, time.perf_counter() - t, kept,
+                                       array_sha256(frame.image)))
     finally:
         source.close()
     return n
