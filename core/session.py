@@ -403,6 +403,13 @@ class InspectionSession:
         return True
 
     # -- capture ----------------------------------------------------------------------------
+    def file_beside_recipe(self, suffix: str) -> Path:
+        """Where a recipe's companion file lives (labels, results log): beside the recipe, or
+        in the session's data folder while the recipe is not saved yet."""
+        if self.recipe_path is not None:
+            return Path(self.recipe_path).with_suffix(suffix)
+        return self.labels_dir / f"{safe_file_stem(self.recipe.name)}{suffix}"
+
     def capture_folder(self) -> Path:
         """Where captured OK frames go: beside the recipe, or ``<captures_dir>/<recipe>/``."""
         if self.recipe_path is not None:

@@ -30,7 +30,6 @@ from .feedback import FeedbackLearner
 from .feedback_jobs import KIND_TEXT, LabelOutcome, ModelOutcome, ReplayOutcome, Rescored
 from .feedback_jobs import label_job, replay_labels_job, reset_weights_job, undo_job
 from .labels import Label, LabelStore, RegionShape, file_sha256
-from .recipes import safe_file_stem
 from .regions import find_regions, region_at
 from .session_results import judge
 
@@ -167,10 +166,7 @@ class LabelBook:
 
     @property
     def store_path(self) -> Path:
-        s = self.session
-        if s.recipe_path is not None:
-            return Path(s.recipe_path).with_suffix(".labels.sqlite")
-        return s.labels_dir / f"{safe_file_stem(s.recipe.name)}.labels.sqlite"
+        return self.session.file_beside_recipe(".labels.sqlite")
 
     def store(self) -> LabelStore:
         path = self.store_path
@@ -481,8 +477,6 @@ class LabelBook:
             return
         self.session.status.emit(f"Labels exported to {path}")
 
-    def refresh(self) -> None:
-        self.labels_changed.emit(self.rows())
 
 
 def _question(text: str, options: tuple[str, ...], default: str, on_answer) -> Question:

@@ -41,10 +41,7 @@ class ShiftLog:
 
     @property
     def path(self) -> Path:
-        s = self.session
-        if s.recipe_path is not None:
-            return Path(s.recipe_path).with_suffix(".results.sqlite")
-        return s.labels_dir / f"{safe_file_stem(s.recipe.name)}.results.sqlite"
+        return self.session.file_beside_recipe(".results.sqlite")
 
     def log(self) -> ResultsLog:
         path = self.path
