@@ -14,6 +14,8 @@
 # Prints the score per module with a 95 % interval (benchmarks/mutation_report.py); timeouts
 # count as killed, "no tests" as survived. SEED=18 by default, set it to draw another sample.
 set -euo pipefail
+# one thread per forked test run: two runs at a time fill two cores without oversubscribing
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 cd "$(dirname "$0")/.."
 py=.venv/bin/python
 mm=.venv/bin/mutmut
