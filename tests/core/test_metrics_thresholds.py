@@ -104,3 +104,15 @@ def test_pro_is_the_mean_region_overlap_integrated_over_the_false_positive_rate(
     maps[1][masks[1]] = 0.45
     assert metrics.pro_score(masks, maps) == pytest.approx(5 / 6, abs=0.002)  # 200 steps: one smeared step
     assert metrics.pro_score(masks, maps, steps=2000) == pytest.approx(5 / 6, abs=3e-4)
+
+
+def test_thresholds_match_their_calibration_until_either_is_moved_by_hand():
+    th = calibrate(np.arange(1.0, 101.0), np.arange(11.0, 111.0), 0.05)
+    assert th.matches_calibration()
+    th.image += 0.5
+    assert not th.matches_calibration()
+    th = calibrate(np.arange(1.0, 101.0), np.arange(11.0, 111.0), 0.05)
+    th.pixel -= 0.5
+    assert not th.matches_calibration()
+    from core.thresholds import Thresholds
+    assert not Thresholds(5.0, 5.0).matches_calibration()  # nothing to match
