@@ -329,11 +329,10 @@ def result_row(r) -> dict:
     return {"path": csv_safe(r.path), "score": f"{score:.6g}", "verdict": verdict, "peak": f"{peak:.6g}", "error": ""}
 
 
-def _score_job(args: argparse.Namespace, det, paths: list[str], heat: bool):
+def _score_job(args: argparse.Namespace, ray, det, paths: list[str], heat: bool):
     """The scoring job: local, or on Ray with ``--ray`` (the model file travels as bytes)."""
     from .jobs import CancelToken, inspect_job
 
-    ray = _ray_options(args)
     if ray is None:
         return inspect_job(paths, det, CancelToken())
     from .ray_score import ray_inspect_job
@@ -365,6 +364,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 
     from .jobs import ScoredImage
 
+    ray = _ray_options(args)
     det = _load(args)
     _warn_uncalibrated(det)
     paths = _paths(args.paths)
@@ -404,7 +404,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 
     try:
         emit(None)
-        _drive(_score_job(args, det, paths, heat_dir is not None), "score", on_item=on_item)
+        _drive(_score_job(args, ray, det, paths, heat_dir is not None), "score", on_item=on_item)
     except BaseException:
         if out is not None and out.path.exists() and not out.closed:
             out.keep()
