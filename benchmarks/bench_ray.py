@@ -11,15 +11,15 @@ EfficientNet-Lite0, 224 px, 100 channels) is fitted on 40 OK cells, then the sam
 
 * locally, as ``okng score`` does (one process, PyTorch's threads: all cores), and with one
   thread (what one Ray task gets);
-* on a private Ray with 1 and with 2 single-thread workers (``okng score --ray``, default
-  chunk of 64 images). Each Ray setup is run twice: the first run (``cold``) includes the
-  workers' start and their one model load; the second (``warm``) is the steady state that an
-  archive of millions of images sees.
+* on a private Ray with 1 and with 2 single-thread workers (``okng score --ray``, ``--chunk``
+  images per task, 32 by default so that 256 images make 8 tasks). Each Ray setup runs
+  ``--repeats`` + 1 times: the first run (``cold``) includes the workers' start and their one
+  model load; the others (``warm``) are the steady state an archive of millions of images sees.
 
-Overhead per task: the round trip of an empty Ray task (submit, schedule, run, return), and
-the warm 1-worker run minus the 1-thread local run, divided by its number of tasks (what a
-scoring task costs beyond its images: fetching its arguments, pickling its rows, the driver's
-bookkeeping).
+Overhead per task: the round trip of an empty Ray task (submit, schedule, run, return), the
+driver's cost per row (a worker's record to a CSV line) and the size of a 64-image task's
+records, and the warm 1-worker run minus the 1-thread local run, divided by its number of
+tasks (only meaningful on a quiet machine: it is a small difference of two large times).
 """
 from __future__ import annotations
 
@@ -111,6 +111,23 @@ def run_ray(model: Path, paths: list[str], workers: int, chunk: int, repeats: in
     return out
 
 
+def driver_cost(n: int = 100_000) -> tuple[float, int]:
+    """(microseconds per row on the driver, bytes of 64 pickled records)."""
+    import csv
+    import io
+    import pickle
+
+    from core.cli import result_row
+    from core.ray_score import ScoredRow
+
+    rows = [ScoredRow(f"/archive/2026/line3/cam2/part_{i:08d}.png", 12.3456789 + i, "OK", 15.5) for i in range(n)]
+    w = csv.DictWriter(io.StringIO(), fieldnames=["path", "score", "verdict", "peak", "error"])
+    t = time.perf_counter()
+    for r in rows:
+        w.writerow(result_row(r))
+    return (time.perf_counter() - t) / n * 1e6, len(pickle.dumps(rows[:64]))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=256)
@@ -143,11 +160,14 @@ def main() -> None:
     print(f"Ray start (private, 1 / 2 CPUs): {rays[0]['start_s']:.1f} / {rays[1]['start_s']:.1f} s")
     print(f"empty task round trip: {rays[0]['empty_task_ms']:.2f} ms (1 worker), {rays[1]['empty_task_ms']:.2f} ms "
           f"(2 workers)")
+    row_us, chunk_bytes = driver_cost()
+    print(f"driver: {row_us:.0f} us per row; 64 records pickled: {chunk_bytes} bytes")
     print(f"overhead per scoring task (best Ray 1 worker warm - best local 1 thread, per task): {per_task_ms:.0f} ms")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"images": n, "runtime": runtime, "local_all_s": local_all,
-                                         "local_one_s": local_one, "ray": rays, "per_task_ms": per_task_ms},
+                                         "local_one_s": local_one, "ray": rays, "per_task_ms": per_task_ms,
+                                         "driver_row_us": row_us, "records_64_bytes": chunk_bytes},
                                         indent=2))
 
 
