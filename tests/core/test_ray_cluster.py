@@ -129,16 +129,12 @@ def okng(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_two_node_cluster_fits_the_local_model_and_scores_the_local_csv(cluster, parts, tmp_path):
-    from core.persistence import read_model_file
+    from tests.core.test_ray_local import same_model_file
 
     with one_thread():
         assert main(["fit", *parts, "--out", str(tmp_path / "local.okng"), *TINY]) == 0
     okng("fit", *parts, "--out", str(tmp_path / "ray.okng"), *TINY, "--ray", cluster)
-    (meta_l, t_l), (meta_r, t_r) = (read_model_file(tmp_path / n) for n in ("local.okng", "ray.okng"))
-    assert meta_r["thresholds"] == meta_l["thresholds"]
-    for name in t_l:
-        a, b = t_l[name].double(), t_r[name].double()
-        assert float((a - b).abs().max() / a.abs().max().clamp_min(1e-300)) < 1e-9, name
+    same_model_file(tmp_path / "local.okng", tmp_path / "ray.okng")
 
     model = str(tmp_path / "local.okng")
     with one_thread():

@@ -3,7 +3,10 @@ model, the same CSV rows, and a killed worker loses and duplicates nothing.
 
 Equality is bit for bit only at the same number of PyTorch threads (float32 sums in the
 backbone depend on it): Ray tasks run with one (``--ray-threads`` 1), so the local
-reference runs here with one too.
+reference runs here with one too. The merged float64 statistics differ from the local ones
+by rounding (~1e-15); through the inverse covariance that can move a float32 precision entry
+by one unit in the last place, so thresholds and calibration scores are compared to float32
+precision (1e-6 relative), the statistics to 1e-9.
 """
 from __future__ import annotations
 
@@ -28,6 +31,8 @@ from core.ray_fit import ray_fit_job
 from tests.conftest import make_part
 
 ROOT = Path(__file__).resolve().parents[2]
+#: float32 rounding: what derived (not merged) quantities may differ by
+FLOAT32 = 1e-6
 
 
 @pytest.fixture(scope="module")
@@ -87,21 +92,30 @@ def test_ray_fit_equals_local_fit(ray_here, one_thread, archive, kind):
     assert want.keys() == got.keys()
     for name in want:
         assert relative_error(want[name], got[name]) < 1e-9, name
-    assert remote.detector.thresholds.image == pytest.approx(local.detector.thresholds.image, rel=1e-9)
-    assert remote.detector.thresholds.pixel == pytest.approx(local.detector.thresholds.pixel, rel=1e-9)
+    assert torch.equal(remote.detector.calibration_embeddings, local.detector.calibration_embeddings)
+    assert remote.detector.thresholds.image == pytest.approx(local.detector.thresholds.image, rel=FLOAT32)
+    assert remote.detector.thresholds.pixel == pytest.approx(local.detector.thresholds.pixel, rel=FLOAT32)
 
 
-def test_okng_fit_with_ray_writes_the_local_model_file(ray_here, one_thread, archive, tmp_path, capsys):
+def same_model_file(local: Path, remote: Path) -> None:
+    """Statistics to 1e-9, held-out embeddings equal, thresholds to float32 precision."""
     from core.persistence import read_model_file
 
+    (meta_l, t_l), (meta_r, t_r) = read_model_file(local), read_model_file(remote)
+    assert t_l.keys() == t_r.keys()
+    for name in t_l:
+        tol = FLOAT32 if name.startswith("thresholds.") else 1e-9
+        assert relative_error(t_l[name], t_r[name]) < tol, name
+    th_l, th_r = meta_l.pop("thresholds"), meta_r.pop("thresholds")
+    assert th_l.keys() == th_r.keys()
+    assert all(th_r[k] == pytest.approx(th_l[k], rel=FLOAT32) for k in th_l)
+    assert meta_l == meta_r
+
+
+def test_okng_fit_with_ray_writes_the_local_model_file(ray_here, one_thread, archive, tmp_path):
     assert main(["fit", *archive, "--out", str(tmp_path / "local.okng"), *TINY]) == 0
     assert main(["fit", *archive, "--out", str(tmp_path / "ray.okng"), *TINY, "--ray"]) == 0
-    out = capsys.readouterr().out.splitlines()
-    assert out[1] == out[3]  # "image threshold ... pixel threshold ...": the same line
-    (meta_l, t_l), (meta_r, t_r) = (read_model_file(tmp_path / n) for n in ("local.okng", "ray.okng"))
-    assert meta_l["thresholds"] == meta_r["thresholds"]
-    for name in t_l:
-        assert relative_error(t_l[name], t_r[name]) < 1e-9, name
+    same_model_file(tmp_path / "local.okng", tmp_path / "ray.okng")
 
 
 @pytest.fixture(scope="module")
