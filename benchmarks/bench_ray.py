@@ -35,6 +35,29 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+def cpu_seconds() -> float:
+    """CPU time (user + system) of this process and every process it started (a private
+    Ray's workers, raylet, GCS): what the work really cost, whatever else the machine runs."""
+    import psutil
+
+    me = psutil.Process()
+    total = sum(me.cpu_times()[:2])
+    for child in me.children(recursive=True):
+        try:
+            total += sum(child.cpu_times()[:2])
+        except psutil.Error:
+            pass
+    return total
+
+
+def timed(run) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of ``run()``; a process that exits during the run is not
+    counted (none does in a warm run)."""
+    c, t = cpu_seconds(), time.perf_counter()
+    run()
+    return time.perf_counter() - t, cpu_seconds() - c
+
+
 def cells(n: int, skip: int = 0) -> list[str]:
     from core.demo import elpv_cells
 
@@ -51,7 +74,7 @@ def fit_model(folder: Path) -> Path:
     return out
 
 
-def run_local(model: Path, paths: list[str], threads: int | None, repeats: int) -> list[float]:
+def run_local(model: Path, paths: list[str], threads: int | None, repeats: int) -> list[tuple[float, float]]:
     import torch
 
     from core.jobs import CancelToken, inspect_job
@@ -64,13 +87,7 @@ def run_local(model: Path, paths: list[str], threads: int | None, repeats: int) 
         det = load_for_inspection(model)
         det.warm_up()
         list(inspect_job(paths[:8], det, CancelToken()))  # first-call costs out of the figure
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            for _ in inspect_job(paths, det, CancelToken()):
-                pass
-            times.append(time.perf_counter() - t)
-        return times
+        return [timed(lambda: list(inspect_job(paths, det, CancelToken()))) for _ in range(repeats)]
     finally:
         torch.set_num_threads(before)
 
@@ -90,13 +107,12 @@ def run_ray(model: Path, paths: list[str], workers: int, chunk: int, repeats: in
     t = time.perf_counter()
     with connected(opts):
         out["start_s"] = time.perf_counter() - t
-        times = []
-        for _ in range(1 + repeats):  # the first: cold
-            t = time.perf_counter()
+        def run():
             for _ in ray_inspect_job(paths, data, det.runtime_name, det.config.batch_size, opts, CancelToken()):
                 pass
-            times.append(time.perf_counter() - t)
-        out["cold_s"], out["warm_s"] = times[0], times[1:]
+
+        times = [timed(run) for _ in range(1 + repeats)]  # the first: cold
+        out["cold"], out["warm"] = times[0], times[1:]
 
         @ray.remote(num_cpus=1)
         def nothing(x):
@@ -145,18 +161,21 @@ def main() -> None:
         local_all = run_local(model, paths, None, args.repeats)
         local_one = run_local(model, paths, 1, args.repeats)
         rays = [run_ray(model, paths, w, args.chunk, args.repeats) for w in (1, 2)]
-    per_task_ms = (min(rays[0]["warm_s"]) - min(local_one)) / rays[0]["tasks"] * 1000
+    per_task_ms = (min(w for w, _ in rays[0]["warm"]) - min(w for w, _ in local_one)) / rays[0]["tasks"] * 1000
     rows = [("local (okng score), all threads", local_all), ("local, 1 thread", local_one)]
     for r in rays:
-        rows.append((f"Ray, {r['workers']} worker(s) x 1 thread, warm", r["warm_s"]))
-        rows.append((f"Ray, {r['workers']} worker(s) x 1 thread, cold (incl. model load)", [r["cold_s"]]))
+        rows.append((f"Ray, {r['workers']} worker(s) x 1 thread, warm", r["warm"]))
+        rows.append((f"Ray, {r['workers']} worker(s) x 1 thread, cold (incl. model load)", [r["cold"]]))
     print(f"{n} ELPV cells, PaDiM defaults (224 px, 100 channels), runtime {runtime}, {args.chunk} images "
-          f"per Ray task; best (median) of {args.repeats} runs")
-    print(f"| {'setup':<55} | {'images/s':>15} | {'ms/image':>15} |")
-    print(f"|{'-' * 57}|{'-' * 16}:|{'-' * 16}:|")
-    for name, times in rows:
-        best, med = min(times), statistics.median(times)
-        print(f"| {name:<55} | {n / best:>6.1f} ({n / med:>6.1f}) | {best / n * 1000:>6.1f} ({med / n * 1000:>6.1f}) |")
+          f"per Ray task; best (median) of {args.repeats} runs; CPU: this process and all it started")
+    print(f"| {'setup':<55} | {'images/s':>15} | {'ms/image':>15} | {'CPU ms/image':>12} |")
+    print(f"|{'-' * 57}|{'-' * 16}:|{'-' * 16}:|{'-' * 13}:|")
+    for name, runs in rows:
+        walls = [w for w, _ in runs]
+        best, med = min(walls), statistics.median(walls)
+        cpu = statistics.median(c for _, c in runs) / n * 1000
+        print(f"| {name:<55} | {n / best:>6.1f} ({n / med:>6.1f}) | {best / n * 1000:>6.1f} ({med / n * 1000:>6.1f}) "
+              f"| {cpu:>12.1f} |")
     print(f"Ray start (private, 1 / 2 CPUs): {rays[0]['start_s']:.1f} / {rays[1]['start_s']:.1f} s")
     print(f"empty task round trip: {rays[0]['empty_task_ms']:.2f} ms (1 worker), {rays[1]['empty_task_ms']:.2f} ms "
           f"(2 workers)")
@@ -165,8 +184,8 @@ def main() -> None:
     print(f"overhead per scoring task (best Ray 1 worker warm - best local 1 thread, per task): {per_task_ms:.0f} ms")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"images": n, "runtime": runtime, "local_all_s": local_all,
-                                         "local_one_s": local_one, "ray": rays, "per_task_ms": per_task_ms,
+        args.json.write_text(json.dumps({"images": n, "runtime": runtime, "local_all": local_all,
+                                         "local_one": local_one, "ray": rays, "per_task_ms": per_task_ms,
                                          "driver_row_us": row_us, "records_64_bytes": chunk_bytes},
                                         indent=2))
 
