@@ -1,6 +1,7 @@
 """``okng score --ray``: an archive scored by Ray tasks, the rows written here in input order.
 
-The model file travels once through Ray's object store; each worker process loads it at
+The model file travels once through Ray's object store to each node (a file named by its
+digest in the station's cache folder, :func:`_model_file`); each worker process loads it at
 its first task and keeps it (:func:`_detector`), so a worker pays the load once, not per
 task. A task scores a chunk of consecutive images (whole batches, so every backbone pass
 sees the batch a local run gives it) with :func:`core.jobs.inspect_job`, the local code,
@@ -14,9 +15,8 @@ elsewhere (``max_retries``) and the driver takes each chunk's rows once.
 """
 from __future__ import annotations
 
-import atexit
 import hashlib
-import shutil
+import os
 import tempfile
 from collections.abc import Generator
 from dataclasses import dataclass
@@ -47,20 +47,37 @@ class ScoredRow:
 _LOADED: dict[tuple[str, str, int], object] = {}
 
 
+def _model_file(digest: str, model_box: list) -> Path:
+    """The model as a file on this node, named by its digest in the station's cache folder:
+    written once per node (atomically; workers may race), reused by every worker and run,
+    with its embedding graph exported beside it once. (A temporary folder per worker would
+    be left behind: Ray ends idle workers without running their exit handlers.)"""
+    from .runtime import cache_dir
+
+    path = cache_dir() / "ray-models" / f"model-{digest}.okng"
+    if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != digest:
+        import ray
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(ray.get(model_box[0]))
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    return path
+
+
 def _detector(digest: str, model_box: list, runtime: str, threads: int):
     """The worker's detector for this model, loaded at its first task only."""
     key = (digest, runtime, threads)
     if key not in _LOADED:
-        import ray
-
         from .runtime import load_for_inspection
 
         _LOADED.clear()
-        folder = Path(tempfile.mkdtemp(prefix="okng-ray-model-"))
-        atexit.register(shutil.rmtree, folder, True)
-        path = folder / f"model-{digest[:16]}.okng"
-        path.write_bytes(ray.get(model_box[0]))
-        det = load_for_inspection(path, runtime)
+        det = load_for_inspection(_model_file(digest, model_box), runtime)
         det.warm_up()
         _LOADED[key] = det
     return _LOADED[key]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -94,6 +95,7 @@ def cluster(tmp_path_factory):
         yield address
     finally:
         stop(nodes, tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
