@@ -1,0 +1,244 @@
+"""``okng serve``: the station without a window, driven by a PLC.
+
+Wiring: the PLC's Trigger (OPC UA or Modbus, :mod:`.handshake`) -> the next image of the
+source (:mod:`.sources`) -> the active recipe's detector -> one row in the recipe's results
+log (with the part id, :mod:`.store`) -> ResultReady for the PLC, and the MQTT publisher of
+that recipe sends the row from the log (:mod:`.mqtt_publisher`). Recipes are numbered 1..N
+in the order given; RecipeIndex switches between them.
+
+Example:
+    >>> svc = LineService(ServeOptions([Path("cells.okrecipe")], Playlist(paths), modbus="127.0.0.1:5020"))
+    >>> svc.start()   # returns when the links listen and the first recipe is loaded
+    >>> svc.status()
+    >>> svc.stop()
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from ..errors import OkngError
+from ..results_log import LogEntry, truth_from_path
+from .handshake import CycleResult, Handshake, LineError
+from .signals import ErrorCode
+from .sources import TriggerSource
+from .store import LineLog
+
+log = logging.getLogger(__name__)
+
+
+def parse_endpoint(text: str, default_host: str = "0.0.0.0") -> tuple[str, int]:
+    """``PORT``, ``HOST:PORT`` -> (host, port)."""
+    host, _, port = text.rpartition(":")
+    try:
+        return host or default_host, int(port)
+    except ValueError:
+        raise ValueError(f"not a port or HOST:PORT: {text!r}") from None
+
+
+@dataclass
+class ServeOptions:
+    recipes: list[Path]
+    source: TriggerSource
+    opcua: str | None = None  # [HOST:]PORT
+    modbus: str | None = None  # [HOST:]PORT
+    mqtt: str | None = None  # HOST[:PORT] of the plant's broker
+    recipe_index: int = 1
+    heartbeat: float = 1.0  # seconds
+    runtime: str | None = None
+    operator: str = "line"
+    mqtt_backoff: tuple[float, float] = (0.5, 30.0)  # first and longest wait between reconnects, s
+    station_name: str = field(default_factory=lambda: __import__("socket").gethostname())
+
+
+@dataclass
+class Engine:
+    """A loaded recipe: what one trigger inspects with."""
+
+    index: int
+    path: Path
+    name: str
+    detector: Any
+    model_id: str
+    log: LineLog
+
+
+def model_identity(model_path: str) -> str:
+    """The model file's name and time, as in the GUI's results log (``cells.okng@20260101T...``)."""
+    p = Path(model_path)
+    return f"{p.name}@{time.strftime('%Y%m%dT%H%M%S', time.localtime(p.stat().st_mtime))}"
+
+
+def results_log_path(recipe_path: Path) -> Path:
+    return Path(recipe_path).with_suffix(".results.sqlite")
+
+
+class LineService:
+    def __init__(self, options: ServeOptions) -> None:
+        if not options.recipes:
+            raise ValueError("okng serve needs at least one recipe")
+        for p in options.recipes:
+            if not Path(p).is_file():
+                raise OkngError(f"recipe file not found: {p}")
+        if not options.opcua and not options.modbus:
+            raise ValueError("give --opcua and/or --modbus: without a link no PLC can trigger the station")
+        self.options = options
+        self.recipes = [Path(p).resolve() for p in options.recipes]
+        self.source = options.source
+        self._logs: dict[int, LineLog] = {}  # used from the inspection and ack paths (one at a time)
+        self._log_lock = threading.Lock()
+        self.handshake = Handshake(self._inspect, self._load, self._record_ack, self._first_part_id())
+        self.transports: list[Any] = []
+        self.publishers: dict[int, Any] = {}
+        self._stop = threading.Event()
+        self._beat: threading.Thread | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def start(self, timeout: float = 120.0) -> None:
+        """Load the first recipe, present a result a previous run left unacknowledged, open
+        the links, start the heartbeat and the publishers."""
+        hs = self.handshake
+        self._restore_unacknowledged()
+        hs.start(self.options.recipe_index)
+        if not hs.wait_idle(timeout) or hs.value("ActiveRecipe") != self.options.recipe_index:
+            raise OkngError(f"recipe {self.options.recipe_index} did not load: {hs.value('ErrorText')}")
+        if self.options.mqtt:
+            self._start_publishers()
+        if self.options.opcua:
+            from .opcua_server import OpcUaLink
+
+            self.transports.append(OpcUaLink(hs, *parse_endpoint(self.options.opcua)))
+        if self.options.modbus:
+            from .modbus_server import ModbusLink
+
+            self.transports.append(ModbusLink(hs, *parse_endpoint(self.options.modbus)))
+        for t in self.transports:
+            t.start()
+        self._beat = threading.Thread(target=self._heartbeat, name="line-heartbeat", daemon=True)
+        self._beat.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self.transports:
+            t.stop()
+        self.handshake.close()
+        for p in self.publishers.values():
+            p.stop()
+        self.source.close()
+        with self._log_lock:
+            for lg in self._logs.values():
+                lg.close()
+            self._logs.clear()
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.options.heartbeat):
+            self.handshake.beat()
+
+    def status(self) -> dict[str, Any]:
+        """The link state, plain data (``okng serve`` prints it; the window shows it)."""
+        hs = self.handshake
+        r = hs.last_result
+        return {
+            "links": [t.describe() for t in self.transports],
+            "active_recipe": hs.value("ActiveRecipe"),
+            "cycles": hs.cycles,
+            "refused": hs.refused,
+            "last_trigger_age": None if hs.last_trigger is None else time.monotonic() - hs.last_trigger,
+            "last_result": None if r is None else {"part_id": r.part_id, "verdict": r.verdict, "score": r.score},
+            "mqtt": [p.describe() for p in self.publishers.values()],
+        }
+
+    # -- recipes and logs ---------------------------------------------------------------
+    def _log(self, index: int) -> LineLog:
+        with self._log_lock:
+            if index not in self._logs:
+                self._logs[index] = LineLog(results_log_path(self.recipes[index - 1]))
+            return self._logs[index]
+
+    def _first_part_id(self) -> int:
+        return 1 + max(self._log(i).max_part_id() for i in range(1, len(self.recipes) + 1))
+
+    def _restore_unacknowledged(self) -> None:
+        """After a crash: the newest cycle that was never acknowledged is presented again."""
+        newest = None
+        for i in range(1, len(self.recipes) + 1):
+            c = self._log(i).unacknowledged()
+            if c is not None and (newest is None or c.inspection_id > newest[1].inspection_id):
+                newest = (i, c)
+        if newest is not None:
+            i, c = newest
+            self.handshake.restore(CycleResult(c.part_id, c.verdict, c.score, ErrorCode(c.error_code), c.error_text,
+                                               i, (i, c.inspection_id)))
+            log.warning("part %d: result logged but never acknowledged: presented again", c.part_id)
+
+    def _load(self, index: int) -> Engine:
+        from ..persistence import load_detector
+        from ..recipes import load_recipe
+
+        if not 1 <= index <= len(self.recipes):
+            raise LineError(ErrorCode.UNKNOWN_RECIPE, f"recipe index {index} unknown: 1..{len(self.recipes)}")
+        path = self.recipes[index - 1]
+        try:
+            recipe = load_recipe(path)
+            if not recipe.model_path or not Path(recipe.model_path).is_file():
+                raise OkngError(f"recipe {path.name} has no fitted model")
+            det = load_detector(recipe.model_path, runtime=self.options.runtime)
+            if det.thresholds is not None and recipe.image_threshold is not None and recipe.pixel_threshold is not None:
+                det.thresholds = replace(det.thresholds, image=recipe.image_threshold, pixel=recipe.pixel_threshold)
+            det.warm_up()
+        except OkngError as exc:
+            raise LineError(ErrorCode.RECIPE_LOAD_FAILED, f"recipe {index} not loaded: {exc}") from None
+        log.info("recipe %d loaded: %s (%s, runtime %s)", index, recipe.name, recipe.model_path, det.runtime_name)
+        return Engine(index, path, recipe.name, det, model_identity(recipe.model_path), self._log(index))
+
+    # -- one cycle ------------------------------------------------------------------------
+    def _inspect(self, engine: Engine, part_id: int) -> CycleResult:
+        """Grab, inspect, log (durably) and return the result; a failure is logged too, as
+        an ERROR row, so every result the PLC sees is in the log."""
+        det = engine.detector
+        th = det.thresholds
+        name, sha, score, verdict, code, text = "", "", None, "ERROR", ErrorCode.NONE, ""
+        try:
+            grabbed = self.source.grab()
+            name, sha = grabbed.name, grabbed.sha256
+            try:
+                ins = det.inspect([grabbed.image])[0]
+            except Exception as exc:  # noqa: BLE001 - the cycle reports it; the line goes on
+                raise LineError(ErrorCode.INSPECTION_FAILED, f"inspection failed: {exc}") from exc
+            score, verdict = ins.score, ins.verdict
+        except LineError as exc:
+            code, text = exc.code, str(exc)
+        entry = LogEntry(time.time(), name or "(no image)", sha, score, verdict, th.image if th else None,
+                         th.pixel if th else None, engine.model_id, self.options.operator, truth_from_path(name))
+        rowid = engine.log.record(entry, part_id, engine.index, int(code), text)
+        pub = self.publishers.get(engine.index)
+        if pub is not None:
+            pub.wake()
+        return CycleResult(part_id, verdict, score, code, text, engine.index, (engine.index, rowid))
+
+    def _record_ack(self, result: CycleResult) -> None:
+        index, rowid = result.record
+        if not self._log(index).acknowledge(rowid):
+            log.warning("part %d was acknowledged already", result.part_id)
+
+    # -- MQTT ---------------------------------------------------------------------------
+    def _start_publishers(self) -> None:
+        from ..recipes import load_recipe
+        from .mqtt_publisher import MqttPublisher, MqttSettings
+
+        host, port = parse_endpoint(self.options.mqtt, "127.0.0.1") if ":" in self.options.mqtt else (
+            self.options.mqtt, 1883)
+        for i, path in enumerate(self.recipes, start=1):
+            recipe = load_recipe(path)
+            st = recipe.station
+            settings = MqttSettings(host, port, st.get("mqtt_topic") or f"okng/{recipe.name}/results",
+                                    int(st.get("mqtt_qos", 1)), *self.options.mqtt_backoff,
+                                    client_id=f"okng-{self.options.station_name}-{path.stem}"[:64])
+            pub = MqttPublisher(results_log_path(path), settings, {"station": self.options.station_name,
+                                                                   "recipe": recipe.name})
+            pub.start()
+            self.publishers[i] = pub
