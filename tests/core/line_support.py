@@ -1,14 +1,22 @@
 """Shared by the tests/core/test_line_*.py modules and benchmarks/bench_line.py: the demo
 recipe (ELPV cells, the demo model of the CLI tests), its reference verdicts from
-``okng score``, and small waits. Fitted once per test session, on disk."""
+``okng score``, ``okng serve`` as a subprocess, and PLC clients on the real protocol
+libraries (importers skip first when asyncua or pymodbus is missing)."""
 from __future__ import annotations
 
 import csv
+import struct
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pytest
+from asyncua import ua
+from asyncua.sync import Client
+from pymodbus.client import ModbusTcpClient
+
+from core.line.opcua_server import NAMESPACE
 from core.recipes import Recipe, save_recipe
 
 N_IMAGES = 24  # the playlist: demo stream cells, good and defective, played in order
@@ -105,3 +113,88 @@ class Served:
         rc = self.proc.wait(60)
         self.err.close()
         return rc
+
+
+# -- PLC clients: what a PLC does, with the real client libraries -------------------------
+OUTPUTS = ("Ready", "Busy", "ResultReady", "Ok", "Ng", "PartId", "Score", "ErrorCode", "ActiveRecipe")
+TYPES = {"Trigger": ua.VariantType.Boolean, "ResultAck": ua.VariantType.Boolean,
+         "RecipeIndex": ua.VariantType.UInt16, "PartId": ua.VariantType.UInt32}
+
+
+class OpcUaPlc:
+    """What a PLC's OPC UA client does, with asyncua's client."""
+
+    def __init__(self, port: int) -> None:
+        self.client = Client(f"opc.tcp://127.0.0.1:{port}/okng/", timeout=10)
+        self.client.connect()
+        idx = self.client.get_namespace_index(NAMESPACE)
+        names = (*OUTPUTS, *TYPES, "ErrorText", "Heartbeat", "ScoreX1000")
+        self.nodes = {n: self.client.get_node(f"ns={idx};s=Station.{n}") for n in names}
+
+    def read(self, *names: str) -> dict:
+        names = names or OUTPUTS
+        return dict(zip(names, self.client.read_values([self.nodes[n] for n in names])))
+
+    def write(self, name: str, value) -> None:
+        self.nodes[name].write_value(ua.DataValue(ua.Variant(value, TYPES[name])))
+
+    def close(self) -> None:
+        self.client.disconnect()
+
+
+class ModbusPlc:
+    """What a PLC's Modbus master does, with pymodbus's client (addresses: README)."""
+
+    def __init__(self, port: int) -> None:
+        self.client = ModbusTcpClient("127.0.0.1", port=port, timeout=5)
+        assert self.client.connect()
+
+    def read(self, *names: str) -> dict:
+        bits = self.client.read_coils(0, count=7).bits
+        regs = self.client.read_holding_registers(0, count=10).registers
+        score = struct.unpack(">f", struct.pack(">HH", regs[6], regs[7]))[0]
+        return {"Trigger": bits[0], "ResultAck": bits[1], "Ready": bits[2], "Busy": bits[3], "ResultReady": bits[4],
+                "Ok": bits[5], "Ng": bits[6], "RecipeIndex": regs[0], "ActiveRecipe": regs[1], "Heartbeat": regs[2],
+                "ErrorCode": regs[3], "PartId": regs[4] << 16 | regs[5], "Score": score}
+
+    def write(self, name: str, value) -> None:
+        if name in ("Trigger", "ResultAck"):
+            assert not self.client.write_coil({"Trigger": 0, "ResultAck": 1}[name], bool(value)).isError()
+        elif name == "RecipeIndex":
+            assert not self.client.write_register(0, int(value)).isError()
+        else:
+            assert not self.client.write_registers(4, [value >> 16, value & 0xFFFF]).isError()
+
+    def ready_result(self) -> bool:
+        return self.client.read_coils(4, count=1).bits[0]
+
+    def ready(self) -> bool:
+        return self.client.read_coils(2, count=1).bits[0]
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def run_cycle(plc, part: int) -> tuple[dict, float]:
+    """One PLC cycle; returns the result read at ResultReady and the trigger->ResultReady time."""
+    plc.write("PartId", part)
+    t0 = time.perf_counter()
+    plc.write("Trigger", True)
+    poll(lambda: plc.read("ResultReady")["ResultReady"], every=0, what="ResultReady")
+    latency = time.perf_counter() - t0
+    result = plc.read()
+    plc.write("ResultAck", True)
+    poll(lambda: plc.read("Ready")["Ready"], every=0, what="Ready after the ack")
+    return result, latency
+
+
+def check_against_okng_score(results: list[dict], start: int, images: list[str], reference: dict) -> None:
+    """Cycle k inspected image (start + k) of the playlist: its verdict and score are okng score's."""
+    for k, r in enumerate(results):
+        verdict, score = reference[images[(start + k) % len(images)]]
+        got = "OK" if r["Ok"] else "NG" if r["Ng"] else "?"
+        assert got == verdict, f"cycle {k}: the PLC got {got}, okng score says {verdict}"
+        assert r["Score"] == pytest.approx(score, rel=1e-4, abs=1e-3)  # Modbus carries a float32
+        assert r["ErrorCode"] == 0
+
+

@@ -3,97 +3,31 @@ client): real servers in a real ``okng serve`` process, on the demo recipe, ever
 checked against ``okng score`` on the same images."""
 from __future__ import annotations
 
-import struct
-import time
-
 import pytest
 
 pytest.importorskip("asyncua")
 pytest.importorskip("pymodbus")
 
 from asyncua import ua  # noqa: E402
-from asyncua.sync import Client  # noqa: E402
-from line_support import Served, demo_model, make_recipe, okng_score, percentile, playlist, poll  # noqa: E402
-from pymodbus.client import ModbusTcpClient  # noqa: E402
+from line_support import (  # noqa: E402
+    ModbusPlc,
+    OpcUaPlc,
+    Served,
+    check_against_okng_score,
+    demo_model,
+    make_recipe,
+    okng_score,
+    percentile,
+    playlist,
+    poll,
+    run_cycle,
+)
 
 from core.line.broker import free_port  # noqa: E402
-from core.line.opcua_server import NAMESPACE  # noqa: E402
 from core.line.signals import ErrorCode  # noqa: E402
 from core.line.store import LineLog  # noqa: E402
 
 CYCLES = 1000
-OUTPUTS = ("Ready", "Busy", "ResultReady", "Ok", "Ng", "PartId", "Score", "ErrorCode", "ActiveRecipe")
-TYPES = {"Trigger": ua.VariantType.Boolean, "ResultAck": ua.VariantType.Boolean,
-         "RecipeIndex": ua.VariantType.UInt16, "PartId": ua.VariantType.UInt32}
-
-
-class OpcUaPlc:
-    """What a PLC's OPC UA client does, with asyncua's client."""
-
-    def __init__(self, port: int) -> None:
-        self.client = Client(f"opc.tcp://127.0.0.1:{port}/okng/", timeout=10)
-        self.client.connect()
-        idx = self.client.get_namespace_index(NAMESPACE)
-        names = (*OUTPUTS, *TYPES, "ErrorText", "Heartbeat", "ScoreX1000")
-        self.nodes = {n: self.client.get_node(f"ns={idx};s=Station.{n}") for n in names}
-
-    def read(self, *names: str) -> dict:
-        names = names or OUTPUTS
-        return dict(zip(names, self.client.read_values([self.nodes[n] for n in names])))
-
-    def write(self, name: str, value) -> None:
-        self.nodes[name].write_value(ua.DataValue(ua.Variant(value, TYPES[name])))
-
-    def close(self) -> None:
-        self.client.disconnect()
-
-
-class ModbusPlc:
-    """What a PLC's Modbus master does, with pymodbus's client (addresses: README)."""
-
-    def __init__(self, port: int) -> None:
-        self.client = ModbusTcpClient("127.0.0.1", port=port, timeout=5)
-        assert self.client.connect()
-
-    def read(self, *names: str) -> dict:
-        bits = self.client.read_coils(0, count=7).bits
-        regs = self.client.read_holding_registers(0, count=10).registers
-        score = struct.unpack(">f", struct.pack(">HH", regs[6], regs[7]))[0]
-        return {"Trigger": bits[0], "ResultAck": bits[1], "Ready": bits[2], "Busy": bits[3], "ResultReady": bits[4],
-                "Ok": bits[5], "Ng": bits[6], "RecipeIndex": regs[0], "ActiveRecipe": regs[1], "Heartbeat": regs[2],
-                "ErrorCode": regs[3], "PartId": regs[4] << 16 | regs[5], "Score": score}
-
-    def write(self, name: str, value) -> None:
-        if name in ("Trigger", "ResultAck"):
-            assert not self.client.write_coil({"Trigger": 0, "ResultAck": 1}[name], bool(value)).isError()
-        elif name == "RecipeIndex":
-            assert not self.client.write_register(0, int(value)).isError()
-        else:
-            assert not self.client.write_registers(4, [value >> 16, value & 0xFFFF]).isError()
-
-    def ready_result(self) -> bool:
-        return self.client.read_coils(4, count=1).bits[0]
-
-    def ready(self) -> bool:
-        return self.client.read_coils(2, count=1).bits[0]
-
-    def close(self) -> None:
-        self.client.close()
-
-
-def run_cycle(plc, part: int) -> tuple[dict, float]:
-    """One PLC cycle; returns the result read at ResultReady and the trigger->ResultReady time."""
-    plc.write("PartId", part)
-    t0 = time.perf_counter()
-    plc.write("Trigger", True)
-    poll(lambda: plc.read("ResultReady")["ResultReady"], every=0, what="ResultReady")
-    latency = time.perf_counter() - t0
-    result = plc.read()
-    plc.write("ResultAck", True)
-    poll(lambda: plc.read("Ready")["Ready"], every=0, what="Ready after the ack")
-    return result, latency
-
-
 @pytest.fixture(scope="module")
 def line(tmp_path_factory):
     """A line PC: ``okng serve`` on two recipes (the demo recipe; the same model with a
@@ -111,16 +45,6 @@ def line(tmp_path_factory):
                     "--modbus", f"127.0.0.1:{ports['modbus']}", "--heartbeat", "0.1", log=folder / "serve.log")
     yield {"served": served, "ports": ports, "images": images, "reference": reference, "recipes": (cells, lenient)}
     assert served.stop() == 0
-
-
-def check_against_okng_score(results: list[dict], start: int, images: list[str], reference: dict) -> None:
-    """Cycle k inspected image (start + k) of the playlist: its verdict and score are okng score's."""
-    for k, r in enumerate(results):
-        verdict, score = reference[images[(start + k) % len(images)]]
-        got = "OK" if r["Ok"] else "NG" if r["Ng"] else "?"
-        assert got == verdict, f"cycle {k}: the PLC got {got}, okng score says {verdict}"
-        assert r["Score"] == pytest.approx(score, rel=1e-4, abs=1e-3)  # Modbus carries a float32
-        assert r["ErrorCode"] == 0
 
 
 def _cycles(plc, line, n: int, first_part: int) -> None:
