@@ -47,7 +47,9 @@ class OpcUaLink:
         self._server: Server | None = None
 
     def describe(self) -> dict[str, Any]:
-        return {"protocol": "OPC UA", "endpoint": self.endpoint}
+        bserver = getattr(self._server, "bserver", None)
+        return {"protocol": "OPC UA", "endpoint": self.endpoint,
+                "clients": len(bserver.clients) if bserver is not None else 0}
 
     def start(self, timeout: float = 30.0) -> None:
         self._thread = threading.Thread(target=self._run, name="line-opcua", daemon=True)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -41,8 +42,21 @@ def parse_endpoint(text: str, default_host: str = "0.0.0.0") -> tuple[str, int]:
 
 
 @dataclass
+class WindowRecipe:
+    """The recipe open in the station window, served as recipe 1 (one engine, one source of
+    truth): each trigger inspects with the window's current model and thresholds (a refit or
+    a threshold change applies from the next part) and logs to the window's results log."""
+
+    name: str
+    results_log: Path
+    detector: Callable[[], Any]  # the window's current detector, or None before a fit
+    model_id: Callable[[], str]
+    station: dict[str, Any]
+
+
+@dataclass
 class ServeOptions:
-    recipes: list[Path]
+    recipes: list[Path]  # recipe files, RecipeIndex 1..N (empty with ``window``)
     source: TriggerSource
     opcua: str | None = None  # [HOST:]PORT
     modbus: str | None = None  # [HOST:]PORT
@@ -53,17 +67,17 @@ class ServeOptions:
     operator: str = "line"
     mqtt_backoff: tuple[float, float] = (0.5, 30.0)  # first and longest wait between reconnects, s
     station_name: str = field(default_factory=lambda: __import__("socket").gethostname())
+    window: WindowRecipe | None = None
 
 
 @dataclass
 class Engine:
-    """A loaded recipe: what one trigger inspects with."""
+    """A loaded recipe: what one trigger inspects with (read at each trigger)."""
 
     index: int
-    path: Path
     name: str
-    detector: Any
-    model_id: str
+    detector: Callable[[], Any]
+    model_id: Callable[[], str]
     log: LineLog
 
 
@@ -79,7 +93,7 @@ def results_log_path(recipe_path: Path) -> Path:
 
 class LineService:
     def __init__(self, options: ServeOptions) -> None:
-        if not options.recipes:
+        if not options.recipes and options.window is None:
             raise ValueError("okng serve needs at least one recipe")
         for p in options.recipes:
             if not Path(p).is_file():
@@ -88,6 +102,7 @@ class LineService:
             raise ValueError("give --opcua and/or --modbus: without a link no PLC can trigger the station")
         self.options = options
         self.recipes = [Path(p).resolve() for p in options.recipes]
+        self.n_recipes = 1 if options.window is not None else len(self.recipes)
         self.source = options.source
         self._logs: dict[int, LineLog] = {}  # used from the inspection and ack paths (one at a time)
         self._log_lock = threading.Lock()
@@ -156,16 +171,18 @@ class LineService:
     def _log(self, index: int) -> LineLog:
         with self._log_lock:
             if index not in self._logs:
-                self._logs[index] = LineLog(results_log_path(self.recipes[index - 1]))
+                w = self.options.window
+                path = w.results_log if w is not None else results_log_path(self.recipes[index - 1])
+                self._logs[index] = LineLog(path)
             return self._logs[index]
 
     def _first_part_id(self) -> int:
-        return 1 + max(self._log(i).max_part_id() for i in range(1, len(self.recipes) + 1))
+        return 1 + max(self._log(i).max_part_id() for i in range(1, self.n_recipes + 1))
 
     def _restore_unacknowledged(self) -> None:
         """After a crash: the newest cycle that was never acknowledged is presented again."""
         newest = None
-        for i in range(1, len(self.recipes) + 1):
+        for i in range(1, self.n_recipes + 1):
             c = self._log(i).unacknowledged()
             if c is not None and (newest is None or c.inspection_id > newest[1].inspection_id):
                 newest = (i, c)
@@ -179,8 +196,11 @@ class LineService:
         from ..persistence import load_detector
         from ..recipes import load_recipe
 
-        if not 1 <= index <= len(self.recipes):
-            raise LineError(ErrorCode.UNKNOWN_RECIPE, f"recipe index {index} unknown: 1..{len(self.recipes)}")
+        if not 1 <= index <= self.n_recipes:
+            raise LineError(ErrorCode.UNKNOWN_RECIPE, f"recipe index {index} unknown: 1..{self.n_recipes}")
+        w = self.options.window
+        if w is not None:
+            return Engine(1, w.name, w.detector, w.model_id, self._log(1))
         path = self.recipes[index - 1]
         try:
             recipe = load_recipe(path)
@@ -193,16 +213,19 @@ class LineService:
         except OkngError as exc:
             raise LineError(ErrorCode.RECIPE_LOAD_FAILED, f"recipe {index} not loaded: {exc}") from None
         log.info("recipe %d loaded: %s (%s, runtime %s)", index, recipe.name, recipe.model_path, det.runtime_name)
-        return Engine(index, path, recipe.name, det, model_identity(recipe.model_path), self._log(index))
+        model_id = model_identity(recipe.model_path)
+        return Engine(index, recipe.name, lambda: det, lambda: model_id, self._log(index))
 
     # -- one cycle ------------------------------------------------------------------------
     def _inspect(self, engine: Engine, part_id: int) -> CycleResult:
         """Grab, inspect, log (durably) and return the result; a failure is logged too, as
         an ERROR row, so every result the PLC sees is in the log."""
-        det = engine.detector
-        th = det.thresholds
+        det = engine.detector()
+        th = det.thresholds if det is not None else None
         name, sha, score, verdict, code, text = "", "", None, "ERROR", ErrorCode.NONE, ""
         try:
+            if det is None:
+                raise LineError(ErrorCode.INSPECTION_FAILED, "no model: fit the recipe first")
             grabbed = self.source.grab()
             name, sha = grabbed.name, grabbed.sha256
             try:
@@ -213,7 +236,7 @@ class LineService:
         except LineError as exc:
             code, text = exc.code, str(exc)
         entry = LogEntry(time.time(), name or "(no image)", sha, score, verdict, th.image if th else None,
-                         th.pixel if th else None, engine.model_id, self.options.operator, truth_from_path(name))
+                         th.pixel if th else None, engine.model_id(), self.options.operator, truth_from_path(name))
         rowid = engine.log.record(entry, part_id, engine.index, int(code), text)
         pub = self.publishers.get(engine.index)
         if pub is not None:
@@ -232,13 +255,13 @@ class LineService:
 
         host, port = parse_endpoint(self.options.mqtt, "127.0.0.1") if ":" in self.options.mqtt else (
             self.options.mqtt, 1883)
-        for i, path in enumerate(self.recipes, start=1):
-            recipe = load_recipe(path)
-            st = recipe.station
-            settings = MqttSettings(host, port, st.get("mqtt_topic") or f"okng/{recipe.name}/results",
-                                    int(st.get("mqtt_qos", 1)), *self.options.mqtt_backoff,
-                                    client_id=f"okng-{self.options.station_name}-{path.stem}"[:64])
-            pub = MqttPublisher(results_log_path(path), settings, {"station": self.options.station_name,
-                                                                   "recipe": recipe.name})
+        w = self.options.window
+        served = [(w.name, w.station, w.results_log)] if w is not None else [
+            (r.name, r.station, results_log_path(p)) for p, r in ((p, load_recipe(p)) for p in self.recipes)]
+        for i, (name, station, log_path) in enumerate(served, start=1):
+            settings = MqttSettings(host, port, station.get("mqtt_topic") or f"okng/{name}/results",
+                                    int(station.get("mqtt_qos", 1)), *self.options.mqtt_backoff,
+                                    client_id=f"okng-{self.options.station_name}-{log_path.stem}"[:64])
+            pub = MqttPublisher(log_path, settings, {"station": self.options.station_name, "recipe": name})
             pub.start()
             self.publishers[i] = pub
