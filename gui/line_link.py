@@ -10,6 +10,7 @@ default). The link state is polled twice a second and handed to the LinkPanel as
 """
 from __future__ import annotations
 
+import sqlite3
 import threading
 
 from PySide6.QtCore import QObject, QTimer, Signal
@@ -45,7 +46,7 @@ class LineLink(QObject):
             return
         try:
             service = self._build()
-        except (OkngError, ValueError, OSError) as exc:
+        except (OkngError, ValueError, OSError, sqlite3.Error) as exc:
             self.failed.emit(f"The line links did not start: {exc}")
             self.started.emit(False)
             return

@@ -33,6 +33,7 @@ CREATE TABLE IF NOT EXISTS line_cycles (
 
 def _open(path: Path) -> sqlite3.Connection:
     """A connection shared by threads (callers serialise its use with a lock)."""
+    path.parent.mkdir(parents=True, exist_ok=True)  # an unsaved recipe's log lives in the data folder
     ResultsLog(path).close()  # the log's own schema first, if the file is new
     con = sqlite3.connect(str(path), timeout=sqlitedb.BUSY_TIMEOUT, isolation_level=None, check_same_thread=False)
     con.execute(f"PRAGMA busy_timeout={int(sqlitedb.BUSY_TIMEOUT * 1000)}")
