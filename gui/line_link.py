@@ -6,7 +6,8 @@ recipe's results log, beside the window's own inspections. Images come from the 
 when the demo is open, else from the live source set in the Inspect panel (camera, video,
 watched folder). Endpoints are recipe station settings: ``line_opcua`` (default 4840),
 ``line_modbus`` (default 5020; 502 needs root on Linux), ``line_mqtt`` (HOST[:PORT], none by
-default). The link state is polled twice a second and handed to the LinkPanel as plain data.
+default). The link state is polled twice a second and handed to the LinkPanel as plain data;
+the shift counters are refreshed from the log when the line has inspected.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ class LineLink(QObject):
         super().__init__(parent)
         self.session, self.live_source = session, live_source
         self.service = None
+        self._cycles = 0
         self._timer = QTimer(self)
         self._timer.setInterval(500)
         self._timer.timeout.connect(self._tick)
@@ -106,7 +108,11 @@ class LineLink(QObject):
 
     def _tick(self) -> None:
         if self.service is not None:
-            self.state.emit(self.service.status())
+            status = self.service.status()
+            if status["cycles"] != self._cycles:  # the line's results count in the shift: counters from the log
+                self._cycles = status["cycles"]
+                self.session.shift.refresh()
+            self.state.emit(status)
 
 
 def install_line_link(window) -> LineLink:

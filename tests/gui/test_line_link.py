@@ -76,6 +76,7 @@ def test_the_window_serves_a_plc_with_its_own_model_and_shows_the_link(qtbot, wi
     finally:
         log.close()
     assert [(c.part_id, c.verdict, c.acked_at is not None) for c in cycles] == [(77, expected, True), (78, "OK", True)]
+    qtbot.waitUntil(lambda: w.shift_panel.values["total"].text() == "2", timeout=5000)  # the shift counts them
     w.link_panel.button.click()  # stop
     assert not w.line_link.serving and "Not serving" in w.link_panel.state_label.text()
 
