@@ -9,7 +9,7 @@ published marker), :mod:`.service` the wiring. The protocol libraries are an opt
 """
 from __future__ import annotations
 
-import importlib.util
+import importlib
 
 from ..errors import OkngError
 
@@ -19,7 +19,12 @@ LINE_PACKAGES = {"asyncua": "asyncua", "pymodbus": "pymodbus", "paho": "paho-mqt
 
 def require(*modules: str) -> None:
     """Raise a clear error naming what to install when a protocol library is missing."""
-    missing = [LINE_PACKAGES[m] for m in modules if importlib.util.find_spec(m) is None]
+    missing = []
+    for m in modules:
+        try:
+            importlib.import_module(m)
+        except ImportError:
+            missing.append(LINE_PACKAGES[m])
     if missing:
         raise OkngError(f"the line links need {', '.join(missing)}: pip install 'okng-station[line]' "
                         f"(or pip install {' '.join(missing)})")

@@ -69,8 +69,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    service.start()
     try:
+        service.start()
         links = ", ".join(f"{d['protocol']} {d['endpoint']}" for d in service.status()["links"])
         mqtt = f", MQTT {args.mqtt}" if args.mqtt else ""
         print(f"okng serve: recipe {args.recipe_index} of {len(args.recipes)} loaded; {links}{mqtt}; ready",
