@@ -154,7 +154,7 @@ class Handshake:
         if self._engine is None:
             return self._refuse(ErrorCode.NOT_READY, "trigger refused: no recipe loaded")
         part = int(self._values["PartId"]) or self._take_part_id()
-        self._next_part = max(self._next_part, part + 1)
+        self._next_part = max(self._next_part, part + 1) if part < 0xFFFFFFFF else 1
         self._busy = True
         self.last_trigger = time.monotonic()
         self._set(ErrorCode=0, ErrorText="", Ready=False, Busy=True, PartId=part)

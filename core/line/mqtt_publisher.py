@@ -108,6 +108,9 @@ class MqttPublisher:
                 delay = self.settings.backoff_min
                 try:
                     self._pump(client, outbox)
+                except Exception:  # noqa: BLE001 - e.g. the log busy or unreadable: retry, never die
+                    log.exception("MQTT publisher: sending failed; reconnecting")
+                    self._stop.wait(self.settings.backoff_min)
                 finally:
                     self.connected = False
                     try:

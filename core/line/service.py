@@ -226,7 +226,12 @@ class LineService:
         try:
             if det is None:
                 raise LineError(ErrorCode.INSPECTION_FAILED, "no model: fit the recipe first")
-            grabbed = self.source.grab()
+            try:
+                grabbed = self.source.grab()
+            except LineError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a camera driver's own failure: no image this cycle
+                raise LineError(ErrorCode.NO_IMAGE, f"the source failed: {type(exc).__name__}: {exc}") from exc
             name, sha = grabbed.name, grabbed.sha256
             try:
                 ins = det.inspect([grabbed.image])[0]
@@ -244,6 +249,9 @@ class LineService:
         return CycleResult(part_id, verdict, score, code, text, engine.index, (engine.index, rowid))
 
     def _record_ack(self, result: CycleResult) -> None:
+        if result.record is None:  # the cycle failed before its row was written: nothing to mark
+            log.warning("part %d acknowledged; its result was never logged (%s)", result.part_id, result.error_text)
+            return
         index, rowid = result.record
         if not self._log(index).acknowledge(rowid):
             log.warning("part %d was acknowledged already", result.part_id)

@@ -211,3 +211,32 @@ def test_the_verdict_check_itself_can_fail(cells):
     wrong = {"Ok": verdict == "NG", "Ng": verdict == "OK", "Score": score, "ErrorCode": 0}
     with pytest.raises(AssertionError):
         check_against_okng_score([wrong], 0, cells["images"], cells["reference"])
+
+
+class CrashingCamera:
+    """A camera driver that fails in a way nobody planned for."""
+
+    def grab(self):
+        raise RuntimeError("camera driver crashed")
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_crashing_source_is_the_cycles_error_result_logged_and_released_by_the_ack(cells, tmp_path):
+    recipe = tmp_path / "cells.okrecipe"
+    shutil.copy(cells["recipe"], recipe)
+    port = free_port()
+    svc = LineService(ServeOptions([recipe], CrashingCamera(), modbus=f"127.0.0.1:{port}"))
+    svc.start()
+    plc = ModbusPlc(port)
+    try:
+        for part in (1, 2):  # the line is not stuck: the ack releases each error result
+            r, _ = run_cycle(plc, part)
+            assert (r["ErrorCode"], r["Ok"], r["Ng"], r["PartId"]) == (ErrorCode.NO_IMAGE, False, False, part)
+    finally:
+        plc.close()
+        svc.stop()
+    logged = _cycles_in(recipe.with_suffix(".results.sqlite"))
+    assert [(c.part_id, c.verdict, c.acked_at is not None) for c in logged] == [(1, "ERROR", True), (2, "ERROR", True)]
+    assert "camera driver crashed" in logged[0].error_text

@@ -260,3 +260,9 @@ def test_a_restored_result_is_presented_and_held_until_acknowledged(line):
 
 def test_score_is_float_and_scaled_int_for_plcs_without_floats():
     assert BY_NAME["Score"].registers == 2 and BY_NAME["ScoreX1000"].kind == "int32"
+
+
+def test_part_ids_wrap_to_1_after_the_largest_uint32(line):
+    ln = line().started()
+    assert ln.cycle(part=0xFFFFFFFF)["PartId"] == 0xFFFFFFFF
+    assert ln.cycle()["PartId"] == 1
