@@ -135,6 +135,8 @@ def main() -> None:
             print(f"{name:<11} trigger -> ResultReady {ms(lat)}   ({args.cycles} cycles)")
     finally:
         served.stop()
+    infer, _ = inference_alone(recipe, images, args.cycles)  # again: the machine's load drifts
+    print(f"inference alone, after     {ms(infer)}")
     if args.outage:
         outage(recipe, images, args.outage, folder)
 

@@ -45,7 +45,7 @@ class MqttSettings:
     topic: str
     qos: int = 1
     backoff_min: float = 0.5
-    backoff_max: float = 30.0
+    backoff_max: float = 5.0
     client_id: str = ""
     keepalive: int = 10
 

@@ -65,7 +65,7 @@ class ServeOptions:
     heartbeat: float = 1.0  # seconds
     runtime: str | None = None
     operator: str = "line"
-    mqtt_backoff: tuple[float, float] = (0.5, 30.0)  # first and longest wait between reconnects, s
+    mqtt_backoff: tuple[float, float] = (0.5, 5.0)  # first and longest wait between reconnects, s
     station_name: str = field(default_factory=lambda: __import__("socket").gethostname())
     window: WindowRecipe | None = None
 
