@@ -78,11 +78,15 @@ def outage(recipe: Path, images: list[str], seconds: float, folder: Path) -> Non
         served = Served(str(recipe), "--images", *images, "--modbus", f"127.0.0.1:{port}", "--mqtt",
                         f"127.0.0.1:{broker.port}", log=folder / "outage.log")
         plc = ModbusPlc(port)
-        stop = threading.Event()
+        stop, running, parked = threading.Event(), threading.Event(), threading.Event()
+        running.set()
         parts: list[int] = []
 
         def line() -> None:
             while not stop.is_set():
+                if not running.is_set():
+                    parked.set()
+                    running.wait()
                 run_cycle(plc, 1 + len(parts))
                 parts.append(1 + len(parts))
                 stop.wait(0.1)  # a part every ~0.1 s plus the inspection
@@ -90,7 +94,11 @@ def outage(recipe: Path, images: list[str], seconds: float, folder: Path) -> Non
         t = threading.Thread(target=line)
         t.start()
         stop.wait(3)
+        running.clear()  # a moment's pause: the broker's recorder writes after its ack; let it catch up
+        parked.wait()
+        poll(lambda: len(broker.messages()) >= len(parts), every=0.05, what="the recorder")
         broker.stop()
+        running.set()
         down_at, before = time.monotonic(), len(parts)
         stop.wait(seconds)
         broker.start()
