@@ -154,7 +154,7 @@ class LineService:
             self.handshake.beat()
 
     def status(self) -> dict[str, Any]:
-        """The link state, plain data (``okng serve`` prints it; the window shows it)."""
+        """The link state, plain data (the window's Line dock shows it; okng serve's summary)."""
         hs = self.handshake
         r = hs.last_result
         return {
