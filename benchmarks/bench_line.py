@@ -60,7 +60,22 @@ def inference_alone(recipe: Path, images: list[str], n: int) -> tuple[list[float
         t2 = time.perf_counter()
         infer.append(t2 - t1)
         with_read.append(t2 - t)
-    print(f"runtime {det.runtime_name}")
+    print(f"runtime {det.runtime_name}", file=sys.stderr)
+    return infer, with_read
+
+
+def inference_in_fresh_process(recipe: Path, images: list[str], n: int) -> tuple[list[float], list[float]]:
+    """:func:`inference_alone` in a new process, as ``okng serve`` runs (no client libraries,
+    no benchmark state beside it)."""
+    import json
+    import subprocess
+
+    code = (f"import json, sys; sys.path[:0] = {[str(ROOT), str(ROOT / 'benchmarks')]!r}; "
+            f"from bench_line import inference_alone; "
+            f"print('TIMES', json.dumps(inference_alone(__import__('pathlib').Path({str(recipe)!r}), "
+            f"{images!r}, {n})))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    infer, with_read = json.loads(out.split("TIMES", 1)[1])
     return infer, with_read
 
 
@@ -128,7 +143,7 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix="bench-line-"))
     recipe = make_recipe(folder, "cells", demo_model(folder / "model"))
     images = playlist()
-    infer, with_read = inference_alone(recipe, images, args.cycles)
+    infer, with_read = inference_in_fresh_process(recipe, images, args.cycles)
     print(f"inference alone            {ms(infer)}")
     print(f"read image + inference     {ms(with_read)}")
     ports = {"opcua": free_port(), "modbus": free_port()}
@@ -143,7 +158,7 @@ def main() -> None:
             print(f"{name:<11} trigger -> ResultReady {ms(lat)}   ({args.cycles} cycles)")
     finally:
         served.stop()
-    infer, _ = inference_alone(recipe, images, args.cycles)  # again: the machine's load drifts
+    infer, _ = inference_in_fresh_process(recipe, images, args.cycles)  # again: the machine's load drifts
     print(f"inference alone, after     {ms(infer)}")
     if args.outage:
         outage(recipe, images, args.outage, folder)
