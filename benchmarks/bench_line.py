@@ -79,6 +79,16 @@ def inference_in_fresh_process(recipe: Path, images: list[str], n: int) -> tuple
     return infer, with_read
 
 
+def station_times(serve_log: Path) -> dict[int, float]:
+    """part id -> seconds the station spent on it (grab, inspect, log), from ``okng -v serve``."""
+    import re
+
+    times = {}
+    for m in re.finditer(r"part (\d+): \S+, grab and inspect ([\d.]+) ms, log ([\d.]+) ms", serve_log.read_text()):
+        times[int(m.group(1))] = (float(m.group(2)) + float(m.group(3))) / 1e3
+    return times
+
+
 def cycles(plc, n: int, first_part: int) -> list[float]:
     out = []
     for k in range(n):
@@ -148,16 +158,23 @@ def main() -> None:
     print(f"read image + inference     {ms(with_read)}")
     ports = {"opcua": free_port(), "modbus": free_port()}
     served = Served(str(recipe), "--images", *images, "--opcua", f"127.0.0.1:{ports['opcua']}", "--modbus",
-                    f"127.0.0.1:{ports['modbus']}", log=folder / "serve.log")
+                    f"127.0.0.1:{ports['modbus']}", log=folder / "serve.log", verbose=True)
+    runs = []
     try:
         for name, make, first in (("Modbus TCP", ModbusPlc, 1), ("OPC UA", OpcUaPlc, 1_000_000)):
             plc = make(ports["opcua" if make is OpcUaPlc else "modbus"])
             cycles(plc, 20, first + 900_000)  # warm-up
-            lat = cycles(plc, args.cycles, first)
+            runs.append((name, first, cycles(plc, args.cycles, first)))
             plc.close()
-            print(f"{name:<11} trigger -> ResultReady {ms(lat)}   ({args.cycles} cycles)")
     finally:
         served.stop()
+    station = station_times(folder / "serve.log")
+    for name, first, lat in runs:
+        inside = [station[first + k] for k in range(len(lat))]
+        overhead = [a - b for a, b in zip(lat, inside)]
+        print(f"{name:<11} trigger -> ResultReady {ms(lat)}   ({len(lat)} cycles)")
+        print(f"{'':<11}   of which grab + inspect + log in the station {ms(inside)}")
+        print(f"{'':<11}   the rest (protocol, threads, the PLC's polling) {ms(overhead)}")
     infer, _ = inference_in_fresh_process(recipe, images, args.cycles)  # again: the machine's load drifts
     print(f"inference alone, after     {ms(infer)}")
     if args.outage:

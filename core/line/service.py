@@ -220,6 +220,7 @@ class LineService:
     def _inspect(self, engine: Engine, part_id: int) -> CycleResult:
         """Grab, inspect, log (durably) and return the result; a failure is logged too, as
         an ERROR row, so every result the PLC sees is in the log."""
+        t0 = time.perf_counter()
         det = engine.detector()
         th = det.thresholds if det is not None else None
         name, sha, score, verdict, code, text = "", "", None, "ERROR", ErrorCode.NONE, ""
@@ -240,9 +241,12 @@ class LineService:
             score, verdict = ins.score, ins.verdict
         except LineError as exc:
             code, text = exc.code, str(exc)
+        t1 = time.perf_counter()
         entry = LogEntry(time.time(), name or "(no image)", sha, score, verdict, th.image if th else None,
                          th.pixel if th else None, engine.model_id(), self.options.operator, truth_from_path(name))
         rowid = engine.log.record(entry, part_id, engine.index, int(code), text)
+        log.info("part %d: %s, grab and inspect %.2f ms, log %.2f ms", part_id, verdict, (t1 - t0) * 1e3,
+                 (time.perf_counter() - t1) * 1e3)
         pub = self.publishers.get(engine.index)
         if pub is not None:
             pub.wake()

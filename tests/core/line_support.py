@@ -80,14 +80,15 @@ def percentile(values: list[float], q: float) -> float:
 class Served:
     """``okng serve ARGS`` as a subprocess, as on a line PC; returns once it says ready."""
 
-    def __init__(self, *args: str, log: Path, timeout: float = 180.0) -> None:
+    def __init__(self, *args: str, log: Path, timeout: float = 180.0, verbose: bool = False) -> None:
         import os
         import select
 
         self.args, self.log = args, log
         self.err = log.open("ab")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen([sys.executable, "-m", "core.cli", "serve", *args], stdout=subprocess.PIPE,
+        cmd = [sys.executable, "-m", "core.cli", *(["-v"] if verbose else []), "serve", *args]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE,
                                      stderr=self.err, env=env)
         deadline = time.monotonic() + timeout
         line = b""
