@@ -5,6 +5,8 @@
     okng eval --model MODEL|BUNDLE --ok PATH... --ng PATH... [--json FILE] [--runtime NAME]
     okng export MODEL --out DIR
     okng models
+    okng serve RECIPE... (--images PATH...|--watch DIR|--camera N|--video FILE) [--opcua PORT] [--modbus PORT]
+               [--mqtt HOST]
     okng demo | okng gui [RECIPE]
 
 PATH is an image file or a folder (searched recursively). Unreadable images are reported
@@ -596,6 +598,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("models", help="list the available normality models")
     m.set_defaults(func=cmd_models)
+
+    from .line import command as line_command  # the parser only: no protocol library is imported
+
+    line_command.add_parser(sub)
 
     _add_plugin_commands(sub)
     return p

@@ -21,6 +21,7 @@ import csv
 import io
 import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 
@@ -115,10 +116,12 @@ class Counters:
 class ResultsLog:
     """SQLite-backed inspection log. One connection; used from the session's thread."""
 
-    def __init__(self, path: str | Path, max_rows: int | None = None, max_age_days: float | None = None) -> None:
+    def __init__(self, path: str | Path, max_rows: int | None = None, max_age_days: float | None = None,
+                 shared: bool = False) -> None:
+        """``shared``: the caller uses the log from several threads, one at a time (its own lock)."""
         self.path = Path(path)
         self.max_rows, self.max_age_days = max_rows, max_age_days
-        self._db = sqlite3.connect(str(self.path), isolation_level=None, timeout=10.0)
+        self._db = sqlite3.connect(str(self.path), isolation_level=None, timeout=10.0, check_same_thread=not shared)
         self._db.execute("PRAGMA busy_timeout=10000")
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
@@ -142,15 +145,23 @@ class ResultsLog:
         self.close()
 
     # -- writing --------------------------------------------------------------------------
-    def add(self, e: LogEntry) -> int:
-        cur = self._db.execute(
-            "INSERT INTO inspections (time, image_path, image_sha256, score, verdict, image_threshold, "
-            "pixel_threshold, model_id, operator, truth, ng_copy) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            astuple(e)[:-1])
+    def add(self, e: LogEntry, also: Callable[[sqlite3.Connection, int], None] | None = None) -> int:
+        """Log one inspection; ``also(connection, row id)`` writes in the same transaction
+        (the line's part id and ack state, :mod:`core.line.store`): both or neither."""
+        def insert(con: sqlite3.Connection) -> int:
+            cur = con.execute(
+                "INSERT INTO inspections (time, image_path, image_sha256, score, verdict, image_threshold, "
+                "pixel_threshold, model_id, operator, truth, ng_copy) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                astuple(e)[:-1])
+            if also is not None:
+                also(con, int(cur.lastrowid))
+            return int(cur.lastrowid)
+
+        rowid = insert(self._db) if also is None else sqlitedb.write_transaction(self._db, insert)
         self._added += 1
         if self._added % 100 == 1:  # retention: cheap enough to check now and then, not per row
             self.prune()
-        return int(cur.lastrowid)
+        return rowid
 
     def prune(self, now: float | None = None) -> int:
         """Apply the retention limits; returns how many rows were removed."""

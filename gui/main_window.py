@@ -12,6 +12,7 @@ from core.session_results import heat_vmax
 from core.thresholds import false_alarm_upper_bound, held_out_needed
 
 from .labeling import install_labeling
+from .line_link import install_line_link
 from .panels.histogram_panel import HistogramPanel
 from .panels.ok_set_panel import OkSetPanel
 from .panels.results_panel import ResultsPanel
@@ -45,7 +46,7 @@ class MainWindow(QMainWindow):
         left, right = Qt.DockWidgetArea.LeftDockWidgetArea, Qt.DockWidgetArea.RightDockWidgetArea
         self.add_dock("OK images", self.ok_panel, left)
         self.add_dock("Inspect", self.source_panel, left)
-        shift_dock = self.add_dock("Shift", self.shift_panel, left)
+        shift_dock = self.shift_dock = self.add_dock("Shift", self.shift_panel, left)
         self.threshold_panel.setTitle("")  # the dock says it already
         docks = [self.add_dock("Thresholds", self.threshold_panel, right),
                  self.add_dock("Score histogram", self.histogram, right),
@@ -54,6 +55,7 @@ class MainWindow(QMainWindow):
         self._build_inspect_menu()
         self._wire()
         self.labels_panel, labels_dock = install_labeling(self)  # dock, Label menu, click popup
+        self.line_link = install_line_link(self)  # the Line dock: a PLC triggers this window
         self.resizeDocks([*docks, labels_dock], [150, 220, 300, 260], Qt.Orientation.Vertical)
         self.resizeDocks(docks[:1], [560], Qt.Orientation.Horizontal)
         self.tabifyDockWidget(self.findChild(QDockWidget, "Inspect"), shift_dock)
@@ -101,7 +103,7 @@ class MainWindow(QMainWindow):
 
     def _build_inspect_menu(self) -> None:
         s = self.controller.session
-        m = self.menuBar().addMenu("&Inspect")
+        m = self.inspect_menu = self.menuBar().addMenu("&Inspect")
         self.add_action(m, "&Open images to inspect…", self.source_panel.ask_files, "Ctrl+O")
         self.add_action(m, "&Fit model", s.start_fit, "F5")
         self.demo_action = self.add_action(m, "Inspect &demo stream", s.inspect_demo_stream, "Ctrl+D")
@@ -297,5 +299,6 @@ class MainWindow(QMainWindow):
         self.settings.setValue("window/state", self.saveState())
         # The engine stops at its next cancellation point (at most one batch, or the backbone
         # load); destroying a running QThread would abort the process, so wait generously.
+        self.line_link.stop()
         self.controller.shutdown(60000)
         super().closeEvent(event)

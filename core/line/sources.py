@@ -1,0 +1,86 @@
+"""Where a triggered inspection takes its image.
+
+The PLC's Trigger means "the part is in place": the station takes the next image of its
+source at that moment. A :class:`Playlist` gives image files in order (a folder of images
+played in order, the demo stream; it starts over at the end), :class:`LiveGrab` the next
+frame of a camera, a video file or a watched folder (:mod:`core.sources`), waiting up to
+``timeout`` seconds for it. No image in time, or an unreadable one, is the cycle's result
+with ErrorCode NO_IMAGE, never a hang.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from ..errors import ImageLoadError
+from ..imageio import load_image
+from ..labels import array_sha256, file_sha256
+from .handshake import LineError
+from .signals import ErrorCode
+
+
+@dataclass(frozen=True)
+class Grabbed:
+    image: np.ndarray  # (H, W, 3) uint8 RGB
+    name: str  # the file path, or "camera 0 #12"
+    sha256: str
+
+
+class TriggerSource(Protocol):
+    def grab(self) -> Grabbed: ...
+    def close(self) -> None: ...
+
+
+class Playlist:
+    """Image files in a fixed order, from the first again after the last."""
+
+    def __init__(self, paths: list[str], bit_depth: int | None = None) -> None:
+        if not paths:
+            raise ValueError("a playlist needs at least one image")
+        self.paths = [str(p) for p in paths]
+        self.bit_depth = bit_depth
+        self.position = 0
+
+    def grab(self) -> Grabbed:
+        path = self.paths[self.position % len(self.paths)]
+        self.position += 1
+        try:
+            image = load_image(path, self.bit_depth)
+            return Grabbed(image, path, file_sha256(path))
+        except (ImageLoadError, OSError) as exc:
+            raise LineError(ErrorCode.NO_IMAGE, f"image {Path(path).name} unreadable: {exc}") from None
+
+    def close(self) -> None:
+        pass
+
+
+class LiveGrab:
+    """The next frame of a :class:`core.sources.FrameSource` (opened on first use)."""
+
+    def __init__(self, source, timeout: float = 5.0, poll: float = 0.005) -> None:
+        self.source, self.timeout, self.poll = source, timeout, poll
+        self._open = False
+
+    def grab(self) -> Grabbed:
+        if not self._open:
+            self.source.open()
+            self._open = True
+        deadline = time.monotonic() + self.timeout
+        while True:
+            frame = self.source.read()
+            if isinstance(frame, ImageLoadError):
+                raise LineError(ErrorCode.NO_IMAGE, f"image unreadable: {frame}")
+            if frame is not None:
+                sha = file_sha256(frame.name) if Path(frame.name).is_file() else array_sha256(frame.image)
+                return Grabbed(frame.image, frame.name, sha)
+            if self.source.finished or time.monotonic() > deadline:
+                raise LineError(ErrorCode.NO_IMAGE, f"no image from the source within {self.timeout:g} s")
+            time.sleep(self.poll)  # a camera or folder has no event to wait on: polled
+
+    def close(self) -> None:
+        if self._open:
+            self.source.close()

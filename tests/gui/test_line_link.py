@@ -1,0 +1,91 @@
+"""The window serves a PLC: one engine (the window's model and thresholds), the link state on
+screen, the results in the recipe's log."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+pytest.importorskip("asyncua")
+pytest.importorskip("pymodbus")
+
+from pymodbus.client import ModbusTcpClient  # noqa: E402
+from PySide6.QtCore import QSettings  # noqa: E402
+
+from core.imageio import load_image  # noqa: E402
+from core.line.broker import free_port  # noqa: E402
+from core.line.store import LineLog  # noqa: E402
+from gui.controller import StationController  # noqa: E402
+from gui.main_window import MainWindow  # noqa: E402
+from gui.runner import SyncRunner  # noqa: E402
+
+
+@pytest.fixture
+def window(qtbot, tmp_path, ok_images, tiny_config):
+    c = StationController(SyncRunner(), labels_dir=tmp_path / "labels", captures_dir=tmp_path / "captures")
+    c.session.new_recipe("synthetic", tiny_config, list(ok_images))
+    w = MainWindow(c, QSettings(str(tmp_path / "s.ini"), QSettings.Format.IniFormat))
+    qtbot.addWidget(w)
+    w.show()
+    yield w
+    w.line_link.stop()
+
+
+def _cycle(qtbot, plc: ModbusTcpClient, part: int, image: str, inbox) -> list[bool]:
+    assert not plc.write_registers(4, [0, part]).isError()
+    assert not plc.write_coil(0, True).isError()
+    shutil.copy(image, inbox / f"part{part}.png")  # the camera's image lands in the watched folder
+    qtbot.waitUntil(lambda: plc.read_coils(4, count=1).bits[0], timeout=20000)
+    bits = plc.read_coils(0, count=7).bits
+    assert plc.read_holding_registers(4, count=2).registers == [0, part]
+    assert not plc.write_coil(1, True).isError()
+    qtbot.waitUntil(lambda: plc.read_coils(2, count=1).bits[0], timeout=10000)
+    return bits
+
+
+def test_the_window_serves_a_plc_with_its_own_model_and_shows_the_link(qtbot, window, tmp_path, defect_image):
+    w, s = window, window.controller.session
+    s.start_fit()
+    assert s.detector is not None and s.detector.thresholds is not None
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    w.source_panel.set_live_target("folder", str(inbox))
+    port = free_port()
+    s.recipe.station.update(line_modbus=f"127.0.0.1:{port}", line_opcua=f"127.0.0.1:{free_port()}")
+    with qtbot.waitSignal(w.line_link.started, timeout=60000) as started:
+        w.link_panel.button.click()
+    assert started.args == [True] and w.link_panel.button.text() == "Stop serving the line"
+    plc = ModbusTcpClient("127.0.0.1", port=port, timeout=5)
+    assert plc.connect()
+    try:
+        expected = s.detector.inspect([load_image(defect_image)])[0].verdict
+        bits = _cycle(qtbot, plc, 77, defect_image, inbox)
+        assert (bits[5], bits[6]) == (expected == "OK", expected == "NG")
+        qtbot.waitUntil(lambda: "Last result: part 77" in w.link_panel.state_label.text(), timeout=5000)
+        text = w.link_panel.state_label.text()
+        assert "1 PLC connected" in text and expected in text and "Last trigger" in text
+        # one engine: a threshold set in the window judges the next part
+        s.set_thresholds(1e9, s.pixel_threshold)
+        bits = _cycle(qtbot, plc, 78, defect_image, inbox)
+        assert (bits[5], bits[6]) == (True, False)
+    finally:
+        plc.close()
+    log = LineLog(s.shift.path)
+    try:
+        cycles = log.cycles()
+    finally:
+        log.close()
+    assert [(c.part_id, c.verdict, c.acked_at is not None) for c in cycles] == [(77, expected, True), (78, "OK", True)]
+    qtbot.waitUntil(lambda: w.shift_panel.values["total"].text() == "2", timeout=5000)  # the shift counts them
+    w.link_panel.button.click()  # stop
+    assert not w.line_link.serving and "Not serving" in w.link_panel.state_label.text()
+
+
+def test_serving_without_an_image_source_says_what_is_missing(qtbot, window):
+    w = window
+    w.source_panel.set_live_target("folder", "")
+    with qtbot.waitSignal(w.line_link.started, timeout=10000) as started:
+        w.link_panel.button.click()
+    assert started.args == [False] and not w.line_link.serving
+    assert w.error_banner.isVisible() and "live source" in w.error_label.text()
+    assert w.link_panel.button.isEnabled() and w.link_panel.button.text() == "Serve the line"
