@@ -53,3 +53,12 @@ def test_the_json_export_keeps_undone_labels_and_their_regions(tmp_path, monkeyp
     assert rows[0]["undone_at"] is not None and rows[1]["undone_at"] is None
     assert rows[0]["region"]["bbox"] == [10, 4, 10, 5] and rows[1]["region"] is None
     assert rows[0]["score"] == 7.5 and rows[0]["operator"] == "ana" and rows[1]["model_id"] == "model-2"
+
+
+def test_an_undone_label_can_be_redone(tmp_path, monkeypatch):
+    with _store_with_two_labels(tmp_path / "l.sqlite", monkeypatch) as store:
+        first = store.labels(include_undone=True)[0]
+        assert first.undone_at is not None and [lab.kind for lab in store.labels()] == ["image_ng"]
+        store.redo(first.id)
+        assert [lab.kind for lab in store.labels()] == ["false_alarm", "image_ng"]
+        assert store.labels()[0].undone_at is None

@@ -116,3 +116,26 @@ def test_thresholds_match_their_calibration_until_either_is_moved_by_hand():
     assert not th.matches_calibration()
     from core.thresholds import Thresholds
     assert not Thresholds(5.0, 5.0).matches_calibration()  # nothing to match
+
+
+def test_the_confusion_counts_each_pair_once_with_ng_strictly_above_the_threshold():
+    labels = np.array([1, 1, 1, 0, 0, 0, 0, 0])
+    scores = np.array([9.0, 5.0, 2.0, 6.0, 5.0, 1.0, 0.5, 0.0])
+    c = metrics.confusion_at(labels, scores, 5.0)  # 5.0 itself is OK
+    assert (c["tp"], c["fp"], c["fn"], c["tn"]) == (1, 1, 2, 4)
+    assert c["false_alarm_rate"] == pytest.approx(1 / 5) and c["detection_rate"] == pytest.approx(1 / 3)
+    assert c["precision"] == pytest.approx(0.5) and c["f1"] == pytest.approx(2 * 0.5 * (1 / 3) / (0.5 + 1 / 3))
+
+
+def test_fpr_at_tpr_takes_the_first_threshold_that_reaches_the_recall_exactly():
+    labels = np.array([1, 1, 1, 1, 0, 0, 0, 0])
+    scores = np.array([8.0, 7.0, 6.0, 2.0, 6.5, 3.0, 1.0, 0.0])
+    # recall 3/4 is reached above score 6 with one OK (6.5) above it: FPR 1/4
+    assert metrics.fpr_at_tpr(labels, scores, 0.75) == pytest.approx(0.25)
+    assert metrics.fpr_at_tpr(labels, scores, 1.0) == pytest.approx(0.5)
+
+
+def test_best_f1_with_a_single_defect():
+    labels = np.array([1, 0, 0, 0])
+    t, f1 = metrics.best_f1_threshold(labels, np.array([3.0, 2.0, 1.0, 0.0]))
+    assert 2.0 <= t < 3.0 and f1 == pytest.approx(1.0)

@@ -102,3 +102,11 @@ def test_two_processes_creating_the_log_at_once_both_succeed(tmp_path):
         assert sorted(q.get(timeout=5) for _ in procs) == ["ok", "ok"]
         with ResultsLog(path) as log:
             assert len(log.entries()) == 2
+
+
+def test_entries_can_be_limited_to_the_newest(tmp_path):
+    with ResultsLog(tmp_path / "r.sqlite") as log:
+        for i in range(5):
+            log.add(_entry(float(i), "OK"))
+        assert [e.time for e in log.entries(limit=2)] == [4.0, 3.0]
+        assert len(log.entries(limit=None)) == 5

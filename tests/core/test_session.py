@@ -376,3 +376,21 @@ def test_a_label_keeps_the_thresholds_the_engineer_set(session, part_images):
     assert len(s.labels.rows()) == 1 and s.detector.applied_labels
     assert (s.image_threshold, s.pixel_threshold) == (image, pixel)
     assert told and told[-1] == (image, pixel)
+
+
+def test_thresholds_set_by_hand_reach_the_detector_both_of_them(session):
+    s = session
+    s.set_thresholds(s.image_threshold * 1.25, s.pixel_threshold * 0.75)
+    assert (s.detector.thresholds.image, s.detector.thresholds.pixel) == (s.image_threshold, s.pixel_threshold)
+
+
+def test_the_labels_list_shows_each_label_with_its_time_kind_and_image(session, part_images):
+    s = session
+    _inspect(s, part_images[1][:1])
+    s.labels.mark_image("image_ng")
+    (row,) = s.labels.rows()
+    with LabelStore(s.labels.store_path) as store:
+        (lab,) = store.labels()
+    assert (row.id, row.created_at, row.kind, row.image_name) == (lab.id, lab.created_at, "image_ng",
+                                                                  Path(part_images[1][0]).name)
+    assert row.created_at > 0 and row.in_model and not row.undone
