@@ -1,0 +1,134 @@
+"""What a model derives from its file when loaded (PaDiM: 784 precision matrices), cached beside it.
+
+A model file keeps float64 sufficient statistics (exact incremental updates, feedback), not
+the float32 precisions scoring reads; deriving them (a Cholesky solve per patch) was 0.6-2 s
+of every ``okng score`` start-up on two cores. They are written once, when the model is saved
+(the very values the fitted detector scores with) or, for a model saved before this cache
+existed, at its first load, as ``MODEL.derived-KEY.safetensors`` beside the model file (a
+read-only folder: the user cache, see :func:`core.runtime.cache_dir`).
+
+The model file's format is unchanged (no version bump): the cache is optional and only trusted
+when it provably belongs to the very bytes of the model file:
+
+- KEY is derived from the model file's verified SHA-256 (``okng_sha256``, format 2; format-1
+  files have none and are never cached) and the cache's own version; a refitted or re-saved
+  model gets a new key and the stale cache beside it is removed;
+- the cache names that SHA-256, the model kind and the torch version in its header (another
+  torch could derive other last bits) and carries a SHA-256 of its own tensors;
+- the model checks shapes, dtypes and finiteness (:meth:`NormalityModel.load_derived`).
+
+Any doubt (missing, damaged, another key, a failed write) means "derive as before": the cache
+can make loading faster, never change a score or make a load fail.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+#: bump when what models derive (or how it is stored) changes: every cache is then ignored
+DERIVED_VERSION = 1
+_HEADER_KEY = "okng_derived"
+
+
+def _key(model_sha256: str) -> str:
+    return hashlib.sha256(f"{DERIVED_VERSION}:{model_sha256}".encode()).hexdigest()[:16]
+
+
+def cache_paths(model_path: str | os.PathLike[str], model_sha256: str) -> tuple[Path, Path]:
+    """(beside the model file, in the user cache) for this model file's content."""
+    from .runtime import cache_dir
+
+    key = _key(model_sha256)
+    return Path(f"{Path(model_path)}.derived-{key}.safetensors"), cache_dir() / f"derived-{key}.safetensors"
+
+
+def _tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def _expected_header(model, model_sha256: str) -> dict:
+    return {"version": DERIVED_VERSION, "model_sha256": model_sha256, "kind": model.kind,
+            "torch": torch.__version__}
+
+
+def store(model, model_path: str | os.PathLike[str], model_sha256: str | None) -> Path | None:
+    """Write the model's derived tensors for the model file with this SHA-256; best effort
+    (returns where, or None: nothing to cache, no checksum, or no writable place)."""
+    from safetensors.torch import save
+
+    from .atomic import write_bytes_atomic
+
+    derived = model.derived_tensors() if model_sha256 else None
+    if not derived:
+        return None
+    derived = {k: v.detach().contiguous().cpu() for k, v in derived.items()}
+    header = dict(_expected_header(model, model_sha256), tensors_sha256=_tensors_digest(derived))
+    data = save(derived, metadata={_HEADER_KEY: json.dumps(header)})
+    beside, user = cache_paths(model_path, model_sha256)
+    for target in (beside, user):
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            write_bytes_atomic(target, data)
+        except Exception as exc:  # noqa: BLE001 - OSError or core.atomic's SaveError: only a cache
+            log.info("cannot cache the derived model state at %s (%s)", target, exc)
+            continue
+        if target == beside:
+            _remove_stale(beside)
+        return target
+    return None
+
+
+def restore(model, model_path: str | os.PathLike[str], model_sha256: str | None) -> bool:
+    """Give the model its cached derived tensors; False (model untouched) if there are none
+    that provably belong to this model file, and the caller derives them."""
+    if not model_sha256:
+        return False
+    for candidate in cache_paths(model_path, model_sha256):
+        if candidate.is_file() and _restore_from(model, candidate, model_sha256):
+            return True
+    return False
+
+
+def _restore_from(model, path: Path, model_sha256: str) -> bool:
+    from safetensors.torch import load
+
+    try:
+        raw = path.read_bytes()
+        tensors = load(raw)
+        n = int.from_bytes(raw[:8], "little")
+        header = json.loads(json.loads(raw[8 : 8 + n])["__metadata__"][_HEADER_KEY])
+        expected = _expected_header(model, model_sha256)
+        if any(header.get(k) != v for k, v in expected.items()):
+            log.info("derived model state %s belongs to another model or station; deriving it", path)
+            return False
+        if header.get("tensors_sha256") != _tensors_digest(tensors):
+            log.warning("derived model state %s is damaged; deriving it again", path)
+            return False
+        return bool(model.load_derived(tensors))
+    except Exception as exc:  # noqa: BLE001 - any unreadable cache: derive as before
+        log.warning("cannot use the derived model state %s (%s); deriving it", path, str(exc)[:160])
+        return False
+
+
+def _remove_stale(beside: Path) -> None:
+    """Caches of earlier contents of the same model file (it was re-saved) are stale."""
+    prefix = beside.name.split(".derived-")[0] + ".derived-"
+    for p in beside.parent.iterdir():  # not glob: a model name may hold [ or *
+        if p.name.startswith(prefix) and p.name.endswith(".safetensors") and p != beside:
+            try:
+                p.unlink()
+                log.info("removed stale derived model state %s", p)
+            except OSError:
+                pass
