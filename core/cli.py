@@ -280,12 +280,39 @@ def _write_heatmap(path: Path, img) -> None:
         raise SaveError(f"cannot save heatmap {path}: {describe_error(exc)}") from None
 
 
+def _warm_kernel_in_background():
+    """Load the compiled scoring kernel (numba and its cache: ~1 s of a fresh process) on a
+    thread while the model file is read and the runtime opened; the first score waits for it
+    (:func:`core.models.mahalanobis.warm_up` holds the kernel's lock). Models that do not use
+    it only lose that thread's time."""
+    import threading
+
+    def warm() -> None:
+        try:
+            from .models.mahalanobis import warm_up
+
+            warm_up()
+        except Exception:  # noqa: BLE001 - the first score compiles it, or falls back to torch.bmm
+            pass
+
+    thread = threading.Thread(target=warm, name="okng-kernel-warm-up", daemon=True)
+    thread.start()
+    return thread
+
+
 def cmd_score(args: argparse.Namespace) -> int:
+    warming = _warm_kernel_in_background()
+    try:
+        return _score(args, _load(args))
+    finally:
+        warming.join()  # an early error must not end the process while numba is loading
+
+
+def _score(args: argparse.Namespace, det) -> int:
     import io
 
     from .jobs import CancelToken, ScoredImage, inspect_job
 
-    det = _load(args)
     _warn_uncalibrated(det)
     paths = _paths(args.paths)
     heat_dir = _heat_dir(args.heatmaps)

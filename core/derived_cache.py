@@ -14,7 +14,7 @@ when it provably belongs to the very bytes of the model file:
   files have none and are never cached) and the cache's own version; a refitted or re-saved
   model gets a new key and the stale cache beside it is removed;
 - the cache names that SHA-256, the model kind and the torch version in its header (another
-  torch could derive other last bits) and carries a SHA-256 of its own tensors;
+  torch could derive other last bits) and carries a SHA-256 of its own data section;
 - the model checks shapes, dtypes and finiteness (:meth:`NormalityModel.load_derived`).
 
 Any doubt (missing, damaged, another key, a failed write) means "derive as before": the cache
@@ -25,9 +25,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
@@ -49,13 +51,33 @@ def cache_paths(model_path: str | os.PathLike[str], model_sha256: str) -> tuple[
     return Path(f"{Path(model_path)}.derived-{key}.safetensors"), cache_dir() / f"derived-{key}.safetensors"
 
 
-def _tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.numpy().tobytes())
-    return h.hexdigest()
+def _parse(raw: bytearray) -> tuple[dict, dict[str, torch.Tensor], memoryview]:
+    """(our header, float32 tensors viewing ``raw`` without a copy, the data section) of a
+    safetensors file; ValueError if it is not one of ours."""
+    n = int.from_bytes(raw[:8], "little")
+    if not 0 < n <= len(raw) - 8:
+        raise ValueError("bad header length")
+    entries = json.loads(bytes(raw[8 : 8 + n]))
+    header = json.loads(entries.pop("__metadata__")[_HEADER_KEY])
+    data = memoryview(raw)[8 + n :]
+    tensors = {}
+    for name, e in entries.items():
+        lo, hi = e["data_offsets"]
+        shape = [int(x) for x in e["shape"]]
+        if e["dtype"] != "F32" or not 0 <= lo <= hi <= len(data) or hi - lo != 4 * math.prod(shape):
+            raise ValueError(f"tensor {name!r} is not float32 of its declared size")
+        tensors[name] = torch.from_numpy(np.frombuffer(data[lo:hi], np.float32).reshape(shape))
+    return header, tensors, data
+
+
+def _serialize(tensors: dict[str, torch.Tensor], header: dict) -> bytes:
+    """A safetensors file whose metadata holds ``header`` plus the SHA-256 of its data section."""
+    from safetensors.torch import save
+
+    plain = save(tensors, metadata={_HEADER_KEY: json.dumps(header)})
+    data = plain[8 + int.from_bytes(plain[:8], "little") :]
+    header = dict(header, data_sha256=hashlib.sha256(data).hexdigest())
+    return save(tensors, metadata={_HEADER_KEY: json.dumps(header)})  # same data section
 
 
 def _expected_header(model, model_sha256: str) -> dict:
@@ -66,16 +88,13 @@ def _expected_header(model, model_sha256: str) -> dict:
 def store(model, model_path: str | os.PathLike[str], model_sha256: str | None) -> Path | None:
     """Write the model's derived tensors for the model file with this SHA-256; best effort
     (returns where, or None: nothing to cache, no checksum, or no writable place)."""
-    from safetensors.torch import save
-
     from .atomic import write_bytes_atomic
 
     derived = model.derived_tensors() if model_sha256 else None
     if not derived:
         return None
     derived = {k: v.detach().contiguous().cpu() for k, v in derived.items()}
-    header = dict(_expected_header(model, model_sha256), tensors_sha256=_tensors_digest(derived))
-    data = save(derived, metadata={_HEADER_KEY: json.dumps(header)})
+    data = _serialize(derived, _expected_header(model, model_sha256))
     beside, user = cache_paths(model_path, model_sha256)
     for target in (beside, user):
         try:
@@ -102,18 +121,17 @@ def restore(model, model_path: str | os.PathLike[str], model_sha256: str | None)
 
 
 def _restore_from(model, path: Path, model_sha256: str) -> bool:
-    from safetensors.torch import load
-
     try:
-        raw = path.read_bytes()
-        tensors = load(raw)
-        n = int.from_bytes(raw[:8], "little")
-        header = json.loads(json.loads(raw[8 : 8 + n])["__metadata__"][_HEADER_KEY])
+        with open(path, "rb") as f:  # into a writable buffer: the tensors view it, no copy
+            raw = bytearray(os.fstat(f.fileno()).st_size)
+            if f.readinto(raw) != len(raw):
+                raise ValueError("short read")
+        header, tensors, data = _parse(raw)
         expected = _expected_header(model, model_sha256)
         if any(header.get(k) != v for k, v in expected.items()):
             log.info("derived model state %s belongs to another model or station; deriving it", path)
             return False
-        if header.get("tensors_sha256") != _tensors_digest(tensors):
+        if header.get("data_sha256") != hashlib.sha256(data).hexdigest():
             log.warning("derived model state %s is damaged; deriving it again", path)
             return False
         return bool(model.load_derived(tensors))

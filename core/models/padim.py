@@ -122,7 +122,9 @@ class PadimModel(NormalityModel):
         if set(tensors) != set(shapes) or float(self.stats.count.min()) < 1:
             return False
         for name, t in (("mean", mean), ("precision", prec)):
-            if t.dtype != torch.float32 or tuple(t.shape) != shapes[name] or not bool(torch.isfinite(t).all()):
+            if t.dtype != torch.float32 or tuple(t.shape) != shapes[name]:
+                return False
+            if not (torch.isfinite(t.amax()) and torch.isfinite(t.amin())):  # max/min propagate NaN
                 return False
         self._mean, self._precision = mean.contiguous(), prec.contiguous()
         self._dirty = torch.zeros(self.n_patches, dtype=torch.bool)

@@ -46,6 +46,8 @@ def test_save_caches_the_precisions_and_load_takes_them_without_deriving(fitted,
     # stored = derived, bit for bit; and the fitted detector's own values
     assert torch.equal(back.model._precision, prec) and torch.equal(back.model._mean, mean)
     assert torch.equal(back.model._precision, fitted.model._precision)
+    # views of the cache file's bytes, writable: feedback updates them in place
+    assert back.model._precision.numpy().flags.writeable and back.model._mean.numpy().flags.writeable
     ref = fitted.copy()
     ref.use_runtime("torch")
     probe = [(torch.rand(70, 50, 3, generator=torch.Generator().manual_seed(1)) * 255).to(torch.uint8).numpy()]
