@@ -101,12 +101,14 @@ def detector_tensors(det: Detector) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in t.items()}
 
 
-def save_detector(det: Detector, path: str | os.PathLike[str]) -> Path:
+def save_detector(det: Detector, path: str | os.PathLike[str], cache_derived: bool = True) -> Path:
     """Write the detector atomically; returns the path written (the detector remembers it:
-    its embedding graph is cached beside it)."""
+    its embedding graph is cached beside it). ``cache_derived`` also writes what the model
+    scores with beside it (:mod:`core.derived_cache`); an exported bundle, a fixed set of
+    files, does without."""
     out, digest = _write_sealed(path, detector_tensors(det), _metadata(det))
     det.model_path = str(out)
-    if det.model.n_samples > 0:  # the precisions it scores with, for the next load (core.derived_cache)
+    if cache_derived and det.model.n_samples > 0:  # the precisions it scores with, for the next load
         derived_cache.store(det.model, out, digest)
     return out
 
