@@ -88,8 +88,6 @@ def _expected_header(model, model_sha256: str) -> dict:
 def store(model, model_path: str | os.PathLike[str], model_sha256: str | None) -> Path | None:
     """Write the model's derived tensors for the model file with this SHA-256; best effort
     (returns where, or None: nothing to cache, no checksum, or no writable place)."""
-    from .atomic import write_bytes_atomic
-
     derived = model.derived_tensors() if model_sha256 else None
     if not derived:
         return None
@@ -99,14 +97,28 @@ def store(model, model_path: str | os.PathLike[str], model_sha256: str | None) -
     for target in (beside, user):
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-            write_bytes_atomic(target, data)
-        except Exception as exc:  # noqa: BLE001 - OSError or core.atomic's SaveError: only a cache
+            _write_replace(target, data)
+        except OSError as exc:
             log.info("cannot cache the derived model state at %s (%s)", target, exc)
             continue
         if target == beside:
             _remove_stale(beside)
         return target
     return None
+
+
+def _write_replace(target: Path, data: bytes) -> None:
+    """Write then rename over ``target``: readers see the old file or the new one, never half
+    of one. No fsync, unlike model files: a cache lost or torn by a crash fails its SHA-256 on
+    the next load and is derived again, and the model's save does not wait for the disk."""
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def restore(model, model_path: str | os.PathLike[str], model_sha256: str | None) -> bool:

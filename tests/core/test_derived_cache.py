@@ -135,22 +135,20 @@ def test_a_format_1_file_is_never_cached(fitted, tmp_path):
 
 
 def test_a_read_only_model_folder_uses_the_user_cache(fitted, tmp_path, monkeypatch):
-    from core import atomic
-
     folder = tmp_path / "ro"
     folder.mkdir()
     path = save_detector(fitted, folder / "m.okng")
     for name in _caches(folder):
         (folder / name).unlink()
     monkeypatch.setenv("OKNG_CACHE_DIR", str(tmp_path / "cache"))
-    real = atomic.write_bytes_atomic
+    real = derived_cache._write_replace
 
     def read_only_folder(target, data):  # as root a chmod would not stop the write
         if os.path.dirname(target) == str(folder):
             raise PermissionError(13, "Permission denied")
         return real(target, data)
 
-    monkeypatch.setattr(atomic, "write_bytes_atomic", read_only_folder)
+    monkeypatch.setattr(derived_cache, "_write_replace", read_only_folder)
     load_detector(path, runtime="torch")
     assert _caches(folder) == [] and len(list((tmp_path / "cache").glob("derived-*.safetensors"))) == 1
     _no_derivation(monkeypatch)
@@ -164,7 +162,7 @@ def test_an_unwritable_place_only_costs_the_derivation(fitted, tmp_path, monkeyp
     path = save_detector(fitted, tmp_path / "m.okng")
     for name in _caches(tmp_path):
         (tmp_path / name).unlink()
-    monkeypatch.setattr("core.atomic.write_bytes_atomic", full)
+    monkeypatch.setattr(derived_cache, "_write_replace", full)
     back = load_detector(path, runtime="torch")
     assert torch.equal(back.model._precision, fitted.model._precision)
     assert _caches(tmp_path) == []
