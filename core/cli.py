@@ -1,7 +1,7 @@
 """``okng``: the station's command line (stable; scripts and other tools call it).
 
-    okng fit PATH... --out MODEL [--model padim] [--backbone NAME] [--image-size N]
-    okng score --model MODEL|BUNDLE PATH... [--csv FILE] [--heatmaps DIR] [--runtime NAME]
+    okng fit PATH... --out MODEL [--model padim] [--backbone NAME] [--image-size N] [--ray [ADDRESS]]
+    okng score --model MODEL|BUNDLE PATH... [--csv FILE] [--heatmaps DIR] [--runtime NAME] [--ray [ADDRESS]]
     okng eval --model MODEL|BUNDLE --ok PATH... --ng PATH... [--json FILE] [--runtime NAME]
     okng export MODEL --out DIR
     okng models
@@ -19,6 +19,10 @@ FILE, if it exists, is still the previous run's. Text fields starting with ``=``
 ``@``, tab or carriage return get a leading ``'`` so spreadsheets do not run them as formulas.
 Heatmaps are named ``NNNNN_<image name>.png`` (NNNNN: the image's row, from 0); names that
 would pass 255 bytes are shortened, keeping the row number and a hash of the full name.
+
+``--ray [ADDRESS]`` runs ``fit`` and ``score`` on a Ray cluster (``auto``, ``host:port``,
+``ray://host:port``; alone: a private Ray on this machine): the same model file and the same
+CSV rows as a local run (core/ray_fit.py, core/ray_score.py). Without it Ray is not imported.
 """
 from __future__ import annotations
 
@@ -138,6 +142,20 @@ def _config_from_args(args: argparse.Namespace):
     return DetectorConfig.for_model(args.model, model_params=params, **given)
 
 
+def _ray_options(args: argparse.Namespace):
+    """The Ray settings of ``--ray`` and friends, or None without ``--ray``."""
+    if args.ray is None:
+        return None
+    from .ray_cluster import RayOptions, check_address
+
+    for opt in ("ray_cpus", "ray_threads", "ray_chunk"):
+        value = getattr(args, opt, None)
+        if value is not None and value < 1:
+            raise ValueError(f"--{opt.replace('_', '-')} must be at least 1, got {value}")
+    address = None if args.ray == _PRIVATE_RAY else check_address(args.ray)
+    return RayOptions(address, args.ray_cpus, args.ray_threads or 1, getattr(args, "ray_chunk", None))
+
+
 def cmd_fit(args: argparse.Namespace) -> int:
     from .jobs import CancelToken, fit_job
     from .persistence import save_detector
@@ -145,8 +163,15 @@ def cmd_fit(args: argparse.Namespace) -> int:
     paths = _paths(args.paths)
     config = _config_from_args(args)
     _check_output(args.out, "--out")
-    # no inspection here: the embedding graph is only exported, next to the model file
-    result = _drive(fit_job(paths, config, CancelToken(), runtime="torch"), "fit")
+    ray = _ray_options(args)
+    if ray is not None:
+        from .ray_fit import ray_fit_job
+
+        job = ray_fit_job(paths, config, CancelToken(), ray, runtime="torch")
+    else:
+        # no inspection here: the embedding graph is only exported, next to the model file
+        job = fit_job(paths, config, CancelToken(), runtime="torch")
+    result = _drive(job, "fit")
     for s in result.skipped:
         print(f"skipped {s.path}: {s.reason}", file=sys.stderr)
     out = save_detector(result.detector, args.out)
@@ -244,6 +269,12 @@ def _heatmap_png(m, scale: float):
     return cv2.applyColorMap(img, cv2.COLORMAP_JET)
 
 
+def heatmap_image(m, thresholds):
+    """The colour heatmap of an anomaly map: twice the pixel threshold is full scale (the
+    map's own maximum without thresholds)."""
+    return _heatmap_png(m, 2.0 * thresholds.pixel if thresholds else float(m.max()))
+
+
 def _heat_dir(arg: str | None) -> Path | None:
     if not arg:
         return None
@@ -264,14 +295,20 @@ def _write_heatmap(path: Path, img) -> None:
     zero-byte file (cv2.imwrite only returns False)."""
     import cv2
 
-    from .atomic import SaveError, describe_error
+    from .atomic import SaveError
 
     ok, buf = cv2.imencode(".png", img)
     if not ok:
         raise SaveError(f"cannot save heatmap {path}: PNG encoding failed")
+    _write_png(path, buf.tobytes())
+
+
+def _write_png(path: Path, data: bytes) -> None:
+    from .atomic import SaveError, describe_error
+
     try:
         with open(path, "wb") as f:
-            f.write(buf.tobytes())
+            f.write(data)
     except OSError as exc:
         try:
             path.unlink()
@@ -300,18 +337,62 @@ def _warm_kernel_in_background():
     return thread
 
 
+def result_row(r) -> dict:
+    """The CSV row of one result: a :class:`~core.jobs.ScoredImage` (local run), a
+    :class:`~core.ray_score.ScoredRow` (Ray worker) or a :class:`~core.jobs.Skipped` file."""
+    from .jobs import ScoredImage, Skipped
+
+    if isinstance(r, Skipped):
+        return {"path": csv_safe(r.path), "score": "", "verdict": "ERROR", "peak": "", "error": csv_safe(r.reason)}
+    score, verdict, peak = ((r.inspection.score, r.inspection.verdict, r.inspection.peak)
+                            if isinstance(r, ScoredImage) else (r.score, r.verdict, r.peak))
+    return {"path": csv_safe(r.path), "score": f"{score:.6g}", "verdict": verdict, "peak": f"{peak:.6g}", "error": ""}
+
+
+def _score_job(args: argparse.Namespace, ray, det, paths: list[str], heat: bool):
+    """The scoring job: local, or on Ray with ``--ray`` (the model file travels as bytes)."""
+    from .jobs import CancelToken, inspect_job
+
+    if ray is None:
+        return inspect_job(paths, det, CancelToken())
+    from .ray_score import ray_inspect_job
+
+    return ray_inspect_job(paths, _model_bytes(args, det), det.runtime_name, det.config.batch_size, ray,
+                           CancelToken(), heatmaps=heat)
+
+
+def _model_bytes(args: argparse.Namespace, det) -> bytes:
+    """The model file as loaded: the file itself, or (bundle, recipe) the loaded detector
+    with its thresholds, saved to a temporary file."""
+    import tempfile
+
+    from .bundle import is_bundle
+    from .persistence import save_detector
+
+    path = Path(args.model)
+    if path.is_file() and not _is_recipe(path):
+        return path.read_bytes()
+    if is_bundle(args.model):
+        return (path / "model.okng").read_bytes()
+    with tempfile.TemporaryDirectory(prefix="okng-ray-") as tmp:
+        saved = save_detector(det.copy(), Path(tmp) / "model.okng", cache_derived=False)
+        return saved.read_bytes()
+
+
 def cmd_score(args: argparse.Namespace) -> int:
-    warming = _warm_kernel_in_background()
+    ray = _ray_options(args)
+    warming = _warm_kernel_in_background() if ray is None else None  # Ray workers score elsewhere
     try:
-        return _score(args, _load(args))
+        return _score(args, ray, _load(args))
     finally:
-        warming.join()  # an early error must not end the process while numba is loading
+        if warming is not None:
+            warming.join()  # an early error must not end the process while numba is loading
 
 
-def _score(args: argparse.Namespace, det) -> int:
+def _score(args: argparse.Namespace, ray, det) -> int:
     import io
 
-    from .jobs import CancelToken, ScoredImage, inspect_job
+    from .jobs import ScoredImage
 
     _warn_uncalibrated(det)
     paths = _paths(args.paths)
@@ -339,21 +420,19 @@ def _score(args: argparse.Namespace, det) -> int:
     counts = {"OK": 0, "NG": 0, "?": 0, "ERROR": 0}
 
     def on_item(i: int, r) -> None:
-        if isinstance(r, ScoredImage):
-            row = {"path": csv_safe(r.path), "score": f"{r.inspection.score:.6g}", "verdict": r.inspection.verdict,
-                   "peak": f"{r.inspection.peak:.6g}", "error": ""}
-            if heat_dir:
-                m = r.inspection.anomaly_map
-                scale = 2.0 * det.thresholds.pixel if det.thresholds else float(m.max())
-                _write_heatmap(heat_dir / heatmap_name(i, r.path), _heatmap_png(m, scale))
-        else:
-            row = {"path": csv_safe(r.path), "score": "", "verdict": "ERROR", "peak": "", "error": csv_safe(r.reason)}
+        row = result_row(r)
+        if heat_dir and row["verdict"] != "ERROR":
+            if isinstance(r, ScoredImage):
+                _write_heatmap(heat_dir / heatmap_name(i, r.path), heatmap_image(r.inspection.anomaly_map,
+                                                                                 det.thresholds))
+            else:  # rendered by the Ray worker
+                _write_png(heat_dir / heatmap_name(i, r.path), r.heatmap_png)
         counts[row["verdict"]] = counts.get(row["verdict"], 0) + 1
         emit(row)
 
     try:
         emit(None)
-        _drive(inspect_job(paths, det, CancelToken()), "score", on_item=on_item)
+        _drive(_score_job(args, ray, det, paths, heat_dir is not None), "score", on_item=on_item)
     except BaseException:
         if out is not None and out.path.exists() and not out.closed:
             out.keep()
@@ -458,6 +537,22 @@ def _add_runtime_option(p: argparse.ArgumentParser) -> None:
                         "torch, onnxruntime, openvino")
 
 
+#: ``--ray`` given without an address: start a private Ray on this machine
+_PRIVATE_RAY = "<private>"
+
+
+def _add_ray_options(p: argparse.ArgumentParser, chunk: bool) -> None:
+    p.add_argument("--ray", nargs="?", const=_PRIVATE_RAY, default=None, metavar="ADDRESS",
+                   help="run on Ray (pip install 'okng-station[ray]'): auto, host:port or ray://host:port; "
+                        "alone: a Ray on this machine. Every node needs the station and the images' paths")
+    p.add_argument("--ray-cpus", type=int, metavar="N", help="CPUs of the Ray --ray starts here (default: all)")
+    p.add_argument("--ray-threads", type=int, metavar="N",
+                   help="CPUs and PyTorch threads per Ray task (default 1)")
+    if chunk:
+        p.add_argument("--ray-chunk", type=int, metavar="N",
+                       help="images per Ray task, whole batches (default 8 batches)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .detector import DetectorConfig
     from .models import MODELS
@@ -492,6 +587,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--bit-depth", choices=["range", "8", "10", "12", "14", "16"],
                    help="16-bit images: scale by each image's own range (default) or by this fixed bit "
                         "depth (keeps absolute brightness; e.g. 12 for a 12-bit camera)")
+    _add_ray_options(f, chunk=False)
     f.set_defaults(func=cmd_fit)
 
     s = sub.add_parser("score", help="score images with a model")
@@ -500,6 +596,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--csv", metavar="FILE", help="write results here instead of stdout")
     s.add_argument("--heatmaps", metavar="DIR", help="write a colour heatmap PNG per image")
     _add_runtime_option(s)
+    _add_ray_options(s, chunk=True)
     s.set_defaults(func=cmd_score)
 
     e = sub.add_parser("eval", help="evaluate a model on labelled OK and NG images")

@@ -238,17 +238,23 @@ class PatchcoreModel(NormalityModel):
             return
         full = torch.cat(self._pending)
         self._pending = []
-        n_pick = max(1, int(round(self.coreset_ratio * full.shape[0])))
-        if n_pick < full.shape[0]:
-            proj = full
-            if full.shape[1] > self.projection_dim:
-                g = torch.Generator().manual_seed(self.seed)
-                w = torch.randn(full.shape[1], self.projection_dim, generator=g) / self.projection_dim**0.5
-                proj = full @ w
-            idx = kcenter_greedy(proj, n_pick, self.seed)
-            del proj
-            full = full[idx].contiguous()
+        full = self.coreset(full, max(1, int(round(self.coreset_ratio * full.shape[0]))))
         self.bank = full if self.bank is None else torch.cat([self.bank, full])
+
+    def coreset(self, rows: torch.Tensor, n_pick: int) -> torch.Tensor:
+        """``n_pick`` of ``rows`` (N, C) by k-center greedy on the seeded projection; also
+        the last step of a sharded fit, over the union of the shards' coresets
+        (:mod:`core.shards`)."""
+        if n_pick >= rows.shape[0]:
+            return rows
+        proj = rows
+        if rows.shape[1] > self.projection_dim:
+            g = torch.Generator().manual_seed(self.seed)
+            w = torch.randn(rows.shape[1], self.projection_dim, generator=g) / self.projection_dim**0.5
+            proj = rows @ w
+        idx = kcenter_greedy(proj, n_pick, self.seed)
+        del proj
+        return rows[idx].contiguous()
 
     def _query(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.bank is None or self._pending:

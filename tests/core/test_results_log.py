@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import time
 
 import pytest
 
@@ -50,10 +51,12 @@ def test_retention_keeps_the_newest_rows_and_drops_old_ones(tmp_path):
     with ResultsLog(tmp_path / "r.sqlite", max_rows=5, max_age_days=1.0) as log:
         for i in range(12):
             log.add(_entry(float(i), "OK"))
-        log.prune(now=12.0)
+        before = len(log.entries())
+        assert log.prune(now=12.0) == before - 5  # it says how many went
         assert [e.time for e in log.entries()] == [11.0, 10.0, 9.0, 8.0, 7.0]
-        log.prune(now=86400.0 + 9.5)  # older than a day
+        assert log.prune(now=86400.0 + 9.5) == 3  # older than a day
         assert [e.time for e in log.entries()] == [11.0, 10.0]
+        assert log.prune(now=86400.0 + 9.5) == 0
 
 
 def test_export_is_csv_oldest_first_with_formulas_neutralised(tmp_path):
@@ -63,6 +66,8 @@ def test_export_is_csv_oldest_first_with_formulas_neutralised(tmp_path):
         lines = log.export_csv().splitlines()
     assert lines[0].startswith("iso_time,time,image_path")
     assert "'=cmd|calc.png" in lines[1] and "/b.png" in lines[2]
+    # each row's own time, in local time (not the time of the export)
+    assert lines[1].startswith(time.strftime("%Y-%m-%dT%H:%M:%S,", time.localtime(1.0)))
 
 
 def test_rows_survive_a_new_connection(tmp_path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -291,3 +292,87 @@ def test_the_log_exports_all_ng_only_or_this_shift(session, part_images, tmp_pat
     assert len(rows) == 1 + 1 and ng[1] in rows[1]
     s.shift.export(str(tmp_path / "ng.csv"), ng_only=True)
     assert all(",NG," in r for r in (tmp_path / "ng.csv").read_text().splitlines()[1:])
+
+
+def test_a_flip_question_names_every_part_it_would_pass(session, part_images):
+    s = session
+    ng = part_images[1][0]
+    recs = _inspect(s, [ng] * 3)
+    s.set_thresholds(recs[0].score * (1 - 1e-4), s.pixel_threshold)
+    s.show_result(recs[0].id)
+    asked = []
+    s.question.connect(asked.append)
+    s.labels.mark_image("image_ok")
+    (q,) = asked
+    name = recs[0].name
+    assert q.title == "Label would pass NG parts" and q.options == ("Apply the label", "Do not apply")
+    assert q.default == "Do not apply"
+    assert f"2 part(s) judged NG would be judged OK: {name}, {name}." in q.text
+
+
+def test_the_status_line_says_what_the_station_is_doing(session, tmp_path):
+    s = session
+    said = []
+    s.status.connect(said.append)
+    s.start_fit()
+    assert said[0] == f"Fitting on {len(s.ok_paths)} OK images…"
+    assert said[1].startswith("Model fitted on ")
+    s.save_recipe(tmp_path / "r.okng-recipe")
+    assert said[-1] == f"Recipe saved to {tmp_path / 'r.okng-recipe'}"
+    said.clear()
+    s.open_recipe(tmp_path / "r.okng-recipe")
+    assert f"Loading model {Path(s.recipe.model_path).name}…" in said
+    assert said[-1].startswith("Recipe parts ready; inspection runs on ")
+
+
+def test_a_fit_that_fails_is_reported_and_leaves_the_model(session, tmp_path):
+    s = session
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    s.recipe.ok_paths = [str(bad)]
+    before = s.detector
+    s.errors.clear()
+    s.start_fit()
+    assert s.detector is before and len(s.errors) == 1 and s.errors[0].startswith("Fit failed")
+
+
+def test_operator_mode_refusals_say_what_needs_an_engineer(session, part_images):
+    s = session
+    assert s.set_pin("4711")
+    s.lock()
+    s.errors.clear()
+    s.set_thresholds(1.0, 1.0)
+    s.add_ok_paths(part_images[1])
+    s.set_model("patchcore")
+    s.start_fit()
+    wanted = ["move the thresholds", "change the OK set", "change the model", "fit a model"]
+    assert [w in e for w, e in zip(wanted, s.errors)] == [True] * 4 and len(s.errors) == 4
+
+
+def test_the_model_choice_can_go_back_to_padim(session):
+    s = session
+    s.set_model("patchcore")
+    assert s.config.model == "patchcore"
+    s.set_model("padim")
+    assert s.config.model == "padim"
+
+
+def test_a_session_fits_and_inspects_on_the_runtime_it_was_given(tmp_path, part_images, tiny_config):
+    s = InspectionSession(InlineExecutor(), labels_dir=tmp_path / "l", captures_dir=tmp_path / "c", runtime="torch")
+    s.new_recipe("parts", tiny_config, part_images[0])
+    s.start_fit()
+    assert s.detector.runtime_name == "torch"
+
+
+def test_a_label_keeps_the_thresholds_the_engineer_set(session, part_images):
+    s = session
+    rec = _inspect(s, part_images[0][:1])[0]
+    s.set_thresholds(rec.score + 5.0, s.pixel_threshold * 1.5)
+    image, pixel = s.image_threshold, s.pixel_threshold
+    told = []
+    s.thresholds_changed.connect(lambda i, p: told.append((i, p)))
+    s.show_result(rec.id)
+    s.labels.mark_image("image_ok")
+    assert len(s.labels.rows()) == 1 and s.detector.applied_labels
+    assert (s.image_threshold, s.pixel_threshold) == (image, pixel)
+    assert told and told[-1] == (image, pixel)

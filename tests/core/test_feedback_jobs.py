@@ -1,0 +1,91 @@
+"""Feedback as engine jobs: what each job reports, returns and changes."""
+import numpy as np
+import pytest
+import torch
+
+from core import CancelToken, fit_job, run_job
+from core.feedback import FeedbackLearner
+from core.feedback_jobs import label_job, replay_labels_job, undo_job
+from core.imageio import load_image
+from core.labels import Label, RegionShape, file_sha256
+
+
+@pytest.fixture
+def fitted(tiny_config, part_images):
+    ok, ng = part_images
+    return run_job(fit_job(ok, tiny_config, CancelToken())).detector, ok, ng
+
+
+def _progress(gen):
+    seen = []
+    result = run_job(gen, on_progress=lambda p: seen.append((p.done, p.total, p.message)))
+    return seen, result
+
+
+def _kept(det, paths):
+    """(result id, embedding) pairs as a session keeps them for re-judging."""
+    return [(i + 1, det.embed([load_image(p)])) for i, p in enumerate(paths)]
+
+
+def test_a_label_job_reports_learning_then_rejudging_and_returns_the_rejudged_results(fitted):
+    det, ok, ng = fitted
+    img = load_image(ng[0])
+    learner = FeedbackLearner(det, reweight=False)
+    kept = _kept(det, ng[1:3])
+    seen, out = _progress(label_job(learner, "image_ok", img, ng[0], None, kept, CancelToken()))
+    assert seen == [(0, 2, "learning: part OK"), (1, 2, "re-judging 2 results")]
+    assert out.kind == "image_ok" and out.sha256 == file_sha256(ng[0]) and out.detector is learner.detector
+    fresh = [float(out.detector.maps_and_scores(e)[1][0]) for _, e in kept]
+    assert [r.result_id for r in out.rescored] == [1, 2]
+    assert [r.score for r in out.rescored] == pytest.approx(fresh, rel=1e-5)
+    assert all(not r.anomaly_map.flags.writeable for r in out.rescored)  # shared with the view: read-only
+
+
+def test_a_label_that_turns_a_confirmed_defect_ok_counts_it_as_flipped(fitted):
+    det, ok, ng = fitted
+    # the position-tied update learns the whole part: calling the confirmed defect OK flips it
+    learner = FeedbackLearner(det, reweight=False, position_update=True)
+    defect = load_image(ng[0])
+    run_job(label_job(learner, "image_ng", defect, ng[0], None, [], CancelToken()))
+    out = run_job(label_job(learner, "image_ok", defect, ng[0], None, [], CancelToken()))
+    th = det.thresholds.image
+    before, after = (float(d.inspect([defect])[0].score) for d in (det, out.detector))
+    assert before > th >= after and out.defects_flipped == 1
+    again = run_job(label_job(learner, "image_ok", defect, ng[0], None, [], CancelToken()))
+    assert again.defects_flipped == 0  # already OK before this label: not flipped by it
+
+
+def test_undo_returns_the_previous_model_and_the_results_rejudged_under_it(fitted):
+    det, ok, ng = fitted
+    img = load_image(ng[0])
+    learner = FeedbackLearner(det, reweight=False)
+    kept = _kept(det, ng[1:3])
+    run_job(label_job(learner, "image_ok", img, ng[0], None, kept, CancelToken()))
+    seen, out = _progress(undo_job(learner, kept, CancelToken()))
+    assert seen == [(0, 1, "undoing the last label")]
+    original = [float(det.maps_and_scores(e)[1][0]) for _, e in kept]
+    assert [r.score for r in out.rescored] == pytest.approx(original, rel=1e-5)
+
+
+def test_replay_applies_each_label_as_it_was_made_region_and_kind(fitted, tmp_path):
+    det, ok, ng = fitted
+    mask = np.zeros((64, 64), bool)
+    mask[8:24, 8:24] = True
+    labels = [
+        Label(ng[0], file_sha256(ng[0]), "false_alarm", "m", region=RegionShape.from_mask(mask), id=3),
+        Label(ng[1], file_sha256(ng[1]), "image_ok", "m", id=5),
+    ]
+    seen, out = _progress(replay_labels_job(FeedbackLearner(det, reweight=False), labels, CancelToken()))
+    assert seen == [(0, 2, "replaying label #3"), (1, 2, "replaying label #5")]
+    assert out.applied == [3, 5] and out.skipped == []
+    # the same labels applied by hand: region for the first, whole part for the second
+    by_hand = FeedbackLearner(det, reweight=False)
+    by_hand.mark_false_alarm(load_image(ng[0]), mask)
+    by_hand.mark_false_alarm(load_image(ng[1]), None)
+    probe = det.embed([load_image(p) for p in ng[:3]])
+    torch.testing.assert_close(out.detector.maps_and_scores(probe)[1], by_hand.detector.maps_and_scores(probe)[1])
+    # and not what marking the whole first part would give
+    whole = FeedbackLearner(det, reweight=False)
+    whole.mark_false_alarm(load_image(ng[0]), None)
+    whole.mark_false_alarm(load_image(ng[1]), None)
+    assert not np.allclose(out.detector.maps_and_scores(probe)[0], whole.detector.maps_and_scores(probe)[0])

@@ -1,0 +1,55 @@
+"""What an exported label list says: an engineer audits feedback from these files."""
+import csv
+import io
+import json
+import time
+
+import numpy as np
+
+from core.labels import Label, LabelStore, RegionShape
+
+
+#: 2020-03-04 05:06:07 local time: labels made then, so a clock read at export shows
+CREATED = time.mktime((2020, 3, 4, 5, 6, 7, 0, 0, -1))
+
+
+def _store_with_two_labels(path, monkeypatch):
+    mask = np.zeros((32, 32), bool)
+    mask[4:9, 10:20] = True
+    store = LabelStore(path)
+    with monkeypatch.context() as m:
+        m.setattr(time, "time", lambda: CREATED)
+        region = RegionShape.from_mask(mask)
+        first = store.add(Label("p.png", "ab" * 32, "false_alarm", "model-1", "ana", region, 32, 7.5))
+        store.add(Label("q.png", "cd" * 32, "image_ng", "model-2", "ben"))
+    store.undo(first)
+    return store
+
+
+def test_the_csv_export_has_one_row_per_label_with_every_field(tmp_path, monkeypatch):
+    with _store_with_two_labels(tmp_path / "l.sqlite", monkeypatch) as store:
+        labels = store.labels(include_undone=True)
+        rows = list(csv.reader(io.StringIO(store.export_csv())))
+    assert rows[0] == ["id", "created_at", "operator", "image_path", "image_sha256", "kind", "region", "model_id",
+                       "score", "undone"]
+    assert len(rows) == 3
+    by_id = {int(r[0]): r for r in rows[1:]}
+    for lab in labels:
+        row = by_id[lab.id]
+        assert lab.created_at == CREATED and row[1] == "2020-03-04T05:06:07"  # local time, ISO 8601
+        assert row[2:6] == [lab.operator, lab.image_path, lab.image_sha256, lab.kind]
+        assert row[7] == lab.model_id
+    marked, whole = (by_id[lab.id] for lab in labels)  # labels() lists them in creation order
+    region = json.loads(marked[6])
+    assert region["bbox"] == [10, 4, 10, 5] and len(region["polygon"]) >= 4
+    assert marked[8] == "7.5" and marked[9] == "yes"
+    assert whole[6] == "" and whole[8] == "" and whole[9] == ""
+
+
+def test_the_json_export_keeps_undone_labels_and_their_regions(tmp_path, monkeypatch):
+    with _store_with_two_labels(tmp_path / "l.sqlite", monkeypatch) as store:
+        rows = json.loads(store.export_json())
+    assert [r["kind"] for r in rows] == ["false_alarm", "image_ng"]
+    assert rows[0]["undone_at"] is not None and rows[1]["undone_at"] is None
+    assert rows[0]["region"]["bbox"] == [10, 4, 10, 5] and rows[1]["region"] is None
+    assert rows[0]["score"] == 7.5 and rows[0]["operator"] == "ana" and rows[1]["model_id"] == "model-2"

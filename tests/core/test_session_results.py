@@ -1,0 +1,68 @@
+"""The session's results: verdicts, ids, what is kept and how a result is named."""
+import numpy as np
+
+from core.session_results import KEEP_IMAGES, MAX_RESULTS, SessionResults, display_name, judge, thumbnail
+
+MAP = np.zeros((8, 8), np.float32)
+
+
+def _add(results, score=1.0, image=None, path="p.png", threshold=2.0, **kw):
+    return results.add("p.png", score, MAP, image, path, 0.01, threshold, **kw)
+
+
+def test_a_verdict_needs_a_threshold_and_is_ng_only_strictly_above_it():
+    assert judge(5.0, None) == "?"  # no threshold: never counted as OK
+    assert judge(2.0, 2.0) == "OK" and judge(2.0001, 2.0) == "NG"
+
+
+def test_thumbnails_are_about_48_pixels_on_the_short_side_whatever_the_channels():
+    assert thumbnail(np.zeros((300, 300, 3), np.uint8)).shape == (50, 50, 3)  # every 6th pixel
+    assert thumbnail(np.zeros((96, 200, 3), np.uint8)).shape == (48, 100, 3)  # every 2nd
+    assert thumbnail(np.zeros((30, 40, 3), np.uint8)).shape == (30, 40, 3)  # small: as it is
+
+
+def test_a_result_keeps_its_image_thumbnail_hash_and_verdict():
+    res = SessionResults()
+    img = np.full((96, 96, 3), 7, np.uint8)
+    rec = _add(res, score=3.0, image=img, sha256="ab" * 32)
+    assert rec.image is img and rec.thumbnail.shape == (48, 48, 3) and rec.verdict == "NG"
+    assert rec.sha256 == "ab" * 32 and res.get(rec.id) is rec and res.get(None) is None
+    bare = _add(res, image=None)
+    assert bare.thumbnail is None and bare.sha256 == "" and bare.verdict == "OK"
+
+
+def test_ids_grow_in_arrival_order_and_the_oldest_results_drop_out_first():
+    res = SessionResults()
+    recs = [_add(res, score=float(i)) for i in range(MAX_RESULTS)]
+    ids = [r.id for r in recs]
+    assert ids == sorted(ids) and len(set(ids)) == MAX_RESULTS
+    assert len(res) == MAX_RESULTS and recs[0].id in res  # exactly MAX_RESULTS are kept
+    newest = _add(res)
+    assert len(res) == MAX_RESULTS and recs[0].id not in res and recs[1].id in res and newest.id in res
+    assert [r.id for r in res] == ids[1:] + [newest.id]
+
+
+def test_older_file_results_let_their_images_go_but_live_frames_keep_theirs():
+    res = SessionResults()
+    img = np.zeros((16, 16, 3), np.uint8)
+    first_file = _add(res, image=img, path="a.png")
+    first_live = _add(res, image=img, path=None)
+    for _ in range(KEEP_IMAGES):
+        _add(res, image=img, path="b.png")
+    assert first_file.image is None and first_live.image is img  # a file can be read again
+
+
+def test_rejudging_follows_the_threshold_and_no_threshold_gives_question_marks():
+    res = SessionResults()
+    low, high = _add(res, score=1.0), _add(res, score=3.0)
+    res.rejudge(0.5)
+    assert (low.verdict, high.verdict) == ("NG", "NG")
+    res.rejudge(None)
+    assert (low.verdict, high.verdict) == ("?", "?")
+
+
+def test_a_result_is_named_by_its_file_name_or_as_given_and_shows_known_truth():
+    assert display_name("/data/run 1/cell_7.png", True, {}) == "cell_7.png"
+    assert display_name("camera 0 frame 12", False, {}) == "camera 0 frame 12"
+    truth = {"/data/cell_7.png": "NG"}
+    assert display_name("/data/cell_7.png", True, truth) == "cell_7.png  [truth NG]"
