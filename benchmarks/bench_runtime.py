@@ -115,17 +115,29 @@ def latency(model: Path, rounds: int) -> dict:
     return out
 
 
-def timed(cmd: list[str]) -> tuple[float, str, float]:
+#: CPU seconds (user + system) of every process timed, by command kind: on a shared machine
+#: wall time swings with other work, CPU time much less (threads waiting for a core do not
+#: count), so it is printed beside the wall figures
+CPU_SECONDS: dict[str, list[float]] = {}
+
+
+def timed(cmd: list[str], kind: str = "") -> tuple[float, str, float]:
     """(wall seconds, stderr, peak RSS in MB) of one fresh process. The peak comes from GNU
     time when it is there (a child forked from this big process would inherit its high-water
-    mark), else it is reported as 0."""
+    mark), else it is reported as 0. Its CPU time goes to ``CPU_SECONDS[kind]``."""
+    import resource
+
     gnu_time = Path("/usr/bin/time")
     full = [str(gnu_time), "-f", "OKNG_BENCH_MAXRSS_KB %M", *cmd] if gnu_time.exists() else cmd
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
     r = subprocess.run(full, capture_output=True, text=True, env=ENV, cwd=str(ROOT))
     seconds = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if r.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:4])} failed:\n{r.stderr[-2000:]}")
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    CPU_SECONDS.setdefault(kind, []).append(cpu)
     kb = [int(line.split()[-1]) for line in r.stderr.splitlines() if line.startswith("OKNG_BENCH_MAXRSS_KB")]
     return seconds, r.stderr, (kb[-1] / 1024.0 if kb else 0.0)
 
@@ -157,11 +169,12 @@ def main() -> None:
         keys = ["bare", *installed_runtimes()]
 
         def run(key: str, where: Path) -> tuple[float, float]:
+            kind = f"{key}/{'one' if where == one else 'all'}"
             if key == "bare":
-                s, _, mb = timed([PY, str(Path(__file__).resolve()), "worker", "bare", str(where)])
+                s, _, mb = timed([PY, str(Path(__file__).resolve()), "worker", "bare", str(where)], kind)
             else:
                 s, err, mb = timed([PY, "-m", "core.cli", "score", "--model", str(model), str(where),
-                                    "--runtime", key, "--csv", str(d / f"{key}.csv")])
+                                    "--runtime", key, "--csv", str(d / f"{key}.csv")], kind)
                 if f"(runtime {key})" not in err:
                     print(f"  {key}: did not run on {key}: {err.strip().splitlines()[-3:]}")
             return s, mb
@@ -187,11 +200,17 @@ def main() -> None:
                         for k, v in runs.items()}
         print(f"\nokng score over {n} cells, wall s (median of {args.repeats}; load average at start); "
               f"start-up = the same process on 1 image; per image = the rest / {n - 1}")
+        cpu_bare = statistics.median(CPU_SECONDS["bare/all"])
         for k, r in res["score"].items():
+            r["cpu_s"] = statistics.median(CPU_SECONDS[f"{k}/all"])
+            r["cpu_one_image_s"] = statistics.median(CPU_SECONDS[f"{k}/one"])
+            r["cpu_ratio_to_bare"] = r["cpu_s"] / cpu_bare
             print(f"  {k:12s} {r['seconds']:6.1f} s  ({r['ratio_to_bare']:.2f}x bare)  "
                   f"start-up {r['one_image_s']:4.1f} s  per image {r['per_image_ms']:5.1f} ms  "
                   f"peak RSS {r['peak_rss_mb']:5.0f} MB  runs "
                   f"{[round(x, 1) for x in r['runs']]}  load {[round(x, 2) for x in r['load_average']]}")
+            print(f"  {'':12s} CPU {r['cpu_s']:6.1f} s ({r['cpu_ratio_to_bare']:.2f}x bare), "
+                  f"start-up {r['cpu_one_image_s']:4.1f} s")
 
         res["latency"] = lat = latency(model, args.rounds)
         print(f"\nbatch-1 latency per image, median (best) ms; load average {lat['load_average'][0]:.2f} -> "

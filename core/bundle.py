@@ -86,7 +86,7 @@ def export_bundle(det: Detector, out: str | os.PathLike[str]) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     previous = det.model_path
     try:
-        save_detector(det, out / MODEL_FILE)
+        save_detector(det, out / MODEL_FILE, cache_derived=False)  # the documented files only
     finally:
         det.model_path = previous
     try:

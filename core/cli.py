@@ -319,6 +319,26 @@ def _write_png(path: Path, data: bytes) -> None:
         raise SaveError(f"cannot save heatmap {path}: {describe_error(exc)}") from None
 
 
+def _warm_kernel_in_background():
+    """Load the compiled scoring kernel (numba and its cache: ~1 s of a fresh process) on a
+    thread while the model file is read and the runtime opened; the first score waits for it
+    (:func:`core.models.mahalanobis.warm_up` holds the kernel's lock). Models that do not use
+    it only lose that thread's time."""
+    import threading
+
+    def warm() -> None:
+        try:
+            from .models.mahalanobis import warm_up
+
+            warm_up()
+        except Exception:  # noqa: BLE001 - the first score compiles it, or falls back to torch.bmm
+            pass
+
+    thread = threading.Thread(target=warm, name="okng-kernel-warm-up", daemon=True)
+    thread.start()
+    return thread
+
+
 def result_row(r) -> dict:
     """The CSV row of one result: a :class:`~core.jobs.ScoredImage` (local run), a
     :class:`~core.ray_score.ScoredRow` (Ray worker) or a :class:`~core.jobs.Skipped` file."""
@@ -357,17 +377,25 @@ def _model_bytes(args: argparse.Namespace, det) -> bytes:
     if is_bundle(args.model):
         return (path / "model.okng").read_bytes()
     with tempfile.TemporaryDirectory(prefix="okng-ray-") as tmp:
-        saved = save_detector(det.copy(), Path(tmp) / "model.okng")
+        saved = save_detector(det.copy(), Path(tmp) / "model.okng", cache_derived=False)
         return saved.read_bytes()
 
 
 def cmd_score(args: argparse.Namespace) -> int:
+    ray = _ray_options(args)
+    warming = _warm_kernel_in_background() if ray is None else None  # Ray workers score elsewhere
+    try:
+        return _score(args, ray, _load(args))
+    finally:
+        if warming is not None:
+            warming.join()  # an early error must not end the process while numba is loading
+
+
+def _score(args: argparse.Namespace, ray, det) -> int:
     import io
 
     from .jobs import ScoredImage
 
-    ray = _ray_options(args)
-    det = _load(args)
     _warn_uncalibrated(det)
     paths = _paths(args.paths)
     heat_dir = _heat_dir(args.heatmaps)

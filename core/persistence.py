@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import __version__
+from . import __version__, derived_cache
 from .atomic import write_atomic
 from .backbone import BackboneInfo, FeatureExtractor
 from .detector import Detector, DetectorConfig
@@ -101,11 +101,15 @@ def detector_tensors(det: Detector) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in t.items()}
 
 
-def save_detector(det: Detector, path: str | os.PathLike[str]) -> Path:
+def save_detector(det: Detector, path: str | os.PathLike[str], cache_derived: bool = True) -> Path:
     """Write the detector atomically; returns the path written (the detector remembers it:
-    its embedding graph is cached beside it)."""
-    out = write_model_file(path, detector_tensors(det), _metadata(det))
+    its embedding graph is cached beside it). ``cache_derived`` also writes what the model
+    scores with beside it (:mod:`core.derived_cache`); an exported bundle, a fixed set of
+    files, does without."""
+    out, digest = _write_sealed(path, detector_tensors(det), _metadata(det))
     det.model_path = str(out)
+    if cache_derived and det.model.n_samples > 0:  # the precisions it scores with, for the next load
+        derived_cache.store(det.model, out, digest)
     return out
 
 
@@ -148,6 +152,12 @@ def write_model_file(path: str | os.PathLike[str], tensors: dict[str, torch.Tens
     :mod:`core.atomic` turns into one clear line (safetensors' own ``save_file`` raises its
     ``SafetensorError`` instead, not an OSError).
     """
+    return _write_sealed(path, tensors, meta)[0]
+
+
+def _write_sealed(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor],
+                  meta: dict[str, Any]) -> tuple[Path, str]:
+    """:func:`write_model_file`, also returning the file's SHA-256 (``okng_sha256``)."""
     from safetensors.torch import save
 
     path = Path(path)
@@ -160,7 +170,7 @@ def write_model_file(path: str | os.PathLike[str], tensors: dict[str, torch.Tens
                 f.write(piece)
 
     write_atomic(path, write)
-    return path
+    return path, bytes(pieces[1]).decode()
 
 
 def read_model_file(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -169,6 +179,12 @@ def read_model_file(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[
     The whole file is read once; the checksum is verified on those very bytes, and the
     tensors are taken from them (no second read that could see another file).
     """
+    meta, tensors, _ = _read_checked(path)
+    return meta, tensors
+
+
+def _read_checked(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, torch.Tensor], str | None]:
+    """:func:`read_model_file`, also returning the verified SHA-256 (None: a format-1 file)."""
     from safetensors.torch import load
 
     path = Path(path)
@@ -204,9 +220,16 @@ def read_model_file(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[
                     "its integrity cannot be verified. Save it again (or refit) to add one.",
                     path, meta["format_version"])
     for name, t in tensors.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if t.is_floating_point() and not _all_finite(t):
             raise ModelFileError(f"{path}: tensor {name!r} holds NaN or infinite values; the file is damaged")
-    return meta, tensors
+    return meta, tensors, (header[CHECKSUM_KEY] if checked else None)
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """No NaN or infinity in ``t``: its largest and smallest values are finite (max and min
+    propagate NaN). One pass without a mask: 5-10x faster than ``isfinite(t).all()`` on the
+    63 MB of PaDiM statistics, which was a tenth of ``okng score``'s start-up."""
+    return t.numel() == 0 or bool(torch.isfinite(t.amax()) and torch.isfinite(t.amin()))
 
 
 def _verify_checksum(raw: bytes, header_len: int, header: dict[str, Any], path: Path) -> bool:
@@ -308,7 +331,7 @@ def load_detector(path: str | os.PathLike[str], extractor: FeatureExtractor | Ba
     beside the file the first time); ``"torch"`` = PyTorch, nothing exported. A fitted
     detector and the same model loaded back give identical scores on the same runtime."""
     path = Path(path)
-    meta, tensors = read_model_file(path)
+    meta, tensors, digest = _read_checked(path)
     cfg = dict(meta["config"])
     if meta["format_version"] < 2:
         cfg.setdefault("bit_depth", 16)  # format 1 read 16-bit images as a fixed 16-bit depth
@@ -382,8 +405,9 @@ def load_detector(path: str | os.PathLike[str], extractor: FeatureExtractor | Ba
              path, "the list of applied labels is damaged")
     det.applied_labels = tuple(labels)
     det.memory = _load_memory(meta.get("feedback_memory"), memory_t, model, path)
-    if model.n_samples > 0:
+    if model.n_samples > 0 and not derived_cache.restore(model, path, digest):
         det.finalize()
+        derived_cache.store(model, path, digest)  # a model saved before the cache existed
     det.model_path = str(path)
     if isinstance(extractor, FeatureExtractor):
         det.use_runtime(runtime)

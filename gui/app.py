@@ -5,8 +5,11 @@ The composition root: the only place the runner, controller and window are built
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import sys
+import time
 
 from PySide6.QtWidgets import QApplication
 
@@ -85,7 +88,32 @@ def run_gui(recipe_path: str | None = None, demo: bool = False) -> int:
         window.open_recipe(recipe_path)
     window.show()
     splash.finish(window)
+    ready_file = os.environ.get("OKNG_READY_FILE")
+    if ready_file:
+        from PySide6.QtCore import QTimer
+
+        QTimer.singleShot(0, lambda: write_ready_file(ready_file, window, controller.session))
     return app.exec()
+
+
+def write_ready_file(path: str, window, session) -> None:
+    """Say, once the window has been shown and painted, that the station is up (``OKNG_READY_FILE``).
+
+    For the installer's smoke test (packaging/smoke_test.sh) and start-up measurements: a JSON
+    object with the wall-clock ``time`` (compared with the launch time outside the process), the
+    window's title, size and visibility, and the recipe with its number of OK images.
+    """
+    info = {
+        "time": time.time(), "title": window.windowTitle(), "visible": window.isVisible(),
+        "width": window.width(), "height": window.height(),
+        "recipe": session.recipe.name, "ok_images": len(session.recipe.ok_paths),
+        "frozen": bool(getattr(sys, "frozen", False)),
+    }
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(info, f)
+    os.replace(tmp, path)
+    log.info("ready: %s", info)
 
 
 def run_demo() -> int:

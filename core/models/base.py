@@ -86,6 +86,16 @@ class NormalityModel(ABC):
         (memory banks, mixtures, projected or fused models): callers fall back to Euclidean."""
         return None
 
+    def derived_tensors(self) -> dict[str, torch.Tensor] | None:
+        """What :meth:`finalize` derived and scoring reads, for the derived-state cache beside
+        the model file (:mod:`core.derived_cache`); None: nothing worth caching (the default)."""
+        return None
+
+    def load_derived(self, tensors: dict[str, torch.Tensor]) -> bool:
+        """Take cached :meth:`derived_tensors` instead of calling :meth:`finalize`; False (and
+        the model unchanged) when they do not fit this model."""
+        return False
+
     # Per-channel weights are shared by all models (feedback loop, issue 4).
     channel_weights: torch.Tensor | None = None
 

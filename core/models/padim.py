@@ -108,6 +108,28 @@ class PadimModel(NormalityModel):
         assert self._precision is not None and self._mean is not None
         return self._mean[patch_idx], self._precision[patch_idx]
 
+    def derived_tensors(self) -> dict[str, torch.Tensor] | None:
+        """The float32 means and packed precisions (derived from the float64 statistics by
+        :meth:`finalize`: a Cholesky solve per patch), when they are up to date."""
+        if self._precision is None or self._mean is None or self._dirty is None or bool(self._dirty.any()):
+            return None
+        return {"mean": self._mean, "precision": self._precision}
+
+    def load_derived(self, tensors: dict[str, torch.Tensor]) -> bool:
+        mean, prec = tensors.get("mean"), tensors.get("precision")
+        p, c = self.n_patches, self.n_channels
+        shapes = {"mean": (p, c), "precision": (p, packed_size(c))}
+        if set(tensors) != set(shapes) or float(self.stats.count.min()) < 1:
+            return False
+        for name, t in (("mean", mean), ("precision", prec)):
+            if t.dtype != torch.float32 or tuple(t.shape) != shapes[name]:
+                return False
+            if not (torch.isfinite(t.amax()) and torch.isfinite(t.amin())):  # max/min propagate NaN
+                return False
+        self._mean, self._precision = mean.contiguous(), prec.contiguous()
+        self._dirty = torch.zeros(self.n_patches, dtype=torch.bool)
+        return True
+
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"count": self.stats.count, "mean": self.stats.mean, "scatter": self.stats.scatter}
 

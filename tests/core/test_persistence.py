@@ -109,3 +109,15 @@ def test_a_failed_save_leaves_the_previous_file_intact(fitted, tmp_path, monkeyp
         save_detector(det, path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_the_finiteness_check_finds_nan_and_both_infinities_anywhere(dtype, bad):
+    from core.persistence import _all_finite
+
+    assert _all_finite(torch.zeros(0, dtype=dtype)) and _all_finite(torch.full((3, 4), -7.5, dtype=dtype))
+    for where in [(0, 0), (1, 2), (2, 3)]:
+        t = torch.randn(3, 4).to(dtype)
+        t[where] = bad
+        assert not _all_finite(t)

@@ -81,7 +81,8 @@ def test_sigkill_during_saves_never_leaves_an_unloadable_model(fitted_file, tmp_
         zygote.kill()
         zygote.wait()
     assert elapsed < 60  # ~15 s on an idle 2-core machine
-    leftovers = [p.name for p in tmp_path.iterdir() if p.name != "m.okng"]
+    # beside it: the derived-state cache of the last complete save (core/derived_cache.py)
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name != "m.okng" and ".derived-" not in p.name]
     # killed writers leave hidden temporary files: never a second "model"
     assert all(n.startswith(".m.okng.") and n.endswith(".tmp") for n in leftovers), leftovers
     assert [p.name for p in tmp_path.glob("*.okng")] == ["m.okng"]

@@ -149,6 +149,8 @@ def test_closing_the_window_during_an_inspection_or_a_save_ends_cleanly(qtbot, t
         c.session.start_fit()
     recipe = tmp_path / "closing.okrecipe"
     c.session.save_recipe(str(recipe))  # the model save runs on the engine thread, before the inspection
+    # saved (the save job reports progress too: closing before it ends asks about unsaved changes)
+    qtbot.waitUntil(lambda: not c.session.dirty, timeout=60000)
     progress = []
     c.progress.connect(lambda *a: progress.append(a))
     c.session.inspect_paths([str(p) for p in ok_images] * 20)
