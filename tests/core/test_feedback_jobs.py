@@ -89,3 +89,9 @@ def test_replay_applies_each_label_as_it_was_made_region_and_kind(fitted, tmp_pa
     whole.mark_false_alarm(load_image(ng[0]), None)
     whole.mark_false_alarm(load_image(ng[1]), None)
     assert not np.allclose(out.detector.maps_and_scores(probe)[0], whole.detector.maps_and_scores(probe)[0])
+
+
+def test_a_defect_label_records_the_threshold_it_was_judged_against(fitted):
+    det, ok, ng = fitted
+    rec = FeedbackLearner(det, reweight=False).mark_defect(load_image(ng[0]), None)
+    assert rec.threshold_before == det.thresholds.image and rec.kind == "image_ng"

@@ -139,3 +139,10 @@ def test_best_f1_with_a_single_defect():
     labels = np.array([1, 0, 0, 0])
     t, f1 = metrics.best_f1_threshold(labels, np.array([3.0, 2.0, 1.0, 0.0]))
     assert 2.0 <= t < 3.0 and f1 == pytest.approx(1.0)
+
+
+def test_auroc_needs_one_of_each_and_no_more():
+    assert metrics.auroc(np.array([1, 0]), np.array([2.0, 1.0])) == 1.0
+    assert metrics.auroc(np.array([1, 0]), np.array([1.0, 2.0])) == 0.0
+    assert np.isnan(metrics.auroc(np.array([1, 1]), np.array([1.0, 2.0])))
+    assert np.isnan(metrics.auroc(np.array([0, 0]), np.array([1.0, 2.0])))

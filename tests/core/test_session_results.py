@@ -64,5 +64,6 @@ def test_rejudging_follows_the_threshold_and_no_threshold_gives_question_marks()
 def test_a_result_is_named_by_its_file_name_or_as_given_and_shows_known_truth():
     assert display_name("/data/run 1/cell_7.png", True, {}) == "cell_7.png"
     assert display_name("camera 0 frame 12", False, {}) == "camera 0 frame 12"
+    assert display_name("/videos/line 3.mp4 frame 12", False, {}) == "/videos/line 3.mp4 frame 12"  # as given
     truth = {"/data/cell_7.png": "NG"}
     assert display_name("/data/cell_7.png", True, truth) == "cell_7.png  [truth NG]"
