@@ -34,3 +34,14 @@ def test_each_image_reports_its_progress_time_and_own_embedding(fitted):
 def test_embeddings_are_kept_only_when_asked(fitted):
     det, ok, ng = fitted
     assert all(p.item.embedding is None for p in _stream(det, ok[:3]))
+
+
+def test_a_fit_reports_the_backbone_then_every_batch_up_to_all_images(tiny_config, part_images):
+    ok, _ = part_images
+    progress = []
+    run_job(fit_job(ok, tiny_config, CancelToken()), on_progress=progress.append)
+    assert (progress[0].done, progress[0].total, progress[0].message) == (0, len(ok), "loading backbone")
+    fitting = [p for p in progress if p.message.startswith("fitting: ")]
+    assert all(p.total == len(ok) and p.message == f"fitting: {p.done}/{len(ok)} images" for p in fitting)
+    done = [p.done for p in fitting]
+    assert done == sorted(done) and len(set(done)) == len(done) > 1  # it counts up, batch by batch
