@@ -2,6 +2,7 @@
 screen, the results in the recipe's log."""
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
@@ -34,9 +35,14 @@ def window(qtbot, tmp_path, ok_images, tiny_config):
 def _cycle(qtbot, plc: ModbusTcpClient, part: int, image: str, inbox) -> list[bool]:
     assert not plc.write_registers(4, [0, part]).isError()
     assert not plc.write_coil(0, True).isError()
-    shutil.copy(image, inbox / f"part{part}.png")  # the camera's image lands in the watched folder
+    # the camera's image lands in the watched folder whole (written aside, then renamed)
+    shutil.copy(image, inbox / f"part{part}.png.part")
+    os.replace(inbox / f"part{part}.png.part", inbox / f"part{part}.png")
     qtbot.waitUntil(lambda: plc.read_coils(4, count=1).bits[0], timeout=20000)
     bits = plc.read_coils(0, count=7).bits
+    regs = plc.read_holding_registers(3, count=1).registers + plc.read_holding_registers(10, count=32).registers
+    text = b"".join(r.to_bytes(2, "big") for r in regs[1:]).rstrip(b"\0").decode("ascii", "replace")
+    assert regs[0] == 0, f"part {part}: ErrorCode {regs[0]}: {text}"
     assert plc.read_holding_registers(4, count=2).registers == [0, part]
     assert not plc.write_coil(1, True).isError()
     qtbot.waitUntil(lambda: plc.read_coils(2, count=1).bits[0], timeout=10000)
