@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from .models.patchcore import _one_thread
+from .models.patchcore import one_torch_thread
 
 #: cells of a 3x3 block, row-major; index 4 is the centre
 _OFFSETS = torch.tensor([(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)], dtype=torch.int64)
@@ -337,7 +337,7 @@ class FeedbackMemory:
         gate applied to each image's ``candidates`` highest patches."""
         if len(self) == 0:
             return dist
-        with _one_thread():  # small tensor ops: thread hand-offs cost more than they save
+        with one_torch_thread():  # small tensor ops: thread hand-offs cost more than they save
             floor = None if pixel_threshold is None else self.floor * pixel_threshold
             return self._apply(emb, dist, floor)
 

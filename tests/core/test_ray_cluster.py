@@ -16,16 +16,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import cv2
 import numpy as np
 import psutil
 import pytest
-import torch
 
 from core.cli import main
+from core.models.patchcore import one_torch_thread
 from tests.conftest import make_part
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -112,17 +111,6 @@ def parts(tmp_path_factory):
     return paths
 
 
-@contextmanager
-def one_thread():
-    """The local reference in this process, with the one PyTorch thread of a Ray task."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-
-
 def okng(*args: str) -> subprocess.CompletedProcess:
     r = subprocess.run([sys.executable, "-m", "core.cli", *args], capture_output=True, text=True, timeout=300,
                        env=cluster_env(), cwd=ROOT)
@@ -133,13 +121,13 @@ def okng(*args: str) -> subprocess.CompletedProcess:
 def test_two_node_cluster_fits_the_local_model_and_scores_the_local_csv(cluster, parts, tmp_path):
     from tests.core.test_ray_local import same_model_file
 
-    with one_thread():
+    with one_torch_thread():  # the local reference with the one PyTorch thread of a Ray task
         assert main(["fit", *parts, "--out", str(tmp_path / "local.okng"), *TINY]) == 0
     okng("fit", *parts, "--out", str(tmp_path / "ray.okng"), *TINY, "--ray", cluster)
     same_model_file(tmp_path / "local.okng", tmp_path / "ray.okng")
 
     model = str(tmp_path / "local.okng")
-    with one_thread():
+    with one_torch_thread():  # the local reference with the one PyTorch thread of a Ray task
         assert main(["score", "--model", model, *parts, "--csv", str(tmp_path / "local.csv")]) == 0
     r = okng("score", "--model", model, *parts, "--csv", str(tmp_path / "ray.csv"), f"--ray={cluster}",
              "--ray-chunk", "4")

@@ -26,6 +26,7 @@ import torch
 
 from core.cli import main
 from core.jobs import CancelToken, fit_job, run_job
+from core.models.patchcore import one_torch_thread
 from core.ray_cluster import RayOptions
 from core.ray_fit import ray_fit_job
 from tests.conftest import make_part
@@ -47,10 +48,8 @@ def ray_here():
 
 @pytest.fixture
 def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
