@@ -24,6 +24,14 @@ patch, at any position, that looks like one of them:
   so thresholds keep their meaning and a clicked patch itself goes to 0. A single click has
   no spread yet: then only exact copies of its patches are lowered (radius 0); from the
   second click on, every block has a radius.
+* **A print is matched as a whole.** The ramp alone leaves the margin of a print hot: its
+  blocks hold a partial view of the mark that shifts with every print (ratios 1.1-1.3 where
+  the print's core matches at <= 1). So matches grow like hysteresis thresholds: a hot patch
+  whose ratio is within ``grow`` (default 1.2) and that is 8-connected, through other such
+  hot patches, to a confident match (ratio <= ``low``) is lowered fully too. A defect's
+  blocks match the memory at 1.14-1.5 (median 1.28) and rarely touch a confident match,
+  so it keeps its heat (benchmarks/bench_feedback.py; README, "What feedback buys").
+  ``grow=None`` turns this off (model files written before it existed load that way).
 * **Confirmed defects are negatives.** Blocks of a region marked as a real defect are kept too;
   a query patch whose nearest defect block is nearer than its best accepted block is never
   lowered.
@@ -41,6 +49,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import cv2
+import numpy as np
 import torch
 
 from .models.patchcore import one_torch_thread
@@ -59,6 +69,11 @@ class MemoryMatch:
     accepted_distance: torch.Tensor  # (Q,) block distance to that block
     defect_distance: torch.Tensor  # (Q,) block distance to the nearest defect block (inf: none)
 
+    @property
+    def blocked(self) -> torch.Tensor:
+        """(Q,) bool: a confirmed defect's block is at least as near: never lowered."""
+        return self.defect_distance <= self.accepted_distance
+
 
 def block_distances(q: torch.Tensor, q_valid: torch.Tensor, m: torch.Tensor, m_valid: torch.Tensor,
                     groups: list[slice | torch.Tensor]) -> torch.Tensor:
@@ -74,14 +89,52 @@ def block_distances(q: torch.Tensor, q_valid: torch.Tensor, m: torch.Tensor, m_v
     return (sq * both[..., None]).sum(-2).div(both.sum(-1, keepdim=True)).sqrt()
 
 
+_kernel = None  # the compiled shortlist loop, built at the first look-up (numba: ~0.3 s import)
+_kernel_failed = False
+
+
+def _compiled():
+    global _kernel, _kernel_failed
+    if _kernel is None and not _kernel_failed:
+        try:
+            from ._block_kernel import shortlist_distances
+
+            z = np.zeros((1, 9, 2), np.float32)
+            shortlist_distances(z, np.ones((1, 9), bool), z, np.ones((1, 9), bool), np.zeros((1, 1), np.int64),
+                                np.array([0, 2], np.int64), np.empty((1, 1, 1), np.float32))
+            _kernel = shortlist_distances
+        except Exception:  # noqa: BLE001 - any failure here only costs speed
+            _kernel_failed = True
+    return _kernel
+
+
+def shortlist_block_distances(q: torch.Tensor, qv: torch.Tensor, m: torch.Tensor, mv: torch.Tensor,
+                              idx: torch.Tensor, groups: list[slice | torch.Tensor]) -> torch.Tensor:
+    """:func:`block_distances` of each query block against its shortlisted memory blocks
+    ``m[idx]`` (idx (Q, S)) -> (Q, S, G), without gathering them: a compiled loop when the
+    channel groups are contiguous (the backbone's stages always are)."""
+    kernel = _compiled()
+    if kernel is None or not all(isinstance(g, slice) for g in groups) or idx.numel() == 0:
+        return block_distances(q, qv, m[idx], mv[idx], groups)
+    bounds = np.array([groups[0].start] + [g.stop for g in groups], np.int64)
+    if any(g.start != b for g, b in zip(groups, bounds[:-1])):
+        return block_distances(q, qv, m[idx], mv[idx], groups)
+    out = np.empty((*idx.shape, len(groups)), np.float32)
+    kernel(*(np.ascontiguousarray(t.numpy()) for t in (q, qv, m, mv, idx)), bounds, out)
+    return torch.from_numpy(out)
+
+
 class FeedbackMemory:
     """Accepted (and defect) blocks with their learnt scale; see the module docstring."""
 
     def __init__(self, grid: tuple[int, int], n_channels: int, radius: int | None = None,
                  low: float = 1.0, high: float = 1.3, candidates: int = 256, shortlist: int = 16,
-                 channel_groups: list[int] | None = None, step: int = 1, floor: float = 0.9) -> None:
+                 channel_groups: list[int] | None = None, step: int = 1, floor: float = 0.9,
+                 grow: float | None = 1.2) -> None:
         if radius is not None and int(radius) < 0:
             raise ValueError(f"radius must be >= 0 patches or None (anywhere), got {radius}")
+        if grow is not None and not float(grow) >= float(low):
+            raise ValueError(f"grow must be >= low ({low}) or None (off), got {grow}")
         if not 0 <= low < high or int(candidates) < 1 or int(shortlist) < 1 or int(step) < 1 or not floor >= 0:
             raise ValueError("need 0 <= low < high, candidates, shortlist and step >= 1, floor >= 0")
         self.grid = (int(grid[0]), int(grid[1]))
@@ -91,6 +144,7 @@ class FeedbackMemory:
         self.floor = float(floor)
         self.low = float(low)
         self.high = float(high)
+        self.grow = None if grow is None else float(grow)
         groups = [0] * int(n_channels) if channel_groups is None else [int(g) for g in channel_groups]
         if len(groups) != int(n_channels):
             raise ValueError(f"channel_groups has {len(groups)} entries for {n_channels} channels")
@@ -128,7 +182,7 @@ class FeedbackMemory:
     def params(self) -> dict[str, Any]:
         return {"radius": self.radius, "low": self.low, "high": self.high, "candidates": self.candidates,
                 "shortlist": self.shortlist, "channel_groups": self.channel_groups, "step": self.step,
-                "floor": self.floor}
+                "floor": self.floor, "grow": self.grow}
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"blocks": self.blocks, "valid": self.valid, "pos": self.pos, "click": self.click,
@@ -296,7 +350,7 @@ class FeedbackMemory:
             cd = cd.masked_fill(~allowed, float("inf"))
         s = min(self.shortlist, m.shape[0])
         cd_s, idx = cd.topk(s, dim=1, largest=False)
-        d = block_distances(q, qv, m[idx], mv[idx], self._groups)  # (Q, s, G)
+        d = shortlist_block_distances(q, qv, m, mv, idx, self._groups)  # (Q, s, G)
         d = d.masked_fill(~torch.isfinite(cd_s)[..., None], float("inf"))
         rows = torch.arange(nq)
         if per_group:
@@ -353,10 +407,33 @@ class FeedbackMemory:
         idx = top[keep]
         q, qv = _gather_blocks(emb.to(torch.float32), img, idx, self.step)
         pos = torch.stack([idx // w, idx % w], 1)
-        factor = self.match(q, qv, pos).factor
+        m = self.match(q, qv, pos)
+        factor = m.factor if self.grow is None else self._grown(m, img, idx, b, (h, w))
         out = flat.clone()
         out[img, idx] = flat[img, idx] * factor.to(flat.dtype)
         return out.reshape(dist.shape)
+
+
+    def _grown(self, m: MemoryMatch, img: torch.Tensor, idx: torch.Tensor, b: int,
+               grid: tuple[int, int]) -> torch.Tensor:
+        """Factors with every looked-up patch of ratio <= ``grow`` that is 8-connected (through
+        such patches) to a confident match (ratio <= ``low``) set to 0."""
+        h, w = grid
+        near = (m.ratio <= self.grow) & ~m.blocked
+        seed = near & (m.ratio <= self.low)
+        if not bool(seed.any()):
+            return m.factor
+        factor = m.factor.clone()
+        for i in torch.unique(img[seed]).tolist():
+            rows = img == i
+            grid_near = torch.zeros(h * w, dtype=torch.uint8)
+            grid_near[idx[rows & near]] = 1
+            _, labels = cv2.connectedComponents(grid_near.reshape(h, w).numpy(), connectivity=8)
+            labels = torch.from_numpy(labels).reshape(-1)
+            seeded = torch.unique(labels[idx[rows & seed]])
+            hit = rows & near & torch.isin(labels[idx], seeded)
+            factor[hit] = 0.0
+        return factor
 
 
 def _copy_tolerance(q: torch.Tensor) -> torch.Tensor:

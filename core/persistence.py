@@ -422,13 +422,16 @@ def _load_memory(params: dict[str, Any] | None, t: dict[str, torch.Tensor], mode
         _require(not t, path, "feedback memory tensors without its settings")
         return None
     types = {"radius": (int, type(None)), "low": (int, float), "high": (int, float), "candidates": int,
-             "shortlist": int, "channel_groups": list, "step": int, "floor": (int, float)}
+             "shortlist": int, "channel_groups": list, "step": int, "floor": (int, float),
+             "grow": (int, float, type(None))}
     for key, value in params.items():
         _require(key in types and isinstance(value, types[key]) and not isinstance(value, bool), path,
                  f"feedback memory setting {key!r} invalid")
     groups = params.get("channel_groups")
     _require(groups is None or all(isinstance(g, int) and not isinstance(g, bool) and 0 <= g < 64 for g in groups),
              path, "feedback memory channel groups invalid")
+    # files from before connected matches existed score without them: reopened exactly
+    params = {"grow": None, **params}
     try:
         memory = FeedbackMemory(model.grid, model.n_channels, **params)
     except (TypeError, ValueError) as exc:

@@ -203,3 +203,83 @@ def test_simulation_reports_defects_flipped(tiny_config, part_images):
     # clicking the defective images themselves as "false alarms" must show up as flips
     assert cps[-1]["clicks"] >= 1 and cps[-1]["defects_flipped"] >= 1
     assert json.dumps(res)
+
+
+def _match_at(ratios: dict[tuple[int, int], float], blocked: tuple[tuple[int, int], ...] = (), image: int = 0):
+    """A memory match of looked-up patches at grid cells with these ratios (ramp 1.0-1.3)."""
+    from core.feedback_memory import MemoryMatch
+
+    cells = list(ratios)
+    ratio = torch.tensor([ratios[c] for c in cells])
+    factor = ((ratio - 1.0) / 0.3).clamp(0, 1)
+    acc = torch.ones(len(cells))
+    neg = torch.tensor([0.5 if c in blocked else float("inf") for c in cells])
+    idx = torch.tensor([r * 16 + c for r, c in cells])
+    return MemoryMatch(factor, ratio, acc, neg), torch.full((len(cells),), image), idx, cells
+
+
+def test_a_print_is_lowered_as_a_whole_from_its_confident_core():
+    """Hysteresis: hot patches matching within ``grow`` and connected to a confident match
+    (ratio <= low) fall to 0; the same ratio elsewhere only gets the ramp."""
+    mem = FeedbackMemory((16, 16), C, low=1.0, high=1.3, grow=1.2)
+    m, img, idx, cells = _match_at({
+        (4, 4): 0.9,  # the print's core: a confident match
+        (4, 5): 1.15, (5, 6): 1.1,  # its margin; a diagonal step connects
+        (5, 7): 1.25,  # beyond grow: keeps its ramp factor ...
+        (5, 8): 1.1,  # ... and does not pass the connection on
+        (10, 10): 1.15,  # the same ratio with no confident match next to it
+        (3, 3): 1.1,  # next to the core, but a confirmed defect's block is nearer
+    }, blocked=((3, 3),))
+    factor = dict(zip(cells, mem._grown(m, img, idx, 1, (16, 16)).tolist()))
+    assert factor[(4, 4)] == factor[(4, 5)] == factor[(5, 6)] == 0.0
+    assert factor[(5, 7)] == pytest.approx(0.25 / 0.3)
+    assert factor[(5, 8)] == pytest.approx(0.1 / 0.3)
+    assert factor[(10, 10)] == pytest.approx(0.15 / 0.3)
+    assert factor[(3, 3)] == pytest.approx(0.1 / 0.3)  # left as the match set it
+
+
+def test_prints_do_not_connect_across_images_of_a_batch():
+    from core.feedback_memory import MemoryMatch
+
+    mem = FeedbackMemory((16, 16), C, grow=1.2)
+    a, ia, xa, _ = _match_at({(4, 4): 0.9}, image=0)
+    b, ib, xb, _ = _match_at({(4, 5): 1.15}, image=1)
+    both = MemoryMatch(*(torch.cat([getattr(a, f), getattr(b, f)]) for f in
+                         ("factor", "ratio", "accepted_distance", "defect_distance")))
+    factor = mem._grown(both, torch.cat([ia, ib]), torch.cat([xa, xb]), 2, (16, 16))
+    assert factor.tolist() == [0.0, pytest.approx(0.5)]
+
+
+def test_connected_matches_are_saved_and_old_model_files_load_without_them(detector, tmp_path):
+    from core.persistence import load_detector, read_model_file, save_detector, write_model_file
+
+    with pytest.raises(ValueError, match="grow"):
+        FeedbackMemory((16, 16), C, low=1.0, grow=0.9)
+    rng = np.random.default_rng(7)
+    stamp = _pattern(rng)
+    learner = FeedbackLearner(detector, memory_params={"grow": 1.25})
+    for row, col in ((2, 2), (10, 4)):
+        learner.mark_false_alarm(_with(_background(rng, 1), stamp, row, col, rng), _region(row, col))
+    path = save_detector(learner.detector, tmp_path / "m.okng")
+    assert load_detector(path, extractor=detector.extractor).memory.grow == 1.25
+    meta, tensors = read_model_file(path)
+    del meta["feedback_memory"]["grow"]  # a file written before connected matches existed
+    write_model_file(path, tensors, meta)
+    old = load_detector(path, extractor=detector.extractor).memory
+    assert old.grow is None and len(old) == len(learner.detector.memory)  # scored exactly as it was
+
+
+def test_the_compiled_shortlist_gives_the_block_distances_of_the_gathered_blocks():
+    from core.feedback_memory import _compiled, block_distances, shortlist_block_distances
+
+    assert _compiled() is not None  # numba is required: a broken kernel must not pass unnoticed
+    g = torch.Generator().manual_seed(8)
+    q, m = torch.randn(7, 9, 12, generator=g), torch.randn(30, 9, 12, generator=g)
+    qv, mv = torch.rand(7, 9, generator=g) > 0.3, torch.rand(30, 9, generator=g) > 0.3
+    idx = torch.randint(0, 30, (7, 5), generator=g)
+    groups = [slice(0, 5), slice(5, 12)]
+    fast = shortlist_block_distances(q, qv, m, mv, idx, groups)
+    torch.testing.assert_close(fast, block_distances(q, qv * 1 > 0, m[idx], mv[idx], groups), rtol=1e-5, atol=1e-5)
+    interleaved = [torch.tensor([0, 2, 4]), torch.tensor([1, 3, 5])]  # not contiguous: the tensor path
+    torch.testing.assert_close(shortlist_block_distances(q, qv, m, mv, idx, interleaved),
+                               block_distances(q, qv, m[idx], mv[idx], interleaved))
