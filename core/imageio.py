@@ -147,6 +147,10 @@ def _to_rgb_from_bgr(img: np.ndarray, bit_depth: int | None = None) -> np.ndarra
         img = img[:, :, [2, 1, 0, 3]]
         return _normalise(img, None, channel_order="rgba", bit_depth=bit_depth)
     if img.ndim == 3 and img.shape[2] == 3:
+        if img.dtype == np.uint8 and img.flags.c_contiguous and img.flags.writeable:
+            # in place: a reversed view made contiguous would hold a second copy of the
+            # image at once (50 MB more at the peak for a 4096 x 4096 part; see core.tiling)
+            return cv2.cvtColor(img, cv2.COLOR_BGR2RGB, dst=img)
         img = img[:, :, ::-1]
     return _normalise(img, None, channel_order="rgb", bit_depth=bit_depth)
 
@@ -265,6 +269,23 @@ def load_image(path: str | os.PathLike[str], bit_depth: int | None = None) -> np
         raise ImageLoadError(p, f"cannot decode image ({exc.__class__.__name__})") from None
     _check_size(img.shape[0], img.shape[1], p)
     return img
+
+
+def read_image_size(path: str | os.PathLike[str], bit_depth: int | None = None) -> tuple[int, int]:
+    """(height, width) of an image file, from its header when Pillow can read it (no decode),
+    else by loading it. Raises :class:`ImageLoadError` like :func:`load_image`."""
+    from PIL import Image
+
+    try:
+        Image.MAX_IMAGE_PIXELS = None  # header only; the size is checked below
+        with Image.open(path) as im:
+            w, h = im.size
+        _check_size(h, w, path)
+        return h, w
+    except ImageLoadError:
+        raise
+    except Exception:  # noqa: BLE001 - an odd header: the loader decides (and says why)
+        return load_image(path, bit_depth).shape[:2]
 
 
 def iter_image_paths(inputs: Iterable[str | os.PathLike[str]]) -> Iterator[Path]:
