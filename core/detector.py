@@ -327,7 +327,7 @@ def check_memory(config: DetectorConfig, grid: tuple[int, int], n_channels: int,
     hint = f"use --image-size {fit} or less, or fewer --channels" if fit else "use fewer --channels"
     raise ResourceError(
         f"this fit needs about {_gb(need)} of memory at image size {config.image_size} ({what}) but "
-        f"{_gb(avail)} is available: {hint} (larger images need tiling, not supported yet)")
+        f"{_gb(avail)} is available: {hint} (or keep --image-size and inspect large images as tiles: --tile)")
 
 
 @dataclass(frozen=True)
