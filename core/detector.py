@@ -268,7 +268,7 @@ def estimate_fit_memory(config: DetectorConfig, grid: tuple[int, int], n_channel
     else:
         state, what = gauss(c), f"{p} patches x {c}x{c} covariances (float64)"
     n_cal = int(round(n * config.calibration_fraction)) if n >= 5 else 0
-    held = n_cal * p * c * 2.0
+    held = 0.0 if config.tiled else n_cal * p * c * 2.0  # a tiled fit keeps scores, not embeddings
     s = config.image_size
     # backbone activations (~60 float32 per input pixel at the peak for EfficientNet-Lite0's
     # early stages) + the batch's embedding and its float64 copies in the statistics update
