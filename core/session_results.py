@@ -130,7 +130,8 @@ class SessionResults:
             if old.image is None:
                 continue
             kept_bytes += old.image.nbytes
-            if old.path is not None and old.id != rid and (old.id <= rid - KEEP_IMAGES or kept_bytes > KEEP_IMAGE_BYTES):
+            past_limits = old.id <= rid - KEEP_IMAGES or kept_bytes > KEEP_IMAGE_BYTES
+            if old.path is not None and old.id != rid and past_limits:
                 old.image = None
         while len(self._records) > MAX_RESULTS:
             self._records.popitem(last=False)

@@ -76,7 +76,8 @@ def test_large_maps_are_kept_reduced_by_block_maximum_and_small_ones_as_they_are
     big[1001, 2999] = 9.0  # one hot pixel: still there after the reduction
     small = display_map(big)
     assert max(small.shape) <= MAX_MAP_SIDE and small.max() == 9.0
-    assert small.shape == (big.shape[0] // 3, MAX_MAP_SIDE) and np.unravel_index(small.argmax(), small.shape) == (333, 999)
+    assert small.shape == (big.shape[0] // 3, MAX_MAP_SIDE)
+    assert np.unravel_index(small.argmax(), small.shape) == (333, 999)
     assert display_map(MAP) is MAP
     rec = SessionResults().add("big", 9.0, big, None, "big.png", 0.1, 1.0)
     assert rec.anomaly_map.shape == small.shape and rec.score == 9.0  # the score is the full map's

@@ -1,6 +1,5 @@
 """A tiled recipe in the station's session: chosen beside the model, fitted, inspected; feedback
 is refused clearly until it works on tiles."""
-import numpy as np
 import pytest
 
 from core.jobs import InlineExecutor
