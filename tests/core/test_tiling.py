@@ -269,3 +269,29 @@ def test_okng_fit_tiles_and_score_refuses_another_tiling(ok_paths, tmp_path, cap
                  ok_paths[0]]) == 0
     assert main(["score", "--model", str(out), "--runtime", "torch", "--tile", "128", ok_paths[0]]) == 2
     assert "fitted on tiles of 64 pixels overlapping by 16 and is always scored that way" in capsys.readouterr().err
+
+
+def test_live_frames_are_inspected_tile_by_tile_too(tiled_fit):
+    from core.sources import Frame, live_job
+
+    class TwoFrames:
+        finished = False
+
+        def __init__(self):
+            self.frames = [Frame(texture(np.random.default_rng(i)), f"camera 0 #{i}", i) for i in range(2)]
+
+        def open(self):
+            pass
+
+        def read(self):
+            if not self.frames:
+                self.finished = True
+                return None
+            return self.frames.pop(0)
+
+        def close(self):
+            pass
+
+    items = [p.item for p in live_job(TwoFrames(), lambda: tiled_fit.detector, CancelToken(), keep_embeddings=True)]
+    assert [i.inspection.anomaly_map.shape for i in items] == [(H, W), (H, W)]
+    assert all(i.embedding is None for i in items)  # no single embedding of a tiled frame
