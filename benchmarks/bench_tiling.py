@@ -143,15 +143,19 @@ def rss_child(model: str, paths: list[str]) -> None:
     then reset the kernel's peak-RSS mark (``/proc/self/clear_refs``) and inspect the rest as
     ``okng score`` does. Prints the process's peak (loading included) and the peak of the
     inspection alone, as JSON."""
+    from core.allocator import tune_allocator
+    from core.cli import _drive
     from core.jobs import CancelToken, inspect_job
     from core.runtime import load_for_inspection
 
+    tune_allocator()  # as okng's main does
     det = load_for_inspection(model, None)
-    list(inspect_job(paths[:1], det, CancelToken()))
+    _drive(inspect_job(paths[:1], det, CancelToken()), "score")
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS (Linux >= 4.0)
     before = _status_mb("VmRSS")
     t = time.perf_counter()
-    scored = [p.item.inspection.score for p in inspect_job(paths[1:], det, CancelToken())]
+    scored = []  # okng score's loop: each result handed on (a CSV row), then let go
+    _drive(inspect_job(paths[1:], det, CancelToken()), "score", on_item=lambda i, r: scored.append(r.inspection.score))
     print(json.dumps({"process_peak_mb": peak_rss_mb(), "before_mb": before, "inspection_peak_mb": _status_mb("VmHWM"),
                       "scored": len(scored), "seconds_per_image": (time.perf_counter() - t) / len(scored)}))
 

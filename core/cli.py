@@ -68,6 +68,7 @@ def _drive(gen, desc: str, on_item=None):
             print(f"skipped {p.item.path}: {p.item.reason}", file=sys.stderr)
         if on_item is not None and p.item is not None:
             on_item(p.done - 1, p.item)
+        p = None  # the item (a tiled model's full-resolution map) goes before the next is made
 
 
 def _paths(inputs: list[str]) -> list[str]:

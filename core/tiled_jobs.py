@@ -96,16 +96,14 @@ def _calibrate(det: Detector, cal_paths: list[str], token: CancelToken, result: 
     for n_pass in range(passes):
         scores, peaks = [], []
         for path in cal_paths:
-            image, skipped = _load(path, config.bit_depth)
-            if skipped is not None:
+            scored = _inspect_one(path, det, token, keep_images=False)
+            if isinstance(scored, Skipped):
                 if n_pass == 0:
-                    result.skipped.append(skipped)
+                    result.skipped.append(scored)
                 continue
-            stitcher = det.stitch(image, token.raise_if_cancelled)
-            del image
-            anomaly_map, score = det.map_and_score(stitcher)
-            scores.append(score)
-            peaks.append(float(anomaly_map.max()))
+            scores.append(scored.inspection.score)
+            peaks.append(scored.inspection.peak)
+            scored = None  # its full-resolution map goes before the next image is decoded
             if n_pass == 0:
                 result.calibration.append(path)
                 done += 1
@@ -117,32 +115,43 @@ def _calibrate(det: Detector, cal_paths: list[str], token: CancelToken, result: 
                     "fraction 0): set the thresholds by hand")
 
 
+def _inspect_one(path: str, detector: Detector, token: CancelToken, keep_images: bool) -> ScoredImage | Skipped:
+    """One image read, tiled, stitched and judged; the decoded image is let go before the
+    full-resolution map is made (unless kept), so the two never add up. An image smaller
+    than a tile is Skipped, with the reason."""
+    image, skipped = _load(path, detector.config.bit_depth)
+    if skipped is not None:
+        return skipped
+    t = time.perf_counter()
+    try:
+        stitcher = detector.stitch(image, token.raise_if_cancelled)
+    except TilingError as exc:
+        return Skipped(path, str(exc))
+    kept, image = (image if keep_images else None), None
+    release_free_memory()  # the decoded image's heap pages (see tiled_inspect_job)
+    anomaly_map, score = detector.map_and_score(stitcher)
+    stitcher = None
+    return ScoredImage(path, detector.judge(score, anomaly_map), kept, time.perf_counter() - t, None,
+                       _sha256(path) if keep_images else "")
+
+
 def tiled_inspect_job(paths: list[str], detector: Detector, token: CancelToken,
                       keep_images: bool = False) -> Generator[Progress, None, InspectSummary]:
     """:func:`core.jobs.inspect_job` for a tiled detector: one image at a time, a Progress
     per image carrying its ScoredImage or Skipped (an image smaller than a tile is skipped,
-    with the reason)."""
+    with the reason). The job holds no result while making the next one; a consumer that
+    lets each go (``okng score``) holds one full-resolution map at a time."""
     done = scored = 0
     for path in paths:
         token.raise_if_cancelled()
-        image, item = _load(path, detector.config.bit_depth)
-        if image is not None:
-            t = time.perf_counter()
-            try:
-                stitcher = detector.stitch(image, token.raise_if_cancelled)
-            except TilingError as exc:
-                item = Skipped(path, str(exc))
-            else:
-                kept = image if keep_images else None
-                del image  # the map is made without the image beside it (memory; see core.tiling)
-                anomaly_map, score = detector.map_and_score(stitcher)
-                del stitcher
-                inspection = detector.judge(score, anomaly_map)
-                item = ScoredImage(path, inspection, kept, time.perf_counter() - t, None,
-                                   _sha256(path) if keep_images else "")
-                scored += 1
+        item = _inspect_one(path, detector, token, keep_images)
+        scored += isinstance(item, ScoredImage)
         done += 1
         yield Progress(done, len(paths), Path(path).name, item)
+        # The station's allocator keeps blocks under 128 MB in the heap (core.allocator): the
+        # freed map and image would stay resident and the next image's land beside them.
+        item = None
+        release_free_memory()
     release_free_memory()
     return InspectSummary(scored, done - scored)
 

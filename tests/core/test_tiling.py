@@ -295,3 +295,29 @@ def test_live_frames_are_inspected_tile_by_tile_too(tiled_fit):
     items = [p.item for p in live_job(TwoFrames(), lambda: tiled_fit.detector, CancelToken(), keep_embeddings=True)]
     assert [i.inspection.anomaly_map.shape for i in items] == [(H, W), (H, W)]
     assert all(i.embedding is None for i in items)  # no single embedding of a tiled frame
+
+
+def test_the_job_lets_each_full_resolution_map_go_before_making_the_next(tiled_fit, ok_paths, monkeypatch):
+    import gc
+    import weakref
+
+    det = tiled_fit.detector
+    previous: list[weakref.ref] = []
+    alive_at_next_image = []
+    original = type(det).stitch
+
+    def stitch(self, image, check_cancel=None):
+        gc.collect()
+        alive_at_next_image.append([ref() is not None for ref in previous])
+        return original(self, image, check_cancel)
+
+    monkeypatch.setattr(type(det), "stitch", stitch)
+    gen = inspect_job(ok_paths[:3], det, CancelToken())
+    while True:  # a consumer like okng score's: takes what it needs from each item, then lets it go
+        try:
+            p = next(gen)
+        except StopIteration:
+            break
+        previous.append(weakref.ref(p.item.inspection.anomaly_map))
+        p = None
+    assert alive_at_next_image == [[], [False], [False, False]]
