@@ -199,7 +199,9 @@ def live_job(
                 continue
             det = get_detector()
             t = time.perf_counter()
-            if det.config.tiled:  # tile by tile; no single embedding to keep (core.tiled_jobs)
+            # tile by tile, no single embedding to keep (core.tiled_jobs); ``get_detector`` may
+            # give anything with embed/inspect_embeddings, so the tiling is looked up, not assumed
+            if getattr(getattr(det, "config", None), "tiled", False):
                 inspection, kept = det.inspect_tiled(frame.image, token.raise_if_cancelled), None
             else:
                 emb = det.embed([frame.image])
