@@ -1,6 +1,7 @@
 """``okng``: the station's command line (stable; scripts and other tools call it).
 
-    okng fit PATH... --out MODEL [--model padim] [--backbone NAME] [--image-size N] [--ray [ADDRESS]]
+    okng fit PATH... --out MODEL [--model padim] [--backbone NAME] [--image-size N] [--tile N|auto [--overlap K]]
+             [--ray [ADDRESS]]
     okng score --model MODEL|BUNDLE PATH... [--csv FILE] [--heatmaps DIR] [--runtime NAME] [--ray [ADDRESS]]
     okng eval --model MODEL|BUNDLE --ok PATH... --ng PATH... [--json FILE] [--runtime NAME]
     okng export MODEL --out DIR
@@ -67,6 +68,7 @@ def _drive(gen, desc: str, on_item=None):
             print(f"skipped {p.item.path}: {p.item.reason}", file=sys.stderr)
         if on_item is not None and p.item is not None:
             on_item(p.done - 1, p.item)
+        p = None  # the item (a tiled model's full-resolution map) goes before the next is made
 
 
 def _paths(inputs: list[str]) -> list[str]:
@@ -138,10 +140,39 @@ def _config_from_args(args: argparse.Namespace):
         given["n_channels"] = None if args.channels == 0 else args.channels
     if args.bit_depth is not None:
         given["bit_depth"] = None if args.bit_depth == "range" else int(args.bit_depth)
+    if args.tile is not None:
+        given["tile"] = args.tile
+    if args.overlap is not None:
+        given["tile_overlap"] = args.overlap
     if args.weights and args.weights != "random":
         # stored resolved: a relative path would point elsewhere from another folder
         given["weights"] = str(Path(args.weights).expanduser().resolve())
     return DetectorConfig.for_model(args.model, model_params=params, **given)
+
+
+def tile_option(text: str) -> int | str:
+    """``--tile``: a whole number of pixels or ``auto`` (the range is checked with the settings)."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"give a tile size in pixels or 'auto', not {text!r}") from None
+
+
+def _check_scored_as_fitted(args: argparse.Namespace, det) -> None:
+    """``okng score --tile/--overlap`` may only restate the model's own tiling: a model is
+    always scored the way it was fitted (its file records the tiling)."""
+    cfg = det.config
+    tile = getattr(args, "tile", None)
+    overlap = getattr(args, "overlap", None)
+    wrong_tile = tile is not None and tile != (cfg.tile if cfg.tiled else None)
+    wrong_overlap = overlap is not None and overlap != cfg.tile_overlap
+    if wrong_tile or wrong_overlap:
+        fitted = (f"tiles of {cfg.tile} pixels overlapping by {cfg.tile_overlap}" if cfg.tiled
+                  else "whole images (no tiling)")
+        raise ValueError(f"this model was fitted on {fitted} and is always scored that way; "
+                         "to inspect otherwise, refit with okng fit --tile N [--overlap K]")
 
 
 def _ray_options(args: argparse.Namespace):
@@ -166,6 +197,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     config = _config_from_args(args)
     _check_output(args.out, "--out")
     ray = _ray_options(args)
+    if ray is not None and config.tile is not None:
+        raise ValueError("--ray does not fit tiled models yet: fit with --tile without --ray")
     if ray is not None:
         from .ray_fit import ray_fit_job
 
@@ -396,6 +429,7 @@ def _score(args: argparse.Namespace, ray, det) -> int:
 
     from .jobs import ScoredImage
 
+    _check_scored_as_fitted(args, det)
     _warn_uncalibrated(det)
     paths = _paths(args.paths)
     heat_dir = _heat_dir(args.heatmaps)
@@ -589,6 +623,12 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--bit-depth", choices=["range", "8", "10", "12", "14", "16"],
                    help="16-bit images: scale by each image's own range (default) or by this fixed bit "
                         "depth (keeps absolute brightness; e.g. 12 for a 12-bit camera)")
+    f.add_argument("--tile", type=tile_option, metavar="N|auto",
+                   help="inspect large images as N x N pixel tiles, each seen at --image-size, stitched into one "
+                        "map at the image's own size; auto: tiles of --image-size when the images are at least "
+                        "twice that (default: the whole image scaled to --image-size)")
+    f.add_argument("--overlap", type=int, metavar="K", help="least overlap of neighbouring tiles, pixels "
+                                                           "(default: an eighth of the tile)")
     _add_ray_options(f, chunk=False)
     f.set_defaults(func=cmd_fit)
 
@@ -597,6 +637,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("paths", nargs="+", metavar="PATH")
     s.add_argument("--csv", metavar="FILE", help="write results here instead of stdout")
     s.add_argument("--heatmaps", metavar="DIR", help="write a colour heatmap PNG per image")
+    s.add_argument("--tile", type=tile_option, metavar="N|auto",
+                   help="check that the model inspects N-pixel tiles (a model is always scored with the tiling "
+                        "it was fitted with, recorded in its file)")
+    s.add_argument("--overlap", type=int, metavar="K", help="check the model's tile overlap likewise")
     _add_runtime_option(s)
     _add_ray_options(s, chunk=True)
     s.set_defaults(func=cmd_score)

@@ -17,8 +17,9 @@ import inspect
 import logging
 import math
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
@@ -31,6 +32,9 @@ from .errors import BackboneUnavailableError, NotFittedError, OkngError, Resourc
 from .feedback_memory import FeedbackMemory
 from .models import NormalityModel, model_class
 from .thresholds import Thresholds, verdict
+
+if TYPE_CHECKING:
+    from .tiling import TileStitcher
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +61,7 @@ _OPTION = {
     "image_size": "--image-size", "n_channels": "--channels", "seed": "--seed", "sigma": "--sigma",
     "pooling": "--pooling", "topk": "--topk", "batch_size": "--batch-size", "stages": "--stages",
     "false_alarm_rate": "--false-alarm-rate", "calibration_fraction": "calibration fraction",
+    "tile": "--tile", "tile_overlap": "--overlap",
 }
 #: largest seed (numpy and torch generators both take it)
 MAX_SEED = 2**32 - 1
@@ -132,6 +137,13 @@ class DetectorConfig:
     #: how 16-bit images become 8-bit: None = each image's own range, 8/10/12/14/16 = that
     #: fixed depth (see core.imageio; a fixed depth keeps absolute brightness)
     bit_depth: int | None = None
+    #: high-resolution tiling (see :mod:`core.tiling`): None = the whole image scaled to
+    #: ``image_size``; N = N x N pixel tiles of the original image, each seen at ``image_size``;
+    #: ``"auto"`` = decided from the first OK image's size at the fit. A fitted model records
+    #: the resolved tile and overlap, so it is always scored the way it was fitted.
+    tile: int | str | None = None
+    #: least overlap of neighbouring tiles (pixels); None = an eighth of the tile
+    tile_overlap: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stages", tuple(int(s) for s in self.stages))
@@ -180,8 +192,23 @@ class DetectorConfig:
         check_range(_name("calibration_fraction"), self.calibration_fraction, 0.0, MAX_CALIBRATION_FRACTION)
         check_range(_name("false_alarm_rate"), self.false_alarm_rate, 0.0, MAX_FALSE_ALARM_RATE)
         from .imageio import check_bit_depth
+        from .tiling import check_tiling
 
         check_bit_depth(self.bit_depth)
+        check_tiling(self.tile, self.tile_overlap, self.image_size)
+
+    @property
+    def tiled(self) -> bool:
+        """Inspected as tiles of a fixed size (a resolved setting, as in a fitted model)."""
+        return isinstance(self.tile, int)
+
+    def resolve_tiling(self, height: int, width: int) -> DetectorConfig:
+        """These settings with ``auto`` tiling and a default overlap made concrete for images
+        of ``height`` x ``width`` (what a fit records; see :func:`core.tiling.resolve_tiling`)."""
+        from .tiling import resolve_tiling
+
+        tile, overlap = resolve_tiling(self.tile, self.tile_overlap, self.image_size, height, width)
+        return replace(self, tile=tile, tile_overlap=overlap)
 
     def backbone_spec(self) -> BackboneSpec:
         return BackboneSpec(self.backbone, self.stages, self.image_size, self.weights)
@@ -241,7 +268,7 @@ def estimate_fit_memory(config: DetectorConfig, grid: tuple[int, int], n_channel
     else:
         state, what = gauss(c), f"{p} patches x {c}x{c} covariances (float64)"
     n_cal = int(round(n * config.calibration_fraction)) if n >= 5 else 0
-    held = n_cal * p * c * 2.0
+    held = 0.0 if config.tiled else n_cal * p * c * 2.0  # a tiled fit keeps scores, not embeddings
     s = config.image_size
     # backbone activations (~60 float32 per input pixel at the peak for EfficientNet-Lite0's
     # early stages) + the batch's embedding and its float64 copies in the statistics update
@@ -300,7 +327,7 @@ def check_memory(config: DetectorConfig, grid: tuple[int, int], n_channels: int,
     hint = f"use --image-size {fit} or less, or fewer --channels" if fit else "use fewer --channels"
     raise ResourceError(
         f"this fit needs about {_gb(need)} of memory at image size {config.image_size} ({what}) but "
-        f"{_gb(avail)} is available: {hint} (larger images need tiling, not supported yet)")
+        f"{_gb(avail)} is available: {hint} (or keep --image-size and inspect large images as tiles: --tile)")
 
 
 @dataclass(frozen=True)
@@ -309,7 +336,8 @@ class Inspection:
 
     score: float
     verdict: str  # "OK" | "NG" | "?" (no threshold yet)
-    anomaly_map: np.ndarray  # (S, S) float32, network input resolution
+    #: (S, S) float32 at the network input resolution; (H, W), the image's own, when tiled
+    anomaly_map: np.ndarray
     image_threshold: float | None
     pixel_threshold: float | None
 
@@ -504,8 +532,8 @@ class Detector:
             raise NotFittedError("no OK images were fitted: add OK images and fit first")
         self.model.finalize()
 
-    def maps_and_scores(self, emb: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """(B, C, h, w) -> ((B, S, S) float32 maps, (B,) float64 image scores)."""
+    def distances(self, emb: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) -> (B, h, w) patch distances under the model and its feedback memory."""
         if self.model.n_samples < 1:
             raise NotFittedError("the model is not fitted yet: fit it on OK images first")
         with torch.inference_mode():
@@ -515,9 +543,45 @@ class Detector:
                 th = self.thresholds
                 level = None if th is None else (min(th.pixel, th.image) if self.post.pooling == "topk" else th.pixel)
                 dist = self.memory.apply(emb, dist, level)
-        maps = self.post.maps(dist, self.image_size)
+        return dist
+
+    def maps_and_scores(self, emb: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """(B, C, h, w) -> ((B, S, S) float32 maps, (B,) float64 image scores)."""
+        maps = self.post.maps(self.distances(emb), self.image_size)
         pixel = self.thresholds.pixel if self.thresholds else None
         return maps, self.post.scores(maps, pixel)
+
+    # -- tiled inspection (core.tiling) ---------------------------------------------------
+    def stitch(self, image: np.ndarray, check_cancel: Callable[[], None] | None = None) -> TileStitcher:
+        """Every tile of an RGB uint8 image through the model, ``batch_size`` tiles at a time,
+        stitched (a tiled detector only). Raises :class:`~core.tiling.TilingError` for an image
+        smaller than a tile."""
+        from .tiling import plan_tiles, stitch_tiles
+
+        grid = plan_tiles(image.shape[0], image.shape[1], self.config.tile, self.config.tile_overlap)
+        return stitch_tiles(image, grid, self.image_size, self.config.batch_size, self.embedder.grid_size,
+                            lambda batch: self.distances(self.embed(batch)), check_cancel)
+
+    def map_and_score(self, stitcher: TileStitcher) -> tuple[np.ndarray, float]:
+        """The stitched (H, W) anomaly map at the image's own resolution and its image score."""
+        from .tiling import topk_mean
+
+        anomaly_map = stitcher.anomaly_map(self.post.sigma)
+        if self.post.pooling == "topk":
+            return anomaly_map, topk_mean(anomaly_map, min(self.post.topk, anomaly_map.size))
+        pixel = self.thresholds.pixel if self.thresholds else None
+        return anomaly_map, float(self.post.scores(anomaly_map[None], pixel)[0])
+
+    def inspect_tiled(self, image: np.ndarray, check_cancel: Callable[[], None] | None = None) -> Inspection:
+        """Score one image tile by tile; the anomaly map has the image's own resolution."""
+        anomaly_map, score = self.map_and_score(self.stitch(image, check_cancel))
+        return self.judge(score, anomaly_map)
+
+    def require_whole_images(self, what: str) -> None:
+        """Refuse ``what`` (a feature built on one embedding per image) for a tiled detector."""
+        if self.config.tiled:
+            raise OkngError(f"{what} is not available for tiled models yet (this model inspects "
+                            f"{self.config.tile}-pixel tiles); refit without --tile to use it")
 
     def judge(self, score: float, anomaly_map: np.ndarray) -> Inspection:
         anomaly_map.flags.writeable = False
@@ -530,7 +594,10 @@ class Detector:
         return [self.judge(s, m) for s, m in zip(scores, maps)]
 
     def inspect(self, images: list[np.ndarray]) -> list[Inspection]:
-        """Score RGB uint8 images (any size) and judge them against the thresholds."""
+        """Score RGB uint8 images (any size) and judge them against the thresholds (tile by
+        tile, one image at a time, for a tiled detector)."""
+        if self.config.tiled:
+            return [self.inspect_tiled(img) for img in images]
         return self.inspect_embeddings(self.embed(images))
 
     def calibrate_on(self, held_out: torch.Tensor, false_alarm_rate: float | None = None) -> None:
@@ -557,10 +624,17 @@ class Detector:
         """
         from .thresholds import calibrate
 
-        if self.calibration_embeddings is None or self.calibration_embeddings.shape[0] == 0:
-            return
         far = false_alarm_rate if false_alarm_rate is not None else (
             self.thresholds.target_false_alarm_rate if self.thresholds else self.config.false_alarm_rate)
+        th = self.thresholds
+        if self.config.tiled and th is not None and th.calibration_scores.size and self.config.pooling != "blob":
+            # A tiled model keeps its held-out images' scores, not every tile's features (that
+            # would grow with the image size); the model does not change after its fit (no
+            # feedback on tiles yet), so those scores are still the current model's.
+            self.thresholds = calibrate(th.calibration_scores, th.calibration_peaks, far)
+            return
+        if self.calibration_embeddings is None or self.calibration_embeddings.shape[0] == 0:
+            return
         for _ in range(2 if self.config.pooling == "blob" else 1):
             self.thresholds = calibrate(*self.calibration_scores(), far)
 

@@ -72,15 +72,25 @@ def check_bit_depth(bit_depth: int | None) -> None:
                          f"None (each image's own range), got {bit_depth!r}")
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+#: where Pillow finds a PNG's orientation: an eXIf chunk, ImageMagick's raw EXIF text, XMP
+_PNG_ORIENTATION_SOURCES = (b"eXIf", b"Raw profile type exif", b"XML:com.adobe.xmp")
+
+
 def exif_orientation(data: np.ndarray) -> int:
     """The EXIF orientation tag (1..8) of an encoded image, 1 when absent or unreadable."""
     import io
 
     from PIL import Image
 
+    raw = data.tobytes()
+    if raw.startswith(_PNG_SIGNATURE) and not any(tag in raw for tag in _PNG_ORIENTATION_SOURCES):
+        # A PNG may carry EXIF after its pixels, so Pillow decodes the whole image to look
+        # (64 MB and ~0.3 s at 4096 x 4096): a PNG without any of those chunks is upright.
+        return 1
     try:
         Image.MAX_IMAGE_PIXELS = None  # header only; sizes are checked elsewhere
-        with Image.open(io.BytesIO(data.tobytes())) as im:
+        with Image.open(io.BytesIO(raw)) as im:
             value = im.getexif().get(0x0112, 1)
     except Exception:  # noqa: BLE001 - no EXIF, odd format: upright
         return 1
@@ -147,6 +157,14 @@ def _to_rgb_from_bgr(img: np.ndarray, bit_depth: int | None = None) -> np.ndarra
         img = img[:, :, [2, 1, 0, 3]]
         return _normalise(img, None, channel_order="rgba", bit_depth=bit_depth)
     if img.ndim == 3 and img.shape[2] == 3:
+        if img.dtype == np.uint8 and img.flags.c_contiguous and img.flags.writeable:
+            # In place, a band of rows at a time: a reversed view made contiguous, or one
+            # in-place cvtColor (OpenCV clones its source), would hold a second copy of the
+            # image at once (48 MB more at the peak for a 4096 x 4096 part; see core.tiling).
+            for r in range(0, img.shape[0], 256):
+                band = img[r : r + 256]
+                cv2.cvtColor(band, cv2.COLOR_BGR2RGB, dst=band)
+            return img
         img = img[:, :, ::-1]
     return _normalise(img, None, channel_order="rgb", bit_depth=bit_depth)
 
@@ -265,6 +283,23 @@ def load_image(path: str | os.PathLike[str], bit_depth: int | None = None) -> np
         raise ImageLoadError(p, f"cannot decode image ({exc.__class__.__name__})") from None
     _check_size(img.shape[0], img.shape[1], p)
     return img
+
+
+def read_image_size(path: str | os.PathLike[str], bit_depth: int | None = None) -> tuple[int, int]:
+    """(height, width) of an image file, from its header when Pillow can read it (no decode),
+    else by loading it. Raises :class:`ImageLoadError` like :func:`load_image`."""
+    from PIL import Image
+
+    try:
+        Image.MAX_IMAGE_PIXELS = None  # header only; the size is checked below
+        with Image.open(path) as im:
+            w, h = im.size
+        _check_size(h, w, path)
+        return h, w
+    except ImageLoadError:
+        raise
+    except Exception:  # noqa: BLE001 - an odd header: the loader decides (and says why)
+        return load_image(path, bit_depth).shape[:2]
 
 
 def iter_image_paths(inputs: Iterable[str | os.PathLike[str]]) -> Iterator[Path]:

@@ -281,7 +281,9 @@ def fit_job(
     Memory stays constant in the number of fitted images (statistics are streamed). The
     held-out images stay out of the model, so the stated false-alarm rate is measured on
     unseen OK parts, and stays honest when feedback later changes the model: their
-    embeddings are kept (float16) and re-scored after every change.
+    embeddings are kept (float16) and re-scored after every change. With tiling settings
+    (``config.tile``; ``auto`` is decided by the first OK image's size) the fit is
+    :func:`core.tiled_jobs.tiled_fit_job`, and the model records the tiling it was fitted with.
 
     Fitting embeds with PyTorch; at the end the detector's inspection runtime is prepared
     (``runtime``: None = ``OKNG_RUNTIME`` or auto, see :mod:`core.runtime`).
@@ -290,6 +292,13 @@ def fit_job(
     paths = [str(p) for p in paths]
     if not paths:
         raise NotFittedError("no OK images given: add OK images to fit a model")
+    if config.tile is not None:  # high resolution: tiles (core.tiling), "auto" decided by the first image
+        from .tiled_jobs import first_image_size, tiled_fit_job
+
+        first = first_image_size(paths, config.bit_depth)
+        config = config.resolve_tiling(*first)
+        if config.tiled:
+            return (yield from tiled_fit_job(paths, config, token, first, extractor, runtime))
     yield Progress(0, len(paths), "loading backbone")
     fit_paths, cal_paths = split_calibration(paths, config.calibration_fraction)
     det = Detector.create(config, extractor, n_images=len(paths))
@@ -362,6 +371,10 @@ def inspect_job(
     anomaly maps at a time, and the consumer keeps what it needs (a CSV row, a table row).
     """
     paths = [str(p) for p in paths]
+    if detector.config.tiled:
+        from .tiled_jobs import tiled_inspect_job
+
+        return (yield from tiled_inspect_job(paths, detector, token, keep_images))
     bs = batch_size or detector.config.batch_size
     done = scored = 0
     for batch in iter_batches(paths, detector.image_size, bs, keep_images=keep_images,

@@ -340,6 +340,9 @@ def load_detector(path: str | os.PathLike[str], extractor: FeatureExtractor | Ba
         cls = model_class(meta["model"]["kind"])
     except (TypeError, ValueError) as exc:
         raise ModelFileError(f"{path}: invalid settings in the model file ({exc})") from None
+    # a fit records the tiling it resolved; files written before tiling existed have none (whole images)
+    _require(config.tile is None or (config.tiled and config.tile_overlap is not None), path,
+             f"the model's tiling is not a fitted one (tile {config.tile!r}, overlap {config.tile_overlap!r})")
     if extractor is None or extractor.spec != config.backbone_spec():
         try:
             extractor = FeatureExtractor(config.backbone_spec())

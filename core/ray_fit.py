@@ -48,6 +48,8 @@ def ray_fit_job(paths: Iterable[str | Path], config: DetectorConfig, token: Canc
     paths = [str(p) for p in paths]
     if not paths:
         raise NotFittedError("no OK images given: add OK images to fit a model")
+    if config.tile is not None:
+        raise ValueError("a fit on Ray does not tile yet: fit tiled models locally (without --ray)")
     yield Progress(0, len(paths), "loading backbone")
     fit_paths, cal_paths = split_calibration(paths, config.calibration_fraction)
     det = Detector.create(config, n_images=len(paths))

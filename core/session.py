@@ -223,6 +223,28 @@ class InspectionSession:
         self.mark_dirty()
         self.status.emit(f"Model for the next fit: {name} (press F5 to fit)")
 
+    def tiling_choices(self) -> list[tuple[str, object]]:
+        """(label, ``tile`` setting) of the tilings the station offers, for the fit settings
+        beside the model: whole image, automatic, or tiles of one or two network inputs."""
+        size = self.config.image_size
+        return [(f"Whole image → {size} px", None), (f"Auto: {size}-px tiles for large images", "auto"),
+                (f"Tiles of {size} px (camera pixels)", size), (f"Tiles of {2 * size} px (half resolution)", 2 * size)]
+
+    def set_tiling(self, tile: int | str | None) -> None:
+        """Tile the next fit's images (None: the whole image); the overlap is the default,
+        an eighth of the tile. The fitted model records it (see :mod:`core.tiling`)."""
+        if tile == self.recipe.config.get("tile") or not self._engineer_only("change the tiling"):
+            return
+        try:
+            cfg = self.config.with_(tile=tile, tile_overlap=None)
+        except (TypeError, ValueError) as exc:
+            self.error.emit(f"Cannot use that tiling: {exc}")
+            return
+        self.recipe.config = cfg.to_dict()
+        self.mark_dirty()
+        what = "whole images" if tile is None else ("automatic tiling" if tile == "auto" else f"{tile}-px tiles")
+        self.status.emit(f"Next fit: {what} (press F5 to fit)")
+
     # -- jobs -------------------------------------------------------------------------------
     def submit(self, job, replace: bool = False, **callbacks: Any) -> None:
         """Run ``job(token)`` on the executor; callbacks as in :class:`~core.jobs.JobCallbacks`."""

@@ -114,7 +114,9 @@ class LabelBook:
         self.weights_changed.emit(None)
         self.reweight_changed.emit(self.reweight)
         self.labels_changed.emit(self.rows())
-        if replay and detector is not None:
+        if replay and detector is not None and detector.config.tiled:
+            self.session.status.emit("Labels are not replayed on a tiled model: feedback on tiles is not available yet")
+        elif replay and detector is not None:
             self._replay()
 
     def _replay(self) -> None:
@@ -235,6 +237,10 @@ class LabelBook:
         s = self.session
         if self.learner is None:
             s.error.emit("No model yet: fit the OK images first (F5) or open a recipe.")
+            return True
+        if self.learner.detector.config.tiled:
+            s.error.emit("Labels cannot teach a tiled model yet (feedback works on whole-image models): "
+                         "the label was not recorded.")
             return True
         if self._pending:
             s.status.emit("Still learning from the previous label…")

@@ -21,6 +21,13 @@ from .thresholds import verdict
 MAX_RESULTS = 500
 #: decoded images kept for redisplay; older file results are re-read from disk
 KEEP_IMAGES = 50
+#: ...and at most this many bytes of them (a tiled model's parts are multi-megapixel: 50 decoded
+#: 12 MP images would hold 1.8 GB)
+KEEP_IMAGE_BYTES = 400_000_000
+#: longest side of a kept anomaly map; a tiled model's full-resolution maps are reduced to it by
+#: block maximum (every hot spot stays visible) for display: 500 kept maps at 2048 x 2048 would
+#: hold 8 GB. Scores and verdicts come from the full map, before it is reduced.
+MAX_MAP_SIDE = 1024
 #: the heatmap's colour scale tops out at this multiple of the pixel threshold
 HEAT_RANGE = 2.0
 #: an NG with no region above the pixel threshold outlines the area above this share of its peak
@@ -72,6 +79,20 @@ class Display:
     note: str = ""
 
 
+def display_map(anomaly_map: np.ndarray, max_side: int = MAX_MAP_SIDE) -> np.ndarray:
+    """``anomaly_map`` itself if its longer side is at most ``max_side``, else reduced by an
+    integer factor taking each block's maximum (block row by block row: no full-size copy)."""
+    h, w = anomaly_map.shape
+    f = -(-max(h, w) // max_side)
+    if f <= 1:
+        return anomaly_map
+    out = np.empty((h // f, w // f), anomaly_map.dtype)
+    for i in range(out.shape[0]):
+        out[i] = anomaly_map[i * f : (i + 1) * f, : out.shape[1] * f].reshape(f, out.shape[1], f).max(axis=(0, 2))
+    out.flags.writeable = False
+    return out
+
+
 def thumbnail(img: np.ndarray, size: int = 48) -> np.ndarray:
     step = max(1, min(img.shape[:2]) // size)
     return np.ascontiguousarray(img[::step, ::step])
@@ -101,13 +122,16 @@ class SessionResults:
             embedding: torch.Tensor | None = None, sha256: str = "") -> ResultRecord:
         rid = self._next_id
         self._next_id += 1
-        rec = ResultRecord(rid, name, float(score), judge(score, image_threshold), anomaly_map, image, path,
-                           seconds, thumbnail(image) if image is not None else None, embedding, sha256=sha256)
+        rec = ResultRecord(rid, name, float(score), judge(score, image_threshold), display_map(anomaly_map), image,
+                           path, seconds, thumbnail(image) if image is not None else None, embedding, sha256=sha256)
         self._records[rid] = rec
-        for old in self._records.values():  # oldest first: drop decoded images past KEEP_IMAGES
-            if old.id > rid - KEEP_IMAGES:
-                break
-            if old.path is not None:
+        kept_bytes = 0
+        for old in reversed(self._records.values()):  # newest first: drop decoded images past the limits
+            if old.image is None:
+                continue
+            kept_bytes += old.image.nbytes
+            past_limits = old.id <= rid - KEEP_IMAGES or kept_bytes > KEEP_IMAGE_BYTES
+            if old.path is not None and old.id != rid and past_limits:
                 old.image = None
         while len(self._records) > MAX_RESULTS:
             self._records.popitem(last=False)

@@ -85,6 +85,7 @@ def simulate_feedback_job(
     det: Detector, pool: list[str], ok: list[str], ng: list[str], clicks: list[int], token: CancelToken,
     reweight: bool = False,
 ) -> Generator[Progress, None, SimulationResult]:
+    det.require_whole_images("simulated feedback")
     if det.thresholds is None:
         raise ValueError("the model has no calibrated threshold: fit it on at least 5 OK images")
     total = len(ok) + len(ng) + len(pool)

@@ -199,9 +199,14 @@ def live_job(
                 continue
             det = get_detector()
             t = time.perf_counter()
-            emb = det.embed([frame.image])
-            inspection = det.inspect_embeddings(emb)[0]
-            kept = emb.to(torch.float16) if keep_embeddings else None
+            # tile by tile, no single embedding to keep (core.tiled_jobs); ``get_detector`` may
+            # give anything with embed/inspect_embeddings, so the tiling is looked up, not assumed
+            if getattr(getattr(det, "config", None), "tiled", False):
+                inspection, kept = det.inspect_tiled(frame.image, token.raise_if_cancelled), None
+            else:
+                emb = det.embed([frame.image])
+                inspection = det.inspect_embeddings(emb)[0]
+                kept = emb.to(torch.float16) if keep_embeddings else None
             n += 1
             yield Progress(n, 0, frame.name,
                            ScoredImage(frame.name, inspection, frame.image, time.perf_counter() - t, kept,

@@ -118,6 +118,7 @@ class MainWindow(QMainWindow):
         self.ok_panel.remove_requested.connect(s.remove_ok_paths)
         self.ok_panel.fit_requested.connect(s.start_fit)
         self.ok_panel.model_chosen.connect(s.set_model)
+        self.ok_panel.tiling_chosen.connect(s.set_tiling)
         self.ok_panel.cancel_requested.connect(s.cancel)
         self.ok_panel.capture_requested.connect(self.capture_ok)
         self.source_panel.inspect_files_requested.connect(s.inspect_paths)
@@ -160,6 +161,7 @@ class MainWindow(QMainWindow):
         s = self.controller.session
         self._update_title()
         self.ok_panel.set_models(s.available_models(), s.config.model)
+        self.ok_panel.set_tilings(s.tiling_choices(), s.config.tile)
         self.source_panel.demo_button.setVisible(bool(s.demo_stream))
         live = s.recipe.station.get("live_source")
         if isinstance(live, list) and len(live) == 2 and live[0] in ("camera", "video", "folder"):

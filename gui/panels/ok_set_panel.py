@@ -23,6 +23,7 @@ class OkSetPanel(QWidget):
     capture_requested = Signal(int)  # number of frames to grab from the live source
     cancel_requested = Signal()
     model_chosen = Signal(str)  # normality model name for the next fit
+    tiling_chosen = Signal(object)  # the next fit's tile setting: None, "auto" or pixels
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -52,6 +53,12 @@ class OkSetPanel(QWidget):
                                     "'Which model' for when to pick which)")
         self.model_combo.activated.connect(
             lambda i: self.model_chosen.emit(self.model_combo.itemData(i)))
+        self.tiling_combo = QComboBox()
+        self.tiling_combo.setToolTip("How the next fit sees large images: scaled down whole to the network's "
+                                     "size, or as tiles stitched into one map at the image's own size "
+                                     "(small defects on multi-megapixel parts; slower per image). "
+                                     "The model keeps the tiling it was fitted with.")
+        self.tiling_combo.activated.connect(lambda i: self.tiling_chosen.emit(self.tiling_combo.itemData(i)))
         self.fit_button = QPushButton("Fit model  (F5)")
         self.fit_button.setStyleSheet("font-weight:bold; padding:6px;")
         self.cancel_button = QPushButton("Cancel")
@@ -71,6 +78,7 @@ class OkSetPanel(QWidget):
         capture_row.addWidget(self.capture_count)
         fit_row = QHBoxLayout()
         fit_row.addWidget(self.model_combo)
+        fit_row.addWidget(self.tiling_combo)
         fit_row.addWidget(self.fit_button, 1)
         fit_row.addWidget(self.cancel_button)
         lay = QVBoxLayout(self)
@@ -112,6 +120,17 @@ class OkSetPanel(QWidget):
             self.model_combo.addItem(name, name)
             self.model_combo.setItemData(self.model_combo.count() - 1, summary, Qt.ItemDataRole.ToolTipRole)
         self.model_combo.setCurrentIndex(max(self.model_combo.findData(current), 0))
+
+    def set_tilings(self, choices: list[tuple[str, object]], current: object) -> None:
+        """Fill the tiling chooser with (label, setting) pairs and select ``current``; a
+        setting not offered (a recipe's own tile size) is shown as it is."""
+        self.tiling_combo.clear()
+        for label, value in choices:
+            self.tiling_combo.addItem(label, value)
+        if current not in [v for _, v in choices]:
+            self.tiling_combo.addItem(f"Tiles of {current} px", current)
+        self.tiling_combo.setCurrentIndex([self.tiling_combo.itemData(i) for i in
+                                           range(self.tiling_combo.count())].index(current))
 
     def paths(self) -> list[str]:
         return [self.list.item(i).data(Qt.ItemDataRole.UserRole) for i in range(self.list.count())]

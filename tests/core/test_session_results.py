@@ -67,3 +67,28 @@ def test_a_result_is_named_by_its_file_name_or_as_given_and_shows_known_truth():
     assert display_name("/videos/line 3.mp4 frame 12", False, {}) == "/videos/line 3.mp4 frame 12"  # as given
     truth = {"/data/cell_7.png": "NG"}
     assert display_name("/data/cell_7.png", True, truth) == "cell_7.png  [truth NG]"
+
+
+def test_large_maps_are_kept_reduced_by_block_maximum_and_small_ones_as_they_are():
+    from core.session_results import MAX_MAP_SIDE, display_map
+
+    big = np.zeros((2 * MAX_MAP_SIDE + 3, 3 * MAX_MAP_SIDE), np.float32)
+    big[1001, 2999] = 9.0  # one hot pixel: still there after the reduction
+    small = display_map(big)
+    assert max(small.shape) <= MAX_MAP_SIDE and small.max() == 9.0
+    assert small.shape == (big.shape[0] // 3, MAX_MAP_SIDE)
+    assert np.unravel_index(small.argmax(), small.shape) == (333, 999)
+    assert display_map(MAP) is MAP
+    rec = SessionResults().add("big", 9.0, big, None, "big.png", 0.1, 1.0)
+    assert rec.anomaly_map.shape == small.shape and rec.score == 9.0  # the score is the full map's
+
+
+def test_decoded_images_are_kept_within_a_byte_budget_the_newest_always(monkeypatch):
+    import core.session_results as sr
+
+    monkeypatch.setattr(sr, "KEEP_IMAGE_BYTES", 3 * 96 * 96 * 3)
+    res = SessionResults()
+    recs = [_add(res, image=np.zeros((96, 96, 3), np.uint8), path=f"{i}.png") for i in range(5)]
+    assert [r.image is not None for r in recs] == [False, False, True, True, True]
+    huge = _add(res, image=np.zeros((400, 400, 3), np.uint8), path="huge.png")
+    assert huge.image is not None and all(r.image is None for r in recs)

@@ -137,3 +137,18 @@ def test_ok_set_panel_model_chooser_emits_the_chosen_name(qtbot):
     with qtbot.waitSignal(panel.model_chosen) as sig:
         panel.model_combo.activated.emit(0)
     assert sig.args == ["padim"]
+
+
+def test_ok_set_panel_tiling_chooser_shows_the_recipes_tiling_and_emits_the_chosen_one(qtbot):
+    from gui.panels.ok_set_panel import OkSetPanel
+
+    panel = OkSetPanel()
+    qtbot.addWidget(panel)
+    choices = [("Whole image", None), ("Auto", "auto"), ("Tiles of 224 px", 224)]
+    panel.set_tilings(choices, "auto")
+    assert panel.tiling_combo.currentText() == "Auto"
+    panel.set_tilings(choices, 300)  # a recipe's own tile size is shown as it is
+    assert panel.tiling_combo.currentText() == "Tiles of 300 px" and panel.tiling_combo.count() == 4
+    with qtbot.waitSignal(panel.tiling_chosen) as sig:
+        panel.tiling_combo.activated.emit(2)
+    assert sig.args == [224]

@@ -1,0 +1,50 @@
+"""A tiled recipe in the station's session: chosen beside the model, fitted, inspected; feedback
+is refused clearly until it works on tiles."""
+import pytest
+
+from core.jobs import InlineExecutor
+from core.session import InspectionSession
+
+
+@pytest.fixture
+def tiled_session(tmp_path, part_images, tiny_config):
+    s = InspectionSession(InlineExecutor(), labels_dir=tmp_path / "labels", captures_dir=tmp_path / "captures")
+    s.errors, s.statuses = [], []
+    s.error.connect(s.errors.append)
+    s.status.connect(s.statuses.append)
+    s.new_recipe("parts", tiny_config, part_images[0])
+    s.operator = "ana"
+    return s
+
+
+def test_the_tiling_chosen_beside_the_model_is_the_one_fitted_and_inspected(tiled_session, part_images):
+    s = tiled_session
+    assert [v for _, v in s.tiling_choices()] == [None, "auto", 64, 128]
+    s.set_tiling(64)
+    assert s.config.tile == 64 and s.config.tile_overlap is None and "64-px tiles" in s.statuses[-1]
+    s.set_model("padim-kmeans")
+    assert s.config.tile == 64  # another model keeps the tiling
+    s.set_model("padim")
+    s.start_fit()
+    assert not s.errors and s.detector.config.tiled and s.detector.config.tile_overlap == 8
+    s.inspect_paths(part_images[1][:1])
+    rec = list(s.results)[-1]
+    assert rec.anomaly_map.shape == (96, 96)  # the part's own resolution
+    assert rec.embedding is None  # no whole-image embedding of a tiled part
+
+
+def test_labels_are_refused_on_a_tiled_model_and_nothing_is_recorded(tiled_session, part_images):
+    s = tiled_session
+    s.set_tiling(64)
+    s.start_fit()
+    s.inspect_paths(part_images[1][:1])
+    s.labels.mark_image("image_ng")
+    assert "cannot teach a tiled model" in s.errors[-1] and s.labels.rows() == []
+
+
+def test_operators_cannot_change_the_tiling(tiled_session):
+    s = tiled_session
+    assert s.set_pin("4711")
+    s.lock()
+    s.set_tiling("auto")
+    assert s.config.tile is None and "Operator mode" in s.errors[-1]
