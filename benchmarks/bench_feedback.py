@@ -147,34 +147,6 @@ def _detection(det, paths: list[str]) -> float:
     return float(np.mean([r.inspection.verdict == "NG" for r in res]))
 
 
-def _mark_patches(marked: str, clean: str, grid: tuple[int, int]) -> np.ndarray:
-    """(h, w) bool: the patches a mark touches (the pixels it changed, one patch of margin
-    for the backbone's receptive field)."""
-    from core.imageio import load_image
-
-    a, b = load_image(marked).astype(np.float32), load_image(clean).astype(np.float32)
-    b = cv2.resize(b, (a.shape[1], a.shape[0]))
-    changed = (np.abs(a - b).max(-1) > 8).astype(np.float32)
-    touched = cv2.resize(changed, (grid[1], grid[0]), interpolation=cv2.INTER_AREA) > 0.02
-    return cv2.dilate(touched.astype(np.uint8), np.ones((3, 3), np.uint8)) > 0
-
-
-def _detection_mark_ignored(det, marked: list[str], clean: list[str]) -> float:
-    """The ceiling for feedback: the clean model on the marked defective cells with every
-    patch the mark touches set to zero distance (the mark perfectly ignored, the part of a
-    defect it covers lost with it)."""
-    from core.imageio import load_image
-
-    hits = []
-    for m, c in zip(marked, clean):
-        with torch.inference_mode():
-            dist = det.model.score(det.embed([load_image(m)]))
-        dist[0][torch.from_numpy(_mark_patches(m, c, det.model.grid))] = 0.0
-        maps = det.post.maps(dist, det.image_size)
-        hits.append(float(det.post.scores(maps, det.thresholds.pixel)[0]) > det.thresholds.image)
-    return float(np.mean(hits))
-
-
 def _extractor(cache: FeatureCache):
     from core.backbone import FeatureExtractor
     from core.detector import DetectorConfig
@@ -198,12 +170,10 @@ def run_mark(mark: str, clicks: list[int], model: str, n_pool: int, reweight: bo
     ex = _extractor(cache)
     det = _fit(split.ok_train, 0.01, model, ex)
     reference = _detection(det, ng_src)
-    ceiling = _detection_mark_ignored(det, ng, ng_src)
     t = time.perf_counter()
     sim = _simulate(det, pool, ok, ng, clicks, reweight)
     cache.save()
     return {"case": f"mark:{mark}", "model": model, "reference_detection_unmarked": reference,
-            "detection_mark_ignored": ceiling,
             "pool": len(pool), "eval_ok": len(ok), "eval_ng": len(ng), "seconds": time.perf_counter() - t,
             **sim}
 
@@ -276,9 +246,6 @@ def run_timing(mark: str, model: str, cache: "FeatureCache", n_memory: int = 200
 def print_table(r: dict) -> None:
     print(f"\n{r['case']} ({r['model']}): pool {r['pool']}, evaluation {r['eval_ok']} OK + {r['eval_ng']} defective; "
           f"reference detection (clean model, unmarked defects, 0 clicks): {r['reference_detection_unmarked']:.3f}")
-    if "detection_mark_ignored" in r:
-        print(f"detection with the mark perfectly ignored (clean model, its patches zeroed): "
-              f"{r['detection_mark_ignored']:.3f}")
     print(f"{'clicks':>6} {'false alarms':>12} {'detection':>9} {'AUROC':>7} {'flipped':>7}")
     for c in r["checkpoints"]:
         print(f"{c['clicks']:>6} {c['false_alarm_rate']:>12.3f} {c['detection_rate']:>9.3f} {c['auroc']:>7.4f} "

@@ -166,7 +166,8 @@ def test_fit_records_the_resolved_tiling_and_calibrates_on_stitched_held_out_map
     assert (det.config.tile, det.config.tile_overlap) == (64, 16)
     assert det.calibration_embeddings is None  # no tile features kept: memory constant in the image size
     cal = inspect_paths(tiled_fit.calibration, det)
-    assert np.array_equal(det.thresholds.calibration_scores, [r.inspection.score for r in cal])
+    # equal up to float rounding: the backbone may group the tiles into other batches
+    np.testing.assert_allclose(det.thresholds.calibration_scores, [r.inspection.score for r in cal], rtol=1e-5)
     assert det.model.n_samples == len(tiled_fit.fitted) * plan_tiles(H, W, 64, 16).n_tiles  # every tile a sample
 
 
