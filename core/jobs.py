@@ -402,9 +402,9 @@ def inspect_job(
 
 
 def _half(emb: torch.Tensor) -> torch.Tensor:
-    import torch
+    from .sources import half_precision
 
-    return emb.to(torch.float16)
+    return half_precision(emb)
 
 
 def inspect_paths(paths: Iterable[str | Path], detector: Detector,

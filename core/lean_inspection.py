@@ -15,7 +15,7 @@ be scored that way, :func:`load_lean` builds a :class:`LeanDetector` from
 
 It scores with the same pieces as :class:`~core.detector.Detector`: the same network input
 (:func:`core.imageio.network_input`), graph, compiled Mahalanobis loop
-(:func:`core.models.mahalanobis.squared_distances`), maps, pooling and verdicts
+(:func:`core.models.mahalanobis.padim_distances`), maps, pooling and verdicts
 (:mod:`core.inspection`), so the scores are the detector's on the same runtime
 (``tests/core/test_lean_inspection.py``).
 
@@ -48,7 +48,7 @@ from .graph_runtime import (
 from .imageio import network_input
 from .inspection import Inspection, judge, maps_and_scores
 from .model_file import all_finite, read_checked
-from .models.mahalanobis import packed_size, squared_distances
+from .models.mahalanobis import packed_size, padim_distances
 from .thresholds import Thresholds
 
 log = logging.getLogger(__name__)
@@ -85,17 +85,16 @@ class InspectionSettings:
 
 def patch_distances(emb: np.ndarray, mean: np.ndarray, precision: np.ndarray,
                     weights: np.ndarray | None = None) -> np.ndarray:
-    """PaDiM's distances (:meth:`core.models.padim.PadimModel.score`) on numpy arrays:
-    (B, C, h, w) embeddings, (P, C) means, (P, C (C + 1) / 2) packed precisions, optional
-    (C,) channel weights -> (B, h, w) float32."""
+    """PaDiM's distances on numpy arrays: :func:`core.models.mahalanobis.padim_distances`,
+    or the same arithmetic in numpy when the compiled loop is unavailable (slower)."""
+    d = padim_distances(emb, mean, precision, weights)
+    if d is not None:
+        return d
     b, c, h, w = emb.shape
-    x = np.ascontiguousarray(emb.reshape(b, c, h * w).transpose(2, 0, 1), dtype=np.float32)  # (P, B, C)
+    x = np.ascontiguousarray(emb.reshape(b, c, h * w).transpose(2, 0, 1), dtype=np.float32)
     if weights is not None:
-        x = x * weights
-        mean = mean * weights
-    d2 = squared_distances(x, mean, precision)
-    if d2 is None:  # numba broken here: the same arithmetic in numpy (slower)
-        d2 = _squared_numpy(x, mean, precision)
+        x, mean = x * weights, mean * weights
+    d2 = _squared_numpy(x, mean, precision)
     return np.sqrt(np.maximum(d2, 0.0)).T.reshape(b, h, w)
 
 
