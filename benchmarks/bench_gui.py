@@ -217,8 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"target (no stall > 100 ms, 0 dropped): {'MET' if verdict else 'NOT MET'}")
     if errors:
         print("errors:", errors)
-    c.shutdown()
-    window.close()
+    c.shutdown()  # not window.close(): it asks whether to save the unsaved recipe (a modal dialog)
     return 0
 
 
@@ -226,4 +225,4 @@ if __name__ == "__main__":
     code = main()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(code)  # not sys.exit: the interpreter's shutdown hung after the window closed (engine thread pools)
+    os._exit(code)  # the window stays open (see above); no need to tear Qt down
