@@ -173,7 +173,7 @@ def padim_distances(emb: np.ndarray, mean: np.ndarray, packed: np.ndarray,
     if d2 is None:
         return None
     np.maximum(d2, 0.0, out=d2)
-    return np.sqrt(d2, out=d2).T.reshape(b, h, w)
+    return np.ascontiguousarray(np.sqrt(d2, out=d2).T).reshape(b, h, w)  # contiguous, as torch's was
 
 
 def mahalanobis(x: torch.Tensor, mean: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
