@@ -11,23 +11,39 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .anomaly_map import PostProcess  # noqa: E402
-from .backbone import DEFAULT_BACKBONE, BackboneSpec, FeatureExtractor  # noqa: E402
-from .detector import Detector, DetectorConfig, Inspection  # noqa: E402
-from .errors import (  # noqa: E402
-    BackboneUnavailableError,
-    Cancelled,
-    ImageLoadError,
-    ModelFileError,
-    NotFittedError,
-    OkngError,
-)
-from .imageio import iter_image_paths, load_image  # noqa: E402
-from .jobs import CancelToken, FitResult, Progress, ScoredImage, Skipped, fit_job, inspect_job, inspect_paths, run_job  # noqa: E402
-from .models import MODELS  # noqa: E402
-from .persistence import load_detector, save_detector  # noqa: E402
-from .regions import Region, find_regions, region_at  # noqa: E402
-from .thresholds import Thresholds, calibrate, verdict  # noqa: E402
+#: public name -> the module that defines it. Imported on first use (PEP 562), not here:
+#: ``import core.cli`` or inspection from an exported graph (core.lean_inspection) must not
+#: pay for PyTorch and timm (seconds of start-up) when they never run the backbone.
+_EXPORTS = {
+    "PostProcess": "anomaly_map",
+    "DEFAULT_BACKBONE": "backbone_spec", "BackboneSpec": "backbone_spec", "FeatureExtractor": "backbone",
+    "Detector": "detector", "DetectorConfig": "detector", "Inspection": "detector",
+    "BackboneUnavailableError": "errors", "Cancelled": "errors", "ImageLoadError": "errors",
+    "ModelFileError": "errors", "NotFittedError": "errors", "OkngError": "errors",
+    "iter_image_paths": "imageio", "load_image": "imageio",
+    "CancelToken": "jobs", "FitResult": "jobs", "Progress": "jobs", "ScoredImage": "jobs", "Skipped": "jobs",
+    "fit_job": "jobs", "inspect_job": "jobs", "inspect_paths": "jobs", "run_job": "jobs",
+    "MODELS": "models",
+    "load_detector": "persistence", "save_detector": "persistence",
+    "Region": "regions", "find_regions": "regions", "region_at": "regions",
+    "Thresholds": "thresholds", "calibrate": "thresholds", "verdict": "thresholds",
+}
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'core' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # once: later lookups do not come here
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
 
 __all__ = [
     "BackboneSpec", "BackboneUnavailableError", "CancelToken", "Cancelled", "DEFAULT_BACKBONE",

@@ -19,7 +19,6 @@ from dataclasses import asdict, dataclass
 
 import cv2
 import numpy as np
-import torch
 
 POOLINGS = ("max", "topk", "blob")
 
@@ -41,9 +40,10 @@ class PostProcess:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def maps(self, distances: torch.Tensor, size: int) -> np.ndarray:
-        """(B, h, w) patch distances -> (B, size, size) float32 smoothed anomaly maps."""
-        d = np.ascontiguousarray(distances.detach().to(torch.float32).numpy())
+    def maps(self, distances, size: int) -> np.ndarray:
+        """(B, h, w) patch distances (a numpy array or a CPU torch tensor) -> (B, size, size)
+        float32 smoothed anomaly maps. No torch here: inspection without PyTorch uses it too."""
+        d = np.ascontiguousarray(np.asarray(distances, dtype=np.float32))
         out = np.empty((d.shape[0], size, size), np.float32)
         k = 2 * int(4.0 * self.sigma + 0.5) + 1  # same kernel extent as anomalib
         for i in range(d.shape[0]):

@@ -11,7 +11,7 @@ A bundle loads with :func:`load_bundle` (and ``okng score --model DIR``) with ON
 OpenVINO and neither timm nor the backbone's weights package: the backbone is described by a
 :class:`~core.backbone.BackboneInfo`, and only the graph runs it. On load the graph's SHA-256
 is checked, and the chosen runtime must reproduce sample values of the graph's output on a
-fixed probe batch (:func:`core.runtime.probe_batch`) that were recorded with PyTorch at export.
+fixed probe batch (:func:`core.graph_runtime.probe_batch`) that were recorded with PyTorch at export.
 
 Example:
     >>> export_bundle(load_detector("cells.okng"), "cells-bundle")
@@ -28,13 +28,15 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from typing import TYPE_CHECKING
+
 from . import __version__
 from .atomic import write_bytes_atomic
-from .detector import Detector
 from .errors import ModelFileError, OkngError
-from .runtime import (
-    backbone_info, check_description, default_runtime, describe_graph, dumps, ensure_graph, graph_key, open_checked,
-)
+from .graph_runtime import backbone_info, check_description, default_runtime, dumps, open_checked
+
+if TYPE_CHECKING:  # reading a bundle needs no PyTorch (core.lean_inspection); writing one does
+    from .detector import Detector
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,8 @@ def _sha256(path: Path) -> str:
 
 def describe_bundle(det: Detector, graph_sha256: str) -> dict[str, Any]:
     """The bundle.json contents for a detector (see README, *Exported models*)."""
+    from .runtime import describe_graph, graph_key
+
     th, cfg = det.thresholds, det.config
     s = det.image_size
     graph = describe_graph(det.embedder, graph_key(det.embedder))
@@ -77,6 +81,7 @@ def describe_bundle(det: Detector, graph_sha256: str) -> dict[str, Any]:
 def export_bundle(det: Detector, out: str | os.PathLike[str]) -> Path:
     """Write ``det`` as a bundle folder (created if needed); returns it."""
     from .persistence import save_detector
+    from .runtime import ensure_graph
 
     if not det.embedder.has_backbone:
         raise OkngError("this model was loaded without its backbone; export from the model file")
@@ -125,6 +130,26 @@ def read_description(folder: str | os.PathLike[str]) -> dict[str, Any]:
     return d
 
 
+def bundle_runtime(folder: Path, runtime: str | None) -> str:
+    """The runtime asked for (None: ``OKNG_RUNTIME`` or auto); ``torch`` is refused."""
+    requested = (runtime or default_runtime()).lower()
+    if requested == "torch":
+        raise OkngError(f"{folder} is an exported model: it runs with onnxruntime or openvino, not torch "
+                        "(score the model file itself to use PyTorch)")
+    return requested
+
+
+def checked_graph(folder: Path) -> tuple[dict[str, Any], Path]:
+    """(bundle.json, the graph's path) once the graph is there and matches its SHA-256."""
+    d = read_description(folder)
+    graph = folder / str(d["embedding_graph"].get("file", GRAPH_FILE))
+    if not graph.is_file():
+        raise ModelFileError(f"{folder}: the embedding graph {graph.name} is missing")
+    if _sha256(graph) != d["embedding_graph"]["sha256"]:
+        raise ModelFileError(f"{graph} does not match {DESCRIPTION_FILE} (SHA-256 differs): the bundle is damaged")
+    return d, graph
+
+
 def load_bundle(folder: str | os.PathLike[str], runtime: str | None = None) -> Detector:
     """A detector from an exported bundle, embedding with ONNX Runtime or OpenVINO.
 
@@ -137,16 +162,8 @@ def load_bundle(folder: str | os.PathLike[str], runtime: str | None = None) -> D
     from .persistence import load_detector
 
     folder = Path(folder)
-    d = read_description(folder)
-    requested = (runtime or default_runtime()).lower()
-    if requested == "torch":
-        raise OkngError(f"{folder} is an exported model: it runs with onnxruntime or openvino, not torch "
-                        "(score the model file itself to use PyTorch)")
-    graph = folder / str(d["embedding_graph"].get("file", GRAPH_FILE))
-    if not graph.is_file():
-        raise ModelFileError(f"{folder}: the embedding graph {graph.name} is missing")
-    if _sha256(graph) != d["embedding_graph"]["sha256"]:
-        raise ModelFileError(f"{graph} does not match {DESCRIPTION_FILE} (SHA-256 differs): the bundle is damaged")
+    requested = bundle_runtime(folder, runtime)
+    d, graph = checked_graph(folder)
     info = backbone_info(d)
     det = load_detector(folder / str(d.get("model_file", MODEL_FILE)), extractor=info)
     expected = tuple(d["embedding_graph"]["output"]["shape"][1:])

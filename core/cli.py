@@ -242,30 +242,51 @@ def _export_graph(det, model_path: Path) -> None:
                                             exc)
 
 
-def _load(args):
+def _load(args, lean: bool = False):
     """``--model`` is a model file, an exported bundle folder, or a recipe (its model with the
     recipe's thresholds), embedding on ``--runtime`` (inspection commands) or PyTorch. A forced
-    runtime that cannot run says why on stderr and the run goes on with PyTorch."""
-    from .bundle import is_bundle, load_bundle
-    from .persistence import load_detector
-    from .runtime import load_for_inspection
+    runtime that cannot run says why on stderr and the run goes on with PyTorch.
+
+    ``lean``: score without importing PyTorch when the model allows it
+    (:mod:`core.lean_inspection`: a PaDiM model file whose graph and derived state are
+    cached, or a bundle, on ONNX Runtime or OpenVINO); otherwise the full detector."""
+    from .bundle import is_bundle
 
     runtime = getattr(args, "runtime", None)
     path = Path(args.model)
-    if is_bundle(args.model):
-        det = load_bundle(args.model, runtime)
-    elif path.is_file() and _is_recipe(path):
-        det = _load_recipe_model(path, runtime)
-    elif hasattr(args, "runtime"):  # inspection only: no backbone code when the graph is cached
-        det = load_for_inspection(args.model, runtime)
-    else:
-        det = load_detector(args.model, runtime="torch")
+    recipe = path.is_file() and _is_recipe(path)
+    det = None
+    if lean and not recipe:
+        from .lean_inspection import load_lean
+
+        def full_on_torch():  # a runtime failing mid-run: PyTorch takes over, as in the detector
+            from .persistence import load_detector
+
+            return load_detector(path, runtime="torch")
+
+        det = load_lean(path, runtime, fallback=None if is_bundle(path) else full_on_torch)
+    if det is None:
+        det = _load_full(args, runtime, recipe)
     if runtime not in (None, "auto") and det.runtime_name != runtime:
         for note in det.runtime_notes:
             print(f"okng: {note}", file=sys.stderr)
         print(f"okng: {runtime} is not available; running on {det.runtime_name}", file=sys.stderr)
     logging.getLogger(__name__).info("embedding runtime: %s", det.runtime_name)
     return det
+
+
+def _load_full(args, runtime: str | None, recipe: bool):
+    from .bundle import is_bundle, load_bundle
+    from .persistence import load_detector
+    from .runtime import load_for_inspection
+
+    if is_bundle(args.model):
+        return load_bundle(args.model, runtime)
+    if recipe:
+        return _load_recipe_model(Path(args.model), runtime)
+    if hasattr(args, "runtime"):  # inspection only: no backbone code when the graph is cached
+        return load_for_inspection(args.model, runtime)
+    return load_detector(args.model, runtime="torch")
 
 
 def _is_recipe(path: Path) -> bool:
@@ -418,7 +439,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     ray = _ray_options(args)
     warming = _warm_kernel_in_background() if ray is None else None  # Ray workers score elsewhere
     try:
-        return _score(args, ray, _load(args))
+        return _score(args, ray, _load(args, lean=ray is None))
     finally:
         if warming is not None:
             warming.join()  # an early error must not end the process while numba is loading
@@ -566,7 +587,7 @@ def _add_plugin_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_runtime_option(p: argparse.ArgumentParser) -> None:
-    from .runtime import CHOICES
+    from .graph_runtime import CHOICES
 
     p.add_argument("--runtime", choices=CHOICES, default=None,
                    help="what runs the backbone: auto (default, or $OKNG_RUNTIME: the fastest installed), "
@@ -590,10 +611,10 @@ def _add_ray_options(p: argparse.ArgumentParser, chunk: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .detector import DetectorConfig
-    from .models import MODELS
+    from .config import DetectorConfig
+    from .models import KINDS
 
-    D = DetectorConfig()  # the defaults, written once (core/detector.py)
+    D = DetectorConfig.defaults()  # written once (core/config.py); no model import: `okng score` needs no torch
 
     p = argparse.ArgumentParser(prog="okng", description="OK/NG Station: visual anomaly inspection")
     p.add_argument("--version", action="version", version=f"okng {__version__}")
@@ -603,7 +624,7 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("fit", help="fit a normality model on OK images")
     f.add_argument("paths", nargs="+", metavar="PATH", help="OK image files or folders")
     f.add_argument("--out", required=True, metavar="MODEL", help="model file to write (.okng)")
-    f.add_argument("--model", default="padim", choices=sorted(MODELS), help="normality model")
+    f.add_argument("--model", default="padim", choices=sorted(KINDS), help="normality model")
     f.add_argument("--backbone", help=f"timm model name (default {D.backbone}, works offline)")
     f.add_argument("--weights", help="local backbone weights file (.safetensors or state dict)")
     f.add_argument("--image-size", type=int, metavar="N", help=f"network input size, square (default {D.image_size})")

@@ -28,9 +28,12 @@ import logging
 import math
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -45,14 +48,14 @@ def _key(model_sha256: str) -> str:
 
 def cache_paths(model_path: str | os.PathLike[str], model_sha256: str) -> tuple[Path, Path]:
     """(beside the model file, in the user cache) for this model file's content."""
-    from .runtime import cache_dir
+    from .graph_runtime import cache_dir
 
     key = _key(model_sha256)
     return Path(f"{Path(model_path)}.derived-{key}.safetensors"), cache_dir() / f"derived-{key}.safetensors"
 
 
-def _parse(raw: bytearray) -> tuple[dict, dict[str, torch.Tensor], memoryview]:
-    """(our header, float32 tensors viewing ``raw`` without a copy, the data section) of a
+def _parse(raw: bytearray) -> tuple[dict, dict[str, np.ndarray], memoryview]:
+    """(our header, float32 arrays viewing ``raw`` without a copy, the data section) of a
     safetensors file; ValueError if it is not one of ours."""
     n = int.from_bytes(raw[:8], "little")
     if not 0 < n <= len(raw) - 8:
@@ -66,7 +69,7 @@ def _parse(raw: bytearray) -> tuple[dict, dict[str, torch.Tensor], memoryview]:
         shape = [int(x) for x in e["shape"]]
         if e["dtype"] != "F32" or not 0 <= lo <= hi <= len(data) or hi - lo != 4 * math.prod(shape):
             raise ValueError(f"tensor {name!r} is not float32 of its declared size")
-        tensors[name] = torch.from_numpy(np.frombuffer(data[lo:hi], np.float32).reshape(shape))
+        tensors[name] = np.frombuffer(data[lo:hi], np.float32).reshape(shape)
     return header, tensors, data
 
 
@@ -80,9 +83,16 @@ def _serialize(tensors: dict[str, torch.Tensor], header: dict) -> bytes:
     return save(tensors, metadata={_HEADER_KEY: json.dumps(header)})  # same data section
 
 
-def _expected_header(model, model_sha256: str) -> dict:
-    return {"version": DERIVED_VERSION, "model_sha256": model_sha256, "kind": model.kind,
-            "torch": torch.__version__}
+def _expected_header(kind: str, model_sha256: str, with_torch: bool = True) -> dict:
+    """What a cache's header must say. ``with_torch``: also the PyTorch version, for a model
+    that could derive the values itself (another torch could derive other last bits);
+    inspection without PyTorch takes the values as they are."""
+    header = {"version": DERIVED_VERSION, "model_sha256": model_sha256, "kind": kind}
+    if with_torch:
+        import torch
+
+        header["torch"] = torch.__version__
+    return header
 
 
 def store(model, model_path: str | os.PathLike[str], model_sha256: str | None) -> Path | None:
@@ -92,7 +102,7 @@ def store(model, model_path: str | os.PathLike[str], model_sha256: str | None) -
     if not derived:
         return None
     derived = {k: v.detach().contiguous().cpu() for k, v in derived.items()}
-    data = _serialize(derived, _expected_header(model, model_sha256))
+    data = _serialize(derived, _expected_header(model.kind, model_sha256))
     beside, user = cache_paths(model_path, model_sha256)
     for target in (beside, user):
         try:
@@ -133,23 +143,52 @@ def restore(model, model_path: str | os.PathLike[str], model_sha256: str | None)
 
 
 def _restore_from(model, path: Path, model_sha256: str) -> bool:
+    import torch
+
+    arrays = _read_checked(path, _expected_header(model.kind, model_sha256))
+    if arrays is None:
+        return False
     try:
-        with open(path, "rb") as f:  # into a writable buffer: the tensors view it, no copy
+        return bool(model.load_derived({k: torch.from_numpy(a) for k, a in arrays.items()}))
+    except Exception as exc:  # noqa: BLE001 - any unusable cache: derive as before
+        log.warning("cannot use the derived model state %s (%s); deriving it", path, str(exc)[:160])
+        return False
+
+
+def read_arrays(model_path: str | os.PathLike[str], model_sha256: str | None,
+                kind: str) -> dict[str, np.ndarray] | None:
+    """The cached derived arrays of the model file with this SHA-256 as float32 numpy arrays
+    (no PyTorch: inspection from an exported graph), or None when there are none that
+    provably belong to it. The caller checks shapes and finiteness."""
+    if not model_sha256:
+        return None
+    for candidate in cache_paths(model_path, model_sha256):
+        if candidate.is_file():
+            arrays = _read_checked(candidate, _expected_header(kind, model_sha256, with_torch=False))
+            if arrays is not None:
+                return arrays
+    return None
+
+
+def _read_checked(path: Path, expected: dict) -> dict[str, np.ndarray] | None:
+    """The arrays of a cache file whose header says ``expected`` and whose data matches its
+    SHA-256; None (logged) otherwise."""
+    try:
+        with open(path, "rb") as f:  # into a writable buffer: the arrays view it, no copy
             raw = bytearray(os.fstat(f.fileno()).st_size)
             if f.readinto(raw) != len(raw):
                 raise ValueError("short read")
-        header, tensors, data = _parse(raw)
-        expected = _expected_header(model, model_sha256)
+        header, arrays, data = _parse(raw)
         if any(header.get(k) != v for k, v in expected.items()):
             log.info("derived model state %s belongs to another model or station; deriving it", path)
-            return False
+            return None
         if header.get("data_sha256") != hashlib.sha256(data).hexdigest():
             log.warning("derived model state %s is damaged; deriving it again", path)
-            return False
-        return bool(model.load_derived(tensors))
+            return None
+        return arrays
     except Exception as exc:  # noqa: BLE001 - any unreadable cache: derive as before
         log.warning("cannot use the derived model state %s (%s); deriving it", path, str(exc)[:160])
-        return False
+        return None
 
 
 def _remove_stale(beside: Path) -> None:

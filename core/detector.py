@@ -13,237 +13,32 @@ Example:
 """
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-import cv2
 import numpy as np
 import torch
 
-from .anomaly_map import PostProcess
-from .backbone import DEFAULT_BACKBONE, BackboneInfo, BackboneSpec, FeatureExtractor
+from .backbone import BackboneInfo, FeatureExtractor
+from .config import (  # noqa: F401 - the settings, re-exported where they always were
+    MAX_BATCH_SIZE, MAX_CALIBRATION_FRACTION, MAX_FALSE_ALARM_RATE, MAX_SEED, MAX_SIGMA, DetectorConfig,
+    _check_model_params, check_range,
+)
 from .embedding import Embedder, choose_channels
 from .errors import BackboneUnavailableError, NotFittedError, OkngError, ResourceError
 from .feedback_memory import FeedbackMemory
+from .inspection import Inspection, judge, maps_and_scores
 from .models import NormalityModel, model_class
-from .thresholds import Thresholds, verdict
+from .thresholds import Thresholds
 
 if TYPE_CHECKING:
     from .tiling import TileStitcher
 
 log = logging.getLogger(__name__)
-
-
-def _check_param_type(model: str, key: str, value: Any, default: Any) -> None:
-    """Refuse a model parameter whose type does not match its default's (``--param
-    rank=1.5``), by name, here rather than deep inside the model when it is built."""
-    if isinstance(default, bool):
-        ok, want = isinstance(value, bool), "true or false"
-    elif isinstance(default, int):
-        ok, want = isinstance(value, int) and not isinstance(value, bool), "a whole number"
-    elif isinstance(default, float):
-        ok, want = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
-    elif isinstance(default, str):
-        ok, want = isinstance(value, str), "text"
-    else:  # None default: a list or other structure the model checks itself
-        ok, want = True, ""
-    if not ok:
-        raise ValueError(f"model {model!r} parameter {key} must be {want}, got {value!r}")
-
-
-#: the command-line option of each setting, for messages
-_OPTION = {
-    "image_size": "--image-size", "n_channels": "--channels", "seed": "--seed", "sigma": "--sigma",
-    "pooling": "--pooling", "topk": "--topk", "batch_size": "--batch-size", "stages": "--stages",
-    "false_alarm_rate": "--false-alarm-rate", "calibration_fraction": "calibration fraction",
-    "tile": "--tile", "tile_overlap": "--overlap",
-}
-#: largest seed (numpy and torch generators both take it)
-MAX_SEED = 2**32 - 1
-#: a Gaussian blur wider than this (pixels) only erases the map (and takes minutes: kernel 8*sigma)
-MAX_SIGMA = 64.0
-MAX_BATCH_SIZE = 1024
-MAX_CALIBRATION_FRACTION = 0.5  # the fit set keeps the majority
-MAX_FALSE_ALARM_RATE = 0.5
-
-
-def _name(key: str) -> str:
-    opt = _OPTION.get(key)
-    return f"{key} ({opt})" if opt and opt.startswith("--") else key
-
-
-def check_range(name: str, value: Any, lo: float, hi: float, integer: bool = False, unit: str = "") -> None:
-    """Refuse ``value`` unless it is a finite number (a whole one if ``integer``) in
-    ``[lo, hi]``; the message names the setting and the range."""
-    import numbers
-
-    kind = numbers.Integral if integer else numbers.Real
-    ok = isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value) and lo <= value <= hi
-    if not ok:
-        what = "a whole number" if integer else "a number"
-        raise ValueError(f"{name} must be {what} from {lo:g} to {hi:g}{unit}, got {value!r}")
-
-
-def _check_model_params(model: str, cls: type, params: dict[str, Any], n_channels: int | None) -> None:
-    """Ranges each model declares (``param_ranges``: name -> (lo, hi, integer)), finiteness
-    of every number, and odd-only ``neighbourhood``."""
-    ranges = getattr(cls, "param_ranges", {})
-    for key, value in params.items():
-        label = f"model {model!r} parameter {key}"
-        if key in ranges:
-            lo, hi, integer = ranges[key]
-            if isinstance(value, list):
-                for v in value:
-                    check_range(label, v, lo, hi, integer)
-            else:
-                check_range(label, value, lo, hi, integer)
-        elif isinstance(value, float) and not math.isfinite(value):
-            raise ValueError(f"{label} must be a finite number, got {value!r}")
-        elif isinstance(value, list) and any(isinstance(v, float) and not math.isfinite(v) for v in value):
-            raise ValueError(f"{label} must hold finite numbers, got {value!r}")
-    if "neighbourhood" in params and int(params["neighbourhood"]) % 2 == 0:
-        raise ValueError(f"model {model!r} parameter neighbourhood must be odd, got {params['neighbourhood']}")
-    check = getattr(cls, "check_channels", None)
-    if check is not None and n_channels is not None:
-        check(params, n_channels)
-
-
-@dataclass(frozen=True)
-class DetectorConfig:
-    """Everything that defines a detector before it sees data (the recipe's settings)."""
-
-    model: str = "padim"
-    backbone: str = DEFAULT_BACKBONE
-    weights: str | None = None
-    stages: tuple[int, ...] = (2, 3)
-    image_size: int = 224
-    n_channels: int | None = 100
-    seed: int = 0
-    model_params: dict[str, Any] = field(default_factory=dict)
-    sigma: float = 4.0
-    pooling: str = "max"
-    topk: int = 100
-    #: images per backbone pass; 8 is as fast as 16 on CPU and halves the transient activation
-    #: memory (~200 MB less peak RSS in a fit at 224 px, benchmarks/bench_engine.py)
-    batch_size: int = 8
-    #: share of the OK images held out to calibrate the thresholds (added to the model after)
-    calibration_fraction: float = 0.2
-    false_alarm_rate: float = 0.01
-    #: how 16-bit images become 8-bit: None = each image's own range, 8/10/12/14/16 = that
-    #: fixed depth (see core.imageio; a fixed depth keeps absolute brightness)
-    bit_depth: int | None = None
-    #: high-resolution tiling (see :mod:`core.tiling`): None = the whole image scaled to
-    #: ``image_size``; N = N x N pixel tiles of the original image, each seen at ``image_size``;
-    #: ``"auto"`` = decided from the first OK image's size at the fit. A fitted model records
-    #: the resolved tile and overlap, so it is always scored the way it was fitted.
-    tile: int | str | None = None
-    #: least overlap of neighbouring tiles (pixels); None = an eighth of the tile
-    tile_overlap: int | None = None
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "stages", tuple(int(s) for s in self.stages))
-        cls = model_class(self.model)  # validates the name
-        accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "grid", "n_channels"}
-        unknown = set(self.model_params) - accepted
-        if unknown:
-            raise ValueError(f"model {self.model!r} has no parameter {', '.join(sorted(unknown))}; "
-                             f"it takes {', '.join(sorted(accepted)) or 'none'}")
-        defaults = {k: v.default for k, v in inspect.signature(cls.__init__).parameters.items()}
-        for key, value in self.model_params.items():
-            _check_param_type(self.model, key, value, defaults[key])
-        self.validate()
-        _check_model_params(self.model, cls, self.model_params, self.n_channels)
-        self.backbone_spec()
-        self.postprocess()
-
-    def validate(self) -> None:
-        """Every setting in a sane range, up front (CLI, GUI and model files alike): a value
-        that would crash or run for minutes after the fit is refused before it, by name.
-        Checks that need the backbone or the data (channels available, images per model
-        component) run when the fit starts (:meth:`Detector.create`, :func:`core.jobs.fit_job`)."""
-        from .anomaly_map import POOLINGS
-
-        if not isinstance(self.backbone, str) or not self.backbone.strip() or len(self.backbone) > 200:
-            raise ValueError(f"backbone must be a timm model name, got {self.backbone!r}")
-        if self.weights is not None and not isinstance(self.weights, str):
-            raise ValueError(f"weights must be a file path, got {self.weights!r}")
-        check_range(_name("image_size"), self.image_size, 32, 4096, integer=True, unit=" pixels")
-        if self.n_channels is not None:
-            check_range(_name("n_channels"), self.n_channels, 1, 100_000, integer=True)
-        check_range(_name("seed"), self.seed, 0, MAX_SEED, integer=True)
-        if not 1 <= len(self.stages) <= 6:
-            raise ValueError(f"stages (--stages) must list 1 to 6 feature stages, got {list(self.stages)}")
-        for st in self.stages:
-            check_range(_name("stages"), st, 0, 9, integer=True)
-        if sorted(set(self.stages)) != list(self.stages):
-            raise ValueError(f"stages (--stages) must be increasing feature indices, got {list(self.stages)}")
-        check_range(_name("sigma"), self.sigma, 0.0, MAX_SIGMA, unit=" pixels")
-        if self.pooling not in POOLINGS:
-            raise ValueError(f"pooling (--pooling) must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
-        if isinstance(self.image_size, int):
-            check_range(_name("topk"), self.topk, 1, self.image_size**2, integer=True,
-                        unit=f" pixels (the map has {self.image_size}x{self.image_size})")
-        check_range(_name("batch_size"), self.batch_size, 1, MAX_BATCH_SIZE, integer=True)
-        check_range(_name("calibration_fraction"), self.calibration_fraction, 0.0, MAX_CALIBRATION_FRACTION)
-        check_range(_name("false_alarm_rate"), self.false_alarm_rate, 0.0, MAX_FALSE_ALARM_RATE)
-        from .imageio import check_bit_depth
-        from .tiling import check_tiling
-
-        check_bit_depth(self.bit_depth)
-        check_tiling(self.tile, self.tile_overlap, self.image_size)
-
-    @property
-    def tiled(self) -> bool:
-        """Inspected as tiles of a fixed size (a resolved setting, as in a fitted model)."""
-        return isinstance(self.tile, int)
-
-    def resolve_tiling(self, height: int, width: int) -> DetectorConfig:
-        """These settings with ``auto`` tiling and a default overlap made concrete for images
-        of ``height`` x ``width`` (what a fit records; see :func:`core.tiling.resolve_tiling`)."""
-        from .tiling import resolve_tiling
-
-        tile, overlap = resolve_tiling(self.tile, self.tile_overlap, self.image_size, height, width)
-        return replace(self, tile=tile, tile_overlap=overlap)
-
-    def backbone_spec(self) -> BackboneSpec:
-        return BackboneSpec(self.backbone, self.stages, self.image_size, self.weights)
-
-    def postprocess(self) -> PostProcess:
-        return PostProcess(sigma=self.sigma, pooling=self.pooling, topk=self.topk)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["stages"] = list(self.stages)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> DetectorConfig:
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown settings: {', '.join(sorted(unknown))}")
-        return cls(**d)
-
-    @classmethod
-    def for_model(cls, model: str, base: DetectorConfig | None = None, **settings: Any) -> DetectorConfig:
-        """Settings for ``model`` with that model's own defaults (its channel subset, fresh
-        model parameters), the rest taken from ``base`` and then ``settings``.
-
-        Used by the CLI and the GUI alike, so ``okng fit --model padim-lowrank`` and the
-        GUI's chooser build the same detector.
-        """
-        d = (base or cls()).to_dict()
-        d.update(model=model, model_params={}, n_channels=model_class(model).default_channels)
-        d.update(settings)
-        return cls.from_dict(d)
-
-    def with_(self, **changes: Any) -> DetectorConfig:
-        return replace(self, **changes)
 
 
 def estimate_fit_memory(config: DetectorConfig, grid: tuple[int, int], n_channels: int,
@@ -330,30 +125,12 @@ def check_memory(config: DetectorConfig, grid: tuple[int, int], n_channels: int,
         f"{_gb(avail)} is available: {hint} (or keep --image-size and inspect large images as tiles: --tile)")
 
 
-@dataclass(frozen=True)
-class Inspection:
-    """The result of inspecting one image. Arrays are read-only snapshots."""
-
-    score: float
-    verdict: str  # "OK" | "NG" | "?" (no threshold yet)
-    #: (S, S) float32 at the network input resolution; (H, W), the image's own, when tiled
-    anomaly_map: np.ndarray
-    image_threshold: float | None
-    pixel_threshold: float | None
-
-    @property
-    def peak(self) -> float:
-        return float(self.anomaly_map.max())
-
-
 def preprocess(images: list[np.ndarray], size: int) -> torch.Tensor:
-    """RGB uint8 images of any size -> (B, 3, size, size) float32 in [0, 1]."""
-    batch = np.empty((len(images), size, size, 3), dtype=np.uint8)
-    for i, img in enumerate(images):
-        interp = cv2.INTER_AREA if min(img.shape[:2]) >= size else cv2.INTER_LINEAR
-        batch[i] = cv2.resize(img, (size, size), interpolation=interp)
-    t = torch.from_numpy(batch).permute(0, 3, 1, 2).float().div_(255.0)
-    return t.contiguous()
+    """RGB uint8 images of any size -> (B, 3, size, size) float32 in [0, 1]
+    (:func:`core.imageio.network_input`, as a tensor viewing it)."""
+    from .imageio import network_input
+
+    return torch.from_numpy(network_input(images, size))
 
 
 class Detector:
@@ -497,16 +274,16 @@ class Detector:
         """Use an already opened runtime (an exported bundle's); None: PyTorch."""
         self._runtime = runtime
 
-    def embed(self, images: list[np.ndarray] | torch.Tensor) -> torch.Tensor:
+    def embed(self, images: list[np.ndarray] | np.ndarray | torch.Tensor) -> torch.Tensor:
         """RGB uint8 images (or a preprocessed batch) -> (B, C, h, w) float32 embeddings.
 
         Runs on the runtime chosen by :meth:`use_runtime` (PyTorch until then); the result is
         the same whichever runs it (to ~1e-6 of its range)."""
-        batch = images if isinstance(images, torch.Tensor) else preprocess(images, self.image_size)
+        batch = self._network_input(images)
         rt = self._runtime
         if rt is not None:
             try:
-                return rt(batch)
+                return torch.as_tensor(rt(batch))  # numpy from the ONNX runtimes: a view, no copy
             except Exception as exc:  # noqa: BLE001 - the reference takes over, if it is here
                 if not self.embedder.has_backbone:
                     try:
@@ -519,10 +296,18 @@ class Detector:
                 self._runtime = None
         return self.embedder(batch)
 
-    def embed_torch(self, images: list[np.ndarray] | torch.Tensor) -> torch.Tensor:
+    def embed_torch(self, images: list[np.ndarray] | np.ndarray | torch.Tensor) -> torch.Tensor:
         """:meth:`embed` with PyTorch whatever the runtime (fitting, reference checks)."""
-        batch = images if isinstance(images, torch.Tensor) else preprocess(images, self.image_size)
-        return self.embedder(batch)
+        return self.embedder(self._network_input(images))
+
+    def _network_input(self, images: list[np.ndarray] | np.ndarray | torch.Tensor) -> torch.Tensor:
+        """A preprocessed batch (tensor, or the (B, 3, S, S) float32 array the decode thread
+        makes: viewed, not copied) or RGB uint8 images (preprocessed here)."""
+        if isinstance(images, torch.Tensor):
+            return images
+        if isinstance(images, np.ndarray) and images.ndim == 4 and images.dtype == np.float32:
+            return torch.from_numpy(images)
+        return preprocess(images, self.image_size)
 
     def fit_embeddings(self, emb: torch.Tensor, patch_mask: torch.Tensor | None = None) -> None:
         self.model.partial_fit(emb, patch_mask)
@@ -547,9 +332,7 @@ class Detector:
 
     def maps_and_scores(self, emb: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """(B, C, h, w) -> ((B, S, S) float32 maps, (B,) float64 image scores)."""
-        maps = self.post.maps(self.distances(emb), self.image_size)
-        pixel = self.thresholds.pixel if self.thresholds else None
-        return maps, self.post.scores(maps, pixel)
+        return maps_and_scores(self.distances(emb), self.post, self.image_size, self.thresholds)
 
     # -- tiled inspection (core.tiling) ---------------------------------------------------
     def stitch(self, image: np.ndarray, check_cancel: Callable[[], None] | None = None) -> TileStitcher:
@@ -584,10 +367,7 @@ class Detector:
                             f"{self.config.tile}-pixel tiles); refit without --tile to use it")
 
     def judge(self, score: float, anomaly_map: np.ndarray) -> Inspection:
-        anomaly_map.flags.writeable = False
-        th = self.thresholds
-        v = verdict(score, th.image) if th else "?"
-        return Inspection(float(score), v, anomaly_map, th.image if th else None, th.pixel if th else None)
+        return judge(score, anomaly_map, self.thresholds)
 
     def inspect_embeddings(self, emb: torch.Tensor) -> list[Inspection]:
         maps, scores = self.maps_and_scores(emb)

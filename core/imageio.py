@@ -319,3 +319,17 @@ def iter_image_paths(inputs: Iterable[str | os.PathLike[str]]) -> Iterator[Path]
             yield from found
         else:
             yield p
+
+
+def network_input(images: list[np.ndarray], size: int) -> np.ndarray:
+    """RGB uint8 images of any size -> the network's input, (B, 3, size, size) float32 in
+    [0, 1], C-contiguous: each image resized whole (``INTER_AREA`` when shrinking,
+    ``INTER_LINEAR`` when enlarging). The one place this happens, for PyTorch
+    (:func:`core.detector.preprocess` views it) and the exported graph alike."""
+    batch = np.empty((len(images), size, size, 3), dtype=np.uint8)
+    for i, img in enumerate(images):
+        interp = cv2.INTER_AREA if min(img.shape[:2]) >= size else cv2.INTER_LINEAR
+        batch[i] = cv2.resize(img, (size, size), interpolation=interp)
+    out = np.ascontiguousarray(batch.transpose(0, 3, 1, 2), dtype=np.float32)
+    out /= np.float32(255.0)  # bit for bit what torch's .float().div_(255.0) gave
+    return out

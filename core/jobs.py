@@ -22,16 +22,19 @@ from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
-import torch
 
 from .allocator import release_free_memory
-from .backbone import FeatureExtractor
-from .detector import Detector, DetectorConfig, Inspection, preprocess
 from .errors import Cancelled, ImageLoadError, NotFittedError
-from .imageio import load_image
+from .imageio import load_image, network_input
+
+if TYPE_CHECKING:  # PyTorch is imported where a job needs it: scoring from an exported graph never does
+    import torch
+
+    from .backbone import FeatureExtractor
+    from .detector import Detector, DetectorConfig, Inspection
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")
@@ -200,13 +203,22 @@ def run_job(gen: Generator[Any, None, R], on_progress=None) -> R:
 
 @dataclass
 class _Batch:
-    paths: list[str]  # readable paths, in input order (rows of ``tensor``)
-    tensor: torch.Tensor | None  # (B, 3, S, S) or None if every file failed
+    paths: list[str]  # readable paths, in input order (rows of ``pixels``)
+    pixels: np.ndarray | None  # (B, 3, S, S) float32 network input, or None if every file failed
     images: list[np.ndarray]
     skipped: list[Skipped]
     #: every input path in order, with its row in ``tensor`` or its Skipped record
     order: list[tuple[str, int | Skipped]]
     hashes: list[str] = field(default_factory=list)  # per readable path, when images are kept
+
+    @property
+    def tensor(self) -> torch.Tensor | None:
+        """:attr:`pixels` as a torch tensor (a view, no copy), for the PyTorch backbone."""
+        if self.pixels is None:
+            return None
+        import torch
+
+        return torch.from_numpy(self.pixels)
 
 
 def _load_batch(paths: list[str], size: int, keep_images: bool, bit_depth: int | None = None) -> _Batch:
@@ -220,9 +232,9 @@ def _load_batch(paths: list[str], size: int, keep_images: bool, bit_depth: int |
             skipped.append(Skipped(p, exc.reason))
             order.append((p, skipped[-1]))
             log.warning("skipped %s", exc)
-    tensor = preprocess(imgs, size) if imgs else None
+    pixels = network_input(imgs, size) if imgs else None
     hashes = [_sha256(p) for p in ok_paths] if keep_images else []
-    return _Batch(ok_paths, tensor, imgs if keep_images else [], skipped, order, hashes)
+    return _Batch(ok_paths, pixels, imgs if keep_images else [], skipped, order, hashes)
 
 
 def _sha256(path: str) -> str:
@@ -288,6 +300,10 @@ def fit_job(
     Fitting embeds with PyTorch; at the end the detector's inspection runtime is prepared
     (``runtime``: None = ``OKNG_RUNTIME`` or auto, see :mod:`core.runtime`).
     """
+    import torch
+
+    from .detector import Detector
+
     t0 = time.perf_counter()
     paths = [str(p) for p in paths]
     if not paths:
@@ -381,14 +397,14 @@ def inspect_job(
                               bit_depth=detector.config.bit_depth):
         token.raise_if_cancelled()
         t = time.perf_counter()
-        emb = detector.embed(batch.tensor) if batch.tensor is not None else None
+        emb = detector.embed(batch.pixels) if batch.pixels is not None else None
         results = detector.inspect_embeddings(emb) if emb is not None else []
         per = (time.perf_counter() - t) / max(len(results), 1)
         for p, row in batch.order:
             if isinstance(row, Skipped):
                 item: ScoredImage | Skipped = row
             else:
-                kept = emb[row : row + 1].to(torch.float16) if keep_embeddings and emb is not None else None
+                kept = _half(emb[row : row + 1]) if keep_embeddings and emb is not None else None
                 item = ScoredImage(p, results[row], batch.images[row] if keep_images else None, per, kept,
                                    batch.hashes[row] if keep_images else "")
                 scored += 1
@@ -396,6 +412,12 @@ def inspect_job(
             yield Progress(done, len(paths), Path(p).name, item)
     release_free_memory()
     return InspectSummary(scored, done - scored)
+
+
+def _half(emb: torch.Tensor) -> torch.Tensor:
+    from .sources import half_precision
+
+    return half_precision(emb)
 
 
 def inspect_paths(paths: Iterable[str | Path], detector: Detector,

@@ -20,13 +20,9 @@ Example:
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import math
 import os
-import re
-import struct
 from pathlib import Path
 from typing import Any
 
@@ -36,27 +32,17 @@ import torch
 from . import __version__, derived_cache
 from .atomic import write_atomic
 from .backbone import BackboneInfo, FeatureExtractor
-from .detector import Detector, DetectorConfig
+from .config import DetectorConfig, check_config_types
+from .detector import Detector
 from .errors import BackboneUnavailableError, ModelFileError
+from .model_file import (  # noqa: F401 - the file format, re-exported where it always was
+    CHECKSUM_KEY, FORMAT, FORMAT_VERSION, MODEL_SUFFIX, OLDEST_FORMAT_VERSION, READABLE_VERSIONS, is_number,
+    read_checked, require, seal_model_bytes,
+)
 from .models import model_class
 from .thresholds import Thresholds
 
 log = logging.getLogger(__name__)
-
-FORMAT = "okng-model"
-#: 2: a SHA-256 over header and data (``okng_sha256``), and the feedback memory
-#: (``feedback_memory`` metadata + ``feedback_memory.*`` tensors, optional);
-#: format 1 (no checksum, no memory) still loads, with a warning that it cannot be verified
-FORMAT_VERSION = 2
-#: oldest format still read
-OLDEST_FORMAT_VERSION = 1
-READABLE_VERSIONS = (1, 2)
-MODEL_SUFFIX = ".okng"
-#: header metadata key of the file checksum (see the module docstring)
-CHECKSUM_KEY = "okng_sha256"
-_ZERO_DIGEST = b"0" * 64
-_CHECKSUM_FIELD = re.compile(rb'"' + CHECKSUM_KEY.encode() + rb'"\s*:\s*"([^"\\]*)"')
-
 
 def _metadata(det: Detector) -> dict[str, Any]:
     th = det.thresholds
@@ -113,37 +99,6 @@ def save_detector(det: Detector, path: str | os.PathLike[str], cache_derived: bo
     return out
 
 
-def _digest_field(header: bytes) -> re.Match[bytes] | None:
-    found = list(_CHECKSUM_FIELD.finditer(header))
-    return found[0] if len(found) == 1 else None
-
-
-def _file_digest(raw: bytes | memoryview, header_len: int, field: re.Match[bytes]) -> str:
-    """SHA-256 of the file with the digest value replaced by zeros (no copy of the data)."""
-    view = memoryview(raw)
-    lo, hi = 8 + field.start(1), 8 + field.end(1)
-    h = hashlib.sha256()
-    h.update(view[:lo])
-    h.update(_ZERO_DIGEST)
-    h.update(view[hi:])
-    return h.hexdigest()
-
-
-def seal_model_bytes(raw: bytes) -> list[bytes | memoryview]:
-    """Set the checksum field of a serialized model (safetensors bytes whose metadata holds
-    ``okng_sha256`` with a 64-character value) to the file's digest.
-
-    Returns the file as pieces to write in order (the tensor data is not copied).
-    """
-    n = struct.unpack("<Q", raw[:8])[0]
-    field = _digest_field(bytes(raw[8 : 8 + n]))
-    if field is None or field.end(1) - field.start(1) != 64:
-        raise ValueError("no checksum field to seal")
-    digest = _file_digest(raw, n, field).encode()
-    view = memoryview(raw)
-    return [view[: 8 + field.start(1)], digest, view[8 + field.end(1) :]]
-
-
 def write_model_file(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor],
                      meta: dict[str, Any]) -> Path:
     """Serialize tensors + description with its checksum and write it atomically.
@@ -161,7 +116,7 @@ def _write_sealed(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor]
     from safetensors.torch import save
 
     path = Path(path)
-    raw = save(tensors, metadata={"okng": json.dumps(meta), CHECKSUM_KEY: _ZERO_DIGEST.decode()})
+    raw = save(tensors, metadata={"okng": json.dumps(meta), CHECKSUM_KEY: "0" * 64})  # sealed below
     pieces = seal_model_bytes(raw)
 
     def write(tmp: Path) -> None:
@@ -185,139 +140,8 @@ def read_model_file(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[
 
 def _read_checked(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, torch.Tensor], str | None]:
     """:func:`read_model_file`, also returning the verified SHA-256 (None: a format-1 file)."""
-    from safetensors.torch import load
-
-    path = Path(path)
-    if path.is_dir():
-        raise ModelFileError(f"{path} is a folder, not a model file (model files end in {MODEL_SUFFIX})")
-    if not path.is_file():
-        raise ModelFileError(f"model file not found: {path}")
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise ModelFileError(f"cannot read model file {path}: {exc.strerror or exc}") from None
-    try:
-        tensors = load(raw)
-        n = struct.unpack("<Q", raw[:8])[0]
-        header = json.loads(raw[8 : 8 + n])
-        header = header.get("__metadata__") or {}
-    except Exception as exc:  # noqa: BLE001 - any parse failure means "not a model file"
-        raise ModelFileError(f"{path} is not a readable OK/NG model file ({str(exc)[:160]})") from None
-    raw_meta = header.get("okng") if isinstance(header, dict) else None
-    if not isinstance(raw_meta, str):
-        raise ModelFileError(f"{path} is a safetensors file but not an OK/NG Station model")
-    checked = _verify_checksum(raw, n, header, path)
-    try:
-        meta = json.loads(raw_meta)
-    except json.JSONDecodeError:
-        raise ModelFileError(f"{path}: the model description is damaged (invalid JSON)") from None
-    _check_meta(meta, path)
-    if not checked:
-        if meta["format_version"] >= 2:
-            raise ModelFileError(f"{path}: the file's checksum is missing; the file is damaged. "
-                                 "Restore it from a backup or refit the model.")
-        log.warning("%s is a model file of format %d, written before model files carried a checksum: "
-                    "its integrity cannot be verified. Save it again (or refit) to add one.",
-                    path, meta["format_version"])
-    for name, t in tensors.items():
-        if t.is_floating_point() and not _all_finite(t):
-            raise ModelFileError(f"{path}: tensor {name!r} holds NaN or infinite values; the file is damaged")
-    return meta, tensors, (header[CHECKSUM_KEY] if checked else None)
-
-
-def _all_finite(t: torch.Tensor) -> bool:
-    """No NaN or infinity in ``t``: its largest and smallest values are finite (max and min
-    propagate NaN). One pass without a mask: 5-10x faster than ``isfinite(t).all()`` on the
-    63 MB of PaDiM statistics, which was a tenth of ``okng score``'s start-up."""
-    return t.numel() == 0 or bool(torch.isfinite(t.amax()) and torch.isfinite(t.amin()))
-
-
-def _verify_checksum(raw: bytes, header_len: int, header: dict[str, Any], path: Path) -> bool:
-    """True if the file carries a checksum and it matches; False if it carries none."""
-    if CHECKSUM_KEY not in header:
-        return False
-    stored = header[CHECKSUM_KEY]
-    field = _digest_field(raw[8 : 8 + header_len])
-    damaged = ModelFileError(f"{path}: the file is damaged (its checksum does not match its content: a "
-                             "changed byte on disk or in transfer). Restore it from a backup or refit the model.")
-    if not (isinstance(stored, str) and re.fullmatch("[0-9a-f]{64}", stored)) or field is None \
-            or field.group(1) != stored.encode():
-        raise damaged
-    if _file_digest(raw, header_len, field) != stored:
-        raise damaged
-    return True
-
-
-def _require(cond: bool, path: Path, what: str) -> None:
-    if not cond:
-        raise ModelFileError(f"{path}: {what}")
-
-
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def _check_meta(meta: Any, path: Path) -> None:
-    _require(isinstance(meta, dict) and meta.get("format") == FORMAT, path, "not an OK/NG Station model")
-    version = meta.get("format_version")
-    _require(isinstance(version, int) and not isinstance(version, bool), path, "format version missing")
-    if version > FORMAT_VERSION:
-        raise ModelFileError(
-            f"{path} was written by a newer OK/NG Station (model format {version}, made by "
-            f"version {meta.get('okng_version', '?')}); this station reads format {FORMAT_VERSION}. "
-            "Update OK/NG Station, or refit the model here."
-        )
-    _require(version >= OLDEST_FORMAT_VERSION, path, f"model format {version} is no longer supported; refit the model")
-    _require(isinstance(meta.get("okng_version", ""), str), path, "field 'okng_version' is not text")
-    for key in ("config", "backbone", "model"):
-        _require(isinstance(meta.get(key), dict), path, f"field {key!r} is missing or not an object")
-    _check_config_types(meta["config"], path)
-    b = meta["backbone"]
-    _require(b.get("weights") is None or isinstance(b.get("weights"), str), path, "backbone weights invalid")
-    m = meta["model"]
-    _require(isinstance(m.get("kind"), str) and isinstance(m.get("params"), dict), path, "model kind/params invalid")
-    grid_ok = all(isinstance(g, int) and 0 < g <= 4096 for g in m.get("grid") or [None])
-    _require(isinstance(m.get("grid"), list) and len(m["grid"]) == 2 and grid_ok,
-             path, "model grid invalid")
-    _require(isinstance(m.get("n_channels"), int) and 0 < m["n_channels"] <= 100_000, path, "channel count invalid")
-    th = meta.get("thresholds")
-    _require(th is None or (isinstance(th, dict) and _is_number(th.get("image")) and _is_number(th.get("pixel"))
-                            and _is_number(th.get("target_false_alarm_rate"))),
-             path, "thresholds invalid")
-    if th is not None:
-        _require(0.0 <= th["target_false_alarm_rate"] < 1.0, path,
-                 "thresholds invalid: target_false_alarm_rate must be from 0 to 1, "
-                 f"got {th['target_false_alarm_rate']!r}")
-    fm = meta.get("feedback_memory")
-    _require(fm is None or isinstance(fm, dict), path, "feedback memory settings invalid")
-
-
-def _check_config_types(cfg: dict[str, Any], path: Path) -> None:
-    """Each recipe setting must have its declared type (a bool is not a number, "224" is not
-    224): DetectorConfig itself does not check types, and a wrong one would load silently and
-    fail later, mid-inspection."""
-    import dataclasses
-
-    for f in dataclasses.fields(DetectorConfig):
-        if f.name not in cfg:
-            continue
-        v, ann = cfg[f.name], str(f.type).replace(" ", "")
-        if v is None and ann.endswith("|None"):
-            continue
-        base = ann.removesuffix("|None")
-        if base == "int":
-            ok = isinstance(v, int) and not isinstance(v, bool)
-        elif base == "float":
-            ok = _is_number(v)
-        elif base == "str":
-            ok = isinstance(v, str)
-        elif base.startswith("tuple[int"):
-            ok = isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v)
-        elif base.startswith("dict"):
-            ok = isinstance(v, dict)
-        else:
-            ok = True
-        _require(ok, path, f"invalid settings in the model file: {f.name!r} has the wrong type ({type(v).__name__})")
+    meta, arrays, digest = read_checked(path, check_config_types)
+    return meta, {k: torch.from_numpy(v) for k, v in arrays.items()}, digest
 
 
 def load_detector(path: str | os.PathLike[str], extractor: FeatureExtractor | BackboneInfo | None = None,
@@ -341,7 +165,7 @@ def load_detector(path: str | os.PathLike[str], extractor: FeatureExtractor | Ba
     except (TypeError, ValueError) as exc:
         raise ModelFileError(f"{path}: invalid settings in the model file ({exc})") from None
     # a fit records the tiling it resolved; files written before tiling existed have none (whole images)
-    _require(config.tile is None or (config.tiled and config.tile_overlap is not None), path,
+    require(config.tile is None or (config.tiled and config.tile_overlap is not None), path,
              f"the model's tiling is not a fitted one (tile {config.tile!r}, overlap {config.tile_overlap!r})")
     if extractor is None or extractor.spec != config.backbone_spec():
         try:
@@ -359,23 +183,23 @@ def load_detector(path: str | os.PathLike[str], extractor: FeatureExtractor | Ba
     # (PaDiM: grid*C*C float64), so a forged header could otherwise make it allocate GBs.
     grid, n_channels = tuple(meta["model"]["grid"]), meta["model"]["n_channels"]
     idx = tensors.pop("embedding.channel_idx", None)
-    _require(idx is not None and idx.dim() == 1 and idx.dtype == torch.int64, path, "channel indices missing")
-    _require(idx.numel() == n_channels, path, "channel indices do not match the model")
+    require(idx is not None and idx.dim() == 1 and idx.dtype == torch.int64, path, "channel indices missing")
+    require(idx.numel() == n_channels, path, "channel indices do not match the model")
     total = sum(extractor.stage_channels)
-    _require(n_channels <= total and int(idx.unique().numel()) == n_channels
+    require(n_channels <= total and int(idx.unique().numel()) == n_channels
              and int(idx.min()) >= 0 and int(idx.max()) < total,
              path, f"channel indices invalid for this backbone ({total} channels)")
     stride = extractor.stage_strides[0]
     backbone_grid = (-(-config.image_size // stride),) * 2
-    _require(grid == backbone_grid, path,
+    require(grid == backbone_grid, path,
              f"model grid {list(grid)} does not match the backbone's {list(backbone_grid)}")
     weights = tensors.pop("model_weights.channels", None)
     cal_scores = tensors.pop("thresholds.calibration_scores", torch.zeros(0, dtype=torch.float64))
     cal_peaks = tensors.pop("thresholds.calibration_peaks", torch.zeros(0, dtype=torch.float64))
     for name, t in (("calibration_scores", cal_scores), ("calibration_peaks", cal_peaks)):
-        _require(t.dim() == 1 and t.is_floating_point(), path, f"threshold {name} invalid")
+        require(t.dim() == 1 and t.is_floating_point(), path, f"threshold {name} invalid")
     cal_emb = tensors.pop("calibration.embeddings", None)
-    _require(cal_emb is None or (cal_emb.dtype == torch.float16 and cal_emb.dim() == 4
+    require(cal_emb is None or (cal_emb.dtype == torch.float16 and cal_emb.dim() == 4
                                  and tuple(cal_emb.shape[1:]) == (n_channels, *grid)
                                  and cal_emb.shape[0] == cal_scores.numel()),
              path, "calibration embeddings have the wrong shape")
@@ -391,10 +215,10 @@ def load_detector(path: str | os.PathLike[str], extractor: FeatureExtractor | Ba
         det = Detector(config, extractor, idx.numpy(), model)
     except ValueError as exc:
         raise ModelFileError(f"{path}: {exc}") from None
-    _require(tuple(det.embedder.grid_size) == tuple(model.grid), path, "model grid does not match the backbone")
+    require(tuple(det.embedder.grid_size) == tuple(model.grid), path, "model grid does not match the backbone")
     model.load_tensors(model_t)
     if weights is not None:
-        _require(tuple(weights.shape) == (model.n_channels,) and weights.is_floating_point(), path,
+        require(tuple(weights.shape) == (model.n_channels,) and weights.is_floating_point(), path,
                  "channel weights have the wrong shape")
         model.set_channel_weights(weights)
     th = meta.get("thresholds")
@@ -404,7 +228,7 @@ def load_detector(path: str | os.PathLike[str], extractor: FeatureExtractor | Ba
     det.calibration_embeddings = cal_emb
     fb = meta.get("feedback") or {}
     labels = fb.get("applied_labels", []) if isinstance(fb, dict) else None
-    _require(isinstance(labels, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in labels),
+    require(isinstance(labels, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in labels),
              path, "the list of applied labels is damaged")
     det.applied_labels = tuple(labels)
     det.memory = _load_memory(meta.get("feedback_memory"), memory_t, model, path)
@@ -422,16 +246,16 @@ def _load_memory(params: dict[str, Any] | None, t: dict[str, torch.Tensor], mode
     from .feedback_memory import FeedbackMemory
 
     if params is None:
-        _require(not t, path, "feedback memory tensors without its settings")
+        require(not t, path, "feedback memory tensors without its settings")
         return None
     types = {"radius": (int, type(None)), "low": (int, float), "high": (int, float), "candidates": int,
              "shortlist": int, "channel_groups": list, "step": int, "floor": (int, float),
              "grow": (int, float, type(None))}
     for key, value in params.items():
-        _require(key in types and isinstance(value, types[key]) and not isinstance(value, bool), path,
+        require(key in types and isinstance(value, types[key]) and not isinstance(value, bool), path,
                  f"feedback memory setting {key!r} invalid")
     groups = params.get("channel_groups")
-    _require(groups is None or all(isinstance(g, int) and not isinstance(g, bool) and 0 <= g < 64 for g in groups),
+    require(groups is None or all(isinstance(g, int) and not isinstance(g, bool) and 0 <= g < 64 for g in groups),
              path, "feedback memory channel groups invalid")
     # files from before connected matches existed score without them: reopened exactly
     params = {"grow": None, **params}
@@ -440,12 +264,12 @@ def _load_memory(params: dict[str, Any] | None, t: dict[str, torch.Tensor], mode
     except (TypeError, ValueError) as exc:
         raise ModelFileError(f"{path}: invalid feedback memory settings ({exc})") from None
     expected = memory.expected(t)
-    _require(set(t) == set(expected), path, f"feedback memory tensors {sorted(t)} do not match {sorted(expected)}")
+    require(set(t) == set(expected), path, f"feedback memory tensors {sorted(t)} do not match {sorted(expected)}")
     for name, (shape, dtype) in expected.items():
-        _require(tuple(t[name].shape) == shape and t[name].dtype == dtype, path,
+        require(tuple(t[name].shape) == shape and t[name].dtype == dtype, path,
                  f"feedback memory tensor {name!r} is {t[name].dtype} {tuple(t[name].shape)}, expected {dtype} {shape}")
     h, w = model.grid
-    _require(bool(((t["pos"][:, 0] >= 0) & (t["pos"][:, 0] < h) & (t["pos"][:, 1] >= 0) & (t["pos"][:, 1] < w)).all()),
+    require(bool(((t["pos"][:, 0] >= 0) & (t["pos"][:, 0] < h) & (t["pos"][:, 1] >= 0) & (t["pos"][:, 1] < w)).all()),
              path, "feedback memory positions lie off the grid")
     memory.load_tensors(t)
     return memory
@@ -471,10 +295,10 @@ def _check_model_shapes(model_or_cls, grid, n_channels, params, model_t, path: P
     else:
         expected = model_or_cls.expected_shapes(model_t)
     kind = getattr(model_or_cls, "kind", "?")
-    _require(set(model_t) == set(expected), path,
+    require(set(model_t) == set(expected), path,
              f"model tensors {sorted(model_t)} do not match {kind}'s {sorted(expected)}")
     for name, shape in expected.items():
-        _require(tuple(model_t[name].shape) == tuple(shape), path,
+        require(tuple(model_t[name].shape) == tuple(shape), path,
                  f"tensor {name!r} has shape {tuple(model_t[name].shape)}, expected {tuple(shape)}")
     try:  # dtypes too: same-size bytes of another type (I64 for F64) pass the shape check
         reference = {k: v.dtype for k, v in model_or_cls.tensors().items()}
@@ -482,5 +306,5 @@ def _check_model_shapes(model_or_cls, grid, n_channels, params, model_t, path: P
         reference = {}
     for name, dtype in reference.items():
         if name in model_t:
-            _require(model_t[name].dtype == dtype, path,
+            require(model_t[name].dtype == dtype, path,
                      f"tensor {name!r} is {model_t[name].dtype}, expected {dtype}; the file is damaged")

@@ -34,12 +34,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
-import torch
 
 from .errors import OkngError
+
+if TYPE_CHECKING:
+    import torch
 
 #: ``tile="auto"``: tile when the image's shorter side is at least this many network inputs
 AUTO_MIN_FACTOR = 2
@@ -152,6 +155,8 @@ def tile_batches(image: np.ndarray, grid: TileGrid, size: int,
                 buf[i] = view
             else:
                 cv2.resize(view, (size, size), dst=buf[i], interpolation=interp)
+        import torch  # here, not at the top: settings are checked without PyTorch (okng score's lean path)
+
         batch = torch.from_numpy(buf[: len(chunk)]).permute(0, 3, 1, 2).float().div_(255.0).contiguous()
         yield chunk, batch
 
@@ -179,7 +184,7 @@ class TileStitcher:
 
     def add(self, origins: list[tuple[int, int]], distances: torch.Tensor) -> None:
         """Blend a batch of tiles' (B, h, w) patch distances at their ``origins`` (pixels)."""
-        d = distances.detach().to(torch.float32).cpu().numpy()
+        d = distances.detach().float().cpu().numpy()
         t = self.grid.tile
         for (y, x), dist in zip(origins, d):
             r0, r1, c0, c1 = self._cell(y), self._cell(y + t), self._cell(x), self._cell(x + t)

@@ -20,9 +20,14 @@ from .panels.shift_panel import ShiftPanel
 from .panels.source_panel import SourcePanel
 from .panels.threshold_panel import ThresholdPanel
 from .recipe_menu import RecipeMenu
+from .throttle import Throttle
 from .views.inspection_view import InspectionView
 
 APP_TITLE = "OK/NG Station"
+#: during live inspection new result rows are added at most this often (ms), and the score
+#: histogram redrawn at most this often: per result they were most of the UI thread's time
+ROWS_EVERY_MS = 100
+HISTOGRAM_EVERY_MS = 250
 
 
 class MainWindow(QMainWindow):
@@ -31,6 +36,9 @@ class MainWindow(QMainWindow):
         self.controller = c = controller
         self.settings = settings or QSettings("OKNG", "OK-NG Station")
         self.view = InspectionView()
+        self._new_rows: list = []  # results whose row is not in the table yet (see on_result_added)
+        self._rows_update = Throttle(ROWS_EVERY_MS, self._add_new_rows, self)
+        self._histogram_update = Throttle(HISTOGRAM_EVERY_MS, self._update_inspected_histogram, self)
         self.ok_panel = OkSetPanel()
         self.source_panel = SourcePanel()
         self.threshold_panel = ThresholdPanel()
@@ -227,14 +235,26 @@ class MainWindow(QMainWindow):
 
     @Slot(object)
     def on_result_added(self, rec) -> None:
-        self.results_panel.add_result(rec.id, rec.name, rec.score, rec.verdict, rec.seconds, rec.thumbnail)
+        """A new result: its row and the histogram follow, throttled (gui/throttle.py); the
+        image itself is rendered by the controller, every frame the UI keeps up with."""
+        self._new_rows.append(rec)
+        self._rows_update.request()
+        self._histogram_update.request()
+
+    def _add_new_rows(self) -> None:
+        recs, self._new_rows = self._new_rows, []
+        self.results_panel.add_results([(r.id, r.name, r.score, r.verdict, r.seconds, r.thumbnail) for r in recs])
+
+    def _update_inspected_histogram(self) -> None:
         self.histogram.set_scores(inspected=self.controller.session.inspected_scores())
 
     @Slot()
     def on_results_changed(self) -> None:
         s = self.controller.session
         if not len(s.results):
+            self._new_rows.clear()  # rows of results cleared before they were shown
             self.results_panel.clear()
+        self._rows_update.flush()  # every row there before the verdicts are repainted
         self.results_panel.set_verdicts({r.id: r.verdict for r in s.results},
                                         {r.id: r.score for r in s.results},
                                         {r.id: r.changed_from for r in s.results if r.changed_from})

@@ -20,6 +20,10 @@ rounding (tests/core/test_mahalanobis.py).
 numba's ``workqueue`` threading layer is used unless the user chose another one: it is
 fork-safe and always available, but must not be entered from two threads at once, so calls
 are serialised with a lock (the engine scores from one thread anyway).
+
+This module does not import PyTorch when imported: :func:`squared_distances` (numpy in and
+out) is what inspection without PyTorch (:mod:`core.lean_inspection`) scores with, and the
+torch functions import it when called.
 """
 from __future__ import annotations
 
@@ -27,9 +31,12 @@ import functools
 import logging
 import os
 import threading
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +51,16 @@ def packed_size(channels: int) -> int:
 
 @functools.lru_cache(maxsize=8)
 def _upper_index(channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    import torch
+
     return tuple(torch.triu_indices(channels, channels))  # row-major: row i holds S[i, i:]
 
 
 @functools.lru_cache(maxsize=8)
 def _unpack_index(channels: int) -> torch.Tensor:
     """For every (i, j) of a C x C matrix, the packed position of (min(i,j), max(i,j))."""
+    import torch
+
     pos = torch.empty(channels, channels, dtype=torch.long)
     rows, cols = _upper_index(channels)
     k = torch.arange(rows.numel())
@@ -74,6 +85,8 @@ def unpack_symmetric(packed: torch.Tensor, channels: int) -> torch.Tensor:
 
 def trace_of_product(packed: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
     """trace(S @ M) per patch, in float64, for symmetric S packed (P, T) and M full (P, C, C)."""
+    import torch
+
     rows, cols = _upper_index(full.shape[-1])
     weight = torch.where(rows == cols, 1.0, 2.0).to(torch.float64)  # off-diagonal terms twice
     return (packed.to(torch.float64) * full[..., rows, cols].to(torch.float64) * weight).sum(-1)
@@ -107,33 +120,74 @@ def warm_up() -> None:
 
 
 def _squared_bmm(x: torch.Tensor, mean: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    import torch
+
     dtype = torch.promote_types(torch.promote_types(x.dtype, mean.dtype), packed.dtype)
     diff = x.to(dtype) - mean.to(dtype)[:, None, :]
     return (torch.bmm(diff, unpack_symmetric(packed.to(dtype), x.shape[-1])) * diff).sum(-1)
 
 
-def _squared_kernel(x: torch.Tensor, mean: torch.Tensor, packed: torch.Tensor, kernel) -> torch.Tensor:
+def kernel_threads() -> int:
+    """Threads for the compiled loop: ``OKNG_NUM_THREADS``, else PyTorch's setting when PyTorch
+    is loaded, else the CPUs this process may use; never more than numba's pool."""
     import numba
 
-    arrays = [np.ascontiguousarray(t.numpy()) for t in (x, mean, packed)]
-    out = np.empty(x.shape[:2], np.float32)
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
-    kernel(*arrays, out)
-    return torch.from_numpy(out)
+    from ..graph_runtime import num_threads
+
+    return max(1, min(num_threads(), numba.config.NUMBA_NUM_THREADS))
+
+
+def squared_distances(x: np.ndarray, mean: np.ndarray, packed: np.ndarray) -> np.ndarray | None:
+    """x (P, B, C), mean (P, C), packed precision (P, C (C + 1) / 2), float32 numpy arrays ->
+    (P, B) float32 squared distances from the compiled loop; None when it is unavailable
+    (the caller falls back). No torch involved."""
+    with _lock:
+        kernel = _compile()
+        if kernel is None:
+            return None
+        import numba  # loaded by _compile
+
+        arrays = [np.ascontiguousarray(a, dtype=np.float32) for a in (x, mean, packed)]
+        out = np.empty(x.shape[:2], np.float32)
+        numba.set_num_threads(kernel_threads())
+        kernel(*arrays, out)
+    return out
+
+
+def padim_distances(emb: np.ndarray, mean: np.ndarray, packed: np.ndarray,
+                    weights: np.ndarray | None = None) -> np.ndarray | None:
+    """PaDiM's distances with the compiled loop, numpy in and out: (B, C, h, w) float32
+    embeddings, (P, C) means, (P, C (C + 1) / 2) packed precisions, optional (C,) channel
+    weights -> (B, h, w) float32; None when the loop is unavailable.
+
+    :meth:`core.models.padim.PadimModel.score` and inspection without PyTorch both score
+    here. No torch operation on the way: each would wake PyTorch's OpenMP threads, which then
+    spin on the cores the embedding runtime and the compiled loop need (measured in live
+    inspection: a 78 k-value float16 copy took 2-4 ms per frame that way).
+    """
+    b, c, h, w = emb.shape
+    x = np.ascontiguousarray(emb.reshape(b, c, h * w).transpose(2, 0, 1), dtype=np.float32)  # (P, B, C)
+    if weights is not None:
+        x, mean = x * weights, mean * weights
+    d2 = squared_distances(x, mean, packed)
+    if d2 is None:
+        return None
+    np.maximum(d2, 0.0, out=d2)
+    return np.ascontiguousarray(np.sqrt(d2, out=d2).T).reshape(b, h, w)  # contiguous, as torch's was
 
 
 def mahalanobis(x: torch.Tensor, mean: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     """x (P, B, C), mean (P, C), packed precision (P, C (C + 1) / 2) -> distances (P, B)."""
+    import torch
+
     if packed.shape[-1] != packed_size(x.shape[-1]):
         raise ValueError(f"packed precision of width {packed.shape[-1]} does not fit {x.shape[-1]} channels")
     plain = all(t.dtype == torch.float32 and t.device.type == "cpu" and not t.requires_grad
                 for t in (x, mean, packed))
     d2 = None
     if plain:
-        with _lock:
-            kernel = _compile()
-            if kernel is not None:
-                d2 = _squared_kernel(x, mean, packed, kernel)
+        out = squared_distances(x.numpy(), mean.numpy(), packed.numpy())
+        d2 = None if out is None else torch.from_numpy(out)
     if d2 is None:
         d2 = _squared_bmm(x, mean, packed)
     return d2.clamp_min_(0.0).sqrt_()

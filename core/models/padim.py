@@ -15,7 +15,7 @@ import torch
 
 from .base import NormalityModel, patches_first
 from .gaussian import GaussianStats, precision_from_covariance
-from .mahalanobis import mahalanobis, pack_symmetric, packed_size
+from .mahalanobis import mahalanobis, pack_symmetric, packed_size, padim_distances
 
 
 _FINALIZE_CHUNK = 128
@@ -92,6 +92,12 @@ class PadimModel(NormalityModel):
         if self._precision is None or self._mean is None:
             self.finalize()
         assert self._precision is not None and self._mean is not None
+        w = self.channel_weights
+        if emb.dtype == torch.float32 and emb.device.type == "cpu" and not emb.requires_grad:
+            d = padim_distances(emb.numpy(), self._mean.numpy(), self._precision.numpy(),
+                                None if w is None else w.numpy())
+            if d is not None:  # the compiled loop, no torch operation on the way
+                return torch.from_numpy(d)
         x = patches_first(emb.to(torch.float32))
         mean, prec = self._mean, self._precision
         if self.channel_weights is not None:

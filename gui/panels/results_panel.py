@@ -73,6 +73,27 @@ class ResultsPanel(QWidget):
     # -- rows ------------------------------------------------------------------------------------
     def add_result(self, result_id: int, name: str, score: float, verdict: str, seconds: float,
                    thumbnail: np.ndarray | None = None) -> None:
+        self.add_results([(result_id, name, score, verdict, seconds, thumbnail)])
+
+    def add_results(self, rows: list[tuple[int, str, float, str, float, np.ndarray | None]]) -> None:
+        """Append rows (result id, name, score, verdict, seconds, thumbnail), oldest first, as
+        one change of the table: one repaint, one count, one scroll (live inspection adds
+        results faster than a table should redraw)."""
+        if not rows:
+            return
+        self.table.setUpdatesEnabled(False)
+        try:
+            for row_values in rows:
+                self._append_row(*row_values)
+            while self.table.rowCount() > MAX_ROWS:
+                self.table.removeRow(0)
+        finally:
+            self.table.setUpdatesEnabled(True)
+        self._update_shown()
+        self.table.scrollToBottom()
+
+    def _append_row(self, result_id: int, name: str, score: float, verdict: str, seconds: float,
+                    thumbnail: np.ndarray | None) -> None:
         row = self.table.rowCount()
         self.table.insertRow(row)
         icon_item = QTableWidgetItem()
@@ -89,11 +110,7 @@ class ResultsPanel(QWidget):
         for col, item in enumerate(items):
             self.table.setItem(row, col, item)
         self._paint_verdict(row, verdict)
-        while self.table.rowCount() > MAX_ROWS:
-            self.table.removeRow(0)
-        self._filter_row(self.table.rowCount() - 1)
-        self._update_shown()
-        self.table.scrollToBottom()
+        self._filter_row(row)
 
     def _paint_verdict(self, row: int, verdict: str, changed_from: str | None = None) -> None:
         item = self.table.item(row, 3)

@@ -91,7 +91,7 @@ def test_a_cache_from_another_model_or_torch_is_not_used(fitted, tmp_path, monke
     path = save_detector(fitted, tmp_path / "m.okng")
     cache = tmp_path / _caches(tmp_path)[0]
     other = save_detector(fitted, tmp_path / "other.okng")  # same content, same digest: swap in
-    monkeypatch.setattr(derived_cache.torch, "__version__", "0.0.0-another")
+    monkeypatch.setattr(torch, "__version__", "0.0.0-another")
     assert not derived_cache.restore(fitted.model.copy(), path, "0" * 64)  # another model's key
     probe = fitted.model.copy()
     probe._precision = probe._mean = None

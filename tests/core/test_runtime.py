@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from core import graph_runtime as gr_mod
 from core import runtime as rt_mod
 from core.bundle import GRAPH_FILE, export_bundle, load_bundle, read_description
 from core.cli import main
@@ -93,14 +94,14 @@ def test_auto_picks_the_fastest_installed_runtime(tiny_fitted, cache, monkeypatc
 
 
 def test_a_missing_runtime_falls_back_with_the_reason(tiny_fitted, cache, monkeypatch, caplog):
-    real_import = rt_mod._import
+    real_import = gr_mod._import
 
     def no_openvino(name):
         if name == "openvino":
             raise rt_mod.RuntimeUnavailable("openvino is not installed (test)")
         return real_import(name)
 
-    monkeypatch.setattr(rt_mod, "_import", no_openvino)
+    monkeypatch.setattr(gr_mod, "_import", no_openvino)
     det = tiny_fitted[0].copy()
     with caplog.at_level(logging.WARNING, logger="core.runtime"):
         assert det.use_runtime("openvino") == "torch"  # forced: that one or the reference
@@ -378,7 +379,7 @@ def test_cli_forced_runtime_that_is_missing_says_so_and_scores_on_torch(tiny_fit
     def missing(name):
         raise rt_mod.RuntimeUnavailable(f"{name} is not installed (test)")
 
-    monkeypatch.setattr(rt_mod, "_import", missing)
+    monkeypatch.setattr(gr_mod, "_import", missing)
     model = save_detector(tiny_fitted[0].copy(), tmp_path / "m.okng")
     img = tmp_path / "a.png"
     cv2.imwrite(str(img), tiny_fitted[1][0])

@@ -152,3 +152,39 @@ def test_ok_set_panel_tiling_chooser_shows_the_recipes_tiling_and_emits_the_chos
     with qtbot.waitSignal(panel.tiling_chosen) as sig:
         panel.tiling_combo.activated.emit(2)
     assert sig.args == [224]
+
+
+def test_results_panel_adds_a_batch_of_rows_in_order_and_keeps_the_newest(qtbot, monkeypatch):
+    from gui.panels import results_panel
+
+    monkeypatch.setattr(results_panel, "MAX_ROWS", 5)
+    panel = ResultsPanel()
+    qtbot.addWidget(panel)
+    panel.add_result(1, "a.png", 1.0, "OK", 0.01)
+    panel.add_results([(i, f"p{i}.png", float(i), "NG" if i % 2 else "OK", 0.01, None) for i in range(2, 8)])
+    assert panel.row_count() == 5
+    assert [panel.table.item(r, 1).text() for r in range(5)] == [f"p{i}.png" for i in range(3, 8)]
+    panel.set_filter(results_panel.SHOW_NG)
+    assert panel.visible_count() == 3 and panel.shown_label.text() == "3 of 5"
+
+
+def test_throttle_runs_at_once_then_once_per_interval_never_losing_the_last(qtbot):
+    from gui.throttle import Throttle
+
+    calls = []
+    t = Throttle(80, lambda: calls.append(1))
+    t.request()
+    assert calls == [1]  # not run for a while: at once (a single result, a click)
+    for _ in range(10):
+        t.request()
+    assert calls == [1]  # a burst inside the interval waits...
+    qtbot.waitUntil(lambda: len(calls) == 2, timeout=1000)  # ...and runs once at its end
+    qtbot.wait(150)
+    assert len(calls) == 2
+    t.request()
+    t.request()
+    assert len(calls) == 3  # the interval had passed: at once; the second one waits
+    t.flush()  # a pending update runs now
+    assert len(calls) == 4
+    t.flush()  # nothing pending: nothing runs
+    assert len(calls) == 4

@@ -103,3 +103,69 @@ def test_a_watched_folder_reads_16_bit_files_with_the_models_bit_depth(tmp_path)
             break
     src.close()
     assert frame is not None and int(frame.image[0, 0, 0]) == round(2000 / 4095 * 255)
+
+
+class _SlowDetector:
+    """Scores in ``seconds``; records when each frame's scoring started and ended."""
+
+    def __init__(self, seconds: float, log: list) -> None:
+        self.seconds, self.log = seconds, log
+
+    def embed(self, images):
+        import time
+
+        import torch
+        self.log.append(("score", int(images[0].mean()), time.perf_counter()))
+        time.sleep(self.seconds)
+        return torch.full((1, 2, 2, 2), float(images[0].mean()))
+
+    def inspect_embeddings(self, emb):
+        from core.inspection import Inspection
+        return [Inspection(float(emb.mean()), "OK", np.zeros((8, 8), np.float32), 1.0, 1.0)]
+
+
+class _TimedSource:
+    """Frames of rising brightness; records when each read started and ended."""
+
+    def __init__(self, n: int, seconds: float, log: list) -> None:
+        self.n, self.seconds, self.log, self.finished, self.i = n, seconds, log, False, 0
+
+    def open(self) -> None:
+        pass
+
+    def read(self):
+        import time
+
+        from core.sources import Frame
+        if self.i >= self.n:
+            self.finished = True
+            return None
+        start = time.perf_counter()
+        time.sleep(self.seconds)
+        self.i += 1
+        self.log.append(("read", self.i, start))
+        return Frame(np.full((16, 16, 3), self.i, np.uint8), f"f{self.i}", self.i)
+
+    def close(self) -> None:
+        pass
+
+
+def test_live_job_decodes_the_next_frame_while_the_current_one_is_scored():
+    log: list = []
+    det = _SlowDetector(0.05, log)
+    items = []
+    n = run_job(live_job(_TimedSource(6, 0.05, log), lambda: det, CancelToken()), lambda p: items.append(p.item))
+    assert n == 6 and [i.inspection.score for i in items] == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]  # in order, all
+    reads = {k: t for kind, k, t in log if kind == "read"}
+    scored = {k: t for kind, k, t in log if kind == "score"}
+    # frame k + 1 was being read while frame k was scored: its read began before frame k's scoring ended
+    for k in range(1, 6):
+        assert reads[k + 1] < scored[k] + 0.05, k
+
+
+def test_live_job_reads_no_frame_past_max_frames(tmp_path):
+    """A watched folder's file read ahead and never scored would be lost: none is."""
+    log: list = []
+    src = _TimedSource(10, 0.0, log)
+    n = run_job(live_job(src, lambda: _SlowDetector(0.0, []), CancelToken(), max_frames=3))
+    assert n == 3 and src.i == 3
