@@ -152,6 +152,7 @@ def test_a_live_frame_can_be_labelled_and_its_image_is_kept_beside_the_labels(se
     live = list(s.results)[-1]
     assert live.path is None and live.image is not None  # a live frame has no file
     s.show_result(live.id)
+    s.question.connect(lambda q: q.answer("Apply the label"))  # should the other frame be NG and flip
     s.labels.mark_image("image_ok")
     assert not s.errors
     with LabelStore(s.labels.store_path) as store:
