@@ -28,3 +28,13 @@ def test_a_kept_image_comes_with_the_sha256_of_its_file(tiny_config, part_images
     assert [i.path for i in scored] == [ng[0], ok[0], ng[1]]
     assert [i.sha256 for i in scored] == [hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in
                                           (ng[0], ok[0], ng[1])]
+
+
+def test_a_fit_says_when_it_builds_the_model_and_prepares_the_runtime_after_all_images(tiny_config, part_images):
+    """What the status line shows after the last image: PatchCore's coreset or an export can
+    take a minute, and the bar stands at all images meanwhile."""
+    ok, _ = part_images
+    progress = []
+    run_job(fit_job(ok, tiny_config, CancelToken()), on_progress=progress.append)
+    assert [(p.done, p.total, p.message) for p in progress[-2:]] == [
+        (len(ok), len(ok), "building the model"), (len(ok), len(ok), "preparing the inspection runtime")]
