@@ -52,3 +52,8 @@ def test_applied_label_ids_are_integers_not_booleans(path):
     assert load_detector(path).applied_labels == (3, 7)
     _edit_meta(path, lambda m: m["feedback"].update(applied_labels=[3, True]))
     _refused(path, "applied labels is damaged")
+
+
+def test_damaged_feedback_memory_settings_are_refused_as_such(path):
+    _edit_meta(path, lambda m: m.update(feedback_memory=[1, 2]))
+    assert _refused(path) == f"{path}: feedback memory settings invalid"
