@@ -1,0 +1,69 @@
+"""The results log, specified where mutation testing found it unspecified (issue 18): a companion
+write in the same transaction (the line's part id: both or neither), counters since a given
+time, rates when only one kind of truth is known."""
+from __future__ import annotations
+
+import sqlite3
+from contextlib import closing
+
+import pytest
+
+from core.results_log import LogEntry, ResultsLog
+
+
+def _entry(t, verdict, truth=None):
+    return LogEntry(t, "p.png", "ab" * 32, 1.0, verdict, 5.0, 7.0, "m@1", "ana", truth)
+
+
+def _side_table(con, rowid):
+    con.execute("CREATE TABLE IF NOT EXISTS side (inspection INTEGER)")
+    con.execute("INSERT INTO side VALUES (?)", (rowid,))
+
+
+def test_a_companion_write_lands_in_the_same_transaction_as_its_row(tmp_path):
+    with ResultsLog(tmp_path / "r.sqlite") as log:
+        rowid = log.add(_entry(1.0, "OK"), also=_side_table)
+        assert [e.id for e in log.entries()] == [rowid]
+    with ResultsLog(tmp_path / "r.sqlite") as again:  # both on disk
+        assert [e.id for e in again.entries()] == [rowid]
+    with closing(sqlite3.connect(tmp_path / "r.sqlite")) as con:
+        assert con.execute("SELECT inspection FROM side").fetchall() == [(rowid,)]
+
+
+def test_when_the_companion_write_fails_the_row_is_not_logged_either(tmp_path):
+    def refuse(con, rowid):
+        _side_table(con, rowid)
+        raise OSError("the line store refused")
+
+    with ResultsLog(tmp_path / "r.sqlite") as log:
+        log.add(_entry(1.0, "OK"))
+        with pytest.raises(OSError, match="refused"):
+            log.add(_entry(2.0, "NG"), also=refuse)
+        assert [e.time for e in log.entries()] == [1.0]  # neither the row ...
+        assert log.counters(since=0.0).total == 1
+        log.add(_entry(3.0, "OK"), also=_side_table)  # ... nor a half-open transaction left behind
+    with ResultsLog(tmp_path / "r.sqlite") as again:
+        assert [e.time for e in again.entries()] == [3.0, 1.0]
+
+
+def test_counters_since_a_given_time_count_from_that_time_not_from_the_shift_start(tmp_path):
+    with ResultsLog(tmp_path / "r.sqlite") as log:
+        log.reset_counters(now=0.0)
+        for t, v in [(10.0, "OK"), (20.0, "NG"), (30.0, "OK"), (40.0, "OK")]:
+            log.add(_entry(t, v))
+        c = log.counters(since=25.0)
+        assert (c.since, c.total, c.ok, c.ng, c.first, c.last) == (25.0, 2, 2, 0, 30.0, 40.0)
+        assert log.counters().total == 4  # the shift's own counters are unchanged
+
+
+def test_rates_when_only_ok_parts_or_only_ng_parts_have_a_known_truth(tmp_path):
+    with ResultsLog(tmp_path / "ok.sqlite") as log:
+        log.reset_counters(now=0.0)
+        for verdict in ("OK", "OK", "OK", "NG"):
+            log.add(_entry(1.0, verdict, "OK"))
+        assert log.counters().rates() == {"detection_rate": None, "false_alarm_rate": pytest.approx(0.25)}
+    with ResultsLog(tmp_path / "ng.sqlite") as log:
+        log.reset_counters(now=0.0)
+        for verdict in ("NG", "OK"):
+            log.add(_entry(1.0, verdict, "NG"))
+        assert log.counters().rates() == {"detection_rate": pytest.approx(0.5), "false_alarm_rate": None}

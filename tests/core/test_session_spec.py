@@ -1,0 +1,197 @@
+"""InspectionSession, what the station tells and keeps (issue 18: the gaps mutation testing found).
+
+Specifications of the session's refusals, messages and less common paths: a recipe that cannot
+be opened, the thresholds an operator may not move, a cancelled inspection, a live frame that is
+labelled, the capture folder, the labels of a recipe opened from disk.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from core.jobs import CancelToken, InlineExecutor, JobCallbacks, deliver, drive
+from core.labels import LabelStore
+from core.session import InspectionSession
+
+
+@pytest.fixture
+def session(tmp_path, part_images, tiny_config):
+    s = InspectionSession(InlineExecutor(), labels_dir=tmp_path / "labels", captures_dir=tmp_path / "captures")
+    s.errors, s.said = [], []
+    s.error.connect(s.errors.append)
+    s.status.connect(s.said.append)
+    s.new_recipe("parts", tiny_config, part_images[0])
+    s.operator = "ana"
+    s.start_fit()
+    assert s.detector is not None and not s.errors
+    return s
+
+
+def _write_video(path: Path, frames: list[np.ndarray]) -> None:
+    h, w = frames[0].shape[:2]
+    out = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (w, h))
+    for f in frames:
+        out.write(cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
+    out.release()
+
+
+class CancelAfter(InlineExecutor):
+    """Runs a job inline like InlineExecutor, and cancels it after ``n`` delivered items:
+    what pressing Esc during an inspection does."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def submit(self, job, callbacks=None, replace=False):
+        token, cb, seen = CancelToken(), callbacks or JobCallbacks(), []
+
+        def report(kind, payload):
+            deliver(cb, kind, payload)
+            if kind == "item":
+                seen.append(payload)
+                if len(seen) >= self.n:
+                    token.cancel()
+
+        drive(job, token, report)
+        return token
+
+
+# -- refusals and their messages -------------------------------------------------------------
+def test_an_operator_cannot_move_the_thresholds_and_the_controls_snap_back(session):
+    s = session
+    image, pixel = s.image_threshold, s.pixel_threshold
+    assert s.set_pin("4711")
+    s.lock()
+    told = []
+    s.thresholds_changed.connect(lambda i, p: told.append((i, p)))
+    s.set_thresholds(image * 2, pixel * 2)
+    assert told == [(image, pixel)]  # the sliders are told the values that still hold
+    assert (s.image_threshold, s.pixel_threshold) == (image, pixel)
+    assert (s.detector.thresholds.image, s.detector.thresholds.pixel) == (image, pixel)
+    assert "move the thresholds" in s.errors[-1]
+
+
+def test_a_file_that_is_not_a_recipe_is_refused_with_its_reason_and_changes_nothing(session, tmp_path):
+    s = session
+    bad = tmp_path / "broken.okng-recipe"
+    bad.write_bytes(b"this is not a recipe")
+    recipe, det = s.recipe, s.detector
+    s.open_recipe(bad)
+    assert len(s.errors) == 1 and s.errors[0].startswith("Cannot open recipe: ")
+    assert str(bad) in s.errors[0]  # the reason names the file
+    assert s.recipe is recipe and s.detector is det
+
+
+def test_a_recipe_saved_before_any_fit_opens_and_asks_for_one(tmp_path, part_images, tiny_config):
+    first = InspectionSession(InlineExecutor(), labels_dir=tmp_path / "l1", captures_dir=tmp_path / "c1")
+    first.new_recipe("unfitted", tiny_config, part_images[0][:3])
+    path = tmp_path / "unfitted.okng-recipe"
+    assert first.save_recipe(path)
+    s = InspectionSession(InlineExecutor(), labels_dir=tmp_path / "l2", captures_dir=tmp_path / "c2")
+    said, errors = [], []
+    s.status.connect(said.append)
+    s.error.connect(errors.append)
+    s.open_recipe(path)
+    assert not errors and s.detector is None and s.ok_paths == part_images[0][:3]
+    assert said[-1] == "Recipe unfitted opened; no fitted model yet — press Fit (F5)"
+
+
+def test_a_label_says_what_it_learns_from_and_on_which_part(session, part_images):
+    s = session
+    s.inspect_paths(part_images[1][:1])
+    s.said.clear()
+    s.labels.mark_image("image_ng")
+    name = Path(part_images[1][0]).name
+    assert f"Learning from 'part NG' on {name}…" in s.said
+    assert len(s.labels.rows()) == 1
+
+
+def test_refusing_a_label_says_the_model_is_unchanged_as_a_status_not_an_error(session, part_images):
+    s = session
+    ng = part_images[1][0]
+    s.inspect_paths([ng, ng])
+    first, twin = list(s.results)[-2:]
+    s.set_thresholds(first.score * (1 - 1e-4), s.pixel_threshold)
+    s.show_result(first.id)
+    s.question.connect(lambda q: q.answer("Do not apply"))
+    s.errors.clear()
+    s.said.clear()
+    s.labels.mark_image("image_ok")
+    assert s.said[-1] == "Label not applied; the model is unchanged."
+    assert not s.errors and twin.verdict == "NG"
+
+
+# -- a cancelled inspection ------------------------------------------------------------------
+def test_a_cancelled_inspection_keeps_what_was_scored_and_reports_what_was_skipped(session, part_images, tmp_path):
+    s = session
+    unreadable = tmp_path / "unreadable.png"
+    unreadable.write_bytes(b"not an image")
+    ok = part_images[0]
+    s.executor = CancelAfter(3)  # the unreadable file and two images, then Esc
+    s.said.clear()
+    counted = []
+    s.shift.counters_changed.connect(counted.append)
+    s.inspect_paths([str(unreadable), ok[0], ok[1], ok[2], ok[3], ok[4]])
+    assert s.said[-1] == "Inspection cancelled"
+    assert [r.path for r in s.results] == [ok[0], ok[1]]
+    assert len(s.errors) == 1 and s.errors[0].startswith("1 image(s) could not be read and were skipped")
+    assert str(unreadable) in s.errors[0]
+    assert counted and counted[-1].total == 2  # the shift counters are sent when the run ends
+
+
+# -- live frames, captures ---------------------------------------------------------------------
+def test_a_live_frame_can_be_labelled_and_its_image_is_kept_beside_the_labels(session, tmp_path):
+    s = session
+    frame = cv2.cvtColor(cv2.imread(s.ok_paths[0]), cv2.COLOR_BGR2RGB)
+    video = tmp_path / "line.avi"
+    _write_video(video, [frame] * 2)
+    s.start_live("video", str(video))  # inline: runs to the end of the file
+    live = list(s.results)[-1]
+    assert live.path is None and live.image is not None  # a live frame has no file
+    s.show_result(live.id)
+    s.question.connect(lambda q: q.answer("Apply the label"))  # should the other frame be NG and flip
+    s.labels.mark_image("image_ok")
+    assert not s.errors
+    with LabelStore(s.labels.store_path) as store:
+        (lab,) = store.labels()
+    kept = Path(lab.image_path)
+    assert kept.parent == s.labels.store_path.with_suffix(".images")
+    assert np.array_equal(cv2.cvtColor(cv2.imread(str(kept)), cv2.COLOR_BGR2RGB), live.image)
+
+
+def test_captured_ok_frames_go_to_the_data_folder_until_the_recipe_is_saved_then_beside_it(session, tmp_path):
+    s = session
+    frame = cv2.cvtColor(cv2.imread(s.ok_paths[0]), cv2.COLOR_BGR2RGB)
+    video = tmp_path / "cam.avi"
+    _write_video(video, [frame] * 4)
+    before = list(s.ok_paths)
+    s.capture_ok("video", str(video), 2)
+    folder = tmp_path / "captures" / "parts"
+    assert s.capture_folder() == folder
+    added = s.ok_paths[len(before):]
+    assert len(added) == 2 and all(Path(p).parent == folder and Path(p).is_file() for p in added)
+    assert f"into {folder}" in " ".join(s.said)
+    s.save_recipe(tmp_path / "line" / "station.okng-recipe")
+    assert s.capture_folder() == tmp_path / "line" / "station.captures"
+
+
+# -- labels of a recipe opened from disk -------------------------------------------------------
+def test_the_labels_of_a_reopened_recipe_are_listed_before_anything_else_opens_their_store(
+        session, part_images, tmp_path, tiny_config):
+    s = session
+    s.inspect_paths(part_images[1][:1])
+    s.labels.mark_image("image_ng")
+    path = tmp_path / "saved.okng-recipe"
+    assert s.save_recipe(path)
+    s.labels.close_store()
+    other = InspectionSession(InlineExecutor(), labels_dir=tmp_path / "other", captures_dir=tmp_path / "oc")
+    listed = []
+    other.labels.labels_changed.connect(listed.append)
+    other.open_recipe(path)
+    assert other.labels.store_path.exists()
+    rows = listed[-1]  # the list shown once the recipe is open, read from the file on disk
+    assert [(r.kind, r.image_name) for r in rows] == [("image_ng", Path(part_images[1][0]).name)]
+    assert [(r.kind, r.image_name) for r in other.labels.rows()] == [("image_ng", Path(part_images[1][0]).name)]
