@@ -123,13 +123,18 @@ class ResultsLog:
         self.max_rows, self.max_age_days = max_rows, max_age_days
         self._db = sqlite3.connect(str(self.path), isolation_level=None, timeout=10.0, check_same_thread=not shared)
         self._db.execute("PRAGMA busy_timeout=10000")
-        self._db.execute("PRAGMA journal_mode=WAL")
+        # switching a new file to WAL while another process creates it too fails at once
+        # ("database is locked"; the busy timeout does not cover it): retried, as the schema
+        sqlitedb.enable_wal(self._db)
         self._db.execute("PRAGMA synchronous=NORMAL")
-        with self._db:
-            self._db.executescript(_SCHEMA)
+        sqlitedb.retry_busy(lambda: self._db.executescript(_SCHEMA))  # CREATE ... IF NOT EXISTS: idempotent
+
+        def meta(con: sqlite3.Connection) -> None:
             # INSERT OR IGNORE, not check-then-insert: two stations creating the log at once
-            self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
-            self._db.execute("INSERT OR IGNORE INTO meta VALUES ('shift_start', ?)", (repr(time.time()),))
+            con.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
+            con.execute("INSERT OR IGNORE INTO meta VALUES ('shift_start', ?)", (repr(time.time()),))
+
+        sqlitedb.write_transaction(self._db, meta)
         (version,) = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
         if version != SCHEMA_VERSION:
             raise ValueError(f"{self.path}: results log schema {version} is not supported (expected {SCHEMA_VERSION})")
