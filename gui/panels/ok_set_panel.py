@@ -76,9 +76,10 @@ class OkSetPanel(QWidget):
         capture_row = QHBoxLayout()
         capture_row.addWidget(self.capture_button, 1)
         capture_row.addWidget(self.capture_count)
+        settings_row = QHBoxLayout()  # what the next fit builds, then the fit itself
+        settings_row.addWidget(self.model_combo, 1)
+        settings_row.addWidget(self.tiling_combo, 1)
         fit_row = QHBoxLayout()
-        fit_row.addWidget(self.model_combo)
-        fit_row.addWidget(self.tiling_combo)
         fit_row.addWidget(self.fit_button, 1)
         fit_row.addWidget(self.cancel_button)
         lay = QVBoxLayout(self)
@@ -86,6 +87,7 @@ class OkSetPanel(QWidget):
         lay.addWidget(self.list, 1)
         lay.addLayout(buttons)
         lay.addLayout(capture_row)
+        lay.addLayout(settings_row)
         lay.addLayout(fit_row)
         lay.addWidget(self.progress)
         self._thumb_queue: list[QListWidgetItem] = []
