@@ -408,14 +408,12 @@ class FeedbackMemory:
         q, qv = _gather_blocks(emb.to(torch.float32), img, idx, self.step)
         pos = torch.stack([idx // w, idx % w], 1)
         m = self.match(q, qv, pos)
-        factor = m.factor if self.grow is None else self._grown(m, img, idx, b, (h, w))
+        factor = m.factor if self.grow is None else self._grown(m, img, idx, (h, w))
         out = flat.clone()
         out[img, idx] = flat[img, idx] * factor.to(flat.dtype)
         return out.reshape(dist.shape)
 
-
-    def _grown(self, m: MemoryMatch, img: torch.Tensor, idx: torch.Tensor, b: int,
-               grid: tuple[int, int]) -> torch.Tensor:
+    def _grown(self, m: MemoryMatch, img: torch.Tensor, idx: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """Factors with every looked-up patch of ratio <= ``grow`` that is 8-connected (through
         such patches) to a confident match (ratio <= ``low``) set to 0."""
         h, w = grid

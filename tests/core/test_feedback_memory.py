@@ -230,7 +230,7 @@ def test_a_print_is_lowered_as_a_whole_from_its_confident_core():
         (10, 10): 1.15,  # the same ratio with no confident match next to it
         (3, 3): 1.1,  # next to the core, but a confirmed defect's block is nearer
     }, blocked=((3, 3),))
-    factor = dict(zip(cells, mem._grown(m, img, idx, 1, (16, 16)).tolist()))
+    factor = dict(zip(cells, mem._grown(m, img, idx, (16, 16)).tolist()))
     assert factor[(4, 4)] == factor[(4, 5)] == factor[(5, 6)] == 0.0
     assert factor[(5, 7)] == pytest.approx(0.25 / 0.3)
     assert factor[(5, 8)] == pytest.approx(0.1 / 0.3)
@@ -246,7 +246,7 @@ def test_prints_do_not_connect_across_images_of_a_batch():
     b, ib, xb, _ = _match_at({(4, 5): 1.15}, image=1)
     both = MemoryMatch(*(torch.cat([getattr(a, f), getattr(b, f)]) for f in
                          ("factor", "ratio", "accepted_distance", "defect_distance")))
-    factor = mem._grown(both, torch.cat([ia, ib]), torch.cat([xa, xb]), 2, (16, 16))
+    factor = mem._grown(both, torch.cat([ia, ib]), torch.cat([xa, xb]), (16, 16))
     assert factor.tolist() == [0.0, pytest.approx(0.5)]
 
 
