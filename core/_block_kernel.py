@@ -37,6 +37,6 @@ def _shortlist_distances(q, qv, m, mv, idx, bounds, out):  # pragma: no cover - 
 
 
 try:
-    shortlist_distances = numba.njit(fastmath={"reassoc", "contract"}, cache=True)(_shortlist_distances)
+    shortlist_distances = numba.njit(fastmath={"reassoc", "contract"}, cache=True, nogil=True)(_shortlist_distances)
 except RuntimeError:  # no writable cache location
-    shortlist_distances = numba.njit(fastmath={"reassoc", "contract"})(_shortlist_distances)
+    shortlist_distances = numba.njit(fastmath={"reassoc", "contract"}, nogil=True)(_shortlist_distances)

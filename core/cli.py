@@ -166,7 +166,8 @@ def _check_scored_as_fitted(args: argparse.Namespace, det) -> None:
     cfg = det.config
     tile = getattr(args, "tile", None)
     overlap = getattr(args, "overlap", None)
-    wrong_tile = tile is not None and tile != (cfg.tile if cfg.tiled else None)
+    # "auto" restates whatever the fit resolved it to (the same flags may go to fit and score)
+    wrong_tile = tile is not None and tile != "auto" and tile != (cfg.tile if cfg.tiled else None)
     wrong_overlap = overlap is not None and overlap != cfg.tile_overlap
     if wrong_tile or wrong_overlap:
         fitted = (f"tiles of {cfg.tile} pixels overlapping by {cfg.tile_overlap}" if cfg.tiled

@@ -86,9 +86,14 @@ def display_map(anomaly_map: np.ndarray, max_side: int = MAX_MAP_SIDE) -> np.nda
     f = -(-max(h, w) // max_side)
     if f <= 1:
         return anomaly_map
-    out = np.empty((h // f, w // f), anomaly_map.dtype)
+    # ceil: the last, partial block row and column are kept too (a hot spot on the edge stays)
+    out = np.empty((-(-h // f), -(-w // f)), anomaly_map.dtype)
+    full = w // f
     for i in range(out.shape[0]):
-        out[i] = anomaly_map[i * f : (i + 1) * f, : out.shape[1] * f].reshape(f, out.shape[1], f).max(axis=(0, 2))
+        band = anomaly_map[i * f : (i + 1) * f]
+        out[i, :full] = band[:, : full * f].reshape(band.shape[0], full, f).max(axis=(0, 2))
+        if full < out.shape[1]:
+            out[i, full] = band[:, full * f :].max()
     out.flags.writeable = False
     return out
 
@@ -130,8 +135,11 @@ class SessionResults:
             if old.image is None:
                 continue
             kept_bytes += old.image.nbytes
-            past_limits = old.id <= rid - KEEP_IMAGES or kept_bytes > KEEP_IMAGE_BYTES
-            if old.path is not None and old.id != rid and past_limits:
+            # a file can be read again later, so its image goes past either limit; a live frame
+            # exists only here, so it goes only past the byte budget (2-12 MP frames of a tiled
+            # model would otherwise hold gigabytes); labelling a frame whose image is gone says so
+            past_count = old.path is not None and old.id <= rid - KEEP_IMAGES
+            if old.id != rid and (past_count or kept_bytes > KEEP_IMAGE_BYTES):
                 old.image = None
         while len(self._records) > MAX_RESULTS:
             self._records.popitem(last=False)

@@ -213,7 +213,13 @@ def live_job(
             # tile by tile, no single embedding to keep (core.tiled_jobs); ``get_detector`` may
             # give anything with embed/inspect_embeddings, so the tiling is looked up, not assumed
             if getattr(getattr(det, "config", None), "tiled", False):
-                inspection, kept = det.inspect_tiled(frame.image, token.raise_if_cancelled), None
+                from .tiling import TilingError
+
+                try:
+                    inspection, kept = det.inspect_tiled(frame.image, token.raise_if_cancelled), None
+                except TilingError as exc:  # a frame smaller than a tile: skipped, the run goes on
+                    yield Progress(n, 0, frame.name, Skipped(frame.name, str(exc)))
+                    continue
             else:
                 emb = det.embed([frame.image])
                 inspection = det.inspect_embeddings(emb)[0]

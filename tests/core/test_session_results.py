@@ -76,8 +76,10 @@ def test_large_maps_are_kept_reduced_by_block_maximum_and_small_ones_as_they_are
     big[1001, 2999] = 9.0  # one hot pixel: still there after the reduction
     small = display_map(big)
     assert max(small.shape) <= MAX_MAP_SIDE and small.max() == 9.0
-    assert small.shape == (big.shape[0] // 3, MAX_MAP_SIDE)
+    assert small.shape == (-(-big.shape[0] // 3), MAX_MAP_SIDE)  # a partial last block row is kept
     assert np.unravel_index(small.argmax(), small.shape) == (333, 999)
+    big[2050, 5] = 7.0  # a hot spot on the very edge, in the partial block row
+    assert display_map(big)[-1, 1] == 7.0
     assert display_map(MAP) is MAP
     rec = SessionResults().add("big", 9.0, big, None, "big.png", 0.1, 1.0)
     assert rec.anomaly_map.shape == small.shape and rec.score == 9.0  # the score is the full map's
@@ -92,3 +94,15 @@ def test_decoded_images_are_kept_within_a_byte_budget_the_newest_always(monkeypa
     assert [r.image is not None for r in recs] == [False, False, True, True, True]
     huge = _add(res, image=np.zeros((400, 400, 3), np.uint8), path="huge.png")
     assert huge.image is not None and all(r.image is None for r in recs)
+
+
+def test_live_frames_keep_their_images_within_the_byte_budget_too(monkeypatch):
+    """A live frame cannot be read again, so the count limit spares it; the byte budget does
+    not (a tiled model's 12 MP frames would hold gigabytes)."""
+    import core.session_results as sr
+
+    monkeypatch.setattr(sr, "KEEP_IMAGE_BYTES", 3 * 96 * 96 * 3)
+    monkeypatch.setattr(sr, "KEEP_IMAGES", 2)
+    res = SessionResults()
+    recs = [_add(res, image=np.zeros((96, 96, 3), np.uint8), path=None) for i in range(5)]
+    assert [r.image is not None for r in recs] == [False, False, True, True, True]

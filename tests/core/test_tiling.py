@@ -268,6 +268,7 @@ def test_okng_fit_tiles_and_score_refuses_another_tiling(ok_paths, tmp_path, cap
     capsys.readouterr()
     assert main(["score", "--model", str(out), "--runtime", "torch", "--tile", "64", "--overlap", "16",
                  ok_paths[0]]) == 0
+    assert main(["score", "--model", str(out), "--runtime", "torch", "--tile", "auto", ok_paths[0]]) == 0
     assert main(["score", "--model", str(out), "--runtime", "torch", "--tile", "128", ok_paths[0]]) == 2
     assert "fitted on tiles of 64 pixels overlapping by 16 and is always scored that way" in capsys.readouterr().err
 
@@ -293,7 +294,11 @@ def test_live_frames_are_inspected_tile_by_tile_too(tiled_fit):
         def close(self):
             pass
 
-    items = [p.item for p in live_job(TwoFrames(), lambda: tiled_fit.detector, CancelToken(), keep_embeddings=True)]
+    source = TwoFrames()
+    source.frames.insert(1, Frame(texture(np.random.default_rng(9))[:40, :40], "camera 0 #thumb", 9))
+    items = [p.item for p in live_job(source, lambda: tiled_fit.detector, CancelToken(), keep_embeddings=True)]
+    skipped = items.pop(1)  # a frame smaller than a tile is skipped with the reason; the run goes on
+    assert skipped.path == "camera 0 #thumb" and "tile" in skipped.reason
     assert [i.inspection.anomaly_map.shape for i in items] == [(H, W), (H, W)]
     assert all(i.embedding is None for i in items)  # no single embedding of a tiled frame
 
