@@ -176,7 +176,11 @@ def test_a_recipe_switch_during_a_run_takes_effect_between_two_parts(line):
         assert active[-1] == 2 and active == sorted(active)  # 1, 1, ..., 2, 2: one switch, no way back
         first2 = active.index(2)
         check_against_okng_score(results[:first2], start, line["images"], line["reference"])
-        assert all(r["Ok"] and not r["Ng"] and r["ErrorCode"] == 0 for r in results[first2:])
+        # ActiveRecipe turns 2 when recipe 2 has loaded; a part already in flight then keeps the
+        # engine it started with (recipe 1), so the first result reading 2 may be either's verdict
+        assert results[first2]["ErrorCode"] == 0
+        after = results[first2 + 1 :]
+        assert after and all(r["Ok"] and not r["Ng"] and r["ErrorCode"] == 0 for r in after), after
         plc.write("RecipeIndex", 7)  # no such recipe: refused, recipe 2 stays
         poll(lambda: plc.read()["ErrorCode"] == ErrorCode.UNKNOWN_RECIPE, what="ErrorCode 6")
         assert plc.read()["ActiveRecipe"] == 2 and plc.read()["Ready"]
