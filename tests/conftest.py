@@ -31,6 +31,14 @@ def make_part(rng: np.random.Generator, size: int = 96, defect: bool = False) ->
 
 
 @pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """A private cache folder for exported graphs and derived state (``OKNG_CACHE_DIR``)."""
+    d = tmp_path / "cache"
+    monkeypatch.setenv("OKNG_CACHE_DIR", str(d))
+    return d
+
+
+@pytest.fixture
 def tiny_config() -> DetectorConfig:
     """Random-weight backbone at 64 px: fast, for tests where accuracy does not matter."""
     return DetectorConfig(weights="random", image_size=64, n_channels=24, batch_size=4)

@@ -42,13 +42,6 @@ def _need(name: str) -> None:
     pytest.importorskip(name)
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    d = tmp_path / "cache"
-    monkeypatch.setenv("OKNG_CACHE_DIR", str(d))
-    return d
-
-
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory):
     """A tiny random-weight PaDiM fitted on synthetic parts, and a folder of parts to score

@@ -38,13 +38,6 @@ def _need(name: str) -> None:
     pytest.importorskip(name)
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    d = tmp_path / "cache"
-    monkeypatch.setenv("OKNG_CACHE_DIR", str(d))
-    return d
-
-
 @pytest.fixture(scope="module")
 def tiny_fitted(tmp_path_factory):
     """A tiny random-weight detector fitted on synthetic parts (PyTorch), plus test images."""
