@@ -77,9 +77,27 @@ def show_splash(app):
     return splash
 
 
+_garbage_collector = None
+
+
+def collect_garbage_on_ui_thread() -> None:
+    """Python's cycle collector runs in whichever thread happens to allocate. When that is a
+    worker (the line link's server threads, the engine, a live source's read-ahead) and the
+    garbage holds a Qt widget, the widget is deleted off the UI thread and the process
+    crashes. Seen as a segfault in CI: windows of earlier tests waiting for collection while
+    the line link's threads ran. So the automatic collector is switched off and pyqtgraph's
+    GarbageCollector collects on a UI-thread timer, with the usual generation thresholds."""
+    global _garbage_collector
+    from pyqtgraph.util.garbage_collector import GarbageCollector
+
+    if _garbage_collector is None:  # its timer lives as long as the process
+        _garbage_collector = GarbageCollector(interval=0.5)
+
+
 def run_gui(recipe_path: str | None = None, demo: bool = False) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = QApplication.instance() or QApplication(sys.argv[:1])
+    collect_garbage_on_ui_thread()
     splash = show_splash(app)
     app, controller, window = build()
     if demo:

@@ -1,3 +1,4 @@
+import gc
 import os
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
@@ -57,3 +58,19 @@ def pytest_runtest_teardown(item):
         if isinstance(w, MainWindow):
             w.controller.session.mark_saved()
     return (yield)
+
+
+@pytest.fixture(autouse=True)
+def garbage_collected_on_the_test_thread():
+    """As in the station (gui.app.collect_garbage_on_ui_thread): no automatic cycle
+    collection while a GUI test runs, whose line link, engine or source threads could
+    otherwise collect an earlier test's closed window off the UI thread (a segfault in CI);
+    collected here instead, on the test's own thread, before and after (after pytest-qt has
+    closed the test's widgets)."""
+    gc.disable()
+    gc.collect()
+    try:
+        yield
+    finally:
+        gc.collect()
+        gc.enable()

@@ -52,3 +52,35 @@ def test_ready_file_says_the_demo_window_is_up(qtbot, monkeypatch, tmp_path):
     assert info["visible"] is True and info["title"] == "OK/NG Station — ELPV mono cells (demo)"
     assert info["ok_images"] == 200 and info["frozen"] is False
     assert started <= info["time"] <= time.time() and info["width"] > 0 and info["height"] > 0
+
+
+def test_the_station_collects_garbage_on_the_ui_thread_never_in_a_worker(qtbot, monkeypatch):
+    """A closed window in a reference cycle, collected by whichever thread allocates next, is
+    a widget deleted off the UI thread: a crash. The station collects on a UI-thread timer."""
+    import gc
+    import threading
+
+    from gui import app as app_module
+
+    collected_in: list[str] = []
+
+    class Cycle:
+        def __del__(self):
+            collected_in.append(threading.current_thread().name)
+
+    gc.enable()  # a plain process (the GUI tests' fixture has it off)
+    monkeypatch.setattr(app_module, "_garbage_collector", None)
+    app_module.collect_garbage_on_ui_thread()
+    try:
+        assert not gc.isenabled()
+        c = Cycle()
+        c.me = c
+        del c
+        kept: list = []  # the worker's allocations stay alive: they count towards a collection
+        worker = threading.Thread(target=lambda: kept.extend({} for _ in range(100_000)), name="worker")
+        worker.start()
+        worker.join()
+        assert collected_in == []  # the worker's 100,000 allocations collected nothing
+        qtbot.waitUntil(lambda: collected_in == [threading.current_thread().name], timeout=3000)
+    finally:
+        app_module._garbage_collector.timer.stop()
