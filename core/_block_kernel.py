@@ -1,4 +1,5 @@
-"""The compiled loop behind :func:`core.feedback_memory.shortlist_block_distances` (imports numba)."""
+"""The compiled loops behind :func:`core.feedback_memory.shortlist_block_distances` and the
+memory's best-match search (imports numba)."""
 from __future__ import annotations
 
 import math
@@ -35,6 +36,78 @@ def _shortlist_distances(q, qv, m, mv, idx, bounds, out):  # pragma: no cover - 
             for g in range(n_g):
                 out[i, s, g] = math.sqrt(acc[g] / cells)
 
+
+def _best_by_ratio(q, qv, m, mv, idx, live, bounds, r, tol, cutoff, best, out_d):  # pragma: no cover
+    """For each query block i, the shortlisted block ``idx[i, s]`` (``live[i, s]``) with the
+    smallest key = max over groups of d_g / r[j, g] (r == 0: 0 when d_g <= tol[i], else no
+    match), among keys <= ``cutoff`` only -> best[i] = s (-1: none), out_d[i] its (G,) block
+    distances (d_g as :func:`_shortlist_distances` computes them, same order of sums).
+
+    Exact, and cheap where the shortlist is mostly far: a block's sum over cells only grows,
+    so a block is dropped as soon as one group's partial sum passes what the best key so far
+    (or the cutoff) allows. Scoring needs nothing above the cutoff: the gate factor is 1
+    there and growth stops below it."""
+    n_q, n_s = idx.shape
+    n_g = bounds.shape[0] - 1
+    acc = np.empty(n_g, np.float32)
+    lim = np.empty(n_g, np.float64)
+    for i in range(n_q):
+        best[i] = -1
+        best_key = np.float32(cutoff)
+        for g in range(n_g):
+            out_d[i, g] = np.inf
+        for s in range(n_s):
+            if not live[i, s]:
+                continue
+            j = idx[i, s]
+            cells = 0
+            for k in range(9):
+                if k == 4 or (qv[i, k] and mv[j, k]):
+                    cells += 1
+            for g in range(n_g):
+                acc[g] = 0.0
+                bound = np.float64(tol[i])
+                if r[j, g] > 0:
+                    bound = np.float64(best_key) * np.float64(r[j, g])
+                lim[g] = bound * bound * cells * 1.0001 + 1e-30  # slack: the final test is exact
+            dropped = False
+            for k in range(9):
+                if k != 4 and not (qv[i, k] and mv[j, k]):
+                    continue
+                for g in range(n_g):
+                    a = np.float32(0.0)
+                    for c in range(bounds[g], bounds[g + 1]):
+                        d = q[i, k, c] - m[j, k, c]
+                        a += d * d
+                    acc[g] += a
+                    if acc[g] > lim[g]:
+                        dropped = True
+                if dropped:
+                    break
+            if dropped:
+                continue
+            key = np.float32(0.0)
+            for g in range(n_g):
+                dg = np.float32(math.sqrt(acc[g] / cells))
+                if r[j, g] > 0:
+                    kg = dg / r[j, g]
+                elif dg <= tol[i]:
+                    kg = np.float32(0.0)
+                else:
+                    kg = np.float32(np.inf)
+                if kg > key:
+                    key = kg
+            if key < best_key or (best[i] < 0 and key <= best_key):
+                best_key = key
+                best[i] = s
+                for g in range(n_g):
+                    out_d[i, g] = np.float32(math.sqrt(acc[g] / cells))
+
+
+try:
+    best_by_ratio = numba.njit(fastmath={"reassoc", "contract"}, cache=True, nogil=True)(_best_by_ratio)
+except RuntimeError:  # no writable cache location
+    best_by_ratio = numba.njit(fastmath={"reassoc", "contract"}, nogil=True)(_best_by_ratio)
 
 try:
     shortlist_distances = numba.njit(fastmath={"reassoc", "contract"}, cache=True, nogil=True)(_shortlist_distances)

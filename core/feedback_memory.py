@@ -90,22 +90,35 @@ def block_distances(q: torch.Tensor, q_valid: torch.Tensor, m: torch.Tensor, m_v
 
 
 _kernel = None  # the compiled shortlist loop, built at the first look-up (numba: ~0.3 s import)
+_best_kernel = None  # the compiled best-match search (same module)
 _kernel_failed = False
 
 
 def _compiled():
-    global _kernel, _kernel_failed
+    global _kernel, _best_kernel, _kernel_failed
     if _kernel is None and not _kernel_failed:
         try:
-            from ._block_kernel import shortlist_distances
+            from ._block_kernel import best_by_ratio, shortlist_distances
 
-            z = np.zeros((1, 9, 2), np.float32)
-            shortlist_distances(z, np.ones((1, 9), bool), z, np.ones((1, 9), bool), np.zeros((1, 1), np.int64),
-                                np.array([0, 2], np.int64), np.empty((1, 1, 1), np.float32))
-            _kernel = shortlist_distances
+            z, v, i = np.zeros((1, 9, 2), np.float32), np.ones((1, 9), bool), np.zeros((1, 1), np.int64)
+            bounds = np.array([0, 2], np.int64)
+            shortlist_distances(z, v, z, v, i, bounds, np.empty((1, 1, 1), np.float32))
+            best_by_ratio(z, v, z, v, i, np.ones((1, 1), bool), bounds, np.ones((1, 1), np.float32),
+                          np.zeros(1, np.float32), 1.0, np.empty(1, np.int64), np.empty((1, 1), np.float32))
+            _kernel, _best_kernel = shortlist_distances, best_by_ratio
         except Exception:  # noqa: BLE001 - any failure here only costs speed
             _kernel_failed = True
     return _kernel
+
+
+def _contiguous_bounds(groups: list[slice | torch.Tensor]) -> np.ndarray | None:
+    """Edges of contiguous channel groups laid end to end (G + 1,), else None."""
+    if not all(isinstance(g, slice) for g in groups):
+        return None
+    bounds = np.array([groups[0].start] + [g.stop for g in groups], np.int64)
+    if any(g.start != b for g, b in zip(groups, bounds[:-1])):
+        return None
+    return bounds
 
 
 def shortlist_block_distances(q: torch.Tensor, qv: torch.Tensor, m: torch.Tensor, mv: torch.Tensor,
@@ -114,10 +127,8 @@ def shortlist_block_distances(q: torch.Tensor, qv: torch.Tensor, m: torch.Tensor
     ``m[idx]`` (idx (Q, S)) -> (Q, S, G), without gathering them: a compiled loop when the
     channel groups are contiguous (the backbone's stages always are)."""
     kernel = _compiled()
-    if kernel is None or not all(isinstance(g, slice) for g in groups) or idx.numel() == 0:
-        return block_distances(q, qv, m[idx], mv[idx], groups)
-    bounds = np.array([groups[0].start] + [g.stop for g in groups], np.int64)
-    if any(g.start != b for g, b in zip(groups, bounds[:-1])):
+    bounds = _contiguous_bounds(groups)
+    if kernel is None or bounds is None or idx.numel() == 0:
         return block_distances(q, qv, m[idx], mv[idx], groups)
     out = np.empty((*idx.shape, len(groups)), np.float32)
     kernel(*(np.ascontiguousarray(t.numpy()) for t in (q, qv, m, mv, idx)), bounds, out)
@@ -332,13 +343,14 @@ class FeedbackMemory:
 
     def _nearest(self, q: torch.Tensor, qv: torch.Tensor, m: torch.Tensor, mv: torch.Tensor,
                  allowed: torch.Tensor | None, rank_by: torch.Tensor | None = None,
-                 per_group: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                 per_group: bool = False, cutoff: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Best block of ``m`` for each query block: ((Q, G) distances, (Q,) index; inf/-1 if none).
 
         Shortlist by centre-patch distance, then the block distance per channel group. The
         best is the one with the smallest ``max_g d_g / rank_by_g`` (``rank_by`` (M, G)), or
         with ``per_group`` each group's own minimum (index: of the first group), else the
-        smallest overall distance."""
+        smallest overall distance. With ``rank_by`` and ``cutoff``, a best above the cutoff
+        may be reported as none (the compiled search stops looking past it: scoring's case)."""
         nq, g = q.shape[0], len(self._groups)
         if m.shape[0] == 0 or nq == 0:
             return torch.full((nq, g), float("inf")), torch.full((nq,), -1, dtype=torch.int64)
@@ -350,6 +362,16 @@ class FeedbackMemory:
             cd = cd.masked_fill(~allowed, float("inf"))
         s = min(self.shortlist, m.shape[0])
         cd_s, idx = cd.topk(s, dim=1, largest=False)
+        bounds = _contiguous_bounds(self._groups)
+        if rank_by is not None and cutoff is not None and bounds is not None and _compiled() is not None:
+            best = np.empty(nq, np.int64)
+            out_d = np.empty((nq, g), np.float32)
+            q_, qv_, m_, mv_, idx_, live, r, tol = (np.ascontiguousarray(t.numpy()) for t in (
+                q, qv, m, mv, idx, torch.isfinite(cd_s), rank_by.to(torch.float32), _copy_tolerance(q)))
+            _best_kernel(q_, qv_, m_, mv_, idx_, live, bounds, r, tol, float(cutoff), best, out_d)
+            best_t = torch.from_numpy(best)
+            found = best_t >= 0
+            return torch.from_numpy(out_d), torch.where(found, idx[torch.arange(nq), best_t.clamp_min(0)], -1)
         d = shortlist_block_distances(q, qv, m, mv, idx, self._groups)  # (Q, s, G)
         d = d.masked_fill(~torch.isfinite(cd_s)[..., None], float("inf"))
         rows = torch.arange(nq)
@@ -374,7 +396,9 @@ class FeedbackMemory:
         if self.radius is not None:
             allowed = (q_pos[:, None, :] - self.pos[None, :, :]).abs().amax(-1) <= self.radius
         r = self.scale
-        d_acc, i_acc = self._nearest(q, qv, self.blocks, self.valid, allowed, rank_by=r)
+        # nothing above the ramp's top (factor 1) or the growth limit can change a distance
+        cutoff = max(self.high, self.grow or 0.0)
+        d_acc, i_acc = self._nearest(q, qv, self.blocks, self.valid, allowed, rank_by=r, cutoff=cutoff)
         has = i_acc >= 0
         r_best = r[i_acc.clamp_min(0)] if len(self) else torch.zeros_like(d_acc)
         per = torch.where(r_best > 0, d_acc / r_best.clamp_min(1e-12),

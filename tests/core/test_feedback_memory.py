@@ -283,3 +283,35 @@ def test_the_compiled_shortlist_gives_the_block_distances_of_the_gathered_blocks
     interleaved = [torch.tensor([0, 2, 4]), torch.tensor([1, 3, 5])]  # not contiguous: the tensor path
     torch.testing.assert_close(shortlist_block_distances(q, qv, m, mv, idx, interleaved),
                                block_distances(q, qv, m[idx], mv[idx], interleaved))
+
+
+def test_the_compiled_best_match_search_agrees_with_the_full_search_up_to_the_cutoff(monkeypatch):
+    """Scoring's search drops a shortlisted block as soon as it cannot beat the best so far
+    (or the cutoff): the same best block, ratio and distance wherever the ratio is at most
+    the cutoff; nothing found above it (the gate factor is 1 there either way)."""
+    import core.feedback_memory as fm
+
+    assert fm._compiled() is not None
+    g = torch.Generator().manual_seed(3)
+    mem = FeedbackMemory((16, 16), 12, channel_groups=[0] * 5 + [1] * 7, shortlist=6)
+    mem.blocks, mem.valid = torch.randn(40, 9, 12, generator=g), torch.rand(40, 9, generator=g) > 0.2
+    mem.pos, mem.click = torch.zeros(40, 2, dtype=torch.int64), torch.arange(40) % 4
+    mem.loo = torch.rand(40, 2, generator=g) * 4 + 2
+    mem.loo[:3] = 0.0  # blocks with no spread: exact copies only
+    mem.ok_dist, mem.n_clicks = torch.full((40, 2), -1.0), 4
+    # queries: copies, near prints (ratios around the ramp), and strangers
+    base = mem.blocks[torch.arange(60) % 40]
+    q = base + torch.randn(60, 9, 12, generator=g) * torch.linspace(0, 6.0, 60)[:, None, None]
+    q[:2] = mem.blocks[:2]  # exact copies of radius-0 blocks
+    qv = torch.rand(60, 9, generator=g) > 0.2
+    pos = torch.zeros(60, 2, dtype=torch.int64)
+    fast = mem.match(q, qv, pos)
+    monkeypatch.setattr(fm, "_contiguous_bounds", lambda groups: None)  # the full tensor search
+    full = mem.match(q, qv, pos)
+    cutoff = max(mem.high, mem.grow)
+    inside = full.ratio <= cutoff
+    assert 10 <= int(inside.sum()) <= 50 and bool(inside[:2].all())  # both kinds are exercised
+    torch.testing.assert_close(fast.ratio[inside], full.ratio[inside])
+    torch.testing.assert_close(fast.accepted_distance[inside], full.accepted_distance[inside])
+    torch.testing.assert_close(fast.factor, full.factor)
+    assert bool(torch.isinf(fast.ratio[~inside]).all())
