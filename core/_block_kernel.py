@@ -37,6 +37,61 @@ def _shortlist_distances(q, qv, m, mv, idx, bounds, out):  # pragma: no cover - 
                 out[i, s, g] = math.sqrt(acc[g] / cells)
 
 
+def _jit(fn):
+    try:
+        return numba.njit(fastmath={"reassoc", "contract"}, cache=True, nogil=True)(fn)
+    except RuntimeError:  # no writable cache location
+        return numba.njit(fastmath={"reassoc", "contract"}, nogil=True)(fn)
+
+
+@_jit
+def _common_cells(qv, mv, i, j):  # pragma: no cover - runs compiled
+    cells = 0
+    for k in range(9):
+        if k == 4 or (qv[i, k] and mv[j, k]):
+            cells += 1
+    return cells
+
+
+@_jit
+def _sums_within(q, qv, m, mv, i, j, bounds, lim, acc):  # pragma: no cover - runs compiled
+    """acc[g] = the block's sum of squared differences per group, cell after cell; False as
+    soon as one group's partial sum passes lim[g] (the sums only grow)."""
+    n_g = bounds.shape[0] - 1
+    for g in range(n_g):
+        acc[g] = 0.0
+    for k in range(9):
+        if k != 4 and not (qv[i, k] and mv[j, k]):
+            continue
+        over = False
+        for g in range(n_g):
+            a = np.float32(0.0)
+            for c in range(bounds[g], bounds[g + 1]):
+                d = q[i, k, c] - m[j, k, c]
+                a += d * d
+            acc[g] += a
+            over |= acc[g] > lim[g]
+        if over:
+            return False
+    return True
+
+
+@_jit
+def _ratio_key(acc, cells, r, j, tol):  # pragma: no cover - runs compiled
+    """max over groups of d_g / r[j, g]; where r is 0: 0 within tol, else inf."""
+    key = np.float32(0.0)
+    for g in range(acc.shape[0]):
+        dg = np.float32(math.sqrt(acc[g] / cells))
+        if r[j, g] > 0:
+            kg = dg / r[j, g]
+        elif dg <= tol:
+            kg = np.float32(0.0)
+        else:
+            kg = np.float32(np.inf)
+        key = max(key, kg)
+    return key
+
+
 def _best_by_ratio(q, qv, m, mv, idx, live, bounds, r, tol, cutoff, best, out_d):  # pragma: no cover
     """For each query block i, the shortlisted block ``idx[i, s]`` (``live[i, s]``) with the
     smallest key = max over groups of d_g / r[j, g] (r == 0: 0 when d_g <= tol[i], else no
@@ -54,62 +109,24 @@ def _best_by_ratio(q, qv, m, mv, idx, live, bounds, r, tol, cutoff, best, out_d)
     for i in range(n_q):
         best[i] = -1
         best_key = np.float32(cutoff)
-        for g in range(n_g):
-            out_d[i, g] = np.inf
+        out_d[i, :] = np.inf
         for s in range(n_s):
+            j = idx[i, s]
             if not live[i, s]:
                 continue
-            j = idx[i, s]
-            cells = 0
-            for k in range(9):
-                if k == 4 or (qv[i, k] and mv[j, k]):
-                    cells += 1
+            cells = _common_cells(qv, mv, i, j)
             for g in range(n_g):
-                acc[g] = 0.0
-                bound = np.float64(tol[i])
-                if r[j, g] > 0:
-                    bound = np.float64(best_key) * np.float64(r[j, g])
+                bound = np.float64(best_key) * np.float64(r[j, g]) if r[j, g] > 0 else np.float64(tol[i])
                 lim[g] = bound * bound * cells * 1.0001 + 1e-30  # slack: the final test is exact
-            dropped = False
-            for k in range(9):
-                if k != 4 and not (qv[i, k] and mv[j, k]):
-                    continue
-                for g in range(n_g):
-                    a = np.float32(0.0)
-                    for c in range(bounds[g], bounds[g + 1]):
-                        d = q[i, k, c] - m[j, k, c]
-                        a += d * d
-                    acc[g] += a
-                    if acc[g] > lim[g]:
-                        dropped = True
-                if dropped:
-                    break
-            if dropped:
+            if not _sums_within(q, qv, m, mv, i, j, bounds, lim, acc):
                 continue
-            key = np.float32(0.0)
-            for g in range(n_g):
-                dg = np.float32(math.sqrt(acc[g] / cells))
-                if r[j, g] > 0:
-                    kg = dg / r[j, g]
-                elif dg <= tol[i]:
-                    kg = np.float32(0.0)
-                else:
-                    kg = np.float32(np.inf)
-                if kg > key:
-                    key = kg
+            key = _ratio_key(acc, cells, r, j, tol[i])
             if key < best_key or (best[i] < 0 and key <= best_key):
-                best_key = key
-                best[i] = s
+                best_key, best[i] = key, s
                 for g in range(n_g):
                     out_d[i, g] = np.float32(math.sqrt(acc[g] / cells))
 
 
-try:
-    best_by_ratio = numba.njit(fastmath={"reassoc", "contract"}, cache=True, nogil=True)(_best_by_ratio)
-except RuntimeError:  # no writable cache location
-    best_by_ratio = numba.njit(fastmath={"reassoc", "contract"}, nogil=True)(_best_by_ratio)
+best_by_ratio = _jit(_best_by_ratio)
 
-try:
-    shortlist_distances = numba.njit(fastmath={"reassoc", "contract"}, cache=True, nogil=True)(_shortlist_distances)
-except RuntimeError:  # no writable cache location
-    shortlist_distances = numba.njit(fastmath={"reassoc", "contract"}, nogil=True)(_shortlist_distances)
+shortlist_distances = _jit(_shortlist_distances)

@@ -11,9 +11,7 @@ unmapped address is refused whole with exception 2 (illegal data address). Any u
 from __future__ import annotations
 
 import asyncio
-import logging
 import struct
-import threading
 from typing import Any
 
 from pymodbus.constants import ExcCodes
@@ -21,9 +19,9 @@ from pymodbus.datastore import ModbusServerContext
 from pymodbus.server import ModbusTcpServer
 
 from .handshake import Handshake
+from .server_thread import ServerThread
 from .signals import COILS, ERROR_TEXT_REGISTERS, N_COILS, N_REGISTERS, REGISTERS, Signal
 
-log = logging.getLogger(__name__)
 _BIT_CODES = {1, 2, 5, 15}  # read coils, read discrete inputs, write coil(s)
 _REGISTER_CODES = {3, 4, 6, 16, 22, 23}
 _COIL_AT = {s.address: s for s in COILS}
@@ -107,48 +105,32 @@ class HandshakeContext(ModbusServerContext):
         return None
 
 
-class ModbusLink:
+class ModbusLink(ServerThread):
+    thread_name = "line-modbus"
+
     def __init__(self, handshake: Handshake, host: str = "0.0.0.0", port: int = 502) -> None:
+        super().__init__()
         self.handshake, self.host, self.port = handshake, host, port
         self.clients = 0  # connected PLCs (TCP connections)
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._server: ModbusTcpServer | None = None
-        self._thread: threading.Thread | None = None
-        self._started = threading.Event()
-        self._error: BaseException | None = None
+
+    def where(self) -> str:
+        return f"Modbus server on {self.host}:{self.port}"
 
     def describe(self) -> dict[str, Any]:
         return {"protocol": "Modbus TCP", "endpoint": f"{self.host}:{self.port}", "clients": self.clients}
 
-    def start(self, timeout: float = 30.0) -> None:
-        self._thread = threading.Thread(target=self._run, name="line-modbus", daemon=True)
-        self._thread.start()
-        if not self._started.wait(timeout):
-            raise RuntimeError(f"Modbus server on {self.host}:{self.port} did not start in {timeout:g} s")
-        if self._error is not None:
-            raise self._error
-
     def stop(self) -> None:
-        if self._loop is not None and self._server is not None and self._thread is not None:
-            asyncio.run_coroutine_threadsafe(self._server.shutdown(), self._loop)
-            self._thread.join(10)
+        if self._server is not None:
+            server = self._server
+            self._stop_on_loop(lambda loop: asyncio.run_coroutine_threadsafe(server.shutdown(), loop))
 
     def _connected(self, up: bool) -> None:
         self.clients = max(0, self.clients + (1 if up else -1))
 
-    def _run(self) -> None:
-        try:
-            asyncio.run(self._serve())
-        except BaseException as exc:  # noqa: BLE001 - reported to start() or logged
-            self._error = exc
-            if self._started.is_set():
-                log.exception("Modbus server stopped")
-            self._started.set()
-
     async def _serve(self) -> None:
-        self._loop = asyncio.get_running_loop()
         self._server = ModbusTcpServer(HandshakeContext(self.handshake), address=(self.host, self.port),
                                        trace_connect=self._connected)
         await self._server.serve_forever(background=True)
-        self._started.set()
+        self._serving()
         await self._server.serving

@@ -12,17 +12,15 @@ them, so a client that sees ResultReady=1 reads the result that goes with it.
 from __future__ import annotations
 
 import asyncio
-import logging
-import threading
 from typing import Any
 
 from asyncua import Server, ua
 from asyncua.common.callback import CallbackType
 
 from .handshake import Handshake
+from .server_thread import ServerThread
 from .signals import BY_NAME, SIGNALS, Signal
 
-log = logging.getLogger(__name__)
 NAMESPACE = "urn:okng-station:line"
 _TYPES = {"bool": ua.VariantType.Boolean, "uint16": ua.VariantType.UInt16, "uint32": ua.VariantType.UInt32,
           "int32": ua.VariantType.Int32, "float": ua.VariantType.Double, "text": ua.VariantType.String}
@@ -32,49 +30,34 @@ def _variant(sig: Signal, value: Any) -> ua.Variant:
     return ua.Variant(value, _TYPES[sig.kind])
 
 
-class OpcUaLink:
+class OpcUaLink(ServerThread):
+    thread_name = "line-opcua"
+
     def __init__(self, handshake: Handshake, host: str = "0.0.0.0", port: int = 4840) -> None:
+        super().__init__()
         self.handshake, self.host, self.port = handshake, host, port
         self.endpoint = f"opc.tcp://{host}:{port}/okng/"
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._started = threading.Event()
-        self._error: BaseException | None = None
         self._stopping: asyncio.Event | None = None
         self._queue: asyncio.Queue | None = None
         self._nodes: dict[str, ua.NodeId] = {}
         self._names: dict[ua.NodeId, str] = {}
         self._server: Server | None = None
 
+    def where(self) -> str:
+        return f"OPC UA server on {self.endpoint}"
+
     def describe(self) -> dict[str, Any]:
         bserver = getattr(self._server, "bserver", None)
         return {"protocol": "OPC UA", "endpoint": self.endpoint,
                 "clients": len(bserver.clients) if bserver is not None else 0}
 
-    def start(self, timeout: float = 30.0) -> None:
-        self._thread = threading.Thread(target=self._run, name="line-opcua", daemon=True)
-        self._thread.start()
-        if not self._started.wait(timeout):
-            raise RuntimeError(f"OPC UA server on {self.endpoint} did not start in {timeout:g} s")
-        if self._error is not None:
-            raise self._error
-
     def stop(self) -> None:
-        if self._loop is not None and self._stopping is not None and self._thread is not None:
-            self._loop.call_soon_threadsafe(self._stopping.set)
-            self._thread.join(10)
-
-    def _run(self) -> None:
-        try:
-            asyncio.run(self._serve())
-        except BaseException as exc:  # noqa: BLE001 - reported to start() or logged
-            self._error = exc
-            if self._started.is_set():
-                log.exception("OPC UA server stopped")
-            self._started.set()
+        if self._stopping is not None:
+            stopping = self._stopping
+            self._stop_on_loop(lambda loop: loop.call_soon_threadsafe(stopping.set))
 
     async def _serve(self) -> None:
-        self._loop = asyncio.get_running_loop()
+        self._loop = asyncio.get_running_loop()  # _changed posts to it from the first change on
         self._stopping, self._queue = asyncio.Event(), asyncio.Queue()
         self._server = server = Server()
         await server.init()
@@ -95,7 +78,7 @@ class OpcUaLink:
         async with server:
             self.handshake.add_listener(self._changed)
             await self._publish(self.handshake.snapshot())  # whatever changed while the server started
-            self._started.set()
+            self._serving()
             pusher = asyncio.create_task(self._push())
             try:
                 await self._stopping.wait()
