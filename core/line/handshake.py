@@ -4,9 +4,10 @@ One cycle (README "Connecting a line" has the timing diagram)::
 
     PLC: PartId (optional), Trigger=1      station: clears Trigger, Ready=0, Busy=1
                                             station: inspects (worker thread)
-                                            station: Score, Ok/Ng, PartId, ErrorCode, Busy=0, ResultReady=1
+                                            station: Score, Ok/Ng, PartId, ErrorCode, ResultRecipe, Busy=0,
+                                                     ResultReady=1
     PLC: reads the result, ResultAck=1     station: records the ack, clears ResultAck, ResultReady, Ok, Ng,
-                                                     PartId=0, Ready=1
+                                                     PartId=0, ResultRecipe=0, Ready=1
 
 Rules: a trigger while busy, or while a result waits for its ack, is refused with an
 ErrorCode and never queued; a result is held until acknowledged (and recorded as
@@ -185,7 +186,7 @@ class Handshake:
         score = float(r.score) if r.score is not None else 0.0
         self._set(Score=score, ScoreX1000=_clamp_int32(round(score * 1000.0)), Ok=r.verdict == "OK",
                   Ng=r.verdict == "NG", PartId=r.part_id, ErrorCode=int(r.error_code), ErrorText=r.error_text[:200],
-                  Busy=False, Ready=False, ResultReady=True)
+                  ResultRecipe=r.recipe_index, Busy=False, Ready=False, ResultReady=True)
 
     def _acknowledge(self) -> None:
         self._set(ResultAck=False)
@@ -198,7 +199,7 @@ class Handshake:
             log.exception("ack of part %d not recorded", r.part_id)
             return self._refuse(ErrorCode.ACK_NOT_RECORDED, f"ack of part {r.part_id} not recorded: {exc}")
         self._held = None
-        self._set(ResultReady=False, Ok=False, Ng=False, PartId=0)
+        self._set(ResultReady=False, Ok=False, Ng=False, PartId=0, ResultRecipe=0)
         self._update_ready()
 
     # -- station side -------------------------------------------------------------------

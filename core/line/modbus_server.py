@@ -1,7 +1,7 @@
 """The handshake as a Modbus TCP server (pymodbus): the PLC is the client (master).
 
 Every request is answered from the handshake's values at that moment (no copy to keep in
-step): coils 0-6 are the booleans, holding registers 0-41 the numbers and ErrorText, at the
+step): coils 0-6 are the booleans, holding registers 0-42 the numbers, ErrorText and ResultRecipe, at the
 addresses of :mod:`.signals` (README "Connecting a line"). Function codes 2 and 4 (discrete
 inputs, input registers) read the same tables, for PLCs that keep outputs there. The PLC may
 write Trigger, ResultAck (coils 0, 1), RecipeIndex (register 0) and PartId (registers 4-5,

@@ -45,7 +45,8 @@ SIGNALS: tuple[Signal, ...] = (
     Signal("ResultAck", "bool", "plc", 1, "write 1: the PLC has read the result; the station clears it"),
     Signal("Ready", "bool", "station", 2, "a trigger now would be accepted (recipe loaded, idle, no held result)"),
     Signal("Busy", "bool", "station", 3, "an inspection is running"),
-    Signal("ResultReady", "bool", "station", 4, "Ok/Ng/Score/PartId/ErrorCode hold a result until ResultAck"),
+    Signal("ResultReady", "bool", "station", 4,
+           "Ok/Ng/Score/PartId/ErrorCode/ResultRecipe hold a result until ResultAck"),
     Signal("Ok", "bool", "station", 5, "the held result is OK"),
     Signal("Ng", "bool", "station", 6, "the held result is NG (neither: no verdict or an error)"),
     Signal("RecipeIndex", "uint16", "plc", 0, "recipe wanted (1..N, the order given to okng serve)"),
@@ -56,6 +57,7 @@ SIGNALS: tuple[Signal, ...] = (
     Signal("Score", "float", "station", 6, "anomaly score of the held result"),
     Signal("ScoreX1000", "int32", "station", 8, "the score x 1000, rounded (for PLCs without floats)"),
     Signal("ErrorText", "text", "station", 10, "what went wrong, in words (64 characters on Modbus)"),
+    Signal("ResultRecipe", "uint16", "station", 42, "recipe (1..N) that judged the held result (0: none held)"),
 )
 BY_NAME = {s.name: s for s in SIGNALS}
 COILS = [s for s in SIGNALS if s.kind == "bool"]

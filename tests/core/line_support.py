@@ -117,7 +117,8 @@ class Served:
 
 
 # -- PLC clients: what a PLC does, with the real client libraries -------------------------
-OUTPUTS = ("Ready", "Busy", "ResultReady", "Ok", "Ng", "PartId", "Score", "ErrorCode", "ActiveRecipe")
+OUTPUTS = ("Ready", "Busy", "ResultReady", "Ok", "Ng", "PartId", "Score", "ErrorCode", "ActiveRecipe",
+           "ResultRecipe")
 TYPES = {"Trigger": ua.VariantType.Boolean, "ResultAck": ua.VariantType.Boolean,
          "RecipeIndex": ua.VariantType.UInt16, "PartId": ua.VariantType.UInt32}
 
@@ -153,10 +154,11 @@ class ModbusPlc:
     def read(self, *names: str) -> dict:
         bits = self.client.read_coils(0, count=7).bits
         regs = self.client.read_holding_registers(0, count=10).registers
+        result_recipe = self.client.read_holding_registers(42, count=1).registers[0]
         score = struct.unpack(">f", struct.pack(">HH", regs[6], regs[7]))[0]
         return {"Trigger": bits[0], "ResultAck": bits[1], "Ready": bits[2], "Busy": bits[3], "ResultReady": bits[4],
                 "Ok": bits[5], "Ng": bits[6], "RecipeIndex": regs[0], "ActiveRecipe": regs[1], "Heartbeat": regs[2],
-                "ErrorCode": regs[3], "PartId": regs[4] << 16 | regs[5], "Score": score}
+                "ErrorCode": regs[3], "PartId": regs[4] << 16 | regs[5], "Score": score, "ResultRecipe": result_recipe}
 
     def write(self, name: str, value) -> None:
         if name in ("Trigger", "ResultAck"):

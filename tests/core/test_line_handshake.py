@@ -237,6 +237,26 @@ def test_a_recipe_switch_loads_in_the_background_while_the_old_recipe_inspects(l
     assert [e for e, _ in ln.inspected] == [1, 2]
 
 
+def test_the_part_in_flight_at_a_recipe_switch_says_it_was_judged_by_the_old_recipe(line):
+    """ActiveRecipe turns 2 as soon as recipe 2 has loaded, even while a part triggered under
+    recipe 1 is still being inspected with recipe 1's engine: ResultRecipe, held with the
+    result and cleared with the ack, says which recipe judged it."""
+    ln = line(hold=True).started(1)
+    ln.hs.plc_write("Trigger", True)
+    ln.watch.until("Busy", True)
+    ln.hs.plc_write("RecipeIndex", 2)
+    ln.watch.until("ActiveRecipe", 2)  # loaded while part 1 is in flight
+    ln.gate.set()
+    ln.watch.until("ResultReady", True)
+    s = ln.hs.snapshot()
+    assert (s["Ok"], s["ActiveRecipe"], s["ResultRecipe"]) == (True, 2, 1)
+    ln.hs.plc_write("ResultAck", True)
+    ln.watch.until("Ready", True)
+    assert ln.hs.value("ResultRecipe") == 0
+    s = ln.cycle()
+    assert (s["Ng"], s["ResultRecipe"]) == (True, 2)
+
+
 def test_an_unknown_recipe_index_is_refused_and_the_active_recipe_kept(line):
     ln = line().started(1)
     ln.hs.plc_write("RecipeIndex", 9)
