@@ -1,9 +1,9 @@
-"""Compare the station's normality models on ELPV mono cells (run on purpose; not a test).
+"""Compare the station's normality models on ELPV cells (run on purpose; not a test).
 
-    nice -n 10 .venv/bin/python benchmarks/bench_models.py [--train 200] [--eval 150]
+    nice -n 10 .venv/bin/python benchmarks/bench_models.py [--kind mono|poly] [--train 200] [--eval 150]
 
-Fit on ``demo_split().ok_train`` (200 OK cells), evaluate on ``eval_ok[:150]`` +
-``eval_ng[:150]``. Image score = the detector's own post-processing (blur sigma 4, max
+Fit on ``demo_split(kind=...).ok_train`` (200 OK cells), evaluate on ``eval_ok[:150]`` +
+``eval_ng[:150]`` of the same cell type (mono by default; poly: the varied good parts). Image score = the detector's own post-processing (blur sigma 4, max
 pooling by default). Every row uses the same backbone (default recipe: Lite0, stages 2+3,
 224 px); the images are embedded ONCE with all channels and each model gets its own channel
 subset sliced from that (identical to embedding with the subset), so the table compares
@@ -65,8 +65,8 @@ class Row:
     file_mb: float
 
 
-def load_data(n_train: int = 200, n_eval: int = 150) -> Data:
-    split = demo_split()
+def load_data(n_train: int = 200, n_eval: int = 150, kind: str = "mono") -> Data:
+    split = demo_split(kind=kind)
     train = split.ok_train[:n_train]
     evals = split.eval_ok[:n_eval] + split.eval_ng[:n_eval]
     labels = np.array([0] * len(split.eval_ok[:n_eval]) + [1] * len(split.eval_ng[:n_eval]))
@@ -161,9 +161,10 @@ def main() -> None:
     ap.add_argument("--train", type=int, default=200)
     ap.add_argument("--eval", type=int, default=150, help="OK and NG images each")
     ap.add_argument("--only", nargs="*", help="row function names (e.g. row_padim)")
+    ap.add_argument("--kind", choices=("mono", "poly"), default="mono", help="ELPV cell type")
     args = ap.parse_args()
-    data = load_data(args.train, args.eval)
-    print(f"ELPV mono: fit {len(data.train_paths)} OK, eval {int((data.labels == 0).sum())} OK + "
+    data = load_data(args.train, args.eval, args.kind)
+    print(f"ELPV {args.kind}: fit {len(data.train_paths)} OK, eval {int((data.labels == 0).sum())} OK + "
           f"{int(data.labels.sum())} NG; embedding {data.embed_ms:.1f} ms/image (batch 1), "
           f"torch threads {torch.get_num_threads()}", flush=True)
     header = f"{'model':30s} {'AUROC':>6s} {'fit s':>7s} {'score ms':>9s} {'total ms':>9s} {'file MB':>8s}"
