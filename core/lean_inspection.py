@@ -47,7 +47,7 @@ from .graph_runtime import (
 )
 from .imageio import network_input
 from .inspection import Inspection, judge, maps_and_scores
-from .model_file import all_finite, read_checked
+from .model_file import all_finite, peek, read_checked
 from .models.mahalanobis import packed_size, padim_distances
 from .thresholds import Thresholds
 
@@ -201,6 +201,10 @@ def load_lean(path: str | os.PathLike[str], runtime: str | None = None,
         model_path = path / str(bundle.get("model_file", MODEL_FILE))
     else:
         model_path = path
+    why = _unsupported_at_a_glance(model_path)
+    if why:  # told by the header: the full load reads the file, not both loads
+        log.info("%s: scoring with the full detector (%s)", path, why)
+        return None
     meta, arrays, digest = read_checked(model_path, check_config_types)
     why = _unsupported(meta, arrays, digest)
     if why:
@@ -239,6 +243,23 @@ def load_lean(path: str | os.PathLike[str], runtime: str | None = None,
         weights = np.ascontiguousarray(weights, dtype=np.float32).reshape(n_channels)
     return LeanDetector(settings, derived["mean"], derived["precision"], weights, thresholds, rt, notes,
                         str(model_path), fallback)
+
+
+def _unsupported_at_a_glance(model_path: Path) -> str:
+    """What the header alone says against scoring without PyTorch: another model, tiles, a
+    feedback memory ("" when it says nothing against it, or cannot be read)."""
+    seen = peek(model_path)
+    if seen is None:
+        return ""
+    meta, shapes = seen
+    model, config = meta.get("model"), meta.get("config")
+    if isinstance(model, dict) and model.get("kind") not in LEAN_MODELS:
+        return f"model {model.get('kind')!r}"
+    if isinstance(config, dict) and config.get("tile") is not None:
+        return "it inspects tiles (core.tiling)"
+    if (shapes.get("feedback_memory.blocks") or [0])[0] > 0:
+        return "its feedback memory is applied with PyTorch"
+    return ""
 
 
 def _unsupported(meta: dict[str, Any], arrays: dict[str, np.ndarray], digest: str | None) -> str:

@@ -117,6 +117,24 @@ def read_checked(path: str | os.PathLike[str], check_config: Callable[[dict, Pat
     return meta, tensors, (header[CHECKSUM_KEY] if checked else None)
 
 
+def peek(path: str | os.PathLike[str], limit: int = 1 << 20) -> tuple[dict[str, Any], dict[str, list[int]]] | None:
+    """(the model description, the tensors' shapes) from a model file's header alone, or None
+    when the header cannot be read as one. Verifies nothing: for deciding *how* to load (a
+    look that costs kilobytes, not the whole file), never for trusting the file;
+    :func:`read_checked` does that."""
+    try:
+        with open(path, "rb") as f:
+            n = struct.unpack("<Q", f.read(8))[0]
+            if not 0 < n <= limit:
+                return None
+            header = json.loads(f.read(n))
+        meta = json.loads(header["__metadata__"]["okng"])
+        shapes = {k: list(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+    except Exception:  # noqa: BLE001 - anything odd: the full read says what is wrong
+        return None
+    return (meta, shapes) if isinstance(meta, dict) else None
+
+
 def all_finite(a: np.ndarray) -> bool:
     """No NaN or infinity in ``a``: its largest and smallest values are finite (max and min
     propagate NaN). One pass without a mask: 5-10x faster than ``isfinite(a).all()`` on the

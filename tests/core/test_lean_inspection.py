@@ -222,3 +222,29 @@ def test_a_tiled_model_is_never_scored_as_whole_images_without_pytorch():
     assert _unsupported(meta, arrays, "digest") == ""
     meta["config"]["tile"] = 256
     assert "tiles" in _unsupported(meta, arrays, "digest")
+
+
+def test_a_model_the_header_rules_out_is_left_to_the_full_load_without_reading_the_file(fitted, tmp_path,
+                                                                                        monkeypatch):
+    """A tiled model (or another kind, or one with a feedback memory) is told by its header:
+    `okng score` then reads the file once, in the full load, not twice."""
+    import core.lean_inspection as lean
+    from core.model_file import peek
+
+    _need("onnxruntime")
+    det = fitted[0].copy()
+    det.config = det.config.with_(tile=128)
+    model = save_detector(det, tmp_path / "tiled.okng")
+    meta, shapes = peek(model)
+    assert meta["config"]["tile"] == 128 and shapes["embedding.channel_idx"] == [24]
+
+    def no_full_read(*a, **k):
+        raise AssertionError("the whole file was read")
+
+    monkeypatch.setattr(lean, "read_checked", no_full_read)
+    assert load_lean(model, "onnxruntime") is None
+    plain = save_detector(fitted[0].copy(), tmp_path / "plain.okng")  # nothing against it: read whole
+    with pytest.raises(AssertionError, match="whole file"):
+        load_lean(plain, "onnxruntime")
+    (tmp_path / "junk.okng").write_bytes(b"\xff" * 64)  # an unreadable header: the full read judges it
+    assert peek(tmp_path / "junk.okng") is None
