@@ -217,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"target (no stall > 100 ms, 0 dropped): {'MET' if verdict else 'NOT MET'}")
     if errors:
         print("errors:", errors)
-    c.shutdown()  # not window.close(): it asks whether to save the unsaved recipe (a modal dialog)
+    c.session.mark_saved()  # the benchmark's recipe is a scratch one: no "Save changes?" dialog
+    window.close()  # as an operator quits: the line link, the engine thread and the stores end
     return 0
 
 
@@ -225,4 +226,4 @@ if __name__ == "__main__":
     code = main()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(code)  # the window stays open (see above); no need to tear Qt down
+    os._exit(code)  # the window is closed; no need to tear the rest of Qt down

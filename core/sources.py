@@ -229,6 +229,9 @@ def live_job(
     finally:
         reader.shutdown(wait=True, cancel_futures=True)  # the reader is done before the source closes
         source.close()
+        from .allocator import release_free_memory
+
+        release_free_memory()  # as every long job ends: a live run of large (tiled) frames frees much
     return n
 
 
