@@ -5,9 +5,10 @@
 Fit on ``demo_split(kind=...).ok_train`` (200 OK cells), evaluate on ``eval_ok[:150]`` +
 ``eval_ng[:150]`` of the same cell type (mono by default; poly: the varied good parts).
 Image score = the detector's own post-processing (blur sigma 4, max pooling by default).
-Every row uses the same backbone (default recipe: Lite0, stages 2+3, 224 px); the images are embedded ONCE with all channels and each model gets its own channel
-subset sliced from that (identical to embedding with the subset), so the table compares
-models, not backbone runs.
+Every row uses the same backbone (default recipe: Lite0, stages 2+3, 224 px); the images
+are embedded ONCE with all channels and each model gets its own channel subset sliced from
+that (identical to embedding with the subset), so the table compares models, not backbone
+runs.
 
 Columns:
 - AUROC: image-level, OK vs NG (:func:`core.metrics.auroc`).
