@@ -315,3 +315,83 @@ def test_the_compiled_best_match_search_agrees_with_the_full_search_up_to_the_cu
     torch.testing.assert_close(fast.accepted_distance[inside], full.accepted_distance[inside])
     torch.testing.assert_close(fast.factor, full.factor)
     assert bool(torch.isinf(fast.ratio[~inside]).all())
+
+
+# -- specified after mutation round 6 (issue 18): settings, look-up limits, click bookkeeping ---
+def _every_patch_accepted(emb: torch.Tensor, **params) -> FeedbackMemory:
+    """A memory of one click that accepted every patch of ``emb`` (1, C, h, w): with one click
+    there is no spread yet, so exactly the copies of these patches are lowered to 0."""
+    mem = FeedbackMemory(tuple(emb.shape[-2:]), emb.shape[1], **params)
+    mem.add(emb, torch.ones(emb.shape[-2:], dtype=torch.bool))
+    return mem
+
+
+def test_patches_below_the_look_up_floor_keep_the_models_distance():
+    """Only patches whose model distance reaches ``floor`` (0.9) x the pixel threshold are
+    looked up: below it a patch keeps its distance, even an exact copy of an accepted one.
+    Without a pixel threshold there is no floor."""
+    emb = _background(np.random.default_rng(9), 1)
+    mem = _every_patch_accepted(emb)
+    dist = torch.full((1, 16, 16), 8.5)
+    dist[0, :8] = 9.5  # the top half reaches 0.9 x 10
+    out = mem.apply(emb, dist, pixel_threshold=10.0)
+    assert bool((out[0, :8] == 0).all())  # looked up: copies, lowered
+    assert torch.equal(out[0, 8:], dist[0, 8:])  # under the floor: as the model scored them
+    assert bool((mem.apply(emb, dist) == 0).all())
+
+
+def test_by_default_the_256_hottest_patches_of_an_image_are_looked_up():
+    """README, "What feedback buys": up to 256 hot patches per image are looked up. On a
+    20 x 20 grid the 144 cooler patches keep the model's distance, copies or not."""
+    emb = torch.randn(1, C, 20, 20, generator=torch.Generator().manual_seed(10))
+    mem = _every_patch_accepted(emb)
+    dist = torch.arange(1, 401, dtype=torch.float32).reshape(1, 20, 20)  # all different
+    out, hot = mem.apply(emb, dist).flatten(), dist.flatten() > 400 - 256
+    assert bool((out[hot] == 0).all())
+    assert torch.equal(out[~hot], dist.flatten()[~hot])
+
+
+def test_the_smallest_settings_are_valid_and_below_them_refused():
+    """One candidate, a shortlist of one, step 1, floor 0, low 0 and radius 0 are settings a
+    recipe may hold (a shortlist of one still finds an exact copy); below them, refused."""
+    emb = _background(np.random.default_rng(11), 1)
+    mem = _every_patch_accepted(emb, radius=0, low=0.0, candidates=1, shortlist=1, step=1, floor=0.0)
+    assert (mem.radius, mem.low, mem.candidates, mem.shortlist, mem.step, mem.floor) == (0, 0.0, 1, 1, 1, 0.0)
+    dist = torch.ones(1, 16, 16)
+    dist[0, 7, 9] = 2.0  # the one candidate
+    assert float(mem.apply(emb, dist)[0, 7, 9]) == 0.0
+    for bad in ({"radius": -1}, {"low": -0.1}, {"low": 1.3, "grow": None}, {"candidates": 0},
+                {"shortlist": 0}, {"step": 0}, {"floor": -0.1}):
+        with pytest.raises(ValueError):
+            FeedbackMemory((16, 16), C, **bad)
+
+
+def test_the_memory_counts_its_clicks():
+    """``n_clicks`` (saved in the model file) counts the false-alarm clicks that added
+    blocks: none at first, not a click that accepts nothing, not a confirmed defect."""
+    rng = np.random.default_rng(12)
+    mem = FeedbackMemory((16, 16), C)
+    assert mem.n_clicks == 0 and int(mem.tensors()["n_clicks"]) == 0
+    accept = torch.zeros(16, 16, dtype=torch.bool)
+    accept[2:5, 2:5] = True
+    assert mem.add(_background(rng, 1), accept) == 9 and mem.n_clicks == 1
+    assert mem.add(_background(rng, 1), torch.zeros(16, 16, dtype=torch.bool)) == 0 and mem.n_clicks == 1
+    assert mem.add_defect(_background(rng, 1), accept) == 9 and mem.n_clicks == 1
+    assert mem.add(_background(rng, 1), accept) == 9 and mem.n_clicks == 2
+    assert int(mem.tensors()["n_clicks"]) == 2 and int(mem.copy().n_clicks) == 2
+
+
+def test_a_click_is_recurring_when_its_median_mark_block_is_nearer_to_other_prints_than_to_ok():
+    """A click's radius counts (recurring appearance) when the median over its mark's blocks
+    of ``max_stage r / ok_dist`` is below 1: one block of the mark that is nearer to ordinary
+    OK patches than to other prints does not veto it, a minority that is nearer to other
+    prints does not make a rare texture recurring (its radii are then 0: exact copies only)."""
+    mem = FeedbackMemory((16, 16), C, channel_groups=[0] * 4 + [1] * 4)
+    loo = torch.tensor([[0.5, 0.4], [0.6, 0.5], [0.5, 2.0],  # click 0: 2 of 3 nearer to prints
+                        [2.0, 0.5], [0.5, 3.0], [0.4, 0.5]])  # click 1: 1 of 3
+    n = loo.shape[0]
+    mem.load_tensors({"blocks": torch.zeros(n, 9, C), "valid": torch.ones(n, 9, dtype=torch.bool),
+                      "pos": torch.zeros(n, 2, dtype=torch.int64), "click": torch.tensor([0, 0, 0, 1, 1, 1]),
+                      "loo": loo, "ok_dist": torch.ones(n, 2), "neg_blocks": torch.zeros(0, 9, C),
+                      "neg_valid": torch.zeros(0, 9, dtype=torch.bool), "n_clicks": torch.tensor([2])})
+    assert torch.equal(mem.scale, torch.cat([loo[:3], torch.zeros(3, 2)]))
