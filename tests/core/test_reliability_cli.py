@@ -38,7 +38,11 @@ def images(tmp_path_factory):
 
 
 def okng(*args, **kw):
-    return subprocess.Popen([sys.executable, "-m", "core.cli", *args], env=ENV, **kw)
+    """``okng ARGS`` in a child process, with Ctrl-C (SIGINT) as an operator's terminal has it:
+    a suite started in the background by a script inherits SIGINT ignored, and so would the
+    child (seen under mutmut: the Ctrl-C test then failed)."""
+    return subprocess.Popen([sys.executable, "-m", "core.cli", *args], env=ENV,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **kw)
 
 
 # -- heatmaps -------------------------------------------------------------------------------
