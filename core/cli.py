@@ -193,6 +193,7 @@ def _ray_options(args: argparse.Namespace):
 def cmd_fit(args: argparse.Namespace) -> int:
     from .jobs import CancelToken, fit_job
     from .persistence import save_detector
+    from .thresholds import false_alarm_statement
 
     paths = _paths(args.paths)
     config = _config_from_args(args)
@@ -217,9 +218,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     msg = (f"fitted {config.model} on {len(result.fitted) + len(result.calibration)} OK images "
            f"in {result.seconds:.1f} s -> {out}")
     if th is not None:
-        msg += (f"\nimage threshold {th.image:.4g} (expected false-alarm rate "
-                f"{th.expected_false_alarm_rate():.1%} on {len(result.calibration)} held-out OK images), "
-                f"pixel threshold {th.pixel:.4g}")
+        msg += (f"\nimage threshold {th.image:.4g}, pixel threshold {th.pixel:.4g}"
+                f"\nexpected false alarms: {false_alarm_statement(th)[0]}")
     print(msg)
     _warn_uncalibrated(det)
     return 0

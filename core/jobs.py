@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator
@@ -267,13 +268,16 @@ def split_calibration(paths: list[str], fraction: float) -> tuple[list[str], lis
 
     Images are ranked by a hash of their path and every k-th in that ranking is held out, so
     the same OK set gives the same split (and the same thresholds) whatever order it comes in:
-    the GUI's list, a folder walk on the command line, a recipe. Both lists keep the input
-    order. Needs at least 5 images to hold any out; the fit set always keeps the majority.
+    the GUI's list, a folder walk on the command line, a recipe. The path hashed is the file's
+    real one (absolute, symbolic links resolved), so a relative path, an absolute one and a
+    linked folder name the same file alike. Both lists keep the input order, as spelt. Needs
+    at least 5 images to hold any out; the fit set always keeps the majority.
     """
     n_cal = int(round(len(paths) * fraction)) if len(paths) >= 5 else 0
     if n_cal == 0:
         return list(paths), []
-    ranked = sorted(range(len(paths)), key=lambda i: (hashlib.sha256(str(paths[i]).encode()).digest(), i))
+    keys = [hashlib.sha256(os.path.realpath(p).encode()).digest() for p in paths]
+    ranked = sorted(range(len(paths)), key=lambda i: (keys[i], i))
     step = len(paths) / n_cal
     cal_idx = {ranked[int(i * step + step / 2)] for i in range(n_cal)}
     fit = [p for i, p in enumerate(paths) if i not in cal_idx]

@@ -86,6 +86,24 @@ def held_out_needed(false_alarm_rate: float, confidence: float = 0.95) -> int:
     return math.ceil(math.log(1.0 - confidence) / math.log1p(-false_alarm_rate))
 
 
+def false_alarm_statement(th: Thresholds | None, threshold: float | None = None) -> tuple[str, bool]:
+    """What the held-out OK parts say about false alarms at ``threshold`` (default: the image
+    threshold), as the Thresholds panel and ``okng fit`` state it: the measured rate, its
+    one-sided 95 % upper bound and the number of parts, and whether it deserves a warning
+    (too few parts to show the target, or a bound above twice the target)."""
+    if th is None or th.calibration_scores.size == 0:
+        return "unknown (no held-out OK images to measure them on)", True
+    t = th.image if threshold is None else threshold
+    n = int(th.calibration_scores.size)
+    k = int((th.calibration_scores > t).sum())
+    bound = false_alarm_upper_bound(k, n)
+    text = f"{k / n:.1%} of OK parts (at most {bound:.1%} with 95 % confidence; {n} held-out parts)"
+    target, needed = th.target_false_alarm_rate, held_out_needed(th.target_false_alarm_rate)
+    if n < needed:
+        text += f" — too few held-out parts to show {target:.0%}: add OK images ({needed} held out needed)"
+    return text, n < needed or bound > 2 * max(target, 1e-9)
+
+
 def quantile_threshold(ok_scores: np.ndarray, false_alarm_rate: float) -> float:
     """Smallest threshold with at most ``false_alarm_rate`` of ``ok_scores`` above it."""
     s = np.sort(np.asarray(ok_scores, dtype=np.float64))

@@ -9,7 +9,7 @@ from PySide6.QtWidgets import (QDockWidget, QHBoxLayout, QLabel, QMainWindow, QM
                                QWidget)
 
 from core.session_results import heat_vmax
-from core.thresholds import false_alarm_upper_bound, held_out_needed
+from core.thresholds import false_alarm_statement
 
 from .labeling import install_labeling
 from .line_link import install_line_link
@@ -208,18 +208,8 @@ class MainWindow(QMainWindow):
     def describe_false_alarms(self, threshold: float) -> tuple[str, bool]:
         """The expected false-alarm rate at ``threshold`` with its honest bound, for the panel."""
         det = self.controller.session.detector
-        th = det.thresholds if det is not None else None
-        if th is None or th.calibration_scores.size == 0:
-            return "Expected false alarms: unknown (no held-out OK images to measure them on)", True
-        n = int(th.calibration_scores.size)
-        k = int((th.calibration_scores > threshold).sum())
-        bound = false_alarm_upper_bound(k, n)
-        text = (f"Expected false alarms: {k / n:.1%} of OK parts (at most {bound:.1%} with 95 % confidence; "
-                f"{n} held-out parts)")
-        target, needed = th.target_false_alarm_rate, held_out_needed(th.target_false_alarm_rate)
-        if n < needed:
-            text += f" — too few held-out parts to show {target:.0%}: add OK images ({needed} held out needed)"
-        return text, n < needed or bound > 2 * max(target, 1e-9)
+        text, warn = false_alarm_statement(det.thresholds if det is not None else None, threshold)
+        return f"Expected false alarms: {text}", warn
 
     @Slot(float, float)
     def on_thresholds_changed(self, image: float, pixel: float) -> None:

@@ -146,3 +146,24 @@ def test_auroc_needs_one_of_each_and_no_more():
     assert metrics.auroc(np.array([1, 0]), np.array([1.0, 2.0])) == 0.0
     assert np.isnan(metrics.auroc(np.array([1, 1]), np.array([1.0, 2.0])))
     assert np.isnan(metrics.auroc(np.array([0, 0]), np.array([1.0, 2.0])))
+
+
+def test_the_false_alarm_statement_gives_the_rate_its_bound_and_the_warning():
+    """One statement for the Thresholds panel and `okng fit`: measured on the held-out OK
+    parts at the threshold, with the 95 % upper bound; a warning when the parts are too few
+    to show the target or the bound is above twice the target."""
+    from core.thresholds import Thresholds, calibrate, false_alarm_statement
+
+    scores = np.arange(400, dtype=float)
+    th = calibrate(scores, scores, 0.01)
+    text, warn = false_alarm_statement(th, 397.5)  # 2 of 400 above
+    assert text == "0.5% of OK parts (at most 1.6% with 95 % confidence; 400 held-out parts)" and not warn
+    text, warn = false_alarm_statement(th)  # at the image threshold: 4 above, bound 2.3 % > 2 x 1 %
+    assert text == "1.0% of OK parts (at most 2.3% with 95 % confidence; 400 held-out parts)" and warn
+    text, warn = false_alarm_statement(th, 379.5)  # 20 above: 5 %, bound far above 2 x 1 %
+    assert text.startswith("5.0% of OK parts (at most 7.2%") and warn
+    few = calibrate(scores[:40], scores[:40], 0.01)
+    text, warn = false_alarm_statement(few)
+    assert text.endswith("— too few held-out parts to show 1%: add OK images (299 held out needed)") and warn
+    assert false_alarm_statement(None) == ("unknown (no held-out OK images to measure them on)", True)
+    assert false_alarm_statement(Thresholds(1.0, 1.0))[1]
