@@ -501,7 +501,7 @@ def _score(args: argparse.Namespace, ray, det) -> int:
         out.commit()
     n = sum(counts.values())
     no_verdict = f", {counts['?']} without a verdict (no threshold)" if counts["?"] else ""
-    print(f"{n} images: {counts['NG']} NG, {counts['OK']} OK{no_verdict}, {counts['ERROR']} unreadable "
+    print(f"{n} images: {counts['NG']} NG, {counts['OK']} OK{no_verdict}, {counts['ERROR']} not inspected "
           f"(runtime {det.runtime_name})",
           file=sys.stderr)
     return 0
@@ -511,6 +511,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .bundle import export_bundle
     from .persistence import load_detector
 
+    _check_output(args.out, "--out")  # the bundle's folder is made; its parent must exist
     det = load_detector(args.model, runtime="torch")
     out = export_bundle(det, args.out)
     print(f"exported {args.model} -> {out} (model.okng, embedding.onnx, bundle.json)")

@@ -34,6 +34,8 @@ def test_score_writes_one_csv_row_per_image_in_input_order(cli_model, elpv_split
              "--heatmaps", str(tmp_path / "maps"))
     assert r.returncode == 0, r.stderr
     assert f"skipped {bad}" in r.stderr
+    verdicts = [row["verdict"] for row in csv.DictReader(csv_path.open())]
+    assert f"5 images: {verdicts.count('NG')} NG, {verdicts.count('OK')} OK, 1 not inspected (runtime" in r.stderr
     rows = list(csv.DictReader(csv_path.open()))
     assert [row["path"] for row in rows] == [paths[0], str(bad), *paths[1:]]
     assert {"path", "score", "verdict"} <= set(rows[0])

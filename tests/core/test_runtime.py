@@ -352,6 +352,8 @@ def test_cli_export_then_score_the_bundle_and_force_runtimes(tiny_fitted, tmp_pa
     for i, img in enumerate(images):
         paths.append(str(tmp_path / f"img_{i}.png"))
         cv2.imwrite(paths[-1], img)
+    assert main(["export", str(model), "--out", str(tmp_path / "no" / "b")]) == 1  # as every --out
+    assert not (tmp_path / "no").exists() and "folder" in capsys.readouterr().err
     assert main(["export", str(model), "--out", str(tmp_path / "b")]) == 0
     rows = {}
     for label, args in (("torch", [str(model), "--runtime", "torch"]),
