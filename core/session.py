@@ -35,7 +35,7 @@ from .recipes import Recipe, load_recipe, model_path_for, safe_file_stem, save_r
 from .roles import ENGINEER, OPERATOR, hash_pin, verify_pin
 from .session_labels import LabelBook
 from .session_shift import ShiftLog
-from .session_results import Display, ResultRecord, SessionResults, compose_display, display_name
+from .session_results import MAX_RESULTS, Display, ResultRecord, SessionResults, compose_display, display_name
 from .sources import CapturedFrame, FolderWatchSource, VideoSource, capture_job, live_job
 from .thresholds import Thresholds
 
@@ -350,8 +350,8 @@ class InspectionSession:
         def on_item(item: Any) -> None:
             self._add_result(item, from_file=True) if isinstance(item, ScoredImage) else on_skipped(item)
 
-        def done(_summary: Any) -> None:
-            self.status.emit(f"Done: {len(self.results)} results")
+        def done(summary: Any) -> None:
+            self.status.emit(self._done_message(summary.scored))
             self.shift.refresh()
             report()
 
@@ -398,7 +398,7 @@ class InspectionSession:
         job = partial(live_job, source, self.current_detector, keep_embeddings=True)
         self.status.emit(f"Live inspection from {kind} {target} — Space or Esc to stop")
         self.submit(job, replace=True, on_item=on_item,
-                    on_returned=lambda _n: ended(f"Done: {len(self.results)} results")(),
+                    on_returned=lambda n: ended(self._done_message(n))(),
                      on_failed=failed, on_cancelled=ended("Live inspection stopped"))
 
     def current_detector(self) -> Detector | None:
@@ -518,6 +518,15 @@ class InspectionSession:
         self.results_changed.emit()
 
     # -- results ----------------------------------------------------------------------------
+    def _done_message(self, inspected: int) -> str:
+        """What a finished run tells the operator, including that the table shows only the
+        newest results when older ones dropped out of it (all are in the results log)."""
+        text = f"Done: {inspected} inspected"
+        if self.results.dropped:
+            text += (f"; the results table keeps the newest {MAX_RESULTS} "
+                     f"({self.results.dropped} older ones are in the results log and the shift counts)")
+        return text
+
     def _add_result(self, item: ScoredImage, from_file: bool) -> None:
         insp = item.inspection
         rec = self.results.add(display_name(item.path, from_file, self.demo_truth), insp.score, insp.anomaly_map,

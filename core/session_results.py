@@ -109,6 +109,8 @@ class SessionResults:
     def __init__(self) -> None:
         self._records: OrderedDict[int, ResultRecord] = OrderedDict()
         self._next_id = 1
+        #: results that dropped out of the table (past MAX_RESULTS); the results log keeps them
+        self.dropped = 0
 
     def __len__(self) -> int:
         return len(self._records)
@@ -143,10 +145,12 @@ class SessionResults:
                 old.image = None
         while len(self._records) > MAX_RESULTS:
             self._records.popitem(last=False)
+            self.dropped += 1
         return rec
 
     def clear(self) -> None:
         self._records.clear()
+        self.dropped = 0
 
     def rejudge(self, image_threshold: float | None) -> None:
         for r in self._records.values():

@@ -40,6 +40,27 @@ def test_ids_grow_in_arrival_order_and_the_oldest_results_drop_out_first():
     newest = _add(res)
     assert len(res) == MAX_RESULTS and recs[0].id not in res and recs[1].id in res and newest.id in res
     assert [r.id for r in res] == ids[1:] + [newest.id]
+    assert res.dropped == 1  # counted, so the operator is told the table is not the whole run
+    _add(res)
+    assert res.dropped == 2
+    res.clear()
+    assert res.dropped == 0 and len(res) == 0
+
+
+def test_a_finished_run_says_how_many_were_inspected_and_when_the_table_shows_only_the_newest():
+    """Found trying the station: 641 inspected said "Done: 500 results", and one more image
+    "Done: 500 results" again."""
+    from core.session import InspectionSession
+
+    s = InspectionSession.__new__(InspectionSession)  # only the results matter to the message
+    s.results = SessionResults()
+    for _ in range(3):
+        _add(s.results)
+    assert s._done_message(3) == "Done: 3 inspected"
+    for _ in range(MAX_RESULTS + 138):
+        _add(s.results)
+    assert s._done_message(641) == (f"Done: 641 inspected; the results table keeps the newest {MAX_RESULTS} "
+                                     "(141 older ones are in the results log and the shift counts)")
 
 
 def test_older_file_results_let_their_images_go_but_live_frames_keep_theirs():
