@@ -151,7 +151,11 @@ class LabelBook:
                   on_cancelled=lambda: failed(RuntimeError("cancelled")))
 
     def set_reweight(self, on: bool) -> None:
-        """Channel reweighting on/off for the next labels (the OK memory update always runs)."""
+        """Channel reweighting on/off for the next labels (the OK memory update always runs);
+        an engineer's setting: in operator mode it is refused and stays as it was."""
+        if bool(on) != self.reweight and not self.session._engineer_only("change channel weight learning"):
+            self.reweight_changed.emit(self.reweight)  # the check box shows what holds
+            return
         self.reweight = bool(on)
         if self.learner is not None:
             self.learner.reweight = self.reweight
@@ -436,7 +440,7 @@ class LabelBook:
         s.status.emit(f"Undone: {what}" + (f"; {r.name} scores {r.score:.2f} again" if r is not None else ""))
 
     def reset_weights(self) -> None:
-        if self._busy():
+        if self._busy() or not self.session._engineer_only("reset the channel weights"):
             return
         s = self.session
         rec = s.shown

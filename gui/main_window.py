@@ -186,6 +186,7 @@ class MainWindow(QMainWindow):
         locked = role == "operator"
         self.threshold_panel.setEnabled(not locked and self.controller.session.detector is not None)
         self.ok_panel.setEnabled(not locked)
+        self.labels_panel.set_engineer_controls(not locked)
         self.histogram.line.setMovable(not locked)
         self.recipe_menu.show_role(role)
         self._update_title()

@@ -109,9 +109,21 @@ class LabelsPanel(QWidget):
         self.defect_button.setEnabled(selected)
 
     def set_model_ready(self, ready: bool) -> None:
+        self._ready = ready
         self.part_ok_button.setEnabled(ready)
         self.part_ng_button.setEnabled(ready)
-        self.reset_button.setEnabled(ready)
+        self._update_engineer_controls()
+
+    def set_engineer_controls(self, unlocked: bool) -> None:
+        """Channel weights change how every later part is scored: an engineer's setting, like
+        the thresholds. In operator mode both controls are off (labels stay allowed)."""
+        self._unlocked = unlocked
+        self._update_engineer_controls()
+
+    def _update_engineer_controls(self) -> None:
+        unlocked = getattr(self, "_unlocked", True)
+        self.reset_button.setEnabled(getattr(self, "_ready", False) and unlocked)
+        self.reweight_check.setEnabled(unlocked)
 
     def set_reweight(self, on: bool) -> None:
         """Show what the current model does, without echoing it back as a toggle."""

@@ -349,6 +349,27 @@ def test_operator_mode_refusals_say_what_needs_an_engineer(session, part_images)
     assert [w in e for w, e in zip(wanted, s.errors)] == [True] * 4 and len(s.errors) == 4
 
 
+def test_operators_cannot_switch_channel_weight_learning_or_reset_the_weights(session, part_images):
+    """Channel weights change how every later part is scored: an engineer's setting (found
+    trying the station: both stayed available in operator mode)."""
+    s = session
+    shown = []
+    s.labels.reweight_changed.connect(shown.append)
+    assert s.set_pin("4711")
+    s.lock()
+    s.errors.clear()
+    s.labels.set_reweight(True)
+    assert s.labels.reweight is False and shown[-1] is False  # refused; the box shows what holds
+    _inspect(s, part_images[1][:1])
+    detector = s.detector
+    s.labels.reset_weights()
+    assert s.detector is detector  # nothing was submitted
+    assert ["change channel weight learning" in s.errors[0], "reset the channel weights" in s.errors[1]] == [True] * 2
+    assert s.unlock("4711")
+    s.labels.set_reweight(True)
+    assert s.labels.reweight is True
+
+
 def test_the_model_choice_can_go_back_to_padim(session):
     s = session
     s.set_model("patchcore")

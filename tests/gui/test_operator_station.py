@@ -75,9 +75,12 @@ def test_operator_mode_disables_the_engineer_controls(qtbot, window):
     assert "operator mode" in w.windowTitle()
     assert not w.threshold_panel.isEnabled() and not w.ok_panel.isEnabled()
     assert w.recipe_menu.unlock_action.isEnabled() and not w.recipe_menu.lock_action.isEnabled()
-    assert w.labels_panel.isEnabled()  # operators still label
+    assert w.labels_panel.isEnabled()  # operators still label...
+    lp = w.labels_panel
+    assert not lp.reweight_check.isEnabled() and not lp.reset_button.isEnabled()  # ...but weights are set up
     assert s.unlock("2468")
     assert w.threshold_panel.isEnabled() and w.ok_panel.isEnabled()
+    assert lp.reweight_check.isEnabled() and lp.reset_button.isEnabled()
 
 
 def test_shift_counters_follow_the_inspections(qtbot, window, defect_image, ok_images):
