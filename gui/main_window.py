@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from PySide6.QtCore import QSettings, Qt, Slot
 from PySide6.QtGui import QAction, QKeySequence
-from PySide6.QtWidgets import (QDockWidget, QHBoxLayout, QLabel, QMainWindow, QMessageBox, QPushButton, QVBoxLayout,
+from PySide6.QtWidgets import (QDockWidget, QMainWindow, QMessageBox, QVBoxLayout,
                                QWidget)
 
 from core.session_results import heat_vmax
@@ -13,6 +13,7 @@ from core.thresholds import false_alarm_statement
 
 from .labeling import install_labeling
 from .line_link import install_line_link
+from .panels.error_banner import ErrorBanner
 from .panels.histogram_panel import HistogramPanel
 from .panels.ok_set_panel import OkSetPanel
 from .panels.results_panel import ResultsPanel
@@ -45,11 +46,12 @@ class MainWindow(QMainWindow):
         self.histogram = HistogramPanel()
         self.results_panel = ResultsPanel()
         self.shift_panel = ShiftPanel()
-        self._build_error_banner()
         central = QWidget()
         lay = QVBoxLayout(central)
-        lay.addWidget(self.error_banner)
         lay.addWidget(self.view, 1)
+        self.error_banner = ErrorBanner(central)  # floats over the view: the image never moves
+        self.error_label = self.error_banner.label
+        self.statusBar()  # made now: made at the first message, it would shrink the image area then
         self.setCentralWidget(central)
         left, right = Qt.DockWidgetArea.LeftDockWidgetArea, Qt.DockWidgetArea.RightDockWidgetArea
         self.add_dock("OK images", self.ok_panel, left)
@@ -76,19 +78,6 @@ class MainWindow(QMainWindow):
         if geometry is not None:
             self.restoreGeometry(geometry)
             self.restoreState(self.settings.value("window/state"))
-
-    def _build_error_banner(self) -> None:
-        self.error_label = QLabel()
-        self.error_label.setWordWrap(True)
-        self.error_label.setStyleSheet("background:#ffd7d7; color:#800; padding:6px; font-weight:bold;")
-        dismiss = QPushButton("Dismiss")
-        dismiss.clicked.connect(lambda: self.error_banner.hide())
-        self.error_banner = QWidget()
-        row = QHBoxLayout(self.error_banner)
-        row.setContentsMargins(0, 0, 0, 0)
-        row.addWidget(self.error_label, 1)
-        row.addWidget(dismiss)
-        self.error_banner.hide()
 
     def add_dock(self, title: str, widget: QWidget, area) -> QDockWidget:
         dock = QDockWidget(title, self)
@@ -273,8 +262,7 @@ class MainWindow(QMainWindow):
 
     @Slot(str)
     def show_error(self, message: str) -> None:
-        self.error_label.setText(message)
-        self.error_banner.show()
+        self.error_banner.show_message(message)
         self.statusBar().showMessage(message, 15000)
 
     @Slot(object)

@@ -160,3 +160,23 @@ def test_the_no_model_banner_goes_once_a_model_is_there(qtbot, window, defect_im
     assert w.error_banner.isVisible() and "No model yet" in w.error_label.text()
     s.start_fit()
     assert not w.error_banner.isVisible()
+
+
+def test_an_error_banner_never_moves_the_image_the_operator_is_clicking_on(qtbot, window):
+    """It floats over the top of the image area (it used to push the image down by its height,
+    so the next click landed elsewhere) and stays as wide as that area."""
+    w = window
+    qtbot.waitExposed(w)
+    before = w.view.geometry()
+    w.show_error("Enter your name (Labels panel) before labelling a part")
+    qtbot.wait(100)  # any layout change would have happened by now
+    assert w.error_banner.isVisible() and "Enter your name" in w.error_label.text()
+    assert w.view.geometry() == before
+    assert w.error_banner.geometry().top() == 0 and w.error_banner.width() == w.centralWidget().width()
+    w.resize(w.width() - 120, w.height())
+    qtbot.waitUntil(lambda: w.error_banner.width() == w.centralWidget().width(), timeout=2000)
+    qtbot.wait(100)
+    resized = w.view.geometry()
+    w.error_banner.findChild(type(w.labels_panel.reset_button)).click()  # Dismiss
+    qtbot.wait(100)
+    assert not w.error_banner.isVisible() and w.view.geometry() == resized
