@@ -1,11 +1,13 @@
 """Model files, specified where mutation testing found them unspecified (issue 18): what a
 refusal says, the backbone's normalisation on record, the applied labels of a file that has
-none or damaged ones; (round 6) a feedback memory's bad channel groups and off-grid positions."""
+none or damaged ones; (round 6) a feedback memory's bad channel groups and off-grid positions,
+calibration embeddings of the wrong shape."""
 from __future__ import annotations
 
 import json
 
 import pytest
+import torch
 
 from core import load_detector
 from tests.core.test_reliability_persistence import _edit_meta, _refused, _split
@@ -97,3 +99,14 @@ def test_a_feedback_memory_with_bad_channel_groups_or_positions_off_the_grid_is_
 
     assert refusal(groups) == "<file>: feedback memory channel groups invalid"
     assert refusal(off_grid) == "<file>: feedback memory positions lie off the grid"
+
+
+def test_calibration_embeddings_of_the_wrong_shape_are_refused_whatever_their_type(path):
+    from core.persistence import read_model_file, write_model_file
+
+    meta, tensors = read_model_file(path)
+    emb = tensors["calibration.embeddings"]
+    assert emb.dtype == torch.float16 and emb.dim() == 4
+    tensors["calibration.embeddings"] = emb[:, :-1].contiguous()  # a channel short, still float16
+    write_model_file(path, tensors, meta)
+    assert _refused(path) == f"{path}: calibration embeddings have the wrong shape"
