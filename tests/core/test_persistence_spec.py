@@ -1,7 +1,7 @@
 """Model files, specified where mutation testing found them unspecified (issue 18): what a
 refusal says, the backbone's normalisation on record, the applied labels of a file that has
 none or damaged ones; (round 6) a feedback memory's bad channel groups and off-grid positions,
-calibration embeddings of the wrong shape."""
+calibration embeddings of the wrong shape, the damaged list of applied labels named exactly."""
 from __future__ import annotations
 
 import json
@@ -110,3 +110,8 @@ def test_calibration_embeddings_of_the_wrong_shape_are_refused_whatever_their_ty
     tensors["calibration.embeddings"] = emb[:, :-1].contiguous()  # a channel short, still float16
     write_model_file(path, tensors, meta)
     assert _refused(path) == f"{path}: calibration embeddings have the wrong shape"
+
+
+def test_damaged_applied_labels_are_refused_in_so_many_words(path):
+    _edit_meta(path, lambda m: m["feedback"].update(applied_labels=[3, "7"]))
+    assert _refused(path) == f"{path}: the list of applied labels is damaged"
