@@ -1,6 +1,8 @@
 """The results log, specified where mutation testing found it unspecified (issue 18): a companion
 write in the same transaction (the line's part id: both or neither), counters since a given
-time, rates when only one kind of truth is known."""
+time, rates when only one kind of truth is known; (round 6) zeros for the verdicts a shift has
+not seen, a row committed when ``add`` returns, retention applied as rows are logged, a backup
+that is a whole copy."""
 from __future__ import annotations
 
 import sqlite3
@@ -67,3 +69,44 @@ def test_rates_when_only_ok_parts_or_only_ng_parts_have_a_known_truth(tmp_path):
         for verdict in ("NG", "OK"):
             log.add(_entry(1.0, verdict, "NG"))
         assert log.counters().rates() == {"detection_rate": pytest.approx(0.5), "false_alarm_rate": None}
+
+
+def test_counters_of_a_shift_with_one_kind_of_verdict_count_the_others_as_zero(tmp_path):
+    with ResultsLog(tmp_path / "r.sqlite") as log:
+        log.reset_counters(now=0.0)
+        c = log.counters()
+        assert (c.total, c.ok, c.ng, c.unjudged) == (0, 0, 0, 0)
+        log.add(_entry(1.0, "NG"))
+        c = log.counters()
+        assert (c.total, c.ok, c.ng, c.unjudged) == (1, 0, 1, 0)  # zeros, not "none"
+        assert c.yield_rate == 0.0
+
+
+def test_a_backup_is_a_whole_copy_of_the_log_at_the_given_path(tmp_path):
+    with ResultsLog(tmp_path / "r.sqlite") as log:
+        for t, v in [(1.0, "OK"), (2.0, "NG")]:
+            log.add(_entry(t, v))
+        log.backup_to(tmp_path / "copy.sqlite")
+        assert (tmp_path / "copy.sqlite").is_file()
+    with ResultsLog(tmp_path / "copy.sqlite") as copy:
+        assert [(e.time, e.verdict) for e in copy.entries()] == [(2.0, "NG"), (1.0, "OK")]
+
+
+def test_the_retention_limits_apply_as_inspections_are_logged_not_only_when_asked(tmp_path):
+    with ResultsLog(tmp_path / "r.sqlite") as log:  # a log kept without limits so far
+        for i in range(12):
+            log.add(_entry(float(i), "OK"))
+    with ResultsLog(tmp_path / "r.sqlite", max_rows=5) as log:
+        log.add(_entry(12.0, "OK"))  # the first inspection of a run applies the limits at once
+        assert [e.time for e in log.entries(limit=None)] == [12.0, 11.0, 10.0, 9.0, 8.0]
+        for i in range(13, 250):
+            log.add(_entry(float(i), "OK"))
+        assert 5 <= len(log.entries(limit=None)) < 5 + 100  # checked every 100 rows or sooner
+
+
+def test_a_logged_inspection_is_committed_when_add_returns(tmp_path):
+    with ResultsLog(tmp_path / "r.sqlite") as log:
+        for t in (1.0, 2.0, 3.0):
+            log.add(_entry(t, "OK"))
+            with closing(sqlite3.connect(tmp_path / "r.sqlite")) as other:  # another reader sees it at once
+                assert other.execute("SELECT COUNT(*) FROM inspections").fetchone() == (int(t),)

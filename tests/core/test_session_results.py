@@ -127,3 +127,18 @@ def test_live_frames_keep_their_images_within_the_byte_budget_too(monkeypatch):
     res = SessionResults()
     recs = [_add(res, image=np.zeros((96, 96, 3), np.uint8), path=None) for i in range(5)]
     assert [r.image is not None for r in recs] == [False, False, True, True, True]
+
+
+def test_exactly_the_newest_keep_images_file_images_are_kept():
+    res = SessionResults()
+    img = np.zeros((8, 8, 3), np.uint8)
+    recs = [_add(res, image=img, path=f"{i}.png") for i in range(KEEP_IMAGES + 1)]
+    assert [r.image is not None for r in recs] == [False] + [True] * KEEP_IMAGES
+
+
+def test_a_reduced_map_is_read_only_and_of_the_maps_own_type():
+    from core.session_results import MAX_MAP_SIDE, display_map
+
+    big = np.ones((2 * MAX_MAP_SIDE, 2 * MAX_MAP_SIDE), np.float32)
+    small = display_map(big)
+    assert small.dtype == np.float32 and not small.flags.writeable  # shared with the view as it is

@@ -2,7 +2,10 @@
 
 Specifications of the session's refusals, messages and less common paths: a recipe that cannot
 be opened, the thresholds an operator may not move, a cancelled inspection, a live frame that is
-labelled, the capture folder, the labels of a recipe opened from disk.
+labelled, the capture folder, the labels of a recipe opened from disk; and (round 6) the words
+of the tiling, live-stop and threshold questions, what a label adds to the OK images and whom it
+protects, a label or undo at a time, replayed labels and the thresholds, the model's identity,
+the recipe's feedback radius, kept images, a capture's default of one frame.
 """
 from __future__ import annotations
 
@@ -195,3 +198,180 @@ def test_the_labels_of_a_reopened_recipe_are_listed_before_anything_else_opens_t
     rows = listed[-1]  # the list shown once the recipe is open, read from the file on disk
     assert [(r.kind, r.image_name) for r in rows] == [("image_ng", Path(part_images[1][0]).name)]
     assert [(r.kind, r.image_name) for r in other.labels.rows()] == [("image_ng", Path(part_images[1][0]).name)]
+
+
+# -- found by mutation round 6 ------------------------------------------------------------------
+class Holding(InlineExecutor):
+    """Takes a job and runs nothing yet: an engine thread still busy with it."""
+
+    def __init__(self) -> None:
+        self.jobs = []
+
+    def submit(self, job, callbacks=None, replace=False):
+        self.jobs.append(job)
+        return CancelToken()
+
+
+def test_the_next_fits_tiling_is_told_in_words(tmp_path, part_images, tiny_config):
+    s = InspectionSession(InlineExecutor(), labels_dir=tmp_path / "labels", captures_dir=tmp_path / "captures")
+    said = []
+    s.status.connect(said.append)
+    s.new_recipe("parts", tiny_config, part_images[0])
+    s.set_tiling("auto")
+    assert said[-1] == "Next fit: automatic tiling (press F5 to fit)"
+    s.set_tiling(64)
+    assert said[-1] == "Next fit: 64-px tiles (press F5 to fit)"
+    s.set_tiling(None)
+    assert said[-1] == "Next fit: whole images (press F5 to fit)"
+
+
+def test_stopping_live_inspection_says_so(session, tmp_path):
+    s = session
+    frame = cv2.cvtColor(cv2.imread(s.ok_paths[0]), cv2.COLOR_BGR2RGB)
+    video = tmp_path / "line.avi"
+    _write_video(video, [frame] * 3)
+    s.executor = CancelAfter(1)  # Space after the first frame
+    s.start_live("video", str(video))
+    assert s.said[-1] == "Live inspection stopped" and not s.live
+
+
+def test_hand_set_thresholds_and_a_refit_ask_with_both_pairs_named(session):
+    s = session
+    s.set_thresholds(s.image_threshold * 3, s.pixel_threshold * 2)
+    mine = (s.image_threshold, s.pixel_threshold)
+    asked = []
+    s.question.connect(lambda q: (asked.append(q), q.answer("Use the new calibration")))
+    s.start_fit()
+    (q,) = asked
+    th = s.detector.thresholds  # the new calibration, chosen
+    assert q.title == "Thresholds after refit"
+    assert q.text == (f"You set the thresholds by hand (image {mine[0]:.4g}, pixel {mine[1]:.4g}). "
+                      f"The new model calibrates to image {th.image:.4g}, pixel {th.pixel:.4g} at the target "
+                      "false-alarm rate. Keep yours?")
+
+
+def test_a_label_that_would_pass_other_ng_parts_ends_its_question_with_apply_it(session, part_images):
+    s = session
+    ng = part_images[1][0]
+    s.inspect_paths([ng, ng])
+    first, twin = list(s.results)[-2:]
+    s.set_thresholds(first.score * (1 - 1e-4), s.pixel_threshold)
+    s.show_result(first.id)
+    asked = []
+    s.question.connect(asked.append)
+    s.labels.mark_image("image_ok")
+    (q,) = asked
+    assert q.text == f"'part OK' on {first.name}: 1 part(s) judged NG would be judged OK: {twin.name}. Apply it?"
+
+
+def test_a_part_ok_label_adds_the_image_to_the_ok_images_and_a_part_ng_label_does_not(session, part_images):
+    s = session
+    ok_before = list(s.ok_paths)
+    ng = part_images[1]
+    s.inspect_paths([ng[0]])
+    s.labels.mark_image("image_ng")
+    assert s.ok_paths == ok_before and len(s.labels.rows()) == 1
+    s.inspect_paths([ng[1]])
+    s.question.connect(lambda q: q.answer("Apply the label"))
+    s.labels.mark_image("image_ok")
+    assert s.ok_paths == [*ok_before, ng[1]] and len(s.labels.rows()) == 2
+
+
+def test_a_false_alarm_that_makes_its_own_part_pass_is_applied_without_asking(session, part_images):
+    s = session
+    s.inspect_paths(part_images[1][:1])
+    rec = list(s.results)[-1]
+    s.set_thresholds(rec.score * (1 - 1e-4), float(np.percentile(rec.anomaly_map, 90)))
+    assert rec.verdict == "NG"
+    peak = np.unravel_index(int(np.argmax(rec.anomaly_map)), rec.anomaly_map.shape)
+    assert s.labels.select_at(int(peak[0]), int(peak[1]))
+    asked = []
+    s.question.connect(asked.append)
+    s.labels.mark_region("false_alarm")
+    assert asked == [] and len(s.labels.rows()) == 1  # the part passing is what the label asks for
+    assert rec.verdict == "OK"
+
+
+def test_a_label_protects_every_other_part_judged_ng(session, part_images):
+    s = session
+    ng = part_images[1]
+    s.inspect_paths(ng[:3])
+    recs = list(s.results)[-3:]
+    s.set_thresholds(min(r.score for r in recs) * (1 - 1e-4), s.pixel_threshold)
+    assert all(r.verdict == "NG" for r in recs)
+    s.show_result(recs[0].id)
+    s.question.connect(lambda q: q.answer("Apply the label"))
+    s.labels.mark_image("image_ok")
+    assert len(s.labels.learner.protected_embeddings) == 2  # the other two; the clicked one may pass
+
+
+def test_while_an_undo_runs_no_other_label_or_undo_starts(session, part_images):
+    s = session
+    s.inspect_paths(part_images[1][:1])
+    s.labels.mark_image("image_ng")
+    s.executor = Holding()
+    s.labels.undo_last()
+    assert len(s.executor.jobs) == 1
+    s.said.clear()
+    s.labels.mark_image("image_ng")
+    s.labels.undo_last()
+    assert len(s.executor.jobs) == 1 and "Still learning from the previous label…" in s.said
+
+
+def test_inspected_images_are_kept_with_their_results(session, part_images):
+    s = session
+    s.inspect_paths(part_images[1][:1])
+    rec = list(s.results)[-1]
+    assert rec.image is not None  # shown and labelled without reading the file again
+    assert np.array_equal(rec.image, cv2.cvtColor(cv2.imread(part_images[1][0]), cv2.COLOR_BGR2RGB))
+
+
+def test_a_capture_takes_one_frame_unless_told_how_many(session, tmp_path):
+    s = session
+    frame = cv2.cvtColor(cv2.imread(s.ok_paths[0]), cv2.COLOR_BGR2RGB)
+    video = tmp_path / "cam.avi"
+    _write_video(video, [frame] * 4)
+    before = len(s.ok_paths)
+    s.capture_ok("video", str(video))
+    assert len(s.ok_paths) == before + 1
+
+
+def test_after_a_refit_replays_the_labels_the_thresholds_hold_and_labelling_goes_on(session, part_images):
+    s = session
+    ng = part_images[1]
+    s.inspect_paths(ng[:1])
+    s.labels.mark_image("image_ng")
+    s.set_thresholds(s.image_threshold * 3, s.pixel_threshold * 2)
+    mine = (s.image_threshold, s.pixel_threshold)
+    s.start_fit()  # nobody to ask: the hand-set thresholds stay; the label is replayed
+    assert s.detector.applied_labels == (s.labels.rows()[0].id,)
+    assert (s.image_threshold, s.pixel_threshold) == mine
+    assert (s.detector.thresholds.image, s.detector.thresholds.pixel) == mine
+    s.inspect_paths(ng[1:2])
+    s.labels.mark_image("image_ng")
+    assert len(s.labels.rows()) == 2 and not s.errors
+
+
+def test_a_models_identity_is_its_fit_time_or_its_files_name_and_time(session, tmp_path):
+    import re
+    import time
+
+    s = session
+    assert re.fullmatch(rf"fit@\d{{8}}T\d{{6}}/{s.detector.model.n_samples}ok", s.labels.current_model_id)
+    path = tmp_path / "id.okng-recipe"
+    assert s.save_recipe(path)
+    other = InspectionSession(InlineExecutor(), labels_dir=tmp_path / "l2", captures_dir=tmp_path / "c2")
+    other.open_recipe(path)
+    model = Path(other.recipe.model_path)
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.localtime(model.stat().st_mtime))
+    assert other.labels.current_model_id == f"{model.name}@{stamp}"
+
+
+def test_the_recipes_feedback_radius_reaches_the_feedback_memory(session, part_images):
+    s = session
+    s.set_station_setting("feedback_radius", 3)
+    s.start_fit()  # a new learner, with the recipe's settings
+    s.inspect_paths(part_images[1][:1])
+    s.question.connect(lambda q: q.answer("Apply the label"))
+    s.labels.mark_image("image_ok")
+    assert not s.errors and s.detector.memory is not None and s.detector.memory.radius == 3
