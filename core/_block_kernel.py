@@ -8,6 +8,24 @@ import numba
 import numpy as np
 
 
+def _jit(fn):
+    try:
+        return numba.njit(fastmath={"reassoc", "contract"}, cache=True, nogil=True)(fn)
+    except RuntimeError:  # no writable cache location
+        return numba.njit(fastmath={"reassoc", "contract"}, nogil=True)(fn)
+
+
+@_jit
+def _cell_sum(q, m, i, j, k, lo, hi):  # pragma: no cover - runs compiled
+    """Sum of squared differences of query block i and memory block j in cell k, channels
+    lo..hi-1 (one stage): the inner loop of both searches, so both sum in the same order."""
+    a = np.float32(0.0)
+    for c in range(lo, hi):
+        d = q[i, k, c] - m[j, k, c]
+        a += d * d
+    return a
+
+
 def _shortlist_distances(q, qv, m, mv, idx, bounds, out):  # pragma: no cover - runs compiled
     """q (Q, 9, C) query blocks, qv (Q, 9) valid cells, m (M, 9, C) / mv (M, 9) memory
     blocks, idx (Q, S) shortlisted rows of m, bounds (G + 1,) channel group edges -> out
@@ -28,20 +46,9 @@ def _shortlist_distances(q, qv, m, mv, idx, bounds, out):  # pragma: no cover - 
                     continue
                 cells += 1
                 for g in range(n_g):
-                    a = np.float32(0.0)
-                    for c in range(bounds[g], bounds[g + 1]):
-                        d = q[i, k, c] - m[j, k, c]
-                        a += d * d
-                    acc[g] += a
+                    acc[g] += _cell_sum(q, m, i, j, k, bounds[g], bounds[g + 1])
             for g in range(n_g):
                 out[i, s, g] = math.sqrt(acc[g] / cells)
-
-
-def _jit(fn):
-    try:
-        return numba.njit(fastmath={"reassoc", "contract"}, cache=True, nogil=True)(fn)
-    except RuntimeError:  # no writable cache location
-        return numba.njit(fastmath={"reassoc", "contract"}, nogil=True)(fn)
 
 
 @_jit
@@ -65,11 +72,7 @@ def _sums_within(q, qv, m, mv, i, j, bounds, lim, acc):  # pragma: no cover - ru
             continue
         over = False
         for g in range(n_g):
-            a = np.float32(0.0)
-            for c in range(bounds[g], bounds[g + 1]):
-                d = q[i, k, c] - m[j, k, c]
-                a += d * d
-            acc[g] += a
+            acc[g] += _cell_sum(q, m, i, j, k, bounds[g], bounds[g + 1])
             over |= acc[g] > lim[g]
         if over:
             return False
