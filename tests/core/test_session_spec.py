@@ -112,13 +112,20 @@ def test_a_label_says_what_it_learns_from_and_on_which_part(session, part_images
     assert len(s.labels.rows()) == 1
 
 
-def test_refusing_a_label_says_the_model_is_unchanged_as_a_status_not_an_error(session, part_images):
-    s = session
+def _twin_ng_parts_just_above_the_threshold(s, part_images):
+    """The same defective part inspected twice, the threshold just below its score, the
+    first one shown: a label on it would pass its twin."""
     ng = part_images[1][0]
     s.inspect_paths([ng, ng])
     first, twin = list(s.results)[-2:]
     s.set_thresholds(first.score * (1 - 1e-4), s.pixel_threshold)
     s.show_result(first.id)
+    return first, twin
+
+
+def test_refusing_a_label_says_the_model_is_unchanged_as_a_status_not_an_error(session, part_images):
+    s = session
+    first, twin = _twin_ng_parts_just_above_the_threshold(s, part_images)
     s.question.connect(lambda q: q.answer("Do not apply"))
     s.errors.clear()
     s.said.clear()
@@ -252,11 +259,7 @@ def test_hand_set_thresholds_and_a_refit_ask_with_both_pairs_named(session):
 
 def test_a_label_that_would_pass_other_ng_parts_ends_its_question_with_apply_it(session, part_images):
     s = session
-    ng = part_images[1][0]
-    s.inspect_paths([ng, ng])
-    first, twin = list(s.results)[-2:]
-    s.set_thresholds(first.score * (1 - 1e-4), s.pixel_threshold)
-    s.show_result(first.id)
+    first, twin = _twin_ng_parts_just_above_the_threshold(s, part_images)
     asked = []
     s.question.connect(asked.append)
     s.labels.mark_image("image_ok")
