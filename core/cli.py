@@ -40,10 +40,10 @@ from . import __version__
 from .errors import OkngError
 
 
-def _progress_bar(total: int, desc: str):
+def _progress_bar(total: int, desc: str, unit: str = "img"):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="img", file=sys.stderr, disable=None, leave=False)
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=None, leave=False)
 
 
 def _drive(gen, desc: str, on_item=None):
@@ -51,7 +51,7 @@ def _drive(gen, desc: str, on_item=None):
     streamed item to ``on_item(index, item)``."""
     from .jobs import Skipped
 
-    bar = None
+    bar, training = None, False
     while True:
         try:
             p = next(gen)
@@ -62,7 +62,14 @@ def _drive(gen, desc: str, on_item=None):
         if bar is None and p.total:
             bar = _progress_bar(p.total, desc)
         if bar is not None:
+            if p.message.startswith("training ") and not training:
+                # a trained model's epochs follow the images (core.models.trained)
+                training = True
+                bar.close()
+                bar = _progress_bar(p.total, "train", unit="epoch")
             bar.n = p.done
+            if training:
+                bar.set_postfix_str(p.message.split(": ", 1)[-1], refresh=False)
             bar.refresh()
         if isinstance(p.item, Skipped):
             print(f"skipped {p.item.path}: {p.item.reason}", file=sys.stderr)
@@ -220,6 +227,10 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if th is not None:
         msg += (f"\nimage threshold {th.image:.4g}, pixel threshold {th.pixel:.4g}"
                 f"\nexpected false alarms: {false_alarm_statement(th)[0]}")
+    if getattr(det.model, "trains", False) and det.model.history:
+        best = min(det.model.history, key=lambda h: h[2])
+        msg += (f"\ntrained {len(det.model.history)} epochs, stopped by {det.model.stop_reason}; kept epoch "
+                f"{best[0]} (held-out loss {best[2]:.4g})")
     print(msg)
     _warn_uncalibrated(det)
     return 0

@@ -184,6 +184,12 @@ class DetectorConfig:
 
         check_bit_depth(self.bit_depth)
         check_tiling(self.tile, self.tile_overlap, self.image_size)
+        from .models import TRAINED_KINDS
+
+        if self.tile is not None and self.model in TRAINED_KINDS:
+            raise ValueError(f"model {self.model!r} trains a network on whole images and cannot be fitted on "
+                             f"tiles (tile (--tile) is {self.tile!r}): use padim for high-resolution parts, or "
+                             f"leave --tile out")
 
     @property
     def tiled(self) -> bool:

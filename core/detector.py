@@ -32,7 +32,7 @@ from .embedding import Embedder, choose_channels
 from .errors import BackboneUnavailableError, NotFittedError, OkngError, ResourceError
 from .feedback_memory import FeedbackMemory
 from .inspection import Inspection, judge, maps_and_scores
-from .models import NormalityModel, model_class
+from .models import TRAINED_KINDS, NormalityModel, model_class
 from .thresholds import Thresholds
 
 if TYPE_CHECKING:
@@ -58,6 +58,8 @@ def estimate_fit_memory(config: DetectorConfig, grid: tuple[int, int], n_channel
         k = int(params.get("components", 3))
         state = k * gauss(c) + 2 * n * p * c * 4.0
         what = f"{p} patches x {k} components x {c}x{c} covariances (float64) + {n} stored embeddings"
+    elif kind in TRAINED_KINDS:  # the OK embeddings are kept (float16) for the epochs
+        state, what = n * p * c * 2.0 + p * c * 4.0 * 64, f"{n} images x {p} patches x {c} channels kept for training"
     elif kind == "patchcore":
         state, what = 2 * n * p * c * 4.0, f"{n} images x {p} patches x {c} channels of memory bank"
     else:

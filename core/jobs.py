@@ -356,7 +356,12 @@ def fit_job(
             result.calibration += batch.paths
         done += len(batch.paths) + len(batch.skipped)
         yield Progress(done, len(paths), f"calibrating: {done}/{len(paths)} images")
-    yield Progress(done, len(paths), "building the model")  # PatchCore's coreset: a minute
+    if getattr(det.model, "trains", False):
+        # a network (core.models.trained): epochs with progress, cancel before every batch,
+        # early stopping on the held-out OK images, the engineer's time budget
+        yield from det.model.train(held[:n_held], token)
+    else:
+        yield Progress(done, len(paths), "building the model")  # PatchCore's coreset: a minute
     release_free_memory()  # hand back the loops' freed batch buffers before finalize
     det.finalize()
     if n_held:

@@ -78,8 +78,11 @@ def ray_fit_job(paths: Iterable[str | Path], config: DetectorConfig, token: Canc
             yield Progress(done, len(paths), f"fitting on Ray: {done}/{len(paths)} images")
     if not result.fitted:
         raise NotFittedError(f"none of the {len(fit_paths)} OK images could be read")
-    yield Progress(len(paths), len(paths), "building the model")
     finish(det.model, merged, len(result.fitted) * det.model.n_patches)
+    if getattr(det.model, "trains", False):  # the network trains on the driver, as in a local fit
+        yield from det.model.train(torch.cat(held) if held else None, token)
+    else:
+        yield Progress(len(paths), len(paths), "building the model")
     release_free_memory()
     det.finalize()
     if held:

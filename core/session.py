@@ -17,6 +17,7 @@ Example:
 """
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import replace
 from functools import partial
@@ -30,7 +31,7 @@ from .errors import OkngError
 from .events import Event, Question
 from .imageio import iter_image_paths, load_image
 from .jobs import FitResult, JobCallbacks, ScoredImage, Skipped, fit_job, inspect_job, load_model_job, save_model_job
-from .models import MODELS
+from .models import MODELS, TRAINED_KINDS, model_class
 from .recipes import Recipe, load_recipe, model_path_for, safe_file_stem, save_recipe
 from .roles import ENGINEER, OPERATOR, hash_pin, verify_pin
 from .session_labels import LabelBook
@@ -222,6 +223,27 @@ class InspectionSession:
         self.recipe.config = cfg.to_dict()
         self.mark_dirty()
         self.status.emit(f"Model for the next fit: {name} (press F5 to fit)")
+
+    def training_budget(self) -> float | None:
+        """Seconds the next fit may train the recipe's model's network; None for models that
+        train none."""
+        if self.config.model not in TRAINED_KINDS:
+            return None
+        default = inspect.signature(model_class(self.config.model).__init__).parameters["budget"].default
+        return float(self.config.model_params.get("budget", default))
+
+    def set_training_budget(self, seconds: float) -> None:
+        """Let the next fit train the network for at most ``seconds`` (trained models only)."""
+        if self.training_budget() is None or not self._engineer_only("change the training budget"):
+            return
+        try:
+            cfg = self.config.with_(model_params={**self.config.model_params, "budget": float(seconds)})
+        except (TypeError, ValueError) as exc:
+            self.error.emit(f"Cannot use that training budget: {exc}")
+            return
+        self.recipe.config = cfg.to_dict()
+        self.mark_dirty()
+        self.status.emit(f"Next fit trains {self.config.model} for at most {seconds / 60:.0f} min (press F5 to fit)")
 
     def tiling_choices(self) -> list[tuple[str, object]]:
         """(label, ``tile`` setting) of the tilings the station offers, for the fit settings

@@ -8,6 +8,7 @@ from PySide6.QtGui import QAction, QKeySequence
 from PySide6.QtWidgets import (QDockWidget, QMainWindow, QMessageBox, QVBoxLayout,
                                QWidget)
 
+from core.models import TRAINED_KINDS
 from core.session_results import heat_vmax
 from core.thresholds import false_alarm_statement
 
@@ -115,6 +116,8 @@ class MainWindow(QMainWindow):
         self.ok_panel.remove_requested.connect(s.remove_ok_paths)
         self.ok_panel.fit_requested.connect(s.start_fit)
         self.ok_panel.model_chosen.connect(s.set_model)
+        self.ok_panel.model_chosen.connect(lambda _name: self._show_models())  # what the session kept
+        self.ok_panel.budget_chosen.connect(s.set_training_budget)
         self.ok_panel.tiling_chosen.connect(s.set_tiling)
         self.ok_panel.cancel_requested.connect(s.cancel)
         self.ok_panel.capture_requested.connect(self.capture_ok)
@@ -153,11 +156,15 @@ class MainWindow(QMainWindow):
         role = "  [operator mode]" if s.role == "operator" else ""
         self.setWindowTitle(f"{APP_TITLE} — {s.recipe.name}{' *' if s.dirty else ''}{role}")
 
+    def _show_models(self) -> None:
+        s = self.controller.session
+        self.ok_panel.set_models(s.available_models(), s.config.model, TRAINED_KINDS, s.training_budget())
+
     @Slot(str)
     def on_recipe_changed(self, name: str) -> None:
         s = self.controller.session
         self._update_title()
-        self.ok_panel.set_models(s.available_models(), s.config.model)
+        self._show_models()
         self.ok_panel.set_tilings(s.tiling_choices(), s.config.tile)
         self.source_panel.demo_button.setVisible(bool(s.demo_stream))
         live = s.recipe.station.get("live_source")

@@ -14,24 +14,32 @@ if TYPE_CHECKING:
 
 #: the registry's names in its order, known without importing the models (the command line's
 #: choices); :func:`_registry` checks they are the classes' own
-KINDS = ("padim", "patchcore", "padim-kmeans", "padim-lowrank", "padim-fusion")
+KINDS = ("padim", "patchcore", "padim-kmeans", "padim-lowrank", "padim-fusion", "riad", "favae", "kdad")
+#: the models a network is trained for (:mod:`.trained`): fit with epochs, not in one pass
+TRAINED_KINDS = ("riad", "favae", "kdad")
 
 _CLASSES = {
     "NormalityModel": "base", "StageFusionModel": "fusion", "LowRankPadimModel": "lowrank",
     "KMeansPadimModel": "mixture", "PadimModel": "padim", "PatchcoreModel": "patchcore",
+    "RiadModel": "riad", "FavaeModel": "favae", "KdadModel": "kdad", "TrainedModel": "trained",
 }
 
 
 def _registry() -> dict[str, type[NormalityModel]]:
+    from .favae import FavaeModel
     from .fusion import StageFusionModel
+    from .kdad import KdadModel
     from .lowrank import LowRankPadimModel
     from .mixture import KMeansPadimModel
     from .padim import PadimModel
     from .patchcore import PatchcoreModel
+    from .riad import RiadModel
 
     registry = {cls.kind: cls
-                for cls in (PadimModel, PatchcoreModel, KMeansPadimModel, LowRankPadimModel, StageFusionModel)}
-    if tuple(registry) != KINDS:
+                for cls in (PadimModel, PatchcoreModel, KMeansPadimModel, LowRankPadimModel, StageFusionModel,
+                            RiadModel, FavaeModel, KdadModel)}
+    trained = tuple(k for k, cls in registry.items() if getattr(cls, "trains", False))
+    if tuple(registry) != KINDS or trained != TRAINED_KINDS:
         raise RuntimeError(f"core.models.KINDS {KINDS} does not list the models {tuple(registry)}")
     return registry
 
@@ -58,6 +66,6 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "KINDS", "MODELS", "KMeansPadimModel", "LowRankPadimModel", "NormalityModel", "PadimModel", "PatchcoreModel",
-    "StageFusionModel", "model_class",
+    "KINDS", "MODELS", "TRAINED_KINDS", "FavaeModel", "KMeansPadimModel", "KdadModel", "LowRankPadimModel",
+    "NormalityModel", "PadimModel", "PatchcoreModel", "RiadModel", "StageFusionModel", "TrainedModel", "model_class",
 ]

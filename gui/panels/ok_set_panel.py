@@ -24,6 +24,7 @@ class OkSetPanel(QWidget):
     cancel_requested = Signal()
     model_chosen = Signal(str)  # normality model name for the next fit
     tiling_chosen = Signal(object)  # the next fit's tile setting: None, "auto" or pixels
+    budget_chosen = Signal(float)  # seconds the next fit may train a network (trained models)
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -51,8 +52,14 @@ class OkSetPanel(QWidget):
         self.model_combo = QComboBox()
         self.model_combo.setToolTip("Normality model fitted by the next Fit (see the README's "
                                     "'Which model' for when to pick which)")
-        self.model_combo.activated.connect(
-            lambda i: self.model_chosen.emit(self.model_combo.itemData(i)))
+        self.model_combo.activated.connect(self._model_activated)
+        self._trained: set[str] = set()
+        self.budget_spin = QSpinBox()
+        self.budget_spin.setRange(1, 24 * 60)
+        self.budget_spin.setSuffix(" min to train")
+        self.budget_spin.setToolTip("The longest the next fit may train this model's network; it stops "
+                                    "sooner when the held-out OK images stop improving")
+        self.budget_spin.editingFinished.connect(lambda: self.budget_chosen.emit(60.0 * self.budget_spin.value()))
         self.tiling_combo = QComboBox()
         self.tiling_combo.setToolTip("How the next fit sees large images: scaled down whole to the network's "
                                      "size, or as tiles stitched into one map at the image's own size "
@@ -79,6 +86,7 @@ class OkSetPanel(QWidget):
         settings_row = QHBoxLayout()  # what the next fit builds, then the fit itself
         settings_row.addWidget(self.model_combo, 1)
         settings_row.addWidget(self.tiling_combo, 1)
+        settings_row.addWidget(self.budget_spin)
         fit_row = QHBoxLayout()
         fit_row.addWidget(self.fit_button, 1)
         fit_row.addWidget(self.cancel_button)
@@ -115,13 +123,24 @@ class OkSetPanel(QWidget):
             self._thumb_timer.start()
         self._update_enabled()
 
-    def set_models(self, models: list[tuple[str, str]], current: str) -> None:
-        """Fill the chooser with (name, summary) pairs and select ``current``."""
+    def set_models(self, models: list[tuple[str, str]], current: str, trained: tuple[str, ...] = (),
+                   budget_s: float | None = None) -> None:
+        """Fill the chooser with (name, summary) pairs and select ``current``; ``trained``
+        names the models that train a network, for which the time budget (``budget_s``) shows."""
         self.model_combo.clear()
         for name, summary in models:
             self.model_combo.addItem(name, name)
             self.model_combo.setItemData(self.model_combo.count() - 1, summary, Qt.ItemDataRole.ToolTipRole)
         self.model_combo.setCurrentIndex(max(self.model_combo.findData(current), 0))
+        self._trained = set(trained)
+        if budget_s is not None:
+            self.budget_spin.setValue(max(1, round(budget_s / 60.0)))
+        self.budget_spin.setVisible(current in self._trained)
+
+    def _model_activated(self, index: int) -> None:
+        name = self.model_combo.itemData(index)
+        self.budget_spin.setVisible(name in self._trained)
+        self.model_chosen.emit(name)
 
     def set_tilings(self, choices: list[tuple[str, object]], current: object) -> None:
         """Fill the tiling chooser with (label, setting) pairs and select ``current``; a

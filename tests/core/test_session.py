@@ -415,3 +415,19 @@ def test_the_labels_list_shows_each_label_with_its_time_kind_and_image(session, 
     assert (row.id, row.created_at, row.kind, row.image_name) == (lab.id, lab.created_at, "image_ng",
                                                                   Path(part_images[1][0]).name)
     assert row.created_at > 0 and row.in_model and not row.undone
+
+
+def test_the_training_budget_is_set_for_models_that_train_by_an_engineer_and_kept_in_the_recipe(session):
+    s = session
+    assert s.training_budget() is None  # padim trains no network
+    s.set_training_budget(120.0)
+    assert "budget" not in s.config.model_params
+    s.set_model("kdad")
+    assert s.training_budget() == 600.0  # the model's default: ten minutes
+    s.set_training_budget(180.0)
+    assert s.training_budget() == 180.0 and s.config.model_params["budget"] == 180.0
+    assert s.recipe.config["model_params"]["budget"] == 180.0 and s.dirty
+    assert s.set_pin("4711")
+    s.lock()
+    s.set_training_budget(60.0)
+    assert s.training_budget() == 180.0 and "engineer" in s.errors[-1]

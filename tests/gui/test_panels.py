@@ -188,3 +188,22 @@ def test_throttle_runs_at_once_then_once_per_interval_never_losing_the_last(qtbo
     assert len(calls) == 4
     t.flush()  # nothing pending: nothing runs
     assert len(calls) == 4
+
+
+def test_ok_set_panel_shows_the_training_budget_only_for_a_model_that_trains(qtbot):
+    from gui.panels.ok_set_panel import OkSetPanel
+
+    panel = OkSetPanel()
+    qtbot.addWidget(panel)
+    panel.show()
+    panel.set_models([("padim", "one Gaussian"), ("kdad", "student")], "padim", ("kdad",), None)
+    assert not panel.budget_spin.isVisible()
+    with qtbot.waitSignal(panel.model_chosen):
+        panel.model_combo.activated.emit(1)
+    assert panel.budget_spin.isVisible()
+    panel.budget_spin.setValue(3)
+    with qtbot.waitSignal(panel.budget_chosen) as sig:
+        panel.budget_spin.editingFinished.emit()
+    assert sig.args == [180.0]
+    panel.set_models([("padim", "one Gaussian"), ("kdad", "student")], "kdad", ("kdad",), 1500.0)
+    assert panel.budget_spin.value() == 25 and panel.budget_spin.isVisible()
