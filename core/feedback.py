@@ -297,6 +297,8 @@ class FeedbackLearner:
 
     def _reweight(self) -> WeightChange | None:
         model = self.detector.model
+        if not model.supports_channel_weights:  # trained models: the memory alone learns
+            return None
         previous = model.channel_weights
         self.detector.refresh_calibration()  # OK scores under the updated memory, old weights
         th = self.detector.thresholds

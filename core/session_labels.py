@@ -156,6 +156,12 @@ class LabelBook:
         if bool(on) != self.reweight and not self.session._engineer_only("change channel weight learning"):
             self.reweight_changed.emit(self.reweight)  # the check box shows what holds
             return
+        det = self.session.detector
+        if on and det is not None and not det.model.supports_channel_weights:
+            self.session.error.emit(f"Model {det.config.model} does not learn channel weights (its scores are "
+                                    f"normalised per position); false-alarm labels still teach it.")
+            self.reweight_changed.emit(self.reweight)
+            return
         self.reweight = bool(on)
         if self.learner is not None:
             self.learner.reweight = self.reweight

@@ -98,6 +98,8 @@ class NormalityModel(ABC):
 
     # Per-channel weights are shared by all models (feedback loop, issue 4).
     channel_weights: torch.Tensor | None = None
+    #: False for models whose :meth:`set_channel_weights` refuses weights (trained models)
+    supports_channel_weights: ClassVar[bool] = True
 
     def set_channel_weights(self, weights: torch.Tensor | None) -> None:
         if weights is not None:

@@ -38,7 +38,7 @@ class KdadModel(TrainedModel):
     param_ranges = {**TrainedModel.param_ranges, "channel_stage": (0, 9, True)}
 
     def __init__(self, grid: tuple[int, int], n_channels: int, channel_stage: list[int] | None = None,
-                 width: int = 64, epochs: int = 60, budget: float = 600.0, patience: int = 6, lr: float = 2e-3,
+                 width: int = 64, epochs: int = 200, budget: float = 600.0, patience: int = 6, lr: float = 2e-3,
                  batch: int = 8, seed: int = 0, finetune_steps: int = 20) -> None:
         stages = list(range(n_channels)) if channel_stage is None else [int(s) for s in channel_stage]
         if len(stages) != n_channels:

@@ -15,10 +15,10 @@ restores that epoch and halves the learning rate; three in a row end the fit wit
 error instead of a model that scores NaN.
 
 What a trained model does not do: merge shards exactly (Ray collects the embeddings on the
-driver and trains there), or learn a click exactly: an added OK region fine-tunes the
-network for ``finetune_steps`` steps (``exact_incremental = False``). Position-free
-false-alarm feedback (:mod:`core.feedback_memory`) works as for every model, and learnt
-channel weights weigh each channel's error.
+driver and trains there), learn a click exactly (an added OK region fine-tunes the
+network for ``finetune_steps`` steps: ``exact_incremental = False``), or learn channel
+weights (see :meth:`TrainedModel.set_channel_weights`). Position-free false-alarm feedback
+(:mod:`core.feedback_memory`) works as for every model.
 """
 from __future__ import annotations
 
@@ -66,6 +66,7 @@ class TrainedModel(NormalityModel):
     #: fit_job trains it with progress (:meth:`train`) instead of a plain finalize
     trains: ClassVar[bool] = True
     exact_incremental = False
+    supports_channel_weights = False
     #: accepted ranges (lo, hi, whole number), checked by DetectorConfig
     param_ranges: ClassVar[dict[str, tuple[float, float, bool]]] = {
         "width": (8, 512, True), "epochs": (1, 10_000, True), "budget": (1.0, 7 * 86_400.0, False),
@@ -73,7 +74,7 @@ class TrainedModel(NormalityModel):
         "seed": (0, 2**32 - 1, True), "finetune_steps": (0, 100_000, True),
     }
 
-    def __init__(self, grid: tuple[int, int], n_channels: int, width: int = 64, epochs: int = 60,
+    def __init__(self, grid: tuple[int, int], n_channels: int, width: int = 64, epochs: int = 200,
                  budget: float = 600.0, patience: int = 6, lr: float = 2e-3, batch: int = 8, seed: int = 0,
                  finetune_steps: int = 20) -> None:
         super().__init__(grid, n_channels)
@@ -91,6 +92,9 @@ class TrainedModel(NormalityModel):
         self._images = 0
         self._trained = False
         self._fresh = 0  # entries of _store added since the last training or fine-tune
+        #: per patch position, mean and spread of the OK parts' distances (see :meth:`score`)
+        self.position_mean = torch.zeros(self.grid)
+        self.position_std = torch.ones(self.grid)
         #: (epoch, training loss, held-out loss) per epoch of the last training
         self.history: list[tuple[int, float, float]] = []
         #: why the last training stopped: "epochs", "early stop", "time budget"
@@ -155,18 +159,41 @@ class TrainedModel(NormalityModel):
     def standardise(self, emb: torch.Tensor) -> torch.Tensor:
         return (emb.to(torch.float32) - self.mean.view(1, -1, 1, 1)) / self.std.view(1, -1, 1, 1)
 
-    def score(self, emb: torch.Tensor) -> torch.Tensor:
-        if not self._trained:
-            self.finalize()
+    def error_distance(self, emb: torch.Tensor) -> torch.Tensor:
+        """(B, h, w): the root of each patch's summed squared errors."""
         self.net.eval()
         with torch.inference_mode():
-            err = self.errors(self.standardise(emb))
-            if self.channel_weights is not None:
-                err = err * self.channel_weights[self.error_channels].view(1, -1, 1, 1)
-            # the root of the summed squares: a distance (as PaDiM's and PatchCore's are), so the
-            # feedback memory's ratios and the blur see the same kind of scale for every model
-            dist = err.sum(1).clamp_min_(0.0).sqrt_()
-        return torch.nan_to_num(dist, nan=float("inf"))
+            return self.errors(self.standardise(emb)).sum(1).clamp_min_(0.0).sqrt_()
+
+    def set_channel_weights(self, weights: torch.Tensor | None) -> None:
+        """Refused: a score here is in OK spreads per position (:meth:`score`), measured
+        without weights; weighting channels would change every spread, and the reweighting
+        guard's rescaling of the weights does not carry over to it."""
+        if weights is not None:
+            raise ValueError(f"model {self.kind!r} does not learn channel weights (its scores are normalised per "
+                             f"position on the OK parts); the feedback memory still learns false alarms")
+        self.channel_weights = None
+
+    def score(self, emb: torch.Tensor) -> torch.Tensor:
+        """How far above what OK parts show *at this position* a patch's error is, in OK
+        spreads: a network's error is not the same everywhere (busbars, edges and the part's
+        border are harder to reproduce), and PaDiM's per-position statistics are what makes it
+        strong on such parts. Measured on poly cells: kdad 0.825 -> 0.869, favae 0.833 ->
+        0.875 AUROC against the raw error."""
+        if not self._trained:
+            self.finalize()
+        dist = (self.error_distance(emb) - self.position_mean) / self.position_std
+        return torch.nan_to_num(dist, nan=float("inf")).clamp_min_(0.0)
+
+    def _fit_positions(self, *sets: torch.Tensor) -> None:
+        """Per-position mean and spread of the OK distances (training and held-out parts);
+        each position's variance is blended half with the median one, so 40 parts' noise at
+        one position does not make it hair-trigger."""
+        d = torch.cat([self.error_distance(x[i : i + _NORM_CHUNK]) for x in sets if x is not None
+                       for i in range(0, x.shape[0], _NORM_CHUNK)]).to(torch.float64)
+        var = d.var(0) if d.shape[0] > 1 else torch.ones(self.grid, dtype=torch.float64)
+        self.position_mean = d.mean(0).to(torch.float32)
+        self.position_std = (0.5 * var + 0.5 * var.median()).sqrt().clamp_min(1e-6).to(torch.float32)
 
     # -- training ---------------------------------------------------------------------------
     def _data(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -273,6 +300,7 @@ class TrainedModel(NormalityModel):
             raise TrainingDiverged(f"training {self.kind} gave no finite loss: lower lr (--param lr=...)")
         self.net.load_state_dict(best_state)
         self.net.eval()
+        self._fit_positions(data, held)
         self._trained, self._fresh = True, 0
 
     def fine_tune(self) -> None:
@@ -316,8 +344,8 @@ class TrainedModel(NormalityModel):
         if not self._trained or self._fresh:
             self.finalize()
         t = {f"net.{k}": v.detach().contiguous() for k, v in self.net.state_dict().items()}
-        t.update({"norm.mean": self.mean, "norm.std": self.std,
-                  "n_images": torch.tensor([self._images], dtype=torch.int64)})
+        t.update({"norm.mean": self.mean, "norm.std": self.std, "position.mean": self.position_mean,
+                  "position.std": self.position_std, "n_images": torch.tensor([self._images], dtype=torch.int64)})
         return t
 
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -326,12 +354,15 @@ class TrainedModel(NormalityModel):
         self.net.eval()
         self.mean = tensors["norm.mean"].to(torch.float32).clone()
         self.std = tensors["norm.std"].to(torch.float32).clone()
+        self.position_mean = tensors["position.mean"].to(torch.float32).clone()
+        self.position_std = tensors["position.std"].to(torch.float32).clone()
         self._images = int(tensors["n_images"].reshape(-1)[0])
         self._trained, self._fresh, self._store = True, 0, []
 
     def expected_shapes(self, tensors: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
         shapes = {f"net.{k}": tuple(v.shape) for k, v in self.net.state_dict().items()}
-        shapes.update({"norm.mean": (self.n_channels,), "norm.std": (self.n_channels,), "n_images": (1,)})
+        shapes.update({"norm.mean": (self.n_channels,), "norm.std": (self.n_channels,), "position.mean": self.grid,
+                       "position.std": self.grid, "n_images": (1,)})
         return shapes
 
     def copy(self) -> TrainedModel:
@@ -339,10 +370,10 @@ class TrainedModel(NormalityModel):
         clone.net.load_state_dict(self._state())
         clone.net.eval()
         clone.mean, clone.std = self.mean.clone(), self.std.clone()
+        clone.position_mean, clone.position_std = self.position_mean.clone(), self.position_std.clone()
         clone._store = list(self._store)  # the stored tensors are never changed in place: shared
         clone._images, clone._trained, clone._fresh = self._images, self._trained, self._fresh
         clone.history, clone.stop_reason = list(self.history), self.stop_reason
-        clone.set_channel_weights(None if self.channel_weights is None else self.channel_weights.clone())
         return clone
 
 

@@ -171,15 +171,35 @@ def test_an_ok_region_marked_after_training_is_learnt_by_fine_tuning():
     assert model.n_samples == 49
 
 
-def test_channel_weights_weigh_each_channels_error():
+def test_a_score_is_the_error_in_ok_spreads_at_its_position_and_channel_weights_are_refused():
     model = trained("kdad")
     part = with_anomaly(related_embeddings(1, seed=7))
     with torch.inference_mode():
         errors = model.errors(model.standardise(part))[0]  # the last stage's six channels
-    weights = torch.zeros(12)
-    weights[8] = 2.0  # channel 8 is the third of the last stage
-    model.set_channel_weights(weights)
-    torch.testing.assert_close(model.score(part)[0], (2.0 * errors[2]).sqrt())
+    distance = errors.sum(0).sqrt()
+    torch.testing.assert_close(model.error_distance(part)[0], distance)
+    z = ((distance - model.position_mean) / model.position_std).clamp_min(0.0)
+    torch.testing.assert_close(model.score(part)[0], z)
+    with pytest.raises(ValueError, match="does not learn channel weights"):
+        model.set_channel_weights(torch.ones(12))
+
+
+def test_a_position_where_ok_parts_are_always_rough_does_not_outshine_a_real_anomaly():
+    def rough_corner(emb):
+        g = torch.Generator().manual_seed(int(emb.shape[0]))
+        emb[:, 6:, 0, 0] += 4.0 * torch.randn(emb.shape[0], 6, generator=g)  # unpredictable on every OK part
+        return emb
+
+    model = make("kdad")
+    model.partial_fit(rough_corner(related_embeddings(48, seed=1)))
+    for _ in model.train(rough_corner(related_embeddings(12, seed=2))):
+        pass
+    parts = with_anomaly(rough_corner(related_embeddings(6, seed=3)))
+    raw, scored = model.error_distance(parts), model.score(parts)
+    corner, anomaly = (0, 0), ANOMALY
+    assert any(divmod(int(m.argmax()), GRID[1]) == corner for m in raw)  # the raw error alone is fooled
+    for m in scored:  # in OK spreads per position, the real anomaly is the hottest patch
+        assert divmod(int(m.argmax()), GRID[1]) == anomaly
 
 
 def test_kdad_needs_two_stages_and_trained_models_refuse_tiles():
@@ -228,3 +248,21 @@ def test_a_false_alarm_click_lowers_a_trained_models_score_there(generalise, par
     assert rec.score_after < 0.9 * score  # judged OK now
     assert learner.detector.inspect([img])[0].verdict == "OK"
     assert det.inspect([img])[0].score == before.score  # the fitted detector is a snapshot, untouched
+
+
+def test_the_station_says_a_trained_model_learns_no_channel_weights(part_images, tmp_path, cache):
+    from core.jobs import InlineExecutor
+    from core.session import InspectionSession
+
+    ok, _ = part_images
+    s = InspectionSession(InlineExecutor(), labels_dir=tmp_path / "labels", captures_dir=tmp_path / "captures")
+    errors, shown = [], []
+    s.error.connect(errors.append)
+    s.new_recipe("parts", DetectorConfig.for_model("kdad", weights="random", image_size=64, n_channels=24,
+                                                   batch_size=4, model_params={"epochs": 2, "width": 8}), ok)
+    s.start_fit()
+    assert s.detector is not None and s.detector.config.model == "kdad"
+    s.labels.reweight_changed.connect(shown.append)
+    s.labels.set_reweight(True)
+    assert not s.labels.reweight and shown == [False]
+    assert "does not learn channel weights" in errors[-1]
