@@ -287,9 +287,9 @@ class TrainedModel(NormalityModel):
             else:
                 stale += 1
             elapsed = _clock() - t0
-            yield Progress(epoch, self.epochs, f"training {self.kind}: epoch {epoch}/{self.epochs}, loss "
-                                               f"{train_loss:.4g}, held-out {val:.4g} ({elapsed:.0f} s of "
-                                               f"{self.budget:.0f} s)")
+            yield Progress(epoch, self.epochs, f"training {self.kind}: epoch {epoch}/{self.epochs}, held-out loss "
+                                               f"{val:.3g} (training {train_loss:.3g}), {elapsed:.0f} of "
+                                               f"{self.budget:.0f} s")
             if out_of_time or elapsed + elapsed / epoch > self.budget:
                 self.stop_reason = "time budget"
                 break

@@ -56,9 +56,15 @@ class OkSetPanel(QWidget):
         self._trained: set[str] = set()
         self.budget_spin = QSpinBox()
         self.budget_spin.setRange(1, 24 * 60)
-        self.budget_spin.setSuffix(" min to train")
+        self.budget_spin.setSuffix(" min")
         self.budget_spin.setToolTip("The longest the next fit may train this model's network; it stops "
                                     "sooner when the held-out OK images stop improving")
+        self.budget_box = QWidget()  # shown for models that train a network
+        budget_row = QHBoxLayout(self.budget_box)
+        budget_row.setContentsMargins(0, 0, 0, 0)
+        budget_row.addWidget(QLabel("Train the network for at most"))
+        budget_row.addWidget(self.budget_spin)
+        budget_row.addStretch(1)
         self.budget_spin.editingFinished.connect(lambda: self.budget_chosen.emit(60.0 * self.budget_spin.value()))
         self.tiling_combo = QComboBox()
         self.tiling_combo.setToolTip("How the next fit sees large images: scaled down whole to the network's "
@@ -86,7 +92,6 @@ class OkSetPanel(QWidget):
         settings_row = QHBoxLayout()  # what the next fit builds, then the fit itself
         settings_row.addWidget(self.model_combo, 1)
         settings_row.addWidget(self.tiling_combo, 1)
-        settings_row.addWidget(self.budget_spin)
         fit_row = QHBoxLayout()
         fit_row.addWidget(self.fit_button, 1)
         fit_row.addWidget(self.cancel_button)
@@ -96,6 +101,7 @@ class OkSetPanel(QWidget):
         lay.addLayout(buttons)
         lay.addLayout(capture_row)
         lay.addLayout(settings_row)
+        lay.addWidget(self.budget_box)
         lay.addLayout(fit_row)
         lay.addWidget(self.progress)
         self._thumb_queue: list[QListWidgetItem] = []
@@ -135,11 +141,11 @@ class OkSetPanel(QWidget):
         self._trained = set(trained)
         if budget_s is not None:
             self.budget_spin.setValue(max(1, round(budget_s / 60.0)))
-        self.budget_spin.setVisible(current in self._trained)
+        self.budget_box.setVisible(current in self._trained)
 
     def _model_activated(self, index: int) -> None:
         name = self.model_combo.itemData(index)
-        self.budget_spin.setVisible(name in self._trained)
+        self.budget_box.setVisible(name in self._trained)
         self.model_chosen.emit(name)
 
     def set_tilings(self, choices: list[tuple[str, object]], current: object) -> None:
@@ -168,7 +174,12 @@ class OkSetPanel(QWidget):
     def set_progress(self, done: int, total: int, message: str) -> None:
         self.progress.setRange(0, max(total, 1))
         self.progress.setValue(done)
-        self.progress.setFormat(message or "%v/%m")
+        # the bar is as narrow as the dock: a long message (a training epoch's losses) is
+        # elided there and whole in the tooltip (and the status bar)
+        shown = self.progress.fontMetrics().elidedText(message, Qt.TextElideMode.ElideRight,
+                                                       max(self.progress.width() - 12, 40)) if message else ""
+        self.progress.setFormat(shown.replace("%", "%%") if shown else "%v/%m")
+        self.progress.setToolTip(message)
 
     def _update_enabled(self) -> None:
         busy = getattr(self, "_busy", False)

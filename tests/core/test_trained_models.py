@@ -78,8 +78,8 @@ def test_training_reports_each_epoch_with_its_losses():
     model.partial_fit(related_embeddings(16, seed=1))
     steps = list(model.train(related_embeddings(8, seed=2)))
     assert [(p.done, p.total) for p in steps] == [(1, 3), (2, 3), (3, 3)]
-    assert steps[0].message.startswith("training favae: epoch 1/3, loss ")
-    assert "held-out" in steps[0].message
+    assert steps[0].message.startswith("training favae: epoch 1/3, held-out loss ")
+    assert "(training " in steps[0].message
     assert [h[0] for h in model.history] == [1, 2, 3] and model.stop_reason == "epochs"
 
 
