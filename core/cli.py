@@ -549,6 +549,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"at threshold {ev.threshold:.4g}: false-alarm rate {a['false_alarm_rate']:.3f}, "
               f"detection rate {a['detection_rate']:.3f}, F1 {a['f1']:.3f}")
     print(f"best-F1 threshold {ev.best_f1_threshold:.4g} (F1 {ev.best_f1:.3f})")
+    print(f"(runtime {det.runtime_name})", file=sys.stderr)  # as okng score's summary says it
     return 0
 
 

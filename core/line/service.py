@@ -114,9 +114,12 @@ class LineService:
 
     # -- lifecycle ----------------------------------------------------------------------
     def start(self, timeout: float = 120.0) -> None:
-        """Load the first recipe, present a result a previous run left unacknowledged, open
-        the links, start the heartbeat and the publishers."""
+        """Open the image source, load the first recipe, present a result a previous run left
+        unacknowledged, open the links, start the heartbeat and the publishers."""
         hs = self.handshake
+        opener = getattr(self.source, "open", None)
+        if opener is not None:  # before any trigger: an image that lands first is the first part's
+            opener()
         self._restore_unacknowledged()
         hs.start(self.options.recipe_index)
         if not hs.wait_idle(timeout) or hs.value("ActiveRecipe") != self.options.recipe_index:

@@ -65,10 +65,17 @@ class LiveGrab:
         self.source, self.timeout, self.poll = source, timeout, poll
         self._open = False
 
-    def grab(self) -> Grabbed:
+    def open(self) -> None:
+        """Open the source now (the service does, when it starts serving). Opened at the first
+        trigger instead, a watched folder took the files already there as old: a camera that
+        wrote the first part's image before the station saw that trigger lost the part (no
+        image within the timeout). Also reports a missing folder or camera at once."""
         if not self._open:
             self.source.open()
             self._open = True
+
+    def grab(self) -> Grabbed:
+        self.open()
         deadline = time.monotonic() + self.timeout
         while True:
             frame = self.source.read()

@@ -53,12 +53,15 @@ def test_eval_reports_auroc_and_writes_json(cli_model, elpv_split, tmp_path):
     assert d["n_ok"] == 8 and d["n_ng"] == 8
     assert 0.5 < d["image_auroc"] <= 1.0  # real defects rank above good cells
     assert "image AUROC" in r.stdout
+    assert "(runtime " in r.stderr  # what ran the backbone, as okng score says
 
 
-def test_models_lists_padim_first_on_its_line(capsys):
+def test_models_lists_padim_first_on_its_line_and_every_model_once(capsys):
     assert main(["models"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split("\t")[0] == "padim"
+    assert [line.split("\t")[0] for line in lines] == ["padim", "patchcore", "padim-kmeans", "padim-lowrank",
+                                                         "padim-fusion", "riad", "favae", "kdad"]
 
 
 def test_errors_are_one_clear_line_and_exit_code_1(tmp_path, capsys):

@@ -96,6 +96,42 @@ def test_a_trigger_while_busy_is_refused_with_error_code_1_and_never_queued(watc
         plc.close()
 
 
+def test_an_image_that_lands_before_the_first_trigger_is_that_parts_image(cells, tmp_path):
+    """The camera may be quicker than the PLC's trigger reaches the station: the watched folder
+    is opened when serving starts, so a file written before the first trigger is still new."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    shutil.copy(cells["images"][0], inbox / "there-before-serving.png")  # old: never a part's image
+    recipe = tmp_path / "cells.okrecipe"
+    shutil.copy(cells["recipe"], recipe)
+    port = free_port()
+    svc = LineService(ServeOptions([recipe], LiveGrab(FolderWatchSource(inbox, stable_polls=1), timeout=3.0),
+                                   modbus=f"127.0.0.1:{port}"))
+    svc.start()
+    plc = ModbusPlc(port)
+    try:
+        image = cells["images"][1]
+        shutil.copy(image, inbox / "first-part.png")  # written before the station sees a trigger
+        r, _ = run_cycle(plc, 5)
+        assert (r["ErrorCode"], r["PartId"]) == (0, 5)
+        assert ("OK" if r["Ok"] else "NG") == cells["reference"][image][0]
+    finally:
+        plc.close()
+        svc.stop()
+
+
+def test_serving_from_a_folder_that_is_not_there_fails_at_the_start(cells, tmp_path):
+    recipe = tmp_path / "cells.okrecipe"
+    shutil.copy(cells["recipe"], recipe)
+    svc = LineService(ServeOptions([recipe], LiveGrab(FolderWatchSource(tmp_path / "missing")),
+                                   modbus=f"127.0.0.1:{free_port()}"))
+    try:
+        with pytest.raises(Exception, match="folder not found"):
+            svc.start()
+    finally:
+        svc.stop()
+
+
 def test_no_image_in_time_is_the_cycles_result_with_error_code_4(watched):
     plc = ModbusPlc(watched["ports"]["modbus"])
     try:

@@ -153,10 +153,12 @@ def test_a_loss_that_turns_nan_lowers_the_rate_and_three_in_a_row_end_the_fit_cl
 
     broken = make("riad", epochs=2)
     broken.partial_fit(related_embeddings(16, seed=1))
-    broken.loss = lambda x, w, g: torch.tensor(float("nan"))
+    tries = []
+    broken.loss = lambda x, w, g: tries.append(1) or torch.tensor(float("nan"))
     with pytest.raises(TrainingDiverged, match="lower lr"):
         for _ in broken.train():
             pass
+    assert len(tries) == 3  # three in a row: at the learning rate, at half and at a quarter of it
 
 
 def test_an_ok_region_marked_after_training_is_learnt_by_fine_tuning():
