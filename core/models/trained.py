@@ -99,6 +99,8 @@ class TrainedModel(NormalityModel):
         self.history: list[tuple[int, float, float]] = []
         #: why the last training stopped: "epochs", "early stop", "time budget"
         self.stop_reason = ""
+        #: the learning rate the last training ended with (halved at each NaN loss)
+        self.learning_rate = self.lr
 
     # -- what each model defines -----------------------------------------------------------
     @abstractmethod
@@ -300,6 +302,7 @@ class TrainedModel(NormalityModel):
             raise TrainingDiverged(f"training {self.kind} gave no finite loss: lower lr (--param lr=...)")
         self.net.load_state_dict(best_state)
         self.net.eval()
+        self.learning_rate = lr
         self._fit_positions(data, held)
         self._trained, self._fresh = True, 0
 

@@ -124,6 +124,22 @@ def test_training_stops_at_the_time_budget_and_keeps_what_it_learnt(monkeypatch)
     assert torch.isfinite(model.score(related_embeddings(2, seed=5))).all()
 
 
+def test_training_does_not_start_an_epoch_the_budget_cannot_hold(monkeypatch):
+    now = [0.0]
+
+    def clock():
+        now[0] += 0.25
+        return now[0]
+
+    monkeypatch.setattr(trained_module, "_clock", clock)
+    model = make("kdad", budget=4.0, epochs=1000, batch=4)
+    model.partial_fit(related_embeddings(40, seed=1))  # ten batches: about 2.5 s of this clock an epoch
+    for _ in model.train(related_embeddings(8, seed=2)):
+        pass
+    assert model.stop_reason == "time budget"
+    assert len(model.history) == 1  # a second epoch would end past 4 s: it is not begun
+
+
 def test_early_stopping_keeps_the_epoch_that_did_best_on_the_held_out_parts():
     model = make("favae", epochs=500, patience=3)
     held = related_embeddings(8, seed=2)
@@ -150,6 +166,7 @@ def test_a_loss_that_turns_nan_lowers_the_rate_and_three_in_a_row_end_the_fit_cl
     for _ in model.train():
         pass
     assert torch.isfinite(model.score(related_embeddings(2, seed=5))).all()
+    assert model.learning_rate == pytest.approx(model.lr / 2)
 
     broken = make("riad", epochs=2)
     broken.partial_fit(related_embeddings(16, seed=1))
@@ -161,8 +178,10 @@ def test_a_loss_that_turns_nan_lowers_the_rate_and_three_in_a_row_end_the_fit_cl
     assert len(tries) == 3  # three in a row: at the learning rate, at half and at a quarter of it
 
 
-def test_an_ok_region_marked_after_training_is_learnt_by_fine_tuning():
+def test_an_ok_region_marked_after_training_is_learnt_by_fine_tuning_without_forgetting_the_rest():
     model = trained("favae", finetune_steps=60)
+    ok = related_embeddings(12, seed=9)
+    ok_before = float(model.error_distance(ok).mean())
     part = with_anomaly(related_embeddings(1, seed=6))
     before = float(model.score(part)[0, ANOMALY[0], ANOMALY[1]])
     region = torch.zeros((1, *GRID), dtype=torch.bool)
@@ -171,6 +190,8 @@ def test_an_ok_region_marked_after_training_is_learnt_by_fine_tuning():
     model.finalize()
     assert float(model.score(part)[0, ANOMALY[0], ANOMALY[1]]) < 0.5 * before
     assert model.n_samples == 49
+    # replayed training parts keep the OK parts' error where it was (on the region alone: +80 %)
+    assert float(model.error_distance(ok).mean()) < 1.25 * ok_before
 
 
 def test_a_score_is_the_error_in_ok_spreads_at_its_position_and_channel_weights_are_refused():
@@ -184,6 +205,20 @@ def test_a_score_is_the_error_in_ok_spreads_at_its_position_and_channel_weights_
     torch.testing.assert_close(model.score(part)[0], z)
     with pytest.raises(ValueError, match="does not learn channel weights"):
         model.set_channel_weights(torch.ones(12))
+    # each position's spread is blended with the median one: none is less than half of it
+    spread = model.position_std**2
+    assert float(spread.min()) >= 0.5 * float(spread.median()) * (1 - 1e-5)
+
+
+def test_the_network_sees_each_channel_standardised_on_the_ok_parts():
+    model = make("favae", epochs=1)
+    data = related_embeddings(48, seed=1) * torch.linspace(0.5, 20.0, 12).view(1, -1, 1, 1) + 3.0
+    model.partial_fit(data)
+    for _ in model.train():
+        pass
+    torch.testing.assert_close(model.mean, data.to(torch.float16).float().mean((0, 2, 3)), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(model.std, data.to(torch.float16).float().std((0, 2, 3), correction=0),
+                               rtol=1e-3, atol=1e-4)
 
 
 def test_a_position_where_ok_parts_are_always_rough_does_not_outshine_a_real_anomaly():
