@@ -200,6 +200,7 @@ class MainWindow(QMainWindow):
         self.view.set_pixel_threshold(pixel, heat_vmax(pixel))
         if s.detector is not None:
             self.error_banner.hide()  # "no model yet" and fit errors are answered now
+        self.labels_panel.set_weights_learnable(s.detector is None or s.detector.model.supports_channel_weights)
         self.on_role_changed(s.role)
 
     def describe_false_alarms(self, threshold: float) -> tuple[str, bool]:

@@ -19,6 +19,13 @@ KIND_TEXT = {"false_alarm": "false alarm", "defect": "real defect", "image_ok": 
 EXPORT_FILTER = "CSV (*.csv);;JSON (*.json)"
 
 
+REWEIGHT_TIP = ("Besides adding false alarms to the OK memory, lower the channels that drive them "
+                "(never so far that a confirmed defect passes). Off by default: see the README's "
+                "feedback figures for what it bought on the demo data.")
+NO_WEIGHTS_TIP = ("this model learns no channel weights (a trained model: its scores are normalised per "
+                  "position); false-alarm labels teach its OK memory")
+
+
 class LabelsPanel(QWidget):
     mark_requested = Signal(str)  # "false_alarm" | "defect" | "image_ok" | "image_ng"
     undo_requested = Signal()
@@ -61,10 +68,7 @@ class LabelsPanel(QWidget):
         self.reset_button.setToolTip("Set every channel weight back to 1 (the OK memory added stays)")
         self.reset_button.clicked.connect(self.reset_weights_requested)
         self.reweight_check = QCheckBox("Learn channel weights")
-        self.reweight_check.setToolTip(
-            "Besides adding false alarms to the OK memory, lower the channels that drive them "
-            "(never so far that a confirmed defect passes). Off by default: see the README's "
-            "feedback figures for what it bought on the demo data.")
+        self.reweight_check.setToolTip(REWEIGHT_TIP)
         self.reweight_check.toggled.connect(self.reweight_toggled)
         self.changed_label = QLabel()
         self.changed_label.setWordWrap(True)
@@ -120,10 +124,20 @@ class LabelsPanel(QWidget):
         self._unlocked = unlocked
         self._update_engineer_controls()
 
+    def set_weights_learnable(self, learnable: bool) -> None:
+        """Whether the current model learns channel weights at all (trained models do not)."""
+        was = getattr(self, "_learnable", True)
+        self._learnable = learnable
+        self.reweight_check.setToolTip(REWEIGHT_TIP if learnable else NO_WEIGHTS_TIP)
+        self._update_engineer_controls()
+        if learnable != was or not learnable:
+            self.set_weight_change(None)
+
     def _update_engineer_controls(self) -> None:
         unlocked = getattr(self, "_unlocked", True)
-        self.reset_button.setEnabled(getattr(self, "_ready", False) and unlocked)
-        self.reweight_check.setEnabled(unlocked)
+        learnable = getattr(self, "_learnable", True)
+        self.reset_button.setEnabled(getattr(self, "_ready", False) and unlocked and learnable)
+        self.reweight_check.setEnabled(unlocked and learnable)
 
     def set_reweight(self, on: bool) -> None:
         """Show what the current model does, without echoing it back as a toggle."""
@@ -163,6 +177,9 @@ class LabelsPanel(QWidget):
         self.table.scrollToBottom()
 
     def set_weight_change(self, change) -> None:
+        if change is None and not getattr(self, "_learnable", True):
+            self.changed_label.setText(f"<b>What changed:</b> {NO_WEIGHTS_TIP}")
+            return
         if change is None:
             self.changed_label.setText("<b>What changed:</b> channel weights unchanged (with "
                                        "<i>Learn channel weights</i> on, a false alarm lowers the "

@@ -164,3 +164,20 @@ def test_main_window_popup_and_labels_panel(qtbot, station, tmp_path):
     qtbot.waitUntil(lambda: f"{rec.score:.2f}" in w.view.detail_label.text())
     c.session.mark_saved()  # unsaved work is asked about: tests/gui/test_operator_station.py
     w.close()
+
+
+def test_the_labels_panel_greys_out_channel_weights_for_a_model_that_learns_none(qtbot):
+    p = LabelsPanel()
+    qtbot.addWidget(p)
+    p.set_model_ready(True)
+    assert p.reweight_check.isEnabled() and p.reset_button.isEnabled()
+    p.set_weights_learnable(False)  # a trained model (riad, favae, kdad)
+    assert not p.reweight_check.isEnabled() and not p.reset_button.isEnabled()
+    assert "learns no channel weights" in p.reweight_check.toolTip()
+    assert "learns no channel weights" in p.changed_label.text()
+    p.set_weight_change(None)  # after a label: still says why nothing is weighted
+    assert "learns no channel weights" in p.changed_label.text()
+    p.set_engineer_controls(True)
+    assert not p.reweight_check.isEnabled()  # unlocking does not bring it back
+    p.set_weights_learnable(True)  # a PaDiM model again
+    assert p.reweight_check.isEnabled() and "Learn channel weights" in p.changed_label.text()
