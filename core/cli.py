@@ -62,11 +62,11 @@ def _drive(gen, desc: str, on_item=None):
         if bar is None and p.total:
             bar = _progress_bar(p.total, desc)
         if bar is not None:
-            if p.message.startswith("training ") and not training:
+            if p.unit == "epoch" and not training:
                 # a trained model's epochs follow the images (core.models.trained)
                 training = True
                 bar.close()
-                bar = _progress_bar(p.total, "train", unit="epoch")
+                bar = _progress_bar(p.total, "train", unit=p.unit)
             bar.n = p.done
             if training:
                 bar.set_postfix_str(p.message.split(": ", 1)[-1], refresh=False)

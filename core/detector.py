@@ -59,7 +59,10 @@ def estimate_fit_memory(config: DetectorConfig, grid: tuple[int, int], n_channel
         state = k * gauss(c) + 2 * n * p * c * 4.0
         what = f"{p} patches x {k} components x {c}x{c} covariances (float64) + {n} stored embeddings"
     elif kind in TRAINED_KINDS:  # the OK embeddings are kept (float16) for the epochs
-        state, what = n * p * c * 2.0 + p * c * 4.0 * 64, f"{n} images x {p} patches x {c} channels kept for training"
+        # + a training batch's activations: ~10 maps of `width` channels per layer pass (five
+        # layers forward, their gradients back), float32
+        acts = int(params.get("batch", 8)) * int(params.get("width", 64)) * p * 4.0 * 10
+        state, what = n * p * c * 2.0 + acts, f"{n} images x {p} patches x {c} channels kept for training"
     elif kind == "patchcore":
         state, what = 2 * n * p * c * 4.0, f"{n} images x {p} patches x {c} channels of memory bank"
     else:

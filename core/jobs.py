@@ -66,6 +66,8 @@ class Progress:
     message: str = ""
     #: optional payload (e.g. one inspected image) for consumers that stream results
     item: Any = None
+    #: what ``done`` counts: images, or a trained model's epochs (core.models.trained)
+    unit: str = "img"
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,6 @@ Example:
 """
 from __future__ import annotations
 
-import inspect
 import logging
 from dataclasses import replace
 from functools import partial
@@ -31,7 +30,7 @@ from .errors import OkngError
 from .events import Event, Question
 from .imageio import iter_image_paths, load_image
 from .jobs import FitResult, JobCallbacks, ScoredImage, Skipped, fit_job, inspect_job, load_model_job, save_model_job
-from .models import MODELS, TRAINED_KINDS, model_class
+from .models import MODELS, TRAINED_KINDS
 from .recipes import Recipe, load_recipe, model_path_for, safe_file_stem, save_recipe
 from .roles import ENGINEER, OPERATOR, hash_pin, verify_pin
 from .session_labels import LabelBook
@@ -229,8 +228,9 @@ class InspectionSession:
         train none."""
         if self.config.model not in TRAINED_KINDS:
             return None
-        default = inspect.signature(model_class(self.config.model).__init__).parameters["budget"].default
-        return float(self.config.model_params.get("budget", default))
+        from .models.trained import DEFAULT_BUDGET
+
+        return float(self.config.model_params.get("budget", DEFAULT_BUDGET))
 
     def set_training_budget(self, seconds: float) -> None:
         """Let the next fit train the network for at most ``seconds`` (trained models only)."""

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .trained import TrainedModel, conv, masked_mse_cosine, with_coordinates
+from .trained import DEFAULT_BUDGET, TrainedModel, conv, masked_mse_cosine, with_coordinates
 
 
 class _Vae(nn.Module):
@@ -44,8 +44,8 @@ class FavaeModel(TrainedModel):
     param_ranges = {**TrainedModel.param_ranges, "latent": (1, 256, True), "beta": (0.0, 10.0, False)}
 
     def __init__(self, grid: tuple[int, int], n_channels: int, latent: int = 16, beta: float = 0.01,
-                 width: int = 64, epochs: int = 200, budget: float = 600.0, patience: int = 6, lr: float = 2e-3,
-                 batch: int = 8, seed: int = 0, finetune_steps: int = 20) -> None:
+                 width: int = 64, epochs: int = 200, budget: float = DEFAULT_BUDGET, patience: int = 6,
+                 lr: float = 2e-3, batch: int = 8, seed: int = 0, finetune_steps: int = 20) -> None:
         self.latent_channels, self.beta = int(latent), float(beta)
         super().__init__(grid, n_channels, width=width, epochs=epochs, budget=budget, patience=patience, lr=lr,
                          batch=batch, seed=seed, finetune_steps=finetune_steps)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .trained import TrainedModel, conv, masked_mse_cosine, with_coordinates
+from .trained import DEFAULT_BUDGET, TrainedModel, conv, masked_mse_cosine, with_coordinates
 
 
 class _Student(nn.Module):
@@ -38,8 +38,8 @@ class KdadModel(TrainedModel):
     param_ranges = {**TrainedModel.param_ranges, "channel_stage": (0, 9, True)}
 
     def __init__(self, grid: tuple[int, int], n_channels: int, channel_stage: list[int] | None = None,
-                 width: int = 64, epochs: int = 200, budget: float = 600.0, patience: int = 6, lr: float = 2e-3,
-                 batch: int = 8, seed: int = 0, finetune_steps: int = 20) -> None:
+                 width: int = 64, epochs: int = 200, budget: float = DEFAULT_BUDGET, patience: int = 6,
+                 lr: float = 2e-3, batch: int = 8, seed: int = 0, finetune_steps: int = 20) -> None:
         stages = list(range(n_channels)) if channel_stage is None else [int(s) for s in channel_stage]
         if len(stages) != n_channels:
             raise ValueError(f"channel_stage has {len(stages)} entries for {n_channels} channels")

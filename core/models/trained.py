@@ -34,6 +34,9 @@ from torch import nn
 from ..errors import Cancelled, OkngError
 from .base import NormalityModel
 
+#: seconds of training at most unless the engineer sets ``budget`` (the issue's 10 minutes
+#: for 200 images at 224 px on a 2-core CPU)
+DEFAULT_BUDGET = 600.0
 #: the training loop's clock (a test replaces it to check the time budget without waiting)
 _clock = time.perf_counter
 #: patches per normalisation pass (float64 sums), bounds the memory of computing mean / std
@@ -75,7 +78,7 @@ class TrainedModel(NormalityModel):
     }
 
     def __init__(self, grid: tuple[int, int], n_channels: int, width: int = 64, epochs: int = 200,
-                 budget: float = 600.0, patience: int = 6, lr: float = 2e-3, batch: int = 8, seed: int = 0,
+                 budget: float = DEFAULT_BUDGET, patience: int = 6, lr: float = 2e-3, batch: int = 8, seed: int = 0,
                  finetune_steps: int = 20) -> None:
         super().__init__(grid, n_channels)
         self.width, self.epochs, self.budget = int(width), int(epochs), float(budget)
@@ -199,7 +202,11 @@ class TrainedModel(NormalityModel):
 
     # -- training ---------------------------------------------------------------------------
     def _data(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.cat([e for e, _ in self._store]), torch.cat([m for _, m in self._store])
+        """Everything collected, as one tensor each; the store keeps that one instead of the
+        batches, so training holds one copy of the embeddings, not two."""
+        if len(self._store) > 1:
+            self._store = [(torch.cat([e for e, _ in self._store]), torch.cat([m for _, m in self._store]))]
+        return self._store[0]
 
     def _fit_normalisation(self, data: torch.Tensor, masks: torch.Tensor) -> None:
         c = data.shape[1]
@@ -291,7 +298,7 @@ class TrainedModel(NormalityModel):
             elapsed = _clock() - t0
             yield Progress(epoch, self.epochs, f"training {self.kind}: epoch {epoch}/{self.epochs}, held-out loss "
                                                f"{val:.3g} (training {train_loss:.3g}), {elapsed:.0f} of "
-                                               f"{self.budget:.0f} s")
+                                               f"{self.budget:.0f} s", unit="epoch")
             if out_of_time or elapsed + elapsed / epoch > self.budget:
                 self.stop_reason = "time budget"
                 break

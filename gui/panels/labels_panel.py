@@ -36,6 +36,9 @@ class LabelsPanel(QWidget):
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
+        self._ready = False  # a model to label against
+        self._unlocked = True  # engineer mode
+        self._learnable = True  # the model learns channel weights
         self.operator_edit = QLineEdit()
         self.operator_edit.setPlaceholderText("your name")
         self.operator_edit.editingFinished.connect(lambda: self.operator_changed.emit(self.operator()))
@@ -126,18 +129,15 @@ class LabelsPanel(QWidget):
 
     def set_weights_learnable(self, learnable: bool) -> None:
         """Whether the current model learns channel weights at all (trained models do not)."""
-        was = getattr(self, "_learnable", True)
-        self._learnable = learnable
+        was, self._learnable = self._learnable, learnable
         self.reweight_check.setToolTip(REWEIGHT_TIP if learnable else NO_WEIGHTS_TIP)
         self._update_engineer_controls()
         if learnable != was or not learnable:
             self.set_weight_change(None)
 
     def _update_engineer_controls(self) -> None:
-        unlocked = getattr(self, "_unlocked", True)
-        learnable = getattr(self, "_learnable", True)
-        self.reset_button.setEnabled(getattr(self, "_ready", False) and unlocked and learnable)
-        self.reweight_check.setEnabled(unlocked and learnable)
+        self.reset_button.setEnabled(self._ready and self._unlocked and self._learnable)
+        self.reweight_check.setEnabled(self._unlocked and self._learnable)
 
     def set_reweight(self, on: bool) -> None:
         """Show what the current model does, without echoing it back as a toggle."""
@@ -177,7 +177,7 @@ class LabelsPanel(QWidget):
         self.table.scrollToBottom()
 
     def set_weight_change(self, change) -> None:
-        if change is None and not getattr(self, "_learnable", True):
+        if change is None and not self._learnable:
             self.changed_label.setText(f"<b>What changed:</b> {NO_WEIGHTS_TIP}")
             return
         if change is None:

@@ -73,3 +73,37 @@ def test_errors_are_one_clear_line_and_exit_code_1(tmp_path, capsys):
 def test_fit_on_an_empty_folder_says_no_images(tmp_path, capsys):
     assert main(["fit", str(tmp_path), "--out", str(tmp_path / "m.okng")]) == 1
     assert "no images found" in capsys.readouterr().err
+
+
+def test_the_progress_bar_counts_epochs_once_a_model_starts_training(monkeypatch):
+    import core.cli as cli
+    from core.jobs import Progress
+
+    bars = []
+
+    class Bar:
+        def __init__(self, total, desc, unit):
+            self.n, self.shown = 0, [(total, desc, unit)]
+            bars.append(self)
+
+        def refresh(self):
+            self.shown.append(self.n)
+
+        def close(self):
+            pass
+
+        def set_postfix_str(self, text, refresh=False):
+            self.shown.append(text)
+
+    monkeypatch.setattr(cli, "_progress_bar", lambda total, desc, unit="img": Bar(total, desc, unit))
+
+    def fit():
+        yield Progress(8, 10, "fitting: 8/10 images")
+        yield Progress(1, 200, "training kdad: epoch 1/200, held-out loss 0.6", unit="epoch")
+        yield Progress(2, 200, "training kdad: epoch 2/200, held-out loss 0.5", unit="epoch")
+        return "fitted"
+
+    assert cli._drive(fit(), "fit") == "fitted"
+    assert bars[0].shown == [(10, "fit", "img"), 8]
+    assert bars[1].shown == [(200, "train", "epoch"), "epoch 1/200, held-out loss 0.6", 1,
+                             "epoch 2/200, held-out loss 0.5", 2]

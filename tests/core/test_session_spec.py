@@ -41,6 +41,14 @@ def _write_video(path: Path, frames: list[np.ndarray]) -> None:
     out.release()
 
 
+def _camera_of_ok_parts(s, tmp_path: Path) -> Path:
+    """A four-frame video of the session's first OK part: a camera to capture OK frames from."""
+    frame = cv2.cvtColor(cv2.imread(s.ok_paths[0]), cv2.COLOR_BGR2RGB)
+    video = tmp_path / "cam.avi"
+    _write_video(video, [frame] * 4)
+    return video
+
+
 class CancelAfter(InlineExecutor):
     """Runs a job inline like InlineExecutor, and cancels it after ``n`` delivered items:
     what pressing Esc during an inspection does."""
@@ -174,9 +182,7 @@ def test_a_live_frame_can_be_labelled_and_its_image_is_kept_beside_the_labels(se
 
 def test_captured_ok_frames_go_to_the_data_folder_until_the_recipe_is_saved_then_beside_it(session, tmp_path):
     s = session
-    frame = cv2.cvtColor(cv2.imread(s.ok_paths[0]), cv2.COLOR_BGR2RGB)
-    video = tmp_path / "cam.avi"
-    _write_video(video, [frame] * 4)
+    video = _camera_of_ok_parts(s, tmp_path)
     before = list(s.ok_paths)
     s.capture_ok("video", str(video), 2)
     folder = tmp_path / "captures" / "parts"
@@ -331,9 +337,7 @@ def test_inspected_images_are_kept_with_their_results(session, part_images):
 
 def test_a_capture_takes_one_frame_unless_told_how_many(session, tmp_path):
     s = session
-    frame = cv2.cvtColor(cv2.imread(s.ok_paths[0]), cv2.COLOR_BGR2RGB)
-    video = tmp_path / "cam.avi"
-    _write_video(video, [frame] * 4)
+    video = _camera_of_ok_parts(s, tmp_path)
     before = len(s.ok_paths)
     s.capture_ok("video", str(video))
     assert len(s.ok_paths) == before + 1
