@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 ROOT = Path("/tmp/okng-bench-feedback")
-MARKS = ("ring", "text", "stamp")
+MARKS = ("ring", "text", "stamp", "label")
 
 
 # -- the marks ---------------------------------------------------------------------------
@@ -56,6 +56,18 @@ def _mark_layer(kind: str, rng: np.random.Generator, size: int) -> tuple[np.ndar
         cv2.line(canvas, (m, m), (size - m, size - m), 255, max(2, size // 18), cv2.LINE_AA)
         cv2.line(canvas, (m, size - m), (size - m, m), 255, max(2, size // 18), cv2.LINE_AA)
         level = rng.uniform(15, 35)
+    elif kind == "label":  # a bright sticker with a dark bar code on it
+        y0, y1, x0, x1 = int(size * 0.3), int(size * 0.7), int(size * 0.12), int(size * 0.88)
+        canvas[y0:y1, x0:x1] = 255
+        bars = np.random.default_rng(7).integers(1, 4, 12)  # the same code on every sticker
+        x = x0 + size // 20
+        for b in bars:
+            bw = max(1, int(b * size / 90))
+            if x + bw > x1 - size // 20:
+                break
+            canvas[y0 + size // 20 : y1 - size // 20, x : x + bw] = 60
+            x += bw + max(1, size // 45)
+        level = rng.uniform(215, 250)
     else:
         raise ValueError(f"unknown mark {kind!r}; choose from {MARKS}")
     return canvas.astype(np.float32) / 255.0, float(level)

@@ -32,6 +32,14 @@ patch, at any position, that looks like one of them:
   blocks match the memory at 1.14-1.5 (median 1.28) and rarely touch a confident match,
   so it keeps its heat (benchmarks/bench_feedback.py; README, "What feedback buys").
   ``grow=None`` turns this off (model files written before it existed load that way).
+* **Where the print should be.** A confident match also says where the rest of the print
+  lies: the matched block's click covered the whole mark, so its accepted patches, moved by
+  the offset between the match and where that block was clicked (and widened by one patch for
+  rotation and scale), outline the new print. Inside that outline a hot patch is lowered
+  fully up to the looser ratio ``footprint`` (default 1.4): the margin of a framed mark that
+  shifts with every print matches at 1.2-1.35, past ``grow``. A defect is only affected where
+  it lies under a print's outline. ``footprint=None`` turns this off (model files written
+  before it existed load that way).
 * **Confirmed defects are negatives.** Blocks of a region marked as a real defect are kept too;
   a query patch whose nearest defect block is nearer than its best accepted block is never
   lowered.
@@ -68,6 +76,10 @@ class MemoryMatch:
     ratio: torch.Tensor  # (Q,) max over stages of D / r of the best accepted block (inf: none)
     accepted_distance: torch.Tensor  # (Q,) block distance to that block
     defect_distance: torch.Tensor  # (Q,) block distance to the nearest defect block (inf: none)
+    #: (Q,) index of the best accepted block (-1: none); None where not computed
+    best: torch.Tensor | None = None
+    #: (Q,) bool: that block is of the mark itself (see FeedbackMemory.distinct); None: all are
+    distinct: torch.Tensor | None = None
 
     @property
     def blocked(self) -> torch.Tensor:
@@ -141,11 +153,13 @@ class FeedbackMemory:
     def __init__(self, grid: tuple[int, int], n_channels: int, radius: int | None = None,
                  low: float = 1.0, high: float = 1.3, candidates: int = 256, shortlist: int = 16,
                  channel_groups: list[int] | None = None, step: int = 1, floor: float = 0.9,
-                 grow: float | None = 1.2) -> None:
+                 grow: float | None = 1.2, footprint: float | None = 1.3, distinct: bool = True) -> None:
         if radius is not None and int(radius) < 0:
             raise ValueError(f"radius must be >= 0 patches or None (anywhere), got {radius}")
         if grow is not None and not float(grow) >= float(low):
             raise ValueError(f"grow must be >= low ({low}) or None (off), got {grow}")
+        if footprint is not None and not float(footprint) >= float(low):
+            raise ValueError(f"footprint must be >= low ({low}) or None (off), got {footprint}")
         if not 0 <= low < high or int(candidates) < 1 or int(shortlist) < 1 or int(step) < 1 or not floor >= 0:
             raise ValueError("need 0 <= low < high, candidates, shortlist and step >= 1, floor >= 0")
         self.grid = (int(grid[0]), int(grid[1]))
@@ -156,6 +170,8 @@ class FeedbackMemory:
         self.low = float(low)
         self.high = float(high)
         self.grow = None if grow is None else float(grow)
+        self.footprint = None if footprint is None else float(footprint)
+        self.distinct = bool(distinct)
         groups = [0] * int(n_channels) if channel_groups is None else [int(g) for g in channel_groups]
         if len(groups) != int(n_channels):
             raise ValueError(f"channel_groups has {len(groups)} entries for {n_channels} channels")
@@ -193,7 +209,8 @@ class FeedbackMemory:
     def params(self) -> dict[str, Any]:
         return {"radius": self.radius, "low": self.low, "high": self.high, "candidates": self.candidates,
                 "shortlist": self.shortlist, "channel_groups": self.channel_groups, "step": self.step,
-                "floor": self.floor, "grow": self.grow}
+                "floor": self.floor, "grow": self.grow, "footprint": self.footprint,
+                "distinct": self.distinct}
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"blocks": self.blocks, "valid": self.valid, "pos": self.pos, "click": self.click,
@@ -341,6 +358,16 @@ class FeedbackMemory:
             out[self.click == c] = bool(rel.median() < 1.0)
         return out
 
+    def distinct_blocks(self) -> torch.Tensor:
+        """(N,) bool: blocks of the mark itself rather than of its surroundings: prints of it
+        are nearer to each other than to anything in the ordinary OK parts (in every stage,
+        ``loo < ok_dist``). Only these start a match or lower a patch on their own; the
+        others (the ordinary margin the click also covered) lower a patch only as part of a
+        print that a distinctive block matched. Blocks without a known distance count."""
+        known = (self.ok_dist >= 0).all(-1) & (self.loo >= 0).all(-1)
+        near = (self.loo < self.ok_dist).all(-1)
+        return ~known | near
+
     def _nearest(self, q: torch.Tensor, qv: torch.Tensor, m: torch.Tensor, mv: torch.Tensor,
                  allowed: torch.Tensor | None, rank_by: torch.Tensor | None = None,
                  per_group: bool = False, cutoff: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -396,8 +423,8 @@ class FeedbackMemory:
         if self.radius is not None:
             allowed = (q_pos[:, None, :] - self.pos[None, :, :]).abs().amax(-1) <= self.radius
         r = self.scale
-        # nothing above the ramp's top (factor 1) or the growth limit can change a distance
-        cutoff = max(self.high, self.grow or 0.0)
+        # nothing above the ramp's top (factor 1) or the growth limits can change a distance
+        cutoff = max(self.high, self.grow or 0.0, self.footprint or 0.0)
         d_acc, i_acc = self._nearest(q, qv, self.blocks, self.valid, allowed, rank_by=r, cutoff=cutoff)
         has = i_acc >= 0
         r_best = r[i_acc.clamp_min(0)] if len(self) else torch.zeros_like(d_acc)
@@ -408,7 +435,11 @@ class FeedbackMemory:
         acc_total, neg_total = d_acc.norm(dim=-1), d_neg.norm(dim=-1)
         factor = ((ratio - self.low) / (self.high - self.low)).clamp(0.0, 1.0)
         factor = torch.where(neg_total <= acc_total, torch.ones_like(factor), factor)
-        return MemoryMatch(factor, ratio, acc_total, neg_total)
+        distinct = None
+        if self.distinct and len(self):
+            distinct = has & self.distinct_blocks()[i_acc.clamp_min(0)]
+            factor = torch.where(distinct, factor, torch.ones_like(factor))
+        return MemoryMatch(factor, ratio, acc_total, neg_total, i_acc, distinct)
 
     def apply(self, emb: torch.Tensor, dist: torch.Tensor, pixel_threshold: float | None = None) -> torch.Tensor:
         """(B, C, h, w) embeddings, (B, h, w) model distances -> distances with the memory's
@@ -432,30 +463,56 @@ class FeedbackMemory:
         q, qv = _gather_blocks(emb.to(torch.float32), img, idx, self.step)
         pos = torch.stack([idx // w, idx % w], 1)
         m = self.match(q, qv, pos)
-        factor = m.factor if self.grow is None else self._grown(m, img, idx, (h, w))
+        grows = self.grow is not None or self.footprint is not None
+        factor = self._grown(m, img, idx, (h, w)) if grows else m.factor
         out = flat.clone()
         out[img, idx] = flat[img, idx] * factor.to(flat.dtype)
         return out.reshape(dist.shape)
 
     def _grown(self, m: MemoryMatch, img: torch.Tensor, idx: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """Factors with every looked-up patch of ratio <= ``grow`` that is 8-connected (through
-        such patches) to a confident match (ratio <= ``low``) set to 0."""
+        """Factors with the patches of each confident match's print (ratio <= ``low``) set to 0:
+        looked-up patches of ratio <= ``grow`` 8-connected to it through such patches, and
+        those of ratio <= ``footprint`` inside the outline of the matched click."""
         h, w = grid
-        near = (m.ratio <= self.grow) & ~m.blocked
-        seed = near & (m.ratio <= self.low)
+        free = ~m.blocked
+        seed = free & (m.ratio <= self.low)
+        if m.distinct is not None:
+            seed &= m.distinct
         if not bool(seed.any()):
             return m.factor
+        near = free & (m.ratio <= self.grow) if self.grow is not None else seed
         factor = m.factor.clone()
         for i in torch.unique(img[seed]).tolist():
             rows = img == i
-            grid_near = torch.zeros(h * w, dtype=torch.uint8)
-            grid_near[idx[rows & near]] = 1
-            _, labels = cv2.connectedComponents(grid_near.reshape(h, w).numpy(), connectivity=8)
-            labels = torch.from_numpy(labels).reshape(-1)
-            seeded = torch.unique(labels[idx[rows & seed]])
-            hit = rows & near & torch.isin(labels[idx], seeded)
+            hit = torch.zeros_like(rows)
+            if self.grow is not None:
+                grid_near = torch.zeros(h * w, dtype=torch.uint8)
+                grid_near[idx[rows & near]] = 1
+                _, labels = cv2.connectedComponents(grid_near.reshape(h, w).numpy(), connectivity=8)
+                labels = torch.from_numpy(labels).reshape(-1)
+                seeded = torch.unique(labels[idx[rows & seed]])
+                hit |= rows & near & torch.isin(labels[idx], seeded)
+            if self.footprint is not None and m.best is not None:
+                outline = self._outline(idx[rows & seed], m.best[rows & seed], grid)
+                hit |= rows & free & (m.ratio <= self.footprint) & outline[idx]
             factor[hit] = 0.0
         return factor
+
+    def _outline(self, at: torch.Tensor, best: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """(h * w,) bool: where the prints lie whose patches ``at`` (flat indices) matched the
+        accepted blocks ``best`` confidently: each block's click, moved so the block sits on
+        its match, widened by one patch (rotation, scale)."""
+        h, w = grid
+        same = self.click[best][:, None] == self.click[None, :]  # (S, N): members of each click
+        s, n = torch.nonzero(same, as_tuple=True)
+        at_pos = torch.stack([at // w, at % w], 1)
+        target = at_pos[s] + self.pos[n] - self.pos[best[s]]
+        inside = (target[:, 0] >= 0) & (target[:, 0] < h) & (target[:, 1] >= 0) & (target[:, 1] < w)
+        mask = np.zeros((h, w), np.uint8)
+        t = target[inside].numpy()
+        mask[t[:, 0], t[:, 1]] = 1
+        mask = cv2.dilate(mask, np.ones((3, 3), np.uint8))
+        return torch.from_numpy(mask.astype(bool)).reshape(-1)
 
 
 def _copy_tolerance(q: torch.Tensor) -> torch.Tensor:

@@ -250,15 +250,17 @@ def _load_memory(params: dict[str, Any] | None, t: dict[str, torch.Tensor], mode
         return None
     types = {"radius": (int, type(None)), "low": (int, float), "high": (int, float), "candidates": int,
              "shortlist": int, "channel_groups": list, "step": int, "floor": (int, float),
-             "grow": (int, float, type(None))}
+             "grow": (int, float, type(None)), "footprint": (int, float, type(None)), "distinct": bool}
     for key, value in params.items():
-        require(key in types and isinstance(value, types[key]) and not isinstance(value, bool), path,
+        number = types.get(key) is not bool and not isinstance(value, bool)  # True is an int too
+        require(key in types and isinstance(value, types[key]) and (number or types[key] is bool), path,
                  f"feedback memory setting {key!r} invalid")
     groups = params.get("channel_groups")
     require(groups is None or all(isinstance(g, int) and not isinstance(g, bool) and 0 <= g < 64 for g in groups),
              path, "feedback memory channel groups invalid")
-    # files from before connected matches existed score without them: reopened exactly
-    params = {"grow": None, **params}
+    # files from before connected matches, print outlines or distinctive blocks existed score
+    # without them: reopened exactly
+    params = {"grow": None, "footprint": None, "distinct": False, **params}
     try:
         memory = FeedbackMemory(model.grid, model.n_channels, **params)
     except (TypeError, ValueError) as exc:

@@ -269,6 +269,100 @@ def test_connected_matches_are_saved_and_old_model_files_load_without_them(detec
     assert old.grow is None and len(old) == len(learner.detector.memory)  # scored exactly as it was
 
 
+def _one_click_memory(cells: list[tuple[int, int]], **params) -> FeedbackMemory:
+    """A memory holding one click's accepted blocks at these grid cells (all distinctive)."""
+    mem = FeedbackMemory((16, 16), C, **params)
+    n = len(cells)
+    mem.load_tensors({"blocks": torch.zeros(n, 9, C), "valid": torch.ones(n, 9, dtype=torch.bool),
+                      "pos": torch.tensor(cells, dtype=torch.int64), "click": torch.zeros(n, dtype=torch.int64),
+                      "loo": torch.ones(n, 1), "ok_dist": torch.full((n, 1), 2.0), "neg_blocks": torch.zeros(0, 9, C),
+                      "neg_valid": torch.zeros(0, 9, dtype=torch.bool), "n_clicks": torch.tensor([1])})
+    return mem
+
+
+def test_inside_a_matched_prints_outline_the_whole_ramp_is_lowered_fully():
+    """A confident match at patch (8, 8) on the block clicked at (2, 2), the corner of a click
+    covering (2..4, 2..4), outlines the new print at (8..10, 8..10), widened by one patch to
+    (7..11): there every hot patch up to ``footprint`` (1.3) falls to 0, connected or not;
+    outside it, and above 1.3, the ramp stands; a confirmed defect's block stays as the match
+    set it."""
+    click = [(r, c) for r in range(2, 5) for c in range(2, 5)]
+    mem = _one_click_memory(click, low=1.0, high=1.3, grow=1.2, footprint=1.3)
+    m, img, idx, cells = _match_at({
+        (8, 8): 0.9,  # the confident match, on block (2, 2)
+        (11, 11): 1.28,  # the widened outline's far corner, not connected within grow: taken
+        (7, 10): 1.25,  # its near edge
+        (6, 9): 1.25,  # one row before it: the ramp
+        (12, 12): 1.28,  # outside: the ramp
+        (9, 10): 1.35,  # inside, but past footprint: unchanged
+        (10, 8): 1.2,  # inside, a confirmed defect's block is nearer
+    }, blocked=((10, 8),))
+    m.best = torch.full((len(cells),), click.index((2, 2)))
+    factor = dict(zip(cells, mem._grown(m, img, idx, (16, 16)).tolist()))
+    assert factor[(8, 8)] == factor[(11, 11)] == factor[(7, 10)] == 0.0
+    assert factor[(6, 9)] == pytest.approx(0.25 / 0.3)
+    assert factor[(12, 12)] == pytest.approx(0.28 / 0.3)
+    assert factor[(9, 10)] == 1.0
+    assert factor[(10, 8)] == pytest.approx(0.2 / 0.3)
+    off = _one_click_memory(click, low=1.0, high=1.3, grow=1.2, footprint=None)  # outline off
+    factor = dict(zip(cells, off._grown(m, img, idx, (16, 16)).tolist()))
+    assert factor[(11, 11)] == pytest.approx(0.28 / 0.3) and factor[(8, 8)] == 0.0
+
+
+def test_only_blocks_of_the_mark_itself_start_a_match():
+    """A block whose prints are no nearer to each other than to ordinary OK patches (the
+    margin a click also covers, loo >= ok_dist) neither lowers a patch on its own nor starts
+    a print; the mark's own blocks (loo < ok_dist) do. Unknown distances count as the mark."""
+    three = _one_click_memory([(2, 2), (2, 3), (2, 4)])
+    three.ok_dist = torch.tensor([[2.0], [0.8], [-1.0]])  # mark, margin, unknown (loo 1 each)
+    assert three.distinct_blocks().tolist() == [True, False, True]
+    q = torch.zeros(3, 9, C)
+    q[:, :, 0] = torch.tensor([0.9, 0.9, 1.15])[:, None]  # block distance = ratio to a zero block
+    qv, pos = torch.ones(3, 9, dtype=torch.bool), torch.zeros(3, 2, dtype=torch.int64)
+
+    def mark_and_margin(**params):
+        """One recurring click: its mark block far from the queries, its margin block at 0."""
+        mem = _one_click_memory([(2, 2), (2, 3)], **params)
+        mem.blocks[0] += 10.0
+        mem.ok_dist = torch.tensor([[2.0], [0.8]])
+        return mem
+
+    on = mark_and_margin()
+    assert on.scale.tolist() == [[1.0], [1.0]]  # the click recurs: both blocks have a radius
+    m = on.match(q, qv, pos)
+    assert m.best.tolist() == [1, 1, 1] and m.distinct.tolist() == [False] * 3
+    assert m.factor.tolist() == [1.0, 1.0, 1.0]  # the margin alone lowers nothing
+    assert mark_and_margin(distinct=False).match(q, qv, pos).factor.tolist() == [0.0, 0.0, pytest.approx(0.5)]
+    mark = mark_and_margin()
+    mark.blocks = mark.blocks.flip(0).contiguous()  # the near block is now the mark's own
+    assert mark.match(q, qv, pos).factor.tolist() == [0.0, 0.0, pytest.approx(0.5)]
+
+
+def test_print_outlines_and_distinct_blocks_are_saved_and_old_files_load_without_them(detector, tmp_path):
+    from core.persistence import load_detector, read_model_file, save_detector, write_model_file
+
+    with pytest.raises(ValueError, match="footprint"):
+        FeedbackMemory((16, 16), C, low=1.0, footprint=0.9)
+    rng = np.random.default_rng(8)
+    stamp = _pattern(rng)
+    learner = FeedbackLearner(detector, memory_params={"footprint": 1.35, "distinct": False})
+    for row, col in ((2, 2), (10, 4)):
+        learner.mark_false_alarm(_with(_background(rng, 1), stamp, row, col, rng), _region(row, col))
+    path = save_detector(learner.detector, tmp_path / "m.okng")
+    back = load_detector(path, extractor=detector.extractor).memory
+    assert (back.footprint, back.distinct) == (1.35, False)
+    meta, tensors = read_model_file(path)
+    meta["feedback_memory"]["distinct"] = 1  # a number is not a yes/no
+    write_model_file(path, tensors, meta)
+    with pytest.raises(Exception, match="distinct"):
+        load_detector(path, extractor=detector.extractor)
+    del meta["feedback_memory"]["footprint"], meta["feedback_memory"]["distinct"]  # an older file
+    write_model_file(path, tensors, meta)
+    old = load_detector(path, extractor=detector.extractor).memory
+    assert (old.footprint, old.distinct) == (None, False)
+    assert FeedbackMemory((16, 16), C).params()["footprint"] == 1.3 and FeedbackMemory((16, 16), C).distinct
+
+
 def test_the_compiled_shortlist_gives_the_block_distances_of_the_gathered_blocks():
     from core.feedback_memory import _compiled, block_distances, shortlist_block_distances
 
@@ -308,7 +402,7 @@ def test_the_compiled_best_match_search_agrees_with_the_full_search_up_to_the_cu
     fast = mem.match(q, qv, pos)
     monkeypatch.setattr(fm, "_contiguous_bounds", lambda groups: None)  # the full tensor search
     full = mem.match(q, qv, pos)
-    cutoff = max(mem.high, mem.grow)
+    cutoff = max(mem.high, mem.grow, mem.footprint)
     inside = full.ratio <= cutoff
     assert 10 <= int(inside.sum()) <= 50 and bool(inside[:2].all())  # both kinds are exercised
     torch.testing.assert_close(fast.ratio[inside], full.ratio[inside])
