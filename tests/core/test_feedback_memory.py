@@ -336,6 +336,16 @@ def test_only_blocks_of_the_mark_itself_start_a_match():
     mark = mark_and_margin()
     mark.blocks = mark.blocks.flip(0).contiguous()  # the near block is now the mark's own
     assert mark.match(q, qv, pos).factor.tolist() == [0.0, 0.0, pytest.approx(0.5)]
+    # nor does a margin block's confident match start a print that grows
+    grown, img, idx, cells = _match_at({(4, 4): 0.9, (4, 5): 1.1})
+    grown.distinct = torch.tensor([False, True])
+    assert on._grown(grown, img, idx, (16, 16))[1] == pytest.approx(0.1 / 0.3)
+    grown.distinct = torch.tensor([True, True])
+    assert on._grown(grown, img, idx, (16, 16))[1] == 0.0
+    # with two stages, a block is the mark's only where it is in every stage
+    staged = FeedbackMemory((16, 16), C, channel_groups=[0] * 4 + [1] * 4)
+    staged.loo, staged.ok_dist = torch.ones(2, 2), torch.tensor([[2.0, 2.0], [2.0, 0.5]])
+    assert staged.distinct_blocks().tolist() == [True, False]
 
 
 def test_print_outlines_and_distinct_blocks_are_saved_and_old_files_load_without_them(detector, tmp_path):
