@@ -130,6 +130,30 @@ def _best_by_ratio(q, qv, m, mv, idx, live, bounds, r, tol, cutoff, best, out_d)
                     out_d[i, g] = np.float32(math.sqrt(acc[g] / cells))
 
 
+def _smallest_k(d, k, idx, val):  # pragma: no cover - runs compiled
+    """Per row of d (Q, M): the k smallest values and their columns, ascending -> idx, val
+    (Q, k). An insertion into a sorted run of k: O(M) per row when most values are larger
+    than the k-th, where a general top-k sorts or partitions the whole row."""
+    n_q, n_m = d.shape
+    for i in range(n_q):
+        n = 0
+        for j in range(n_m):
+            x = d[i, j]
+            if n == k and not x < val[i, k - 1]:
+                continue
+            p = n if n < k else k - 1
+            while p > 0 and x < val[i, p - 1]:
+                val[i, p] = val[i, p - 1]
+                idx[i, p] = idx[i, p - 1]
+                p -= 1
+            val[i, p] = x
+            idx[i, p] = j
+            if n < k:
+                n += 1
+
+
 best_by_ratio = _jit(_best_by_ratio)
+
+smallest_k = _jit(_smallest_k)
 
 shortlist_distances = _jit(_shortlist_distances)

@@ -65,6 +65,7 @@ from .models.patchcore import one_torch_thread
 
 #: cells of a 3x3 block, row-major; index 4 is the centre
 _OFFSETS = torch.tensor([(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)], dtype=torch.int64)
+_OFFSETS_NP = _OFFSETS.numpy()
 _CENTRE = 4
 
 
@@ -103,24 +104,36 @@ def block_distances(q: torch.Tensor, q_valid: torch.Tensor, m: torch.Tensor, m_v
 
 _kernel = None  # the compiled shortlist loop, built at the first look-up (numba: ~0.3 s import)
 _best_kernel = None  # the compiled best-match search (same module)
+_smallest_kernel = None  # the compiled k-smallest selection (same module)
 _kernel_failed = False
 
 
 def _compiled():
-    global _kernel, _best_kernel, _kernel_failed
+    global _kernel, _best_kernel, _smallest_kernel, _kernel_failed
     if _kernel is None and not _kernel_failed:
         try:
-            from ._block_kernel import best_by_ratio, shortlist_distances
+            from ._block_kernel import best_by_ratio, shortlist_distances, smallest_k
 
             z, v, i = np.zeros((1, 9, 2), np.float32), np.ones((1, 9), bool), np.zeros((1, 1), np.int64)
             bounds = np.array([0, 2], np.int64)
             shortlist_distances(z, v, z, v, i, bounds, np.empty((1, 1, 1), np.float32))
             best_by_ratio(z, v, z, v, i, np.ones((1, 1), bool), bounds, np.ones((1, 1), np.float32),
                           np.zeros(1, np.float32), 1.0, np.empty(1, np.int64), np.empty((1, 1), np.float32))
-            _kernel, _best_kernel = shortlist_distances, best_by_ratio
+            smallest_k(np.zeros((1, 2), np.float32), 1, np.empty((1, 1), np.int64), np.empty((1, 1), np.float32))
+            _kernel, _best_kernel, _smallest_kernel = shortlist_distances, best_by_ratio, smallest_k
         except Exception:  # noqa: BLE001 - any failure here only costs speed
             _kernel_failed = True
     return _kernel
+
+
+def _smallest(d: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k smallest values of each row of d (Q, M) and their columns, ascending (a compiled
+    selection: a general top-k costs ~6 us per row of 2,000 and scoring has a hundred rows)."""
+    if _compiled() is None or d.dtype != torch.float32 or d.shape[0] == 0:
+        return d.topk(k, dim=1, largest=False)
+    idx, val = np.empty((d.shape[0], k), np.int64), np.empty((d.shape[0], k), np.float32)
+    _smallest_kernel(np.ascontiguousarray(d.numpy()), k, idx, val)
+    return torch.from_numpy(val), torch.from_numpy(idx)
 
 
 def _contiguous_bounds(groups: list[slice | torch.Tensor]) -> np.ndarray | None:
@@ -194,6 +207,9 @@ class FeedbackMemory:
         #: distance of each accepted block to its nearest ordinary OK block, per group (-1: unknown)
         self.ok_dist = torch.zeros(0, len(ids))
         self._scale: torch.Tensor | None = None
+        self._distinct: torch.Tensor | None = None
+        #: accepted blocks grouped by click (numpy, for outlines): order, first row, count
+        self._members: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
         self.neg_blocks = torch.zeros(0, 9, c)
         self.neg_valid = torch.zeros(0, 9, dtype=torch.bool)
         self.n_clicks = 0
@@ -235,7 +251,7 @@ class FeedbackMemory:
         self.blocks, self.valid, self.pos = t["blocks"].contiguous(), t["valid"].contiguous(), t["pos"].contiguous()
         self.click, self.loo = t["click"].contiguous(), t["loo"].contiguous()
         self.ok_dist = t["ok_dist"].contiguous()
-        self._scale = None
+        self._scale = self._distinct = self._members = None
         self.neg_blocks, self.neg_valid = t["neg_blocks"].contiguous(), t["neg_valid"].contiguous()
         self.n_clicks = int(t["n_clicks"].reshape(-1)[0])
 
@@ -322,7 +338,7 @@ class FeedbackMemory:
                 cur = loo[lo:hi]
                 loo[lo:hi] = torch.where(torch.isfinite(d) & ((cur < 0) | (d < cur)), d, cur)
         self.loo = loo.to(torch.float32)
-        self._scale = None
+        self._scale = self._distinct = self._members = None
 
     @property
     def scale(self) -> torch.Tensor:
@@ -364,9 +380,11 @@ class FeedbackMemory:
         ``loo < ok_dist``). Only these start a match or lower a patch on their own; the
         others (the ordinary margin the click also covered) lower a patch only as part of a
         print that a distinctive block matched. Blocks without a known distance count."""
-        known = (self.ok_dist >= 0).all(-1) & (self.loo >= 0).all(-1)
-        near = (self.loo < self.ok_dist).all(-1)
-        return ~known | near
+        if self._distinct is None or self._distinct.shape[0] != len(self):
+            known = (self.ok_dist >= 0).all(-1) & (self.loo >= 0).all(-1)
+            near = (self.loo < self.ok_dist).all(-1)
+            self._distinct = ~known | near
+        return self._distinct
 
     def _nearest(self, q: torch.Tensor, qv: torch.Tensor, m: torch.Tensor, mv: torch.Tensor,
                  allowed: torch.Tensor | None, rank_by: torch.Tensor | None = None,
@@ -388,7 +406,7 @@ class FeedbackMemory:
         if allowed is not None:
             cd = cd.masked_fill(~allowed, float("inf"))
         s = min(self.shortlist, m.shape[0])
-        cd_s, idx = cd.topk(s, dim=1, largest=False)
+        cd_s, idx = _smallest(cd, s)
         bounds = _contiguous_bounds(self._groups)
         if rank_by is not None and cutoff is not None and bounds is not None and _compiled() is not None:
             best = np.empty(nq, np.int64)
@@ -454,12 +472,19 @@ class FeedbackMemory:
         b, c, h, w = emb.shape
         k = min(self.candidates, h * w)
         flat = dist.reshape(b, -1)
-        val, top = flat.topk(k, dim=1)  # (B, k)
-        keep = torch.ones_like(top, dtype=torch.bool) if floor is None else val >= floor
-        if not bool(keep.any()):
-            return dist
-        img = torch.arange(b)[:, None].expand_as(top)[keep]
-        idx = top[keep]
+        hot = None if floor is None else flat >= floor
+        if hot is not None and int(hot.sum(1).max()) <= k:
+            # every hot patch is a candidate (the usual case): no ranking needed
+            img, idx = torch.nonzero(hot, as_tuple=True)
+            if idx.numel() == 0:
+                return dist
+        else:
+            val, top = flat.topk(k, dim=1)  # (B, k)
+            keep = torch.ones_like(top, dtype=torch.bool) if floor is None else val >= floor
+            if not bool(keep.any()):
+                return dist
+            img = torch.arange(b)[:, None].expand_as(top)[keep]
+            idx = top[keep]
         q, qv = _gather_blocks(emb.to(torch.float32), img, idx, self.step)
         pos = torch.stack([idx // w, idx % w], 1)
         m = self.match(q, qv, pos)
@@ -472,47 +497,57 @@ class FeedbackMemory:
     def _grown(self, m: MemoryMatch, img: torch.Tensor, idx: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """Factors with the patches of each confident match's print (ratio <= ``low``) set to 0:
         looked-up patches of ratio <= ``grow`` 8-connected to it through such patches, and
-        those of ratio <= ``footprint`` inside the outline of the matched click."""
+        those of ratio <= ``footprint`` inside the outline of the matched click. (numpy: a
+        few hundred patches, where each tensor call costs more than its arithmetic.)"""
         h, w = grid
-        free = ~m.blocked
-        seed = free & (m.ratio <= self.low)
+        ratio, free = m.ratio.numpy(), ~m.blocked.numpy()
+        seed = free & (ratio <= self.low)
         if m.distinct is not None:
-            seed &= m.distinct
-        if not bool(seed.any()):
+            seed &= m.distinct.numpy()
+        if not seed.any():
             return m.factor
-        near = free & (m.ratio <= self.grow) if self.grow is not None else seed
-        factor = m.factor.clone()
-        for i in torch.unique(img[seed]).tolist():
-            rows = img == i
-            hit = torch.zeros_like(rows)
+        near = free & (ratio <= self.grow) if self.grow is not None else seed
+        within = free & (ratio <= self.footprint) if self.footprint is not None and m.best is not None else None
+        img_np, idx_np = img.numpy(), idx.numpy()
+        factor = m.factor.numpy().copy()
+        for i in np.unique(img_np[seed]):
+            rows = img_np == i
+            hit = np.zeros_like(rows)
             if self.grow is not None:
-                grid_near = torch.zeros(h * w, dtype=torch.uint8)
-                grid_near[idx[rows & near]] = 1
-                _, labels = cv2.connectedComponents(grid_near.reshape(h, w).numpy(), connectivity=8)
-                labels = torch.from_numpy(labels).reshape(-1)
-                seeded = torch.unique(labels[idx[rows & seed]])
-                hit |= rows & near & torch.isin(labels[idx], seeded)
-            if self.footprint is not None and m.best is not None:
-                outline = self._outline(idx[rows & seed], m.best[rows & seed], grid)
-                hit |= rows & free & (m.ratio <= self.footprint) & outline[idx]
+                grid_near = np.zeros(h * w, np.uint8)
+                grid_near[idx_np[rows & near]] = 1
+                _, labels = cv2.connectedComponents(grid_near.reshape(h, w), connectivity=8)
+                labels = labels.reshape(-1)
+                hit |= rows & near & np.isin(labels[idx_np], labels[idx_np[rows & seed]])
+            if within is not None:
+                outline = self._outline(idx_np[rows & seed], m.best.numpy()[rows & seed], grid)
+                hit |= rows & within & outline[idx_np]
             factor[hit] = 0.0
-        return factor
+        return torch.from_numpy(factor)
 
-    def _outline(self, at: torch.Tensor, best: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    def _outline(self, at: np.ndarray, best: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
         """(h * w,) bool: where the prints lie whose patches ``at`` (flat indices) matched the
         accepted blocks ``best`` confidently: each block's click, moved so the block sits on
-        its match, widened by one patch (rotation, scale)."""
+        its match, widened by one patch (rotation, scale). In numpy: a handful of seeds per
+        image, where tensor calls would cost more than the arithmetic."""
         h, w = grid
-        same = self.click[best][:, None] == self.click[None, :]  # (S, N): members of each click
-        s, n = torch.nonzero(same, as_tuple=True)
-        at_pos = torch.stack([at // w, at % w], 1)
-        target = at_pos[s] + self.pos[n] - self.pos[best[s]]
+        if self._members is None or self._members[0].shape[0] != len(self):
+            click, pos = self.click.numpy(), self.pos.numpy()
+            order = np.argsort(click, kind="stable")
+            counts = np.bincount(click, minlength=int(click.max()) + 1 if click.size else 0)
+            self._members = (order, np.cumsum(counts) - counts, counts, click, pos)
+        order, first, counts, click, pos = self._members
+        shift = np.stack([at // w, at % w], 1) - pos[best]
+        moves = np.unique(np.column_stack([click[best], shift]), axis=0)  # (U, 3): click, dy, dx
+        n = counts[moves[:, 0]]
+        move = np.repeat(np.arange(len(moves)), n)
+        within = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
+        target = pos[order[first[moves[move, 0]] + within]] + moves[move, 1:]
         inside = (target[:, 0] >= 0) & (target[:, 0] < h) & (target[:, 1] >= 0) & (target[:, 1] < w)
         mask = np.zeros((h, w), np.uint8)
-        t = target[inside].numpy()
-        mask[t[:, 0], t[:, 1]] = 1
+        mask[target[inside, 0], target[inside, 1]] = 1
         mask = cv2.dilate(mask, np.ones((3, 3), np.uint8))
-        return torch.from_numpy(mask.astype(bool)).reshape(-1)
+        return mask.view(bool).reshape(-1)
 
 
 def _copy_tolerance(q: torch.Tensor) -> torch.Tensor:
@@ -528,13 +563,13 @@ def _gather_blocks(emb: torch.Tensor, img: torch.Tensor, idx: torch.Tensor, step
     -> ((K, 9, C) features, (K, 9) valid). A cell is valid on the grid and, with
     ``valid_map`` (h, w) bool (one image), inside it; invalid cells are zero."""
     b, c, h, w = emb.shape
-    r, col = idx // w, idx % w
-    rr = r[:, None] + step * _OFFSETS[None, :, 0]
-    cc = col[:, None] + step * _OFFSETS[None, :, 1]
+    idx_np, img_np = idx.numpy(), img.numpy()
+    rr = (idx_np // w)[:, None] + step * _OFFSETS_NP[None, :, 0]
+    cc = (idx_np % w)[:, None] + step * _OFFSETS_NP[None, :, 1]
     valid = (rr >= 0) & (rr < h) & (cc >= 0) & (cc < w)
+    rr, cc = rr.clip(0, h - 1), cc.clip(0, w - 1)
     if valid_map is not None:
-        valid &= valid_map.to(torch.bool)[rr.clamp(0, h - 1), cc.clamp(0, w - 1)]
-    flat = img[:, None] * (h * w) + rr.clamp(0, h - 1) * w + cc.clamp(0, w - 1)  # (K, 9)
-    feats = emb.permute(0, 2, 3, 1).reshape(b * h * w, c)[flat]  # (K, 9, C)
-    feats = feats * valid[..., None]
-    return feats, valid
+        valid &= valid_map.to(torch.bool).numpy()[rr, cc]
+    feats = emb.detach().numpy()[img_np[:, None], :, rr, cc]  # (K, 9, C): the indexed axes come first
+    feats[~valid] = 0.0
+    return torch.from_numpy(feats), torch.from_numpy(valid)
