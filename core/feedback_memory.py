@@ -36,10 +36,15 @@ patch, at any position, that looks like one of them:
   lies: the matched block's click covered the whole mark, so its accepted patches, moved by
   the offset between the match and where that block was clicked (and widened by one patch for
   rotation and scale), outline the new print. Inside that outline a hot patch is lowered
-  fully up to the looser ratio ``footprint`` (default 1.4): the margin of a framed mark that
-  shifts with every print matches at 1.2-1.35, past ``grow``. A defect is only affected where
-  it lies under a print's outline. ``footprint=None`` turns this off (model files written
-  before it existed load that way).
+  fully up to ``footprint`` (default 1.3, the ramp's top): the margin of a framed mark that
+  shifts with every print matches at 1.2-1.32, past ``grow``. A defect is only affected where
+  it lies under a print's outline. ``footprint=None`` turns this off.
+* **Only the mark's own blocks start a match** (``distinct``): a click also covers ordinary
+  surroundings of the mark, and defect patches matched those at ratios 1-1.3 far from any
+  mark (16-58 lowered patches per flipped defect). A block counts as the mark when prints of
+  it are nearer to each other than to anything ordinary (:meth:`FeedbackMemory.distinct_blocks`);
+  the others lower a patch only through growth or an outline from a mark block.
+  Model files written before outlines or mark blocks existed load without them.
 * **Confirmed defects are negatives.** Blocks of a region marked as a real defect are kept too;
   a query patch whose nearest defect block is nearer than its best accepted block is never
   lowered.

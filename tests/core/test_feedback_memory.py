@@ -389,6 +389,25 @@ def test_the_compiled_shortlist_gives_the_block_distances_of_the_gathered_blocks
                                block_distances(q, qv, m[idx], mv[idx], interleaved))
 
 
+def test_the_compiled_shortlist_selection_picks_the_k_smallest_in_order():
+    """The shortlist's selection (compiled) gives what a top-k gives: the k smallest of each
+    row, ascending, with their columns; rows with infinities and k = the row length too."""
+    from core.feedback_memory import _compiled, _smallest
+
+    assert _compiled() is not None
+    g = torch.Generator().manual_seed(9)
+    d = torch.randn(40, 300, generator=g)
+    d[3, ::2] = float("inf")  # a radius leaves only some columns allowed
+    d[5] = float("inf")
+    for k in (1, 16, 300):
+        val, idx = _smallest(d, k)
+        ref_val, _ = d.topk(k, dim=1, largest=False)
+        torch.testing.assert_close(val, ref_val)
+        torch.testing.assert_close(torch.gather(d, 1, idx), val)
+        finite = torch.isfinite(val)
+        assert all(len(set(r[f].tolist())) == int(f.sum()) for r, f in zip(idx, finite))  # no column twice
+
+
 def test_the_compiled_best_match_search_agrees_with_the_full_search_up_to_the_cutoff(monkeypatch):
     """Scoring's search drops a shortlisted block as soon as it cannot beat the best so far
     (or the cutoff): the same best block, ratio and distance wherever the ratio is at most
