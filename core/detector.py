@@ -327,13 +327,17 @@ class Detector:
         if self.model.n_samples < 1:
             raise NotFittedError("the model is not fitted yet: fit it on OK images first")
         with torch.inference_mode():
-            dist = self.model.score(emb)
-            if self.memory is not None and len(self.memory):
-                # patches well under the decision level cannot make a part NG: not looked up
-                th = self.thresholds
-                level = None if th is None else (min(th.pixel, th.image) if self.post.pooling == "topk" else th.pixel)
-                dist = self.memory.apply(emb, dist, level)
-        return dist
+            return self.with_memory(emb, self.model.score(emb))
+
+    def with_memory(self, emb: torch.Tensor, model_distances: torch.Tensor) -> torch.Tensor:
+        """The model's patch distances (B, h, w) of ``emb`` with the feedback memory applied."""
+        if self.memory is None or not len(self.memory):
+            return model_distances
+        # patches well under the decision level cannot make a part NG: not looked up
+        th = self.thresholds
+        level = None if th is None else (min(th.pixel, th.image) if self.post.pooling == "topk" else th.pixel)
+        with torch.inference_mode():
+            return self.memory.apply(emb, model_distances, level)
 
     def maps_and_scores(self, emb: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """(B, C, h, w) -> ((B, S, S) float32 maps, (B,) float64 image scores)."""
@@ -390,14 +394,32 @@ class Detector:
         self.calibration_embeddings = held_out.to(torch.float16)
         self.recalibrate(false_alarm_rate)
 
-    def calibration_scores(self, chunk: int = 16) -> tuple[np.ndarray, np.ndarray]:
-        """(image scores, map peaks) of the held-out OK images under the current model."""
+    def calibration_model_distances(self, chunk: int = 16) -> torch.Tensor:
+        """(N, h, w) the model's own patch distances of the held-out OK images (no memory)."""
+        held = self.calibration_embeddings
+        if held is None or held.shape[0] == 0:
+            return torch.zeros(0, *self.model.grid)
+        with torch.inference_mode():
+            return torch.cat([self.model.score(held[i : i + chunk].to(torch.float32))
+                              for i in range(0, held.shape[0], chunk)])
+
+    def calibration_scores(self, chunk: int = 16,
+                           model_distances: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(image scores, map peaks) of the held-out OK images under the current model.
+        ``model_distances``: :meth:`calibration_model_distances` of this very model, when the
+        caller knows they still hold (a feedback click that changed only the memory): then
+        only the memory and the post-processing run again, not the model."""
         held = self.calibration_embeddings
         if held is None or held.shape[0] == 0:
             return np.zeros(0), np.zeros(0)
         scores, peaks = [], []
         for i in range(0, held.shape[0], chunk):
-            maps, s = self.maps_and_scores(held[i : i + chunk].to(torch.float32))
+            emb = held[i : i + chunk].to(torch.float32)
+            if model_distances is None:
+                maps, s = self.maps_and_scores(emb)
+            else:
+                dist = self.with_memory(emb, model_distances[i : i + chunk])
+                maps, s = maps_and_scores(dist, self.post, self.image_size, self.thresholds)
             scores.append(s)
             peaks.append(maps.reshape(len(maps), -1).max(axis=1))
         return np.concatenate(scores), np.concatenate(peaks)
@@ -423,12 +445,13 @@ class Detector:
         for _ in range(2 if self.config.pooling == "blob" else 1):
             self.thresholds = calibrate(*self.calibration_scores(), far)
 
-    def refresh_calibration(self) -> None:
+    def refresh_calibration(self, model_distances: torch.Tensor | None = None) -> None:
         """Keep the thresholds; re-score the held-out OK images so the expected false-alarm
-        rate shown for them is true for the current model (after feedback)."""
+        rate shown for them is true for the current model (after feedback).
+        ``model_distances``: as for :meth:`calibration_scores`."""
         if self.thresholds is None or self.calibration_embeddings is None:
             return
-        scores, peaks = self.calibration_scores()
+        scores, peaks = self.calibration_scores(model_distances=model_distances)
         self.thresholds = replace(self.thresholds, calibration_scores=scores, calibration_peaks=peaks)
 
     # -- description --------------------------------------------------------------------

@@ -137,6 +137,10 @@ class FeedbackLearner:
     #: each of them above the image threshold, like confirmed defects
     protected_embeddings: list[torch.Tensor] = field(default_factory=list)
     _undo: list[tuple[Detector, int, int, int]] = field(default_factory=list)
+    #: the model's own distances of the held-out OK images, and the detector they belong to:
+    #: a click that changes only the memory re-scores those images without running the model
+    #: again (PatchCore: 1.4 s of a 1.6 s click)
+    _calibration: tuple[Detector, torch.Tensor] | None = field(default=None, repr=False, compare=False)
 
     def _push(self) -> None:
         self._undo.append((self.detector.copy(), len(self.fa_shares), len(self.defect_shares),
@@ -191,6 +195,8 @@ class FeedbackLearner:
         before = self._score(emb)
         th_before = self.detector.thresholds.image if self.detector.thresholds else None
         self._push()
+        model_changes = self.position_update or not self.generalise or self.reweight
+        cached = None if model_changes else self._calibration_distances()
         det = self.detector = self.detector.copy()
         mask = region_patch_mask(region_mask, det.model.grid)
         self.fa_shares.append(channel_shares(det, emb, mask))
@@ -200,7 +206,7 @@ class FeedbackLearner:
             det.model.partial_fit(emb, mask)
         det.finalize()
         change = self._reweight() if self.reweight else None
-        det.refresh_calibration()
+        self._refresh(cached)
         kind = "image_ok" if region_mask is None else "false_alarm"
         return self._record(kind, mask, emb, before, th_before, t0, change)
 
@@ -211,6 +217,7 @@ class FeedbackLearner:
         before = self._score(emb)
         th_before = self.detector.thresholds.image if self.detector.thresholds else None
         self._push()
+        cached = None if self.reweight else self._calibration_distances()
         self.detector = self.detector.copy()
         if region_mask is None:  # the hottest quarter of patches stands for the defect
             d = self.detector.model.score(emb)[0]
@@ -222,9 +229,25 @@ class FeedbackLearner:
         if self.generalise:
             self.detector.ensure_memory(**self.memory_params).add_defect(emb[:1], mask[0])
         change = self._reweight() if self.reweight and self.fa_shares else None
-        self.detector.refresh_calibration()
+        self._refresh(cached)
         kind = "defect" if region_mask is not None else "image_ng"
         return self._record(kind, mask, emb, before, th_before, t0, change)
+
+    def _calibration_distances(self) -> torch.Tensor | None:
+        """The current model's distances of the held-out OK images (cached per detector)."""
+        det = self.detector
+        if det.thresholds is None or det.calibration_embeddings is None:
+            return None
+        if self._calibration is None or self._calibration[0] is not det:
+            self._calibration = (det, det.calibration_model_distances())
+        return self._calibration[1]
+
+    def _refresh(self, cached: torch.Tensor | None) -> None:
+        """Re-score the held-out OK images after a label; ``cached``: the model's distances
+        from before it, when the label left the model itself unchanged (memory only)."""
+        self.detector.refresh_calibration(cached)
+        if cached is not None:
+            self._calibration = (self.detector, cached)
 
     def _remember(self, det: Detector, emb: torch.Tensor, region_mask: np.ndarray | None, mask: torch.Tensor) -> None:
         """Put the clicked appearance into the position-free memory: the patches of the
