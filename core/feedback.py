@@ -25,6 +25,7 @@ stack of detector snapshots).
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import dataclass, field
 
 import cv2
@@ -140,7 +141,7 @@ class FeedbackLearner:
     #: the model's own distances of the held-out OK images, and the detector they belong to:
     #: a click that changes only the memory re-scores those images without running the model
     #: again (PatchCore: 1.4 s of a 1.6 s click)
-    _calibration: tuple[Detector, torch.Tensor] | None = field(default=None, repr=False, compare=False)
+    _calibration: tuple[weakref.ref, torch.Tensor] | None = field(default=None, repr=False, compare=False)
 
     def _push(self) -> None:
         self._undo.append((self.detector.copy(), len(self.fa_shares), len(self.defect_shares),
@@ -238,8 +239,8 @@ class FeedbackLearner:
         det = self.detector
         if det.thresholds is None or det.calibration_embeddings is None:
             return None
-        if self._calibration is None or self._calibration[0] is not det:
-            self._calibration = (det, det.calibration_model_distances())
+        if self._calibration is None or self._calibration[0]() is not det:
+            self._calibration = (weakref.ref(det), det.calibration_model_distances())
         return self._calibration[1]
 
     def _refresh(self, cached: torch.Tensor | None) -> None:
@@ -247,7 +248,7 @@ class FeedbackLearner:
         from before it, when the label left the model itself unchanged (memory only)."""
         self.detector.refresh_calibration(cached)
         if cached is not None:
-            self._calibration = (self.detector, cached)
+            self._calibration = (weakref.ref(self.detector), cached)
 
     def _remember(self, det: Detector, emb: torch.Tensor, region_mask: np.ndarray | None, mask: torch.Tensor) -> None:
         """Put the clicked appearance into the position-free memory: the patches of the
