@@ -252,7 +252,54 @@ def run_timing(mark: str, model: str, cache: "FeatureCache", n_memory: int = 200
         with_mem = per_image(mem_det, items)
         out[f"{name}_ms_without"], out[f"{name}_ms_with"] = base, with_mem
         out[f"{name}_ms_added"] = with_mem - base
+    out["marked_steps_ms"] = memory_steps(mem_det, embs[:60])
     return out
+
+
+def memory_steps(det, items: list[torch.Tensor], reps: int = 3) -> dict:
+    """Where the memory's time goes on these images (ms per image): each step of
+    ``FeedbackMemory.apply`` timed in place (a wrapper around it; nested steps are included
+    in their callers: ``search`` holds ``product``, ``shortlist`` and ``best_block``)."""
+    import core.feedback_memory as fm
+
+    mem = det.memory
+    level = det.thresholds.pixel
+    dists = [det.model.score(e) for e in items]
+    spent: dict[str, float] = {}
+
+    def timed(name, fn):
+        def wrapper(*a, **kw):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                spent[name] = spent.get(name, 0.0) + time.perf_counter() - t
+        return wrapper
+
+    fm._compiled()
+    saved = {k: getattr(fm, k) for k in ("_gather_blocks", "_smallest", "_best_kernel")}
+    fm._gather_blocks = timed("gather", saved["_gather_blocks"])
+    fm._smallest = timed("shortlist", saved["_smallest"])
+    fm._best_kernel = timed("best_block", saved["_best_kernel"])
+    mem.match = timed("match", mem.match)
+    mem._nearest = timed("search", mem._nearest)
+    mem._grown = timed("growth_and_outlines", mem._grown)
+    addmm = torch.addmm
+    torch.addmm = timed("product", addmm)
+    try:
+        t = time.perf_counter()
+        for _ in range(reps):
+            for e, d in zip(items, dists):
+                mem.apply(e, d, level)
+        total = time.perf_counter() - t
+    finally:
+        torch.addmm = addmm
+        for k, v in saved.items():
+            setattr(fm, k, v)
+        for k in ("match", "_nearest", "_grown"):
+            delattr(mem, k)
+    n = reps * len(items)
+    return {"apply": 1000 * total / n, **{k: 1000 * v / n for k, v in spent.items()}}
 
 
 def print_table(r: dict) -> None:
