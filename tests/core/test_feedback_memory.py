@@ -555,3 +555,43 @@ def test_a_click_is_recurring_when_its_median_mark_block_is_nearer_to_other_prin
                       "loo": loo, "ok_dist": torch.ones(n, 2), "neg_blocks": torch.zeros(0, 9, C),
                       "neg_valid": torch.zeros(0, 9, dtype=torch.bool), "n_clicks": torch.tensor([2])})
     assert torch.equal(mem.scale, torch.cat([loo[:3], torch.zeros(3, 2)]))
+
+
+# -- specified after mutation round 7 (seed 19, after outlines and mark blocks) -------------
+def test_a_memory_on_a_grid_that_is_not_square_keeps_rows_and_columns_apart():
+    """A 4 x 6 patch grid: clicked positions are (row, column) of that grid, and a copy of
+    an accepted patch is found at its own place."""
+    rng = np.random.default_rng(14)
+    emb = torch.from_numpy(rng.normal(0, 1, (1, C, 4, 6)).astype(np.float32))
+    mem = FeedbackMemory((4, 6), C)
+    assert mem.grid == (4, 6)
+    accept = torch.zeros(4, 6, dtype=torch.bool)
+    accept[3, 5] = True
+    mem.add(emb, accept)
+    assert mem.pos.tolist() == [[3, 5]]
+    dist = torch.ones(1, 4, 6)
+    dist[0, 3, 5] = 2.0
+    out = mem.apply(emb, dist)
+    assert float(out[0, 3, 5]) == 0.0 and float(out.sum()) == 23.0
+
+
+def test_each_stage_learns_its_radius_from_its_own_nearest_other_click():
+    """The leave-one-click-out radius is per stage: a block's radius in a stage is its
+    distance to the nearest block of another click *in that stage*, which may be a different
+    block in each stage; a new click updates the older blocks' radii the same way."""
+    mem = FeedbackMemory((5, 5), 2, channel_groups=[0, 1], shortlist=4)
+
+    def click(*features):
+        """One click accepting patches (1, 1), (3, 3), ... (not neighbours: each block is its
+        centre alone) with these (stage 0, stage 1) features."""
+        e = torch.zeros(1, 2, 5, 5)
+        accept = torch.zeros(5, 5, dtype=torch.bool)
+        for k, f in enumerate(features):
+            e[0, :, 1 + 2 * k, 1 + 2 * k] = torch.tensor(f)
+            accept[1 + 2 * k, 1 + 2 * k] = True
+        mem.add(e, accept, region=accept)
+
+    click((0.0, 0.0))  # block 0
+    click((1.0, 9.0), (9.0, 1.0))  # blocks 1 and 2: each near block 0 in one stage only
+    # block 0: stage 0's nearest is block 1, stage 1's is block 2
+    torch.testing.assert_close(mem.loo, torch.tensor([[1.0, 1.0], [1.0, 9.0], [9.0, 1.0]]))
