@@ -131,14 +131,16 @@ def _best_by_ratio(q, qv, m, mv, idx, live, bounds, r, tol, cutoff, best, out_d)
 
 
 def _smallest_k(d, k, idx, val):  # pragma: no cover - runs compiled
-    """Per row of d (Q, M): the k smallest values and their columns, ascending -> idx, val
-    (Q, k). An insertion into a sorted run of k: O(M) per row when most values are larger
+    """Per row of d (Q, M): the k smallest values and their columns, ascending (NaN as +inf;
+    ties in column order) -> idx, val (Q, k); needs 0 < k <= M. An insertion into a sorted run of k: O(M) per row when most values are larger
     than the k-th, where a general top-k sorts or partitions the whole row."""
     n_q, n_m = d.shape
     for i in range(n_q):
         n = 0
         for j in range(n_m):
             x = d[i, j]
+            if x != x:  # NaN (an embedding holding inf or NaN) ranks last, as +inf
+                x = np.inf
             if n == k and not x < val[i, k - 1]:
                 continue
             p = n if n < k else k - 1

@@ -412,6 +412,9 @@ class Detector:
         held = self.calibration_embeddings
         if held is None or held.shape[0] == 0:
             return np.zeros(0), np.zeros(0)
+        if model_distances is not None and tuple(model_distances.shape) != (held.shape[0], *self.model.grid):
+            raise ValueError(f"model distances {tuple(model_distances.shape)} are not those of the "
+                             f"{held.shape[0]} held-out images on a {self.model.grid} grid")
         scores, peaks = [], []
         for i in range(0, held.shape[0], chunk):
             emb = held[i : i + chunk].to(torch.float32)

@@ -195,9 +195,9 @@ class FeedbackLearner:
         emb = image if isinstance(image, torch.Tensor) else self.detector.embed([image])
         before = self._score(emb)
         th_before = self.detector.thresholds.image if self.detector.thresholds else None
-        self._push()
         model_changes = self.position_update or not self.generalise or self.reweight
         cached = None if model_changes else self._calibration_distances()
+        self._push()  # then at once a new detector: a failure from here on is undone by identity
         det = self.detector = self.detector.copy()
         mask = region_patch_mask(region_mask, det.model.grid)
         self.fa_shares.append(channel_shares(det, emb, mask))
@@ -217,8 +217,8 @@ class FeedbackLearner:
         emb = image if isinstance(image, torch.Tensor) else self.detector.embed([image])
         before = self._score(emb)
         th_before = self.detector.thresholds.image if self.detector.thresholds else None
-        self._push()
         cached = None if self.reweight else self._calibration_distances()
+        self._push()
         self.detector = self.detector.copy()
         if region_mask is None:  # the hottest quarter of patches stands for the defect
             d = self.detector.model.score(emb)[0]

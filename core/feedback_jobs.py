@@ -103,7 +103,6 @@ def label_job(learner: FeedbackLearner, kind: str, image: np.ndarray | None, pat
     defects_before = _defect_scores(old, learner)
     learner.protect(list(protect))
     mark = learner.mark_false_alarm if kind in ("false_alarm", "image_ok") else learner.mark_defect
-    depth = learner.undo_depth
     try:
         record = mark(image, mask)
         det = learner.detector
@@ -112,8 +111,10 @@ def label_job(learner: FeedbackLearner, kind: str, image: np.ndarray | None, pat
         labelled = det.inspect([image])[0]
         defects_after = _defect_scores(det, learner)[: len(defects_before)]
     except BaseException:
-        if learner.undo_depth > depth:
-            learner.undo()  # a half-applied label leaves no trace in the model
+        # a half-applied label leaves no trace in the model. (Not judged by the undo depth:
+        # with the undo stack full, a label leaves the depth where it was.)
+        if learner.detector is not old:
+            learner.undo()
         raise
     flipped = 0
     if threshold is not None and defects_before.size:

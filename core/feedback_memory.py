@@ -132,9 +132,10 @@ def _compiled():
 
 
 def _smallest(d: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k smallest values of each row of d (Q, M) and their columns, ascending (a compiled
-    selection: a general top-k costs ~6 us per row of 2,000 and scoring has a hundred rows)."""
-    if _compiled() is None or d.dtype != torch.float32 or d.shape[0] == 0:
+    """The k smallest values of each row of d (Q, M) and their columns, ascending, NaN last
+    (a compiled selection: a general top-k costs ~6 us per row of 2,000 and scoring has a
+    hundred rows). Ties go to the lower column (torch's top-k leaves their order open)."""
+    if _compiled() is None or d.dtype != torch.float32 or d.shape[0] == 0 or not 0 < k <= d.shape[1]:
         return d.topk(k, dim=1, largest=False)
     idx, val = np.empty((d.shape[0], k), np.int64), np.empty((d.shape[0], k), np.float32)
     _smallest_kernel(np.ascontiguousarray(d.numpy()), k, idx, val)
@@ -189,7 +190,9 @@ class FeedbackMemory:
         self.high = float(high)
         self.grow = None if grow is None else float(grow)
         self.footprint = None if footprint is None else float(footprint)
-        self.distinct = bool(distinct)
+        if not isinstance(distinct, bool):
+            raise ValueError(f"distinct must be True or False, got {distinct!r}")
+        self.distinct = distinct
         groups = [0] * int(n_channels) if channel_groups is None else [int(g) for g in channel_groups]
         if len(groups) != int(n_channels):
             raise ValueError(f"channel_groups has {len(groups)} entries for {n_channels} channels")
@@ -213,7 +216,8 @@ class FeedbackMemory:
         self.ok_dist = torch.zeros(0, len(ids))
         self._scale: torch.Tensor | None = None
         self._distinct: torch.Tensor | None = None
-        #: accepted blocks grouped by click (numpy, for outlines): order, first row, count
+        #: accepted blocks grouped by print (numpy, for outlines): the order that sorts them by
+        #: print, each print's first row in it and size, each block's print, each position
         self._members: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
         self.neg_blocks = torch.zeros(0, 9, c)
         self.neg_valid = torch.zeros(0, 9, dtype=torch.bool)
@@ -500,10 +504,12 @@ class FeedbackMemory:
         return out.reshape(dist.shape)
 
     def _grown(self, m: MemoryMatch, img: torch.Tensor, idx: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """Factors with the patches of each confident match's print (ratio <= ``low``) set to 0:
-        looked-up patches of ratio <= ``grow`` 8-connected to it through such patches, and
-        those of ratio <= ``footprint`` inside the outline of the matched click. (numpy: a
-        few hundred patches, where each tensor call costs more than its arithmetic.)"""
+        """Factors with the patches of each confident match's print set to 0. A confident
+        match: ratio <= ``low``, not blocked by a defect block, and (with ``distinct``) on a
+        block of the mark itself. Its print: looked-up patches of ratio <= ``grow``
+        8-connected to it through such patches, and those of ratio <= ``footprint`` inside
+        the outline of the matched print (:meth:`_outline`). (numpy: a few hundred patches,
+        where each tensor call costs more than its arithmetic.)"""
         h, w = grid
         ratio, free = m.ratio.numpy(), ~m.blocked.numpy()
         seed = free & (ratio <= self.low)
@@ -532,18 +538,18 @@ class FeedbackMemory:
 
     def _outline(self, at: np.ndarray, best: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
         """(h * w,) bool: where the prints lie whose patches ``at`` (flat indices) matched the
-        accepted blocks ``best`` confidently: each block's click, moved so the block sits on
-        its match, widened by one patch (rotation, scale). In numpy: a handful of seeds per
+        accepted blocks ``best`` confidently: the print each block belongs to, moved so the
+        block sits on its match, widened by one patch (rotation, scale). A print is the part
+        of its click's accepted patches connected to the block (gaps of one patch bridged): a
+        region click is one print, but a whole "part is OK" click accepts scattered hot
+        patches, and one match must not outline them all. In numpy: a handful of seeds per
         image, where tensor calls would cost more than the arithmetic."""
         h, w = grid
         if self._members is None or self._members[0].shape[0] != len(self):
-            click, pos = self.click.numpy(), self.pos.numpy()
-            order = np.argsort(click, kind="stable")
-            counts = np.bincount(click, minlength=int(click.max()) + 1 if click.size else 0)
-            self._members = (order, np.cumsum(counts) - counts, counts, click, pos)
-        order, first, counts, click, pos = self._members
+            self._members = self._prints()
+        order, first, counts, print_of, pos = self._members
         shift = np.stack([at // w, at % w], 1) - pos[best]
-        moves = np.unique(np.column_stack([click[best], shift]), axis=0)  # (U, 3): click, dy, dx
+        moves = np.unique(np.column_stack([print_of[best], shift]), axis=0)  # (U, 3): print, dy, dx
         n = counts[moves[:, 0]]
         move = np.repeat(np.arange(len(moves)), n)
         within = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
@@ -553,6 +559,24 @@ class FeedbackMemory:
         mask[target[inside, 0], target[inside, 1]] = 1
         mask = cv2.dilate(mask, np.ones((3, 3), np.uint8))
         return mask.view(bool).reshape(-1)
+
+    def _prints(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The accepted blocks grouped by print (see :meth:`_outline`), for ``_members``."""
+        h, w = self.grid
+        click, pos = self.click.numpy(), self.pos.numpy()
+        print_of = np.zeros(len(click), np.int64)
+        n_prints = 0
+        for c in np.unique(click):
+            rows = np.nonzero(click == c)[0]
+            canvas = np.zeros((h, w), np.uint8)
+            canvas[pos[rows, 0], pos[rows, 1]] = 1
+            bridged = cv2.dilate(canvas, np.ones((3, 3), np.uint8))  # a one-patch gap joins
+            n, labels = cv2.connectedComponents(bridged, connectivity=8)
+            print_of[rows] = n_prints + labels[pos[rows, 0], pos[rows, 1]] - 1
+            n_prints += n - 1
+        order = np.argsort(print_of, kind="stable")
+        counts = np.bincount(print_of, minlength=n_prints)
+        return order, np.cumsum(counts) - counts, counts, print_of, pos
 
 
 def _copy_tolerance(q: torch.Tensor) -> torch.Tensor:

@@ -273,6 +273,9 @@ def _load_memory(params: dict[str, Any] | None, t: dict[str, torch.Tensor], mode
     h, w = model.grid
     require(bool(((t["pos"][:, 0] >= 0) & (t["pos"][:, 0] < h) & (t["pos"][:, 1] >= 0) & (t["pos"][:, 1] < w)).all()),
              path, "feedback memory positions lie off the grid")
+    n_clicks = int(t["n_clicks"].reshape(-1)[0])
+    require(n_clicks >= 0 and bool(((t["click"] >= 0) & (t["click"] < n_clicks)).all()), path,
+             "feedback memory click numbers invalid")
     memory.load_tensors(t)
     return memory
 

@@ -95,3 +95,30 @@ def test_a_defect_label_records_the_threshold_it_was_judged_against(fitted):
     det, ok, ng = fitted
     rec = FeedbackLearner(det, reweight=False).mark_defect(load_image(ng[0]), None)
     assert rec.threshold_before == det.thresholds.image and rec.kind == "image_ng"
+
+
+def test_a_label_cancelled_while_rejudging_leaves_no_trace_even_with_a_full_undo_stack(fitted):
+    """A label that fails after the model changed (here: cancelled while re-judging) is
+    taken back: the learner holds the model it had before. Also when the undo stack is
+    full, where a new label leaves the undo depth where it was."""
+    from core.jobs import Cancelled
+
+    det, ok, ng = fitted
+    learner = FeedbackLearner(det, max_undo=1)
+    img = load_image(ok[0])
+    run_job(label_job(learner, "image_ok", img, ok[0], None, [], CancelToken()))
+    assert learner.undo_depth == 1  # full
+    before = learner.detector
+    token = CancelToken()
+    gen = label_job(learner, "image_ok", load_image(ng[0]), ng[0], None, _kept(det, ng[:2]), token)
+    next(gen)  # learning
+    next(gen)  # the label is in the model; re-judging starts
+    assert learner.detector is not before and learner.undo_depth == 1
+    token.cancel()
+    with pytest.raises(Cancelled):
+        while True:
+            next(gen)
+    assert learner.detector is not before  # undo puts back a copy ...
+    assert len(learner.detector.memory) == len(before.memory)  # ... of the model before the label
+    np.testing.assert_array_equal(learner.detector.thresholds.calibration_scores,
+                                  before.thresholds.calibration_scores)

@@ -183,12 +183,12 @@ def test_a_click_that_changes_only_the_memory_rescores_the_held_out_parts_withou
     np.testing.assert_array_equal(det.thresholds.calibration_peaks, det.calibration_scores()[1])
     assert len(det.memory) > 0 and det.memory.n_defect_blocks > 0
 
-    moving = FeedbackLearner(det, position_update=True)
+    learner.position_update = True  # the same learner, its distances cached: now the model moves
     calls.clear()
     with mock.patch.object(type(detector.model), "score", counting):
-        moving.mark_false_alarm(_with(_background(rng, 1), stamp, 4, 9, rng), _region(4, 9))
+        learner.mark_false_alarm(_with(_background(rng, 1), stamp, 4, 9, rng), _region(4, 9))
     assert sum(calls) >= held  # the model changed: the held-out parts went through it
-    after = moving.detector
+    after = learner.detector
     np.testing.assert_array_equal(after.thresholds.calibration_scores, after.calibration_scores()[0])
 
 
@@ -346,6 +346,27 @@ def test_inside_a_matched_prints_outline_the_whole_ramp_is_lowered_fully():
     assert factor[(11, 11)] == pytest.approx(0.28 / 0.3) and factor[(8, 8)] == 0.0
 
 
+def test_an_outline_covers_the_matched_print_not_every_patch_of_its_click():
+    """A whole "part is OK" click accepts scattered hot patches: a match on one of them
+    outlines the print that block belongs to (its click's patches connected to it, one-patch
+    gaps bridged), not the far-away others, which would zero whatever lies under them."""
+    blob = [(r, c) for r in range(2, 5) for c in range(2, 5)]
+    gap = [(2, 6)]  # one patch apart from the blob: the same print
+    far = [(12, 12), (12, 13), (13, 12)]  # elsewhere on the part: another print of the click
+    cells = blob + gap + far
+    mem = _one_click_memory(cells, low=1.0, high=1.3, grow=None, footprint=1.3)
+    m, img, idx, queried = _match_at({
+        (5, 5): 0.9,  # a confident match on block (2, 2): the print moves by (3, 3)
+        (7, 7): 1.25,  # the blob's far corner, moved: taken
+        (5, 9): 1.25,  # the bridged patch (2, 6), moved: taken
+        (15, 15): 1.25,  # the far patches, moved: not this print's
+    })
+    m.best = torch.full((len(queried),), cells.index((2, 2)))
+    factor = dict(zip(queried, mem._grown(m, img, idx, (16, 16)).tolist()))
+    assert factor[(5, 5)] == factor[(7, 7)] == factor[(5, 9)] == 0.0
+    assert factor[(15, 15)] == pytest.approx(0.25 / 0.3)
+
+
 def test_only_blocks_of_the_mark_itself_start_a_match():
     """A block whose prints are no nearer to each other than to ordinary OK patches (the
     margin a click also covers, loo >= ok_dist) neither lowers a patch on its own nor starts
@@ -436,13 +457,21 @@ def test_the_compiled_shortlist_selection_picks_the_k_smallest_in_order():
     d = torch.randn(40, 300, generator=g)
     d[3, ::2] = float("inf")  # a radius leaves only some columns allowed
     d[5] = float("inf")
+    d[7, 10] = float("nan")  # an embedding holding inf or NaN: ranked last, as torch does
     for k in (1, 16, 300):
         val, idx = _smallest(d, k)
         ref_val, _ = d.topk(k, dim=1, largest=False)
-        torch.testing.assert_close(val, ref_val)
-        torch.testing.assert_close(torch.gather(d, 1, idx), val)
+        nan_last = torch.nan_to_num(ref_val, nan=float("inf"), posinf=float("inf"))  # reported as +inf
+        torch.testing.assert_close(val, nan_last)
+        gathered = torch.nan_to_num(torch.gather(d, 1, idx), nan=float("inf"), posinf=float("inf"))
+        torch.testing.assert_close(gathered, val)
         finite = torch.isfinite(val)
         assert all(len(set(r[f].tolist())) == int(f.sum()) for r, f in zip(idx, finite))  # no column twice
+    row = torch.tensor([[5.0, float("nan"), 1.0, 0.0]])
+    assert _smallest(row, 2)[0].tolist() == [[0.0, 1.0]]
+    assert _smallest(row, 4)[1][0, :3].tolist() == [3, 2, 0]  # NaN last
+    with pytest.raises(RuntimeError):  # more than the row holds: refused as a top-k refuses it
+        _smallest(row, 5)
 
 
 def test_the_compiled_best_match_search_agrees_with_the_full_search_up_to_the_cutoff(monkeypatch):

@@ -97,8 +97,21 @@ def test_a_feedback_memory_with_bad_channel_groups_or_positions_off_the_grid_is_
         pos[0, 0] = det.model.grid[0]
         tensors["feedback_memory.pos"] = pos
 
+    def click_numbers(value, n_clicks=None):
+        def change(meta, tensors):
+            click = tensors["feedback_memory.click"].clone()
+            click[0] = value
+            tensors["feedback_memory.click"] = click
+            if n_clicks is not None:
+                tensors["feedback_memory.n_clicks"] = torch.tensor([n_clicks], dtype=torch.int64)
+        return change
+
     assert refusal(groups) == "<file>: feedback memory channel groups invalid"
     assert refusal(off_grid) == "<file>: feedback memory positions lie off the grid"
+    # a click number outside 0 .. n_clicks - 1 (outlines group blocks by click: a negative one
+    # made every matching image fail, a huge one a huge allocation)
+    for change in (click_numbers(-1), click_numbers(1), click_numbers(10**12), click_numbers(0, n_clicks=-1)):
+        assert refusal(change) == "<file>: feedback memory click numbers invalid"
 
 
 def test_calibration_embeddings_of_the_wrong_shape_are_refused_whatever_their_type(path):
