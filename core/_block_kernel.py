@@ -131,9 +131,10 @@ def _best_by_ratio(q, qv, m, mv, idx, live, bounds, r, tol, cutoff, best, out_d)
 
 
 def _smallest_k(d, k, idx, val):  # pragma: no cover - runs compiled
-    """Per row of d (Q, M): the k smallest values and their columns, ascending (NaN as +inf;
-    ties in column order) -> idx, val (Q, k); needs 0 < k <= M. An insertion into a sorted run of k: O(M) per row when most values are larger
-    than the k-th, where a general top-k sorts or partitions the whole row."""
+    """Per row of d (Q, M): the k smallest values and their columns, ascending (a NaN as
+    +inf; ties in column order) -> idx, val (Q, k); needs 0 < k <= M. An insertion into a
+    sorted run of k: O(M) per row when most values are larger than the k-th, where a general
+    top-k sorts or partitions the whole row."""
     n_q, n_m = d.shape
     for i in range(n_q):
         n = 0
