@@ -263,7 +263,6 @@ def memory_steps(det, items: list[torch.Tensor], reps: int = 3) -> dict:
     import core.feedback_memory as fm
 
     mem = det.memory
-    level = det.thresholds.pixel
     dists = [det.model.score(e) for e in items]
     spent: dict[str, float] = {}
 
@@ -290,7 +289,7 @@ def memory_steps(det, items: list[torch.Tensor], reps: int = 3) -> dict:
         t = time.perf_counter()
         for _ in range(reps):
             for e, d in zip(items, dists):
-                mem.apply(e, d, level)
+                det.with_memory(e, d)  # the detector's own look-up level
         total = time.perf_counter() - t
     finally:
         torch.addmm = addmm
