@@ -137,22 +137,31 @@ def _smallest_k(d, k, idx, val):  # pragma: no cover - runs compiled
     top-k sorts or partitions the whole row."""
     n_q, n_m = d.shape
     for i in range(n_q):
-        n = 0
-        for j in range(n_m):
+        # the first k, sorted by insertion (a NaN as +inf)
+        for j in range(k):
             x = d[i, j]
-            if x != x:  # NaN (an embedding holding inf or NaN) ranks last, as +inf
+            if x != x:
                 x = np.inf
-            if n == k and not x < val[i, k - 1]:
-                continue
-            p = n if n < k else k - 1
+            p = j
             while p > 0 and x < val[i, p - 1]:
                 val[i, p] = val[i, p - 1]
                 idx[i, p] = idx[i, p - 1]
                 p -= 1
             val[i, p] = x
             idx[i, p] = j
-            if n < k:
-                n += 1
+        # the rest: one comparison each against the k-th so far (a NaN compares false)
+        kth = val[i, k - 1]
+        for j in range(k, n_m):
+            x = d[i, j]
+            if x < kth:
+                p = k - 1
+                while p > 0 and x < val[i, p - 1]:
+                    val[i, p] = val[i, p - 1]
+                    idx[i, p] = idx[i, p - 1]
+                    p -= 1
+                val[i, p] = x
+                idx[i, p] = j
+                kth = val[i, k - 1]
 
 
 best_by_ratio = _jit(_best_by_ratio)
