@@ -216,6 +216,8 @@ class FeedbackMemory:
         self.ok_dist = torch.zeros(0, len(ids))
         self._scale: torch.Tensor | None = None
         self._distinct: torch.Tensor | None = None
+        #: (blocks, their contiguous centres, squared norms) for the accepted and defect blocks
+        self._centre_cache: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         #: accepted blocks grouped by print (numpy, for outlines): the order that sorts them by
         #: print, each print's first row in it and size, each block's print, each position
         self._members: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
@@ -395,6 +397,20 @@ class FeedbackMemory:
             self._distinct = ~known | near
         return self._distinct
 
+    def _centres(self, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Centre patches of blocks ``m`` (M, C), contiguous, and their squared norms: kept for
+        the accepted and the defect blocks (copying the strided centres for every scored image
+        cost as much as the product itself)."""
+        for cached in self._centre_cache:
+            if cached[0] is m:
+                return cached[1], cached[2]
+        mc = m[:, _CENTRE].contiguous()
+        out = (m, mc, (mc * mc).sum(1))
+        if m is self.blocks or m is self.neg_blocks:
+            self._centre_cache = [c for c in self._centre_cache if c[0] is self.blocks or c[0] is self.neg_blocks]
+            self._centre_cache.append(out)
+        return mc, out[2]
+
     def _nearest(self, q: torch.Tensor, qv: torch.Tensor, m: torch.Tensor, mv: torch.Tensor,
                  allowed: torch.Tensor | None, rank_by: torch.Tensor | None = None,
                  per_group: bool = False, cutoff: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -410,8 +426,8 @@ class FeedbackMemory:
             return torch.full((nq, g), float("inf")), torch.full((nq,), -1, dtype=torch.int64)
         # the shortlist is by raw centre-patch distance (also a filter: ranking it by the
         # ratio below instead found more matches for defects too, detection 0.72 -> 0.57)
-        mc = m[:, _CENTRE]
-        cd = torch.addmm((mc * mc).sum(1)[None], q[:, _CENTRE], mc.T, alpha=-2.0)  # (Q, M) |q-m|^2 - |q|^2
+        mc, mc_sq = self._centres(m)
+        cd = torch.addmm(mc_sq[None], q[:, _CENTRE], mc.T, alpha=-2.0)  # (Q, M) |q-m|^2 - |q|^2
         if allowed is not None:
             cd = cd.masked_fill(~allowed, float("inf"))
         s = min(self.shortlist, m.shape[0])
@@ -549,7 +565,10 @@ class FeedbackMemory:
             self._members = self._prints()
         order, first, counts, print_of, pos = self._members
         shift = np.stack([at // w, at % w], 1) - pos[best]
-        moves = np.unique(np.column_stack([print_of[best], shift]), axis=0)  # (U, 3): print, dy, dx
+        # the distinct (print, dy, dx) moves, through one integer key (a row-wise unique is slow)
+        key = (print_of[best] * (2 * h) + shift[:, 0] + h) * (2 * w) + shift[:, 1] + w
+        key = np.unique(key)
+        moves = np.stack([key // (4 * h * w), (key // (2 * w)) % (2 * h) - h, key % (2 * w) - w], 1)
         n = counts[moves[:, 0]]
         move = np.repeat(np.arange(len(moves)), n)
         within = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
