@@ -134,6 +134,18 @@ def _best_by_ratio(q, qv, m, mv, idx, live, bounds, r, tol, cutoff, best, out_d)
                     out_d[i, g] = np.float32(math.sqrt(acc[g] / cells))
 
 
+@_jit
+def _insert_sorted(val, idx, i, p, x, j):  # pragma: no cover - runs compiled
+    """Put value x (column j) into row i's ascending run, starting at slot p and moving
+    larger values one slot up."""
+    while p > 0 and x < val[i, p - 1]:
+        val[i, p] = val[i, p - 1]
+        idx[i, p] = idx[i, p - 1]
+        p -= 1
+    val[i, p] = x
+    idx[i, p] = j
+
+
 def _smallest_k(d, k, idx, val):  # pragma: no cover - runs compiled
     """Per row of d (Q, M): the k smallest values and their columns, ascending (a NaN as
     +inf; ties in column order) -> idx, val (Q, k); needs 0 < k <= M. An insertion into a
@@ -141,32 +153,16 @@ def _smallest_k(d, k, idx, val):  # pragma: no cover - runs compiled
     top-k sorts or partitions the whole row."""
     n_q, n_m = d.shape
     for i in range(n_q):
-        # the first k, sorted by insertion (a NaN as +inf)
-        for j in range(k):
+        for j in range(k):  # the first k, sorted by insertion (a NaN as +inf)
             x = d[i, j]
-            if x != x:
-                x = np.inf
-            p = j
-            while p > 0 and x < val[i, p - 1]:
-                val[i, p] = val[i, p - 1]
-                idx[i, p] = idx[i, p - 1]
-                p -= 1
-            val[i, p] = x
-            idx[i, p] = j
+            _insert_sorted(val, idx, i, j, np.inf if x != x else x, j)
         # the rest: one comparison each against the k-th so far (a NaN compares false)
         kth = val[i, k - 1]
         row = d[i, k:]  # indexed from 0: no wraparound check in the hot loop
         for jj in range(n_m - k):
             x = row[jj]
             if x < kth:
-                j = jj + k
-                p = k - 1
-                while p > 0 and x < val[i, p - 1]:
-                    val[i, p] = val[i, p - 1]
-                    idx[i, p] = idx[i, p - 1]
-                    p -= 1
-                val[i, p] = x
-                idx[i, p] = j
+                _insert_sorted(val, idx, i, k - 1, x, jj + k)
                 kth = val[i, k - 1]
 
 
