@@ -237,19 +237,28 @@ def run_timing(mark: str, model: str, cache: "FeatureCache", n_memory: int = 200
     no_mem = mem_det.copy()
     no_mem.memory = None
 
-    def per_image(d, items):
+    def per_image(items, reps: int = 5) -> tuple[float, float]:
+        """ms per image without and with the memory: each image timed both ways in turn, its
+        fastest of ``reps`` rounds kept (this shared machine's speed drifts by up to 2x over
+        minutes; pairing and minima keep that out of the difference)."""
         for e in items[:5]:
-            d.maps_and_scores(e)
-        t = time.perf_counter()
-        for e in items:
-            d.maps_and_scores(e)
-        return (time.perf_counter() - t) / len(items) * 1000
+            no_mem.maps_and_scores(e)
+            mem_det.maps_and_scores(e)
+        without, with_mem = np.full(len(items), np.inf), np.full(len(items), np.inf)
+        for _ in range(reps):
+            for j, e in enumerate(items):
+                t = time.perf_counter()
+                no_mem.maps_and_scores(e)
+                without[j] = min(without[j], time.perf_counter() - t)
+                t = time.perf_counter()
+                mem_det.maps_and_scores(e)
+                with_mem[j] = min(with_mem[j], time.perf_counter() - t)
+        return float(without.mean()) * 1000, float(with_mem.mean()) * 1000
 
     out = {"memory_patches": len(mem_det.memory), "clicks": len(clicks),
            "click_ms_median": float(np.median(clicks)) * 1000, "click_ms_max": float(np.max(clicks)) * 1000}
     for name, items in (("plain_ok", plain), ("marked", embs[:60])):
-        base = per_image(no_mem, items)
-        with_mem = per_image(mem_det, items)
+        base, with_mem = per_image(items)
         out[f"{name}_ms_without"], out[f"{name}_ms_with"] = base, with_mem
         out[f"{name}_ms_added"] = with_mem - base
     out["marked_steps_ms"] = memory_steps(mem_det, embs[:60])
@@ -259,7 +268,8 @@ def run_timing(mark: str, model: str, cache: "FeatureCache", n_memory: int = 200
 def memory_steps(det, items: list[torch.Tensor], reps: int = 3) -> dict:
     """Where the memory's time goes on these images (ms per image): each step of
     ``FeedbackMemory.apply`` timed in place (a wrapper around it; nested steps are included
-    in their callers: ``search`` holds ``product``, ``shortlist`` and ``best_block``)."""
+    in their callers: ``search`` holds ``product`` (on PyTorch's threads) and
+    ``shortlist_and_best``, one compiled pass)."""
     import core.feedback_memory as fm
 
     mem = det.memory
@@ -276,12 +286,11 @@ def memory_steps(det, items: list[torch.Tensor], reps: int = 3) -> dict:
         return wrapper
 
     fm._compiled()
-    saved = {k: getattr(fm, k) for k in ("_gather_blocks", "_smallest", "_best_kernel")}
+    saved = {k: getattr(fm, k) for k in ("_gather_blocks", "_search_kernel")}
     fm._gather_blocks = timed("gather", saved["_gather_blocks"])
-    fm._smallest = timed("shortlist", saved["_smallest"])
-    fm._best_kernel = timed("best_block", saved["_best_kernel"])
+    fm._search_kernel = timed("shortlist_and_best", saved["_search_kernel"])
     mem.match = timed("match", mem.match)
-    mem._nearest = timed("search", mem._nearest)
+    mem._search = timed("search", mem._search)
     mem._grown = timed("growth_and_outlines", mem._grown)
     addmm = torch.addmm
     torch.addmm = timed("product", addmm)
@@ -295,7 +304,7 @@ def memory_steps(det, items: list[torch.Tensor], reps: int = 3) -> dict:
         torch.addmm = addmm
         for k, v in saved.items():
             setattr(fm, k, v)
-        for k in ("match", "_nearest", "_grown"):
+        for k in ("match", "_search", "_grown"):
             delattr(mem, k)
     n = reps * len(items)
     return {"apply": 1000 * total / n, **{k: 1000 * v / n for k, v in spent.items()}}

@@ -1,5 +1,6 @@
-"""The compiled loops behind :func:`core.feedback_memory.shortlist_block_distances` and the
-memory's best-match search (imports numba)."""
+"""The compiled loops of the feedback memory (core.feedback_memory): block distances on a
+shortlist, the k-smallest selection, scoring's search (selection and best match in one
+pass) and the growth and outlines of matched prints (imports numba)."""
 from __future__ import annotations
 
 import math
@@ -99,39 +100,56 @@ def _ratio_key(acc, cells, r, j, tol):  # pragma: no cover - runs compiled
     return key
 
 
-def _best_by_ratio(q, qv, m, mv, idx, live, bounds, r, tol, cutoff, best, out_d):  # pragma: no cover
-    """For each query block i, the shortlisted block ``idx[i, s]`` (``live[i, s]``) with the
-    smallest key = max over groups of d_g / r[j, g] (r == 0: 0 when d_g <= tol[i], else no
-    match), among keys <= ``cutoff`` only -> best[i] = s (-1: none), out_d[i] its (G,) block
-    distances (d_g as :func:`_shortlist_distances` computes them, same order of sums).
+@_jit
+def _best_row(q, qv, m, mv, i, idx, val, bounds, r, tol, cutoff, out_d, acc, lim):  # pragma: no cover
+    """Of query block i's shortlisted blocks ``idx[i, s]`` (those with a finite ``val[i, s]``),
+    the one with the smallest key = max over groups of d_g / r[j, g] (r == 0: 0 when
+    d_g <= tol[i], else no match), among keys <= ``cutoff`` only -> (s, key) (-1: none),
+    out_d[i] its (G,) block distances (d_g as :func:`_shortlist_distances` computes them, same
+    order of sums). ``acc``, ``lim``: scratch of G.
 
     Exact, and cheap where the shortlist is mostly far: a block's sum over cells only grows,
     so a block is dropped as soon as one group's partial sum passes what the best key so far
     (or the cutoff) allows. Scoring needs nothing above the cutoff: the gate factor is 1
     there and growth stops below it."""
-    n_q, n_s = idx.shape
+    n_g = bounds.shape[0] - 1
+    best = -1
+    best_key = np.float32(cutoff)
+    out_d[i, :] = np.inf
+    for s in range(idx.shape[1]):
+        if not math.isfinite(val[i, s]):
+            continue
+        j = idx[i, s]
+        cells = _common_cells(qv, mv, i, j)
+        for g in range(n_g):
+            bound = np.float64(best_key) * np.float64(r[j, g]) if r[j, g] > 0 else np.float64(tol[i])
+            lim[g] = bound * bound * cells * 1.0001 + 1e-30  # slack: the final test is exact
+        if not _sums_within(q, qv, m, mv, i, j, bounds, lim, acc):
+            continue
+        key = _ratio_key(acc, cells, r, j, tol[i])
+        if key < best_key or (best < 0 and key <= best_key):
+            best_key, best = key, s
+            for g in range(n_g):
+                out_d[i, g] = np.float32(math.sqrt(acc[g] / cells))
+    return best, best_key
+
+
+def _search_rows(cd, k, q, qv, m, mv, bounds, r, tol, cutoff, idx, val, best, key, out_d):  # pragma: no cover
+    """The memory search of scoring, for each row of ``cd`` (Q, M), the centre distances of
+    query blocks q (Q, 9, C) / qv (Q, 9) to the blocks m (M, 9, C) / mv (M, 9): shortlist the
+    k of smallest centre distance (:func:`_smallest_k`; idx, val (Q, k)), then the best of
+    them by :func:`_best_row` -> best[i] its row of m (-1: none), key[i] its key (inf: none),
+    out_d[i] its (G,) distances. (Compiled with the GIL released.)"""
     n_g = bounds.shape[0] - 1
     acc = np.empty(n_g, np.float32)
     lim = np.empty(n_g, np.float64)
-    for i in range(n_q):
-        best[i] = -1
-        best_key = np.float32(cutoff)
-        out_d[i, :] = np.inf
-        for s in range(n_s):
-            j = idx[i, s]
-            if not live[i, s]:
-                continue
-            cells = _common_cells(qv, mv, i, j)
-            for g in range(n_g):
-                bound = np.float64(best_key) * np.float64(r[j, g]) if r[j, g] > 0 else np.float64(tol[i])
-                lim[g] = bound * bound * cells * 1.0001 + 1e-30  # slack: the final test is exact
-            if not _sums_within(q, qv, m, mv, i, j, bounds, lim, acc):
-                continue
-            key = _ratio_key(acc, cells, r, j, tol[i])
-            if key < best_key or (best[i] < 0 and key <= best_key):
-                best_key, best[i] = key, s
-                for g in range(n_g):
-                    out_d[i, g] = np.float32(math.sqrt(acc[g] / cells))
+    mins, kept = np.empty(cd.shape[1] // _CHUNK, np.float32), np.empty(k, np.float32)
+    for i in range(cd.shape[0]):
+        _smallest_row(cd, i, k, idx, val, mins, kept)
+    for i in range(cd.shape[0]):
+        s, kb = _best_row(q, qv, m, mv, i, idx, val, bounds, r, tol, cutoff, out_d, acc, lim)
+        best[i] = idx[i, s] if s >= 0 else -1
+        key[i] = kb if s >= 0 else np.inf
 
 
 @_jit
@@ -146,27 +164,168 @@ def _insert_sorted(val, idx, i, p, x, j):  # pragma: no cover - runs compiled
     idx[i, p] = j
 
 
+@_jit
+def _scan_row(d, i, k, idx, val):  # pragma: no cover - runs compiled
+    """Row i of :func:`_smallest_k` by one pass: the first k sorted by insertion (a NaN as
+    +inf), then one comparison each against the k-th so far (a NaN compares false)."""
+    for j in range(k):
+        x = d[i, j]
+        _insert_sorted(val, idx, i, j, np.inf if x != x else x, j)
+    kth = val[i, k - 1]
+    row = d[i, k:]  # indexed from 0: no wraparound check in the hot loop
+    for jj in range(d.shape[1] - k):
+        x = row[jj]
+        if x < kth:
+            _insert_sorted(val, idx, i, k - 1, x, jj + k)
+            kth = val[i, k - 1]
+
+
+_CHUNK = 16  # columns per chunk of the k-smallest scan (a fixed count: the minimum is vectorised)
+
+
+@_jit
+def _chunk_min(part):  # pragma: no cover - runs compiled
+    """The smallest of _CHUNK values, a NaN skipped (all NaN: +inf)."""
+    lo = np.float32(np.inf)
+    for c in range(_CHUNK):
+        x = part[c]
+        lo = x if x < lo else lo
+    return lo
+
+
+@_jit
+def _smallest_row(d, i, k, idx, val, mins, kept):  # pragma: no cover - runs compiled
+    """Row i of :func:`_smallest_k`; ``mins`` (M // _CHUNK,), ``kept`` (k,): scratch.
+
+    The row's chunks of _CHUNK columns are ranked by their minimum first: at least k values
+    are <= t, the k-th smallest chunk minimum, so only values <= t can be among the k
+    smallest, and only chunks whose minimum is <= t hold any (about one in eight on a
+    memory's distances). Those values go through the sorted run in column order, so ties
+    still go to the lower column: the same result as :func:`_scan_row`, about half the time."""
+    n = d.shape[1]
+    n_chunks = n // _CHUNK
+    if n_chunks < 2 * k:
+        _scan_row(d, i, k, idx, val)
+        return
+    row = d[i]
+    kept[:] = np.inf  # the k smallest chunk minima, ascending
+    for c in range(n_chunks):
+        x = _chunk_min(row[c * _CHUNK:(c + 1) * _CHUNK])
+        mins[c] = x
+        if x < kept[k - 1]:
+            p = k - 1
+            while p > 0 and x < kept[p - 1]:
+                kept[p] = kept[p - 1]
+                p -= 1
+            kept[p] = x
+    t = kept[k - 1]
+    if not t < np.inf:  # fewer than k chunks with a finite value: NaN and inf need the plain pass
+        _scan_row(d, i, k, idx, val)
+        return
+    count = 0
+    kth = t
+    for c in range(n_chunks + 1):  # the last: the columns after the whole chunks
+        if c < n_chunks and not mins[c] <= t:
+            continue
+        lo = c * _CHUNK
+        hi = min(lo + _CHUNK, n)
+        part = row[lo:hi]
+        for jj in range(hi - lo):
+            x = part[jj]
+            if x <= kth:
+                if count < k:
+                    _insert_sorted(val, idx, i, count, x, jj + lo)
+                    count += 1
+                    if count == k:
+                        kth = val[i, k - 1]
+                elif x < kth:
+                    _insert_sorted(val, idx, i, k - 1, x, jj + lo)
+                    kth = val[i, k - 1]
+
+
 def _smallest_k(d, k, idx, val):  # pragma: no cover - runs compiled
     """Per row of d (Q, M): the k smallest values and their columns, ascending (a NaN as
-    +inf; ties in column order) -> idx, val (Q, k); needs 0 < k <= M. An insertion into a
-    sorted run of k: O(M) per row when most values are larger than the k-th, where a general
+    +inf; ties in column order) -> idx, val (Q, k); needs 0 < k <= M. Insertion into a
+    sorted run of k, of the values that can be among them (:func:`_smallest_row`): a general
     top-k sorts or partitions the whole row."""
-    n_q, n_m = d.shape
-    for i in range(n_q):
-        for j in range(k):  # the first k, sorted by insertion (a NaN as +inf)
-            x = d[i, j]
-            _insert_sorted(val, idx, i, j, np.inf if x != x else x, j)
-        # the rest: one comparison each against the k-th so far (a NaN compares false)
-        kth = val[i, k - 1]
-        row = d[i, k:]  # indexed from 0: no wraparound check in the hot loop
-        for jj in range(n_m - k):
-            x = row[jj]
-            if x < kth:
-                _insert_sorted(val, idx, i, k - 1, x, jj + k)
-                kth = val[i, k - 1]
+    mins, kept = np.empty(d.shape[1] // _CHUNK, np.float32), np.empty(k, np.float32)
+    for i in range(d.shape[0]):
+        _smallest_row(d, i, k, idx, val, mins, kept)
 
 
-best_by_ratio = _jit(_best_by_ratio)
+@_jit
+def _grow_from_seeds(idx, seed, near, h, w, hit):  # pragma: no cover - runs compiled
+    """hit[k] = True where looked-up patch k is near and 8-connected through near patches
+    to a seed (a seed is near): a flood fill from every seed."""
+    n = idx.shape[0]
+    at = np.full(h * w, -1, np.int64)  # the looked-up near patch at each cell
+    for k in range(n):
+        if near[k]:
+            at[idx[k]] = k
+    stack = np.empty(n, np.int64)
+    for k0 in range(n):
+        if not seed[k0] or hit[k0]:
+            continue
+        hit[k0] = True
+        stack[0] = k0
+        top = 1
+        while top > 0:
+            top -= 1
+            y, x = idx[stack[top]] // w, idx[stack[top]] % w
+            for yy in range(max(y - 1, 0), min(y + 2, h)):
+                for xx in range(max(x - 1, 0), min(x + 2, w)):
+                    j = at[yy * w + xx]
+                    if j >= 0 and not hit[j]:
+                        hit[j] = True
+                        stack[top] = j
+                        top += 1
+
+
+@_jit
+def _outline_mask(idx, seed, best, order, first, counts, print_of, pos, h, w):  # pragma: no cover
+    """(h, w) bool: each seed's matched print (the accepted blocks of the matched block's
+    print) moved so the matched block sits on the seed."""
+    mask = np.zeros((h, w), np.bool_)
+    for k in range(idx.shape[0]):
+        if not seed[k]:
+            continue
+        b = best[k]
+        p = print_of[b]
+        sy, sx = idx[k] // w - pos[b, 0], idx[k] % w - pos[b, 1]
+        for t in range(first[p], first[p] + counts[p]):
+            ty, tx = pos[order[t], 0] + sy, pos[order[t], 1] + sx
+            if 0 <= ty < h and 0 <= tx < w:
+                mask[ty, tx] = True
+    return mask
+
+
+def _print_hits(idx, seed, near, within, best, order, first, counts, print_of, pos, h, w, grow, outline,
+                hit):  # pragma: no cover - runs compiled
+    """Growth and outlines of one image's confident matches (see FeedbackMemory._grown):
+    looked-up patches idx (K,) (flat, on an h x w grid) with their seed / near / within
+    flags and best accepted block -> hit[k] True where patch k joins a matched print:
+    ``grow``: near and 8-connected through near patches to a seed; ``outline``: within and
+    inside an outline (:func:`_outline_mask` widened by one patch). ``order``, ``first``,
+    ``counts``, ``print_of``, ``pos``: the accepted blocks grouped by print. One pass where
+    the numpy version made some forty calls of a few microseconds each."""
+    hit[:] = False
+    if grow:
+        _grow_from_seeds(idx, seed, near, h, w, hit)
+    if not outline:
+        return
+    mask = _outline_mask(idx, seed, best, order, first, counts, print_of, pos, h, w)
+    for k in range(idx.shape[0]):
+        if hit[k] or not within[k]:
+            continue
+        y, x = idx[k] // w, idx[k] % w
+        for yy in range(max(y - 1, 0), min(y + 2, h)):  # the outline widened by one patch
+            for xx in range(max(x - 1, 0), min(x + 2, w)):
+                hit[k] |= mask[yy, xx]
+
+
+search_rows = _jit(_search_rows)
+
+print_hits = _jit(_print_hits)
 
 smallest_k = _jit(_smallest_k)
 

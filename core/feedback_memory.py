@@ -66,7 +66,7 @@ import cv2
 import numpy as np
 import torch
 
-from .models.patchcore import one_torch_thread
+from .models.patchcore import one_torch_thread, torch_threads
 
 #: cells of a 3x3 block, row-major; index 4 is the centre
 _OFFSETS = torch.tensor([(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)], dtype=torch.int64)
@@ -108,24 +108,30 @@ def block_distances(q: torch.Tensor, q_valid: torch.Tensor, m: torch.Tensor, m_v
 
 
 _kernel = None  # the compiled shortlist loop, built at the first look-up (numba: ~0.3 s import)
-_best_kernel = None  # the compiled best-match search (same module)
+_search_kernel = None  # the compiled shortlist + best-match search of scoring (same module)
 _smallest_kernel = None  # the compiled k-smallest selection (same module)
+_print_kernel = None  # the compiled growth and outlines (same module)
 _kernel_failed = False
 
 
 def _compiled():
-    global _kernel, _best_kernel, _smallest_kernel, _kernel_failed
+    global _kernel, _search_kernel, _smallest_kernel, _print_kernel, _kernel_failed
     if _kernel is None and not _kernel_failed:
         try:
-            from ._block_kernel import best_by_ratio, shortlist_distances, smallest_k
+            from ._block_kernel import print_hits, search_rows, shortlist_distances, smallest_k
 
             z, v, i = np.zeros((1, 9, 2), np.float32), np.ones((1, 9), bool), np.zeros((1, 1), np.int64)
             bounds = np.array([0, 2], np.int64)
             shortlist_distances(z, v, z, v, i, bounds, np.empty((1, 1, 1), np.float32))
-            best_by_ratio(z, v, z, v, i, np.ones((1, 1), bool), bounds, np.ones((1, 1), np.float32),
-                          np.zeros(1, np.float32), 1.0, np.empty(1, np.int64), np.empty((1, 1), np.float32))
+            search_rows(np.zeros((1, 1), np.float32), 1, z, v, z, v, bounds, np.ones((1, 1), np.float32),
+                        np.zeros(1, np.float32), 1.0, np.empty((1, 1), np.int64), np.empty((1, 1), np.float32),
+                        np.empty(1, np.int64), np.empty(1, np.float32), np.empty((1, 1), np.float32))
             smallest_k(np.zeros((1, 2), np.float32), 1, np.empty((1, 1), np.int64), np.empty((1, 1), np.float32))
-            _kernel, _best_kernel, _smallest_kernel = shortlist_distances, best_by_ratio, smallest_k
+            one, yes = np.zeros(1, np.int64), np.ones(1, bool)
+            print_hits(one, yes, yes, yes, one, one, one, np.ones(1, np.int64), one, np.zeros((1, 2), np.int64),
+                       1, 1, True, True, np.empty(1, bool))
+            _kernel, _search_kernel, _smallest_kernel = shortlist_distances, search_rows, smallest_k
+            _print_kernel = print_hits
         except Exception:  # noqa: BLE001 - any failure here only costs speed
             _kernel_failed = True
     return _kernel
@@ -411,37 +417,33 @@ class FeedbackMemory:
             self._centre_cache.append(out)
         return mc, out[2]
 
+    def _centre_distances(self, q: torch.Tensor, m: torch.Tensor, allowed: torch.Tensor | None,
+                          threads: int = 1) -> torch.Tensor:
+        """(Q, M) ``|q_c - m_c|^2 - |q_c|^2`` between the centre patches of query blocks q and
+        blocks m (what the shortlist ranks by), inf where not ``allowed``; the product on
+        ``threads`` of PyTorch's threads."""
+        mc, mc_sq = self._centres(m)
+        with torch_threads(threads):
+            cd = torch.addmm(mc_sq[None], q[:, _CENTRE], mc.T, alpha=-2.0)
+        return cd if allowed is None else cd.masked_fill(~allowed, float("inf"))
+
     def _nearest(self, q: torch.Tensor, qv: torch.Tensor, m: torch.Tensor, mv: torch.Tensor,
                  allowed: torch.Tensor | None, rank_by: torch.Tensor | None = None,
-                 per_group: bool = False, cutoff: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 per_group: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Best block of ``m`` for each query block: ((Q, G) distances, (Q,) index; inf/-1 if none).
 
         Shortlist by centre-patch distance, then the block distance per channel group. The
         best is the one with the smallest ``max_g d_g / rank_by_g`` (``rank_by`` (M, G)), or
         with ``per_group`` each group's own minimum (index: of the first group), else the
-        smallest overall distance. With ``rank_by`` and ``cutoff``, a best above the cutoff
-        may be reported as none (the compiled search stops looking past it: scoring's case)."""
+        smallest overall distance. (Scoring's search is :meth:`_search`.)"""
         nq, g = q.shape[0], len(self._groups)
         if m.shape[0] == 0 or nq == 0:
             return torch.full((nq, g), float("inf")), torch.full((nq,), -1, dtype=torch.int64)
         # the shortlist is by raw centre-patch distance (also a filter: ranking it by the
         # ratio below instead found more matches for defects too, detection 0.72 -> 0.57)
-        mc, mc_sq = self._centres(m)
-        cd = torch.addmm(mc_sq[None], q[:, _CENTRE], mc.T, alpha=-2.0)  # (Q, M) |q-m|^2 - |q|^2
-        if allowed is not None:
-            cd = cd.masked_fill(~allowed, float("inf"))
+        cd = self._centre_distances(q, m, allowed)
         s = min(self.shortlist, m.shape[0])
         cd_s, idx = _smallest(cd, s)
-        bounds = _contiguous_bounds(self._groups)
-        if rank_by is not None and cutoff is not None and bounds is not None and _compiled() is not None:
-            best = np.empty(nq, np.int64)
-            out_d = np.empty((nq, g), np.float32)
-            q_, qv_, m_, mv_, idx_, live, r, tol = (np.ascontiguousarray(t.numpy()) for t in (
-                q, qv, m, mv, idx, torch.isfinite(cd_s), rank_by.to(torch.float32), _copy_tolerance(q)))
-            _best_kernel(q_, qv_, m_, mv_, idx_, live, bounds, r, tol, float(cutoff), best, out_d)
-            best_t = torch.from_numpy(best)
-            found = best_t >= 0
-            return torch.from_numpy(out_d), torch.where(found, idx[torch.arange(nq), best_t.clamp_min(0)], -1)
         d = shortlist_block_distances(q, qv, m, mv, idx, self._groups)  # (Q, s, G)
         d = d.masked_fill(~torch.isfinite(cd_s)[..., None], float("inf"))
         rows = torch.arange(nq)
@@ -460,74 +462,116 @@ class FeedbackMemory:
         return out_d, torch.where(ok, idx[rows, best], torch.full_like(best, -1))
 
     # -- scoring ------------------------------------------------------------------------
-    def match(self, q: torch.Tensor, qv: torch.Tensor, q_pos: torch.Tensor) -> MemoryMatch:
-        """Gate factors of query blocks (Q, 9, C) / valid (Q, 9) at grid positions (Q, 2)."""
+    def _search(self, q: torch.Tensor, qv: torch.Tensor, allowed: torch.Tensor | None, cutoff: float,
+                tol: torch.Tensor, threads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Scoring's search of the accepted blocks: per query block the (G,) distances, index
+        and ratio of its best block, as :meth:`_nearest` with ``rank_by=scale`` finds it, but
+        only among ratios <= ``cutoff`` (above it: none, ratio inf). The product on
+        ``threads`` of PyTorch's threads, shortlist and search in one compiled pass on this
+        one (a second thread of our own for half the rows lost more to PyTorch's workers,
+        still spinning after the model's own work, than it gained: measured). None: not
+        compiled here."""
+        bounds = _contiguous_bounds(self._groups)
+        if bounds is None or _compiled() is None:
+            return None
+        nq, g = q.shape[0], len(self._groups)
+        if len(self) == 0 or nq == 0:
+            return (torch.full((nq, g), float("inf")), torch.full((nq,), -1, dtype=torch.int64),
+                    torch.full((nq,), float("inf")))
+        cd = self._centre_distances(q, self.blocks, allowed, threads).numpy()
+        k = min(self.shortlist, len(self))
+        idx, val = np.empty((nq, k), np.int64), np.empty((nq, k), np.float32)
+        best, key, out_d = np.empty(nq, np.int64), np.empty(nq, np.float32), np.empty((nq, g), np.float32)
+        q_, qv_, m_, mv_ = (np.ascontiguousarray(t.numpy()) for t in (q, qv, self.blocks, self.valid))
+        _search_kernel(cd, k, q_, qv_, m_, mv_, bounds, self.scale.numpy(), np.ascontiguousarray(tol.numpy()),
+                       float(cutoff), idx, val, best, key, out_d)
+        return torch.from_numpy(out_d), torch.from_numpy(best), torch.from_numpy(key)
+
+    def match(self, q: torch.Tensor, qv: torch.Tensor, q_pos: torch.Tensor, threads: int = 1) -> MemoryMatch:
+        """Gate factors of query blocks (Q, 9, C) / valid (Q, 9) at grid positions (Q, 2).
+        (After the search: numpy on a hundred values, where each tensor call cost more.)"""
         allowed = None
         if self.radius is not None:
             allowed = (q_pos[:, None, :] - self.pos[None, :, :]).abs().amax(-1) <= self.radius
-        r = self.scale
         # nothing above the ramp's top (factor 1) or the growth limits can change a distance
         cutoff = max(self.high, self.grow or 0.0, self.footprint or 0.0)
-        d_acc, i_acc = self._nearest(q, qv, self.blocks, self.valid, allowed, rank_by=r, cutoff=cutoff)
-        has = i_acc >= 0
-        r_best = r[i_acc.clamp_min(0)] if len(self) else torch.zeros_like(d_acc)
-        per = torch.where(r_best > 0, d_acc / r_best.clamp_min(1e-12),
-                          torch.where(d_acc <= _copy_tolerance(q)[:, None], 0.0, float("inf")))
-        ratio = torch.where(has, per.amax(-1), torch.full((q.shape[0],), float("inf")))
-        d_neg, _ = self._nearest(q, qv, self.neg_blocks, self.neg_valid, None)
-        acc_total, neg_total = d_acc.norm(dim=-1), d_neg.norm(dim=-1)
-        factor = ((ratio - self.low) / (self.high - self.low)).clamp(0.0, 1.0)
-        factor = torch.where(neg_total <= acc_total, torch.ones_like(factor), factor)
+        tol = _copy_tolerance(q)
+        found = self._search(q, qv, allowed, cutoff, tol, threads)
+        if found is not None:
+            d_acc, i_acc, ratio = (t.numpy() for t in found)
+        else:
+            r = self.scale
+            d_acc_t, i_acc_t = self._nearest(q, qv, self.blocks, self.valid, allowed, rank_by=r)
+            r_best = r[i_acc_t.clamp_min(0)] if len(self) else torch.zeros_like(d_acc_t)
+            per = torch.where(r_best > 0, d_acc_t / r_best.clamp_min(1e-12),
+                              torch.where(d_acc_t <= tol[:, None], 0.0, float("inf")))
+            ratio_t = torch.where(i_acc_t >= 0, per.amax(-1), torch.full((q.shape[0],), float("inf")))
+            d_acc, i_acc, ratio = d_acc_t.numpy(), i_acc_t.numpy(), ratio_t.numpy()
+        acc_total = np.sqrt(np.square(d_acc).sum(-1))
+        if self.n_defect_blocks:
+            d_neg = self._nearest(q, qv, self.neg_blocks, self.neg_valid, None)[0].numpy()
+            neg_total = np.sqrt(np.square(d_neg).sum(-1))
+        else:
+            neg_total = np.full_like(acc_total, np.inf)
+        factor = np.clip((ratio - self.low) / (self.high - self.low), 0.0, 1.0).astype(np.float32)
+        factor[neg_total <= acc_total] = 1.0
         distinct = None
         if self.distinct and len(self):
-            distinct = has & self.distinct_blocks()[i_acc.clamp_min(0)]
-            factor = torch.where(distinct, factor, torch.ones_like(factor))
-        return MemoryMatch(factor, ratio, acc_total, neg_total, i_acc, distinct)
+            distinct = (i_acc >= 0) & self.distinct_blocks().numpy()[np.maximum(i_acc, 0)]
+            factor[~distinct] = 1.0
+            distinct = torch.from_numpy(distinct)
+        return MemoryMatch(torch.from_numpy(factor), torch.from_numpy(ratio), torch.from_numpy(acc_total),
+                           torch.from_numpy(neg_total), torch.from_numpy(i_acc), distinct)
 
     def apply(self, emb: torch.Tensor, dist: torch.Tensor, pixel_threshold: float | None = None) -> torch.Tensor:
         """(B, C, h, w) embeddings, (B, h, w) model distances -> distances with the memory's
         gate applied to each image's ``candidates`` highest patches."""
         if len(self) == 0:
             return dist
+        # the product takes the threads PyTorch has (the rest: one, below)
+        threads = torch.get_num_threads()
         with one_torch_thread():  # small tensor ops: thread hand-offs cost more than they save
             floor = None if pixel_threshold is None else self.floor * pixel_threshold
-            return self._apply(emb, dist, floor)
+            return self._apply(emb, dist, floor, threads)
 
-    def _apply(self, emb: torch.Tensor, dist: torch.Tensor, floor: float | None) -> torch.Tensor:
+    def _apply(self, emb: torch.Tensor, dist: torch.Tensor, floor: float | None, threads: int = 1) -> torch.Tensor:
         b, c, h, w = emb.shape
         k = min(self.candidates, h * w)
         flat = dist.reshape(b, -1)
-        hot = None if floor is None else flat >= floor
+        flat_np = flat.numpy()
+        hot = None if floor is None else flat_np >= floor
         if hot is not None and int(hot.sum(1).max()) <= k:
             # every hot patch is a candidate (the usual case): no ranking needed
-            img, idx = torch.nonzero(hot, as_tuple=True)
-            if idx.numel() == 0:
+            img_np, idx_np = np.nonzero(hot)
+            if idx_np.size == 0:
                 return dist
         else:
             val, top = flat.topk(k, dim=1)  # (B, k)
             keep = torch.ones_like(top, dtype=torch.bool) if floor is None else val >= floor
             if not bool(keep.any()):
                 return dist
-            img = torch.arange(b)[:, None].expand_as(top)[keep]
-            idx = top[keep]
+            img_np = torch.arange(b)[:, None].expand_as(top)[keep].numpy()
+            idx_np = top[keep].numpy()
+        img, idx = torch.from_numpy(img_np), torch.from_numpy(idx_np)
         q, qv = _gather_blocks(emb.to(torch.float32), img, idx, self.step)
-        pos = torch.stack([idx // w, idx % w], 1)
-        m = self.match(q, qv, pos)
+        pos = torch.from_numpy(np.stack([idx_np // w, idx_np % w], 1))
+        m = self.match(q, qv, pos, threads)
         grows = self.grow is not None or self.footprint is not None
-        factor = self._grown(m, img, idx, (h, w)) if grows else m.factor
-        out = flat.clone()
-        out[img, idx] = flat[img, idx] * factor.to(flat.dtype)
-        return out.reshape(dist.shape)
+        factor = (self._grown(m, img, idx, (h, w)) if grows else m.factor).numpy()
+        out = flat_np.copy()
+        out[img_np, idx_np] = flat_np[img_np, idx_np] * factor.astype(flat_np.dtype)
+        return torch.from_numpy(out).reshape(dist.shape)
 
     def _grown(self, m: MemoryMatch, img: torch.Tensor, idx: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """Factors with the patches of each confident match's print set to 0. A confident
         match: ratio <= ``low``, not blocked by a defect block, and (with ``distinct``) on a
         block of the mark itself. Its print: looked-up patches of ratio <= ``grow``
         8-connected to it through such patches, and those of ratio <= ``footprint`` inside
-        the outline of the matched print (:meth:`_outline`). (numpy: a few hundred patches,
-        where each tensor call costs more than its arithmetic.)"""
+        the outline of the matched print (:meth:`_outline`). Compiled
+        (:func:`core._block_kernel.print_hits`), else numpy (a few hundred patches, where each
+        tensor call costs more than its arithmetic)."""
         h, w = grid
-        ratio, free = m.ratio.numpy(), ~m.blocked.numpy()
+        ratio, free = m.ratio.numpy(), ~(m.defect_distance.numpy() <= m.accepted_distance.numpy())
         seed = free & (ratio <= self.low)
         if m.distinct is not None:
             seed &= m.distinct.numpy()
@@ -537,20 +581,40 @@ class FeedbackMemory:
         within = free & (ratio <= self.footprint) if self.footprint is not None and m.best is not None else None
         img_np, idx_np = img.numpy(), idx.numpy()
         factor = m.factor.numpy().copy()
+        if _compiled() is not None:
+            no = np.zeros_like(seed)
+            best = np.zeros(len(seed), np.int64) if m.best is None else m.best.numpy()
+            groups = self._print_groups() if within is not None else (no.astype(np.int64),) * 4 + (
+                np.zeros((1, 2), np.int64),)
+            for i in np.unique(img_np[seed]):
+                rows = np.nonzero(img_np == i)[0]
+                hit = np.empty(len(rows), bool)
+                _print_kernel(idx_np[rows], seed[rows], near[rows], (no if within is None else within)[rows],
+                              best[rows], *groups, h, w, self.grow is not None, within is not None, hit)
+                factor[rows[hit]] = 0.0
+            return torch.from_numpy(factor)
         for i in np.unique(img_np[seed]):
             rows = img_np == i
             hit = np.zeros_like(rows)
             if self.grow is not None:
                 grid_near = np.zeros(h * w, np.uint8)
                 grid_near[idx_np[rows & near]] = 1
-                _, labels = cv2.connectedComponents(grid_near.reshape(h, w), connectivity=8)
+                n_labels, labels = cv2.connectedComponents(grid_near.reshape(h, w), connectivity=8)
                 labels = labels.reshape(-1)
-                hit |= rows & near & np.isin(labels[idx_np], labels[idx_np[rows & seed]])
+                seeded = np.zeros(n_labels, bool)  # the components holding a seed
+                seeded[labels[idx_np[rows & seed]]] = True
+                hit |= rows & near & seeded[labels[idx_np]]
             if within is not None:
                 outline = self._outline(idx_np[rows & seed], m.best.numpy()[rows & seed], grid)
                 hit |= rows & within & outline[idx_np]
             factor[hit] = 0.0
         return torch.from_numpy(factor)
+
+    def _print_groups(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The accepted blocks grouped by print (:meth:`_prints`), kept until blocks change."""
+        if self._members is None or self._members[0].shape[0] != len(self):
+            self._members = self._prints()
+        return self._members
 
     def _outline(self, at: np.ndarray, best: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
         """(h * w,) bool: where the prints lie whose patches ``at`` (flat indices) matched the
@@ -561,9 +625,7 @@ class FeedbackMemory:
         patches, and one match must not outline them all. In numpy: a handful of seeds per
         image, where tensor calls would cost more than the arithmetic."""
         h, w = grid
-        if self._members is None or self._members[0].shape[0] != len(self):
-            self._members = self._prints()
-        order, first, counts, print_of, pos = self._members
+        order, first, counts, print_of, pos = self._print_groups()
         shift = np.stack([at // w, at % w], 1) - pos[best]
         # the distinct (print, dy, dx) moves, through one integer key (a row-wise unique is slow)
         key = (print_of[best] * (2 * h) + shift[:, 0] + h) * (2 * w) + shift[:, 1] + w
@@ -602,7 +664,8 @@ def _copy_tolerance(q: torch.Tensor) -> torch.Tensor:
     """(Q,) distance under which a block counts as a copy of an accepted one when no scale is
     known (one click): 0.1 % of its centre patch's norm, so re-embedding the same image (other
     batch size, float rounding) still matches."""
-    return 1e-3 * q[:, _CENTRE].norm(dim=1)
+    c = q[:, _CENTRE].numpy()
+    return torch.from_numpy(1e-3 * np.sqrt(np.square(c).sum(1)))
 
 
 def _gather_blocks(emb: torch.Tensor, img: torch.Tensor, idx: torch.Tensor, step: int = 1,
@@ -618,6 +681,12 @@ def _gather_blocks(emb: torch.Tensor, img: torch.Tensor, idx: torch.Tensor, step
     rr, cc = rr.clip(0, h - 1), cc.clip(0, w - 1)
     if valid_map is not None:
         valid &= valid_map.to(torch.bool).numpy()[rr, cc]
-    feats = emb.detach().numpy()[img_np[:, None], :, rr, cc]  # (K, 9, C): the indexed axes come first
+    # channels last first (of the images looked up only): each cell's C values are then one
+    # contiguous read, where gathering across the channel stride cost more than the copy
+    emb_np = emb.detach().numpy()
+    if b > 1:
+        used, img_np = np.unique(img_np, return_inverse=True)
+        emb_np = emb_np[used]
+    feats = np.ascontiguousarray(emb_np.transpose(0, 2, 3, 1))[img_np[:, None], rr, cc]  # (K, 9, C)
     feats[~valid] = 0.0
     return torch.from_numpy(feats), torch.from_numpy(valid)

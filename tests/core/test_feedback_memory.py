@@ -367,6 +367,53 @@ def test_an_outline_covers_the_matched_print_not_every_patch_of_its_click():
     assert factor[(15, 15)] == pytest.approx(0.25 / 0.3)
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_compiled_growth_and_outlines_lower_exactly_the_patches_the_numpy_version_lowers(seed, monkeypatch):
+    """Growth and outlines run compiled (one pass per image); without numba the numpy version
+    (connected components, moved prints, a dilation) runs instead. Both lower the same
+    patches, on random prints, matches and batches of two images."""
+    import core.feedback_memory as fm
+    from core.feedback_memory import MemoryMatch
+
+    assert fm._compiled() is not None
+    rng = np.random.default_rng(seed)
+    cells = sorted({(int(r), int(c)) for r, c in rng.integers(0, 16, (30, 2))})  # scattered: several prints
+    mem = _one_click_memory(cells, low=1.0, high=1.3, grow=1.2, footprint=1.3)
+    n = 120
+    img = torch.from_numpy(rng.integers(0, 2, n))
+    idx = torch.from_numpy(np.concatenate([rng.choice(256, n // 2, replace=False)] * 2))
+    ratio = torch.from_numpy(rng.uniform(0.7, 1.5, n).astype(np.float32))
+    neg = torch.from_numpy(np.where(rng.random(n) < 0.1, 0.5, np.inf).astype(np.float32))
+    m = MemoryMatch(((ratio - 1.0) / 0.3).clamp(0, 1), ratio, torch.ones(n), neg,
+                    torch.from_numpy(rng.integers(0, len(cells), n)), torch.from_numpy(rng.random(n) < 0.8))
+    compiled = mem._grown(m, img, idx, (16, 16))
+    monkeypatch.setattr(fm, "_compiled", lambda: None)
+    reference = mem._grown(m, img, idx, (16, 16))
+    assert int((reference == 0).sum()) > int((m.factor == 0).sum())  # growth and outlines did lower some
+    torch.testing.assert_close(compiled, reference)
+
+
+def test_the_shortlist_selection_on_a_long_row_skips_chunks_without_changing_the_result():
+    """On a memory's long rows the selection first ranks chunks of 16 columns by their minimum
+    and reads only those that can hold one of the k smallest: the same values and columns,
+    ties still to the lower column, NaN and inf still last."""
+    from core.feedback_memory import _compiled, _smallest
+
+    assert _compiled() is not None
+    rng = np.random.default_rng(4)
+    d = rng.integers(0, 60, (30, 2004)).astype(np.float32)  # many ties
+    d[rng.random(d.shape) < 0.05] = np.nan
+    d[rng.random(d.shape) < 0.05] = np.inf
+    d[3, :1990] = np.inf  # fewer finite values than chunks ranked: the whole row is read
+    d[4] = np.nan
+    for k in (1, 16, 40):
+        val, idx = _smallest(torch.from_numpy(d), k)
+        as_inf = np.where(np.isnan(d), np.inf, d)
+        order = np.lexsort((np.broadcast_to(np.arange(d.shape[1]), d.shape), as_inf))[:, :k]  # value, then column
+        assert np.array_equal(idx.numpy(), order)
+        assert np.array_equal(val.numpy(), np.take_along_axis(as_inf, order, 1))
+
+
 def test_only_blocks_of_the_mark_itself_start_a_match():
     """A block whose prints are no nearer to each other than to ordinary OK patches (the
     margin a click also covers, loo >= ok_dist) neither lowers a patch on its own nor starts
