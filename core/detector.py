@@ -336,8 +336,10 @@ class Detector:
         # patches well under the decision level cannot make a part NG: not looked up
         th = self.thresholds
         level = None if th is None else (min(th.pixel, th.image) if self.post.pooling == "topk" else th.pixel)
+        # the look-up's product on PyTorch's threads only where its CNN keeps them busy anyway
+        threads = torch.get_num_threads() if self._runtime is None else 1
         with torch.inference_mode():
-            return self.memory.apply(emb, model_distances, level)
+            return self.memory.apply(emb, model_distances, level, threads)
 
     def maps_and_scores(self, emb: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """(B, C, h, w) -> ((B, S, S) float32 maps, (B,) float64 image scores)."""

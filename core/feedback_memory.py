@@ -523,13 +523,15 @@ class FeedbackMemory:
         return MemoryMatch(torch.from_numpy(factor), torch.from_numpy(ratio), torch.from_numpy(acc_total),
                            torch.from_numpy(neg_total), torch.from_numpy(i_acc), distinct)
 
-    def apply(self, emb: torch.Tensor, dist: torch.Tensor, pixel_threshold: float | None = None) -> torch.Tensor:
+    def apply(self, emb: torch.Tensor, dist: torch.Tensor, pixel_threshold: float | None = None,
+              threads: int = 1) -> torch.Tensor:
         """(B, C, h, w) embeddings, (B, h, w) model distances -> distances with the memory's
-        gate applied to each image's ``candidates`` highest patches."""
+        gate applied to each image's ``candidates`` highest patches. ``threads``: PyTorch
+        threads for the centre-patch product (everything else runs on this one). More than
+        one only where PyTorch's thread pool is busy anyway (its CNN ran): waking it for this
+        product alone leaves its threads spinning on the cores the next image needs."""
         if len(self) == 0:
             return dist
-        # the product takes the threads PyTorch has (the rest: one, below)
-        threads = torch.get_num_threads()
         with one_torch_thread():  # small tensor ops: thread hand-offs cost more than they save
             floor = None if pixel_threshold is None else self.floor * pixel_threshold
             return self._apply(emb, dist, floor, threads)

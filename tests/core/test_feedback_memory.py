@@ -671,3 +671,23 @@ def test_each_stage_learns_its_radius_from_its_own_nearest_other_click():
     click((1.0, 9.0), (9.0, 1.0))  # blocks 1 and 2: each near block 0 in one stage only
     # block 0: stage 0's nearest is block 1, stage 1's is block 2
     torch.testing.assert_close(mem.loo, torch.tensor([[1.0, 1.0], [1.0, 9.0], [9.0, 1.0]]))
+
+
+def test_the_look_up_product_uses_pytorchs_threads_only_where_its_cnn_keeps_them_busy(detector, monkeypatch):
+    """With the PyTorch runtime the CNN's thread pool is awake anyway, so the memory's
+    centre-patch product may use it; with ONNX Runtime or OpenVINO it runs on the calling
+    thread (waking PyTorch's pool leaves its threads spinning on the cores the next image
+    needs). Either way the scores are the same."""
+    rng = np.random.default_rng(5)
+    learner = FeedbackLearner(detector)
+    e = _with(_background(rng, 1), _pattern(rng), 4, 4, rng)
+    learner.mark_false_alarm(e, _region(4, 4))
+    det = learner.detector
+    seen = []
+    apply = det.memory.apply
+    monkeypatch.setattr(det.memory, "apply", lambda *a: seen.append(a[-1]) or apply(*a))
+    torch_scores = det.distances(e)
+    det._runtime = object()  # another runtime embeds
+    other_scores = det.distances(e)
+    assert seen == [torch.get_num_threads(), 1]
+    assert torch.equal(torch_scores, other_scores)
