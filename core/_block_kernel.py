@@ -1,6 +1,6 @@
 """The compiled loops of the feedback memory (core.feedback_memory): block distances on a
 shortlist, the k-smallest selection, scoring's search (selection and best match in one
-pass) and the growth and outlines of matched prints (imports numba)."""
+call) and the growth and outlines of matched prints (imports numba)."""
 from __future__ import annotations
 
 import math
@@ -143,7 +143,7 @@ def _search_rows(cd, k, q, qv, m, mv, bounds, r, tol, cutoff, idx, val, best, ke
     n_g = bounds.shape[0] - 1
     acc = np.empty(n_g, np.float32)
     lim = np.empty(n_g, np.float64)
-    mins, kept = np.empty(cd.shape[1] // _CHUNK, np.float32), np.empty(k, np.float32)
+    mins, kept = np.empty(cd.shape[1] // _CHUNK, cd.dtype), np.empty(k, cd.dtype)
     for i in range(cd.shape[0]):
         _smallest_row(cd, i, k, idx, val, mins, kept)
     for i in range(cd.shape[0]):
@@ -248,7 +248,7 @@ def _smallest_k(d, k, idx, val):  # pragma: no cover - runs compiled
     +inf; ties in column order) -> idx, val (Q, k); needs 0 < k <= M. Insertion into a
     sorted run of k, of the values that can be among them (:func:`_smallest_row`): a general
     top-k sorts or partitions the whole row."""
-    mins, kept = np.empty(d.shape[1] // _CHUNK, np.float32), np.empty(k, np.float32)
+    mins, kept = np.empty(d.shape[1] // _CHUNK, d.dtype), np.empty(k, d.dtype)  # t exactly as in d
     for i in range(d.shape[0]):
         _smallest_row(d, i, k, idx, val, mins, kept)
 

@@ -336,7 +336,8 @@ class Detector:
         # patches well under the decision level cannot make a part NG: not looked up
         th = self.thresholds
         level = None if th is None else (min(th.pixel, th.image) if self.post.pooling == "topk" else th.pixel)
-        # the look-up's product on PyTorch's threads only where its CNN keeps them busy anyway
+        # with the PyTorch runtime its CNN keeps PyTorch's threads awake, so the look-up's product
+        # may use them; with another runtime that would wake them only to spin: one thread
         threads = torch.get_num_threads() if self._runtime is None else 1
         with torch.inference_mode():
             return self.memory.apply(emb, model_distances, level, threads)

@@ -138,9 +138,10 @@ def _compiled():
 
 
 def _smallest(d: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k smallest values of each row of d (Q, M) and their columns, ascending, NaN last
+    """The k smallest values of each row of d (Q, M) and their columns, ascending
     (a compiled selection: a general top-k costs ~6 us per row of 2,000 and scoring has a
-    hundred rows). Ties go to the lower column (torch's top-k leaves their order open)."""
+    hundred rows). Ties go to the lower column (torch's top-k leaves their order open); a NaN
+    counts as +inf (after every finite value, tied with inf by column)."""
     if _compiled() is None or d.dtype != torch.float32 or d.shape[0] == 0 or not 0 < k <= d.shape[1]:
         return d.topk(k, dim=1, largest=False)
     idx, val = np.empty((d.shape[0], k), np.int64), np.empty((d.shape[0], k), np.float32)
@@ -467,7 +468,7 @@ class FeedbackMemory:
         """Scoring's search of the accepted blocks: per query block the (G,) distances, index
         and ratio of its best block, as :meth:`_nearest` with ``rank_by=scale`` finds it, but
         only among ratios <= ``cutoff`` (above it: none, ratio inf). The product on
-        ``threads`` of PyTorch's threads, shortlist and search in one compiled pass on this
+        ``threads`` of PyTorch's threads, shortlist and search in one compiled call on this
         one (a second thread of our own for half the rows lost more to PyTorch's workers,
         still spinning after the model's own work, than it gained: measured). None: not
         compiled here."""

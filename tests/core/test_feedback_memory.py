@@ -367,21 +367,23 @@ def test_an_outline_covers_the_matched_print_not_every_patch_of_its_click():
     assert factor[(15, 15)] == pytest.approx(0.25 / 0.3)
 
 
+@pytest.mark.parametrize("footprint", [1.3, None])
 @pytest.mark.parametrize("seed", range(6))
-def test_compiled_growth_and_outlines_lower_exactly_the_patches_the_numpy_version_lowers(seed, monkeypatch):
+def test_compiled_growth_and_outlines_lower_exactly_the_patches_the_numpy_version_lowers(seed, footprint,
+                                                                                        monkeypatch):
     """Growth and outlines run compiled (one pass per image); without numba the numpy version
     (connected components, moved prints, a dilation) runs instead. Both lower the same
-    patches, on random prints, matches and batches of two images."""
+    patches, on random prints, matches and batches of two images, with outlines and without."""
     import core.feedback_memory as fm
     from core.feedback_memory import MemoryMatch
 
     assert fm._compiled() is not None
     rng = np.random.default_rng(seed)
     cells = sorted({(int(r), int(c)) for r, c in rng.integers(0, 16, (30, 2))})  # scattered: several prints
-    mem = _one_click_memory(cells, low=1.0, high=1.3, grow=1.2, footprint=1.3)
+    mem = _one_click_memory(cells, low=1.0, high=1.3, grow=1.2, footprint=footprint)
     n = 120
-    img = torch.from_numpy(rng.integers(0, 2, n))
-    idx = torch.from_numpy(np.concatenate([rng.choice(256, n // 2, replace=False)] * 2))
+    img = torch.from_numpy(np.repeat([0, 1], n // 2))  # each image's patches looked up once, as _apply does
+    idx = torch.from_numpy(np.concatenate([rng.choice(256, n // 2, replace=False) for _ in range(2)]))
     ratio = torch.from_numpy(rng.uniform(0.7, 1.5, n).astype(np.float32))
     neg = torch.from_numpy(np.where(rng.random(n) < 0.1, 0.5, np.inf).astype(np.float32))
     m = MemoryMatch(((ratio - 1.0) / 0.3).clamp(0, 1), ratio, torch.ones(n), neg,
@@ -516,7 +518,7 @@ def test_the_compiled_shortlist_selection_picks_the_k_smallest_in_order():
         assert all(len(set(r[f].tolist())) == int(f.sum()) for r, f in zip(idx, finite))  # no column twice
     row = torch.tensor([[5.0, float("nan"), 1.0, 0.0]])
     assert _smallest(row, 2)[0].tolist() == [[0.0, 1.0]]
-    assert _smallest(row, 4)[1][0, :3].tolist() == [3, 2, 0]  # NaN last
+    assert _smallest(row, 4)[1][0, :3].tolist() == [3, 2, 0]  # NaN as +inf: after every finite value
     with pytest.raises(RuntimeError):  # more than the row holds: refused as a top-k refuses it
         _smallest(row, 5)
 
