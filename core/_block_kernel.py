@@ -143,9 +143,7 @@ def _search_rows(cd, k, q, qv, m, mv, bounds, r, tol, cutoff, idx, val, best, ke
     n_g = bounds.shape[0] - 1
     acc = np.empty(n_g, np.float32)
     lim = np.empty(n_g, np.float64)
-    mins, kept = np.empty(cd.shape[1] // _CHUNK, cd.dtype), np.empty(k, cd.dtype)
-    for i in range(cd.shape[0]):
-        _smallest_row(cd, i, k, idx, val, mins, kept)
+    smallest_k(cd, k, idx, val)
     for i in range(cd.shape[0]):
         s, kb = _best_row(q, qv, m, mv, i, idx, val, bounds, r, tol, cutoff, out_d, acc, lim)
         best[i] = idx[i, s] if s >= 0 else -1
@@ -194,8 +192,9 @@ def _chunk_min(part):  # pragma: no cover - runs compiled
 
 
 @_jit
-def _smallest_row(d, i, k, idx, val, mins, kept):  # pragma: no cover - runs compiled
-    """Row i of :func:`_smallest_k`; ``mins`` (M // _CHUNK,), ``kept`` (k,): scratch.
+def _smallest_row(d, i, k, idx, val, mins, kept, kept_at):  # pragma: no cover - runs compiled
+    """Row i of :func:`_smallest_k`; ``mins`` (M // _CHUNK,), ``kept`` and ``kept_at`` (1, k):
+    scratch.
 
     The row's chunks of _CHUNK columns are ranked by their minimum first: at least k values
     are <= t, the k-th smallest chunk minimum, so only values <= t can be among the k
@@ -208,17 +207,13 @@ def _smallest_row(d, i, k, idx, val, mins, kept):  # pragma: no cover - runs com
         _scan_row(d, i, k, idx, val)
         return
     row = d[i]
-    kept[:] = np.inf  # the k smallest chunk minima, ascending
+    kept[0, :] = np.inf  # the k smallest chunk minima, ascending (and their chunks)
     for c in range(n_chunks):
         x = _chunk_min(row[c * _CHUNK:(c + 1) * _CHUNK])
         mins[c] = x
-        if x < kept[k - 1]:
-            p = k - 1
-            while p > 0 and x < kept[p - 1]:
-                kept[p] = kept[p - 1]
-                p -= 1
-            kept[p] = x
-    t = kept[k - 1]
+        if x < kept[0, k - 1]:
+            _insert_sorted(kept, kept_at, 0, k - 1, x, c)
+    t = kept[0, k - 1]
     if not t < np.inf:  # fewer than k chunks with a finite value: NaN and inf need the plain pass
         _scan_row(d, i, k, idx, val)
         return
@@ -248,9 +243,10 @@ def _smallest_k(d, k, idx, val):  # pragma: no cover - runs compiled
     +inf; ties in column order) -> idx, val (Q, k); needs 0 < k <= M. Insertion into a
     sorted run of k, of the values that can be among them (:func:`_smallest_row`): a general
     top-k sorts or partitions the whole row."""
-    mins, kept = np.empty(d.shape[1] // _CHUNK, d.dtype), np.empty(k, d.dtype)  # t exactly as in d
+    mins, kept = np.empty(d.shape[1] // _CHUNK, d.dtype), np.empty((1, k), d.dtype)  # t exactly as in d
+    kept_at = np.empty((1, k), np.int64)
     for i in range(d.shape[0]):
-        _smallest_row(d, i, k, idx, val, mins, kept)
+        _smallest_row(d, i, k, idx, val, mins, kept, kept_at)
 
 
 @_jit

@@ -574,7 +574,7 @@ class FeedbackMemory:
         (:func:`core._block_kernel.print_hits`), else numpy (a few hundred patches, where each
         tensor call costs more than its arithmetic)."""
         h, w = grid
-        ratio, free = m.ratio.numpy(), ~(m.defect_distance.numpy() <= m.accepted_distance.numpy())
+        ratio, free = m.ratio.numpy(), ~m.blocked.numpy()
         seed = free & (ratio <= self.low)
         if m.distinct is not None:
             seed &= m.distinct.numpy()
