@@ -137,11 +137,15 @@ class FeatureCache:
 
 
 # -- the cases -----------------------------------------------------------------------------
+#: model parameters for every fit (``--param key=value``, as ``okng fit`` takes them)
+MODEL_PARAMS: dict = {}
+
+
 def _fit(paths: list[str], far: float, model: str, extractor=None):
     from core import CancelToken, fit_job, run_job
     from core.detector import DetectorConfig
 
-    cfg = DetectorConfig(model=model, false_alarm_rate=far)
+    cfg = DetectorConfig(model=model, false_alarm_rate=far, model_params=dict(MODEL_PARAMS))
     return run_job(fit_job(paths, cfg, CancelToken(), extractor=extractor)).detector
 
 
@@ -338,11 +342,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mark", default="ring,text", help=f"comma separated, of {', '.join(MARKS)}")
     ap.add_argument("--model", default="padim")
     ap.add_argument("--clicks", default="5,10,20")
+    ap.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                    help="model parameter for the fits, e.g. neighbourhood=3 (numbers as JSON)")
     ap.add_argument("--pool", type=int, default=180, help="marked good cells to click on")
     ap.add_argument("--reweight", action="store_true")
     ap.add_argument("--json", metavar="FILE")
     ap.add_argument("--timing", action="store_true", help="time scoring with a 2,000-patch memory and clicks")
     args = ap.parse_args(argv)
+    for item in args.param:
+        key, _, value = item.partition("=")
+        MODEL_PARAMS[key] = json.loads(value)
     torch.set_num_threads(2)
     ROOT.mkdir(parents=True, exist_ok=True)
     cache = FeatureCache(ROOT / "features.pt")

@@ -140,6 +140,11 @@ def row_padim(data: Data) -> Row:
     return bench(data, "padim", data.base.with_(model="padim", n_channels=100))
 
 
+def row_padim_neighbourhood(data: Data) -> Row:
+    return bench(data, "padim neighbourhood=3", data.base.with_(model="padim", n_channels=100,
+                                                                model_params={"neighbourhood": 3}))
+
+
 def row_patchcore(data: Data) -> Row:
     return bench(data, "patchcore", data.base.with_(model="patchcore", n_channels=100))
 
@@ -179,7 +184,7 @@ def row_kdad(data: Data) -> Row:
 
 
 ROWS: list[Callable[[Data], Row]] = [
-    row_padim, row_patchcore, row_patchcore_reweighted, row_kmeans, row_lowrank, row_fusion,
+    row_padim, row_padim_neighbourhood, row_patchcore, row_patchcore_reweighted, row_kmeans, row_lowrank, row_fusion,
     row_riad, row_favae, row_kdad,
 ]
 

@@ -11,6 +11,7 @@ from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 
 
 class NormalityModel(ABC):
@@ -122,3 +123,12 @@ def patches_first(emb: torch.Tensor) -> torch.Tensor:
     """(B, C, h, w) -> (h*w, B, C), the layout batched per-patch algebra wants."""
     b, c, h, w = emb.shape
     return emb.permute(2, 3, 0, 1).reshape(h * w, b, c)
+
+
+def local_features(emb: torch.Tensor, size: int = 3) -> torch.Tensor:
+    """(B, C, h, w) -> (B, C, h, w): mean over each patch's size x size neighbourhood
+    (border patches average only the neighbours that exist). PatchCore's locally aware
+    features; PaDiM's ``neighbourhood`` too."""
+    if size <= 1:
+        return emb
+    return F.avg_pool2d(emb, size, stride=1, padding=size // 2, count_include_pad=False)

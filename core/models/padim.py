@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .base import NormalityModel, patches_first
+from .base import NormalityModel, local_features, patches_first
 from .gaussian import GaussianStats, precision_from_covariance
 from .mahalanobis import mahalanobis, pack_symmetric, packed_size, padim_distances
 
@@ -27,13 +27,19 @@ class PadimModel(NormalityModel):
     exact_incremental = True
     uses_mahalanobis = True
     #: accepted ranges (lo, hi, whole number), checked by DetectorConfig
-    param_ranges = {"epsilon": (1e-8, 1e4, False)}
+    param_ranges = {"epsilon": (1e-8, 1e4, False), "neighbourhood": (1, 15, True)}
 
-    def __init__(self, grid: tuple[int, int], n_channels: int, epsilon: float = 0.01) -> None:
+    def __init__(self, grid: tuple[int, int], n_channels: int, epsilon: float = 0.01,
+                 neighbourhood: int = 1) -> None:
         super().__init__(grid, n_channels)
         if not epsilon > 0:
             raise ValueError(f"epsilon must be > 0, got {epsilon}")
+        if int(neighbourhood) < 1 or int(neighbourhood) % 2 == 0:
+            raise ValueError(f"neighbourhood must be an odd number >= 1, got {neighbourhood}")
         self.epsilon = float(epsilon)
+        #: each patch's features averaged over its n x n neighbourhood before the Gaussian
+        #: (1: the paper's PaDiM); see :meth:`features`
+        self.neighbourhood = int(neighbourhood)
         self.stats = GaussianStats.empty(self.n_patches, n_channels)
         self._mean: torch.Tensor | None = None
         #: (P, C (C + 1) / 2) float32, see :func:`.mahalanobis.pack_symmetric`
@@ -42,7 +48,21 @@ class PadimModel(NormalityModel):
         self._dirty: torch.Tensor | None = None
 
     def params(self) -> dict[str, Any]:
-        return {"epsilon": self.epsilon}
+        return {"epsilon": self.epsilon, "neighbourhood": self.neighbourhood}
+
+    def features(self, emb: torch.Tensor) -> torch.Tensor:
+        """What the Gaussians describe: the embedding, each patch averaged over its
+        ``neighbourhood`` (PatchCore's locally aware features). On good parts that vary
+        (poly-crystalline cells) one Gaussian per position then describes the part's
+        structure rather than grain-scale texture: image AUROC 0.901 -> 0.916 with 200 OK
+        cells, 0.917 -> 0.932 with 600 (mono cells 0.945 -> 0.950; README, "Which model")."""
+        if self.neighbourhood <= 1:
+            return emb
+        return local_features(emb.to(torch.float32), self.neighbourhood)
+
+    def weighted(self, emb: torch.Tensor) -> torch.Tensor:
+        """Channel weights applied to :meth:`features` (weights and the mean commute)."""
+        return super().weighted(self.features(emb))
 
     @property
     def n_samples(self) -> int:
@@ -50,7 +70,7 @@ class PadimModel(NormalityModel):
 
     def partial_fit(self, emb: torch.Tensor, patch_mask: torch.Tensor | None = None) -> None:
         weight = None if patch_mask is None else patches_first(patch_mask[:, None].float())[..., 0]
-        self.stats.update(patches_first(emb), weight)
+        self.stats.update(patches_first(self.features(emb)), weight)
         if self._precision is not None and weight is not None:
             touched = weight.sum(1) > 0
             self._dirty = touched if self._dirty is None else self._dirty | touched
@@ -80,7 +100,7 @@ class PadimModel(NormalityModel):
         self._dirty = torch.zeros(self.n_patches, dtype=torch.bool)
 
     def copy(self) -> PadimModel:
-        clone = PadimModel(self.grid, self.n_channels, self.epsilon)
+        clone = PadimModel(self.grid, self.n_channels, self.epsilon, self.neighbourhood)
         clone.stats = self.stats.copy()
         clone._mean = None if self._mean is None else self._mean.clone()
         clone._precision = None if self._precision is None else self._precision.clone()
@@ -93,6 +113,7 @@ class PadimModel(NormalityModel):
             self.finalize()
         assert self._precision is not None and self._mean is not None
         w = self.channel_weights
+        emb = self.features(emb)
         if emb.dtype == torch.float32 and emb.device.type == "cpu" and not emb.requires_grad:
             d = padim_distances(emb.numpy(), self._mean.numpy(), self._precision.numpy(),
                                 None if w is None else w.numpy())

@@ -27,20 +27,11 @@ from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from .base import NormalityModel
+from .base import NormalityModel, local_features
 
 #: rows of the bank / queries handled per matrix product (bounds temporary memory)
 _CHUNK = 8192
-
-
-def local_features(emb: torch.Tensor, size: int = 3) -> torch.Tensor:
-    """(B, C, h, w) -> (B, C, h, w): mean over each patch's size x size neighbourhood
-    (border patches average only the neighbours that exist)."""
-    if size <= 1:
-        return emb
-    return F.avg_pool2d(emb, size, stride=1, padding=size // 2, count_include_pad=False)
 
 
 def _rows(emb: torch.Tensor) -> torch.Tensor:

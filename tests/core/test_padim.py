@@ -1,5 +1,6 @@
 """PaDiM against a brute-force per-patch numpy reference; incremental update equals refit."""
 import numpy as np
+import pytest
 import torch
 
 from core.models.padim import PadimModel
@@ -86,3 +87,74 @@ def test_masked_update_refreshes_only_touched_patches_and_equals_a_full_finalize
     probe = torch.from_numpy(rng.normal(0, 1, (2, 5, 3, 3)).astype(np.float32))
     torch.testing.assert_close(model.score(probe), fresh.score(probe))
     assert model.stats.count.view(3, 3)[1, 2] == 21 and model.stats.count.view(3, 3)[0, 0] == 20
+
+
+def neighbourhood_mean(x: np.ndarray, n: int) -> np.ndarray:
+    """(N, C, h, w) -> each patch replaced by the mean of the patches within n // 2 rows and
+    columns of it (only those that exist), by loops."""
+    r = n // 2
+    out = np.zeros_like(x)
+    h, w = x.shape[2:]
+    for i in range(h):
+        for j in range(w):
+            out[:, :, i, j] = x[:, :, max(i - r, 0):i + r + 1, max(j - r, 0):j + r + 1].mean((2, 3))
+    return out
+
+
+def test_with_a_neighbourhood_the_gaussians_describe_each_patch_averaged_with_its_neighbours():
+    rng = np.random.default_rng(5)
+    train = rng.normal(0, 1, (40, 5, 4, 5)).astype(np.float32)
+    test = rng.normal(0, 1.5, (3, 5, 4, 5)).astype(np.float32)
+    model = PadimModel((4, 5), 5, epsilon=0.01, neighbourhood=3)
+    model.partial_fit(torch.from_numpy(train))
+    model.finalize()
+    want = brute_force_padim(neighbourhood_mean(train, 3).astype(np.float64), neighbourhood_mean(test, 3), 0.01)
+    np.testing.assert_allclose(model.score(torch.from_numpy(test)).numpy(), want, rtol=2e-4)
+    assert model.params() == {"epsilon": 0.01, "neighbourhood": 3}
+
+
+def test_a_single_odd_patch_heats_its_neighbours_only_with_a_neighbourhood():
+    rng = np.random.default_rng(6)
+    train = torch.from_numpy(rng.normal(0, 1, (60, 4, 5, 5)).astype(np.float32))
+    probe = torch.zeros(1, 4, 5, 5)
+    probe[0, :, 2, 2] = 8.0
+    plain, pooled = PadimModel((5, 5), 4), PadimModel((5, 5), 4, neighbourhood=3)
+    for m in (plain, pooled):
+        m.partial_fit(train)
+    d_plain, d_pooled = plain.score(probe)[0], pooled.score(probe)[0]
+    ring = torch.ones(5, 5, dtype=torch.bool)
+    ring[1:4, 1:4] = False  # beyond the odd patch's 3 x 3 neighbourhood
+    assert d_plain[2, 2] > 3 * d_plain[1, 1] and d_pooled[1, 1] > 3 * d_plain[1, 1]
+    torch.testing.assert_close(d_pooled[ring], pooled.score(torch.zeros(1, 4, 5, 5))[0][ring])
+
+
+def test_masked_update_and_channel_weights_work_on_the_averaged_features():
+    rng = np.random.default_rng(7)
+    first, later = (torch.from_numpy(rng.normal(0, 1, (n, 3, 3, 3)).astype(np.float32)) for n in (15, 4))
+    mask = torch.zeros(4, 3, 3, dtype=torch.bool)
+    mask[:, 0, 0] = True
+    probe = torch.from_numpy(rng.normal(0, 1, (2, 3, 3, 3)).astype(np.float32))
+    inc = PadimModel((3, 3), 3, neighbourhood=3)
+    inc.partial_fit(first)
+    inc.finalize()
+    inc.partial_fit(later, mask)
+    inc.finalize()
+    full = PadimModel((3, 3), 3, neighbourhood=3)
+    full.partial_fit(first)
+    full.partial_fit(later, mask)
+    full.finalize()
+    torch.testing.assert_close(inc.score(probe), full.score(probe), rtol=1e-5, atol=1e-5)
+    # weights act per channel on what the Gaussians describe
+    w = torch.tensor([1.0, 0.0, 1.0])
+    inc.set_channel_weights(w)
+    torch.testing.assert_close(inc.weighted(probe), inc.features(probe) * w.view(1, -1, 1, 1))
+
+
+def test_an_even_or_zero_neighbourhood_is_refused():
+    from core.detector import DetectorConfig
+
+    for n in (0, 2):
+        with pytest.raises(ValueError, match="neighbourhood"):
+            PadimModel((2, 2), 3, neighbourhood=n)
+    with pytest.raises(ValueError, match="neighbourhood must be odd"):
+        DetectorConfig(model="padim", model_params={"neighbourhood": 4})

@@ -121,3 +121,16 @@ def test_the_finiteness_check_finds_nan_and_both_infinities_anywhere(dtype, bad)
         t = torch.randn(3, 4).to(dtype)
         t[where] = bad
         assert not all_finite(t.numpy())
+
+
+def test_padim_neighbourhood_round_trips_and_older_files_load_as_the_papers_padim(tiny_config, part_images, tmp_path):
+    ok, _ = part_images
+    det = run_job(fit_job(ok, tiny_config.with_(model_params={"neighbourhood": 3}), CancelToken())).detector
+    path = save_detector(det, tmp_path / "m.okng")
+    back = load_detector(path)
+    assert back.model.neighbourhood == 3 and back.config == det.config
+    emb = det.embed([np.full((70, 50, 3), 30, np.uint8)])
+    torch.testing.assert_close(back.model.score(emb), det.model.score(emb), rtol=0, atol=0)
+    # a file written before the parameter existed: its statistics are of plain patches
+    _rewrite(path, lambda m: (m["model"]["params"].pop("neighbourhood"), m["config"].update(model_params={})))
+    assert load_detector(path).model.neighbourhood == 1

@@ -1,0 +1,88 @@
+"""Accuracy on varied good parts: PaDiM on poly-crystalline cells the settings were not
+chosen on (run on purpose; not a test; README, "Which model").
+
+    .venv/bin/python benchmarks/bench_varied.py [--splits 0 1]
+
+For each split ``demo_split(kind="poly", seed=S)``: the fit takes its 200 OK training cells
+(or those plus the first 400 of its evaluation OK cells: "600 OK"); the held-out cells are
+the evaluation cells no setting was chosen on (seed 0: the 150 OK + 150 defective that
+``bench_models.py`` reports are skipped, leaving 130 OK + 232 defective; seed 1: 280 OK + 382
+defective). Every image is embedded once with all channels; each row slices its channel
+subset from that and goes through the station's own Detector (fit, finalize, thresholds'
+post-processing: blur, pooling). Prints one AUROC per row and split.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from core.demo import demo_split  # noqa: E402
+from core.detector import Detector, DetectorConfig  # noqa: E402
+from core.imageio import load_image  # noqa: E402
+from core.metrics import auroc  # noqa: E402
+
+#: (label, OK cells fitted, config changes)
+ROWS = [
+    ("padim, max", 200, {}),
+    ("padim, max", 600, {}),
+    ("padim, top-k 1000", 200, {"pooling": "topk", "topk": 1000}),
+    ("padim, top-k 1000", 600, {"pooling": "topk", "topk": 1000}),
+    ("padim neighbourhood=3, max", 200, {"model_params": {"neighbourhood": 3}}),
+    ("padim neighbourhood=3, max", 600, {"model_params": {"neighbourhood": 3}}),
+    ("padim neighbourhood=3, top-k 1000", 200, {"model_params": {"neighbourhood": 3}, "pooling": "topk", "topk": 1000}),
+    ("padim neighbourhood=3, top-k 1000", 600, {"model_params": {"neighbourhood": 3}, "pooling": "topk", "topk": 1000}),
+]
+
+
+def held_out(seed: int) -> tuple[list[str], list[str], list[str], np.ndarray]:
+    """(the 200 training OK, 400 more OK for "600", held-out paths, labels 1 = NG)."""
+    split = demo_split(kind="poly", seed=seed)
+    skip = 150 if seed == 0 else 0  # seed 0's first 150 + 150 are bench_models.py's cells
+    extra = split.eval_ok[skip : skip + 400]
+    ok, ng = split.eval_ok[skip + 400 :], split.eval_ng[skip:]
+    return split.ok_train, extra, ok + ng, np.array([0] * len(ok) + [1] * len(ng))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--splits", type=int, nargs="*", default=[0, 1])
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    full = Detector.create(DetectorConfig(n_channels=None))
+
+    def embed(paths: list[str]) -> torch.Tensor:
+        return torch.cat([full.embed([load_image(p) for p in paths[i : i + 16]]) for i in range(0, len(paths), 16)])
+
+    results: dict[tuple[str, int], list[float]] = {}
+    for seed in args.splits:
+        train, extra, evals, labels = held_out(seed)
+        t0 = time.perf_counter()
+        train_emb, extra_emb, eval_emb = embed(train), embed(extra), embed(evals)
+        print(f"split seed={seed}: {int((labels == 0).sum())} OK + {int(labels.sum())} defective held out; "
+              f"embedded in {time.perf_counter() - t0:.0f} s", flush=True)
+        for label, n_ok, changes in ROWS:
+            det = Detector.create(DetectorConfig(model="padim").with_(**changes), full.extractor)
+            idx = torch.from_numpy(det.embedder.channel_idx)
+            fit = train_emb if n_ok == 200 else torch.cat([train_emb, extra_emb])
+            for i in range(0, fit.shape[0], 16):
+                det.fit_embeddings(fit[i : i + 16].index_select(1, idx))
+            det.finalize()
+            scores = np.concatenate([det.maps_and_scores(eval_emb[i : i + 16].index_select(1, idx))[1]
+                                     for i in range(0, eval_emb.shape[0], 16)])
+            results.setdefault((label, n_ok), []).append(auroc(labels, scores))
+            print(f"  {label:36s} {n_ok} OK  AUROC {results[(label, n_ok)][-1]:.3f}", flush=True)
+    print("\n| setting | OK fitted | " + " | ".join(f"seed {s}" for s in args.splits) + " |")
+    print("| --- | --- | " + " | ".join("---" for _ in args.splits) + " |")
+    for (label, n_ok), aucs in results.items():
+        print(f"| {label} | {n_ok} | " + " | ".join(f"{a:.3f}" for a in aucs) + " |")
+
+
+if __name__ == "__main__":
+    main()
