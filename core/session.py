@@ -17,6 +17,7 @@ Example:
 """
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import replace
 from functools import partial
@@ -244,6 +245,62 @@ class InspectionSession:
         self.recipe.config = cfg.to_dict()
         self.mark_dirty()
         self.status.emit(f"Next fit trains {self.config.model} for at most {seconds / 60:.0f} min (press F5 to fit)")
+
+    def feature_choices(self) -> list[tuple[str, int]] | None:
+        """(label, ``neighbourhood``) of the patch features the recipe's model can be fitted
+        on (PaDiM, PatchCore); None for models without that setting."""
+        if "neighbourhood" not in MODELS[self.config.model].param_ranges:
+            return None
+        return [("Features: own patch", 1), ("Features: 3 × 3 mean", 3)]
+
+    def neighbourhood(self) -> int | None:
+        """The next fit's ``neighbourhood`` (the model's own default when the recipe sets
+        none); None for models without that setting."""
+        if self.feature_choices() is None:
+            return None
+        default = inspect.signature(MODELS[self.config.model].__init__).parameters["neighbourhood"].default
+        return int(self.config.model_params.get("neighbourhood", default))
+
+    def set_neighbourhood(self, n: int) -> None:
+        """Average each patch's features over its n x n neighbourhood in the next fit (README,
+        "Which model": the more accurate PaDiM on varied parts)."""
+        if self.neighbourhood() in (None, n) or not self._engineer_only("change the features"):
+            return
+        try:
+            cfg = self.config.with_(model_params={**self.config.model_params, "neighbourhood": int(n)})
+        except (TypeError, ValueError) as exc:
+            self.error.emit(f"Cannot use those features: {exc}")
+            return
+        self.recipe.config = cfg.to_dict()
+        self.mark_dirty()
+        what = "each patch on its own" if n == 1 else f"patches averaged {n} × {n}"
+        self.status.emit(f"Next fit: {what} (press F5 to fit)")
+
+    def pooling_choices(self) -> list[tuple[str, tuple[str, int]]]:
+        """(label, (pooling, topk)) of the image scores the station offers: the hottest pixel,
+        the mean of the hottest 2 % of the map (1000 pixels at 224 px; varied parts), or the
+        largest hot region."""
+        size = self.config.image_size
+        k = max(1, round(1000 * (size / 224) ** 2))
+        return [("Score: hottest pixel", ("max", self.config.topk)),
+                ("Score: hottest 2 % mean", ("topk", k)),
+                ("Score: largest region", ("blob", self.config.topk))]
+
+    def set_pooling(self, choice: tuple[str, int]) -> None:
+        """Score images the chosen way from the next fit on (thresholds are calibrated for it)."""
+        pooling, topk = choice
+        if (pooling, topk) == (self.config.pooling, self.config.topk) or not self._engineer_only("change the score"):
+            return
+        try:
+            cfg = self.config.with_(pooling=pooling, topk=int(topk))
+        except (TypeError, ValueError) as exc:
+            self.error.emit(f"Cannot use that score: {exc}")
+            return
+        self.recipe.config = cfg.to_dict()
+        self.mark_dirty()
+        what = {"max": "the hottest pixel", "topk": f"the mean of the hottest {topk} pixels",
+                "blob": "the largest hot region (area × mean)"}[pooling]
+        self.status.emit(f"Next fit scores images by {what} (press F5 to fit)")
 
     def tiling_choices(self) -> list[tuple[str, object]]:
         """(label, ``tile`` setting) of the tilings the station offers, for the fit settings

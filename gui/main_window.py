@@ -119,6 +119,10 @@ class MainWindow(QMainWindow):
         self.ok_panel.model_chosen.connect(lambda _name: self._show_models())  # what the session kept
         self.ok_panel.budget_chosen.connect(s.set_training_budget)
         self.ok_panel.tiling_chosen.connect(s.set_tiling)
+        self.ok_panel.neighbourhood_chosen.connect(s.set_neighbourhood)
+        self.ok_panel.neighbourhood_chosen.connect(lambda _n: self._show_scoring())  # what the session kept
+        self.ok_panel.pooling_chosen.connect(lambda choice: s.set_pooling(tuple(choice)))
+        self.ok_panel.pooling_chosen.connect(lambda _c: self._show_scoring())
         self.ok_panel.cancel_requested.connect(s.cancel)
         self.ok_panel.capture_requested.connect(self.capture_ok)
         self.source_panel.inspect_files_requested.connect(s.inspect_paths)
@@ -159,6 +163,12 @@ class MainWindow(QMainWindow):
     def _show_models(self) -> None:
         s = self.controller.session
         self.ok_panel.set_models(s.available_models(), s.config.model, TRAINED_KINDS, s.training_budget())
+        self._show_scoring()
+
+    def _show_scoring(self) -> None:
+        s = self.controller.session
+        self.ok_panel.set_features(s.feature_choices(), s.neighbourhood())
+        self.ok_panel.set_poolings(s.pooling_choices(), (s.config.pooling, s.config.topk))
 
     @Slot(str)
     def on_recipe_changed(self, name: str) -> None:

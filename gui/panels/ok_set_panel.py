@@ -24,6 +24,8 @@ class OkSetPanel(QWidget):
     cancel_requested = Signal()
     model_chosen = Signal(str)  # normality model name for the next fit
     tiling_chosen = Signal(object)  # the next fit's tile setting: None, "auto" or pixels
+    neighbourhood_chosen = Signal(int)  # the next fit's patch features: 1 (own patch) or n x n averaged
+    pooling_chosen = Signal(object)  # the next fit's image score: (pooling, topk)
     budget_chosen = Signal(float)  # seconds the next fit may train a network (trained models)
 
     def __init__(self, parent: QWidget | None = None) -> None:
@@ -72,6 +74,18 @@ class OkSetPanel(QWidget):
                                      "(small defects on multi-megapixel parts; slower per image). "
                                      "The model keeps the tiling it was fitted with.")
         self.tiling_combo.activated.connect(lambda i: self.tiling_chosen.emit(self.tiling_combo.itemData(i)))
+        self.features_combo = QComboBox()
+        self.features_combo.setToolTip("What the next fit's Gaussians describe: each patch's own features, "
+                                       "or each averaged with its neighbours (more accurate on parts whose "
+                                       "good texture varies, e.g. poly-crystalline cells; see the README's "
+                                       "'Which model')")
+        self.features_combo.activated.connect(
+            lambda i: self.neighbourhood_chosen.emit(int(self.features_combo.itemData(i))))
+        self.pooling_combo = QComboBox()
+        self.pooling_combo.setToolTip("How the next fit turns a heatmap into the image score the threshold "
+                                      "judges: the hottest pixel (small defects), the mean of the hottest 2 % "
+                                      "(ignores single hot specks; varied parts), or the largest hot region")
+        self.pooling_combo.activated.connect(lambda i: self.pooling_chosen.emit(self.pooling_combo.itemData(i)))
         self.fit_button = QPushButton("Fit model  (F5)")
         self.fit_button.setStyleSheet("font-weight:bold; padding:6px;")
         self.cancel_button = QPushButton("Cancel")
@@ -92,6 +106,9 @@ class OkSetPanel(QWidget):
         settings_row = QHBoxLayout()  # what the next fit builds, then the fit itself
         settings_row.addWidget(self.model_combo, 1)
         settings_row.addWidget(self.tiling_combo, 1)
+        scoring_row = QHBoxLayout()  # how the next fit describes patches and scores images
+        scoring_row.addWidget(self.features_combo, 1)
+        scoring_row.addWidget(self.pooling_combo, 1)
         fit_row = QHBoxLayout()
         fit_row.addWidget(self.fit_button, 1)
         fit_row.addWidget(self.cancel_button)
@@ -101,6 +118,7 @@ class OkSetPanel(QWidget):
         lay.addLayout(buttons)
         lay.addLayout(capture_row)
         lay.addLayout(settings_row)
+        lay.addLayout(scoring_row)
         lay.addWidget(self.budget_box)
         lay.addLayout(fit_row)
         lay.addWidget(self.progress)
@@ -158,6 +176,32 @@ class OkSetPanel(QWidget):
             self.tiling_combo.addItem(f"Tiles of {current} px", current)
         self.tiling_combo.setCurrentIndex([self.tiling_combo.itemData(i) for i in
                                            range(self.tiling_combo.count())].index(current))
+
+    def set_features(self, choices: list[tuple[str, int]] | None, current: int | None) -> None:
+        """Fill the features chooser with (label, neighbourhood) pairs and select ``current``;
+        hidden for models without that setting (``choices`` None)."""
+        self.features_combo.clear()
+        self.features_combo.setVisible(choices is not None)
+        if choices is None:
+            return
+        for label, n in choices:
+            self.features_combo.addItem(label, n)
+        if current not in [n for _, n in choices]:
+            self.features_combo.addItem(f"Features: {current} × {current} mean", current)
+        self.features_combo.setCurrentIndex(self.features_combo.findData(current))
+
+    def set_poolings(self, choices: list[tuple[str, tuple[str, int]]], current: tuple[str, int]) -> None:
+        """Fill the score chooser with (label, (pooling, topk)) pairs and select ``current``; a
+        setting not offered (a recipe's own top-k) is shown as it is."""
+        self.pooling_combo.clear()
+        for label, value in choices:
+            self.pooling_combo.addItem(label, value)
+        values = [v for _, v in choices]
+        if current not in values:
+            name = f"hottest {current[1]} px mean" if current[0] == "topk" else current[0]
+            self.pooling_combo.addItem(f"Score: {name}", current)
+            values.append(current)
+        self.pooling_combo.setCurrentIndex(values.index(current))
 
     def paths(self) -> list[str]:
         return [self.list.item(i).data(Qt.ItemDataRole.UserRole) for i in range(self.list.count())]

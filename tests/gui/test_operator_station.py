@@ -180,3 +180,17 @@ def test_an_error_banner_never_moves_the_image_the_operator_is_clicking_on(qtbot
     w.error_banner.findChild(type(w.labels_panel.reset_button)).click()  # Dismiss
     qtbot.wait(100)
     assert not w.error_banner.isVisible() and w.view.geometry() == resized
+
+
+def test_the_features_and_score_chosen_in_the_window_are_the_ones_fitted(qtbot, window):
+    panel, s = window.ok_panel, window.controller.session
+    assert panel.features_combo.isVisible() and panel.features_combo.currentData() == 1
+    panel.features_combo.activated.emit(1)
+    assert s.config.model_params["neighbourhood"] == 3 and panel.features_combo.currentData() == 3
+    panel.pooling_combo.activated.emit(1)
+    assert s.config.pooling == "topk" and panel.pooling_combo.currentIndex() == 1
+    with qtbot.waitSignal(window.controller.model_changed, timeout=60000):
+        s.start_fit()
+    assert s.detector.model.neighbourhood == 3 and s.detector.post.pooling == "topk"
+    panel.model_combo.activated.emit(panel.model_combo.findData("favae"))  # trains a network: no such setting
+    assert not panel.features_combo.isVisible() and panel.pooling_combo.isVisible()

@@ -207,3 +207,24 @@ def test_ok_set_panel_shows_the_training_budget_only_for_a_model_that_trains(qtb
     assert sig.args == [180.0]
     panel.set_models([("padim", "one Gaussian"), ("kdad", "student")], "kdad", ("kdad",), 1500.0)
     assert panel.budget_spin.value() == 25 and panel.budget_spin.isVisible()
+
+
+def test_ok_set_panel_features_and_score_choosers_show_the_recipe_and_emit_the_choice(qtbot):
+    from gui.panels.ok_set_panel import OkSetPanel
+
+    panel = OkSetPanel()
+    qtbot.addWidget(panel)
+    panel.show()
+    panel.set_features([("own patch", 1), ("averaged 3 × 3", 3)], 3)
+    assert panel.features_combo.isVisible() and panel.features_combo.currentText() == "averaged 3 × 3"
+    with qtbot.waitSignal(panel.neighbourhood_chosen) as sig:
+        panel.features_combo.activated.emit(0)
+    assert sig.args == [1]
+    panel.set_features(None, None)  # a model without the setting
+    assert not panel.features_combo.isVisible()
+    scores = [("hottest pixel", ("max", 100)), ("hottest 2 %", ("topk", 1000))]
+    panel.set_poolings(scores, ("topk", 500))  # a recipe's own top-k is shown as it is
+    assert panel.pooling_combo.currentText() == "Score: hottest 500 px mean" and panel.pooling_combo.count() == 3
+    with qtbot.waitSignal(panel.pooling_chosen) as sig:
+        panel.pooling_combo.activated.emit(1)
+    assert tuple(sig.args[0]) == ("topk", 1000)
