@@ -27,6 +27,11 @@ def model_class(kind: str):
     return lookup(kind)
 
 
+def model_default(cls: type, name: str) -> Any:
+    """The default of model class ``cls``'s parameter ``name`` (what a recipe without it gets)."""
+    return inspect.signature(cls.__init__).parameters[name].default
+
+
 def _check_param_type(model: str, key: str, value: Any, default: Any) -> None:
     """Refuse a model parameter whose type does not match its default's (``--param
     rank=1.5``), by name, here rather than deep inside the model when it is built."""

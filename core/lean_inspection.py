@@ -49,6 +49,7 @@ from .imageio import network_input
 from .inspection import Inspection, judge, maps_and_scores
 from .model_file import all_finite, peek, read_checked
 from .models.mahalanobis import packed_size, padim_distances
+from .models.neighbourhood import neighbourhood_mean
 from .thresholds import Thresholds
 
 log = logging.getLogger(__name__)
@@ -125,8 +126,11 @@ class LeanDetector:
 
     def __init__(self, settings: InspectionSettings, mean: np.ndarray, precision: np.ndarray,
                  weights: np.ndarray | None, thresholds: Thresholds | None, runtime: EmbeddingRuntime,
-                 notes: list[str], model_path: str, fallback: Callable[[], Any] | None = None) -> None:
+                 notes: list[str], model_path: str, fallback: Callable[[], Any] | None = None,
+                 neighbourhood: int = 1) -> None:
         self.config = settings
+        #: PaDiM's ``neighbourhood``: the features its Gaussians describe are patch means
+        self.neighbourhood = int(neighbourhood)
         self.post = settings.post
         self.mean, self.precision, self.weights = mean, precision, weights
         self.thresholds = thresholds
@@ -169,7 +173,8 @@ class LeanDetector:
         return self._full.embed(batch)
 
     def maps_and_scores(self, emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        dist = patch_distances(np.asarray(emb, dtype=np.float32), self.mean, self.precision, self.weights)
+        feats = neighbourhood_mean(np.asarray(emb, dtype=np.float32), self.neighbourhood)
+        dist = patch_distances(feats, self.mean, self.precision, self.weights)
         return maps_and_scores(dist, self.post, self.image_size, self.thresholds)
 
     def inspect_embeddings(self, emb) -> list[Inspection]:
@@ -242,7 +247,7 @@ def load_lean(path: str | os.PathLike[str], runtime: str | None = None,
     if weights is not None:
         weights = np.ascontiguousarray(weights, dtype=np.float32).reshape(n_channels)
     return LeanDetector(settings, derived["mean"], derived["precision"], weights, thresholds, rt, notes,
-                        str(model_path), fallback)
+                        str(model_path), fallback, _neighbourhood(meta) or 1)
 
 
 def _unsupported_at_a_glance(model_path: Path) -> str:
@@ -274,6 +279,8 @@ def _unsupported(meta: dict[str, Any], arrays: dict[str, np.ndarray], digest: st
     blocks = arrays.get("feedback_memory.blocks")
     if blocks is not None and blocks.shape[0] > 0:
         return "its feedback memory is applied with PyTorch"
+    if _neighbourhood(meta) is None:
+        return "model parameters invalid"
     idx = arrays.get("embedding.channel_idx")
     if idx is None or idx.ndim != 1 or idx.size != meta["model"]["n_channels"]:
         return "channel indices missing"
@@ -281,6 +288,16 @@ def _unsupported(meta: dict[str, Any], arrays: dict[str, np.ndarray], digest: st
     if weights is not None and (weights.size != meta["model"]["n_channels"] or not all_finite(weights)):
         return "channel weights invalid"
     return ""
+
+
+def _neighbourhood(meta: dict[str, Any]) -> int | None:
+    """PaDiM's ``neighbourhood`` from the file's parameters (1 when a file predates it); None
+    when it is not a sound one (the full load then says what is wrong)."""
+    params = meta["model"].get("params")
+    n = params.get("neighbourhood", 1) if isinstance(params, dict) else None
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 15 or n % 2 == 0:
+        return None
+    return n
 
 
 def _derived(model_path: Path, digest: str | None, grid: tuple[int, ...], n_channels: int

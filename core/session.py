@@ -17,7 +17,6 @@ Example:
 """
 from __future__ import annotations
 
-import inspect
 import logging
 from dataclasses import replace
 from functools import partial
@@ -26,6 +25,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .config import model_default
 from .detector import Detector, DetectorConfig
 from .errors import OkngError
 from .events import Event, Question
@@ -258,7 +258,7 @@ class InspectionSession:
         none); None for models without that setting."""
         if self.feature_choices() is None:
             return None
-        default = inspect.signature(MODELS[self.config.model].__init__).parameters["neighbourhood"].default
+        default = model_default(MODELS[self.config.model], "neighbourhood")
         return int(self.config.model_params.get("neighbourhood", default))
 
     def set_neighbourhood(self, n: int) -> None:
@@ -279,7 +279,8 @@ class InspectionSession:
     def pooling_choices(self) -> list[tuple[str, tuple[str, int]]]:
         """(label, (pooling, topk)) of the image scores the station offers: the hottest pixel,
         the mean of the hottest 2 % of the map (1000 pixels at 224 px; varied parts), or the
-        largest hot region."""
+        largest hot region. The 2 % are of a whole-image map (``image_size`` squared); a tiled
+        model's stitched map is larger, so there it is a smaller share."""
         size = self.config.image_size
         k = max(1, round(1000 * (size / 224) ** 2))
         return [("Score: hottest pixel", ("max", self.config.topk)),

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .backbone import FeatureExtractor
+from .config import model_default
 from .detector import Detector, DetectorConfig
 from .jobs import Skipped, iter_batches
 from .models.gaussian import GaussianStats
@@ -74,15 +75,9 @@ def shard_config(config: DetectorConfig) -> DetectorConfig:
     from .models.patchcore import PatchcoreModel
 
     params = dict(config.model_params)
-    ratio = float(params.get("coreset_ratio", _default(PatchcoreModel, "coreset_ratio")))
+    ratio = float(params.get("coreset_ratio", model_default(PatchcoreModel, "coreset_ratio")))
     params["coreset_ratio"] = min(1.0, ratio * CORESET_OVERSAMPLE)
     return config.with_(model_params=params)
-
-
-def _default(cls: type, name: str):
-    import inspect
-
-    return inspect.signature(cls.__init__).parameters[name].default
 
 
 def fit_shard(config: DetectorConfig, paths: list[str], role: str,

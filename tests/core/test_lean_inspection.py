@@ -248,3 +248,44 @@ def test_a_model_the_header_rules_out_is_left_to_the_full_load_without_reading_t
         load_lean(plain, "onnxruntime")
     (tmp_path / "junk.okng").write_bytes(b"\xff" * 64)  # an unreadable header: the full read judges it
     assert peek(tmp_path / "junk.okng") is None
+
+
+@pytest.fixture(scope="module")
+def fitted_averaged(tmp_path_factory):
+    """The same kind of parts, fitted by a PaDiM whose Gaussians describe 3 x 3 patch means."""
+    rng = np.random.default_rng(4)
+    d = tmp_path_factory.mktemp("lean_averaged")
+    paths = []
+    for i in range(10):
+        p = d / f"ok_{i}.png"
+        cv2.imwrite(str(p), make_part(rng))
+        paths.append(str(p))
+    cfg = DetectorConfig(weights="random", image_size=64, n_channels=24, batch_size=4,
+                         model_params={"neighbourhood": 3})
+    det = run_job(fit_job(paths, cfg, CancelToken(), runtime="torch")).detector
+    folder = d / "parts"
+    folder.mkdir()
+    for i in range(5):
+        cv2.imwrite(str(folder / f"part_{i}.png"), make_part(rng, defect=i % 2 == 1))
+    return det, folder
+
+
+def test_a_padim_of_patch_means_scores_the_same_without_torch(fitted_averaged, tmp_path, cache):
+    runtime = FAST[0]
+    _need(runtime)
+    model = _model(fitted_averaged, tmp_path, runtime)
+    csv = tmp_path / "out.csv"
+    r = _score_without_torch(model, fitted_averaged[1], runtime, csv)
+    assert r.returncode == 0 and "exit 0" in r.stdout, r.stderr[-3000:]
+    assert f"(runtime {runtime})" in r.stderr  # scored without PyTorch, not handed to the full detector
+    assert _rows(csv) == _reference(fitted_averaged, model, fitted_averaged[1], runtime)
+
+
+def test_the_numpy_neighbourhood_mean_is_pytorchs_local_features():
+    from core.models.base import local_features
+    from core.models.neighbourhood import neighbourhood_mean
+
+    emb = np.random.default_rng(5).normal(size=(2, 530, 5, 6)).astype(np.float32)  # more than one OpenCV call
+    for size in (1, 3, 5):
+        want = local_features(torch.from_numpy(emb), size).numpy()
+        np.testing.assert_allclose(neighbourhood_mean(emb, size), want, rtol=1e-5, atol=1e-6)
