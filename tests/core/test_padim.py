@@ -160,3 +160,25 @@ def test_an_even_or_zero_neighbourhood_is_refused():
             PadimModel((2, 2), 3, neighbourhood=n)
     with pytest.raises(ValueError, match="neighbourhood must be odd"):
         DetectorConfig(model="padim", model_params={"neighbourhood": 4})
+
+
+def test_feedback_explains_a_distance_in_the_averaged_features_the_model_scores():
+    from types import SimpleNamespace
+
+    from core.feedback import channel_shares
+    from core.models.mahalanobis import unpack_symmetric
+
+    rng = np.random.default_rng(8)
+    model = PadimModel((4, 4), 3, neighbourhood=3)
+    model.partial_fit(torch.from_numpy(rng.normal(0, 1, (30, 3, 4, 4)).astype(np.float32)))
+    model.finalize()
+    emb = torch.from_numpy(rng.normal(0, 2, (1, 3, 4, 4)).astype(np.float32))
+    mask = torch.zeros(1, 4, 4, dtype=torch.bool)
+    mask[0, 1, 2] = True
+    shares = channel_shares(SimpleNamespace(model=model), emb, mask)
+    x = torch.from_numpy(neighbourhood_mean(emb.numpy(), 3))[0, :, 1, 2]
+    mean, prec = model.gaussian_view(torch.tensor([1 * 4 + 2]))
+    diff = x - mean[0]
+    contrib = diff * (unpack_symmetric(prec, 3)[0] @ diff)
+    torch.testing.assert_close(shares, contrib / contrib.sum(), rtol=1e-4, atol=1e-6)
+    assert float(contrib.sum().sqrt()) == pytest.approx(float(model.score(emb)[0, 1, 2]), rel=1e-4)
