@@ -293,7 +293,7 @@ def _unsupported(meta: dict[str, Any], arrays: dict[str, np.ndarray], digest: st
 def _neighbourhood(meta: dict[str, Any]) -> int | None:
     """PaDiM's ``neighbourhood`` from the file's parameters (1 when a file predates it); None
     when it is not a sound one (the full load then says what is wrong)."""
-    params = meta["model"].get("params")
+    params = meta["model"].get("params", {})
     n = params.get("neighbourhood", 1) if isinstance(params, dict) else None
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 15 or n % 2 == 0:
         return None

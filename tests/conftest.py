@@ -85,3 +85,19 @@ def saved_tiny_model(tmp_path_factory):
     cfg = DetectorConfig(weights="random", image_size=64, n_channels=24, batch_size=4)
     det = run_job(fit_job(paths, cfg, CancelToken())).detector
     return save_detector(det, d / "original.okng"), make_part(rng, defect=True)
+
+
+@pytest.fixture
+def recipe_session(tmp_path, part_images, tiny_config):
+    """An engineer's station session (core, no Qt) on a recipe of the synthetic OK parts, its
+    errors and status lines collected in ``errors`` / ``statuses``."""
+    from core.jobs import InlineExecutor
+    from core.session import InspectionSession
+
+    s = InspectionSession(InlineExecutor(), labels_dir=tmp_path / "labels", captures_dir=tmp_path / "captures")
+    s.errors, s.statuses = [], []
+    s.error.connect(s.errors.append)
+    s.status.connect(s.statuses.append)
+    s.new_recipe("parts", tiny_config, part_images[0])
+    s.operator = "ana"
+    return s

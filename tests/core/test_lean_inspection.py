@@ -42,23 +42,29 @@ def _need(name: str) -> None:
     pytest.importorskip(name)
 
 
-@pytest.fixture(scope="module")
-def fitted(tmp_path_factory):
-    """A tiny random-weight PaDiM fitted on synthetic parts, and a folder of parts to score
-    (OK and defective, and one unreadable file between them)."""
-    rng = np.random.default_rng(3)
-    d = tmp_path_factory.mktemp("lean")
+def _fit_parts(d: Path, seed: int, n_parts: int, **model_params):
+    """A tiny random-weight PaDiM fitted on 10 synthetic OK parts in ``d``, and a folder of
+    ``n_parts`` parts to score (OK and defective alternately)."""
+    rng = np.random.default_rng(seed)
     paths = []
     for i in range(10):
         p = d / f"ok_{i}.png"
         cv2.imwrite(str(p), make_part(rng))
         paths.append(str(p))
-    cfg = DetectorConfig(weights="random", image_size=64, n_channels=24, batch_size=4)
+    cfg = DetectorConfig(weights="random", image_size=64, n_channels=24, batch_size=4, model_params=model_params)
     det = run_job(fit_job(paths, cfg, CancelToken(), runtime="torch")).detector
     folder = d / "parts"
     folder.mkdir()
-    for i in range(7):
+    for i in range(n_parts):
         cv2.imwrite(str(folder / f"part_{i}.png"), make_part(rng, defect=i % 2 == 1))
+    return det, folder
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    """A tiny random-weight PaDiM fitted on synthetic parts, and a folder of parts to score
+    (OK and defective, and one unreadable file between them)."""
+    det, folder = _fit_parts(tmp_path_factory.mktemp("lean"), 3, 7)
     (folder / "part_3b.png").write_bytes(b"not an image")
     return det, folder
 
@@ -253,21 +259,7 @@ def test_a_model_the_header_rules_out_is_left_to_the_full_load_without_reading_t
 @pytest.fixture(scope="module")
 def fitted_averaged(tmp_path_factory):
     """The same kind of parts, fitted by a PaDiM whose Gaussians describe 3 x 3 patch means."""
-    rng = np.random.default_rng(4)
-    d = tmp_path_factory.mktemp("lean_averaged")
-    paths = []
-    for i in range(10):
-        p = d / f"ok_{i}.png"
-        cv2.imwrite(str(p), make_part(rng))
-        paths.append(str(p))
-    cfg = DetectorConfig(weights="random", image_size=64, n_channels=24, batch_size=4,
-                         model_params={"neighbourhood": 3})
-    det = run_job(fit_job(paths, cfg, CancelToken(), runtime="torch")).detector
-    folder = d / "parts"
-    folder.mkdir()
-    for i in range(5):
-        cv2.imwrite(str(folder / f"part_{i}.png"), make_part(rng, defect=i % 2 == 1))
-    return det, folder
+    return _fit_parts(tmp_path_factory.mktemp("lean_averaged"), 4, 5, neighbourhood=3)
 
 
 def test_a_padim_of_patch_means_scores_the_same_without_torch(fitted_averaged, tmp_path, cache):

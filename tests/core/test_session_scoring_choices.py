@@ -2,19 +2,10 @@
 station's session (README, "Which model": the settings for varied good parts)."""
 import pytest
 
-from core.jobs import InlineExecutor
-from core.session import InspectionSession
-
 
 @pytest.fixture
-def session(tmp_path, part_images, tiny_config):
-    s = InspectionSession(InlineExecutor(), labels_dir=tmp_path / "labels", captures_dir=tmp_path / "captures")
-    s.errors, s.statuses = [], []
-    s.error.connect(s.errors.append)
-    s.status.connect(s.statuses.append)
-    s.new_recipe("parts", tiny_config, part_images[0])
-    s.operator = "ana"
-    return s
+def session(recipe_session):
+    return recipe_session
 
 
 def test_averaged_features_chosen_for_padim_are_the_ones_fitted(session):

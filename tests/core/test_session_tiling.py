@@ -2,19 +2,10 @@
 is refused clearly until it works on tiles."""
 import pytest
 
-from core.jobs import InlineExecutor
-from core.session import InspectionSession
-
 
 @pytest.fixture
-def tiled_session(tmp_path, part_images, tiny_config):
-    s = InspectionSession(InlineExecutor(), labels_dir=tmp_path / "labels", captures_dir=tmp_path / "captures")
-    s.errors, s.statuses = [], []
-    s.error.connect(s.errors.append)
-    s.status.connect(s.statuses.append)
-    s.new_recipe("parts", tiny_config, part_images[0])
-    s.operator = "ana"
-    return s
+def tiled_session(recipe_session):
+    return recipe_session
 
 
 def test_the_tiling_chosen_beside_the_model_is_the_one_fitted_and_inspected(tiled_session, part_images):
