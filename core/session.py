@@ -233,18 +233,28 @@ class InspectionSession:
 
         return float(self.config.model_params.get("budget", DEFAULT_BUDGET))
 
-    def set_training_budget(self, seconds: float) -> None:
-        """Let the next fit train the network for at most ``seconds`` (trained models only)."""
-        if self.training_budget() is None or not self._engineer_only("change the training budget"):
-            return
+    def _change_next_fit(self, what: str, said: str, **changes: Any) -> bool:
+        """Change the recipe's settings for the next fit (an engineer's action, ``what`` to
+        change, e.g. "the tiling"); ``said``: the status line, ``{model}`` the model's name.
+        A setting the config refuses is an error message naming it, the recipe unchanged."""
+        if not self._engineer_only(f"change {what}"):
+            return False
         try:
-            cfg = self.config.with_(model_params={**self.config.model_params, "budget": float(seconds)})
+            cfg = self.config.with_(**changes)
         except (TypeError, ValueError) as exc:
-            self.error.emit(f"Cannot use that training budget: {exc}")
-            return
+            self.error.emit(f"Cannot use {what}: {exc}")
+            return False
         self.recipe.config = cfg.to_dict()
         self.mark_dirty()
-        self.status.emit(f"Next fit trains {self.config.model} for at most {seconds / 60:.0f} min (press F5 to fit)")
+        self.status.emit(f"{said.format(model=cfg.model)} (press F5 to fit)")
+        return True
+
+    def set_training_budget(self, seconds: float) -> None:
+        """Let the next fit train the network for at most ``seconds`` (trained models only)."""
+        if self.training_budget() is not None:
+            self._change_next_fit("the training budget",
+                                  f"Next fit trains {{model}} for at most {seconds / 60:.0f} min",
+                                  model_params={**self.config.model_params, "budget": float(seconds)})
 
     def feature_choices(self) -> list[tuple[str, int]] | None:
         """(label, ``neighbourhood``) of the patch features the recipe's model can be fitted
@@ -264,17 +274,10 @@ class InspectionSession:
     def set_neighbourhood(self, n: int) -> None:
         """Average each patch's features over its n x n neighbourhood in the next fit (README,
         "Which model": the more accurate PaDiM on varied parts)."""
-        if self.neighbourhood() in (None, n) or not self._engineer_only("change the features"):
-            return
-        try:
-            cfg = self.config.with_(model_params={**self.config.model_params, "neighbourhood": int(n)})
-        except (TypeError, ValueError) as exc:
-            self.error.emit(f"Cannot use those features: {exc}")
-            return
-        self.recipe.config = cfg.to_dict()
-        self.mark_dirty()
-        what = "each patch on its own" if n == 1 else f"patches averaged {n} × {n}"
-        self.status.emit(f"Next fit: {what} (press F5 to fit)")
+        if self.neighbourhood() not in (None, n):
+            what = "each patch on its own" if n == 1 else f"patches averaged {n} × {n}"
+            self._change_next_fit("the features", f"Next fit: {what}",
+                                  model_params={**self.config.model_params, "neighbourhood": int(n)})
 
     def pooling_choices(self) -> list[tuple[str, tuple[str, int]]]:
         """(label, (pooling, topk)) of the image scores the station offers: the hottest pixel,
@@ -290,18 +293,10 @@ class InspectionSession:
     def set_pooling(self, choice: tuple[str, int]) -> None:
         """Score images the chosen way from the next fit on (thresholds are calibrated for it)."""
         pooling, topk = choice
-        if (pooling, topk) == (self.config.pooling, self.config.topk) or not self._engineer_only("change the score"):
-            return
-        try:
-            cfg = self.config.with_(pooling=pooling, topk=int(topk))
-        except (TypeError, ValueError) as exc:
-            self.error.emit(f"Cannot use that score: {exc}")
-            return
-        self.recipe.config = cfg.to_dict()
-        self.mark_dirty()
-        what = {"max": "the hottest pixel", "topk": f"the mean of the hottest {topk} pixels",
-                "blob": "the largest hot region (area × mean)"}[pooling]
-        self.status.emit(f"Next fit scores images by {what} (press F5 to fit)")
+        if (pooling, topk) != (self.config.pooling, self.config.topk):
+            what = {"max": "the hottest pixel", "topk": f"the mean of the hottest {topk} pixels",
+                    "blob": "the largest hot region (area × mean)"}.get(pooling, pooling)
+            self._change_next_fit("the score", f"Next fit scores images by {what}", pooling=pooling, topk=int(topk))
 
     def tiling_choices(self) -> list[tuple[str, object]]:
         """(label, ``tile`` setting) of the tilings the station offers, for the fit settings
@@ -313,17 +308,9 @@ class InspectionSession:
     def set_tiling(self, tile: int | str | None) -> None:
         """Tile the next fit's images (None: the whole image); the overlap is the default,
         an eighth of the tile. The fitted model records it (see :mod:`core.tiling`)."""
-        if tile == self.recipe.config.get("tile") or not self._engineer_only("change the tiling"):
-            return
-        try:
-            cfg = self.config.with_(tile=tile, tile_overlap=None)
-        except (TypeError, ValueError) as exc:
-            self.error.emit(f"Cannot use that tiling: {exc}")
-            return
-        self.recipe.config = cfg.to_dict()
-        self.mark_dirty()
-        what = "whole images" if tile is None else ("automatic tiling" if tile == "auto" else f"{tile}-px tiles")
-        self.status.emit(f"Next fit: {what} (press F5 to fit)")
+        if tile != self.recipe.config.get("tile"):
+            what = "whole images" if tile is None else ("automatic tiling" if tile == "auto" else f"{tile}-px tiles")
+            self._change_next_fit("the tiling", f"Next fit: {what}", tile=tile, tile_overlap=None)
 
     # -- jobs -------------------------------------------------------------------------------
     def submit(self, job, replace: bool = False, **callbacks: Any) -> None:

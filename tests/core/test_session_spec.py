@@ -21,13 +21,9 @@ from core.session import InspectionSession
 
 
 @pytest.fixture
-def session(tmp_path, part_images, tiny_config):
-    s = InspectionSession(InlineExecutor(), labels_dir=tmp_path / "labels", captures_dir=tmp_path / "captures")
-    s.errors, s.said = [], []
-    s.error.connect(s.errors.append)
-    s.status.connect(s.said.append)
-    s.new_recipe("parts", tiny_config, part_images[0])
-    s.operator = "ana"
+def session(recipe_session):
+    s = recipe_session
+    s.said = s.statuses
     s.start_fit()
     assert s.detector is not None and not s.errors
     return s
