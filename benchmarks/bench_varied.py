@@ -10,6 +10,12 @@ the evaluation cells no setting was chosen on (seed 0: the 150 OK + 150 defectiv
 defective). Every image is embedded once with all channels; each row slices its channel
 subset from that and goes through the station's own Detector (fit, finalize, thresholds'
 post-processing: blur, pooling). Prints one AUROC per row and split.
+
+    .venv/bin/python benchmarks/bench_varied.py --random 5 [--kind mono]
+
+Random splits instead (how the setting was first looked at): the cells of one type shuffled
+with seeds 100, 101, ...; the first 200 (and, where there are enough, 600) OK cells fitted,
+every other OK cell and every defective cell evaluated; mean and spread over the splits.
 """
 from __future__ import annotations
 
@@ -23,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from core.demo import demo_split  # noqa: E402
+from core.demo import demo_split, elpv_cells  # noqa: E402
 from core.detector import Detector, DetectorConfig  # noqa: E402
 from core.imageio import load_image  # noqa: E402
 from core.metrics import auroc  # noqa: E402
@@ -50,9 +56,48 @@ def held_out(seed: int) -> tuple[list[str], list[str], list[str], np.ndarray]:
     return split.ok_train, extra, ok + ng, np.array([0] * len(ok) + [1] * len(ng))
 
 
+def row_auroc(full: Detector, changes: dict, fit: torch.Tensor, evals: torch.Tensor, labels: np.ndarray) -> float:
+    """One row: a PaDiM with ``changes`` fitted on the embeddings ``fit`` (all channels; its
+    subset sliced), its image scores of ``evals`` against ``labels``."""
+    det = Detector.create(DetectorConfig(model="padim").with_(**changes), full.extractor)
+    idx = torch.from_numpy(det.embedder.channel_idx)
+    for i in range(0, fit.shape[0], 16):
+        det.fit_embeddings(fit[i : i + 16].index_select(1, idx))
+    det.finalize()
+    scores = np.concatenate([det.maps_and_scores(evals[i : i + 16].index_select(1, idx))[1]
+                             for i in range(0, evals.shape[0], 16)])
+    return auroc(labels, scores)
+
+
+def random_splits(full: Detector, embed, kind: str, n_splits: int) -> None:
+    """Mean and spread of each row's AUROC over ``n_splits`` random splits of all cells."""
+    cells = [c for c in elpv_cells(kind) if c.is_ok or c.is_ng]
+    emb = embed([c.path for c in cells])
+    ng = np.array([c.is_ng for c in cells])
+    ok_rows, ng_rows = np.nonzero(~ng)[0], np.nonzero(ng)[0]
+    results: dict[tuple[str, int], list[float]] = {}
+    for s in range(n_splits):
+        order = np.random.default_rng(100 + s).permutation(ok_rows)
+        for label, n_ok, changes in ROWS:
+            if n_ok + 50 > len(order):
+                continue
+            evals = np.concatenate([order[n_ok:], ng_rows])
+            labels = ng[evals].astype(int)
+            aucs = results.setdefault((label, n_ok), [])
+            aucs.append(row_auroc(full, changes, emb[torch.from_numpy(order[:n_ok])], emb[torch.from_numpy(evals)],
+                                  labels))
+            print(f"  split {s}: {label:36s} {n_ok} OK  AUROC {aucs[-1]:.3f}", flush=True)
+    print(f"\n| {kind} cells, {n_splits} random splits | OK fitted | AUROC mean ± sd |")
+    print("| --- | --- | --- |")
+    for (label, n_ok), aucs in results.items():
+        print(f"| {label} | {n_ok} | {np.mean(aucs):.3f} ± {np.std(aucs):.3f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--splits", type=int, nargs="*", default=[0, 1])
+    ap.add_argument("--random", type=int, default=0, metavar="N", help="N random splits of all cells instead")
+    ap.add_argument("--kind", choices=("mono", "poly"), default="poly", help="cell type of --random")
     args = ap.parse_args()
     torch.set_num_threads(2)
     full = Detector.create(DetectorConfig(n_channels=None))
@@ -60,6 +105,9 @@ def main() -> None:
     def embed(paths: list[str]) -> torch.Tensor:
         return torch.cat([full.embed([load_image(p) for p in paths[i : i + 16]]) for i in range(0, len(paths), 16)])
 
+    if args.random:
+        random_splits(full, embed, args.kind, args.random)
+        return
     results: dict[tuple[str, int], list[float]] = {}
     for seed in args.splits:
         train, extra, evals, labels = held_out(seed)
@@ -68,15 +116,8 @@ def main() -> None:
         print(f"split seed={seed}: {int((labels == 0).sum())} OK + {int(labels.sum())} defective held out; "
               f"embedded in {time.perf_counter() - t0:.0f} s", flush=True)
         for label, n_ok, changes in ROWS:
-            det = Detector.create(DetectorConfig(model="padim").with_(**changes), full.extractor)
-            idx = torch.from_numpy(det.embedder.channel_idx)
             fit = train_emb if n_ok == 200 else torch.cat([train_emb, extra_emb])
-            for i in range(0, fit.shape[0], 16):
-                det.fit_embeddings(fit[i : i + 16].index_select(1, idx))
-            det.finalize()
-            scores = np.concatenate([det.maps_and_scores(eval_emb[i : i + 16].index_select(1, idx))[1]
-                                     for i in range(0, eval_emb.shape[0], 16)])
-            results.setdefault((label, n_ok), []).append(auroc(labels, scores))
+            results.setdefault((label, n_ok), []).append(row_auroc(full, changes, fit, eval_emb, labels))
             print(f"  {label:36s} {n_ok} OK  AUROC {results[(label, n_ok)][-1]:.3f}", flush=True)
     print("\n| setting | OK fitted | " + " | ".join(f"seed {s}" for s in args.splits) + " |")
     print("| --- | --- | " + " | ".join("---" for _ in args.splits) + " |")

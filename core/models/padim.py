@@ -55,8 +55,8 @@ class PadimModel(NormalityModel):
         ``neighbourhood`` (PatchCore's locally aware features). On good parts that vary
         (poly-crystalline cells) one Gaussian per position then describes the part's
         structure rather than grain-scale texture: image AUROC 0.901 -> 0.916 with 200 OK
-        cells, 0.917 -> 0.932 with 600 (mono cells 0.945 -> 0.950; README, "Varied good
-        parts, what was tried")."""
+        cells, 0.917 -> 0.932 with 600 (mono cells 0.944 -> 0.950; five random splits,
+        ``benchmarks/bench_varied.py --random 5``; README, "Varied good parts, what was tried")."""
         return emb if self.neighbourhood <= 1 else local_features(emb.to(torch.float32), self.neighbourhood)
 
     def weighted(self, emb: torch.Tensor) -> torch.Tensor:
