@@ -76,11 +76,15 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / a.abs().max().clamp_min(1e-300))
 
 
-@pytest.mark.parametrize("kind", ["padim", "padim-fusion", "padim-lowrank", "padim-kmeans"])
+#: a trained model (the network trains on the driver, on the shards' embeddings in order)
+TRAINED_TINY = {"width": 8, "epochs": 2, "batch": 4}
+
+
+@pytest.mark.parametrize("kind", ["padim", "padim-fusion", "padim-lowrank", "padim-kmeans", "kdad"])
 def test_ray_fit_equals_local_fit(ray_here, one_thread, archive, kind):
     from core.detector import DetectorConfig
 
-    params = {"rank": 10} if kind == "padim-lowrank" else {"components": 2} if kind == "padim-kmeans" else {}
+    params = {"padim-lowrank": {"rank": 10}, "padim-kmeans": {"components": 2}, "kdad": TRAINED_TINY}.get(kind, {})
     config = DetectorConfig.for_model(kind, weights="random", image_size=64, n_channels=24, batch_size=4,
                                       model_params=params)
     local = run_job(fit_job(archive, config, CancelToken(), runtime="torch"))
