@@ -38,7 +38,7 @@ class _ElidedLabel(QLabel):
         super().__init__()
         self._full = ""
         self.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
-        self.setAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+        self.setAlignment(Qt.AlignmentFlag.AlignCenter)
 
     def set_full_text(self, text: str) -> None:
         self._full = text
@@ -113,7 +113,7 @@ class InspectionView(QWidget):
         bar.addWidget(self.opacity_slider)
         bar.addWidget(self.full_heat_check)
         bar.addWidget(self.keep_zoom_check)
-        bar.addWidget(self.name_label, 1)
+        bar.addStretch(1)
         lay = QVBoxLayout(self)
         lay.setContentsMargins(0, 0, 0, 0)
         lay.setSpacing(4)
@@ -121,6 +121,9 @@ class InspectionView(QWidget):
         lay.addWidget(self.detail_label)
         lay.addWidget(self.note_label)
         lay.addWidget(self.graphics, 1)
+        # the image's name on a line of its own: beside the overlay controls it had ~60 px at
+        # a 1500 px wide window, and "cell....png" names no part
+        lay.addWidget(self.name_label)
         lay.addLayout(bar)
         self.set_verdict("", None, None)
 
