@@ -397,11 +397,15 @@ class FeedbackMemory:
         are nearer to each other than to anything in the ordinary OK parts (in every stage,
         ``loo < ok_dist``). Only these start a match or lower a patch on their own; the
         others (the ordinary margin the click also covered) lower a patch only as part of a
-        print that a distinctive block matched. Blocks without a known distance count."""
+        print that a distinctive block matched. Blocks without a known distance count, and so
+        do those of a click that does not recur (:meth:`_recurring`): their radius is 0, they
+        stand for exact copies of themselves only, and an exact copy of a clicked patch is
+        the clicked appearance itself (without this, a second click on something that looks
+        different made the first click's blocks "not the mark" and undid it)."""
         if self._distinct is None or self._distinct.shape[0] != len(self):
             known = (self.ok_dist >= 0).all(-1) & (self.loo >= 0).all(-1)
             near = (self.loo < self.ok_dist).all(-1)
-            self._distinct = ~known | near
+            self._distinct = ~known | near | ~self._recurring()
         return self._distinct
 
     def _centres(self, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

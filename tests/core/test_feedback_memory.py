@@ -72,6 +72,24 @@ def test_an_accepted_pattern_is_accepted_at_other_positions_and_a_different_one_
         assert _score(det, d) > th  # a different appearance is still a defect
 
 
+def test_a_click_on_something_else_does_not_undo_an_earlier_click(detector):
+    """Two false alarms that look nothing alike (neither recurs: each was seen once): each
+    clicked part stays below the threshold after the other click. A click that does not
+    recur still stands for exact copies of what was clicked (the operator's own part,
+    inspected again)."""
+    rng = np.random.default_rng(21)
+    th = detector.thresholds.image
+    learner = FeedbackLearner(detector)
+    first = _with(_background(rng, 1), _pattern(rng), 2, 2, rng)
+    second = _with(_background(rng, 1), _pattern(rng), 10, 9, rng)
+    assert learner.mark_false_alarm(first, _region(2, 2)).score_after < th
+    assert learner.mark_false_alarm(second, _region(10, 9)).score_after < th
+    memory = learner.detector.memory
+    assert not memory.scale.any()  # neither click recurs: exact copies only
+    assert _score(learner.detector, first) < th and _score(learner.detector, second) < th
+    assert _score(learner.detector, _with(_background(rng, 1), _pattern(rng), 2, 2, rng)) > th
+
+
 def test_radius_limits_where_an_appearance_is_accepted(detector):
     rng = np.random.default_rng(2)
     stamp = _pattern(rng)
@@ -451,6 +469,7 @@ def test_only_blocks_of_the_mark_itself_start_a_match():
     assert on._grown(grown, img, idx, (16, 16))[1] == 0.0
     # with two stages, a block is the mark's only where it is in every stage
     staged = FeedbackMemory((16, 16), C, channel_groups=[0] * 4 + [1] * 4)
+    staged.blocks, staged.click = torch.zeros(2, 9, C), torch.zeros(2, dtype=torch.int64)  # one click
     staged.loo, staged.ok_dist = torch.ones(2, 2), torch.tensor([[2.0, 2.0], [2.0, 0.5]])
     assert staged.distinct_blocks().tolist() == [True, False]
 
