@@ -137,9 +137,10 @@ class LabelStore:
     def close(self) -> None:
         self._db.close()
 
-    def backup_to(self, target: str | Path) -> None:
-        """Copy the whole store, consistently, to a new file."""
-        sqlitedb.backup_to(self._db, target)
+    def copy_over(self, target: str | Path) -> str | None:
+        """Copy the whole store to ``target``, an existing store there set aside
+        (:func:`core.sqlitedb.copy_over`; returns where, or None)."""
+        return sqlitedb.copy_over(self._db, target)
 
     def __enter__(self) -> LabelStore:
         return self

@@ -191,6 +191,11 @@ class ResultsLog:
         """Copy the whole log, consistently, to a new file."""
         sqlitedb.backup_to(self._db, target)
 
+    def copy_over(self, target: str | Path) -> str | None:
+        """Copy the whole log to ``target``, an existing log there set aside
+        (:func:`core.sqlitedb.copy_over`; returns where, or None)."""
+        return sqlitedb.copy_over(self._db, target)
+
     # -- reading --------------------------------------------------------------------------
     @property
     def shift_start(self) -> float:

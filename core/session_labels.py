@@ -189,17 +189,22 @@ class LabelBook:
         return self._store
 
     def recipe_saved_to(self, recipe_path: Path) -> None:
-        """Carry the labels of a not-yet-saved recipe over to the file beside it."""
+        """Carry this session's labels to the file beside the recipe being saved. Saved over
+        another recipe, its labels store is set aside (``.replaced-<time>``), not merged and
+        not kept in place: the saved model holds this session's labels, and a refit replays
+        what the store beside the recipe holds."""
         target = Path(recipe_path).with_suffix(".labels.sqlite")
-        if self._store is None or self._store.path == target or target.exists():
+        if self.store_path == target:
             return
         try:
-            self._store.backup_to(target)
-        except sqlite3.Error as exc:
+            aside = self.store().copy_over(target)
+        except (sqlite3.Error, OSError) as exc:
             self.session.error.emit(f"Could not copy the labels beside the recipe: {exc}")
             return
         self.close_store()
         self.labels_changed.emit(self.rows())
+        if aside is not None:
+            self.session.status.emit(f"The replaced recipe's labels are kept in {aside}")
 
     # -- selection --------------------------------------------------------------------------
     def select_at(self, row: int, col: int) -> bool:

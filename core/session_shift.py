@@ -62,16 +62,20 @@ class ShiftLog:
         self.refresh()
 
     def recipe_saved_to(self, recipe_path: Path) -> None:
-        """Carry the log of a not-yet-saved recipe over to the file beside it."""
+        """Carry this session's results log to the file beside the recipe being saved; saved
+        over another recipe, that one's log is set aside (``.replaced-<time>``), as its labels
+        are (:meth:`core.session_labels.LabelBook.recipe_saved_to`)."""
         target = Path(recipe_path).with_suffix(".results.sqlite")
-        if self._log is None or self._log.path == target or target.exists():
+        if self.path == target:
             return
         try:
-            self._log.backup_to(target)
-        except sqlite3.Error as exc:
+            aside = self.log().copy_over(target)
+        except (sqlite3.Error, OSError, ValueError) as exc:
             self.session.error.emit(f"Could not copy the results log beside the recipe: {exc}")
             return
         self.close()
+        if aside is not None:
+            self.session.status.emit(f"The replaced recipe's results log is kept in {aside}")
 
     def record(self, rec: ResultRecord, model_id: str) -> None:
         """Log one inspection; a log that cannot be written is an error on screen, never a

@@ -76,3 +76,33 @@ def backup_to(con: sqlite3.Connection, target: str | os.PathLike[str]) -> None:
         con.backup(dst)
     finally:
         dst.close()
+
+
+#: the files of one database in WAL mode: the main file and its two companions
+_COMPANIONS = ("", "-wal", "-shm")
+
+
+def copy_over(con: sqlite3.Connection, target: str | os.PathLike[str]) -> str | None:
+    """Copy a whole database to ``target`` where a database may already be (saving a recipe
+    over another one): the copy is made beside it and renamed into place, and an existing
+    database there is first renamed, with its WAL files, to ``<target>.replaced-<time>``
+    (returned; None when there was none), so nothing of it is lost and no stale WAL file of
+    the old database is ever read as part of the new one."""
+    target = os.fspath(target)
+    part = target + ".part"
+    for suffix in _COMPANIONS:
+        if os.path.exists(part + suffix):
+            os.remove(part + suffix)
+    backup_to(con, part)
+    aside = None
+    if any(os.path.exists(target + s) for s in _COMPANIONS):
+        aside = f"{target}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+        n = 1
+        while any(os.path.exists(aside + s) for s in _COMPANIONS):
+            n += 1
+            aside = f"{target}.replaced-{time.strftime('%Y%m%d-%H%M%S')}-{n}"
+        for suffix in _COMPANIONS:
+            if os.path.exists(target + suffix):
+                os.replace(target + suffix, aside + suffix)
+    os.replace(part, target)
+    return aside

@@ -92,6 +92,33 @@ def test_a_backup_is_a_whole_copy_of_the_log_at_the_given_path(tmp_path):
         assert [(e.time, e.verdict) for e in copy.entries()] == [(2.0, "NG"), (1.0, "OK")]
 
 
+def test_a_copy_over_an_existing_log_sets_it_aside_with_its_wal_and_never_mixes_them(tmp_path):
+    """Saving a recipe over another one: the old log (here as a crash left it, rows still in
+    its WAL file) is renamed aside whole, and the copy in its place holds the new log only."""
+    import shutil
+
+    old = tmp_path / "old.sqlite"
+    log = ResultsLog(old)
+    log._db.execute("PRAGMA wal_autocheckpoint=0")
+    for t in (1.0, 2.0, 3.0):
+        log.add(_entry(t, "OK"))
+    target = tmp_path / "station.results.sqlite"
+    for suffix in ("", "-wal"):  # the files as they are while the process still runs: a crash
+        shutil.copy(str(old) + suffix, str(target) + suffix)
+    assert (tmp_path / "station.results.sqlite-wal").stat().st_size > 0
+    log.close()
+    with ResultsLog(tmp_path / "new.sqlite") as new:
+        new.add(_entry(9.0, "NG"))
+        aside = new.copy_over(target)
+    assert aside is not None and aside.startswith(str(target) + ".replaced-")
+    assert not (tmp_path / "station.results.sqlite-wal").exists() or \
+        (tmp_path / "station.results.sqlite-wal").stat().st_size == 0
+    with ResultsLog(target) as copy:
+        assert [(e.time, e.verdict) for e in copy.entries()] == [(9.0, "NG")]
+    with ResultsLog(aside) as kept:
+        assert [e.time for e in kept.entries()] == [3.0, 2.0, 1.0]  # its WAL came along
+
+
 def test_the_retention_limits_apply_as_inspections_are_logged_not_only_when_asked(tmp_path):
     with ResultsLog(tmp_path / "r.sqlite") as log:  # a log kept without limits so far
         for i in range(12):

@@ -378,3 +378,40 @@ def test_the_recipes_feedback_radius_reaches_the_feedback_memory(session, part_i
     s.question.connect(lambda q: q.answer("Apply the label"))
     s.labels.mark_image("image_ok")
     assert not s.errors and s.detector.memory is not None and s.detector.memory.radius == 3
+
+
+# -- saving over another recipe (round 11) ---------------------------------------------------
+def test_saving_over_another_recipe_carries_this_sessions_labels_and_log_and_sets_the_old_ones_aside(
+        session, part_images, tmp_path, tiny_config):
+    """Save as… onto an existing recipe: the labels and results log beside it become this
+    session's (what its saved model holds and what a refit replays); the replaced recipe's
+    own stores are renamed aside, whole, never merged and never silently kept in place."""
+    s = session
+    path = tmp_path / "shared" / "station.okng-recipe"
+    path.parent.mkdir()
+    s.inspect_paths(part_images[1][:1])
+    s.labels.mark_image("image_ng")
+    assert s.save_recipe(path) and len(LabelStore(path.with_suffix(".labels.sqlite")).labels()) == 1
+
+    t = InspectionSession(InlineExecutor(), labels_dir=tmp_path / "l2", captures_dir=tmp_path / "c2")
+    said = []
+    t.status.connect(said.append)
+    t.new_recipe("other", tiny_config, part_images[0])
+    t.operator = "ben"
+    t.start_fit()
+    t.inspect_paths(part_images[1][:2])
+    t.labels.mark_image("image_ng")
+    t.show_result(list(t.results)[0].id)
+    t.labels.mark_image("image_ng")
+    assert t.save_recipe(path)
+    rows = LabelStore(path.with_suffix(".labels.sqlite")).labels()
+    assert [r.operator for r in rows] == ["ben", "ben"]  # this session's two, not the old one
+    aside = sorted(path.parent.glob("station.labels.sqlite.replaced-*"))
+    assert len(aside) == 1 and [r.operator for r in LabelStore(aside[0]).labels()] == ["ana"]
+    assert any(str(aside[0]) in line for line in said)
+    from core.results_log import ResultsLog
+
+    assert len(ResultsLog(path.with_suffix(".results.sqlite")).entries()) == 2  # t's two inspections
+    old_log = [p for p in path.parent.glob("station.results.sqlite.replaced-*")
+               if not p.name.endswith(("-wal", "-shm"))]
+    assert len(old_log) == 1 and len(ResultsLog(old_log[0]).entries()) == 1
