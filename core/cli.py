@@ -561,6 +561,8 @@ def cmd_simulate_feedback(args: argparse.Namespace) -> int:
         clicks = [int(c) for c in args.clicks.split(",")]
     except ValueError:
         raise ValueError(f"--clicks takes comma-separated numbers, got {args.clicks!r}") from None
+    if any(c < 0 for c in clicks):
+        raise ValueError(f"--clicks takes click counts of 0 or more, got {args.clicks!r}")
     _check_output(args.json, "--json")
     det = _load(args)
     res = _drive(simulate_feedback_job(det, _paths(args.pool), _paths(args.ok), _paths(args.ng), clicks,
@@ -575,7 +577,10 @@ def cmd_simulate_feedback(args: argparse.Namespace) -> int:
     for c in res.checkpoints:
         print(f"{c.clicks:>6} {c.false_alarm_rate:>12.3f} {c.detection_rate:>9.3f} {c.auroc:>7.4f} "
               f"{c.fpr_at_95_tpr:>7.3f} {c.threshold:>9.4g} {c.defects_flipped:>15}")
-    if res.pool_exhausted:
+    if res.pool_exhausted and res.checkpoints[-1].clicks == 0:
+        print(f"no image of the pool ({len(_paths(args.pool))}) was judged NG: nothing to click "
+              f"(give --pool good parts the station flags)", file=sys.stderr)
+    elif res.pool_exhausted:
         print(f"the pool ran out after {res.checkpoints[-1].clicks} clicks", file=sys.stderr)
     return 0
 

@@ -122,6 +122,13 @@ def label_job(learner: FeedbackLearner, kind: str, image: np.ndarray | None, pat
     return LabelOutcome(kind, record, det, labelled, sha, rescored, flipped)
 
 
+def rescore_job(det: Detector, items: Sequence[tuple[int, torch.Tensor]],
+                token: CancelToken) -> Generator[Progress, None, list[Rescored]]:
+    """The session's results scored again under a new model (after a fit or an opened recipe)."""
+    yield Progress(0, len(items), f"re-judging {len(items)} results under the new model")
+    return rescore(det, items, token)
+
+
 def undo_job(learner: FeedbackLearner, rejudge: Sequence[tuple[int, torch.Tensor]],
              token: CancelToken) -> Generator[Progress, None, ModelOutcome]:
     yield Progress(0, 1, "undoing the last label")

@@ -29,11 +29,13 @@ from .config import model_default
 from .detector import Detector, DetectorConfig
 from .errors import OkngError
 from .events import Event, Question
+from .feedback_jobs import rescore_job
 from .imageio import iter_image_paths, load_image
 from .jobs import FitResult, JobCallbacks, ScoredImage, Skipped, fit_job, inspect_job, load_model_job, save_model_job
 from .models import MODELS, TRAINED_KINDS
 from .recipes import Recipe, load_recipe, model_path_for, safe_file_stem, save_recipe
 from .roles import ENGINEER, OPERATOR, hash_pin, verify_pin
+from .runtime import graph_key
 from .session_labels import LabelBook
 from .session_shift import ShiftLog
 from .session_results import MAX_RESULTS, Display, ResultRecord, SessionResults, compose_display, display_name
@@ -70,6 +72,7 @@ class InspectionSession:
         self.recipe = Recipe("untitled", config=DetectorConfig().to_dict())
         self.recipe_path: Path | None = None
         self.detector: Detector | None = None
+        self._embedder_key = ""  # what embeds for the current detector (core.runtime.graph_key)
         self.extractor = None
         self.image_threshold: float | None = None
         self.pixel_threshold: float | None = None
@@ -538,6 +541,7 @@ class InspectionSession:
                      pixel_thr: float | None = None) -> None:
         """Make ``det`` current; thresholds given here win over the model's calibration."""
         self.detector = det
+        self._embedder_key = "" if det is None else graph_key(det.embedder)
         th = det.thresholds if det is not None else None
         self.image_threshold = image_thr if image_thr is not None else (th.image if th else None)
         self.pixel_threshold = pixel_thr if pixel_thr is not None else (th.pixel if th else None)
@@ -584,6 +588,39 @@ class InspectionSession:
         self.results.rejudge(self.image_threshold)
         self.results_changed.emit()
 
+    def rescore_results(self) -> None:
+        """Score the results table again under the current model (after a fit or an opened
+        recipe: the table must never show what another model said). A result embedded
+        differently (other backbone, image size or channels; a tiled model's, which keeps no
+        embedding) cannot be: it leaves the table, which says so; the results log keeps it."""
+        det = self.detector
+        if det is None or not len(self.results):
+            return
+        key = self._embedder_key
+        stale = {r.id for r in self.results if r.embedding is None or r.embedder_key != key}
+        if stale:
+            self.results.remove(stale)
+            if self.shown_id in stale:
+                self.shown_id = None
+            self.status.emit(f"{len(stale)} result(s) left the table: the new model embeds images differently "
+                             f"(inspect them again to judge them; the results log keeps them)")
+        items = self.results.with_embeddings()
+        if not items:
+            self._rejudge()
+            return
+
+        def done(rescored: list) -> None:
+            if self.detector is not det:  # a newer model came meanwhile: it re-scores in turn
+                return
+            for r in rescored:
+                rec = self.results.get(r.result_id)
+                if rec is not None:
+                    rec.score, rec.anomaly_map = r.score, r.anomaly_map
+            self._rejudge()
+
+        self.submit(partial(rescore_job, det, items), on_returned=done,
+                    on_failed=self._failed("The results could not be re-scored under the new model"))
+
     # -- results ----------------------------------------------------------------------------
     def _done_message(self, inspected: int) -> str:
         """What a finished run tells the operator, including that the table shows only the
@@ -598,7 +635,7 @@ class InspectionSession:
         insp = item.inspection
         rec = self.results.add(display_name(item.path, from_file, self.demo_truth), insp.score, insp.anomaly_map,
                                item.image, item.path if from_file else None, item.seconds, self.image_threshold,
-                               item.embedding, item.sha256)
+                               item.embedding, item.sha256, self._embedder_key)
         self.shift.record(rec, self.labels.current_model_id)
         self.result_added.emit(rec)
         self.show_result(rec.id)

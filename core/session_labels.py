@@ -116,17 +116,19 @@ class LabelBook:
         self.labels_changed.emit(self.rows())
         if replay and detector is not None and detector.config.tiled:
             self.session.status.emit("Labels are not replayed on a tiled model: feedback on tiles is not available yet")
-        elif replay and detector is not None:
-            self._replay()
+        elif replay and detector is not None and self._replay():
+            return  # the replay's end re-scores the results, under the model with the labels
+        self.session.rescore_results()
 
-    def _replay(self) -> None:
+    def _replay(self) -> bool:
+        """Replay the active stored labels into the new model (a job); False: none to replay."""
         try:
             active = self.store().labels() if self.store_path.exists() else []
         except (sqlite3.Error, OSError, ValueError) as exc:
             self.session.error.emit(f"Labels could not be read, none replayed: {exc}")
-            return
+            return False
         if not active:
-            return
+            return False
         s, learner = self.session, self.learner
         self._pending = True
 
@@ -135,6 +137,7 @@ class LabelBook:
             learner.clear_undo()
             out.detector.applied_labels = tuple(out.applied)
             s.set_detector(out.detector, s.image_threshold, s.pixel_threshold)
+            s.rescore_results()
             self.labels_changed.emit(self.rows())
             msg = f"{len(out.applied)} stored label(s) replayed into the new model"
             if out.skipped:
@@ -146,9 +149,11 @@ class LabelBook:
         def failed(exc: BaseException) -> None:
             self._pending = False
             s.error.emit(f"Stored labels could not be replayed: {exc}")
+            s.rescore_results()
 
         s.submit(partial(replay_labels_job, learner, active), on_returned=done, on_failed=failed,
                   on_cancelled=lambda: failed(RuntimeError("cancelled")))
+        return True
 
     def set_reweight(self, on: bool) -> None:
         """Channel reweighting on/off for the next labels (the OK memory update always runs);

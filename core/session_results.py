@@ -59,6 +59,8 @@ class ResultRecord:
     #: the verdict before the last feedback changed it (the results table shows "NG → OK")
     changed_from: str | None = None
     sha256: str = ""  # of the image file or frame, computed off the UI thread
+    #: what embedded it (core.runtime.graph_key): a model with another key cannot re-score it
+    embedder_key: str = ""
 
 
 @dataclass(frozen=True)
@@ -126,11 +128,12 @@ class SessionResults:
 
     def add(self, name: str, score: float, anomaly_map: np.ndarray, image: np.ndarray | None,
             path: str | None, seconds: float, image_threshold: float | None,
-            embedding: torch.Tensor | None = None, sha256: str = "") -> ResultRecord:
+            embedding: torch.Tensor | None = None, sha256: str = "", embedder_key: str = "") -> ResultRecord:
         rid = self._next_id
         self._next_id += 1
         rec = ResultRecord(rid, name, float(score), judge(score, image_threshold), display_map(anomaly_map), image,
-                           path, seconds, thumbnail(image) if image is not None else None, embedding, sha256=sha256)
+                           path, seconds, thumbnail(image) if image is not None else None, embedding, sha256=sha256,
+                           embedder_key=embedder_key)
         self._records[rid] = rec
         kept_bytes = 0
         for old in reversed(self._records.values()):  # newest first: drop decoded images past the limits
@@ -152,9 +155,16 @@ class SessionResults:
         self._records.clear()
         self.dropped = 0
 
+    def remove(self, ids: set[int]) -> None:
+        for rid in ids:
+            self._records.pop(rid, None)
+
     def rejudge(self, image_threshold: float | None) -> None:
+        """Every verdict against this threshold; the "changed by the last label" marks go (a
+        label's re-judging sets them again for what it changed)."""
         for r in self._records.values():
             r.verdict = judge(r.score, image_threshold)
+            r.changed_from = None
 
     def scores(self) -> np.ndarray:
         return np.array([r.score for r in self._records.values()], np.float64)

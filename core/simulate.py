@@ -128,8 +128,9 @@ def simulate_feedback_job(
         n_clicks += 1
         if n_clicks in targets:
             checkpoint(n_clicks, seen)
-    else:
-        result.pool_exhausted = True
+    # ran out: the pool ended before the last checkpoint's clicks (reaching it on the pool's
+    # last image is not running out)
+    result.pool_exhausted = bool(targets) and n_clicks < targets[-1]
     if n_clicks and (not result.checkpoints or result.checkpoints[-1].clicks != n_clicks):
         checkpoint(n_clicks, seen)
     return result

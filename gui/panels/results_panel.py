@@ -115,7 +115,8 @@ class ResultsPanel(QWidget):
     def _paint_verdict(self, row: int, verdict: str, changed_from: str | None = None) -> None:
         item = self.table.item(row, 3)
         item.setText(verdict if not changed_from else f"{changed_from} → {verdict}")
-        item.setToolTip("" if not changed_from else f"was {changed_from} before the last label changed the model")
+        item.setToolTip("" if not changed_from
+                        else f"was {changed_from} before the last label (or its undo) changed the model")
         item.setBackground(QBrush(VERDICT_COLOURS.get(verdict, QColor(255, 255, 255))))
         item.setData(VERDICT_ROLE, verdict)
         item.setData(CHANGED_ROLE, changed_from or None)

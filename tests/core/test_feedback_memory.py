@@ -260,6 +260,23 @@ def test_simulation_reports_defects_flipped(tiny_config, part_images):
     assert json.dumps(res)
 
 
+def test_the_pool_runs_out_only_when_it_ends_before_the_last_checkpoint(tiny_config, part_images):
+    """Reaching the last checkpoint's clicks on the pool's last image is not running out;
+    ending a click short is. A negative click count is refused at the command line."""
+    from core import CancelToken, fit_job, run_job
+    from core.cli import main
+    from core.simulate import simulate_feedback_job
+
+    ok, ng = part_images
+    det = run_job(fit_job(ok, tiny_config, CancelToken())).detector
+    one = ng[:1]  # one flagged part: one click
+    assert run_job(simulate_feedback_job(det.copy(), one, ok[3:], ng, [1], CancelToken())).pool_exhausted is False
+    short = run_job(simulate_feedback_job(det.copy(), one, ok[3:], ng, [1, 2], CancelToken()))
+    assert short.pool_exhausted and short.checkpoints[-1].clicks == 1
+    assert main(["simulate-feedback", "--model", "nope.okng", "--pool", *one, "--ok", *ok[3:], "--ng", *ng,
+                 "--clicks", "-5"]) == 2
+
+
 def _match_at(ratios: dict[tuple[int, int], float], blocked: tuple[tuple[int, int], ...] = (), image: int = 0):
     """A memory match of looked-up patches at grid cells with these ratios (ramp 1.0-1.3)."""
     from core.feedback_memory import MemoryMatch

@@ -14,10 +14,12 @@ import numpy as np
 import pytest
 
 from core.detector import DetectorConfig
+from core.imageio import load_image
 from core.jobs import InlineExecutor
 from core.labels import LabelStore
 from core.regions import find_regions
 from core.session import InspectionSession
+from core.session_results import judge
 from tests.conftest import make_part
 
 
@@ -110,6 +112,54 @@ def test_accepting_the_flip_applies_it_and_marks_the_changed_verdicts(session, p
     s.labels.mark_image("image_ok")
     assert twin.verdict == "OK" and twin.changed_from == "NG"
     assert len(s.labels.rows()) == 1
+
+
+def test_the_changed_mark_shows_what_the_last_label_or_undo_changed_and_a_threshold_move_clears_it(
+        session, part_images):
+    """"NG → OK" says what the last model change did: an undo of the label marks what the
+    undo changed back (OK → NG, never "NG → NG"), and moving the threshold, which is no
+    label, clears every mark."""
+    s = session
+    first, twin = _twin_ng_results(s, part_images[1][0])
+    # a margin the float16 embeddings the table re-scores from cannot cross
+    s.set_thresholds(first.score * 0.99, s.pixel_threshold)
+    s.question.connect(lambda q: q.answer("Apply the label"))
+    s.labels.mark_image("image_ok")
+    assert (twin.changed_from, twin.verdict) == ("NG", "OK")
+    s.labels.undo_last()
+    assert (twin.changed_from, twin.verdict) == ("OK", "NG")  # the undo passed it back
+    assert all(r.changed_from != r.verdict for r in s.results)
+    s.labels.mark_image("image_ok")
+    assert twin.changed_from == "NG"
+    s.set_thresholds(s.image_threshold * 0.5, s.pixel_threshold)
+    assert all(r.changed_from is None for r in s.results)
+
+
+def test_a_refit_re_scores_the_results_table_under_the_new_model(session, part_images):
+    """After a fit the table shows what the new model says of every result (score, map and
+    verdict), as inspecting the images again would."""
+    s = session
+    s.inspect_paths(part_images[1][:2] + part_images[0][:2])
+    before = {r.id: r.score for r in s.results}
+    s.remove_ok_paths(s.ok_paths[: len(s.ok_paths) // 2])  # another OK set: another model
+    s.start_fit()
+    now = {r.id: r.score for r in s.results}
+    assert now.keys() == before.keys() and now != before
+    again = s.detector.inspect([load_image(p) for p in part_images[1][:2] + part_images[0][:2]])
+    # the table keeps each result's embedding in float16: the same scores to that precision
+    assert [r.score for r in s.results] == pytest.approx([i.score for i in again], rel=5e-3)
+    assert [r.verdict for r in s.results] == [judge(i.score, s.image_threshold) for i in again]
+
+
+def test_results_embedded_differently_leave_the_table_after_a_fit_with_other_channels(session, part_images):
+    s = session
+    s.inspect_paths(part_images[1][:2])
+    said = []
+    s.status.connect(said.append)
+    s.recipe.config = {**s.recipe.config, "n_channels": s.config.n_channels - 2}
+    s.start_fit()
+    assert len(s.results) == 0 and s.shown is None
+    assert any("2 result(s) left the table" in line for line in said)
 
 
 def test_without_anyone_to_ask_a_flip_is_never_applied(session, part_images):
