@@ -475,6 +475,47 @@ class LabelBook:
                   on_failed=self._on_failed)
 
     # -- list, export -----------------------------------------------------------------------
+    # -- withdrawing a label --------------------------------------------------------------
+    def withdraw(self, label_id: int) -> None:
+        """Take a label out of what the station learns from (an engineer's correction of a
+        wrong label, at any time after it was made): the store marks it undone, so no refit
+        replays it. The last label is undone at once, exactly (:meth:`undo_last`); an older
+        one stays in the current model until the next fit, and the panel says so."""
+        s = self.session
+        if self._steps and self._steps[-1].label_id == label_id:
+            self.undo_last()
+            return
+        if self._busy() or not s._engineer_only("withdraw a label"):
+            return
+        try:
+            self.store().undo(label_id)
+        except (sqlite3.Error, OSError) as exc:
+            s.error.emit(f"Could not withdraw label #{label_id}: {exc}")
+            return
+        s.mark_dirty()
+        self.labels_changed.emit(self.rows())
+        det = s.detector
+        if det is not None and label_id in det.applied_labels:
+            s.status.emit(f"Label #{label_id} withdrawn: the current model still holds it until you fit again (F5)")
+        else:
+            s.status.emit(f"Label #{label_id} withdrawn: no fit will replay it")
+
+    def restore(self, label_id: int) -> None:
+        """A withdrawn (or undone) label active again: the next fit replays it."""
+        s = self.session
+        if self._busy() or not s._engineer_only("restore a label"):
+            return
+        try:
+            self.store().redo(label_id)
+        except (sqlite3.Error, OSError) as exc:
+            s.error.emit(f"Could not restore label #{label_id}: {exc}")
+            return
+        s.mark_dirty()
+        self.labels_changed.emit(self.rows())
+        det = s.detector
+        held = det is not None and label_id in det.applied_labels
+        s.status.emit(f"Label #{label_id} restored" + ("" if held else ": the next fit (F5) replays it into the model"))
+
     def rows(self) -> list[LabelRow]:
         if self._store is None and not self.store_path.exists():
             return []  # do not create a file just to list nothing

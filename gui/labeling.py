@@ -55,6 +55,8 @@ def install_labeling(window, area=Qt.DockWidgetArea.RightDockWidgetArea):
     panel.export_requested.connect(fb.export)
     panel.reset_weights_requested.connect(fb.reset_weights)
     panel.reweight_toggled.connect(fb.set_reweight)
+    panel.withdraw_requested.connect(fb.withdraw)
+    panel.restore_requested.connect(fb.restore)
     panel.operator_changed.connect(set_operator)
     c.labels_changed.connect(panel.set_rows)
     c.weights_changed.connect(panel.set_weight_change)

@@ -11,8 +11,21 @@ import time
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtGui import QBrush, QColor, QFont
 from PySide6.QtWidgets import (
-    QCheckBox,QAbstractItemView, QFileDialog, QGridLayout, QHBoxLayout, QHeaderView, QLabel,
-                               QLineEdit, QPushButton, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget)
+    QAbstractItemView,
+    QCheckBox,
+    QFileDialog,
+    QGridLayout,
+    QHBoxLayout,
+    QHeaderView,
+    QLabel,
+    QLineEdit,
+    QMenu,
+    QPushButton,
+    QTableWidget,
+    QTableWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
 
 COLUMNS = ["time", "image", "label", "score before → after"]
 KIND_TEXT = {"false_alarm": "false alarm", "defect": "real defect", "image_ok": "part OK", "image_ng": "part NG"}
@@ -33,6 +46,8 @@ class LabelsPanel(QWidget):
     reset_weights_requested = Signal()
     operator_changed = Signal(str)
     reweight_toggled = Signal(bool)
+    withdraw_requested = Signal(int)  # label id: no refit replays it any more
+    restore_requested = Signal(int)  # label id: active again
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -59,6 +74,10 @@ class LabelsPanel(QWidget):
         self.table.verticalHeader().setDefaultSectionSize(22)
         self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
         self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+        self.table.setContextMenuPolicy(Qt.ContextMenuPolicy.CustomContextMenu)
+        self.table.customContextMenuRequested.connect(self._row_menu)
+        self.table.setToolTip("Right-click a label to withdraw it (no fit replays it) or restore it")
+        self._undone: dict[int, bool] = {}  # label id -> undone, for the row menu
         header = self.table.horizontalHeader()
         header.setSectionResizeMode(1, QHeaderView.ResizeMode.Stretch)
         for col in (0, 2, 3):
@@ -149,6 +168,7 @@ class LabelsPanel(QWidget):
         self.undo_button.setEnabled(can)
 
     def set_rows(self, rows: list) -> None:
+        self._undone = {row.id: row.undone for row in rows}
         self.table.setRowCount(len(rows))
         grey = QBrush(QColor(150, 150, 150))
         for r, row in enumerate(rows):
@@ -159,8 +179,12 @@ class LabelsPanel(QWidget):
                 scores = f"{row.score_before:.2f}"
             else:
                 scores = f"{row.score_before:.2f} → {row.score_after:.2f}"
-            kind = KIND_TEXT.get(row.kind, row.kind) + ("  (undone)" if row.undone else "")
-            if not row.undone and not row.in_model:
+            kind = KIND_TEXT.get(row.kind, row.kind)
+            if row.undone and row.in_model:  # withdrawn, or undone after the model was saved
+                kind += "  (withdrawn; in the model until you refit)"
+            elif row.undone:
+                kind += "  (undone)"
+            elif not row.in_model:
                 kind += "  (not in model)"  # e.g. its image changed since; a refit could not replay it
             for c, text in enumerate((when, row.image_name, kind, scores)):
                 item = QTableWidgetItem(text)
@@ -189,6 +213,28 @@ class LabelsPanel(QWidget):
         lowest = ", ".join(f"#{i} {w:.2f}" for i, w in change.lowest)
         self.changed_label.setText(f"<b>What changed</b> (strength {change.strength:g})<br>"
                                    f"mean weight per stage: {stages}<br>most lowered channels: {lowest}")
+
+    def row_menu(self, label_id: int) -> QMenu:
+        """The actions on one label: withdraw an active one, restore an undone one."""
+        menu = QMenu(self)
+        if self._undone.get(label_id):
+            act = menu.addAction(f"Restore label #{label_id} (the next fit replays it)")
+            act.triggered.connect(lambda: self.restore_requested.emit(label_id))
+        else:
+            act = menu.addAction(f"Withdraw label #{label_id} (no fit replays it)")
+            act.triggered.connect(lambda: self.withdraw_requested.emit(label_id))
+        act.setEnabled(self._unlocked)
+        if not self._unlocked:
+            act.setToolTip("Engineer mode: unlock the station to change the labels")
+        return menu
+
+    def _row_menu(self, pos) -> None:
+        item = self.table.itemAt(pos)
+        if item is None:
+            return
+        menu = self.row_menu(int(item.data(Qt.ItemDataRole.UserRole)))
+        menu.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
+        menu.popup(self.table.viewport().mapToGlobal(pos))
 
     # -- export ---------------------------------------------------------------------------------------
     def _ask_export(self) -> None:

@@ -415,3 +415,49 @@ def test_saving_over_another_recipe_carries_this_sessions_labels_and_log_and_set
     old_log = [p for p in path.parent.glob("station.results.sqlite.replaced-*")
                if not p.name.endswith(("-wal", "-shm"))]
     assert len(old_log) == 1 and len(ResultsLog(old_log[0]).entries()) == 1
+
+
+# -- withdrawing a label (round 11) ----------------------------------------------------------
+def test_an_engineer_withdraws_an_older_label_and_the_next_fit_no_longer_replays_it(session, part_images):
+    """A wrong label found later (the model refitted or reopened since, no undo left) is
+    withdrawn: the store keeps it as undone, the panel shows it still in the current model
+    until a fit, and the fit replays only the others; restored, the next fit replays it."""
+    s = session
+    s.inspect_paths(part_images[1][:2])
+    first, second = list(s.results)[-2:]
+    s.show_result(first.id)
+    s.labels.mark_image("image_ng")
+    s.show_result(second.id)
+    s.labels.mark_image("image_ng")
+    older, newer = [r.id for r in s.labels.rows()]
+    s.start_fit()  # a refit: the undo history is gone, both labels replayed
+    assert set(s.detector.applied_labels) == {older, newer} and not s.labels.can_undo
+    s.labels.withdraw(older)
+    row = {r.id: r for r in s.labels.rows()}[older]
+    assert row.undone and row.in_model  # withdrawn, held by the current model until a fit
+    assert "still holds it until you fit again" in s.said[-1]
+    s.start_fit()
+    assert s.detector.applied_labels == (newer,)
+    s.labels.restore(older)
+    assert "the next fit (F5) replays it" in s.said[-1]
+    s.start_fit()
+    assert set(s.detector.applied_labels) == {older, newer}
+
+
+def test_withdrawing_the_last_label_undoes_it_at_once_and_an_operator_cannot_withdraw(session, part_images):
+    s = session
+    s.inspect_paths(part_images[1][:1])
+    (rec,) = list(s.results)[-1:]
+    before = rec.score
+    s.labels.mark_image("image_ng")
+    (label,) = [r.id for r in s.labels.rows()]
+    s.labels.withdraw(label)  # the last label, still undoable: undone exactly, now
+    assert s.detector.applied_labels == () and rec.score == before
+    s.labels.mark_image("image_ng")
+    s.start_fit()
+    newest = max(r.id for r in s.labels.rows())
+    assert s.set_pin("4711")
+    s.lock()
+    s.labels.withdraw(newest)
+    assert "withdraw a label" in s.errors[-1]
+    assert not {r.id: r for r in s.labels.rows()}[newest].undone

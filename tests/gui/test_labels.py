@@ -139,6 +139,27 @@ def test_part_ok_joins_ok_set_export_and_failed_store(qtbot, station, defect_ima
     assert fb.rows()[-1].kind == "image_ok"  # nothing new in the store
 
 
+def test_a_labels_row_menu_withdraws_an_active_label_and_restores_a_withdrawn_one(qtbot):
+    p = LabelsPanel()
+    qtbot.addWidget(p)
+    p.set_rows([SimpleNamespace(id=4, created_at=1.7e9, image_name="a.png", kind="false_alarm", score_before=9.5,
+                                score_after=4.25, undone=False, in_model=True),
+                SimpleNamespace(id=5, created_at=1.7e9, image_name="b.png", kind="defect", score_before=3.0,
+                                score_after=None, undone=True, in_model=True)])
+    assert p.table.item(1, 2).text() == "real defect  (withdrawn; in the model until you refit)"
+    (withdraw,) = p.row_menu(4).actions()
+    assert withdraw.text().startswith("Withdraw label #4")
+    with qtbot.waitSignal(p.withdraw_requested) as got:
+        withdraw.trigger()
+    assert got.args == [4]
+    (restore,) = p.row_menu(5).actions()
+    with qtbot.waitSignal(p.restore_requested) as got:
+        restore.trigger()
+    assert got.args == [5]
+    p.set_engineer_controls(False)  # an operator: the menu says what it would do, disabled
+    assert not p.row_menu(4).actions()[0].isEnabled()
+
+
 def test_main_window_popup_and_labels_panel(qtbot, station, tmp_path):
     from gui.main_window import MainWindow
 
