@@ -47,7 +47,7 @@ MAX_ACCEPT = 128
 class WeightChange:
     """What reweighting did, for the engineer: per stage and the most lowered channels."""
 
-    strength: float
+    strength: float | None  # None: not a change, the weights the model holds (after a fit or an open)
     stage_mean_weight: dict[str, float]
     lowest: list[tuple[int, float]]  # (channel index into the backbone's stages, weight)
 
@@ -338,7 +338,13 @@ class FeedbackLearner:
         model.set_channel_weights(previous)  # under these, every guarded part was NG
         return None
 
-    def _describe(self, w: torch.Tensor, strength: float) -> WeightChange:
+    def held_weights(self) -> WeightChange | None:
+        """The channel weights the current model holds, described as a change would be
+        (strength None); None when it holds none."""
+        w = self.detector.model.channel_weights if self.detector.model.supports_channel_weights else None
+        return None if w is None else self._describe(w, None)
+
+    def _describe(self, w: torch.Tensor, strength: float | None) -> WeightChange:
         emb = self.detector.embedder
         stages = self.detector.extractor.spec.stages
         per_stage = {f"stage {stages[s]}": float(w[torch.from_numpy(emb.channel_stage == s)].mean())

@@ -148,11 +148,22 @@ def replay_labels_job(learner: FeedbackLearner, labels: Sequence[Label],
     """Apply stored labels, oldest first, to a freshly fitted model.
 
     A label is replayed only on the very image it was made on (same content hash); a label
-    whose image is gone or changed is reported, not guessed at.
+    whose image is gone or changed is reported, not guessed at. Each is applied with channel
+    reweighting as it was made (``Label.reweight``; not recorded: the learner's setting).
     """
     applied: list[int] = []
     skipped: list[tuple[int, str]] = []
     size = learner.detector.image_size
+    setting = learner.reweight
+    try:
+        yield from _replay(learner, labels, token, size, setting, applied, skipped)
+    finally:
+        learner.reweight = setting
+    return ReplayOutcome(learner.detector, applied, skipped)
+
+
+def _replay(learner: FeedbackLearner, labels: Sequence[Label], token: CancelToken, size: int, setting: bool,
+            applied: list[int], skipped: list[tuple[int, str]]) -> Generator[Progress, None, None]:
     for i, lab in enumerate(labels):
         token.raise_if_cancelled()
         yield Progress(i, len(labels), f"replaying label #{lab.id}")
@@ -171,9 +182,9 @@ def replay_labels_job(learner: FeedbackLearner, labels: Sequence[Label],
                 import cv2
 
                 mask = cv2.resize(mask.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST) > 0
+        learner.reweight = setting if lab.reweight is None else lab.reweight
         if lab.kind in ("false_alarm", "image_ok"):
             learner.mark_false_alarm(image, mask)
         else:
             learner.mark_defect(image, mask)
         applied.append(int(lab.id))
-    return ReplayOutcome(learner.detector, applied, skipped)

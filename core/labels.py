@@ -43,7 +43,8 @@ CREATE TABLE IF NOT EXISTS labels (
     map_size INTEGER NOT NULL,   -- side of the anomaly map the region refers to
     model_id TEXT NOT NULL,
     score REAL,
-    undone_at REAL
+    undone_at REAL,
+    reweight INTEGER             -- 1: applied with channel reweighting, 0: without, NULL: not recorded
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
@@ -101,6 +102,9 @@ class Label:
     id: int | None = None
     created_at: float | None = None
     undone_at: float | None = None
+    #: applied with channel reweighting (a refit replays it the same way); None: not recorded
+    #: (a store written before this existed: the refit's own setting decides)
+    reweight: bool | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -123,6 +127,10 @@ class LabelStore:
                 for stmt in _SCHEMA.split(";"):
                     if stmt.strip():
                         db.execute(stmt)
+                # a column added within schema 1 (older stations read columns by name and
+                # leave it NULL): a store written before it gets it here
+                if "reweight" not in {r[1] for r in db.execute("PRAGMA table_info(labels)")}:
+                    db.execute("ALTER TABLE labels ADD COLUMN reweight INTEGER")
                 db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
                 return db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0]
 
@@ -153,12 +161,12 @@ class LabelStore:
         r = label.region
         cur = retry_busy(lambda: self._db.execute(
             "INSERT INTO labels (created_at, operator, image_path, image_sha256, kind, region_json, region_mask,"
-            " map_size, model_id, score) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " map_size, model_id, score, reweight) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 time.time(), label.operator, label.image_path, label.image_sha256, label.kind,
                 None if r is None else json.dumps({"polygon": r.polygon, "bbox": r.bbox}),
                 None if r is None else r.mask_png(),
-                label.map_size, label.model_id, label.score,
+                label.map_size, label.model_id, label.score, None if label.reweight is None else int(label.reweight),
             ),
         ))
         return int(cur.lastrowid)
@@ -182,8 +190,10 @@ class LabelStore:
                 meta = json.loads(d["region_json"])
                 region = RegionShape([tuple(p) for p in meta["polygon"]], tuple(meta["bbox"]),
                                      RegionShape.mask_from_png(d["region_mask"]))
+            reweight = d.get("reweight")
             out.append(Label(d["image_path"], d["image_sha256"], d["kind"], d["model_id"], d["operator"], region,
-                             d["map_size"], d["score"], d["id"], d["created_at"], d["undone_at"]))
+                             d["map_size"], d["score"], d["id"], d["created_at"], d["undone_at"],
+                             None if reweight is None else bool(reweight)))
         return out
 
     def export_csv(self) -> str:

@@ -111,7 +111,7 @@ class LabelBook:
         self._steps.clear()
         self._select(None)
         self.can_undo_changed.emit(False)
-        self.weights_changed.emit(None)
+        self.weights_changed.emit(self.learner.held_weights() if self.learner is not None else None)
         self.reweight_changed.emit(self.reweight)
         self.labels_changed.emit(self.rows())
         if replay and detector is not None and detector.config.tiled:
@@ -138,6 +138,11 @@ class LabelBook:
             out.detector.applied_labels = tuple(out.applied)
             s.set_detector(out.detector, s.image_threshold, s.pixel_threshold)
             s.rescore_results()
+            if out.detector.model.channel_weights is not None and not self.reweight:
+                # labels made with reweighting learnt weights again: the box shows what the model holds
+                self.reweight = learner.reweight = True
+                self.reweight_changed.emit(True)
+            self.weights_changed.emit(learner.held_weights())
             self.labels_changed.emit(self.rows())
             msg = f"{len(out.applied)} stored label(s) replayed into the new model"
             if out.skipped:
@@ -347,7 +352,8 @@ class LabelBook:
             label = Label(image_path=path, image_sha256=sha, kind=kind,
                           model_id=self.current_model_id, operator=self.operator,
                           region=RegionShape.from_mask(mask) if mask is not None else None,
-                          map_size=int(req["before"][1].shape[0]), score=float(rec.score_before))
+                          map_size=int(req["before"][1].shape[0]), score=float(rec.score_before),
+                          reweight=bool(self.learner.reweight and out.detector.model.supports_channel_weights))
             label_id = self.store().add(label)  # committed (WAL, synchronous=FULL) before it returns
         except (sqlite3.Error, OSError, ValueError, OkngError) as exc:
             self._revert(f"Label NOT saved ({exc}); the model change was reverted.", is_error=True)
@@ -449,7 +455,7 @@ class LabelBook:
             r.verdict = judge(r.score, s.image_threshold)
             s.results_changed.emit()
             s.show_result(r.id)
-        self.weights_changed.emit(None)
+        self.weights_changed.emit(self.learner.held_weights())
         self.labels_changed.emit(self.rows())
         self.can_undo_changed.emit(bool(self._steps))
         what = "weights reset" if step.label_id is None else f"label #{step.label_id}"

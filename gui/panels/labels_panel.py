@@ -211,8 +211,9 @@ class LabelsPanel(QWidget):
             return
         stages = ", ".join(f"{k} {v:.2f}" for k, v in change.stage_mean_weight.items())
         lowest = ", ".join(f"#{i} {w:.2f}" for i, w in change.lowest)
-        self.changed_label.setText(f"<b>What changed</b> (strength {change.strength:g})<br>"
-                                   f"mean weight per stage: {stages}<br>most lowered channels: {lowest}")
+        title = ("<b>Channel weights the model holds</b>" if change.strength is None
+                 else f"<b>What changed</b> (strength {change.strength:g})")
+        self.changed_label.setText(f"{title}<br>mean weight per stage: {stages}<br>most lowered channels: {lowest}")
 
     def row_menu(self, label_id: int) -> QMenu:
         """The actions on one label: withdraw an active one, restore an undone one."""

@@ -122,3 +122,52 @@ def test_a_label_cancelled_while_rejudging_leaves_no_trace_even_with_a_full_undo
     assert len(learner.detector.memory) == len(before.memory)  # ... of the model before the label
     np.testing.assert_array_equal(learner.detector.thresholds.calibration_scores,
                                   before.thresholds.calibration_scores)
+
+
+def test_a_replay_applies_each_label_with_the_reweighting_it_was_made_with(part_images):
+    """A refit replays every label as it was made: with channel reweighting when it was made
+    with it, without when not; a label from before this was recorded takes the station's
+    current setting. The learner's own setting is back afterwards."""
+    from types import SimpleNamespace
+
+    ok, ng = part_images
+    seen = []
+
+    class Spy:
+        reweight = False
+        detector = SimpleNamespace(image_size=64, config=SimpleNamespace(bit_depth=8))
+
+        def mark_false_alarm(self, image, mask):
+            seen.append(self.reweight)
+
+        mark_defect = mark_false_alarm
+
+    labels = [Label(p, file_sha256(p), "image_ok", "m", id=i, reweight=rw)
+              for i, (p, rw) in enumerate(zip(ok[:3], (True, False, None)), start=1)]
+    spy = Spy()
+    out = run_job(replay_labels_job(spy, labels, CancelToken()))
+    assert out.applied == [1, 2, 3] and seen == [True, False, False]
+    assert spy.reweight is False
+    spy.reweight = True
+    run_job(replay_labels_job(spy, labels, CancelToken()))
+    assert seen[3:] == [True, False, True] and spy.reweight is True
+
+
+def test_the_label_store_keeps_how_each_label_was_applied_and_an_older_store_gains_the_column(tmp_path):
+    import sqlite3
+
+    from core.labels import LabelStore
+
+    path = tmp_path / "old.labels.sqlite"
+    with LabelStore(path) as store:
+        a = store.add(Label("a.png", "ab" * 32, "false_alarm", "m", reweight=True))
+        b = store.add(Label("b.png", "cd" * 32, "false_alarm", "m"))
+    with sqlite3.connect(path) as con:  # a store as stations before this wrote it
+        con.execute("ALTER TABLE labels DROP COLUMN reweight")
+    with LabelStore(path) as store:
+        c = store.add(Label("c.png", "ef" * 32, "defect", "m", reweight=False))
+        got = {lab.id: lab.reweight for lab in store.labels()}
+    assert got == {a: None, b: None, c: False}  # the dropped column's values are gone: not recorded
+    with LabelStore(tmp_path / "new.labels.sqlite") as store:
+        d = store.add(Label("a.png", "ab" * 32, "false_alarm", "m", reweight=True))
+        assert store.labels()[0].reweight is True and store.labels()[0].id == d

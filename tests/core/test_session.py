@@ -221,6 +221,38 @@ def test_recipe_round_trip_restores_model_labels_and_reweighting(session, part_i
     assert (again.image_threshold, again.pixel_threshold) == pytest.approx((s.image_threshold, s.pixel_threshold))
 
 
+def test_a_refit_replays_labels_with_the_reweighting_they_were_made_with_and_shows_the_held_weights(
+        session, part_images, tmp_path):
+    """Labels made with *Learn channel weights* on are replayed with it after the box was
+    unticked, so the refitted model learns the same weights; the box then shows what the
+    model holds, and *What changed* describes the weights the model holds (not "unchanged"),
+    after the refit and after reopening the recipe."""
+    s = session
+    s.labels.set_reweight(True)
+    _inspect(s, part_images[1][:1])
+    s.labels.mark_image("image_ok")
+    s.labels.mark_image("image_ng")
+    assert s.detector.model.channel_weights is not None  # the setup learns weights
+    s.labels.set_reweight(False)
+    boxes, changes = [], []
+    s.labels.reweight_changed.connect(boxes.append)
+    s.labels.weights_changed.connect(changes.append)
+    s.start_fit()
+    assert len(s.detector.applied_labels) == 2
+    # learnt again (not bit for bit: the session's NG results guarded the first learning, a
+    # refit has no such results to guard)
+    assert s.detector.model.channel_weights is not None
+    assert boxes[-1] is True and s.labels.reweight
+    assert changes[-1] is not None and changes[-1].strength is None  # the weights the model holds
+    path = tmp_path / "w.okrecipe"
+    assert s.save_recipe(path)
+    again = InspectionSession(InlineExecutor(), labels_dir=tmp_path / "other")
+    held = []
+    again.labels.weights_changed.connect(held.append)
+    again.open_recipe(path)
+    assert held[-1] is not None and held[-1].lowest == changes[-1].lowest
+
+
 def test_lowrank_model_policy_is_the_same_for_cli_and_gui(session):
     from core.cli import _config_from_args, build_parser
 

@@ -44,6 +44,9 @@ def test_labels_panel_with_plain_data(qtbot):
     p.set_weight_change(SimpleNamespace(strength=0.5, stage_mean_weight={"stage 2": 1.0, "stage 3": 0.81},
                                         lowest=[(115, 0.26), (7, 0.5)]))
     assert "stage 3 0.81" in p.changed_label.text() and "#115 0.26" in p.changed_label.text()
+    assert "strength 0.5" in p.changed_label.text()
+    p.set_weight_change(SimpleNamespace(strength=None, stage_mean_weight={"stage 3": 0.9}, lowest=[(4, 0.3)]))
+    assert p.changed_label.text().startswith("<b>Channel weights the model holds</b>")  # after a fit or open
     p.set_weight_change(None)
     assert "unchanged" in p.changed_label.text()
     p.operator_edit.setText("ana")
