@@ -72,7 +72,8 @@ class InspectionSession:
         self.recipe = Recipe("untitled", config=DetectorConfig().to_dict())
         self.recipe_path: Path | None = None
         self.detector: Detector | None = None
-        self._embedder_key = ""  # what embeds for the current detector (core.runtime.graph_key)
+        self._embedder_key = ""  # what embeds for the current detector (_embedder_key)
+        self.rescoring = False  # the results table is being scored under a new model
         self.extractor = None
         self.image_threshold: float | None = None
         self.pixel_threshold: float | None = None
@@ -541,7 +542,7 @@ class InspectionSession:
                      pixel_thr: float | None = None) -> None:
         """Make ``det`` current; thresholds given here win over the model's calibration."""
         self.detector = det
-        self._embedder_key = "" if det is None else graph_key(det.embedder)
+        self._embedder_key = "" if det is None else _embedder_key(det)
         th = det.thresholds if det is not None else None
         self.image_threshold = image_thr if image_thr is not None else (th.image if th else None)
         self.pixel_threshold = pixel_thr if pixel_thr is not None else (th.pixel if th else None)
@@ -589,27 +590,28 @@ class InspectionSession:
         self.results_changed.emit()
 
     def rescore_results(self) -> None:
-        """Score the results table again under the current model (after a fit or an opened
-        recipe: the table must never show what another model said). A result embedded
-        differently (other backbone, image size or channels; a tiled model's, which keeps no
-        embedding) cannot be: it leaves the table, which says so; the results log keeps it."""
+        """Score the results table again under the current model (after a fit: the table must
+        never show what another model said). A result embedded differently (other backbone,
+        image size, channels or bit depth), or any result when the new model tiles (a tiled
+        model scores the image's tiles, not the kept whole-image embedding), cannot be: it
+        leaves the table, which says so; the results log keeps it. Labels wait until it is
+        done (:attr:`rescoring`); a cancelled or failed re-scoring takes the unscored results
+        out of the table too."""
         det = self.detector
         if det is None or not len(self.results):
             return
         key = self._embedder_key
-        stale = {r.id for r in self.results if r.embedding is None or r.embedder_key != key}
-        if stale:
-            self.results.remove(stale)
-            if self.shown_id in stale:
-                self.shown_id = None
-            self.status.emit(f"{len(stale)} result(s) left the table: the new model embeds images differently "
-                             f"(inspect them again to judge them; the results log keeps them)")
+        self._drop_results({r.id for r in self.results
+                            if det.config.tiled or r.embedding is None or r.embedder_key != key},
+                           "the new model embeds images differently")
         items = self.results.with_embeddings()
         if not items:
             self._rejudge()
             return
+        self.rescoring = True
 
         def done(rescored: list) -> None:
+            self.rescoring = False
             if self.detector is not det:  # a newer model came meanwhile: it re-scores in turn
                 return
             for r in rescored:
@@ -618,8 +620,26 @@ class InspectionSession:
                     rec.score, rec.anomaly_map = r.score, r.anomaly_map
             self._rejudge()
 
-        self.submit(partial(rescore_job, det, items), on_returned=done,
-                    on_failed=self._failed("The results could not be re-scored under the new model"))
+        def not_done(why: str) -> Callable[..., None]:
+            def drop(*_: Any) -> None:
+                self.rescoring = False
+                if self.detector is det:
+                    self._drop_results({rid for rid, _ in items}, f"their re-scoring {why}")
+            return drop
+
+        self.submit(partial(rescore_job, det, items), on_returned=done, on_failed=not_done("failed"),
+                    on_cancelled=not_done("was cancelled"))
+
+    def _drop_results(self, ids: set[int], why: str) -> None:
+        ids = {rid for rid in ids if rid in self.results}
+        if not ids:
+            return
+        self.results.remove(ids)
+        if self.shown_id in ids:
+            self.shown_id = None
+        self.results_changed.emit()
+        self.status.emit(f"{len(ids)} result(s) left the table: {why} (inspect them again to judge them under "
+                         f"the new model; the results log keeps them)")
 
     # -- results ----------------------------------------------------------------------------
     def _done_message(self, inspected: int) -> str:
@@ -712,8 +732,10 @@ class InspectionSession:
         if self.live:
             self.error.emit("Stop live inspection before saving the recipe.")
             return True
-        self.labels.recipe_saved_to(path)
-        self.shift.recipe_saved_to(path)
+        # the stores first: a recipe saved where its labels could not follow would replay
+        # another recipe's labels (the save stops, with the reason on screen)
+        if not (self.labels.recipe_saved_to(path) and self.shift.recipe_saved_to(path)):
+            return True
         self.recipe_path = path
         self.recipe.image_threshold, self.recipe.pixel_threshold = self.image_threshold, self.pixel_threshold
         if self.detector is None:
@@ -733,3 +755,9 @@ class InspectionSession:
             return
         self.mark_saved()
         self.status.emit(f"Recipe saved to {self.recipe_path}")
+
+
+def _embedder_key(det: Detector) -> str:
+    """What a kept embedding depends on: the embedding graph (backbone, weights, image size,
+    channels) and how images are read (bit depth)."""
+    return f"{graph_key(det.embedder)}|bits={det.config.bit_depth}"

@@ -27,11 +27,21 @@ from .atomic import write_bytes_atomic
 from .errors import OkngError
 from .events import Event, Question
 from .feedback import FeedbackLearner
-from .feedback_jobs import KIND_TEXT, LabelOutcome, ModelOutcome, ReplayOutcome, Rescored
-from .feedback_jobs import label_job, replay_labels_job, reset_weights_job, undo_job
+from .feedback_jobs import (
+    KIND_TEXT,
+    LabelOutcome,
+    ModelOutcome,
+    ReplayOutcome,
+    Rescored,
+    label_job,
+    replay_labels_job,
+    reset_weights_job,
+    undo_job,
+)
 from .labels import Label, LabelStore, RegionShape, file_sha256
 from .regions import find_regions, region_at
 from .session_results import judge
+from .sqlitedb import same_file
 
 if TYPE_CHECKING:
     from .detector import Detector
@@ -166,6 +176,10 @@ class LabelBook:
         if bool(on) != self.reweight and not self.session._engineer_only("change channel weight learning"):
             self.reweight_changed.emit(self.reweight)  # the check box shows what holds
             return
+        if bool(on) != self.reweight and self._pending:  # a label or replay runs with the setting it has
+            self.session.status.emit("Still learning from labels; change channel weight learning when it is done")
+            self.reweight_changed.emit(self.reweight)
+            return
         det = self.session.detector
         if on and det is not None and not det.model.supports_channel_weights:
             self.session.error.emit(f"Model {det.config.model} does not learn channel weights (its scores are "
@@ -198,23 +212,25 @@ class LabelBook:
             self._store = LabelStore(path)
         return self._store
 
-    def recipe_saved_to(self, recipe_path: Path) -> None:
+    def recipe_saved_to(self, recipe_path: Path) -> bool:
         """Carry this session's labels to the file beside the recipe being saved. Saved over
-        another recipe, its labels store is set aside (``.replaced-<time>``), not merged and
-        not kept in place: the saved model holds this session's labels, and a refit replays
-        what the store beside the recipe holds."""
+        another recipe, its labels store is first copied aside (``.replaced-<time>``), not
+        merged and not kept in place: the saved model holds this session's labels, and a
+        refit replays what the store beside the recipe holds. False (and an error on
+        screen): they could not be, and the recipe must not be saved there."""
         target = Path(recipe_path).with_suffix(".labels.sqlite")
-        if self.store_path == target:
-            return
+        if same_file(self.store_path, target):
+            return True
         try:
             aside = self.store().copy_over(target)
-        except (sqlite3.Error, OSError) as exc:
-            self.session.error.emit(f"Could not copy the labels beside the recipe: {exc}")
-            return
+        except (sqlite3.Error, OSError, ValueError) as exc:
+            self.session.error.emit(f"Recipe NOT saved: the labels could not be copied beside it ({exc})")
+            return False
         self.close_store()
         self.labels_changed.emit(self.rows())
         if aside is not None:
             self.session.status.emit(f"The replaced recipe's labels are kept in {aside}")
+        return True
 
     # -- selection --------------------------------------------------------------------------
     def select_at(self, row: int, col: int) -> bool:
@@ -269,6 +285,9 @@ class LabelBook:
             return True
         if self._pending:
             s.status.emit("Still learning from the previous label…")
+            return True
+        if s.rescoring:
+            s.status.emit("Still re-judging the results under the new model…")
             return True
         if s.live:
             s.error.emit("Stop live inspection before labelling (Space).")
@@ -451,8 +470,10 @@ class LabelBook:
         r = s.results.get(step.result_id)
         if r is not None and step.before is not None:
             # the model is exactly the one that produced these values: restore them bit for bit
+            shown_verdict = r.verdict
             r.score, r.anomaly_map, _ = step.before
             r.verdict = judge(r.score, s.image_threshold)
+            r.changed_from = shown_verdict if r.verdict != shown_verdict else None
             s.results_changed.emit()
             s.show_result(r.id)
         self.weights_changed.emit(self.learner.held_weights())
@@ -480,18 +501,20 @@ class LabelBook:
         s.submit(partial(reset_weights_job, self.learner, s.results.with_embeddings()), on_returned=done,
                   on_failed=self._on_failed)
 
-    # -- list, export -----------------------------------------------------------------------
-    # -- withdrawing a label --------------------------------------------------------------
+    # -- withdrawing a label ----------------------------------------------------------------
     def withdraw(self, label_id: int) -> None:
         """Take a label out of what the station learns from (an engineer's correction of a
         wrong label, at any time after it was made): the store marks it undone, so no refit
         replays it. The last label is undone at once, exactly (:meth:`undo_last`); an older
         one stays in the current model until the next fit, and the panel says so."""
         s = self.session
+        if not s._engineer_only("withdraw a label"):
+            return
         if self._steps and self._steps[-1].label_id == label_id:
             self.undo_last()
             return
-        if self._busy() or not s._engineer_only("withdraw a label"):
+        if self._pending:
+            s.status.emit("Still learning from the previous label…")
             return
         try:
             self.store().undo(label_id)
@@ -509,7 +532,10 @@ class LabelBook:
     def restore(self, label_id: int) -> None:
         """A withdrawn (or undone) label active again: the next fit replays it."""
         s = self.session
-        if self._busy() or not s._engineer_only("restore a label"):
+        if not s._engineer_only("restore a label"):
+            return
+        if self._pending:
+            s.status.emit("Still learning from the previous label…")
             return
         try:
             self.store().redo(label_id)
@@ -522,6 +548,7 @@ class LabelBook:
         held = det is not None and label_id in det.applied_labels
         s.status.emit(f"Label #{label_id} restored" + ("" if held else ": the next fit (F5) replays it into the model"))
 
+    # -- list, export -----------------------------------------------------------------------
     def rows(self) -> list[LabelRow]:
         if self._store is None and not self.store_path.exists():
             return []  # do not create a file just to list nothing

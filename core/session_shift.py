@@ -21,6 +21,7 @@ from .events import Event
 from .labels import file_sha256
 from .recipes import safe_file_stem
 from .results_log import Counters, LogEntry, ResultsLog, truth_from_path
+from .sqlitedb import same_file
 
 if TYPE_CHECKING:
     from .session import InspectionSession
@@ -61,21 +62,23 @@ class ShiftLog:
         self.close()
         self.refresh()
 
-    def recipe_saved_to(self, recipe_path: Path) -> None:
+    def recipe_saved_to(self, recipe_path: Path) -> bool:
         """Carry this session's results log to the file beside the recipe being saved; saved
-        over another recipe, that one's log is set aside (``.replaced-<time>``), as its labels
-        are (:meth:`core.session_labels.LabelBook.recipe_saved_to`)."""
+        over another recipe, that one's log is first copied aside (``.replaced-<time>``), as
+        its labels are (:meth:`core.session_labels.LabelBook.recipe_saved_to`). False (and an
+        error on screen): it could not be, and the recipe must not be saved there."""
         target = Path(recipe_path).with_suffix(".results.sqlite")
-        if self.path == target:
-            return
+        if same_file(self.path, target):
+            return True
         try:
             aside = self.log().copy_over(target)
         except (sqlite3.Error, OSError, ValueError) as exc:
-            self.session.error.emit(f"Could not copy the results log beside the recipe: {exc}")
-            return
+            self.session.error.emit(f"Recipe NOT saved: the results log could not be copied beside it ({exc})")
+            return False
         self.close()
         if aside is not None:
             self.session.status.emit(f"The replaced recipe's results log is kept in {aside}")
+        return True
 
     def record(self, rec: ResultRecord, model_id: str) -> None:
         """Log one inspection; a log that cannot be written is an error on screen, never a

@@ -78,31 +78,43 @@ def backup_to(con: sqlite3.Connection, target: str | os.PathLike[str]) -> None:
         dst.close()
 
 
-#: the files of one database in WAL mode: the main file and its two companions
-_COMPANIONS = ("", "-wal", "-shm")
+def same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    """One file under two spellings (relative and absolute, through a link)? Paths that do
+    not exist yet compare resolved."""
+    try:
+        if os.path.exists(a) and os.path.exists(b):
+            return os.path.samefile(a, b)
+        return os.path.realpath(a) == os.path.realpath(b)
+    except OSError:
+        return os.fspath(a) == os.fspath(b)
 
 
 def copy_over(con: sqlite3.Connection, target: str | os.PathLike[str]) -> str | None:
-    """Copy a whole database to ``target`` where a database may already be (saving a recipe
-    over another one): the copy is made beside it and renamed into place, and an existing
-    database there is first renamed, with its WAL files, to ``<target>.replaced-<time>``
-    (returned; None when there was none), so nothing of it is lost and no stale WAL file of
-    the old database is ever read as part of the new one."""
+    """Copy a whole database to ``target``, where a database may already be (saving a recipe
+    over another one). An existing one is first copied whole, its WAL content included, to
+    ``<target>.replaced-<time>`` (returned; None when there was none), then overwritten in
+    place by SQLite's backup, one locked transaction: no file is renamed, so a crash leaves
+    the old or the new content, never neither, and another station that has it open reads
+    the new content rather than writing on into a moved file. A new target is written beside
+    it and renamed into place."""
     target = os.fspath(target)
-    part = target + ".part"
-    for suffix in _COMPANIONS:
-        if os.path.exists(part + suffix):
-            os.remove(part + suffix)
-    backup_to(con, part)
-    aside = None
-    if any(os.path.exists(target + s) for s in _COMPANIONS):
-        aside = f"{target}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
-        n = 1
-        while any(os.path.exists(aside + s) for s in _COMPANIONS):
-            n += 1
-            aside = f"{target}.replaced-{time.strftime('%Y%m%d-%H%M%S')}-{n}"
-        for suffix in _COMPANIONS:
-            if os.path.exists(target + suffix):
-                os.replace(target + suffix, aside + suffix)
-    os.replace(part, target)
+    if not os.path.exists(target):
+        os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)  # as the recipe's own save does
+        part = f"{target}.part-{os.getpid()}"
+        if os.path.exists(part):
+            os.remove(part)
+        backup_to(con, part)
+        os.replace(part, target)
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside, n = f"{target}.replaced-{stamp}", 1
+    while os.path.exists(aside):
+        n += 1
+        aside = f"{target}.replaced-{stamp}-{n}"
+    dst = connect(target)
+    try:
+        backup_to(dst, aside)
+        retry_busy(lambda: con.backup(dst))
+    finally:
+        dst.close()
     return aside

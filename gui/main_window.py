@@ -253,9 +253,13 @@ class MainWindow(QMainWindow):
             self._new_rows.clear()  # rows of results cleared before they were shown
             self.results_panel.clear()
         self._rows_update.flush()  # every row there before the verdicts are repainted
+        if self.results_panel.row_count() > len(s.results):
+            self.results_panel.keep_only({r.id for r in s.results})
         self.results_panel.set_verdicts({r.id: r.verdict for r in s.results},
                                         {r.id: r.score for r in s.results},
                                         {r.id: r.changed_from for r in s.results if r.changed_from})
+        if self.view.shown_key is not None and self.view.shown_key not in s.results:
+            self.view.show_waiting("The result shown left the table (see the status line)")
         self.histogram.set_scores(inspected=s.inspected_scores())
 
     @Slot(object)

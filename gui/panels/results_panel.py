@@ -134,6 +134,14 @@ class ResultsPanel(QWidget):
                 self.table.item(row, 2).setText(f"{scores[rid]:.3f}")
         self.apply_filter()
 
+    def keep_only(self, result_ids) -> None:
+        """Remove the rows of results not in ``result_ids`` (those a new model could not score
+        again left the session's table)."""
+        for row in reversed(range(self.table.rowCount())):
+            if self.table.item(row, 0).data(Qt.ItemDataRole.UserRole) not in result_ids:
+                self.table.removeRow(row)
+        self._update_shown()
+
     def clear(self) -> None:
         self.table.setRowCount(0)
         self._update_shown()

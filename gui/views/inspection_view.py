@@ -289,6 +289,11 @@ class InspectionView(QWidget):
         self.set_note("")
         self.set_verdict("", None, None)
 
+    @property
+    def shown_key(self) -> object:
+        """The key of the image shown (set_image's ``key``: the result id), None when empty."""
+        return self._image_key
+
     def show_waiting(self, text: str) -> None:
         """Nothing to judge yet (live just started): no image, map or outlines, a neutral "—"
         verdict and ``text`` in place of the score line."""

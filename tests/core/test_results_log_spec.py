@@ -94,7 +94,7 @@ def test_a_backup_is_a_whole_copy_of_the_log_at_the_given_path(tmp_path):
 
 def test_a_copy_over_an_existing_log_sets_it_aside_with_its_wal_and_never_mixes_them(tmp_path):
     """Saving a recipe over another one: the old log (here as a crash left it, rows still in
-    its WAL file) is renamed aside whole, and the copy in its place holds the new log only."""
+    its WAL file) is copied aside whole, and the log in its place holds the new log only."""
     import shutil
 
     old = tmp_path / "old.sqlite"

@@ -513,3 +513,38 @@ def test_the_training_budget_is_set_for_models_that_train_by_an_engineer_and_kep
     s.lock()
     s.set_training_budget(60.0)
     assert s.training_budget() == 180.0 and "engineer" in s.errors[-1]
+
+
+def test_no_label_starts_while_the_results_are_re_scored_and_a_cancelled_re_scoring_empties_the_table(
+        session, part_images):
+    """The re-scoring after a fit runs as a job: until it is done a label would guard, and
+    undo to, the previous model's verdicts, so none starts; cancelled, the results it did
+    not score leave the table rather than stay judged by the previous model."""
+    from core.jobs import CancelToken, JobCallbacks, deliver, drive
+
+    s = session
+    s.inspect_paths(part_images[1][:2])
+    held = []
+
+    class Holding(InlineExecutor):
+        """Keeps the next job instead of running it (the engine thread still busy with it)."""
+
+        def submit(self, job, callbacks=None, replace=False):
+            held.append((job, callbacks or JobCallbacks()))
+            return CancelToken()
+
+    s.executor, inline = Holding(), s.executor
+    said = []
+    s.status.connect(said.append)
+    s.rescore_results()
+    assert s.rescoring and len(held) == 1
+    s.show_result(list(s.results)[0].id)
+    s.labels.mark_image("image_ng")
+    assert said[-1] == "Still re-judging the results under the new model…" and s.labels.rows() == []
+    job, cb = held.pop()
+    token = CancelToken()
+    token.cancel()
+    drive(job, token, lambda kind, payload: deliver(cb, kind, payload))  # Esc while it ran
+    assert not s.rescoring and len(s.results) == 0
+    assert "2 result(s) left the table: their re-scoring was cancelled" in said[-1]
+    s.executor = inline

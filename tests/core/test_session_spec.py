@@ -461,3 +461,17 @@ def test_withdrawing_the_last_label_undoes_it_at_once_and_an_operator_cannot_wit
     s.labels.withdraw(newest)
     assert "withdraw a label" in s.errors[-1]
     assert not {r.id: r for r in s.labels.rows()}[newest].undone
+
+
+def test_a_recipe_is_not_saved_where_its_labels_cannot_follow(session, part_images, tmp_path):
+    """Saving over a recipe whose labels store cannot be read (here: not a database) stops
+    the save with the reason: a recipe saved there would replay that store's labels."""
+    s = session
+    s.inspect_paths(part_images[1][:1])
+    s.labels.mark_image("image_ng")
+    path = tmp_path / "station.okng-recipe"
+    path.with_suffix(".labels.sqlite").write_bytes(b"not a database at all" * 100)
+    before = s.recipe_path
+    s.save_recipe(path)
+    assert s.errors[-1].startswith("Recipe NOT saved: the labels could not be copied beside it")
+    assert s.recipe_path == before and not path.exists() and not path.with_suffix(".okng").exists()

@@ -39,3 +39,16 @@ def test_operators_cannot_change_the_tiling(tiled_session):
     s.lock()
     s.set_tiling("auto")
     assert s.config.tile is None and "Operator mode" in s.errors[-1]
+
+
+def test_results_of_a_whole_image_model_leave_the_table_when_a_tiled_model_is_fitted(tiled_session, part_images):
+    """A tiled model scores an image's tiles, not the whole-image embedding a result keeps:
+    the table cannot be re-scored from it, so those results leave it, with a message."""
+    s = tiled_session
+    s.start_fit()
+    s.inspect_paths(part_images[1][:2])
+    assert len(s.results) == 2 and list(s.results)[0].embedding is not None
+    s.set_tiling(64)
+    s.start_fit()
+    assert s.detector.config.tiled and len(s.results) == 0 and s.shown is None
+    assert any("2 result(s) left the table: the new model embeds images differently" in x for x in s.statuses)

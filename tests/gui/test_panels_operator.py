@@ -179,6 +179,8 @@ def test_results_filter_hides_rows_and_next_walks_the_visible_ones(qtbot):
     assert p.visible_rows() == [2] and p.row_count() == 5
     p.set_filter("All", "")
     assert p.visible_count() == 5
+    p.keep_only({2, 5})  # the others left the session's table
+    assert [p.table.item(r, 1).text() for r in range(p.row_count())] == ["b.png", "e.png"]
     p.clear()
     assert p.row_count() == 0
 
