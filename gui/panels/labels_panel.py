@@ -179,9 +179,10 @@ class LabelsPanel(QWidget):
                 scores = f"{row.score_before:.2f}"
             else:
                 scores = f"{row.score_before:.2f} → {row.score_after:.2f}"
-            kind = KIND_TEXT.get(row.kind, row.kind)
+            kind, tip = KIND_TEXT.get(row.kind, row.kind), ""
             if row.undone and row.in_model:  # withdrawn, or undone after the model was saved
-                kind += "  (withdrawn; in the model until you refit)"
+                kind += "  (withdrawn, until refit)"
+                tip = "No fit replays this label, but the current model still holds it until you fit again (F5)"
             elif row.undone:
                 kind += "  (undone)"
             elif not row.in_model:
@@ -189,6 +190,7 @@ class LabelsPanel(QWidget):
             for c, text in enumerate((when, row.image_name, kind, scores)):
                 item = QTableWidgetItem(text)
                 item.setData(Qt.ItemDataRole.UserRole, row.id)
+                item.setToolTip(tip if c == 2 else text if c == 1 else "")
                 if c == 3:
                     item.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
                 if row.undone:

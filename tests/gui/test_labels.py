@@ -149,7 +149,8 @@ def test_a_labels_row_menu_withdraws_an_active_label_and_restores_a_withdrawn_on
                                 score_after=4.25, undone=False, in_model=True),
                 SimpleNamespace(id=5, created_at=1.7e9, image_name="b.png", kind="defect", score_before=3.0,
                                 score_after=None, undone=True, in_model=True)])
-    assert p.table.item(1, 2).text() == "real defect  (withdrawn; in the model until you refit)"
+    assert p.table.item(1, 2).text() == "real defect  (withdrawn, until refit)"
+    assert "still holds it until you fit again" in p.table.item(1, 2).toolTip()
     (withdraw,) = p.row_menu(4).actions()
     assert withdraw.text().startswith("Withdraw label #4")
     with qtbot.waitSignal(p.withdraw_requested) as got:
