@@ -2,8 +2,9 @@
 
 From a pool of unseen OK images, each one the station flags NG gets one click on its hottest
 region ("false alarm"). At 0 clicks and at each checkpoint the detector is evaluated on a
-disjoint held-out set of OK and NG images: false-alarm and detection rate at the
-(recalibrated) threshold, image AUROC and FPR at 95 % TPR, and ``defects_flipped``: how many
+disjoint held-out set of OK and NG images: false-alarm and detection rate at the model's
+image threshold (clicks keep it, as in the station), image AUROC and FPR at 95 % TPR, and
+``defects_flipped``: how many
 defective images judged NG at 0 clicks are judged OK now (what feedback silently passed).
 The model file is not changed.
 """
