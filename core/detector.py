@@ -160,6 +160,11 @@ class Detector:
         #: ids of the stored operator labels this model has learnt, in order (see
         #: :mod:`core.session_labels`); saved in the model file
         self.applied_labels: tuple[int, ...] = ()
+        #: what channel reweighting learnt from those labels (``fa_shares`` (N, C),
+        #: ``defect_shares`` (M, C), ``defect_embeddings`` (K, C, h, w) float16; see
+        #: :class:`core.feedback.FeedbackLearner`), saved in the model file so that labels
+        #: made after reopening reweight as they would have in the session; None: nothing
+        self.feedback_evidence: dict[str, torch.Tensor] | None = None
         #: the model file this detector was loaded from or saved to (its embedding graph is
         #: cached beside it), or None
         self.model_path: str | None = None
@@ -208,6 +213,7 @@ class Detector:
         det = Detector(self.config, self.extractor, self.embedder.channel_idx.copy(), self.model.copy(), th)
         det.calibration_embeddings = self.calibration_embeddings  # never modified in place
         det.applied_labels = self.applied_labels
+        det.feedback_evidence = self.feedback_evidence  # replaced, never modified in place
         det.memory = None if self.memory is None else self.memory.copy()
         det.model_path, det._runtime, det.runtime_notes = self.model_path, self._runtime, list(self.runtime_notes)
         return det

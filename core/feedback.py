@@ -143,6 +143,28 @@ class FeedbackLearner:
     #: again (PatchCore: 1.4 s of a 1.6 s click)
     _calibration: tuple[weakref.ref, torch.Tensor] | None = field(default=None, repr=False, compare=False)
 
+    def __post_init__(self) -> None:
+        """A detector loaded from a file brings the evidence its labels left (see
+        :attr:`core.detector.Detector.feedback_evidence`): reweighting goes on from it."""
+        ev = self.detector.feedback_evidence
+        if ev and not (self.fa_shares or self.defect_shares or self.defect_embeddings):
+            self.fa_shares = list(ev["fa_shares"].unbind(0))
+            self.defect_shares = list(ev["defect_shares"].unbind(0))
+            self.defect_embeddings = [e[None] for e in ev["defect_embeddings"].unbind(0)]
+
+    def _keep_evidence(self) -> None:
+        """Hand the current evidence to the detector (it is saved with the model)."""
+        c, (h, w) = self.detector.model.n_channels, self.detector.model.grid
+        if not (self.fa_shares or self.defect_shares or self.defect_embeddings):
+            self.detector.feedback_evidence = None
+            return
+        self.detector.feedback_evidence = {
+            "fa_shares": torch.stack(self.fa_shares).float() if self.fa_shares else torch.zeros(0, c),
+            "defect_shares": torch.stack(self.defect_shares).float() if self.defect_shares else torch.zeros(0, c),
+            "defect_embeddings": (torch.cat(self.defect_embeddings).to(torch.float16) if self.defect_embeddings
+                                  else torch.zeros(0, c, h, w, dtype=torch.float16)),
+        }
+
     def _push(self) -> None:
         self._undo.append((self.detector.copy(), len(self.fa_shares), len(self.defect_shares),
                            len(self.defect_embeddings)))
@@ -208,6 +230,7 @@ class FeedbackLearner:
         det.finalize()
         change = self._reweight() if self.reweight else None
         self._refresh(cached)
+        self._keep_evidence()
         kind = "image_ok" if region_mask is None else "false_alarm"
         return self._record(kind, mask, emb, before, th_before, t0, change)
 
@@ -231,6 +254,7 @@ class FeedbackLearner:
             self.detector.ensure_memory(**self.memory_params).add_defect(emb[:1], mask[0])
         change = self._reweight() if self.reweight and self.fa_shares else None
         self._refresh(cached)
+        self._keep_evidence()
         kind = "defect" if region_mask is not None else "image_ng"
         return self._record(kind, mask, emb, before, th_before, t0, change)
 
@@ -281,6 +305,7 @@ class FeedbackLearner:
         self.fa_shares.clear()
         self.defect_shares.clear()
         self.detector.refresh_calibration()
+        self._keep_evidence()
 
     # -- reweighting --------------------------------------------------------------------
     def _candidate_weights(self, strength: float) -> torch.Tensor | None:

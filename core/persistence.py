@@ -84,6 +84,8 @@ def detector_tensors(det: Detector) -> dict[str, torch.Tensor]:
         t["calibration.embeddings"] = det.calibration_embeddings.to(torch.float16)
     if det.memory is not None:
         t.update({f"feedback_memory.{k}": v for k, v in det.memory.tensors().items()})
+    if det.feedback_evidence:
+        t.update({f"feedback_evidence.{k}": v for k, v in det.feedback_evidence.items()})
     return {k: v.detach().contiguous().cpu() for k, v in t.items()}
 
 
@@ -204,6 +206,8 @@ def load_detector(path: str | os.PathLike[str], extractor: FeatureExtractor | Ba
                                  and cal_emb.shape[0] == cal_scores.numel()),
              path, "calibration embeddings have the wrong shape")
     memory_t = {k[len("feedback_memory."):]: tensors.pop(k) for k in list(tensors) if k.startswith("feedback_memory.")}
+    evidence_t = {k[len("feedback_evidence."):]: tensors.pop(k) for k in list(tensors)
+                  if k.startswith("feedback_evidence.")}
     model_t = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     _check_model_shapes(cls, grid, n_channels, meta["model"]["params"], model_t, path, meta_device=True)
     try:
@@ -232,6 +236,7 @@ def load_detector(path: str | os.PathLike[str], extractor: FeatureExtractor | Ba
              path, "the list of applied labels is damaged")
     det.applied_labels = tuple(labels)
     det.memory = _load_memory(meta.get("feedback_memory"), memory_t, model, path)
+    det.feedback_evidence = _load_evidence(evidence_t, model, path)
     if model.n_samples > 0 and not derived_cache.restore(model, path, digest):
         det.finalize()
         derived_cache.store(model, path, digest)  # a model saved before the cache existed
@@ -239,6 +244,23 @@ def load_detector(path: str | os.PathLike[str], extractor: FeatureExtractor | Ba
     if isinstance(extractor, FeatureExtractor):
         det.use_runtime(runtime)
     return det
+
+
+def _load_evidence(t: dict[str, torch.Tensor], model, path: Path) -> dict[str, torch.Tensor] | None:
+    """What reweighting learnt from the model's labels, shapes and dtypes checked; None in a
+    file without it (written before it was saved, or with no labels)."""
+    if not t:
+        return None
+    c, (h, w) = model.n_channels, model.grid
+    want = {"fa_shares": ((c,), torch.float32), "defect_shares": ((c,), torch.float32),
+            "defect_embeddings": ((c, h, w), torch.float16)}
+    require(set(t) == set(want), path, f"feedback evidence tensors {sorted(t)} do not match {sorted(want)}")
+    for name, (shape, dtype) in want.items():
+        v = t[name]
+        require(v.dtype == dtype and v.dim() == len(shape) + 1 and tuple(v.shape[1:]) == shape
+                 and bool(torch.isfinite(v).all()), path,
+                 f"feedback evidence {name!r} is {v.dtype} {tuple(v.shape)}, expected {dtype} (N, {shape})")
+    return t
 
 
 def _load_memory(params: dict[str, Any] | None, t: dict[str, torch.Tensor], model, path: Path):

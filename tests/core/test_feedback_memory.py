@@ -173,6 +173,36 @@ def test_a_format_1_model_file_still_loads(detector, tmp_path):
     assert back.memory is None
 
 
+def test_what_reweighting_learnt_is_saved_with_the_model_checked_on_load_and_taken_up_by_a_learner(
+        detector, tmp_path):
+    from core.errors import ModelFileError
+    from core.persistence import load_detector, read_model_file, save_detector, write_model_file
+
+    rng = np.random.default_rng(5)
+    learner = FeedbackLearner(detector, reweight=True)
+    learner.mark_false_alarm(_with(_background(rng, 1), _pattern(rng), 3, 3, rng), _region(3, 3))
+    learner.mark_defect(_with(_background(rng, 1), _pattern(rng), 9, 9, rng), _region(9, 9))
+    ev = learner.detector.feedback_evidence
+    assert ev["fa_shares"].shape == (1, C) and ev["defect_embeddings"].shape == (1, C, 16, 16)
+    path = save_detector(learner.detector, tmp_path / "m.okng")
+    back = load_detector(path, extractor=detector.extractor)
+    assert back.feedback_evidence.keys() == ev.keys()
+    assert all(torch.equal(back.feedback_evidence[k], ev[k]) for k in ev)
+    again = FeedbackLearner(back, reweight=True)
+    assert len(again.fa_shares) == len(again.defect_shares) == len(again.defect_embeddings) == 1
+    assert torch.equal(again.defect_embeddings[0], learner.defect_embeddings[0])
+    learner.undo()
+    learner.undo()
+    assert learner.detector.feedback_evidence is None  # the undone labels' evidence goes too
+    meta, tensors = read_model_file(path)
+    tensors["feedback_evidence.fa_shares"] = tensors["feedback_evidence.fa_shares"][:, :3]
+    write_model_file(path, tensors, meta)
+    with pytest.raises(ModelFileError, match="feedback evidence 'fa_shares'"):
+        load_detector(path, extractor=detector.extractor)
+    assert load_detector(save_detector(detector, tmp_path / "plain.okng"),
+                         extractor=detector.extractor).feedback_evidence is None
+
+
 def test_a_click_that_changes_only_the_memory_rescores_the_held_out_parts_without_the_model(detector):
     """After a false-alarm or defect click the held-out OK parts are re-scored (the expected
     false-alarm rate stays true), and when only the memory changed, from the model distances

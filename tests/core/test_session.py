@@ -548,3 +548,32 @@ def test_no_label_starts_while_the_results_are_re_scored_and_a_cancelled_re_scor
     assert not s.rescoring and len(s.results) == 0
     assert "2 result(s) left the table: their re-scoring was cancelled" in said[-1]
     s.executor = inline
+
+
+def test_labels_after_reopening_reweight_as_they_would_have_in_the_session_that_made_the_earlier_ones(
+        session, part_images, tmp_path):
+    """What reweighting learnt from earlier labels (false-alarm and defect channel shares,
+    the confirmed defects it must keep catching) is saved with the model: after reopening,
+    the next label gives the same channel weights as in the session that never closed."""
+    s = session
+    s.labels.set_reweight(True)
+    parts = part_images[1][:2] + part_images[0][:2]
+    _inspect(s, parts)
+    s.show_result(list(s.results)[0].id)
+    s.labels.mark_image("image_ok")
+    s.labels.mark_image("image_ng")
+    path = tmp_path / "w.okrecipe"
+    assert s.save_recipe(path)
+    again = InspectionSession(InlineExecutor(), labels_dir=tmp_path / "other")
+    again.open_recipe(path)
+    again.operator = "ben"
+    again.question.connect(lambda q: q.answer("Apply the label"))
+    s.question.connect(lambda q: q.answer("Apply the label"))
+    s.clear_results()
+    for station in (s, again):
+        _inspect(station, parts)
+        station.show_result(list(station.results)[1].id)
+        station.labels.mark_image("image_ok")
+    w_session, w_reopened = s.detector.model.channel_weights, again.detector.model.channel_weights
+    assert w_session is not None and w_reopened is not None
+    assert np.allclose(w_session.numpy(), w_reopened.numpy(), atol=1e-5)
