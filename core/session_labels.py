@@ -507,46 +507,40 @@ class LabelBook:
         wrong label, at any time after it was made): the store marks it undone, so no refit
         replays it. The last label is undone at once, exactly (:meth:`undo_last`); an older
         one stays in the current model until the next fit, and the panel says so."""
-        s = self.session
-        if not s._engineer_only("withdraw a label"):
+        if not self.session._engineer_only("withdraw a label"):
             return
         if self._steps and self._steps[-1].label_id == label_id:
             self.undo_last()
             return
-        if self._pending:
-            s.status.emit("Still learning from the previous label…")
-            return
-        try:
-            self.store().undo(label_id)
-        except (sqlite3.Error, OSError) as exc:
-            s.error.emit(f"Could not withdraw label #{label_id}: {exc}")
-            return
-        s.mark_dirty()
-        self.labels_changed.emit(self.rows())
-        det = s.detector
-        if det is not None and label_id in det.applied_labels:
-            s.status.emit(f"Label #{label_id} withdrawn: the current model still holds it until you fit again (F5)")
-        else:
-            s.status.emit(f"Label #{label_id} withdrawn: no fit will replay it")
+        if self._set_active(label_id, False):
+            self.session.status.emit(f"Label #{label_id} withdrawn: " + (
+                "the current model still holds it until you fit again (F5)" if self._held(label_id)
+                else "no fit will replay it"))
 
     def restore(self, label_id: int) -> None:
         """A withdrawn (or undone) label active again: the next fit replays it."""
+        if self.session._engineer_only("restore a label") and self._set_active(label_id, True):
+            self.session.status.emit(f"Label #{label_id} restored" + (
+                "" if self._held(label_id) else ": the next fit (F5) replays it into the model"))
+
+    def _set_active(self, label_id: int, active: bool) -> bool:
+        """Mark a stored label active (replayed by fits) or not; False if it could not be."""
         s = self.session
-        if not s._engineer_only("restore a label"):
-            return
         if self._pending:
             s.status.emit("Still learning from the previous label…")
-            return
+            return False
         try:
-            self.store().redo(label_id)
+            (self.store().redo if active else self.store().undo)(label_id)
         except (sqlite3.Error, OSError) as exc:
-            s.error.emit(f"Could not restore label #{label_id}: {exc}")
-            return
+            s.error.emit(f"Could not {'restore' if active else 'withdraw'} label #{label_id}: {exc}")
+            return False
         s.mark_dirty()
         self.labels_changed.emit(self.rows())
-        det = s.detector
-        held = det is not None and label_id in det.applied_labels
-        s.status.emit(f"Label #{label_id} restored" + ("" if held else ": the next fit (F5) replays it into the model"))
+        return True
+
+    def _held(self, label_id: int) -> bool:
+        det = self.session.detector
+        return det is not None and label_id in det.applied_labels
 
     # -- list, export -----------------------------------------------------------------------
     def rows(self) -> list[LabelRow]:
