@@ -74,6 +74,7 @@ class InspectionSession:
         self.detector: Detector | None = None
         self._embedder_key = ""  # what embeds for the current detector (_embedder_key)
         self.rescoring = False  # the results table is being scored under a new model
+        self._rescore_gen = 0  # which re-scoring is the newest
         self.extractor = None
         self.image_threshold: float | None = None
         self.pixel_threshold: float | None = None
@@ -609,9 +610,15 @@ class InspectionSession:
             self._rejudge()
             return
         self.rescoring = True
+        self._rescore_gen += 1
+        gen = self._rescore_gen
+
+        def finished() -> None:
+            if gen == self._rescore_gen:  # not when a newer re-scoring is still to come
+                self.rescoring = False
 
         def done(rescored: list) -> None:
-            self.rescoring = False
+            finished()
             if self.detector is not det:  # a newer model came meanwhile: it re-scores in turn
                 return
             for r in rescored:
@@ -622,7 +629,7 @@ class InspectionSession:
 
         def not_done(why: str) -> Callable[..., None]:
             def drop(*_: Any) -> None:
-                self.rescoring = False
+                finished()
                 if self.detector is det:
                     self._drop_results({rid for rid, _ in items}, f"their re-scoring {why}")
             return drop

@@ -577,3 +577,24 @@ def test_labels_after_reopening_reweight_as_they_would_have_in_the_session_that_
     w_session, w_reopened = s.detector.model.channel_weights, again.detector.model.channel_weights
     assert w_session is not None and w_reopened is not None
     assert np.allclose(w_session.numpy(), w_reopened.numpy(), atol=1e-5)
+
+
+def test_labels_wait_for_the_newest_re_scoring_not_only_the_first(session, part_images):
+    from core.jobs import CancelToken, JobCallbacks, deliver, drive
+
+    s = session
+    s.inspect_paths(part_images[1][:2])
+    held = []
+
+    class Holding(InlineExecutor):
+        def submit(self, job, callbacks=None, replace=False):
+            held.append((job, callbacks or JobCallbacks()))
+            return CancelToken()
+
+    s.executor = Holding()
+    s.rescore_results()
+    s.rescore_results()  # e.g. a second fit queued behind the first's re-scoring
+    for i, (job, cb) in enumerate(list(held)):
+        drive(job, CancelToken(), lambda kind, payload, cb=cb: deliver(cb, kind, payload))
+        assert s.rescoring is (i == 0)  # the first one done, the newer one still to come
+    assert len(s.results) == 2
