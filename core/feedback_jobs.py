@@ -124,7 +124,7 @@ def label_job(learner: FeedbackLearner, kind: str, image: np.ndarray | None, pat
 
 def rescore_job(det: Detector, items: Sequence[tuple[int, torch.Tensor]],
                 token: CancelToken) -> Generator[Progress, None, list[Rescored]]:
-    """The session's results scored again under a new model (after a fit or an opened recipe)."""
+    """The session's results scored again under a new model (after a fit)."""
     yield Progress(0, len(items), f"re-judging {len(items)} results under the new model")
     return rescore(det, items, token)
 

@@ -36,6 +36,29 @@ def session(tmp_path, part_images, tiny_config):
     return s
 
 
+class HoldingExecutor(InlineExecutor):
+    """Keeps each submitted job instead of running it (the engine thread still busy with
+    it); :meth:`run_next` runs the oldest, optionally as if Esc cancelled it."""
+
+    def __init__(self) -> None:
+        self.held = []
+
+    def submit(self, job, callbacks=None, replace=False):
+        from core.jobs import CancelToken, JobCallbacks
+
+        self.held.append((job, callbacks or JobCallbacks()))
+        return CancelToken()
+
+    def run_next(self, cancelled: bool = False) -> None:
+        from core.jobs import CancelToken, deliver, drive
+
+        job, cb = self.held.pop(0)
+        token = CancelToken()
+        if cancelled:
+            token.cancel()
+        drive(job, token, lambda kind, payload: deliver(cb, kind, payload))
+
+
 def _inspect(s, paths):
     s.inspect_paths(list(paths))
     return list(s.results)[-len(paths):]
@@ -520,31 +543,17 @@ def test_no_label_starts_while_the_results_are_re_scored_and_a_cancelled_re_scor
     """The re-scoring after a fit runs as a job: until it is done a label would guard, and
     undo to, the previous model's verdicts, so none starts; cancelled, the results it did
     not score leave the table rather than stay judged by the previous model."""
-    from core.jobs import CancelToken, JobCallbacks, deliver, drive
-
     s = session
     s.inspect_paths(part_images[1][:2])
-    held = []
-
-    class Holding(InlineExecutor):
-        """Keeps the next job instead of running it (the engine thread still busy with it)."""
-
-        def submit(self, job, callbacks=None, replace=False):
-            held.append((job, callbacks or JobCallbacks()))
-            return CancelToken()
-
-    s.executor, inline = Holding(), s.executor
+    s.executor, inline = HoldingExecutor(), s.executor
     said = []
     s.status.connect(said.append)
     s.rescore_results()
-    assert s.rescoring and len(held) == 1
+    assert s.rescoring and len(s.executor.held) == 1
     s.show_result(list(s.results)[0].id)
     s.labels.mark_image("image_ng")
     assert said[-1] == "Still re-judging the results under the new model…" and s.labels.rows() == []
-    job, cb = held.pop()
-    token = CancelToken()
-    token.cancel()
-    drive(job, token, lambda kind, payload: deliver(cb, kind, payload))  # Esc while it ran
+    s.executor.run_next(cancelled=True)  # Esc while it ran
     assert not s.rescoring and len(s.results) == 0
     assert "2 result(s) left the table: their re-scoring was cancelled" in said[-1]
     s.executor = inline
@@ -580,21 +589,12 @@ def test_labels_after_reopening_reweight_as_they_would_have_in_the_session_that_
 
 
 def test_labels_wait_for_the_newest_re_scoring_not_only_the_first(session, part_images):
-    from core.jobs import CancelToken, JobCallbacks, deliver, drive
-
     s = session
     s.inspect_paths(part_images[1][:2])
-    held = []
-
-    class Holding(InlineExecutor):
-        def submit(self, job, callbacks=None, replace=False):
-            held.append((job, callbacks or JobCallbacks()))
-            return CancelToken()
-
-    s.executor = Holding()
+    s.executor = HoldingExecutor()
     s.rescore_results()
     s.rescore_results()  # e.g. a second fit queued behind the first's re-scoring
-    for i, (job, cb) in enumerate(list(held)):
-        drive(job, CancelToken(), lambda kind, payload, cb=cb: deliver(cb, kind, payload))
+    for i in range(2):
+        s.executor.run_next()
         assert s.rescoring is (i == 0)  # the first one done, the newer one still to come
     assert len(s.results) == 2
