@@ -231,12 +231,18 @@ class Detector:
         return self.config.image_size
 
     def warm_up(self) -> None:
-        """Load the compiled scoring kernel now (from numba's cache: ~1 s; first compile ~3 s)
-        instead of inside the first inspection. Models that do not use it: no-op."""
+        """Load the compiled kernels now (from numba's cache: ~1 s; first compile ~3 s) instead
+        of inside the first inspection or the operator's first click: the scoring kernel of
+        the Gaussian models and the feedback memory's search (the first click paid 0.5 s from
+        the cache, 4 s on a fresh install: benchmarks/bench_feedback.py --timing)."""
         if self.model.uses_mahalanobis:
             from .models.mahalanobis import warm_up
 
             warm_up()
+        if not self.config.tiled:  # tiled models take no clicks
+            from .feedback_memory import warm_up as warm_up_memory
+
+            warm_up_memory()
 
     # -- the embedding runtime ------------------------------------------------------------
     @property

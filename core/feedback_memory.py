@@ -137,6 +137,12 @@ def _compiled():
     return _kernel
 
 
+def warm_up() -> bool:
+    """Compile (or load from numba's cache) the memory's kernels now; False where numba is
+    unavailable (the tensor fallbacks then run)."""
+    return _compiled() is not None
+
+
 def _smallest(d: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k smallest values of each row of d (Q, M) and their columns, ascending
     (a compiled selection: a general top-k costs ~6 us per row of 2,000 and scoring has a
