@@ -741,7 +741,10 @@ class InspectionSession:
             return True
         # the stores first: a recipe saved where its labels could not follow would replay
         # another recipe's labels (the save stops, with the reason on screen)
-        if not (self.labels.recipe_saved_to(path) and self.shift.recipe_saved_to(path)):
+        if not self.labels.recipe_saved_to(path):
+            return True
+        if not self.shift.recipe_saved_to(path):
+            self.labels.put_back_carried()
             return True
         self.recipe_path = path
         self.recipe.image_threshold, self.recipe.pixel_threshold = self.image_threshold, self.pixel_threshold

@@ -41,7 +41,7 @@ from .feedback_jobs import (
 from .labels import Label, LabelStore, RegionShape, file_sha256
 from .regions import find_regions, region_at
 from .session_results import judge
-from .sqlitedb import same_file
+from .sqlitedb import put_back, same_file
 
 if TYPE_CHECKING:
     from .detector import Detector
@@ -91,6 +91,8 @@ class LabelBook:
         self._steps: list[_Step] = []
         self._pending = False
         self._scores: dict[int, tuple[float, float]] = {}  # label id -> (before, after), this session
+        #: the last save's carried store: (where, where the one it replaced went; None: none was)
+        self._carried: tuple[Path, str | None] | None = None
 
     @property
     def operator(self) -> str:
@@ -219,6 +221,7 @@ class LabelBook:
         refit replays what the store beside the recipe holds. False (and an error on
         screen): they could not be, and the recipe must not be saved there."""
         target = Path(recipe_path).with_suffix(".labels.sqlite")
+        self._carried = None
         if same_file(self.store_path, target):
             return True
         try:
@@ -226,11 +229,29 @@ class LabelBook:
         except (sqlite3.Error, OSError, ValueError) as exc:
             self.session.error.emit(f"Recipe NOT saved: the labels could not be copied beside it ({exc})")
             return False
+        self._carried = (target, aside)
         self.close_store()
         self.labels_changed.emit(self.rows())
         if aside is not None:
             self.session.status.emit(f"The replaced recipe's labels are kept in {aside}")
         return True
+
+    def put_back_carried(self) -> None:
+        """The save stopped after the labels were carried (the results log could not follow):
+        the store beside that recipe goes back to what it held (nothing, if it was new), so
+        the recipe left there is not paired with this session's labels."""
+        carried, self._carried = self._carried, None
+        if carried is None:
+            return
+        target, aside = carried
+        try:
+            put_back(target, aside)
+        except (sqlite3.Error, OSError) as exc:
+            kept = f"; its own labels are in {aside}" if aside else ""
+            self.session.error.emit(f"The labels beside {target.name} could not be put back ({exc}){kept}")
+            return
+        if aside is not None:
+            self.session.status.emit(f"The labels beside {target.name} are back as they were")
 
     # -- selection --------------------------------------------------------------------------
     def select_at(self, row: int, col: int) -> bool:

@@ -118,3 +118,30 @@ def copy_over(con: sqlite3.Connection, target: str | os.PathLike[str]) -> str | 
     finally:
         dst.close()
     return aside
+
+
+def put_back(target: str | os.PathLike[str], aside: str | None) -> None:
+    """Undo :func:`copy_over` (a save that stopped after it): the content it set ``aside``
+    goes back into ``target`` the same way, in place, and the copy aside is removed; a
+    target it created (``aside`` None) is removed."""
+    target = os.fspath(target)
+    if aside is None:
+        _remove_database(target)
+        return
+    src = sqlite3.connect(aside)
+    try:
+        dst = connect(target)
+        try:
+            retry_busy(lambda: src.backup(dst))
+        finally:
+            dst.close()
+    finally:
+        src.close()
+    _remove_database(aside)
+
+
+def _remove_database(path: str) -> None:
+    """A database file and the WAL files SQLite may leave beside it (even a reader does)."""
+    for name in (path, f"{path}-wal", f"{path}-shm"):
+        if os.path.exists(name):
+            os.remove(name)

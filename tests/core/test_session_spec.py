@@ -475,3 +475,54 @@ def test_a_recipe_is_not_saved_where_its_labels_cannot_follow(session, part_imag
     s.save_recipe(path)
     assert s.errors[-1].startswith("Recipe NOT saved: the labels could not be copied beside it")
     assert s.recipe_path == before and not path.exists() and not path.with_suffix(".okng").exists()
+
+
+def test_a_save_stopped_by_the_results_log_puts_the_labels_beside_the_old_recipe_back(
+        session, part_images, tmp_path, tiny_config, monkeypatch):
+    """Saving over a recipe carries the labels first, then the results log; when the log
+    cannot follow (here: the disk is full) the save stops, and the recipe left there keeps
+    its own labels, not this session's (nothing set aside is left behind either)."""
+    import errno
+
+    from core.results_log import ResultsLog
+
+    s = session
+    path = tmp_path / "shared" / "station.okng-recipe"
+    path.parent.mkdir()
+    s.inspect_paths(part_images[1][:1])
+    s.labels.mark_image("image_ng")
+    assert s.save_recipe(path)
+    recipe_before = path.read_bytes()
+
+    t = InspectionSession(InlineExecutor(), labels_dir=tmp_path / "l2", captures_dir=tmp_path / "c2")
+    errors = []
+    t.error.connect(errors.append)
+    t.new_recipe("other", tiny_config, part_images[0])
+    t.operator = "ben"
+    t.start_fit()
+    t.inspect_paths(part_images[1][:2])
+    t.labels.mark_image("image_ng")
+
+    def full(self, target):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ResultsLog, "copy_over", full)
+    t.save_recipe(path)
+    assert "Recipe NOT saved: the results log could not be copied" in errors[-1]
+    assert [r.operator for r in LabelStore(path.with_suffix(".labels.sqlite")).labels()] == ["ana"]
+    assert not list(path.parent.glob("*.replaced-*")) and path.read_bytes() == recipe_before
+    assert t.recipe_path != path and len(t.labels.rows()) == 1  # t's own label is still in its store
+
+
+def test_a_save_to_a_new_place_stopped_by_the_results_log_leaves_no_labels_there(
+        session, part_images, tmp_path, monkeypatch):
+    from core.results_log import ResultsLog
+
+    s = session
+    s.inspect_paths(part_images[1][:1])
+    s.labels.mark_image("image_ng")
+    monkeypatch.setattr(ResultsLog, "copy_over", lambda self, target: (_ for _ in ()).throw(OSError("disk full")))
+    path = tmp_path / "new" / "station.okng-recipe"
+    s.save_recipe(path)
+    assert "Recipe NOT saved" in s.errors[-1]
+    assert not path.with_suffix(".labels.sqlite").exists() and not path.exists()
