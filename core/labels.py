@@ -44,7 +44,8 @@ CREATE TABLE IF NOT EXISTS labels (
     model_id TEXT NOT NULL,
     score REAL,
     undone_at REAL,
-    reweight INTEGER             -- 1: applied with channel reweighting, 0: without, NULL: not recorded
+    reweight INTEGER,            -- 1: applied with channel reweighting, 0: without, NULL: not recorded
+    undone_by TEXT               -- who undid or withdrew it (NULL: active, or not recorded)
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
@@ -105,6 +106,8 @@ class Label:
     #: applied with channel reweighting (a refit replays it the same way); None: not recorded
     #: (a store written before this existed: the refit's own setting decides)
     reweight: bool | None = None
+    #: who undid or withdrew it (None: active, or undone before this was recorded)
+    undone_by: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -129,8 +132,10 @@ class LabelStore:
                         db.execute(stmt)
                 # a column added within schema 1 (older stations read columns by name and
                 # leave it NULL): a store written before it gets it here
-                if "reweight" not in {r[1] for r in db.execute("PRAGMA table_info(labels)")}:
-                    db.execute("ALTER TABLE labels ADD COLUMN reweight INTEGER")
+                have = {r[1] for r in db.execute("PRAGMA table_info(labels)")}
+                for column, kind in (("reweight", "INTEGER"), ("undone_by", "TEXT")):
+                    if column not in have:
+                        db.execute(f"ALTER TABLE labels ADD COLUMN {column} {kind}")
                 db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
                 return db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0]
 
@@ -171,12 +176,15 @@ class LabelStore:
         ))
         return int(cur.lastrowid)
 
-    def undo(self, label_id: int) -> None:
-        retry_busy(lambda: self._db.execute("UPDATE labels SET undone_at=? WHERE id=? AND undone_at IS NULL",
-                                            (time.time(), label_id)))
+    def undo(self, label_id: int, by: str = "") -> None:
+        """Mark a label undone (``by``: who undid or withdrew it); it stays in the store."""
+        retry_busy(lambda: self._db.execute(
+            "UPDATE labels SET undone_at=?, undone_by=? WHERE id=? AND undone_at IS NULL",
+            (time.time(), by, label_id)))
 
     def redo(self, label_id: int) -> None:
-        retry_busy(lambda: self._db.execute("UPDATE labels SET undone_at=NULL WHERE id=?", (label_id,)))
+        retry_busy(lambda: self._db.execute("UPDATE labels SET undone_at=NULL, undone_by=NULL WHERE id=?",
+                                            (label_id,)))
 
     def labels(self, include_undone: bool = False) -> list[Label]:
         q = "SELECT * FROM labels" + ("" if include_undone else " WHERE undone_at IS NULL") + " ORDER BY id"
@@ -193,7 +201,7 @@ class LabelStore:
             reweight = d.get("reweight")
             out.append(Label(d["image_path"], d["image_sha256"], d["kind"], d["model_id"], d["operator"], region,
                              d["map_size"], d["score"], d["id"], d["created_at"], d["undone_at"],
-                             None if reweight is None else bool(reweight)))
+                             None if reweight is None else bool(reweight), d.get("undone_by")))
         return out
 
     def export_csv(self) -> str:
@@ -201,12 +209,13 @@ class LabelStore:
         buf = io.StringIO()
         w = csv.writer(buf)
         w.writerow(["id", "created_at", "operator", "image_path", "image_sha256", "kind", "region", "model_id",
-                    "score", "undone"])
+                    "score", "undone", "undone_by"])
         for lab in self.labels(include_undone=True):
             region = "" if lab.region is None else json.dumps({"polygon": lab.region.polygon, "bbox": lab.region.bbox})
             w.writerow([lab.id, time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(lab.created_at)), lab.operator,
                         lab.image_path, lab.image_sha256, lab.kind, region, lab.model_id,
-                        "" if lab.score is None else f"{lab.score:.6g}", "yes" if lab.undone_at else ""])
+                        "" if lab.score is None else f"{lab.score:.6g}", "yes" if lab.undone_at else "",
+                        lab.undone_by or ""])
         return buf.getvalue()
 
     def export_json(self) -> str:

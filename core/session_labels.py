@@ -62,6 +62,9 @@ class LabelRow:
     score_after: float | None
     undone: bool = False
     in_model: bool = False
+    #: who undid or withdrew it, and when ("" / None: not undone, or not recorded)
+    undone_by: str = ""
+    undone_at: float | None = None
 
 
 @dataclass
@@ -480,7 +483,7 @@ class LabelBook:
         s.mark_dirty()
         if step.label_id is not None:
             try:
-                self.store().undo(step.label_id)
+                self.store().undo(step.label_id, by=self.operator)
             except sqlite3.Error as exc:
                 s.error.emit(f"Could not mark label #{step.label_id} undone in the label store: {exc}")
         if step.added_ok_path is not None and step.added_ok_path in s.recipe.ok_paths:
@@ -551,7 +554,10 @@ class LabelBook:
             s.status.emit("Still learning from the previous label…")
             return False
         try:
-            (self.store().redo if active else self.store().undo)(label_id)
+            if active:
+                self.store().redo(label_id)
+            else:
+                self.store().undo(label_id, by=self.operator)
         except (sqlite3.Error, OSError) as exc:
             s.error.emit(f"Could not {'restore' if active else 'withdraw'} label #{label_id}: {exc}")
             return False
@@ -578,7 +584,7 @@ class LabelBook:
         for lab in labels:
             before, after = self._scores.get(lab.id, (lab.score, None))
             out.append(LabelRow(lab.id, lab.created_at or 0.0, Path(lab.image_path).name, lab.kind, before, after,
-                                lab.undone_at is not None, lab.id in in_model))
+                                lab.undone_at is not None, lab.id in in_model, lab.undone_by or "", lab.undone_at))
         return out
 
     def export(self, path: str) -> None:

@@ -179,10 +179,11 @@ class LabelsPanel(QWidget):
                 scores = f"{row.score_before:.2f}"
             else:
                 scores = f"{row.score_before:.2f} → {row.score_after:.2f}"
-            kind, tip = KIND_TEXT.get(row.kind, row.kind), ""
+            kind, tip = KIND_TEXT.get(row.kind, row.kind), _undone_by(row)
             if row.undone and row.in_model:  # withdrawn, or undone after the model was saved
                 kind += "  (withdrawn, until refit)"
-                tip = "No fit replays this label, but the current model still holds it until you fit again (F5)"
+                tip += ("No fit replays this label, but the current model still holds it until you fit "
+                        "again (F5)")
             elif row.undone:
                 kind += "  (undone)"
             elif not row.in_model:
@@ -246,3 +247,12 @@ class LabelsPanel(QWidget):
             if not path.lower().endswith((".csv", ".json")):
                 path += ".json" if "json" in chosen.lower() else ".csv"
             self.export_requested.emit(path)
+
+
+def _undone_by(row) -> str:
+    """Who took an undone label out, and when (the store records it), as a tooltip's line."""
+    at, by = getattr(row, "undone_at", None), getattr(row, "undone_by", "")
+    if not row.undone or at is None:
+        return ""
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(at))
+    return f"Taken out {when}" + (f" by {by}" if by else "") + ".\n"

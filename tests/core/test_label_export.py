@@ -22,7 +22,7 @@ def _store_with_two_labels(path, monkeypatch):
         region = RegionShape.from_mask(mask)
         first = store.add(Label("p.png", "ab" * 32, "false_alarm", "model-1", "ana", region, 32, 7.5))
         store.add(Label("q.png", "cd" * 32, "image_ng", "model-2", "ben"))
-    store.undo(first)
+    store.undo(first, by="carla")
     return store
 
 
@@ -31,7 +31,7 @@ def test_the_csv_export_has_one_row_per_label_with_every_field(tmp_path, monkeyp
         labels = store.labels(include_undone=True)
         rows = list(csv.reader(io.StringIO(store.export_csv())))
     assert rows[0] == ["id", "created_at", "operator", "image_path", "image_sha256", "kind", "region", "model_id",
-                       "score", "undone"]
+                       "score", "undone", "undone_by"]
     assert len(rows) == 3
     by_id = {int(r[0]): r for r in rows[1:]}
     for lab in labels:
@@ -42,8 +42,8 @@ def test_the_csv_export_has_one_row_per_label_with_every_field(tmp_path, monkeyp
     marked, whole = (by_id[lab.id] for lab in labels)  # labels() lists them in creation order
     region = json.loads(marked[6])
     assert region["bbox"] == [10, 4, 10, 5] and len(region["polygon"]) >= 4
-    assert marked[8] == "7.5" and marked[9] == "yes"
-    assert whole[6] == "" and whole[8] == "" and whole[9] == ""
+    assert marked[8] == "7.5" and marked[9] == "yes" and marked[10] == "carla"
+    assert whole[6] == "" and whole[8] == "" and whole[9] == "" and whole[10] == ""
 
 
 def test_the_json_export_keeps_undone_labels_and_their_regions(tmp_path, monkeypatch):
@@ -59,6 +59,33 @@ def test_an_undone_label_can_be_redone(tmp_path, monkeypatch):
     with _store_with_two_labels(tmp_path / "l.sqlite", monkeypatch) as store:
         first = store.labels(include_undone=True)[0]
         assert first.undone_at is not None and [lab.kind for lab in store.labels()] == ["image_ng"]
+        assert first.undone_by == "carla"
         store.redo(first.id)
         assert [lab.kind for lab in store.labels()] == ["false_alarm", "image_ng"]
-        assert store.labels()[0].undone_at is None
+        assert store.labels()[0].undone_at is None and store.labels()[0].undone_by is None
+
+
+def test_a_store_written_before_undone_by_existed_gets_the_column_and_keeps_its_labels(tmp_path):
+    """Stores of earlier rounds have no undone_by column: opening one adds it (NULL: not
+    recorded), and an undo from then on records who."""
+    import sqlite3
+
+    path = tmp_path / "old.sqlite"
+    con = sqlite3.connect(path)  # the previous round's schema, one undone label in it
+    con.executescript("""
+        CREATE TABLE labels (id INTEGER PRIMARY KEY AUTOINCREMENT, created_at REAL NOT NULL,
+            operator TEXT NOT NULL, image_path TEXT NOT NULL, image_sha256 TEXT NOT NULL,
+            kind TEXT NOT NULL, region_json TEXT, region_mask BLOB, map_size INTEGER NOT NULL,
+            model_id TEXT NOT NULL, score REAL, undone_at REAL, reweight INTEGER);
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        INSERT INTO meta VALUES ('schema', '1');
+        INSERT INTO labels (created_at, operator, image_path, image_sha256, kind, map_size, model_id, undone_at)
+            VALUES (0.5, 'ana', 'p.png', 'ab', 'image_ng', 0, 'model-1', 1.0);
+    """)
+    con.close()
+    with LabelStore(path) as store:
+        (old,) = store.labels(include_undone=True)
+        assert old.undone_at == 1.0 and old.undone_by is None
+        store.redo(old.id)
+        store.undo(old.id, by="ben")
+        assert store.labels(include_undone=True)[0].undone_by == "ben"

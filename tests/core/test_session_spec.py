@@ -435,6 +435,7 @@ def test_an_engineer_withdraws_an_older_label_and_the_next_fit_no_longer_replays
     s.labels.withdraw(older)
     row = {r.id: r for r in s.labels.rows()}[older]
     assert row.undone and row.in_model  # withdrawn, held by the current model until a fit
+    assert row.undone_by == s.operator != "" and row.undone_at is not None  # who took it out, and when
     assert "still holds it until you fit again" in s.said[-1]
     s.start_fit()
     assert s.detector.applied_labels == (newer,)

@@ -21,7 +21,7 @@ def test_labels_panel_with_plain_data(qtbot):
     rows = [SimpleNamespace(id=1, created_at=1.7e9, image_name="a.png", kind="false_alarm", score_before=9.5,
                             score_after=4.25, undone=False, in_model=True),
             SimpleNamespace(id=2, created_at=1.7e9, image_name="b.png", kind="image_ng", score_before=3.0,
-                            score_after=None, undone=True, in_model=False),
+                            score_after=None, undone=True, in_model=False, undone_by="ana", undone_at=1.7e9 + 60),
             SimpleNamespace(id=3, created_at=1.7e9, image_name="c.png", kind="false_alarm", score_before=8.0,
                             score_after=None, undone=False, in_model=False)]
     p.set_rows(rows)
@@ -30,6 +30,7 @@ def test_labels_panel_with_plain_data(qtbot):
     assert "not in model" in p.table.item(2, 2).text()  # active but not replayed into this model
     assert p.table.item(0, 3).text() == "9.50 → 4.25" and p.table.item(0, 2).text() == "false alarm"
     assert "undone" in p.table.item(1, 2).text() and p.table.item(1, 2).font().strikeOut()
+    assert p.table.item(1, 2).toolTip().startswith("Taken out ") and "by ana" in p.table.item(1, 2).toolTip()
     p.set_region_selected(True)
     with qtbot.waitSignal(p.mark_requested) as m:
         p.false_alarm_button.click()
