@@ -565,26 +565,33 @@ def test_labels_after_reopening_reweight_as_they_would_have_in_the_session_that_
     the confirmed defects it must keep catching) is saved with the model: after reopening,
     the next label gives the same channel weights as in the session that never closed."""
     s = session
+    said = []
+    s.status.connect(said.append)
+    s.question.connect(lambda q: (said.append(q.text), q.answer("Apply the label")))
     s.labels.set_reweight(True)
     parts = part_images[1][:2] + part_images[0][:2]
     _inspect(s, parts)
     s.show_result(list(s.results)[0].id)
     s.labels.mark_image("image_ok")
     s.labels.mark_image("image_ng")
+    assert s.detector.model.channel_weights is not None, (s.errors, said)
     path = tmp_path / "w.okrecipe"
     assert s.save_recipe(path)
     again = InspectionSession(InlineExecutor(), labels_dir=tmp_path / "other")
+    again_said = []
+    again.error.connect(again_said.append)
+    again.status.connect(again_said.append)
     again.open_recipe(path)
+    assert again.labels.reweight, (again_said, s.errors, said)  # the reopened model holds the weights
     again.operator = "ben"
-    again.question.connect(lambda q: q.answer("Apply the label"))
-    s.question.connect(lambda q: q.answer("Apply the label"))
+    again.question.connect(lambda q: (again_said.append(q.text), q.answer("Apply the label")))
     s.clear_results()
     for station in (s, again):
         _inspect(station, parts)
         station.show_result(list(station.results)[1].id)
         station.labels.mark_image("image_ok")
     w_session, w_reopened = s.detector.model.channel_weights, again.detector.model.channel_weights
-    assert w_session is not None and w_reopened is not None
+    assert w_session is not None and w_reopened is not None, (again_said, s.errors, said)
     assert np.allclose(w_session.numpy(), w_reopened.numpy(), atol=1e-5)
 
 
