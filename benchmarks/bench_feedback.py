@@ -229,7 +229,7 @@ def run_timing(mark: str, model: str, cache: "FeatureCache", n_memory: int = 200
     plain = [det.embed([load_image(p)]) for p in rest_ok[200:260]]
     cache.save()
     learner = FeedbackLearner(det.copy())
-    learner.detector.warm_up()  # as the station's fit and load jobs do, before the first click
+    learner.detector.warm_up(feedback=True)  # as the station's fit and load do, before the first click
     clicks = []
     i = 0
     while learner.detector.memory is None or len(learner.detector.memory) < n_memory:

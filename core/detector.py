@@ -230,16 +230,17 @@ class Detector:
     def image_size(self) -> int:
         return self.config.image_size
 
-    def warm_up(self) -> None:
-        """Load the compiled kernels now (from numba's cache: ~1 s; first compile ~3 s) instead
-        of inside the first inspection or the operator's first click: the scoring kernel of
-        the Gaussian models and the feedback memory's search (the first click paid 0.5 s from
-        the cache, 4 s on a fresh install: benchmarks/bench_feedback.py --timing)."""
+    def warm_up(self, feedback: bool = False) -> None:
+        """Load the compiled scoring kernel now (from numba's cache: ~1 s; first compile ~3 s)
+        instead of inside the first inspection. Models that do not use it: no-op. With
+        ``feedback`` (a station where clicks follow) the feedback memory's search too, not in
+        the operator's first click (0.5 s from the cache, 4 s on a fresh install:
+        benchmarks/bench_feedback.py --timing); tiled models take no clicks."""
         if self.model.uses_mahalanobis:
             from .models.mahalanobis import warm_up
 
             warm_up()
-        if not self.config.tiled:  # tiled models take no clicks
+        if feedback and not self.config.tiled:
             from .feedback_memory import warm_up as warm_up_memory
 
             warm_up_memory()

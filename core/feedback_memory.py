@@ -59,6 +59,7 @@ centre-patch distance. Measured with a 2,000-patch memory in benchmarks/bench_fe
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,9 +115,19 @@ _print_kernel = None  # the compiled growth and outlines (same module)
 _kernel_failed = False
 
 
+_kernel_lock = threading.Lock()
+
+
 def _compiled():
+    """The compiled shortlist loop, the others set beside it (None: numba unavailable). Loaded
+    once, under a lock: the station warms it up on its engine thread while another may score;
+    ``_kernel`` is set last, so whoever sees it sees the others too."""
     global _kernel, _search_kernel, _smallest_kernel, _print_kernel, _kernel_failed
-    if _kernel is None and not _kernel_failed:
+    if _kernel is not None or _kernel_failed:
+        return _kernel
+    with _kernel_lock:
+        if _kernel is not None or _kernel_failed:
+            return _kernel
         try:
             from ._block_kernel import print_hits, search_rows, shortlist_distances, smallest_k
 
@@ -130,8 +141,8 @@ def _compiled():
             one, yes = np.zeros(1, np.int64), np.ones(1, bool)
             print_hits(one, yes, yes, yes, one, one, one, np.ones(1, np.int64), one, np.zeros((1, 2), np.int64),
                        1, 1, True, True, np.empty(1, bool))
-            _kernel, _search_kernel, _smallest_kernel = shortlist_distances, search_rows, smallest_k
-            _print_kernel = print_hits
+            _search_kernel, _smallest_kernel, _print_kernel = search_rows, smallest_k, print_hits
+            _kernel = shortlist_distances
         except Exception:  # noqa: BLE001 - any failure here only costs speed
             _kernel_failed = True
     return _kernel

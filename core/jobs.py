@@ -293,6 +293,7 @@ def fit_job(
     token: CancelToken,
     extractor: FeatureExtractor | None = None,
     runtime: str | None = None,
+    feedback: bool = False,
 ) -> Generator[Progress, None, FitResult]:
     """Fit a detector on OK images and calibrate its thresholds on a held-out share.
 
@@ -328,7 +329,7 @@ def fit_job(
     # Compiled scoring code now, while the heap is small: loaded at the first score, inside
     # calibration, numba's ~130 MB landed on top of the fit's peak and made the peak vary by
     # ±50 MB between runs (benchmarks/bench_engine.py).
-    det.warm_up()
+    det.warm_up(feedback)  # feedback: clicks will follow (the station), load their kernels too
     result = FitResult(det)
     done = 0
     for batch in iter_batches(fit_paths, det.image_size, config.batch_size, bit_depth=config.bit_depth):
@@ -441,7 +442,7 @@ def inspect_paths(paths: Iterable[str | Path], detector: Detector,
 
 
 def load_model_job(path: str | Path, extractor: FeatureExtractor | None, token: CancelToken,
-                   runtime: str | None = None) -> Generator[Progress, None, Detector]:
+                   runtime: str | None = None, feedback: bool = False) -> Generator[Progress, None, Detector]:
     """Load a model file (sharing an already loaded backbone when it matches) and load the
     compiled scoring kernel and the inspection runtime (``runtime``: None = ``OKNG_RUNTIME``
     or auto; :attr:`Detector.runtime_name` says which) now, not in the operator's first
@@ -450,7 +451,7 @@ def load_model_job(path: str | Path, extractor: FeatureExtractor | None, token: 
 
     yield Progress(0, 1, f"loading model {Path(path).name}")
     det = load_detector(path, extractor, runtime=runtime)  # exports the graph the first time
-    det.warm_up()
+    det.warm_up(feedback)
     return det
 
 

@@ -201,7 +201,9 @@ class LabelStore:
             reweight = d.get("reweight")
             out.append(Label(d["image_path"], d["image_sha256"], d["kind"], d["model_id"], d["operator"], region,
                              d["map_size"], d["score"], d["id"], d["created_at"], d["undone_at"],
-                             None if reweight is None else bool(reweight), d.get("undone_by")))
+                             None if reweight is None else bool(reweight),
+                             # an older station's redo clears undone_at only: no stale "by"
+                             d.get("undone_by") if d["undone_at"] is not None else None))
         return out
 
     def export_csv(self) -> str:
@@ -209,13 +211,13 @@ class LabelStore:
         buf = io.StringIO()
         w = csv.writer(buf)
         w.writerow(["id", "created_at", "operator", "image_path", "image_sha256", "kind", "region", "model_id",
-                    "score", "undone", "undone_by"])
+                    "score", "undone", "undone_by", "undone_at"])
         for lab in self.labels(include_undone=True):
             region = "" if lab.region is None else json.dumps({"polygon": lab.region.polygon, "bbox": lab.region.bbox})
-            w.writerow([lab.id, time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(lab.created_at)), lab.operator,
+            w.writerow([lab.id, _iso(lab.created_at), lab.operator,
                         lab.image_path, lab.image_sha256, lab.kind, region, lab.model_id,
                         "" if lab.score is None else f"{lab.score:.6g}", "yes" if lab.undone_at else "",
-                        lab.undone_by or ""])
+                        lab.undone_by or "", _iso(lab.undone_at) if lab.undone_at else ""])
         return buf.getvalue()
 
     def export_json(self) -> str:
@@ -225,3 +227,8 @@ class LabelStore:
             d["region"] = None if lab.region is None else {"polygon": lab.region.polygon, "bbox": lab.region.bbox}
             rows.append(d)
         return json.dumps(rows, indent=2)
+
+
+def _iso(t: float) -> str:
+    """Local time, ISO 8601 to the second (the CSV export's times)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t))

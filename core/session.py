@@ -365,7 +365,8 @@ class InspectionSession:
             self._fit_done(result)
             report()
 
-        job = partial(fit_job, list(self.recipe.ok_paths), config, extractor=self.extractor, runtime=self.runtime)
+        job = partial(fit_job, list(self.recipe.ok_paths), config, extractor=self.extractor, runtime=self.runtime,
+                      feedback=True)
         self.status.emit(f"Fitting on {len(self.recipe.ok_paths)} OK images…")
         self.submit(job, on_returned=done, on_failed=self._failed("Fit failed", report),
                      on_cancelled=lambda: self.status.emit("Fit cancelled; the model is unchanged"))
@@ -727,7 +728,7 @@ class InspectionSession:
             self.status.emit(f"Recipe {recipe.name} ready; inspection runs on {det.runtime_name}")
 
         self.status.emit(f"Loading model {Path(recipe.model_path).name}…")
-        self.submit(partial(load_model_job, recipe.model_path, self.extractor, runtime=self.runtime),
+        self.submit(partial(load_model_job, recipe.model_path, self.extractor, runtime=self.runtime, feedback=True),
                     on_returned=loaded,
                     on_failed=self._failed("Could not load the model"))
 
@@ -744,25 +745,50 @@ class InspectionSession:
         if not self.labels.recipe_saved_to(path):
             return True
         if not self.shift.recipe_saved_to(path):
-            self.labels.put_back_carried()
+            self._save_ended(False)
             return True
+        previous = (self.recipe_path, self.recipe.model_path)
         self.recipe_path = path
         self.recipe.image_threshold, self.recipe.pixel_threshold = self.image_threshold, self.pixel_threshold
         if self.detector is None:
-            self._write_recipe_file()
+            self._write_recipe_file(previous)
             return True
         model = model_path_for(path)
         self.recipe.model_path = str(model)
+
+        def model_not_saved(exc: BaseException) -> None:
+            self._save_stopped(previous)
+            self.error.emit(f"Could not save the model: {exc}. Recipe NOT saved to {path}")
+
         self.submit(partial(save_model_job, self.detector, model), on_returned=lambda _p: self._write_recipe_file(),
-                     on_failed=self._failed("Could not save the model"))
+                    on_failed=model_not_saved, on_cancelled=lambda: model_not_saved(RuntimeError("cancelled")))
         return True
 
-    def _write_recipe_file(self) -> None:
+    def _save_ended(self, saved: bool) -> None:
+        self.labels.save_ended(saved)
+        self.shift.save_ended(saved)
+
+    def _save_stopped(self, previous: tuple[Path | None, str | None]) -> None:
+        """A save that carried the stores stopped before the model was written: they go back,
+        so the recipe (and model) left there keep their own labels and log; this session
+        keeps its recipe path."""
+        self.recipe_path, self.recipe.model_path = previous
+        self._save_ended(False)
+
+    def _write_recipe_file(self, previous: tuple[Path | None, str | None] | None = None) -> None:
+        """Write the recipe file; ``previous`` (recipe path, model path): there is no model
+        to pair the carried stores with, so a failure puts them back. After a saved model
+        they stay whatever happens here: that model holds their labels."""
         try:
             save_recipe(self.recipe, self.recipe_path)
         except OkngError as exc:
+            if previous is not None:
+                self._save_stopped(previous)
+            else:
+                self._save_ended(True)
             self.error.emit(str(exc))
             return
+        self._save_ended(True)
         self.mark_saved()
         self.status.emit(f"Recipe saved to {self.recipe_path}")
 

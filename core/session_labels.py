@@ -41,7 +41,8 @@ from .feedback_jobs import (
 from .labels import Label, LabelStore, RegionShape, file_sha256
 from .regions import find_regions, region_at
 from .session_results import judge
-from .sqlitedb import put_back, same_file
+from .session_carry import CarriedStore, carry, put_back_carried
+from .sqlitedb import same_file
 
 if TYPE_CHECKING:
     from .detector import Detector
@@ -94,8 +95,7 @@ class LabelBook:
         self._steps: list[_Step] = []
         self._pending = False
         self._scores: dict[int, tuple[float, float]] = {}  # label id -> (before, after), this session
-        #: the last save's carried store: (where, where the one it replaced went; None: none was)
-        self._carried: tuple[Path, str | None] | None = None
+        self._carried: CarriedStore | None = None  # beside a recipe being saved, until the save ends
 
     @property
     def operator(self) -> str:
@@ -222,39 +222,26 @@ class LabelBook:
         another recipe, its labels store is first copied aside (``.replaced-<time>``), not
         merged and not kept in place: the saved model holds this session's labels, and a
         refit replays what the store beside the recipe holds. False (and an error on
-        screen): they could not be, and the recipe must not be saved there."""
+        screen): they could not be, and the recipe must not be saved there. Until the save
+        ends (:meth:`save_ended`) the copy can be put back."""
         target = Path(recipe_path).with_suffix(".labels.sqlite")
         self._carried = None
         if same_file(self.store_path, target):
             return True
-        try:
-            aside = self.store().copy_over(target)
-        except (sqlite3.Error, OSError, ValueError) as exc:
-            self.session.error.emit(f"Recipe NOT saved: the labels could not be copied beside it ({exc})")
+        self._carried = carry(self.store().copy_over, target, self.session, "labels")
+        if self._carried is None:
             return False
-        self._carried = (target, aside)
         self.close_store()
         self.labels_changed.emit(self.rows())
-        if aside is not None:
-            self.session.status.emit(f"The replaced recipe's labels are kept in {aside}")
         return True
 
-    def put_back_carried(self) -> None:
-        """The save stopped after the labels were carried (the results log could not follow):
-        the store beside that recipe goes back to what it held (nothing, if it was new), so
-        the recipe left there is not paired with this session's labels."""
+    def save_ended(self, saved: bool) -> None:
+        """The recipe save that carried the labels ended; not ``saved``: the store beside
+        that recipe goes back to what it held (nothing, if it was new), so the recipe left
+        there is not paired with this session's labels."""
         carried, self._carried = self._carried, None
-        if carried is None:
-            return
-        target, aside = carried
-        try:
-            put_back(target, aside)
-        except (sqlite3.Error, OSError) as exc:
-            kept = f"; its own labels are in {aside}" if aside else ""
-            self.session.error.emit(f"The labels beside {target.name} could not be put back ({exc}){kept}")
-            return
-        if aside is not None:
-            self.session.status.emit(f"The labels beside {target.name} are back as they were")
+        if not saved:
+            put_back_carried(carried, self.session)
 
     # -- selection --------------------------------------------------------------------------
     def select_at(self, row: int, col: int) -> bool:

@@ -21,6 +21,7 @@ from .events import Event
 from .labels import file_sha256
 from .recipes import safe_file_stem
 from .results_log import Counters, LogEntry, ResultsLog, truth_from_path
+from .session_carry import CarriedStore, carry, put_back_carried
 from .sqlitedb import same_file
 
 if TYPE_CHECKING:
@@ -39,6 +40,7 @@ class ShiftLog:
         self.counters_changed = Event()  # (Counters)
         self._log: ResultsLog | None = None
         self._counted_at = 0.0  # when counters were last sent (a live run sends them twice a second)
+        self._carried: CarriedStore | None = None  # beside a recipe being saved, until the save ends
 
     @property
     def path(self) -> Path:
@@ -68,17 +70,20 @@ class ShiftLog:
         its labels are (:meth:`core.session_labels.LabelBook.recipe_saved_to`). False (and an
         error on screen): it could not be, and the recipe must not be saved there."""
         target = Path(recipe_path).with_suffix(".results.sqlite")
+        self._carried = None
         if same_file(self.path, target):
             return True
-        try:
-            aside = self.log().copy_over(target)
-        except (sqlite3.Error, OSError, ValueError) as exc:
-            self.session.error.emit(f"Recipe NOT saved: the results log could not be copied beside it ({exc})")
+        self._carried = carry(self.log().copy_over, target, self.session, "results log")
+        if self._carried is None:
             return False
         self.close()
-        if aside is not None:
-            self.session.status.emit(f"The replaced recipe's results log is kept in {aside}")
         return True
+
+    def save_ended(self, saved: bool) -> None:
+        """As :meth:`core.session_labels.LabelBook.save_ended`, for the results log."""
+        carried, self._carried = self._carried, None
+        if not saved:
+            put_back_carried(carried, self.session)
 
     def record(self, rec: ResultRecord, model_id: str) -> None:
         """Log one inspection; a log that cannot be written is an error on screen, never a

@@ -13,6 +13,7 @@ import random
 import sqlite3
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -101,10 +102,13 @@ def copy_over(con: sqlite3.Connection, target: str | os.PathLike[str]) -> str | 
     if not os.path.exists(target):
         os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)  # as the recipe's own save does
         part = f"{target}.part-{os.getpid()}"
-        if os.path.exists(part):
-            os.remove(part)
-        backup_to(con, part)
-        os.replace(part, target)
+        _remove_database(part)
+        try:
+            backup_to(con, part)
+            os.replace(part, target)
+        except BaseException:
+            _remove_quietly(part)  # e.g. a full disk: no half copy left to fill it further
+            raise
         return None
     stamp = time.strftime("%Y%m%d-%H%M%S")
     aside, n = f"{target}.replaced-{stamp}", 1
@@ -115,6 +119,9 @@ def copy_over(con: sqlite3.Connection, target: str | os.PathLike[str]) -> str | 
     try:
         backup_to(dst, aside)
         retry_busy(lambda: con.backup(dst))
+    except BaseException:
+        _remove_quietly(aside)  # the target is unchanged (the backup is one transaction)
+        raise
     finally:
         dst.close()
     return aside
@@ -128,7 +135,8 @@ def put_back(target: str | os.PathLike[str], aside: str | None) -> None:
     if aside is None:
         _remove_database(target)
         return
-    src = sqlite3.connect(aside)
+    # read-only: a copy aside that has gone must fail here, not be created empty and copied in
+    src = sqlite3.connect(Path(aside).resolve().as_uri() + "?mode=ro", uri=True)
     try:
         dst = connect(target)
         try:
@@ -145,3 +153,11 @@ def _remove_database(path: str) -> None:
     for name in (path, f"{path}-wal", f"{path}-shm"):
         if os.path.exists(name):
             os.remove(name)
+
+
+def _remove_quietly(path: str) -> None:
+    """:func:`_remove_database` while another error is being raised (that one is the news)."""
+    try:
+        _remove_database(path)
+    except OSError:
+        pass

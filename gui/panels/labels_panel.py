@@ -179,15 +179,16 @@ class LabelsPanel(QWidget):
                 scores = f"{row.score_before:.2f}"
             else:
                 scores = f"{row.score_before:.2f} → {row.score_after:.2f}"
-            kind, tip = KIND_TEXT.get(row.kind, row.kind), _undone_by(row)
+            kind, tips = KIND_TEXT.get(row.kind, row.kind), [_undone_by(row)]
             if row.undone and row.in_model:  # withdrawn, or undone after the model was saved
                 kind += "  (withdrawn, until refit)"
-                tip += ("No fit replays this label, but the current model still holds it until you fit "
-                        "again (F5)")
+                tips.append("No fit replays this label, but the current model still holds it until you fit "
+                            "again (F5)")
             elif row.undone:
                 kind += "  (undone)"
             elif not row.in_model:
                 kind += "  (not in model)"  # e.g. its image changed since; a refit could not replay it
+            tip = "\n".join(t for t in tips if t)
             for c, text in enumerate((when, row.image_name, kind, scores)):
                 item = QTableWidgetItem(text)
                 item.setData(Qt.ItemDataRole.UserRole, row.id)
@@ -255,4 +256,4 @@ def _undone_by(row) -> str:
     if not row.undone or at is None:
         return ""
     when = time.strftime("%Y-%m-%d %H:%M", time.localtime(at))
-    return f"Taken out {when}" + (f" by {by}" if by else "") + ".\n"
+    return f"Taken out {when}" + (f" by {by}" if by else "") + "."

@@ -763,11 +763,13 @@ def test_the_look_up_product_uses_pytorchs_threads_only_where_its_cnn_keeps_them
 
 def test_warming_up_a_detector_loads_the_memory_kernels_before_the_first_click(detector, monkeypatch):
     """The first click must not pay numba's load (0.5 s from its cache, 4 s on a fresh
-    install): the fit and load jobs warm the detector up, and that covers the memory's search."""
+    install): the station's fit and load warm the memory's search up with the model."""
     import core.feedback_memory as fm
 
     for name in ("_kernel", "_search_kernel", "_smallest_kernel", "_print_kernel"):
         monkeypatch.setattr(fm, name, None)
     monkeypatch.setattr(fm, "_kernel_failed", False)
-    detector.warm_up()
+    detector.warm_up()  # a line or a Ray worker: no clicks follow, nothing loaded for them
+    assert fm._search_kernel is None
+    detector.warm_up(feedback=True)
     assert fm._search_kernel is not None and fm._print_kernel is not None

@@ -31,7 +31,7 @@ def test_the_csv_export_has_one_row_per_label_with_every_field(tmp_path, monkeyp
         labels = store.labels(include_undone=True)
         rows = list(csv.reader(io.StringIO(store.export_csv())))
     assert rows[0] == ["id", "created_at", "operator", "image_path", "image_sha256", "kind", "region", "model_id",
-                       "score", "undone", "undone_by"]
+                       "score", "undone", "undone_by", "undone_at"]
     assert len(rows) == 3
     by_id = {int(r[0]): r for r in rows[1:]}
     for lab in labels:
@@ -42,8 +42,8 @@ def test_the_csv_export_has_one_row_per_label_with_every_field(tmp_path, monkeyp
     marked, whole = (by_id[lab.id] for lab in labels)  # labels() lists them in creation order
     region = json.loads(marked[6])
     assert region["bbox"] == [10, 4, 10, 5] and len(region["polygon"]) >= 4
-    assert marked[8] == "7.5" and marked[9] == "yes" and marked[10] == "carla"
-    assert whole[6] == "" and whole[8] == "" and whole[9] == "" and whole[10] == ""
+    assert marked[8] == "7.5" and marked[9] == "yes" and marked[10] == "carla" and marked[11].startswith("20")
+    assert whole[6] == "" and whole[8] == "" and whole[9] == "" and whole[10] == "" and whole[11] == ""
 
 
 def test_the_json_export_keeps_undone_labels_and_their_regions(tmp_path, monkeypatch):
@@ -89,3 +89,21 @@ def test_a_store_written_before_undone_by_existed_gets_the_column_and_keeps_its_
         store.redo(old.id)
         store.undo(old.id, by="ben")
         assert store.labels(include_undone=True)[0].undone_by == "ben"
+
+
+def test_a_label_an_older_station_made_active_again_names_nobody_as_having_taken_it_out(tmp_path):
+    """A station of an earlier round redoes a label by clearing undone_at only."""
+    import sqlite3
+
+    path = tmp_path / "l.sqlite"
+    with LabelStore(path) as store:
+        first = store.add(Label("p.png", "ab" * 32, "image_ng", "model-1", "ana"))
+        store.undo(first, by="carla")
+    con = sqlite3.connect(path)
+    con.execute("UPDATE labels SET undone_at=NULL")  # what the older station's redo does
+    con.commit()
+    con.close()
+    with LabelStore(path) as store:
+        assert store.labels()[0].undone_by is None
+        row = list(csv.reader(io.StringIO(store.export_csv())))[1]
+    assert row[9:] == ["", "", ""]

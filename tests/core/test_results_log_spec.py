@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sqlite3
 from contextlib import closing
+from pathlib import Path
 
 import pytest
 
@@ -117,6 +118,56 @@ def test_a_copy_over_an_existing_log_sets_it_aside_with_its_wal_and_never_mixes_
         assert [(e.time, e.verdict) for e in copy.entries()] == [(9.0, "NG")]
     with ResultsLog(aside) as kept:
         assert [e.time for e in kept.entries()] == [3.0, 2.0, 1.0]  # its WAL came along
+
+
+def test_a_copy_over_that_fails_leaves_the_target_as_it_was_and_nothing_beside_it(tmp_path, monkeypatch):
+    """A full disk in the middle of a save: the target keeps its content, and neither the copy
+    set aside nor a half-written new file is left to fill the disk further."""
+    from core import sqlitedb
+
+    target = tmp_path / "station.results.sqlite"
+    with ResultsLog(target) as old:
+        old.add(_entry(1.0, "OK"))
+    with ResultsLog(tmp_path / "new.sqlite") as new:
+        new.add(_entry(9.0, "NG"))
+
+        def full(fn, *a, **kw):
+            raise sqlite3.OperationalError("database or disk is full")
+
+        monkeypatch.setattr(sqlitedb, "retry_busy", full)  # the in-place copy, after the one aside
+        with pytest.raises(sqlite3.OperationalError):
+            new.copy_over(target)
+        monkeypatch.setattr(sqlitedb, "backup_to", lambda con, part: (_ for _ in ()).throw(OSError("disk full")))
+        with pytest.raises(OSError):
+            new.copy_over(tmp_path / "elsewhere" / "station.results.sqlite")
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file() and "station" in p.name) == \
+        ["station.results.sqlite"]
+    with ResultsLog(target) as kept:
+        assert [e.time for e in kept.entries()] == [1.0]
+
+
+def test_putting_back_needs_the_copy_set_aside(tmp_path):
+    """Undoing a copy over a log puts the one set aside back; when that copy has gone, it
+    says so and leaves the target alone (never an empty database in its place)."""
+    from core import sqlitedb
+
+    target = tmp_path / "station.results.sqlite"
+    with ResultsLog(target) as old:
+        old.add(_entry(1.0, "OK"))
+    with ResultsLog(tmp_path / "new.sqlite") as new:
+        new.add(_entry(9.0, "NG"))
+        aside = new.copy_over(target)
+        again = new.copy_over(target)  # a second save over it: one more copy aside
+    sqlitedb.put_back(target, again)
+    with ResultsLog(target) as log:
+        assert [e.time for e in log.entries()] == [9.0]  # the content before that second copy
+    assert not Path(again).exists()
+    Path(aside).unlink()
+    with pytest.raises(sqlite3.Error):
+        sqlitedb.put_back(target, aside)
+    with ResultsLog(target) as log:
+        assert [e.time for e in log.entries()] == [9.0]
 
 
 def test_the_retention_limits_apply_as_inspections_are_logged_not_only_when_asked(tmp_path):

@@ -17,6 +17,7 @@ import pytest
 
 from core.jobs import CancelToken, InlineExecutor, JobCallbacks, deliver, drive
 from core.labels import LabelStore
+from core.recipes import model_path_for
 from core.session import InspectionSession
 
 
@@ -527,3 +528,43 @@ def test_a_save_to_a_new_place_stopped_by_the_results_log_leaves_no_labels_there
     s.save_recipe(path)
     assert "Recipe NOT saved" in s.errors[-1]
     assert not path.with_suffix(".labels.sqlite").exists() and not path.exists()
+
+
+def test_a_model_that_cannot_be_saved_puts_the_stores_beside_the_old_recipe_back(
+        session, part_images, tmp_path, tiny_config, monkeypatch):
+    """The model is the largest file of a save and the likeliest to meet a full disk: when it
+    cannot be written, the labels and results log already carried beside the old recipe go
+    back, and the session keeps its own recipe path (nothing was saved)."""
+    import core.session as session_module
+    from core.results_log import ResultsLog
+
+    s = session
+    path = tmp_path / "shared" / "station.okng-recipe"
+    path.parent.mkdir()
+    s.inspect_paths(part_images[1][:1])
+    s.labels.mark_image("image_ng")
+    assert s.save_recipe(path)
+    recipe_before, model_before = path.read_bytes(), model_path_for(path).read_bytes()
+
+    t = InspectionSession(InlineExecutor(), labels_dir=tmp_path / "l2", captures_dir=tmp_path / "c2")
+    errors = []
+    t.error.connect(errors.append)
+    t.new_recipe("other", tiny_config, part_images[0])
+    t.operator = "ben"
+    t.start_fit()
+    t.inspect_paths(part_images[1][:2])
+    t.labels.mark_image("image_ng")
+    own_path = t.recipe_path
+
+    def full(det, model_path, token):
+        raise OSError(28, "No space left on device")
+        yield  # a job
+
+    monkeypatch.setattr(session_module, "save_model_job", full)
+    t.save_recipe(path)
+    assert errors[-1].startswith("Could not save the model") and "NOT saved" in errors[-1]
+    assert [r.operator for r in LabelStore(path.with_suffix(".labels.sqlite")).labels()] == ["ana"]
+    assert len(ResultsLog(path.with_suffix(".results.sqlite")).entries()) == 1  # the old recipe's one
+    assert path.read_bytes() == recipe_before and model_path_for(path).read_bytes() == model_before
+    assert not [p for p in path.parent.glob("*.replaced-*") if not p.name.endswith(("-wal", "-shm"))]
+    assert t.recipe_path == own_path and [r.id for r in t.labels.rows()]  # its labels where they were
