@@ -382,26 +382,42 @@ def test_the_recipes_feedback_radius_reaches_the_feedback_memory(session, part_i
 
 
 # -- saving over another recipe (round 11) ---------------------------------------------------
+def _recipe_saved_with_one_label(s, part_images, tmp_path) -> Path:
+    """Station ``s`` (operator "ana") inspects a part, labels it and saves its recipe in a
+    shared folder: the recipe another station will save over."""
+    path = tmp_path / "shared" / "station.okng-recipe"
+    path.parent.mkdir()
+    s.inspect_paths(part_images[1][:1])
+    s.labels.mark_image("image_ng")
+    assert s.save_recipe(path)
+    return path
+
+
+def _other_station_with_a_label(tmp_path, tiny_config, part_images):
+    """A second station (operator "ben") with its own recipe, two inspections and one label:
+    (session, what it said, its errors)."""
+    t = InspectionSession(InlineExecutor(), labels_dir=tmp_path / "l2", captures_dir=tmp_path / "c2")
+    said, errors = [], []
+    t.status.connect(said.append)
+    t.error.connect(errors.append)
+    t.new_recipe("other", tiny_config, part_images[0])
+    t.operator = "ben"
+    t.start_fit()
+    t.inspect_paths(part_images[1][:2])
+    t.labels.mark_image("image_ng")
+    return t, said, errors
+
+
 def test_saving_over_another_recipe_carries_this_sessions_labels_and_log_and_sets_the_old_ones_aside(
         session, part_images, tmp_path, tiny_config):
     """Save as… onto an existing recipe: the labels and results log beside it become this
     session's (what its saved model holds and what a refit replays); the replaced recipe's
     own stores are renamed aside, whole, never merged and never silently kept in place."""
     s = session
-    path = tmp_path / "shared" / "station.okng-recipe"
-    path.parent.mkdir()
-    s.inspect_paths(part_images[1][:1])
-    s.labels.mark_image("image_ng")
-    assert s.save_recipe(path) and len(LabelStore(path.with_suffix(".labels.sqlite")).labels()) == 1
+    path = _recipe_saved_with_one_label(s, part_images, tmp_path)
+    assert len(LabelStore(path.with_suffix(".labels.sqlite")).labels()) == 1
 
-    t = InspectionSession(InlineExecutor(), labels_dir=tmp_path / "l2", captures_dir=tmp_path / "c2")
-    said = []
-    t.status.connect(said.append)
-    t.new_recipe("other", tiny_config, part_images[0])
-    t.operator = "ben"
-    t.start_fit()
-    t.inspect_paths(part_images[1][:2])
-    t.labels.mark_image("image_ng")
+    t, said, _ = _other_station_with_a_label(tmp_path, tiny_config, part_images)
     t.show_result(list(t.results)[0].id)
     t.labels.mark_image("image_ng")
     assert t.save_recipe(path)
@@ -489,21 +505,10 @@ def test_a_save_stopped_by_the_results_log_puts_the_labels_beside_the_old_recipe
     from core.results_log import ResultsLog
 
     s = session
-    path = tmp_path / "shared" / "station.okng-recipe"
-    path.parent.mkdir()
-    s.inspect_paths(part_images[1][:1])
-    s.labels.mark_image("image_ng")
-    assert s.save_recipe(path)
+    path = _recipe_saved_with_one_label(s, part_images, tmp_path)
     recipe_before = path.read_bytes()
 
-    t = InspectionSession(InlineExecutor(), labels_dir=tmp_path / "l2", captures_dir=tmp_path / "c2")
-    errors = []
-    t.error.connect(errors.append)
-    t.new_recipe("other", tiny_config, part_images[0])
-    t.operator = "ben"
-    t.start_fit()
-    t.inspect_paths(part_images[1][:2])
-    t.labels.mark_image("image_ng")
+    t, _, errors = _other_station_with_a_label(tmp_path, tiny_config, part_images)
 
     def full(self, target):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -539,21 +544,10 @@ def test_a_model_that_cannot_be_saved_puts_the_stores_beside_the_old_recipe_back
     from core.results_log import ResultsLog
 
     s = session
-    path = tmp_path / "shared" / "station.okng-recipe"
-    path.parent.mkdir()
-    s.inspect_paths(part_images[1][:1])
-    s.labels.mark_image("image_ng")
-    assert s.save_recipe(path)
+    path = _recipe_saved_with_one_label(s, part_images, tmp_path)
     recipe_before, model_before = path.read_bytes(), model_path_for(path).read_bytes()
 
-    t = InspectionSession(InlineExecutor(), labels_dir=tmp_path / "l2", captures_dir=tmp_path / "c2")
-    errors = []
-    t.error.connect(errors.append)
-    t.new_recipe("other", tiny_config, part_images[0])
-    t.operator = "ben"
-    t.start_fit()
-    t.inspect_paths(part_images[1][:2])
-    t.labels.mark_image("image_ng")
+    t, _, errors = _other_station_with_a_label(tmp_path, tiny_config, part_images)
     own_path = t.recipe_path
 
     def full(det, model_path, token):
