@@ -784,9 +784,11 @@ class InspectionSession:
         except OkngError as exc:
             if previous is not None:
                 self._save_stopped(previous)
+                self.error.emit(str(exc))
             else:
                 self._save_ended(True)
-            self.error.emit(str(exc))
+                self.error.emit(f"{exc}. The model, labels and results log are saved beside it: save again to "
+                                f"write the recipe file.")
             return
         self._save_ended(True)
         self.mark_saved()

@@ -562,3 +562,27 @@ def test_a_model_that_cannot_be_saved_puts_the_stores_beside_the_old_recipe_back
     assert path.read_bytes() == recipe_before and model_path_for(path).read_bytes() == model_before
     assert not [p for p in path.parent.glob("*.replaced-*") if not p.name.endswith(("-wal", "-shm"))]
     assert t.recipe_path == own_path and [r.id for r in t.labels.rows()]  # its labels where they were
+
+
+def test_a_recipe_file_that_cannot_be_written_after_its_model_keeps_the_stores_with_that_model(
+        session, part_images, tmp_path, tiny_config, monkeypatch):
+    """The model is written, then the recipe file fails: the model beside it holds this
+    session's labels, so the carried stores stay with it, and the error says how to finish."""
+    import core.session as session_module
+    from core.errors import OkngError
+
+    s = session
+    path = _recipe_saved_with_one_label(s, part_images, tmp_path)
+    t, _, errors = _other_station_with_a_label(tmp_path, tiny_config, part_images)
+
+    def unwritable(recipe, where):
+        raise OkngError(f"Could not write {where}: permission denied")
+
+    monkeypatch.setattr(session_module, "save_recipe", unwritable)
+    t.save_recipe(path)
+    assert errors[-1].endswith("save again to write the recipe file.")
+    assert [r.operator for r in LabelStore(path.with_suffix(".labels.sqlite")).labels()] == ["ben"]
+    monkeypatch.undo()
+    n_errors = len(errors)
+    t.save_recipe(path)  # saving again completes it
+    assert len(errors) == n_errors and t.recipe_path == path and path.exists()
