@@ -33,7 +33,7 @@ def carry(copy_over: Callable[[Path], str | None], target: Path, session: Inspec
         session.error.emit(f"Recipe NOT saved: the {what} could not be copied beside it ({exc})")
         return None
     if aside is not None:
-        session.status.emit(f"The replaced recipe's {what} is kept in {aside}")
+        session.status.emit(f"The replaced recipe's {what}: kept in {aside}")
     return CarriedStore(target, aside, what)
 
 
@@ -45,7 +45,7 @@ def put_back_carried(carried: CarriedStore | None, session: InspectionSession) -
     try:
         put_back(carried.target, carried.aside)
     except (sqlite3.Error, OSError) as exc:
-        kept = f"; its own {carried.what} is in {carried.aside}" if carried.aside else ""
+        kept = f"; its own {carried.what}: in {carried.aside}" if carried.aside else ""
         session.error.emit(f"The {carried.what} beside {carried.target.name} could not be put back ({exc}){kept}")
         return
     if carried.aside is not None:
