@@ -85,6 +85,7 @@ class InspectionSession:
         self.demo_stream: list[str] = []
         self.demo_truth: dict[str, str] = {}
         self.live = False
+        self.saving = False  # a recipe save's model job is queued or running
         #: who is at the station: written into every label and results-log row
         self.operator = ""
         self.role = ENGINEER
@@ -740,6 +741,9 @@ class InspectionSession:
         if self.live:
             self.error.emit("Stop live inspection before saving the recipe.")
             return True
+        if self.saving:  # its stores are carried until it ends: a second save would cross them
+            self.status.emit("Still saving the recipe…")
+            return True
         # the stores first: a recipe saved where its labels could not follow would replay
         # another recipe's labels (the save stops, with the reason on screen)
         if not self.labels.recipe_saved_to(path):
@@ -760,11 +764,13 @@ class InspectionSession:
             self._save_stopped(previous)
             self.error.emit(f"Could not save the model: {exc}. Recipe NOT saved to {path}")
 
+        self.saving = True
         self.submit(partial(save_model_job, self.detector, model), on_returned=lambda _p: self._write_recipe_file(),
                     on_failed=model_not_saved, on_cancelled=lambda: model_not_saved(RuntimeError("cancelled")))
         return True
 
     def _save_ended(self, saved: bool) -> None:
+        self.saving = False
         self.labels.save_ended(saved)
         self.shift.save_ended(saved)
 

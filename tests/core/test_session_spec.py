@@ -588,3 +588,23 @@ def test_a_recipe_file_that_cannot_be_written_after_its_model_keeps_the_stores_w
     from core.recipes import load_recipe
 
     assert len(errors) == n_errors and t.recipe_path == path and load_recipe(path).name == "other"
+
+
+def test_a_second_save_waits_for_the_first_one_to_end(session, part_images, tmp_path):
+    """Until a save's model is written its stores can still be put back: a second save in
+    that time is refused with a word, not run across it."""
+    from tests.core.test_session import HoldingExecutor
+
+    s = session
+    said = []
+    s.status.connect(said.append)
+    s.executor, inline = HoldingExecutor(), s.executor
+    first, second = tmp_path / "a.okrecipe", tmp_path / "b.okrecipe"
+    s.save_recipe(first)
+    s.save_recipe(second)
+    assert said[-1] == "Still saving the recipe…" and len(s.executor.held) == 1
+    s.executor.run_next()
+    s.executor = inline
+    assert first.exists() and not second.exists() and not s.saving
+    s.save_recipe(second)
+    assert second.exists()
