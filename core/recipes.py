@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import OkngError
-from .sqlitedb import connect, enable_wal, retry_busy, write_transaction
+from .sqlitedb import connect, enable_wal, read_only_uri, retry_busy, write_transaction
 
 RECIPE_SUFFIX = ".okrecipe"
 SCHEMA_VERSION = 1
@@ -101,7 +101,7 @@ def load_recipe(path: str | Path) -> Recipe:
     if not path.is_file():
         raise RecipeError(f"recipe file not found: {path}")
     try:
-        con = connect(f"file:{path}?mode=ro", uri=True)
+        con = connect(read_only_uri(path), uri=True)
         try:
             def read() -> tuple[dict[str, Any], list[str]]:
                 con.execute("BEGIN")  # one snapshot for both tables

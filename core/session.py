@@ -109,6 +109,8 @@ class InspectionSession:
         return [(name, cls.summary) for name, cls in MODELS.items()]
 
     def new_recipe(self, name: str, config: DetectorConfig | None = None, ok_paths: list[str] | None = None) -> None:
+        if self._still_saving():
+            return
         self._stop_live()
         self.recipe = Recipe(name, list(ok_paths or []), (config or DetectorConfig()).to_dict())
         self.recipe_path = None
@@ -441,7 +443,7 @@ class InspectionSession:
         self.inspect_paths(self.demo_stream)
 
     def start_live(self, kind: str, target: str) -> None:
-        if not self._require_model():
+        if not self._require_model() or self._still_saving():  # live replaces queued jobs: the save's too
             return
         if not target:
             self.error.emit("Enter a camera index, a video file or a folder for live inspection.")
@@ -701,6 +703,8 @@ class InspectionSession:
 
     # -- recipes on disk --------------------------------------------------------------------
     def open_recipe(self, path: str | Path) -> None:
+        if self._still_saving():
+            return
         path = Path(path)
         try:
             recipe = load_recipe(path)
@@ -734,71 +738,90 @@ class InspectionSession:
                     on_failed=self._failed("Could not load the model"))
 
     def save_recipe(self, path: str | Path | None = None) -> bool:
-        """Save the recipe (and its model beside it). False if there is no path yet."""
+        """Save the recipe (and its model beside it). False if there is no path yet.
+
+        The labels and results log are carried beside it first (a recipe saved where its
+        labels could not follow would replay another recipe's labels), then the model is
+        written (a job), then the recipe file. The session moves to the new path only when
+        the model is written: until then it keeps its own stores, and a save that stops puts
+        back what was beside the target. Meanwhile (``saving``) nothing that writes the
+        stores or replaces the recipe starts."""
         path = Path(path) if path is not None else self.recipe_path
         if path is None:
             return False
         if self.live:
             self.error.emit("Stop live inspection before saving the recipe.")
             return True
-        if self.saving:  # its stores are carried until it ends: a second save would cross them
-            self.status.emit("Still saving the recipe…")
+        if self._still_saving():
             return True
-        # the stores first: a recipe saved where its labels could not follow would replay
-        # another recipe's labels (the save stops, with the reason on screen)
         if not self.labels.recipe_saved_to(path):
             return True
         if not self.shift.recipe_saved_to(path):
             self._save_ended(False)
             return True
-        previous = (self.recipe_path, self.recipe.model_path)
-        self.recipe_path = path
-        self.recipe.image_threshold, self.recipe.pixel_threshold = self.image_threshold, self.pixel_threshold
+        recipe = self.recipe
+        recipe.image_threshold, recipe.pixel_threshold = self.image_threshold, self.pixel_threshold
         if self.detector is None:
-            self._write_recipe_file(previous)
+            self._write_recipe_file(recipe, path, recipe.model_path, model_written=False)
             return True
-        model = model_path_for(path)
-        self.recipe.model_path = str(model)
+        model = str(model_path_for(path))
 
         def model_not_saved(exc: BaseException) -> None:
-            self._save_stopped(previous)
             self.error.emit(f"Could not save the model: {exc}. Recipe NOT saved to {path}")
+            self._save_ended(False)  # after the cause: a put-back that fails says so last
 
         self.saving = True
-        self.submit(partial(save_model_job, self.detector, model), on_returned=lambda _p: self._write_recipe_file(),
-                    on_failed=model_not_saved, on_cancelled=lambda: model_not_saved(RuntimeError("cancelled")))
+        try:
+            self.submit(partial(save_model_job, self.detector, model),
+                        on_returned=lambda _p: self._write_recipe_file(recipe, path, model, model_written=True),
+                        on_failed=model_not_saved, on_cancelled=lambda: model_not_saved(RuntimeError("cancelled")))
+        except BaseException:  # e.g. the engine has stopped: nothing will end this save
+            self._save_ended(False)
+            raise
         return True
 
+    def _still_saving(self) -> bool:
+        """True (and a word on screen) while a save is not finished: its carried stores may
+        still be put back, and the recipe it saves must stay the session's."""
+        if self.saving:
+            self.status.emit("Still saving the recipe…")
+        return self.saving
+
     def _save_ended(self, saved: bool) -> None:
+        """The save that carried the stores ended; not ``saved``: they are put back."""
         self.saving = False
-        self.labels.save_ended(saved)
-        self.shift.save_ended(saved)
+        for book in (self.labels, self.shift):
+            try:
+                book.save_ended(saved)
+            except Exception as exc:  # noqa: BLE001 - the other store must still be dealt with
+                log.exception("ending a recipe save")
+                self.error.emit(f"After saving the recipe: {exc}")
 
-    def _save_stopped(self, previous: tuple[Path | None, str | None]) -> None:
-        """A save that carried the stores stopped before the model was written: they go back,
-        so the recipe (and model) left there keep their own labels and log; this session
-        keeps its recipe path."""
-        self.recipe_path, self.recipe.model_path = previous
-        self._save_ended(False)
-
-    def _write_recipe_file(self, previous: tuple[Path | None, str | None] | None = None) -> None:
-        """Write the recipe file; ``previous`` (recipe path, model path): there is no model
-        to pair the carried stores with, so a failure puts them back. After a saved model
-        they stay whatever happens here: that model holds their labels."""
+    def _write_recipe_file(self, recipe: Recipe, path: Path, model_path: str | None, model_written: bool) -> None:
+        """Write the recipe file. Without a written model a failure puts the carried stores
+        back; after one they stay (that model holds their labels) and the session moves to
+        ``path`` anyway, so saving again completes it."""
+        before = recipe.model_path
+        recipe.model_path = model_path
         try:
-            save_recipe(self.recipe, self.recipe_path)
-        except OkngError as exc:
-            if previous is not None:
-                self._save_stopped(previous)
-                self.error.emit(str(exc))
-            else:
-                self._save_ended(True)
-                self.error.emit(f"{exc}. The model, labels and results log are saved beside it: save again to "
-                                f"write the recipe file.")
+            save_recipe(recipe, path)
+        except Exception as exc:  # noqa: BLE001 - any failure must end the save and say so
+            if not model_written:
+                recipe.model_path = before
+                self.error.emit(f"Recipe NOT saved: {exc}")
+                self._save_ended(False)
+                return
+            self._save_ended(True)
+            if self.recipe is recipe:
+                self.recipe_path = path
+            self.error.emit(f"{exc}. The model, labels and results log are saved beside it: save again to "
+                            f"write the recipe file.")
             return
         self._save_ended(True)
-        self.mark_saved()
-        self.status.emit(f"Recipe saved to {self.recipe_path}")
+        if self.recipe is recipe:
+            self.recipe_path = path
+            self.mark_saved()
+        self.status.emit(f"Recipe saved to {path}")
 
 
 def _embedder_key(det: Detector) -> str:

@@ -300,6 +300,8 @@ class LabelBook:
         if s.rescoring:
             s.status.emit("Still re-judging the results under the new model…")
             return True
+        if s._still_saving():  # the store may yet be put back: a label made now could be lost
+            return True
         if s.live:
             s.error.emit("Stop live inspection before labelling (Space).")
             return True
@@ -539,6 +541,8 @@ class LabelBook:
         s = self.session
         if self._pending:
             s.status.emit("Still learning from the previous label…")
+            return False
+        if s._still_saving():
             return False
         try:
             if active:

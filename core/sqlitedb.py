@@ -12,8 +12,8 @@ import os
 import random
 import sqlite3
 import time
+import urllib.parse
 from collections.abc import Callable
-from pathlib import Path
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -44,6 +44,17 @@ def retry_busy(fn: Callable[[], T], timeout: float = BUSY_TIMEOUT) -> T:
 def connect(path: str, timeout: float = BUSY_TIMEOUT, uri: bool = False) -> sqlite3.Connection:
     """Autocommit connection (transactions explicit) with a busy timeout."""
     return sqlite3.connect(path, timeout=timeout, isolation_level=None, uri=uri)
+
+
+def read_only_uri(path: str | os.PathLike[str]) -> str:
+    """A SQLite URI opening ``path`` read-only (``connect(..., uri=True)``): every character
+    SQLite would read as URI syntax ('?', '#', '%', spaces, non-ASCII) percent-encoded, a
+    Windows drive or UNC share written as SQLite expects (``file:///C:/...``,
+    ``file:////server/share/...``). A file that does not exist is an error, never created."""
+    p = os.path.abspath(os.fspath(path)).replace(os.sep, "/")
+    if not p.startswith("/"):
+        p = "/" + p  # C:/... -> /C:/...
+    return f"file://{urllib.parse.quote(p, safe='/:')}?mode=ro"
 
 
 def enable_wal(con: sqlite3.Connection) -> None:
@@ -136,7 +147,7 @@ def put_back(target: str | os.PathLike[str], aside: str | None) -> None:
         _remove_database(target)
         return
     # read-only: a copy aside that has gone must fail here, not be created empty and copied in
-    src = sqlite3.connect(Path(aside).resolve().as_uri() + "?mode=ro", uri=True)
+    src = sqlite3.connect(read_only_uri(aside), uri=True)
     try:
         dst = connect(target)
         try:

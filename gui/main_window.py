@@ -3,9 +3,11 @@ controller's signals come back to the panels. Menus live in gui/recipe_menu.py a
 gui/labeling.py."""
 from __future__ import annotations
 
-from PySide6.QtCore import QSettings, Qt, Slot
+import time
+
+from PySide6.QtCore import QEventLoop, QSettings, Qt, Slot
 from PySide6.QtGui import QAction, QKeySequence
-from PySide6.QtWidgets import (QDockWidget, QMainWindow, QMessageBox, QVBoxLayout,
+from PySide6.QtWidgets import (QApplication, QDockWidget, QMainWindow, QMessageBox, QVBoxLayout,
                                QWidget)
 
 from core.models import TRAINED_KINDS
@@ -314,12 +316,22 @@ class MainWindow(QMainWindow):
     def open_recipe(self, path: str) -> None:
         self.recipe_menu.open(path, confirmed=True)
 
+    def _let_the_save_end(self, seconds: float = 120.0) -> None:
+        """A save whose model is still being written (e.g. "Save" in the quit question) ends
+        before the engine stops: stopped half-way it would leave this session's labels beside
+        the other recipe, or be cancelled and lost."""
+        s = self.controller.session
+        deadline = time.monotonic() + seconds
+        while s.saving and time.monotonic() < deadline:
+            QApplication.processEvents(QEventLoop.ProcessEventsFlag.AllEvents, 50)
+
     def closeEvent(self, event) -> None:  # noqa: N802 - Qt override
         if not self.recipe_menu.confirm_discard("quit"):
             event.ignore()
             return
         self.settings.setValue("window/geometry", self.saveGeometry())
         self.settings.setValue("window/state", self.saveState())
+        self._let_the_save_end()
         # The engine stops at its next cancellation point (at most one batch, or the backbone
         # load); destroying a running QThread would abort the process, so wait generously.
         self.line_link.stop()

@@ -64,7 +64,8 @@ class RecipeMenu:
             return True
         if clicked is save:
             self.save()
-            return not s.dirty or s.executor.busy  # the model save runs on the engine thread
+            self.w._let_the_save_end()  # its model is written on the engine thread: go on once it is
+            return not s.dirty
         return False
 
     def new_recipe(self) -> None:

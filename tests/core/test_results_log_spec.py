@@ -137,7 +137,11 @@ def test_a_copy_over_that_fails_leaves_the_target_as_it_was_and_nothing_beside_i
         monkeypatch.setattr(sqlitedb, "retry_busy", full)  # the in-place copy, after the one aside
         with pytest.raises(sqlite3.OperationalError):
             new.copy_over(target)
-        monkeypatch.setattr(sqlitedb, "backup_to", lambda con, part: (_ for _ in ()).throw(OSError("disk full")))
+        def half_written(con, part):
+            Path(part).write_bytes(b"SQLite format 3\x00 and then the disk was full")
+            raise OSError("disk full")
+
+        monkeypatch.setattr(sqlitedb, "backup_to", half_written)
         with pytest.raises(OSError):
             new.copy_over(tmp_path / "elsewhere" / "station.results.sqlite")
     monkeypatch.undo()
@@ -188,3 +192,21 @@ def test_a_logged_inspection_is_committed_when_add_returns(tmp_path):
             log.add(_entry(t, "OK"))
             with closing(sqlite3.connect(tmp_path / "r.sqlite")) as other:  # another reader sees it at once
                 assert other.execute("SELECT COUNT(*) FROM inspections").fetchone() == (int(t),)
+
+
+def test_file_names_with_uri_characters_open_read_only_and_nothing_is_created(tmp_path):
+    """Recipes and stores are named by people: '#', '?', '%', spaces and accents open as the
+    files they name, read-only, and a name that does not exist is an error, not a new file."""
+    from core.recipes import Recipe, load_recipe, save_recipe
+    from core.sqlitedb import read_only_uri
+
+    for name in ("a#b", "e?f", "c%41d", "we ird ü"):
+        path = tmp_path / f"{name}.okrecipe"
+        save_recipe(Recipe(name, ["x.png"], {}), path)
+        assert load_recipe(path).name == name
+        with pytest.raises(sqlite3.OperationalError):
+            with closing(sqlite3.connect(read_only_uri(tmp_path / f"{name}-missing.sqlite"), uri=True)) as con:
+                con.execute("SELECT 1 FROM sqlite_master").fetchall()
+    made = [p.name for p in tmp_path.iterdir() if not p.name.endswith(("-wal", "-shm"))]  # SQLite's own
+    assert sorted(made) == sorted(f"{n}.okrecipe" for n in ("a#b", "e?f", "c%41d", "we ird ü"))
+    assert read_only_uri("/srv/a b/#1").startswith("file:///srv/a%20b/%231?mode=ro")

@@ -560,7 +560,7 @@ def test_a_model_that_cannot_be_saved_puts_the_stores_beside_the_old_recipe_back
     assert [r.operator for r in LabelStore(path.with_suffix(".labels.sqlite")).labels()] == ["ana"]
     assert len(ResultsLog(path.with_suffix(".results.sqlite")).entries()) == 1  # the old recipe's one
     assert path.read_bytes() == recipe_before and model_path_for(path).read_bytes() == model_before
-    assert not [p for p in path.parent.glob("*.replaced-*") if not p.name.endswith(("-wal", "-shm"))]
+    assert not list(path.parent.glob("*.replaced-*"))
     assert t.recipe_path == own_path and [r.id for r in t.labels.rows()]  # its labels where they were
 
 
@@ -608,3 +608,49 @@ def test_a_second_save_waits_for_the_first_one_to_end(session, part_images, tmp_
     assert first.exists() and not second.exists() and not s.saving
     s.save_recipe(second)
     assert second.exists()
+
+
+def test_while_a_save_runs_nothing_writes_the_stores_or_replaces_the_recipe_and_a_cancelled_one_puts_back(
+        session, part_images, tmp_path, tiny_config):
+    """Between carrying the stores and writing the model a label, a withdrawal, a new or
+    opened recipe and live inspection wait (a put-back would erase what they wrote, or the
+    save would land on another recipe); cancelled (Esc), the save puts the stores back and
+    the session stays where it was."""
+    from tests.core.test_session import HoldingExecutor
+
+    s = session
+    path = _recipe_saved_with_one_label(s, part_images, tmp_path)
+    t, said, _ = _other_station_with_a_label(tmp_path, tiny_config, part_images)
+    own_path, own_recipe = t.recipe_path, t.recipe
+    t.executor, inline = HoldingExecutor(), t.executor
+    t.save_recipe(path)
+    assert t.saving and len(t.executor.held) == 1
+    t.show_result(list(t.results)[0].id)
+    t.labels.mark_image("image_ok")
+    t.labels.withdraw(t.labels.rows()[0].id)
+    t.new_recipe("elsewhere")
+    t.open_recipe(path)
+    t.start_live("folder", str(tmp_path))
+    assert said[-5:] == ["Still saving the recipe…"] * 5
+    assert t.recipe is own_recipe and not t.live and len(t.executor.held) == 1
+    assert len(t.labels.rows()) == 1 and not t.labels.rows()[0].undone
+    t.executor.run_next(cancelled=True)
+    t.executor = inline
+    assert not t.saving and t.recipe_path == own_path
+    assert [r.operator for r in LabelStore(path.with_suffix(".labels.sqlite")).labels()] == ["ana"]
+
+
+def test_a_save_the_engine_cannot_take_puts_the_stores_back(session, part_images, tmp_path, tiny_config):
+    s = session
+    path = _recipe_saved_with_one_label(s, part_images, tmp_path)
+    t, _, _ = _other_station_with_a_label(tmp_path, tiny_config, part_images)
+
+    class Stopped(InlineExecutor):
+        def submit(self, job, callbacks=None, replace=False):
+            raise RuntimeError("the engine thread has stopped")
+
+    t.executor = Stopped()
+    with pytest.raises(RuntimeError):
+        t.save_recipe(path)
+    assert not t.saving
+    assert [r.operator for r in LabelStore(path.with_suffix(".labels.sqlite")).labels()] == ["ana"]

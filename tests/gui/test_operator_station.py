@@ -194,3 +194,21 @@ def test_the_features_and_score_chosen_in_the_window_are_the_ones_fitted(qtbot, 
     assert s.detector.model.neighbourhood == 3 and s.detector.post.pooling == "topk"
     panel.model_combo.activated.emit(panel.model_combo.findData("favae"))  # trains a network: no such setting
     assert not panel.features_combo.isVisible() and panel.pooling_combo.isVisible()
+
+
+def test_quitting_lets_a_save_whose_model_is_being_written_end_first(qtbot, window, monkeypatch):
+    """"Save" in the quit question queues the model's write on the engine thread: the window
+    waits for it (the engine then stops) instead of cutting it off half-way."""
+    import time
+
+    w, s = window, window.controller.session
+    s.saving = True
+    QTimer.singleShot(100, lambda: setattr(s, "saving", False))  # the engine's save ending
+    t0 = time.monotonic()
+    w._let_the_save_end(30)
+    assert not s.saving and time.monotonic() - t0 < 10
+    waited = []
+    monkeypatch.setattr(w, "_let_the_save_end", lambda: waited.append(True))
+    monkeypatch.setattr(w.recipe_menu, "confirm_discard", lambda _what: True)
+    w.close()
+    assert waited == [True]
