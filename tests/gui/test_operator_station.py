@@ -212,3 +212,36 @@ def test_quitting_lets_a_save_whose_model_is_being_written_end_first(qtbot, wind
     monkeypatch.setattr(w.recipe_menu, "confirm_discard", lambda _what: True)
     w.close()
     assert waited == [True]
+
+
+def test_with_the_engine_thread_a_save_ends_before_the_new_recipe_the_question_allowed(
+        qtbot, tmp_path, ok_images, tiny_config):
+    """The real engine thread writes the model after save_recipe returns: the station stays
+    on its recipe until then, and "Save" in the question before New waits for it."""
+    from gui.runner import EngineRunner
+
+    runner = EngineRunner()
+    c = StationController(runner, labels_dir=tmp_path / "labels", captures_dir=tmp_path / "captures")
+    w = MainWindow(c, QSettings(str(tmp_path / "s.ini"), QSettings.Format.IniFormat))
+    qtbot.addWidget(w)
+    w.show()
+    s = c.session
+    try:
+        s.new_recipe("synthetic", tiny_config, list(ok_images))
+        with qtbot.waitSignal(c.model_changed, timeout=60_000):
+            s.start_fit()
+        path = tmp_path / "a.okrecipe"
+        s.save_recipe(path)
+        assert s.saving and s.recipe_path is None  # the model is still being written
+        qtbot.waitUntil(lambda: not s.saving, timeout=60_000)
+        assert s.recipe_path == path and not s.dirty and path.is_file()
+        with qtbot.waitSignal(c.model_changed, timeout=60_000):
+            s.start_fit()
+        assert s.dirty
+        stamp = (path.with_suffix(".okng")).stat().st_mtime_ns
+        _answer_next_box(qtbot, w, "Save")
+        w.recipe_menu.new_recipe()  # Ctrl+N, "Save": the refit is written, then the new recipe
+        assert s.recipe.name == "untitled" and not s.saving
+        assert path.with_suffix(".okng").stat().st_mtime_ns != stamp
+    finally:
+        assert runner.shutdown(10_000)
