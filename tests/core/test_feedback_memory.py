@@ -761,14 +761,21 @@ def test_the_look_up_product_uses_pytorchs_threads_only_where_its_cnn_keeps_them
     assert torch.equal(torch_scores, other_scores)
 
 
-def test_warming_up_a_detector_loads_the_memory_kernels_before_the_first_click(detector, monkeypatch):
-    """The first click must not pay numba's load (0.5 s from its cache, 4 s on a fresh
-    install): the station's fit and load warm the memory's search up with the model."""
+def unload_memory_kernels(monkeypatch) -> None:
+    """The feedback memory's compiled kernels as before anything loaded them (for this test)."""
     import core.feedback_memory as fm
 
     for name in ("_kernel", "_search_kernel", "_smallest_kernel", "_print_kernel"):
         monkeypatch.setattr(fm, name, None)
     monkeypatch.setattr(fm, "_kernel_failed", False)
+
+
+def test_warming_up_a_detector_loads_the_memory_kernels_before_the_first_click(detector, monkeypatch):
+    """The first click must not pay numba's load (0.5 s from its cache, 4 s on a fresh
+    install): the station's fit and load warm the memory's search up with the model."""
+    import core.feedback_memory as fm
+
+    unload_memory_kernels(monkeypatch)
     detector.warm_up()  # a line or a Ray worker: no clicks follow, nothing loaded for them
     assert fm._search_kernel is None
     detector.warm_up(feedback=True)

@@ -611,19 +611,15 @@ def test_the_stations_fit_and_open_load_the_feedback_search_before_the_first_cli
     """numba's load (0.5 s from its cache, 4 s on a fresh install) belongs in the fit or the
     opening of a recipe, where the engineer waits anyway, not in the operator's first click."""
     import core.feedback_memory as fm
-
-    def unloaded():
-        for name in ("_kernel", "_search_kernel", "_smallest_kernel", "_print_kernel"):
-            monkeypatch.setattr(fm, name, None)
-        monkeypatch.setattr(fm, "_kernel_failed", False)
+    from tests.core.test_feedback_memory import unload_memory_kernels
 
     s = session
-    unloaded()
+    unload_memory_kernels(monkeypatch)
     s.start_fit()
     assert fm._search_kernel is not None
     path = tmp_path / "k.okrecipe"
     assert s.save_recipe(path)
-    unloaded()
+    unload_memory_kernels(monkeypatch)
     again = InspectionSession(InlineExecutor(), labels_dir=tmp_path / "other")
     again.open_recipe(path)
     assert again.detector is not None and fm._search_kernel is not None
