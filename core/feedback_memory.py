@@ -112,6 +112,8 @@ _kernel = None  # the compiled shortlist loop, built at the first look-up (numba
 _search_kernel = None  # the compiled shortlist + best-match search of scoring (same module)
 _smallest_kernel = None  # the compiled k-smallest selection (same module)
 _print_kernel = None  # the compiled growth and outlines (same module)
+_gather_kernel = None  # the compiled gathering of scoring's query blocks (same module)
+_gate_kernel = None  # the compiled gate of scoring's matches (same module)
 _kernel_failed = False
 
 
@@ -122,14 +124,14 @@ def _compiled():
     """The compiled shortlist loop, the others set beside it (None: numba unavailable). Loaded
     once, under a lock: the station warms it up on its engine thread while another may score;
     ``_kernel`` is set last, so whoever sees it sees the others too."""
-    global _kernel, _search_kernel, _smallest_kernel, _print_kernel, _kernel_failed
+    global _kernel, _search_kernel, _smallest_kernel, _print_kernel, _gather_kernel, _gate_kernel, _kernel_failed
     if _kernel is not None or _kernel_failed:
         return _kernel
     with _kernel_lock:
         if _kernel is not None or _kernel_failed:
             return _kernel
         try:
-            from ._block_kernel import print_hits, search_rows, shortlist_distances, smallest_k
+            from ._block_kernel import gate, gather_rows, print_hits, search_rows, shortlist_distances, smallest_k
 
             z, v, i = np.zeros((1, 9, 2), np.float32), np.ones((1, 9), bool), np.zeros((1, 1), np.int64)
             bounds = np.array([0, 2], np.int64)
@@ -141,7 +143,12 @@ def _compiled():
             one, yes = np.zeros(1, np.int64), np.ones(1, bool)
             print_hits(one, yes, yes, yes, one, one, one, np.ones(1, np.int64), one, np.zeros((1, 2), np.int64),
                        1, 1, True, True, np.empty(1, bool))
+            gather_rows(np.zeros((1, 2, 1, 1), np.float32), one, one, 1, np.empty((1, 9, 2), np.float32),
+                        np.empty((1, 9), bool), np.empty(1, np.float32))
+            f32 = np.zeros(1, np.float32)
+            gate(f32, one, np.zeros((1, 2), np.float32), yes, 1.0, 0.3, True, f32.copy(), f32.copy(), yes.copy())
             _search_kernel, _smallest_kernel, _print_kernel = search_rows, smallest_k, print_hits
+            _gather_kernel, _gate_kernel = gather_rows, gate
             _kernel = shortlist_distances
         except Exception:  # noqa: BLE001 - any failure here only costs speed
             _kernel_failed = True
@@ -240,6 +247,8 @@ class FeedbackMemory:
         self.ok_dist = torch.zeros(0, len(ids))
         self._scale: torch.Tensor | None = None
         self._distinct: torch.Tensor | None = None
+        #: numpy views for scoring's compiled search (:meth:`_search_arrays`)
+        self._arrays: tuple | None = None
         #: (blocks, their contiguous centres, squared norms) for the accepted and defect blocks
         self._centre_cache: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         #: accepted blocks grouped by print (numpy, for outlines): the order that sorts them by
@@ -485,42 +494,63 @@ class FeedbackMemory:
 
     # -- scoring ------------------------------------------------------------------------
     def _search(self, q: torch.Tensor, qv: torch.Tensor, allowed: torch.Tensor | None, cutoff: float,
-                tol: torch.Tensor, threads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+                tol: torch.Tensor, threads: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
         """Scoring's search of the accepted blocks: per query block the (G,) distances, index
         and ratio of its best block, as :meth:`_nearest` with ``rank_by=scale`` finds it, but
         only among ratios <= ``cutoff`` (above it: none, ratio inf). The product on
         ``threads`` of PyTorch's threads, shortlist and search in one compiled call on this
         one (a second thread of our own for half the rows lost more to PyTorch's workers,
         still spinning after the model's own work, than it gained: measured). None: not
-        compiled here."""
+        compiled here, or an empty memory."""
         bounds = _contiguous_bounds(self._groups)
-        if bounds is None or _compiled() is None:
+        if bounds is None or _compiled() is None or len(self) == 0:
             return None
         nq, g = q.shape[0], len(self._groups)
-        if len(self) == 0 or nq == 0:
-            return (torch.full((nq, g), float("inf")), torch.full((nq,), -1, dtype=torch.int64),
-                    torch.full((nq,), float("inf")))
         cd = self._centre_distances(q, self.blocks, allowed, threads).numpy()
         k = min(self.shortlist, len(self))
         idx, val = np.empty((nq, k), np.int64), np.empty((nq, k), np.float32)
         best, key, out_d = np.empty(nq, np.int64), np.empty(nq, np.float32), np.empty((nq, g), np.float32)
-        q_, qv_, m_, mv_ = (np.ascontiguousarray(t.numpy()) for t in (q, qv, self.blocks, self.valid))
-        _search_kernel(cd, k, q_, qv_, m_, mv_, bounds, self.scale.numpy(), np.ascontiguousarray(tol.numpy()),
-                       float(cutoff), idx, val, best, key, out_d)
-        return torch.from_numpy(out_d), torch.from_numpy(best), torch.from_numpy(key)
+        m_, mv_, scale, _ = self._search_arrays()
+        _search_kernel(cd, k, np.ascontiguousarray(q.numpy()), np.ascontiguousarray(qv.numpy()), m_, mv_, bounds,
+                       scale, np.ascontiguousarray(tol.numpy()), float(cutoff), idx, val, best, key, out_d)
+        return out_d, best, key
 
-    def match(self, q: torch.Tensor, qv: torch.Tensor, q_pos: torch.Tensor, threads: int = 1) -> MemoryMatch:
-        """Gate factors of query blocks (Q, 9, C) / valid (Q, 9) at grid positions (Q, 2).
-        (After the search: numpy on a hundred values, where each tensor call cost more.)"""
+    def _search_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The accepted blocks, their valid cells, radii and mark flags (:meth:`distinct_blocks`)
+        as contiguous numpy arrays, kept until the blocks or their scale change (converting
+        them for every scored image cost tens of microseconds)."""
+        cached, scale = self._arrays, self.scale
+        if cached is None or cached[0] is not self.blocks or cached[1] is not scale:
+            cached = (self.blocks, scale, np.ascontiguousarray(self.blocks.numpy()),
+                      np.ascontiguousarray(self.valid.numpy()), np.ascontiguousarray(scale.numpy()),
+                      np.ascontiguousarray(self.distinct_blocks().numpy()))
+            self._arrays = cached
+        return cached[2:]
+
+    def match(self, q: torch.Tensor, qv: torch.Tensor, q_pos: torch.Tensor | None, threads: int = 1,
+              tol: torch.Tensor | None = None) -> MemoryMatch:
+        """Gate factors of query blocks (Q, 9, C) / valid (Q, 9) at grid positions (Q, 2)
+        (needed only with a ``radius``); ``tol``: their copy tolerances where already known
+        (:func:`_query_blocks`). (After the search: compiled, or numpy on a hundred values,
+        where each tensor call cost more.)"""
         allowed = None
         if self.radius is not None:
+            if q_pos is None:
+                raise ValueError("a memory with a radius needs the query blocks' positions")
             allowed = (q_pos[:, None, :] - self.pos[None, :, :]).abs().amax(-1) <= self.radius
         # nothing above the ramp's top (factor 1) or the growth limits can change a distance
         cutoff = max(self.high, self.grow or 0.0, self.footprint or 0.0)
-        tol = _copy_tolerance(q)
+        tol = _copy_tolerance(q) if tol is None else tol
         found = self._search(q, qv, allowed, cutoff, tol, threads)
+        distinct = None
         if found is not None:
-            d_acc, i_acc, ratio = (t.numpy() for t in found)
+            d_acc, i_acc, ratio = found
+            n = ratio.shape[0]
+            factor, acc_total, is_distinct = np.empty(n, np.float32), np.empty(n, np.float32), np.empty(n, bool)
+            _gate_kernel(ratio, i_acc, d_acc, self._search_arrays()[3], self.low, self.high - self.low,
+                         self.distinct, factor, acc_total, is_distinct)
+            if self.distinct:
+                distinct = torch.from_numpy(is_distinct)
         else:
             r = self.scale
             d_acc_t, i_acc_t = self._nearest(q, qv, self.blocks, self.valid, allowed, rank_by=r)
@@ -529,19 +559,18 @@ class FeedbackMemory:
                               torch.where(d_acc_t <= tol[:, None], 0.0, float("inf")))
             ratio_t = torch.where(i_acc_t >= 0, per.amax(-1), torch.full((q.shape[0],), float("inf")))
             d_acc, i_acc, ratio = d_acc_t.numpy(), i_acc_t.numpy(), ratio_t.numpy()
-        acc_total = np.sqrt(np.square(d_acc).sum(-1))
+            acc_total = np.sqrt(np.square(d_acc).sum(-1))
+            factor = np.clip((ratio - self.low) / (self.high - self.low), 0.0, 1.0).astype(np.float32)
+            if self.distinct and len(self):
+                distinct = (i_acc >= 0) & self.distinct_blocks().numpy()[np.maximum(i_acc, 0)]
+                factor[~distinct] = 1.0
+                distinct = torch.from_numpy(distinct)
         if self.n_defect_blocks:
             d_neg = self._nearest(q, qv, self.neg_blocks, self.neg_valid, None)[0].numpy()
             neg_total = np.sqrt(np.square(d_neg).sum(-1))
+            factor[neg_total <= acc_total] = 1.0
         else:
             neg_total = np.full_like(acc_total, np.inf)
-        factor = np.clip((ratio - self.low) / (self.high - self.low), 0.0, 1.0).astype(np.float32)
-        factor[neg_total <= acc_total] = 1.0
-        distinct = None
-        if self.distinct and len(self):
-            distinct = (i_acc >= 0) & self.distinct_blocks().numpy()[np.maximum(i_acc, 0)]
-            factor[~distinct] = 1.0
-            distinct = torch.from_numpy(distinct)
         return MemoryMatch(torch.from_numpy(factor), torch.from_numpy(ratio), torch.from_numpy(acc_total),
                            torch.from_numpy(neg_total), torch.from_numpy(i_acc), distinct)
 
@@ -577,9 +606,9 @@ class FeedbackMemory:
             img_np = torch.arange(b)[:, None].expand_as(top)[keep].numpy()
             idx_np = top[keep].numpy()
         img, idx = torch.from_numpy(img_np), torch.from_numpy(idx_np)
-        q, qv = _gather_blocks(emb.to(torch.float32), img, idx, self.step)
-        pos = torch.from_numpy(np.stack([idx_np // w, idx_np % w], 1))
-        m = self.match(q, qv, pos, threads)
+        q, qv, tol = _query_blocks(emb, img_np, idx_np, self.step)
+        pos = None if self.radius is None else torch.from_numpy(np.stack([idx_np // w, idx_np % w], 1))
+        m = self.match(q, qv, pos, threads, tol)
         grows = self.grow is not None or self.footprint is not None
         factor = (self._grown(m, img, idx, (h, w)) if grows else m.factor).numpy()
         out = flat_np.copy()
@@ -610,11 +639,18 @@ class FeedbackMemory:
             best = np.zeros(len(seed), np.int64) if m.best is None else m.best.numpy()
             groups = self._print_groups() if within is not None else (no.astype(np.int64),) * 4 + (
                 np.zeros((1, 2), np.int64),)
+            grow, outline = self.grow is not None, within is not None
+            within = no if within is None else within
+            if img_np[0] == img_np[-1] and bool((img_np == img_np[0]).all()):  # one image (batch 1: the usual)
+                hit = np.empty(len(img_np), bool)
+                _print_kernel(idx_np, seed, near, within, best, *groups, h, w, grow, outline, hit)
+                factor[hit] = 0.0
+                return torch.from_numpy(factor)
             for i in np.unique(img_np[seed]):
                 rows = np.nonzero(img_np == i)[0]
                 hit = np.empty(len(rows), bool)
-                _print_kernel(idx_np[rows], seed[rows], near[rows], (no if within is None else within)[rows],
-                              best[rows], *groups, h, w, self.grow is not None, within is not None, hit)
+                _print_kernel(idx_np[rows], seed[rows], near[rows], within[rows], best[rows], *groups, h, w,
+                              grow, outline, hit)
                 factor[rows[hit]] = 0.0
             return torch.from_numpy(factor)
         for i in np.unique(img_np[seed]):
@@ -690,6 +726,21 @@ def _copy_tolerance(q: torch.Tensor) -> torch.Tensor:
     batch size, float rounding) still matches."""
     c = q[:, _CENTRE].numpy()
     return torch.from_numpy(1e-3 * np.sqrt(np.square(c).sum(1)))
+
+
+def _query_blocks(emb: torch.Tensor, img: np.ndarray, idx: np.ndarray, step: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Scoring's query blocks: :func:`_gather_blocks` of embeddings (B, C, h, w) at images
+    ``img`` (K,) and flat patch indices ``idx`` (K,), and their :func:`_copy_tolerance`, in
+    one compiled pass where numba is there."""
+    if _compiled() is None:
+        q, qv = _gather_blocks(emb.to(torch.float32), torch.from_numpy(img), torch.from_numpy(idx), step)
+        return q, qv, _copy_tolerance(q)
+    e = np.ascontiguousarray(emb.detach().to(torch.float32).numpy())
+    k, c = idx.shape[0], e.shape[1]
+    feats, valid, tol = np.empty((k, 9, c), np.float32), np.empty((k, 9), bool), np.empty(k, np.float32)
+    _gather_kernel(e, img.astype(np.int64, copy=False), idx.astype(np.int64, copy=False), int(step), feats, valid, tol)
+    return torch.from_numpy(feats), torch.from_numpy(valid), torch.from_numpy(tol)
 
 
 def _gather_blocks(emb: torch.Tensor, img: torch.Tensor, idx: torch.Tensor, step: int = 1,

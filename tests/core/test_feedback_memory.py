@@ -618,7 +618,25 @@ def test_the_compiled_best_match_search_agrees_with_the_full_search_up_to_the_cu
     torch.testing.assert_close(fast.ratio[inside], full.ratio[inside])
     torch.testing.assert_close(fast.accepted_distance[inside], full.accepted_distance[inside])
     torch.testing.assert_close(fast.factor, full.factor)
+    assert torch.equal(fast.distinct[inside], full.distinct[inside])
     assert bool(torch.isinf(fast.ratio[~inside]).all())
+
+
+def test_the_compiled_gathering_of_query_blocks_is_the_numpy_gathering():
+    """Scoring gathers its query blocks (and their copy tolerances) in one compiled pass over
+    the channels-first embeddings: the same cells, zeros off the grid, for any step and
+    images of a batch."""
+    import core.feedback_memory as fm
+
+    assert fm._compiled() is not None
+    emb = torch.from_numpy(np.random.default_rng(5).normal(size=(2, C, 6, 7)).astype(np.float32))
+    img = np.array([0, 0, 1, 1, 1, 0], np.int64)
+    idx = np.array([0, 6, 41, 20, 35, 13], np.int64)  # corners, edges and the inside
+    for step in (1, 2):
+        q, qv, tol = fm._query_blocks(emb, img, idx, step)
+        ref_q, ref_v = fm._gather_blocks(emb, torch.from_numpy(img), torch.from_numpy(idx), step)
+        assert torch.equal(q, ref_q) and torch.equal(qv, ref_v)
+        torch.testing.assert_close(tol, fm._copy_tolerance(ref_q))
 
 
 # -- specified after mutation round 6 (issue 18): settings, look-up limits, click bookkeeping ---
@@ -765,7 +783,8 @@ def unload_memory_kernels(monkeypatch) -> None:
     """The feedback memory's compiled kernels as before anything loaded them (for this test)."""
     import core.feedback_memory as fm
 
-    for name in ("_kernel", "_search_kernel", "_smallest_kernel", "_print_kernel"):
+    for name in ("_kernel", "_search_kernel", "_smallest_kernel", "_print_kernel", "_gather_kernel",
+                 "_gate_kernel"):
         monkeypatch.setattr(fm, name, None)
     monkeypatch.setattr(fm, "_kernel_failed", False)
 
