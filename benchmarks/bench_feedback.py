@@ -301,8 +301,8 @@ def memory_steps(det, items: list[torch.Tensor], reps: int = 3) -> dict:
         return wrapper
 
     fm._compiled()
-    saved = {k: getattr(fm, k) for k in ("_gather_blocks", "_search_kernel")}
-    fm._gather_blocks = timed("gather", saved["_gather_blocks"])
+    saved = {k: getattr(fm, k) for k in ("_query_blocks", "_search_kernel")}
+    fm._query_blocks = timed("gather", saved["_query_blocks"])
     fm._search_kernel = timed("shortlist_and_best", saved["_search_kernel"])
     mem.match = timed("match", mem.match)
     mem._search = timed("search", mem._search)
