@@ -56,13 +56,11 @@ def _shortlist_distances(q, qv, m, mv, idx, bounds, out):  # pragma: no cover - 
                 out[i, s, g] = math.sqrt(acc[g] / cells)
 
 
-def _gather_rows(emb, img, idx, step, feats, valid, tol):  # pragma: no cover - runs compiled
+def _gather_rows(emb, img, idx, step, feats, valid):  # pragma: no cover - runs compiled
     """Blocks of the looked-up patches, read in place from the channels-first embeddings
     emb (B, C, h, w): patch k (image img[k], flat index idx[k]) -> feats[k] (9, C), the 3x3
-    cells ``step`` patches apart (zero off the grid), valid[k] (9,) on the grid, and tol[k]
-    the copy tolerance (0.1 % of its centre patch's norm, see
-    ``core.feedback_memory._copy_tolerance``). The numpy version transposed whole images to
-    channels last and indexed them: twice as long."""
+    cells ``step`` patches apart (zero off the grid), valid[k] (9,) on the grid. The numpy
+    version transposed whole images to channels last and indexed them: twice as long."""
     c, h, w = emb.shape[1], emb.shape[2], emb.shape[3]
     for k in range(idx.shape[0]):
         i, y, x = img[k], idx[k] // w, idx[k] % w
@@ -75,10 +73,6 @@ def _gather_rows(emb, img, idx, step, feats, valid, tol):  # pragma: no cover - 
                     feats[k, cell, ch] = emb[i, ch, yy, xx]
             else:
                 feats[k, cell, :] = 0.0
-        s = np.float32(0.0)
-        for ch in range(c):
-            s += feats[k, 4, ch] * feats[k, 4, ch]
-        tol[k] = np.float32(1e-3) * np.float32(math.sqrt(s))
 
 
 @_jit
@@ -175,19 +169,15 @@ def _search_rows(cd, k, q, qv, m, mv, bounds, r, tol, cutoff, idx, val, best, ke
         key[i] = kb if s >= 0 else np.inf
 
 
-def _gate(key, best, out_d, distinct, low, span, use_distinct, factor, total, is_distinct):  # pragma: no cover
+def _gate(key, best, distinct, low, span, use_distinct, factor, is_distinct):  # pragma: no cover
     """The gate of scoring's matches (see FeedbackMemory.match), from :func:`_search_rows`'s
-    key (ratio), best and out_d: factor = clamp((ratio - low) / span, 0, 1) in float32 as
-    numpy computes it (span = high - low), 1 where
-    ``use_distinct`` and the best block is not of the mark itself (``distinct`` (M,)); total
-    = the match's overall block distance (root of the sum of squares over groups);
-    is_distinct the best block's flag (False: none). One pass where the numpy version made
-    a dozen calls on a hundred values. (Runs compiled.)"""
+    key (ratio) and best: factor = clamp((ratio - low) / span, 0, 1) in float32 as numpy
+    computes it (span = high - low), 1 where ``use_distinct`` and the best block is not of
+    the mark itself (``distinct`` (M,)); is_distinct the best block's flag (False: none).
+    One pass where the numpy version made a dozen calls on a hundred values. (No sums here:
+    a sum compiled with fastmath may round differently from numpy's, and the match's totals
+    are compared with numpy's for the defect blocks.) (Runs compiled.)"""
     for i in range(key.shape[0]):
-        s = np.float32(0.0)
-        for g in range(out_d.shape[1]):
-            s += out_d[i, g] * out_d[i, g]
-        total[i] = math.sqrt(s)
         f = (key[i] - np.float32(low)) / np.float32(span)
         f = min(max(f, np.float32(0.0)), np.float32(1.0))
         is_distinct[i] = best[i] >= 0 and distinct[best[i]]

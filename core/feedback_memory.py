@@ -144,9 +144,8 @@ def _compiled():
             print_hits(one, yes, yes, yes, one, one, one, np.ones(1, np.int64), one, np.zeros((1, 2), np.int64),
                        1, 1, True, True, np.empty(1, bool))
             gather_rows(np.zeros((1, 2, 1, 1), np.float32), one, one, 1, np.empty((1, 9, 2), np.float32),
-                        np.empty((1, 9), bool), np.empty(1, np.float32))
-            f32 = np.zeros(1, np.float32)
-            gate(f32, one, np.zeros((1, 2), np.float32), yes, 1.0, 0.3, True, f32.copy(), f32.copy(), yes.copy())
+                        np.empty((1, 9), bool))
+            gate(np.zeros(1, np.float32), one, yes, 1.0, 0.3, True, np.empty(1, np.float32), yes.copy())
             _search_kernel, _smallest_kernel, _print_kernel = search_rows, smallest_k, print_hits
             _gather_kernel, _gate_kernel = gather_rows, gate
             _kernel = shortlist_distances
@@ -494,14 +493,15 @@ class FeedbackMemory:
 
     # -- scoring ------------------------------------------------------------------------
     def _search(self, q: torch.Tensor, qv: torch.Tensor, allowed: torch.Tensor | None, cutoff: float,
-                tol: torch.Tensor, threads: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+                tol: torch.Tensor, threads: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
         """Scoring's search of the accepted blocks: per query block the (G,) distances, index
         and ratio of its best block, as :meth:`_nearest` with ``rank_by=scale`` finds it, but
         only among ratios <= ``cutoff`` (above it: none, ratio inf). The product on
         ``threads`` of PyTorch's threads, shortlist and search in one compiled call on this
         one (a second thread of our own for half the rows lost more to PyTorch's workers,
-        still spinning after the model's own work, than it gained: measured). None: not
-        compiled here, or an empty memory."""
+        still spinning after the model's own work, than it gained: measured); and the mark
+        flags of the blocks searched (:meth:`distinct_blocks`). None: not compiled here, or an
+        empty memory."""
         bounds = _contiguous_bounds(self._groups)
         if bounds is None or _compiled() is None or len(self) == 0:
             return None
@@ -510,29 +510,26 @@ class FeedbackMemory:
         k = min(self.shortlist, len(self))
         idx, val = np.empty((nq, k), np.int64), np.empty((nq, k), np.float32)
         best, key, out_d = np.empty(nq, np.int64), np.empty(nq, np.float32), np.empty((nq, g), np.float32)
-        m_, mv_, scale, _ = self._search_arrays()
+        m_, mv_, scale, distinct = self._search_arrays()
         _search_kernel(cd, k, np.ascontiguousarray(q.numpy()), np.ascontiguousarray(qv.numpy()), m_, mv_, bounds,
                        scale, np.ascontiguousarray(tol.numpy()), float(cutoff), idx, val, best, key, out_d)
-        return out_d, best, key
+        return out_d, best, key, distinct
 
     def _search_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """The accepted blocks, their valid cells, radii and mark flags (:meth:`distinct_blocks`)
-        as contiguous numpy arrays, kept until the blocks or their scale change (converting
+        as contiguous numpy arrays, kept while those four tensors are the same (converting
         them for every scored image cost tens of microseconds)."""
-        cached, scale = self._arrays, self.scale
-        if cached is None or cached[0] is not self.blocks or cached[1] is not scale:
-            cached = (self.blocks, scale, np.ascontiguousarray(self.blocks.numpy()),
-                      np.ascontiguousarray(self.valid.numpy()), np.ascontiguousarray(scale.numpy()),
-                      np.ascontiguousarray(self.distinct_blocks().numpy()))
+        key = (self.blocks, self.valid, self.scale, self.distinct_blocks())
+        cached = self._arrays
+        if cached is None or any(a is not b for a, b in zip(cached[0], key)):
+            cached = (key, tuple(np.ascontiguousarray(t.numpy()) for t in key))
             self._arrays = cached
-        return cached[2:]
+        return cached[1]
 
-    def match(self, q: torch.Tensor, qv: torch.Tensor, q_pos: torch.Tensor | None, threads: int = 1,
-              tol: torch.Tensor | None = None) -> MemoryMatch:
+    def match(self, q: torch.Tensor, qv: torch.Tensor, q_pos: torch.Tensor | None, threads: int = 1) -> MemoryMatch:
         """Gate factors of query blocks (Q, 9, C) / valid (Q, 9) at grid positions (Q, 2)
-        (needed only with a ``radius``); ``tol``: their copy tolerances where already known
-        (:func:`_query_blocks`). (After the search: compiled, or numpy on a hundred values,
-        where each tensor call cost more.)"""
+        (needed only with a ``radius``). (After the search: compiled, or numpy on a hundred
+        values, where each tensor call cost more.)"""
         allowed = None
         if self.radius is not None:
             if q_pos is None:
@@ -540,15 +537,14 @@ class FeedbackMemory:
             allowed = (q_pos[:, None, :] - self.pos[None, :, :]).abs().amax(-1) <= self.radius
         # nothing above the ramp's top (factor 1) or the growth limits can change a distance
         cutoff = max(self.high, self.grow or 0.0, self.footprint or 0.0)
-        tol = _copy_tolerance(q) if tol is None else tol
+        tol = _copy_tolerance(q)
         found = self._search(q, qv, allowed, cutoff, tol, threads)
         distinct = None
         if found is not None:
-            d_acc, i_acc, ratio = found
-            n = ratio.shape[0]
-            factor, acc_total, is_distinct = np.empty(n, np.float32), np.empty(n, np.float32), np.empty(n, bool)
-            _gate_kernel(ratio, i_acc, d_acc, self._search_arrays()[3], self.low, self.high - self.low,
-                         self.distinct, factor, acc_total, is_distinct)
+            d_acc, i_acc, ratio, mark = found
+            acc_total = np.sqrt(np.square(d_acc).sum(-1))  # numpy's sum, as the defect blocks' below
+            factor, is_distinct = np.empty(ratio.shape[0], np.float32), np.empty(ratio.shape[0], bool)
+            _gate_kernel(ratio, i_acc, mark, self.low, self.high - self.low, self.distinct, factor, is_distinct)
             if self.distinct:
                 distinct = torch.from_numpy(is_distinct)
         else:
@@ -606,9 +602,9 @@ class FeedbackMemory:
             img_np = torch.arange(b)[:, None].expand_as(top)[keep].numpy()
             idx_np = top[keep].numpy()
         img, idx = torch.from_numpy(img_np), torch.from_numpy(idx_np)
-        q, qv, tol = _query_blocks(emb, img_np, idx_np, self.step)
+        q, qv = _query_blocks(emb, img_np, idx_np, self.step)
         pos = None if self.radius is None else torch.from_numpy(np.stack([idx_np // w, idx_np % w], 1))
-        m = self.match(q, qv, pos, threads, tol)
+        m = self.match(q, qv, pos, threads)
         grows = self.grow is not None or self.footprint is not None
         factor = (self._grown(m, img, idx, (h, w)) if grows else m.factor).numpy()
         out = flat_np.copy()
@@ -728,19 +724,17 @@ def _copy_tolerance(q: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(1e-3 * np.sqrt(np.square(c).sum(1)))
 
 
-def _query_blocks(emb: torch.Tensor, img: np.ndarray, idx: np.ndarray, step: int
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _query_blocks(emb: torch.Tensor, img: np.ndarray, idx: np.ndarray, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Scoring's query blocks: :func:`_gather_blocks` of embeddings (B, C, h, w) at images
-    ``img`` (K,) and flat patch indices ``idx`` (K,), and their :func:`_copy_tolerance`, in
-    one compiled pass where numba is there."""
+    ``img`` (K,) and flat patch indices ``idx`` (K,), in one compiled pass where numba is
+    there."""
     if _compiled() is None:
-        q, qv = _gather_blocks(emb.to(torch.float32), torch.from_numpy(img), torch.from_numpy(idx), step)
-        return q, qv, _copy_tolerance(q)
+        return _gather_blocks(emb.to(torch.float32), torch.from_numpy(img), torch.from_numpy(idx), step)
     e = np.ascontiguousarray(emb.detach().to(torch.float32).numpy())
     k, c = idx.shape[0], e.shape[1]
-    feats, valid, tol = np.empty((k, 9, c), np.float32), np.empty((k, 9), bool), np.empty(k, np.float32)
-    _gather_kernel(e, img.astype(np.int64, copy=False), idx.astype(np.int64, copy=False), int(step), feats, valid, tol)
-    return torch.from_numpy(feats), torch.from_numpy(valid), torch.from_numpy(tol)
+    feats, valid = np.empty((k, 9, c), np.float32), np.empty((k, 9), bool)
+    _gather_kernel(e, img.astype(np.int64, copy=False), idx.astype(np.int64, copy=False), int(step), feats, valid)
+    return torch.from_numpy(feats), torch.from_numpy(valid)
 
 
 def _gather_blocks(emb: torch.Tensor, img: torch.Tensor, idx: torch.Tensor, step: int = 1,
