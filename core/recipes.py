@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import OkngError
-from .sqlitedb import connect, enable_wal, read_only_uri, retry_busy, write_transaction
+from .sqlitedb import connect, enable_wal, read_only_uri, retry_busy, wal_beside_is_empty, write_transaction
 
 RECIPE_SUFFIX = ".okrecipe"
 SCHEMA_VERSION = 1
@@ -96,25 +96,37 @@ def save_recipe(recipe: Recipe, path: str | Path) -> Path:
     return path
 
 
+def _read_recipe(path: Path, immutable: bool) -> tuple[dict[str, Any], list[str]]:
+    """The recipe file's meta table (decoded) and OK image paths, in one snapshot."""
+    con = connect(read_only_uri(path, immutable), uri=True)
+    try:
+        def read() -> tuple[dict[str, Any], list[str]]:
+            con.execute("BEGIN")  # one snapshot for both tables
+            try:
+                m = {k: json.loads(v) for k, v in con.execute("SELECT key, value FROM meta")}
+                o = [p for (p,) in con.execute("SELECT path FROM ok_images ORDER BY position")]
+            finally:
+                con.execute("COMMIT")
+            return m, o
+
+        return retry_busy(read)
+    finally:
+        con.close()
+
+
 def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe file not found: {path}")
     try:
-        con = connect(read_only_uri(path), uri=True)
         try:
-            def read() -> tuple[dict[str, Any], list[str]]:
-                con.execute("BEGIN")  # one snapshot for both tables
-                try:
-                    m = {k: json.loads(v) for k, v in con.execute("SELECT key, value FROM meta")}
-                    o = [p for (p,) in con.execute("SELECT path FROM ok_images ORDER BY position")]
-                finally:
-                    con.execute("COMMIT")
-                return m, o
-
-            meta, oks = retry_busy(read)
-        finally:
-            con.close()
+            meta, oks = _read_recipe(path, immutable=False)
+        except sqlite3.OperationalError:
+            # a folder SQLite may not write (no "-shm" file for a WAL-mode file): read the
+            # file as it stands, unless a write-ahead log beside it holds part of it
+            if not wal_beside_is_empty(path):
+                raise
+            meta, oks = _read_recipe(path, immutable=True)
     except (sqlite3.Error, json.JSONDecodeError) as exc:
         raise RecipeError(f"{path} is not a readable OK/NG recipe ({exc})") from None
     version = meta.get("schema_version")

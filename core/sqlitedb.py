@@ -46,15 +46,28 @@ def connect(path: str, timeout: float = BUSY_TIMEOUT, uri: bool = False) -> sqli
     return sqlite3.connect(path, timeout=timeout, isolation_level=None, uri=uri)
 
 
-def read_only_uri(path: str | os.PathLike[str]) -> str:
+def read_only_uri(path: str | os.PathLike[str], immutable: bool = False) -> str:
     """A SQLite URI opening ``path`` read-only (``connect(..., uri=True)``): every character
     SQLite would read as URI syntax ('?', '#', '%', spaces, non-ASCII) percent-encoded, a
     Windows drive or UNC share written as SQLite expects (``file:///C:/...``,
-    ``file:////server/share/...``). A file that does not exist is an error, never created."""
+    ``file:////server/share/...``). A file that does not exist is an error, never created.
+    ``immutable``: read it as a file nothing changes (no locks, no ``-shm`` file: see
+    :func:`wal_beside_is_empty`)."""
     p = os.path.abspath(os.fspath(path)).replace(os.sep, "/")
     if not p.startswith("/"):
         p = "/" + p  # C:/... -> /C:/...
-    return f"file://{urllib.parse.quote(p, safe='/:')}?mode=ro"
+    return f"file://{urllib.parse.quote(p, safe='/:')}?mode=ro" + ("&immutable=1" if immutable else "")
+
+
+def wal_beside_is_empty(path: str | os.PathLike[str]) -> bool:
+    """True when the database at ``path`` has no write-ahead log with content beside it: all
+    it holds is in the file itself, so it can be read as immutable. (A WAL-mode database
+    opened read-only needs its ``-shm`` file, which SQLite cannot create in a folder it may
+    not write: a read-only share, a copied-out recipe, another user's folder.)"""
+    try:
+        return os.path.getsize(os.fspath(path) + "-wal") == 0
+    except FileNotFoundError:
+        return True
 
 
 def enable_wal(con: sqlite3.Connection) -> None:

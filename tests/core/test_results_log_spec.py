@@ -210,3 +210,27 @@ def test_file_names_with_uri_characters_open_read_only_and_nothing_is_created(tm
     made = [p.name for p in tmp_path.iterdir() if not p.name.endswith(("-wal", "-shm"))]  # SQLite's own
     assert sorted(made) == sorted(f"{n}.okrecipe" for n in ("a#b", "e?f", "c%41d", "we ird ü"))
     assert read_only_uri("/srv/a b/#1").startswith("file:///srv/a%20b/%231?mode=ro")
+
+
+def test_a_recipe_in_a_folder_sqlite_may_not_write_opens_as_it_stands(tmp_path, monkeypatch):
+    """A recipe (a WAL-mode SQLite file) copied to a read-only share: SQLite cannot make the
+    "-shm" file it needs to open it the usual way ("unable to open database file"; measured
+    on a read-only mount). It is read as the file stands, unless a write-ahead log beside it
+    holds part of the recipe: then the error says so rather than giving an older recipe."""
+    import core.recipes as recipes
+
+    path = tmp_path / "cells.okrecipe"
+    recipes.save_recipe(recipes.Recipe("cells", ["x.png"], {}, image_threshold=4.5), path)
+    real = recipes.connect
+
+    def read_only_share(target: str, **kw):  # what SQLite does there without the "-shm" file
+        if "immutable=1" not in target:
+            raise sqlite3.OperationalError("unable to open database file")
+        return real(target, **kw)
+
+    monkeypatch.setattr(recipes, "connect", read_only_share)
+    loaded = recipes.load_recipe(path)
+    assert (loaded.name, loaded.ok_paths, loaded.image_threshold) == ("cells", ["x.png"], 4.5)
+    (tmp_path / "cells.okrecipe-wal").write_bytes(b"\0" * 32)  # part of the recipe is in its log
+    with pytest.raises(recipes.RecipeError, match="not a readable OK/NG recipe .unable to open"):
+        recipes.load_recipe(path)
