@@ -65,6 +65,11 @@ def _file_mode(target: Path) -> int:
         return 0o666 & ~current_umask()
 
 
+def _kept(target: Path) -> str:
+    """What a failed save left: the file that was there, or nothing (a new file)."""
+    return "the previous file is unchanged" if target.exists() else "nothing was written"
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path (in a hidden folder next to ``target``); on success it replaces ``target``."""
@@ -78,7 +83,7 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         tmp_dir = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder))
     except OSError as exc:  # read-only folder, no permission, disk full
-        raise SaveError(f"cannot save {target}: {describe_error(exc)}; the previous file is unchanged") from exc
+        raise SaveError(f"cannot save {target}: {describe_error(exc)}; {_kept(target)}") from exc
     tmp = tmp_dir / target.name
     try:
         yield tmp
@@ -95,7 +100,7 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     except Exception as exc:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         if isinstance(exc, OSError) or is_disk_full(exc):
-            raise SaveError(f"cannot save {target}: {describe_error(exc)}; the previous file is unchanged") from exc
+            raise SaveError(f"cannot save {target}: {describe_error(exc)}; {_kept(target)}") from exc
         raise
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -175,8 +180,7 @@ class PartialFile:
         try:
             self._f = open(self.path, "w", newline="", encoding=encoding)
         except OSError as exc:
-            raise SaveError(f"cannot save {self.target}: {describe_error(exc)}; "
-                            "the previous file is unchanged") from exc
+            raise SaveError(f"cannot save {self.target}: {describe_error(exc)}; {_kept(self.target)}") from exc
 
     @property
     def closed(self) -> bool:
@@ -184,7 +188,7 @@ class PartialFile:
 
     def _fail(self, exc: BaseException) -> SaveError:
         self.discard()
-        return SaveError(f"cannot save {self.target}: {describe_error(exc)}; the previous file is unchanged")
+        return SaveError(f"cannot save {self.target}: {describe_error(exc)}; {_kept(self.target)}")
 
     def write(self, text: str) -> None:
         try:

@@ -33,7 +33,9 @@ import argparse
 import csv
 import json
 import logging
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 from . import __version__
@@ -236,10 +238,23 @@ def cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_output(path: str | None, option: str) -> None:
-    """Refuse an output whose folder does not exist before the work, not after it."""
-    if path and not Path(path).expanduser().resolve().parent.is_dir():
+def _check_output(path: str | None, option: str, folder_itself: bool = False) -> None:
+    """Refuse an output that could not be written before the work, not after it (a fit or a
+    simulation of minutes lost to a read-only share): its folder must exist and take a new
+    file. ``folder_itself``: ``path`` is a folder to write in (made if missing)."""
+    if not path:
+        return
+    target = Path(path).expanduser().resolve()
+    folder = target if folder_itself and target.is_dir() else target.parent
+    if not folder.is_dir():
         raise OkngError(f"{option} {path}: folder {Path(path).parent} does not exist (nothing was done)")
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".okng-write-test-", dir=folder)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as exc:
+        reason = exc.strerror or exc
+        raise OkngError(f"{option} {path}: cannot write in {folder} ({reason}; nothing was done)") from None
 
 
 def _export_graph(det, model_path: Path) -> None:
@@ -522,7 +537,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .bundle import export_bundle
     from .persistence import load_detector
 
-    _check_output(args.out, "--out")  # the bundle's folder is made; its parent must exist
+    _check_output(args.out, "--out", folder_itself=True)  # the bundle's folder, or its parent to make it in
     det = load_detector(args.model, runtime="torch")
     out = export_bundle(det, args.out)
     print(f"exported {args.model} -> {out} (model.okng, embedding.onnx, bundle.json)")
@@ -536,11 +551,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _check_output(args.json, "--json")
     det = _load(args)
     ev = _drive(evaluate_job(det, _paths(args.ok), _paths(args.ng), CancelToken()), "eval")
-    d = ev.to_dict()
-    if args.json:
-        from .atomic import write_bytes_atomic
-
-        write_bytes_atomic(args.json, json.dumps(d, indent=2).encode())
     print(f"OK images {ev.n_ok}, NG images {ev.n_ng}")
     print(f"image AUROC      {ev.image_auroc:.4f}")
     print(f"FPR at 95% TPR   {ev.fpr_at_95_tpr:.4f}")
@@ -550,6 +560,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
               f"detection rate {a['detection_rate']:.3f}, F1 {a['f1']:.3f}")
     print(f"best-F1 threshold {ev.best_f1_threshold:.4g} (F1 {ev.best_f1:.3f})")
     print(f"(runtime {det.runtime_name})", file=sys.stderr)  # as okng score's summary says it
+    _write_json(args.json, ev.to_dict())  # after the figures: a late write failure loses nothing shown
     return 0
 
 
@@ -567,11 +578,6 @@ def cmd_simulate_feedback(args: argparse.Namespace) -> int:
     det = _load(args)
     res = _drive(simulate_feedback_job(det, _paths(args.pool), _paths(args.ok), _paths(args.ng), clicks,
                                        CancelToken(), reweight=args.reweight), "simulate")
-    d = res.to_dict()
-    if args.json:
-        from .atomic import write_bytes_atomic
-
-        write_bytes_atomic(args.json, json.dumps(d, indent=2).encode())
     print(f"{'clicks':>6} {'false alarms':>12} {'detection':>9} {'AUROC':>7} {'FPR@95':>7} {'threshold':>9} "
           f"{'defects flipped':>15}")
     for c in res.checkpoints:
@@ -582,7 +588,15 @@ def cmd_simulate_feedback(args: argparse.Namespace) -> int:
               f"(give --pool good parts the station flags)", file=sys.stderr)
     elif res.pool_exhausted:
         print(f"the pool ran out after {res.checkpoints[-1].clicks} clicks", file=sys.stderr)
+    _write_json(args.json, res.to_dict())  # after the table: a late write failure loses nothing shown
     return 0
+
+
+def _write_json(path: str | None, d: dict) -> None:
+    if path:
+        from .atomic import write_bytes_atomic
+
+        write_bytes_atomic(path, json.dumps(d, indent=2).encode())
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -738,10 +752,11 @@ def main(argv: list[str] | None = None) -> int:
         print("okng: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # e.g. `okng score ... | head`: the reader left, not an error
-        import os
-
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as exc:  # what no command foresaw (a folder that cannot be made...): one line
+        print(f"okng: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

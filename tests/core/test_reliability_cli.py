@@ -129,6 +129,73 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(d)], check=False)
 
 
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A real folder nobody may write in (a read-only share): a tmpfs (root only), filled
+    while writable, then ``seal()``-ed read-only; unmounted afterwards."""
+    import shutil
+
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root")
+    d = tmp_path / "share"
+    d.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(d)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode(errors='replace').strip()}")
+    try:
+        yield d, lambda: subprocess.run(["mount", "-o", "remount,ro", str(d)], check=True)
+    finally:
+        subprocess.run(["umount", "-l", str(d)], check=False)
+
+
+def test_outputs_in_a_read_only_folder_are_refused_before_the_work(model, images, read_only_folder, capsys,
+                                                                   monkeypatch):
+    """A fit, an evaluation or a simulation of minutes must not end in "cannot save" (and an
+    export not in a traceback): an output folder that takes no file is refused first."""
+    import core.evaluation
+    import core.jobs
+    import core.simulate
+
+    share, seal = read_only_folder
+    seal()
+    monkeypatch.setattr(core.jobs, "fit_job", lambda *a, **k: pytest.fail("fitted before checking --out"))
+    monkeypatch.setattr(core.evaluation, "evaluate_job", lambda *a, **k: pytest.fail("evaluated first"))
+    monkeypatch.setattr(core.simulate, "simulate_feedback_job", lambda *a, **k: pytest.fail("simulated first"))
+    for argv in (["fit", *images, "--out", str(share / "m.okng")],
+                 ["eval", "--model", str(model), "--ok", *images, "--ng", images[0], "--json", str(share / "e.json")],
+                 ["simulate-feedback", "--model", str(model), "--pool", *images, "--ok", *images, "--ng", images[0],
+                  "--json", str(share / "s.json")],
+                 ["export", str(model), "--out", str(share / "bundle")]):
+        assert main(argv) == 1, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "cannot write in" in err and "nothing was done" in err, err
+    assert list(share.iterdir()) == []
+
+
+def test_a_recipe_on_a_read_only_share_opens(read_only_folder):
+    """A recipe (SQLite in WAL mode) copied to a read-only share: SQLite cannot make its
+    "-shm" file there; the recipe is read as the file stands."""
+    from core.recipes import Recipe, load_recipe, save_recipe
+
+    share, seal = read_only_folder
+    save_recipe(Recipe("cells", ["x.png"], {}, image_threshold=4.5), share / "cells.okrecipe")
+    seal()
+    loaded = load_recipe(share / "cells.okrecipe")
+    assert (loaded.name, loaded.ok_paths, loaded.image_threshold) == ("cells", ["x.png"], 4.5)
+
+
+def test_an_os_error_no_command_foresaw_is_one_line(model, tmp_path, capsys, monkeypatch):
+    import core.bundle
+
+    def cannot(*a, **k):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "b"))
+
+    monkeypatch.setattr(core.bundle, "export_bundle", cannot)
+    assert main(["export", str(model), "--out", str(tmp_path / "b")]) == 1
+    err = capsys.readouterr().err
+    assert err == f"okng: error: Permission denied: {tmp_path / 'b'}\n"
+
+
 # -- CSV cells that would be formulas -------------------------------------------------------
 @pytest.mark.parametrize("name", ["=HYPERLINK(x).png", "+1.png", "-2.png", "@SUM.png"])
 def test_file_names_that_look_like_formulas_are_neutralised(model, images, tmp_path, name):

@@ -196,6 +196,19 @@ def test_safetensors_own_writer_on_a_really_full_disk_is_a_clean_save_error(smal
     _no_temporaries(small_disk)
 
 
+def test_a_failed_save_of_a_new_file_says_nothing_was_written(tmp_path, monkeypatch):
+    """Only a save over a file keeps "the previous file"; a new one leaves nothing."""
+    from core.atomic import SaveError, write_bytes_atomic
+
+    _disk_full_at(monkeypatch, "core.atomic.os.fsync")
+    with pytest.raises(SaveError, match="the disk is full; nothing was written"):
+        write_bytes_atomic(tmp_path / "new.json", b"{}")
+    (tmp_path / "old.json").write_bytes(b"old")
+    with pytest.raises(SaveError, match="the disk is full; the previous file is unchanged"):
+        write_bytes_atomic(tmp_path / "old.json", b"{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.json"]
+
+
 def test_score_csv_on_a_really_full_disk(station, small_disk, capsys):
     model, ok, ng, _ = station
     out = small_disk / "results.csv"
