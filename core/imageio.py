@@ -146,7 +146,9 @@ def _decode_with_pillow(data: np.ndarray, path: object, bit_depth: int | None = 
     except Exception as exc:  # noqa: BLE001 - Pillow plugins raise anything on damaged data
         # (UnidentifiedImageError, OSError, SyntaxError, but also NotImplementedError from DDS,
         # struct.error, IndexError...): a damaged file is a skipped file, never a crash.
-        raise ImageLoadError(path, f"not a readable image ({exc.__class__.__name__})") from None
+        unknown = exc.__class__.__name__ == "UnidentifiedImageError"  # no decoder knows the bytes
+        raise ImageLoadError(path, "not a readable image (" + (
+            "not a picture format the station reads" if unknown else "damaged or cut short") + ")") from None
     if arr.ndim == 3 and arr.shape[2] == 4:
         return _normalise(arr, path, channel_order="rgba", bit_depth=bit_depth)
     return _normalise(arr, path, channel_order="rgb", bit_depth=bit_depth)

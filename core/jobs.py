@@ -76,6 +76,14 @@ class Skipped:
     reason: str
 
 
+def none_readable(n: int, skipped: list[Skipped]) -> NotFittedError:
+    """The error of a fit none of whose ``n`` OK images could be read, with why (the first
+    three reasons): the per-file "skipped" lines of a fit that goes on are never printed."""
+    why = "; ".join(f"{Path(s.path).name}: {s.reason}" for s in skipped[:3])
+    more = f"; and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+    return NotFittedError(f"none of the {n} OK images could be read" + (f" ({why}{more})" if why else ""))
+
+
 @dataclass(frozen=True)
 class ScoredImage:
     path: str
@@ -341,7 +349,7 @@ def fit_job(
         done += len(batch.paths) + len(batch.skipped)
         yield Progress(done, len(paths), f"fitting: {done}/{len(paths)} images")
     if not result.fitted:
-        raise NotFittedError(f"none of the {len(fit_paths)} OK images could be read")
+        raise none_readable(len(fit_paths), result.skipped)
     # The held-out images are embedded before finalize, so their backbone passes do not
     # stack on the model's derived tensors (precisions): the peak stays the fit loop's.
     # One preallocated float16 block instead of a list + cat: at 800 images a list of

@@ -19,7 +19,7 @@ from .allocator import release_free_memory
 from .backbone import BackboneSpec, FeatureExtractor
 from .detector import Detector, DetectorConfig
 from .errors import NotFittedError
-from .jobs import CancelToken, FitResult, Progress, split_calibration
+from .jobs import CancelToken, FitResult, Progress, none_readable, split_calibration
 from .ray_cluster import TASK_RETRIES, RayOptions, cluster_cpus, connected, ordered
 from .shards import FIT, HELD_OUT, ShardResult, finish, fit_shard, merge_shard, plan
 
@@ -77,7 +77,7 @@ def ray_fit_job(paths: Iterable[str | Path], config: DetectorConfig, token: Canc
             done = sum(len(calls[j][1]) for j in finished)
             yield Progress(done, len(paths), f"fitting on Ray: {done}/{len(paths)} images")
     if not result.fitted:
-        raise NotFittedError(f"none of the {len(fit_paths)} OK images could be read")
+        raise none_readable(len(fit_paths), result.skipped)
     finish(det.model, merged, len(result.fitted) * det.model.n_patches)
     if getattr(det.model, "trains", False):  # the network trains on the driver, as in a local fit
         yield from det.model.train(torch.cat(held) if held else None, token)

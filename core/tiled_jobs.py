@@ -26,9 +26,10 @@ import numpy as np
 from .allocator import release_free_memory
 from .backbone import FeatureExtractor
 from .detector import Detector, DetectorConfig
-from .errors import ImageLoadError, NotFittedError
+from .errors import ImageLoadError
 from .imageio import load_image
-from .jobs import CancelToken, FitResult, InspectSummary, Progress, ScoredImage, Skipped, _sha256, split_calibration
+from .jobs import (CancelToken, FitResult, InspectSummary, Progress, ScoredImage, Skipped, _sha256, none_readable,
+                   split_calibration)
 from .imageio import read_image_size
 from .tiling import TilingError, plan_tiles, tile_batches
 
@@ -73,7 +74,7 @@ def tiled_fit_job(paths: list[str], config: DetectorConfig, token: CancelToken, 
         done += 1
         yield Progress(done, len(paths), f"fitting: {done}/{len(paths)} images ({per_image} tiles each)")
     if not result.fitted:
-        raise NotFittedError(f"none of the {len(fit_paths)} OK images could be read")
+        raise none_readable(len(fit_paths), result.skipped)
     yield Progress(done, len(paths), "building the model")
     release_free_memory()
     det.finalize()
@@ -158,9 +159,10 @@ def tiled_inspect_job(paths: list[str], detector: Detector, token: CancelToken,
 
 def first_image_size(paths: list[str], bit_depth: int | None) -> tuple[int, int]:
     """(height, width) of the first OK image that can be read."""
+    skipped = []
     for path in paths:
         try:
             return read_image_size(path, bit_depth)
-        except ImageLoadError:
-            continue
-    raise NotFittedError(f"none of the {len(paths)} OK images could be read")
+        except ImageLoadError as exc:
+            skipped.append(Skipped(str(path), exc.reason))
+    raise none_readable(len(paths), skipped)

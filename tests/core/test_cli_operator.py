@@ -26,6 +26,19 @@ def test_a_bad_output_folder_is_refused_before_the_fit(monkeypatch, capsys, part
     assert "does not exist (nothing was done)" in capsys.readouterr().err
 
 
+def test_a_fit_of_only_unreadable_images_says_why(tmp_path, capsys):
+    """No OK image could be read: the error names each file and why, in words."""
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "notes.png").write_text("not a picture")
+    (tmp_path / "cut.png").write_bytes(cv2.imencode(".png", np.full((64, 64, 3), 90, np.uint8))[1].tobytes()[:60])
+    paths = [str(tmp_path / n) for n in ("empty.png", "notes.png", "cut.png")]
+    assert main(["fit", *paths, "--out", str(tmp_path / "m.okng")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("okng: error: none of the 3 OK images could be read (empty.png: ")
+    assert "notes.png: not a readable image (not a picture format the station reads)" in err
+    assert "cut.png: " in err and "Error)" not in err  # words, not exception class names
+
+
 def test_no_verdict_is_never_counted_as_ok(capsys, tmp_path, tiny_config):
     rng = np.random.default_rng(1)
     paths = []
