@@ -207,7 +207,7 @@ class MainWindow(QMainWindow):
         top_i = max([image, *cal.tolist(), *seen.tolist(), 1e-3]) * 2.0
         top_p = max([pixel, *peaks.tolist(), 1e-3]) * 2.0
         self.threshold_panel.configure(image, pixel, (0.0, top_i), (0.0, top_p), cal)
-        self.histogram.set_threshold(image)
+        self.histogram.set_threshold(image if s.image_threshold is not None else None)
         self.histogram.set_scores(cal, seen)
         self.view.set_pixel_threshold(pixel, heat_vmax(pixel))
         if s.detector is not None:
@@ -218,7 +218,9 @@ class MainWindow(QMainWindow):
     def describe_false_alarms(self, threshold: float) -> tuple[str, bool]:
         """The expected false-alarm rate at ``threshold`` with its honest bound, for the panel."""
         det = self.controller.session.detector
-        text, warn = false_alarm_statement(det.thresholds if det is not None else None, threshold)
+        if det is None:  # nothing to measure yet: not a warning about held-out parts
+            return "Expected false alarms: — (fit a model first)", False
+        text, warn = false_alarm_statement(det.thresholds, threshold)
         return f"Expected false alarms: {text}", warn
 
     @Slot(float, float)

@@ -49,6 +49,8 @@ class HistogramPanel(QWidget):
                                                "fill": pg.mkBrush(255, 255, 255, 200),
                                                "anchors": [(0, 0), (0, 0)]})
         self.line.setZValue(50)
+        self._has_threshold = False
+        self.line.setVisible(False)  # until there is a threshold (set_threshold)
         self.label = self.line.label
         self.plot.addItem(self.line)
         self.line.sigPositionChanged.connect(self._on_line_moved)
@@ -97,14 +99,20 @@ class HistogramPanel(QWidget):
 
     def _fit_x_range(self) -> None:
         """Cover every score and the threshold, with a margin on both sides."""
-        values = np.concatenate([self._ok, self._inspected, _finite([self.line.value()])])
+        line = [self.line.value()] if self._has_threshold else []
+        values = np.concatenate([self._ok, self._inspected, _finite(line)])
         lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 1.0)
         pad = (hi - lo) * MARGIN if hi > lo else max(abs(hi) * MARGIN, 0.5)
         self.plot.setXRange(lo - pad, hi + pad, padding=0)
 
     # -- threshold ------------------------------------------------------------------------------
-    def set_threshold(self, value: float) -> None:
-        """Move the line without emitting ``threshold_moved``; widens the x range if needed."""
+    def set_threshold(self, value: float | None) -> None:
+        """Move the line without emitting ``threshold_moved``; widens the x range if needed.
+        None: no threshold yet (no model, or one fitted without held-out parts): no line."""
+        self._has_threshold = value is not None
+        self.line.setVisible(self._has_threshold)
+        if value is None:
+            return
         self.line.blockSignals(True)
         self.line.setValue(value)
         self.line.blockSignals(False)

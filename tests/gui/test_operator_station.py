@@ -83,6 +83,19 @@ def test_operator_mode_disables_the_engineer_controls(qtbot, window):
     assert lp.reweight_check.isEnabled() and lp.reset_button.isEnabled()
 
 
+def test_before_the_first_fit_no_threshold_is_shown_and_no_false_alarm_warning(qtbot, window):
+    """A fresh recipe: nothing is measured yet, so the histogram shows no threshold line (not
+    "threshold 0.00") and the false-alarm line says to fit, not (in orange) that held-out OK
+    parts are missing; after the fit both show what the model holds."""
+    w, s = window, window.controller.session
+    assert not w.histogram.line.isVisible()
+    assert w.threshold_panel.far_label.text() == "Expected false alarms: — (fit a model first)"
+    assert not w.threshold_panel.far_warning
+    s.start_fit()
+    assert w.histogram.line.isVisible() and w.histogram.threshold() == pytest.approx(s.image_threshold)
+    assert "of OK parts" in w.threshold_panel.far_label.text()
+
+
 def test_shift_counters_follow_the_inspections(qtbot, window, defect_image, ok_images):
     w, s = window, window.controller.session
     s.start_fit()
