@@ -40,6 +40,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import OkngError
+from .recipes import RECIPE_SUFFIX
 
 
 def _progress_bar(total: int, desc: str, unit: str = "img"):
@@ -317,6 +318,10 @@ def _load_full(args, runtime: str | None, recipe: bool):
 
 
 def _is_recipe(path: Path) -> bool:
+    """A recipe by its content (SQLite), or by its name: a damaged ``.okrecipe`` is then
+    refused as a recipe, not as a model file."""
+    if path.suffix.lower() == RECIPE_SUFFIX:
+        return True
     with open(path, "rb") as f:
         return f.read(16) == b"SQLite format 3\x00"
 

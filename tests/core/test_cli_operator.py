@@ -39,6 +39,12 @@ def test_a_fit_of_only_unreadable_images_says_why(tmp_path, capsys):
     assert "cut.png: " in err and "Error)" not in err  # words, not exception class names
 
 
+def test_an_empty_recipe_file_is_refused_as_a_recipe(tmp_path, capsys):
+    (tmp_path / "cells.okrecipe").write_bytes(b"")
+    assert main(["score", "--model", str(tmp_path / "cells.okrecipe"), str(tmp_path)]) == 1
+    assert "is not a readable OK/NG recipe" in capsys.readouterr().err
+
+
 def test_no_verdict_is_never_counted_as_ok(capsys, tmp_path, tiny_config):
     rng = np.random.default_rng(1)
     paths = []
