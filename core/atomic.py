@@ -66,8 +66,15 @@ def _file_mode(target: Path) -> int:
 
 
 def _kept(target: Path) -> str:
-    """What a failed save left: the file that was there, or nothing (a new file)."""
-    return "the previous file is unchanged" if target.exists() else "nothing was written"
+    """What a failed save left: the file that was there, or nothing (a new file). Never
+    raises (a folder we may not read says neither)."""
+    try:
+        os.lstat(target)
+    except FileNotFoundError:
+        return "nothing was written"
+    except OSError:
+        return "the previous file, if any, is unchanged"
+    return "the previous file is unchanged"
 
 
 @contextlib.contextmanager

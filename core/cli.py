@@ -245,17 +245,21 @@ def _check_output(path: str | None, option: str, folder_itself: bool = False) ->
     file. ``folder_itself``: ``path`` is a folder to write in (made if missing)."""
     if not path:
         return
-    target = Path(path).expanduser().resolve()
+    # not resolved: a save writes beside the name it is given (a link is replaced, not followed)
+    target = Path(path).expanduser().absolute()
     folder = target if folder_itself and target.is_dir() else target.parent
     if not folder.is_dir():
         raise OkngError(f"{option} {path}: folder {Path(path).parent} does not exist (nothing was done)")
     try:
         handle, probe = tempfile.mkstemp(prefix=".okng-write-test-", dir=folder)
-        os.close(handle)
-        os.unlink(probe)
     except OSError as exc:
         reason = exc.strerror or exc
         raise OkngError(f"{option} {path}: cannot write in {folder} ({reason}; nothing was done)") from None
+    os.close(handle)
+    try:
+        os.unlink(probe)
+    except OSError:  # a folder that takes files but lets nobody delete them: the save still works
+        logging.getLogger(__name__).warning("could not remove the write test %s", probe)
 
 
 def _export_graph(det, model_path: Path) -> None:
@@ -556,16 +560,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _check_output(args.json, "--json")
     det = _load(args)
     ev = _drive(evaluate_job(det, _paths(args.ok), _paths(args.ng), CancelToken()), "eval")
-    print(f"OK images {ev.n_ok}, NG images {ev.n_ng}")
-    print(f"image AUROC      {ev.image_auroc:.4f}")
-    print(f"FPR at 95% TPR   {ev.fpr_at_95_tpr:.4f}")
-    if ev.at_threshold is not None:
-        a = ev.at_threshold
-        print(f"at threshold {ev.threshold:.4g}: false-alarm rate {a['false_alarm_rate']:.3f}, "
-              f"detection rate {a['detection_rate']:.3f}, F1 {a['f1']:.3f}")
-    print(f"best-F1 threshold {ev.best_f1_threshold:.4g} (F1 {ev.best_f1:.3f})")
-    print(f"(runtime {det.runtime_name})", file=sys.stderr)  # as okng score's summary says it
-    _write_json(args.json, ev.to_dict())  # after the figures: a late write failure loses nothing shown
+    try:  # the figures first: a late --json failure loses nothing shown
+        print(f"OK images {ev.n_ok}, NG images {ev.n_ng}")
+        print(f"image AUROC      {ev.image_auroc:.4f}")
+        print(f"FPR at 95% TPR   {ev.fpr_at_95_tpr:.4f}")
+        if ev.at_threshold is not None:
+            a = ev.at_threshold
+            print(f"at threshold {ev.threshold:.4g}: false-alarm rate {a['false_alarm_rate']:.3f}, "
+                  f"detection rate {a['detection_rate']:.3f}, F1 {a['f1']:.3f}")
+        print(f"best-F1 threshold {ev.best_f1_threshold:.4g} (F1 {ev.best_f1:.3f})")
+        print(f"(runtime {det.runtime_name})", file=sys.stderr)  # as okng score's summary says it
+    finally:  # and the file even when the reader of the figures left (a closed pipe)
+        _write_json(args.json, ev.to_dict())
     return 0
 
 
@@ -583,17 +589,19 @@ def cmd_simulate_feedback(args: argparse.Namespace) -> int:
     det = _load(args)
     res = _drive(simulate_feedback_job(det, _paths(args.pool), _paths(args.ok), _paths(args.ng), clicks,
                                        CancelToken(), reweight=args.reweight), "simulate")
-    print(f"{'clicks':>6} {'false alarms':>12} {'detection':>9} {'AUROC':>7} {'FPR@95':>7} {'threshold':>9} "
-          f"{'defects flipped':>15}")
-    for c in res.checkpoints:
-        print(f"{c.clicks:>6} {c.false_alarm_rate:>12.3f} {c.detection_rate:>9.3f} {c.auroc:>7.4f} "
-              f"{c.fpr_at_95_tpr:>7.3f} {c.threshold:>9.4g} {c.defects_flipped:>15}")
-    if res.pool_exhausted and res.checkpoints[-1].clicks == 0:
-        print(f"no image of the pool ({len(_paths(args.pool))}) was judged NG: nothing to click "
-              f"(give --pool good parts the station flags)", file=sys.stderr)
-    elif res.pool_exhausted:
-        print(f"the pool ran out after {res.checkpoints[-1].clicks} clicks", file=sys.stderr)
-    _write_json(args.json, res.to_dict())  # after the table: a late write failure loses nothing shown
+    try:  # the table first: a late --json failure loses nothing shown
+        print(f"{'clicks':>6} {'false alarms':>12} {'detection':>9} {'AUROC':>7} {'FPR@95':>7} {'threshold':>9} "
+              f"{'defects flipped':>15}")
+        for c in res.checkpoints:
+            print(f"{c.clicks:>6} {c.false_alarm_rate:>12.3f} {c.detection_rate:>9.3f} {c.auroc:>7.4f} "
+                  f"{c.fpr_at_95_tpr:>7.3f} {c.threshold:>9.4g} {c.defects_flipped:>15}")
+        if res.pool_exhausted and res.checkpoints[-1].clicks == 0:
+            print(f"no image of the pool ({len(_paths(args.pool))}) was judged NG: nothing to click "
+                  f"(give --pool good parts the station flags)", file=sys.stderr)
+        elif res.pool_exhausted:
+            print(f"the pool ran out after {res.checkpoints[-1].clicks} clicks", file=sys.stderr)
+    finally:  # and the file even when the reader of the table left (a closed pipe)
+        _write_json(args.json, res.to_dict())
     return 0
 
 
@@ -760,7 +768,9 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except OSError as exc:  # what no command foresaw (a folder that cannot be made...): one line
-        print(f"okng: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
+        logging.getLogger(__name__).debug("unforeseen OS error", exc_info=True)  # --verbose keeps the trace
+        names = " -> ".join(str(n) for n in (exc.filename, exc.filename2) if n)
+        print(f"okng: error: {exc.strerror or exc}: {names}".rstrip(": "), file=sys.stderr)
         return 1
 
 

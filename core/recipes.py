@@ -12,8 +12,10 @@ Example:
 from __future__ import annotations
 
 import json
+import os
 import re
 import sqlite3
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,6 +116,38 @@ def _read_recipe(path: Path, immutable: bool) -> tuple[dict[str, Any], list[str]
         con.close()
 
 
+def _cannot_open(exc: sqlite3.OperationalError) -> bool:
+    """SQLite could not open the file (SQLITE_CANTOPEN: e.g. a WAL-mode file read-only in a
+    folder where it cannot make its "-shm" file), not a lock, an I/O error or damage."""
+    name = getattr(exc, "sqlite_errorname", None)  # Python 3.11+
+    return name == "SQLITE_CANTOPEN" if name is not None else "unable to open database file" in str(exc)
+
+
+def _read_as_it_stands(path: Path, attempts: int = 3) -> tuple[dict[str, Any], list[str]]:
+    """Read a recipe SQLite cannot open the usual way (a read-only share): as an immutable
+    file, which takes no lock, so the read counts only if the file (the real one, past any
+    link) was the same before and after it and no write-ahead log beside it held part of it
+    (a station saving it through another mount meanwhile). Retried a few times, then refused."""
+    real = Path(os.path.realpath(path))
+
+    def state() -> tuple[int, int, int, int] | None:
+        if not wal_beside_is_empty(real):
+            return None
+        st = real.stat()
+        return st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns
+
+    for _ in range(attempts):
+        before = state()
+        if before is None:
+            raise sqlite3.OperationalError(
+                "unable to open database file: its write-ahead log holds part of it and this folder is read-only")
+        read = _read_recipe(real, immutable=True)
+        if state() == before:
+            return read
+        time.sleep(0.05)
+    raise sqlite3.OperationalError("it changed while it was read (being saved elsewhere): open it again")
+
+
 def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
     if not path.is_file():
@@ -121,12 +155,10 @@ def load_recipe(path: str | Path) -> Recipe:
     try:
         try:
             meta, oks = _read_recipe(path, immutable=False)
-        except sqlite3.OperationalError:
-            # a folder SQLite may not write (no "-shm" file for a WAL-mode file): read the
-            # file as it stands, unless a write-ahead log beside it holds part of it
-            if not wal_beside_is_empty(path):
+        except sqlite3.OperationalError as exc:
+            if not _cannot_open(exc):
                 raise
-            meta, oks = _read_recipe(path, immutable=True)
+            meta, oks = _read_as_it_stands(path)
     except (sqlite3.Error, json.JSONDecodeError) as exc:
         raise RecipeError(f"{path} is not a readable OK/NG recipe ({exc})") from None
     version = meta.get("schema_version")

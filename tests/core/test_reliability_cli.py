@@ -184,6 +184,45 @@ def test_a_recipe_on_a_read_only_share_opens(read_only_folder):
     assert (loaded.name, loaded.ok_paths, loaded.image_threshold) == ("cells", ["x.png"], 4.5)
 
 
+def test_the_output_check_writes_where_the_save_will(read_only_folder, tmp_path):
+    """A save writes beside the name it is given (a link there is replaced, not followed):
+    the check probes that folder, not the one a link points into."""
+    from core.cli import _check_output
+    from core.errors import OkngError
+
+    share, seal = read_only_folder
+    (tmp_path / "to-share.okng").symlink_to(share / "m.okng")
+    (share / "to-tmp.okng").symlink_to(tmp_path / "m.okng")
+    seal()
+    _check_output(str(tmp_path / "to-share.okng"), "--out")  # its own folder takes files
+    with pytest.raises(OkngError, match="cannot write in"):
+        _check_output(str(share / "to-tmp.okng"), "--out")
+
+
+def test_json_is_written_even_when_the_reader_of_the_figures_left(model, images, tmp_path, monkeypatch):
+    """`okng eval … --json F | head`: the pipe closes while the figures are printed; the
+    JSON file is still written and the exit is 0."""
+    sink = os.open(tmp_path / "sink", os.O_WRONLY | os.O_CREAT)  # where main() points stdout after
+
+    class ClosedPipe:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            pass
+
+        def fileno(self):
+            return sink
+
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    out = tmp_path / "e.json"
+    try:
+        assert main(["eval", "--model", str(model), "--ok", *images, "--ng", images[0], "--json", str(out)]) == 0
+    finally:
+        os.close(sink)
+    assert "image_auroc" in out.read_text()
+
+
 def test_an_os_error_no_command_foresaw_is_one_line(model, tmp_path, capsys, monkeypatch):
     import core.bundle
 

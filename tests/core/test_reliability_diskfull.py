@@ -207,6 +207,12 @@ def test_a_failed_save_of_a_new_file_says_nothing_was_written(tmp_path, monkeypa
     with pytest.raises(SaveError, match="the disk is full; the previous file is unchanged"):
         write_bytes_atomic(tmp_path / "old.json", b"{}")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old.json"]
+    real_lstat = os.lstat
+    monkeypatch.setattr("core.atomic.os.lstat", lambda p, *a, **k: (
+        (_ for _ in ()).throw(PermissionError(13, "Permission denied")) if str(p).endswith("x.json")
+        else real_lstat(p, *a, **k)))
+    with pytest.raises(SaveError, match="the previous file, if any, is unchanged"):  # still a SaveError
+        write_bytes_atomic(tmp_path / "x.json", b"{}")
 
 
 def test_score_csv_on_a_really_full_disk(station, small_disk, capsys):

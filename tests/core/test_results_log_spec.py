@@ -6,6 +6,7 @@ that is a whole copy."""
 from __future__ import annotations
 
 import sqlite3
+import time
 from contextlib import closing
 from pathlib import Path
 
@@ -231,6 +232,43 @@ def test_a_recipe_in_a_folder_sqlite_may_not_write_opens_as_it_stands(tmp_path, 
     monkeypatch.setattr(recipes, "connect", read_only_share)
     loaded = recipes.load_recipe(path)
     assert (loaded.name, loaded.ok_paths, loaded.image_threshold) == ("cells", ["x.png"], 4.5)
+    (tmp_path / "current.okrecipe").symlink_to(path)  # opened through a link: its log is the file's
     (tmp_path / "cells.okrecipe-wal").write_bytes(b"\0" * 32)  # part of the recipe is in its log
-    with pytest.raises(recipes.RecipeError, match="not a readable OK/NG recipe .unable to open"):
+    for name in ("cells.okrecipe", "current.okrecipe"):
+        with pytest.raises(recipes.RecipeError, match="not a readable OK/NG recipe .unable to open.*write-ahead log"):
+            recipes.load_recipe(tmp_path / name)
+    (tmp_path / "cells.okrecipe-wal").unlink()
+
+    def locked(target: str, **kw):  # any other failure is the error, never a read without locks
+        assert "immutable=1" not in target
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(recipes, "connect", locked)
+    with pytest.raises(recipes.RecipeError, match="database is locked"):
         recipes.load_recipe(path)
+
+
+def test_a_recipe_read_without_locks_is_refused_if_it_changed_meanwhile(tmp_path, monkeypatch):
+    """Read as the file stands (no locks), a recipe saved through another mount during the
+    read could mix two versions: the file is compared before and after, and read again."""
+    import core.recipes as recipes
+
+    path = tmp_path / "cells.okrecipe"
+    recipes.save_recipe(recipes.Recipe("v1", ["a.png"], {}), path)
+    real_read = recipes._read_recipe
+    saves = iter([recipes.Recipe("v2", ["b.png"], {}), None])
+
+    def saved_meanwhile(p, immutable):
+        out = real_read(p, immutable)
+        nxt = next(saves, None)
+        if nxt is not None:
+            time.sleep(0.01)
+            recipes.save_recipe(nxt, path)  # another station, between this read and its check
+        return out
+
+    monkeypatch.setattr(recipes, "_read_recipe", saved_meanwhile)
+    assert recipes._read_as_it_stands(path)[0]["name"] == "v2"  # the first read did not count
+    monkeypatch.setattr(recipes, "_read_recipe", lambda p, immutable: (
+        recipes.save_recipe(recipes.Recipe("again", [], {}), path), real_read(p, immutable))[1])
+    with pytest.raises(sqlite3.OperationalError, match="changed while it was read"):
+        recipes._read_as_it_stands(path)
