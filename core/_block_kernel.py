@@ -187,10 +187,11 @@ def _gate(key, best, distinct, low, span, use_distinct, factor, is_distinct):  #
 
 
 @_jit
-def _insert_sorted(val, idx, i, p, x, j):  # pragma: no cover - runs compiled
-    """Put value x (column j) into row i's ascending run, starting at slot p and moving
-    larger values one slot up."""
-    while p > 0 and x < val[i, p - 1]:
+def _insert_ranked(val, idx, i, p, x, j):  # pragma: no cover - runs compiled
+    """Put value x (column j) into row i's run, ascending by (value, column), starting at
+    slot p and moving the pairs after it one slot up: ties go to the lower column whatever
+    order the values come in."""
+    while p > 0 and (x < val[i, p - 1] or (x == val[i, p - 1] and j < idx[i, p - 1])):
         val[i, p] = val[i, p - 1]
         idx[i, p] = idx[i, p - 1]
         p -= 1
@@ -204,30 +205,17 @@ def _scan_row(d, i, k, idx, val):  # pragma: no cover - runs compiled
     +inf), then one comparison each against the k-th so far (a NaN compares false)."""
     for j in range(k):
         x = d[i, j]
-        _insert_sorted(val, idx, i, j, np.inf if x != x else x, j)
+        _insert_ranked(val, idx, i, j, np.inf if x != x else x, j)
     kth = val[i, k - 1]
     row = d[i, k:]  # indexed from 0: no wraparound check in the hot loop
     for jj in range(d.shape[1] - k):
         x = row[jj]
         if x < kth:
-            _insert_sorted(val, idx, i, k - 1, x, jj + k)
+            _insert_ranked(val, idx, i, k - 1, x, jj + k)
             kth = val[i, k - 1]
 
 
 _CHUNK = 16  # values per chunk of the k-smallest selection
-
-
-@_jit
-def _insert_ranked(val, idx, i, p, x, j):  # pragma: no cover - runs compiled
-    """Put value x (column j) into row i's run, ascending by (value, column), starting at
-    slot p and moving the pairs after it one slot up: ties go to the lower column whatever
-    order the values come in."""
-    while p > 0 and (x < val[i, p - 1] or (x == val[i, p - 1] and j < idx[i, p - 1])):
-        val[i, p] = val[i, p - 1]
-        idx[i, p] = idx[i, p - 1]
-        p -= 1
-    val[i, p] = x
-    idx[i, p] = j
 
 
 @_jit

@@ -130,22 +130,10 @@ def small_disk(tmp_path):
 
 
 @pytest.fixture
-def read_only_folder(tmp_path):
-    """A real folder nobody may write in (a read-only share): a tmpfs (root only), filled
-    while writable, then ``seal()``-ed read-only; unmounted afterwards."""
-    import shutil
-
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a tmpfs needs root")
-    d = tmp_path / "share"
-    d.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(d)], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode(errors='replace').strip()}")
-    try:
-        yield d, lambda: subprocess.run(["mount", "-o", "remount,ro", str(d)], check=True)
-    finally:
-        subprocess.run(["umount", "-l", str(d)], check=False)
+def read_only_folder(small_disk):
+    """A real folder nobody may write in (a read-only share): the small tmpfs, filled while
+    writable, then ``seal()``-ed read-only."""
+    yield small_disk, lambda: subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
 
 
 def test_outputs_in_a_read_only_folder_are_refused_before_the_work(model, images, read_only_folder, capsys,
