@@ -590,8 +590,10 @@ class FeedbackMemory:
         flat_np = flat.numpy()
         hot = None if floor is None else flat_np >= floor
         if hot is not None and int(hot.sum(1).max()) <= k:
-            # every hot patch is a candidate (the usual case): no ranking needed
-            img_np, idx_np = np.nonzero(hot)
+            # every hot patch is a candidate (the usual case): no ranking needed. (np.nonzero of
+            # a 2-D array gives strided views: the kernels get copies laid out as the warm-up's,
+            # else numba compiles them again at the first look-up, 1-2 s into the first click.)
+            img_np, idx_np = (np.ascontiguousarray(a) for a in np.nonzero(hot))
             if idx_np.size == 0:
                 return dist
         else:

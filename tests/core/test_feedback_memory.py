@@ -838,3 +838,39 @@ def test_warming_up_a_detector_loads_the_memory_kernels_before_the_first_click(d
     assert fm._search_kernel is None
     detector.warm_up(feedback=True)
     assert fm._search_kernel is not None and fm._print_kernel is not None
+
+
+def test_after_warming_up_a_click_and_scoring_compile_no_kernel_again(detector, monkeypatch):
+    """numba compiles a kernel again for each new layout or type of its arguments: on a
+    fresh install that is 1-2 s inside the operator's first click, after the warm-up meant
+    to spare it. So every call after the warm-up passes C-contiguous arrays of the types the
+    warm-up compiled, in scoring (batch 1 and 2) and in a click."""
+    import numba
+
+    import core.feedback_memory as fm
+
+    detector.warm_up(feedback=True)
+    calls = []
+
+    def spying(name, kernel):
+        def spy(*args):
+            calls.append(name)
+            bad = [i for i, a in enumerate(args) if isinstance(a, np.ndarray) and not a.flags.c_contiguous]
+            assert not bad, f"{name}: arguments {bad} are not C-contiguous"
+            assert tuple(numba.typeof(a) for a in args) in kernel.signatures, f"{name} would compile again"
+            return kernel(*args)
+        return spy
+
+    for name in ("_kernel", "_search_kernel", "_smallest_kernel", "_print_kernel", "_gather_kernel",
+                 "_gate_kernel"):
+        monkeypatch.setattr(fm, name, spying(name, getattr(fm, name)))
+    rng = np.random.default_rng(7)
+    learner = FeedbackLearner(detector)
+    pattern = _pattern(rng)
+    learner.mark_false_alarm(_with(_background(rng, 1), pattern, 4, 4, rng), _region(4, 4))
+    det = learner.detector
+    again = torch.cat([_with(_background(rng, 1), pattern, 9, 2, rng), _with(_background(rng, 1), pattern, 1, 10, rng)])
+    det.maps_and_scores(again[:1])
+    det.maps_and_scores(again)
+    learner.mark_false_alarm(again[1:], _region(1, 10))  # a click with a memory to search
+    assert {"_search_kernel", "_gather_kernel", "_print_kernel", "_gate_kernel", "_kernel"} <= set(calls)
