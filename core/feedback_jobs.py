@@ -143,18 +143,22 @@ def reset_weights_job(learner: FeedbackLearner, rejudge: Sequence[tuple[int, tor
     return ModelOutcome(learner.detector, rescore(learner.detector, rejudge))
 
 
-def replay_labels_job(learner: FeedbackLearner, labels: Sequence[Label],
-                      token: CancelToken) -> Generator[Progress, None, ReplayOutcome]:
+def replay_labels_job(learner: FeedbackLearner, labels: Sequence[Label], token: CancelToken,
+                      protect: Sequence[torch.Tensor] = ()) -> Generator[Progress, None, ReplayOutcome]:
     """Apply stored labels, oldest first, to a freshly fitted model.
 
     A label is replayed only on the very image it was made on (same content hash); a label
     whose image is gone or changed is reported, not guessed at. Each is applied with channel
     reweighting as it was made (``Label.reweight``; not recorded: the learner's setting).
+    ``protect``: embeddings of the parts judged NG before the refit, which the replayed
+    channel weights must keep NG, as a label made now must (else a refit could pass them
+    silently, with weights the live label was refused).
     """
     applied: list[int] = []
     skipped: list[tuple[int, str]] = []
     size = learner.detector.image_size
     setting = learner.reweight
+    learner.protect(list(protect))
     try:
         yield from _replay(learner, labels, token, size, setting, applied, skipped)
     finally:

@@ -146,6 +146,11 @@ class LabelBook:
             return False
         s, learner = self.session, self.learner
         self._pending = True
+        # the parts judged NG until now stay NG under the replayed channel weights, as under a
+        # label made now; a part a replayed label accepts may pass (that is the label)
+        accepted = {lab.image_path for lab in active if lab.kind in ("false_alarm", "image_ok")}
+        protect = [r.embedding for r in s.results if r.verdict == "NG" and r.embedding is not None
+                   and r.path not in accepted]
 
         def done(out: ReplayOutcome) -> None:
             self._pending = False
@@ -171,7 +176,7 @@ class LabelBook:
             s.error.emit(f"Stored labels could not be replayed: {exc}")
             s.rescore_results()
 
-        s.submit(partial(replay_labels_job, learner, active), on_returned=done, on_failed=failed,
+        s.submit(partial(replay_labels_job, learner, active, protect=protect), on_returned=done, on_failed=failed,
                   on_cancelled=lambda: failed(RuntimeError("cancelled")))
         return True
 

@@ -137,6 +137,9 @@ def test_a_replay_applies_each_label_with_the_reweighting_it_was_made_with(part_
         reweight = False
         detector = SimpleNamespace(image_size=64, config=SimpleNamespace(bit_depth=8))
 
+        def protect(self, embeddings):
+            return len(embeddings)
+
         def mark_false_alarm(self, image, mask):
             seen.append(self.reweight)
 
@@ -151,6 +154,31 @@ def test_a_replay_applies_each_label_with_the_reweighting_it_was_made_with(part_
     spy.reweight = True
     run_job(replay_labels_job(spy, labels, CancelToken()))
     assert seen[3:] == [True, False, True] and spy.reweight is True
+
+
+def test_a_replay_never_lets_channel_weights_pass_a_part_judged_ng_before_the_refit(fitted):
+    """Channel weights learnt again at a refit are held to what a label made now is held to:
+    the parts judged NG before the refit stay NG (issue 11: no silent flips). Unguarded, the
+    replayed "part is OK" with reweighting passes another defective part."""
+    import dataclasses
+
+    det, ok, ng = fitted
+    other = det.embed([load_image(ng[1])])
+    just_ng = float(det.maps_and_scores(other)[1][0]) - 0.05
+    det.thresholds = dataclasses.replace(det.thresholds, image=just_ng)
+    labels = [Label(ng[2], file_sha256(ng[2]), "image_ok", "m", id=1, reweight=True)]
+
+    def replayed(protect):
+        out = run_job(replay_labels_job(FeedbackLearner(det.copy(), reweight=True), labels, CancelToken(),
+                                        protect=protect))
+        assert out.applied == [1]
+        return out.detector.model.channel_weights, float(out.detector.maps_and_scores(other)[1][0]) > \
+            out.detector.thresholds.image
+
+    weights, still_ng = replayed([])
+    assert weights is not None and not still_ng  # the failure a refit had
+    weights, still_ng = replayed([other])
+    assert still_ng  # the guard weakened or refused the weights
 
 
 def test_the_label_store_keeps_how_each_label_was_applied_and_an_older_store_gains_the_column(tmp_path):

@@ -262,8 +262,8 @@ def test_a_refit_replays_labels_with_the_reweighting_they_were_made_with_and_sho
     s.labels.weights_changed.connect(changes.append)
     s.start_fit()
     assert len(s.detector.applied_labels) == 2
-    # learnt again (not bit for bit: the session's NG results guarded the first learning, a
-    # refit has no such results to guard)
+    # learnt again (not bit for bit: the first learning guarded the NG results of that moment,
+    # the replay those judged NG before the refit)
     assert s.detector.model.channel_weights is not None
     assert boxes[-1] is True and s.labels.reweight
     assert changes[-1] is not None and changes[-1].strength is None  # the weights the model holds
@@ -274,6 +274,30 @@ def test_a_refit_replays_labels_with_the_reweighting_they_were_made_with_and_sho
     again.labels.weights_changed.connect(held.append)
     again.open_recipe(path)
     assert held[-1] is not None and held[-1].lowest == changes[-1].lowest
+
+
+def test_a_refit_guards_the_parts_judged_ng_before_it_against_replayed_channel_weights(
+        session, part_images, monkeypatch):
+    """The replay after a refit keeps NG what was judged NG until then, as a label made then
+    would have: every NG result is protected, except a part a replayed label accepts."""
+    from core.feedback import FeedbackLearner
+
+    s = session
+    _, ng = part_images
+    s.labels.set_reweight(True)
+    accepted = _inspect(s, ng[:1])[0]
+    s.labels.mark_image("image_ok")
+    others = _inspect(s, ng[1:])
+    judged_ng = [r for r in s.results if r.verdict == "NG" and r.id != accepted.id]
+    assert len(judged_ng) >= 2 and {r.id for r in others} <= {r.id for r in judged_ng}
+    seen = []
+    protect = FeedbackLearner.protect
+    monkeypatch.setattr(FeedbackLearner, "protect", lambda self, e: seen.append(list(e)) or protect(self, e))
+    s.start_fit()
+    assert s.detector.applied_labels and seen
+    assert len(seen[0]) == len(judged_ng)
+    assert all(any(p is r.embedding for p in seen[0]) for r in judged_ng)
+    assert not any(p is accepted.embedding for p in seen[0])
 
 
 def test_lowrank_model_policy_is_the_same_for_cli_and_gui(session):
