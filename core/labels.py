@@ -45,7 +45,8 @@ CREATE TABLE IF NOT EXISTS labels (
     score REAL,
     undone_at REAL,
     reweight INTEGER,            -- 1: applied with channel reweighting, 0: without, NULL: not recorded
-    undone_by TEXT               -- who undid or withdrew it (NULL: active, or not recorded)
+    undone_by TEXT,              -- who undid or withdrew it (NULL: active, or not recorded)
+    added_ok INTEGER             -- 1: the label put its image into the recipe's OK set
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
@@ -108,6 +109,9 @@ class Label:
     reweight: bool | None = None
     #: who undid or withdrew it (None: active, or undone before this was recorded)
     undone_by: str | None = None
+    #: a "part is OK" that put its image into the recipe's OK set (withdrawn: it leaves it
+    #: again; restored: it comes back); False in a store written before this was recorded
+    added_ok: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -133,7 +137,7 @@ class LabelStore:
                 # a column added within schema 1 (older stations read columns by name and
                 # leave it NULL): a store written before it gets it here
                 have = {r[1] for r in db.execute("PRAGMA table_info(labels)")}
-                for column, kind in (("reweight", "INTEGER"), ("undone_by", "TEXT")):
+                for column, kind in (("reweight", "INTEGER"), ("undone_by", "TEXT"), ("added_ok", "INTEGER")):
                     if column not in have:
                         db.execute(f"ALTER TABLE labels ADD COLUMN {column} {kind}")
                 db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
@@ -166,12 +170,13 @@ class LabelStore:
         r = label.region
         cur = retry_busy(lambda: self._db.execute(
             "INSERT INTO labels (created_at, operator, image_path, image_sha256, kind, region_json, region_mask,"
-            " map_size, model_id, score, reweight) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " map_size, model_id, score, reweight, added_ok) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 time.time(), label.operator, label.image_path, label.image_sha256, label.kind,
                 None if r is None else json.dumps({"polygon": r.polygon, "bbox": r.bbox}),
                 None if r is None else r.mask_png(),
                 label.map_size, label.model_id, label.score, None if label.reweight is None else int(label.reweight),
+                int(label.added_ok),
             ),
         ))
         return int(cur.lastrowid)
@@ -203,7 +208,8 @@ class LabelStore:
                              d["map_size"], d["score"], d["id"], d["created_at"], d["undone_at"],
                              None if reweight is None else bool(reweight),
                              # an older station's redo clears undone_at only: no stale "by"
-                             d.get("undone_by") if d["undone_at"] is not None else None))
+                             d.get("undone_by") if d["undone_at"] is not None else None,
+                             bool(d.get("added_ok"))))
         return out
 
     def export_csv(self) -> str:

@@ -386,7 +386,8 @@ class LabelBook:
             path, sha = req["path"], out.sha256
             if path is None:  # a live frame: keep the image so the label can be replayed
                 path, sha = self._keep_frame(req["image"])
-            label = Label(image_path=path, image_sha256=sha, kind=kind,
+            adds_ok = kind == "image_ok" and bool(req["path"]) and req["path"] not in s.recipe.ok_paths
+            label = Label(image_path=path, image_sha256=sha, kind=kind, added_ok=adds_ok,
                           model_id=self.current_model_id, operator=self.operator,
                           region=RegionShape.from_mask(mask) if mask is not None else None,
                           map_size=int(req["before"][1].shape[0]), score=float(rec.score_before),
@@ -400,7 +401,7 @@ class LabelBook:
         self._scores[label_id] = (rec.score_before, rec.score_after)
         out.detector.applied_labels = (*out.detector.applied_labels, label_id)
         added = None
-        if kind == "image_ok" and req["path"] and req["path"] not in s.recipe.ok_paths:
+        if adds_ok and req["path"] not in s.recipe.ok_paths:
             added = req["path"]
             s.recipe.ok_paths.append(added)
             s.ok_paths_changed.emit(s.ok_paths)
@@ -533,13 +534,34 @@ class LabelBook:
         if self._set_active(label_id, False):
             self.session.status.emit(f"Label #{label_id} withdrawn: " + (
                 "the current model still holds it until you fit again (F5)" if self._held(label_id)
-                else "no fit will replay it"))
+                else "no fit will replay it") + self._ok_set_follows(label_id, False))
 
     def restore(self, label_id: int) -> None:
         """A withdrawn (or undone) label active again: the next fit replays it."""
         if self.session._engineer_only("restore a label") and self._set_active(label_id, True):
             self.session.status.emit(f"Label #{label_id} restored" + (
-                "" if self._held(label_id) else ": the next fit (F5) replays it into the model"))
+                "" if self._held(label_id) else ": the next fit (F5) replays it into the model")
+                + self._ok_set_follows(label_id, True))
+
+    def _ok_set_follows(self, label_id: int, active: bool) -> str:
+        """A "part is OK" that put its image into the OK set takes it out again when withdrawn
+        (else the next fit would train on a part nobody vouches for any more) and puts it back
+        when restored; what changed, as the end of a status line."""
+        s = self.session
+        try:
+            lab = next((x for x in self.store().labels(include_undone=True) if x.id == label_id), None)
+        except (sqlite3.Error, OSError, ValueError):
+            return ""
+        if lab is None or not lab.added_ok:
+            return ""
+        if not active and lab.image_path in s.recipe.ok_paths:
+            s.recipe.ok_paths.remove(lab.image_path)
+        elif active and lab.image_path not in s.recipe.ok_paths:
+            s.recipe.ok_paths.append(lab.image_path)
+        else:
+            return ""
+        s.ok_paths_changed.emit(s.ok_paths)
+        return "; its image " + ("is back in" if active else "left") + " the OK set"
 
     def _set_active(self, label_id: int, active: bool) -> bool:
         """Mark a stored label active (replayed by fits) or not; False if it could not be."""

@@ -156,29 +156,28 @@ def test_a_replay_applies_each_label_with_the_reweighting_it_was_made_with(part_
     assert seen[3:] == [True, False, True] and spy.reweight is True
 
 
-def test_a_replay_never_lets_channel_weights_pass_a_part_judged_ng_before_the_refit(fitted):
+def test_a_replay_guards_the_given_parts_before_it_learns_any_label(fitted):
     """Channel weights learnt again at a refit are held to what a label made now is held to:
-    the parts judged NG before the refit stay NG (issue 11: no silent flips). Unguarded, the
-    replayed "part is OK" with reweighting passes another defective part."""
-    import dataclasses
-
+    the parts judged NG before the refit are protected (the guard itself:
+    test_reweighting_never_passes_a_part_judged_ng) before the first label is replayed, and
+    stay protected through every label of the replay."""
     det, ok, ng = fitted
-    other = det.embed([load_image(ng[1])])
-    just_ng = float(det.maps_and_scores(other)[1][0]) - 0.05
-    det.thresholds = dataclasses.replace(det.thresholds, image=just_ng)
-    labels = [Label(ng[2], file_sha256(ng[2]), "image_ok", "m", id=1, reweight=True)]
+    events = []
 
-    def replayed(protect):
-        out = run_job(replay_labels_job(FeedbackLearner(det.copy(), reweight=True), labels, CancelToken(),
-                                        protect=protect))
-        assert out.applied == [1]
-        return out.detector.model.channel_weights, float(out.detector.maps_and_scores(other)[1][0]) > \
-            out.detector.thresholds.image
+    class Learner(FeedbackLearner):
+        def protect(self, embeddings):
+            events.append(("protect", len(embeddings)))
+            return super().protect(embeddings)
 
-    weights, still_ng = replayed([])
-    assert weights is not None and not still_ng  # the failure a refit had
-    weights, still_ng = replayed([other])
-    assert still_ng  # the guard weakened or refused the weights
+        def mark_false_alarm(self, image, mask=None):
+            events.append(("label", len(self.protected_embeddings)))
+            return super().mark_false_alarm(image, mask)
+
+    parts = [det.embed([load_image(p)]) for p in ng[1:]]
+    labels = [Label(p, file_sha256(p), "image_ok", "m", id=i, reweight=True) for i, p in enumerate(ok[:2], 1)]
+    out = run_job(replay_labels_job(Learner(det, reweight=True), labels, CancelToken(), protect=parts))
+    assert out.applied == [1, 2]
+    assert events == [("protect", 2), ("label", 2), ("label", 2)]
 
 
 def test_the_label_store_keeps_how_each_label_was_applied_and_an_older_store_gains_the_column(tmp_path):
@@ -199,3 +198,29 @@ def test_the_label_store_keeps_how_each_label_was_applied_and_an_older_store_gai
     with LabelStore(tmp_path / "new.labels.sqlite") as store:
         d = store.add(Label("a.png", "ab" * 32, "false_alarm", "m", reweight=True))
         assert store.labels()[0].reweight is True and store.labels()[0].id == d
+
+
+def test_the_label_store_keeps_which_part_ok_labels_added_their_image_to_the_ok_set(tmp_path):
+    import sqlite3
+
+    from core.labels import LabelStore
+
+    with LabelStore(tmp_path / "new.labels.sqlite") as store:
+        a = store.add(Label("a.png", "ab" * 32, "image_ok", "m", added_ok=True))
+        b = store.add(Label("b.png", "cd" * 32, "image_ok", "m"))
+        assert {lab.id: lab.added_ok for lab in store.labels()} == {a: True, b: False}
+    path = tmp_path / "old.labels.sqlite"
+    with sqlite3.connect(path) as con:  # a store as stations before this wrote it
+        con.executescript("""
+            CREATE TABLE labels (id INTEGER PRIMARY KEY AUTOINCREMENT, created_at REAL NOT NULL,
+                operator TEXT NOT NULL, image_path TEXT NOT NULL, image_sha256 TEXT NOT NULL,
+                kind TEXT NOT NULL, region_json TEXT, region_mask BLOB, map_size INTEGER NOT NULL,
+                model_id TEXT NOT NULL, score REAL, undone_at REAL, reweight INTEGER, undone_by TEXT);
+            CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+            INSERT INTO meta VALUES ('schema', '1');
+            INSERT INTO labels (created_at, operator, image_path, image_sha256, kind, map_size, model_id)
+                VALUES (1.0, 'm', 'a.png', 'ab', 'image_ok', 0, 'm');""")
+    with LabelStore(path) as store:
+        c = store.add(Label("c.png", "ef" * 32, "image_ok", "m", added_ok=True))
+        assert [(lab.image_path, lab.added_ok) for lab in store.labels()] == [("a.png", False), ("c.png", True)]
+        assert store.labels()[1].id == c

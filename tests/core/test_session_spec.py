@@ -462,6 +462,34 @@ def test_an_engineer_withdraws_an_older_label_and_the_next_fit_no_longer_replays
     assert set(s.detector.applied_labels) == {older, newer}
 
 
+def test_a_withdrawn_part_ok_takes_its_image_out_of_the_ok_set_and_a_restore_puts_it_back(session, part_images):
+    """"Part is OK" puts the part into the OK set; withdrawn later (not the last label), it
+    leaves the OK set again, so the next fit does not train on a part nobody vouches for;
+    restored, it is back. A part that was in the OK set before its label stays there."""
+    s = session
+    s.inspect_paths(part_images[1][:2])
+    first, second = list(s.results)[-2:]
+    s.show_result(first.id)
+    s.labels.mark_image("image_ok")
+    assert first.path in s.ok_paths
+    s.show_result(second.id)
+    s.labels.mark_image("image_ng")  # a newer label: withdrawing the first is not an undo
+    older = s.labels.rows()[0].id
+    s.labels.withdraw(older)
+    assert first.path not in s.ok_paths and "left the OK set" in s.said[-1]
+    s.start_fit()
+    assert first.path not in s.ok_paths
+    s.labels.restore(older)
+    assert first.path in s.ok_paths and "is back in the OK set" in s.said[-1]
+    ok_before = list(s.ok_paths)
+    s.inspect_paths(ok_before[:1])
+    s.labels.mark_image("image_ok")  # a part already in the OK set
+    s.show_result(second.id)
+    s.labels.mark_image("image_ng")
+    s.labels.withdraw(s.labels.rows()[-2].id)
+    assert s.ok_paths == ok_before
+
+
 def test_withdrawing_the_last_label_undoes_it_at_once_and_an_operator_cannot_withdraw(session, part_images):
     s = session
     s.inspect_paths(part_images[1][:1])
