@@ -41,6 +41,7 @@ class MainWindow(QMainWindow):
         self.settings = settings or QSettings("OKNG", "OK-NG Station")
         self.view = InspectionView()
         self._new_rows: list = []  # results whose row is not in the table yet (see on_result_added)
+        self._said_at = -1e9  # when the status line last said how something ended (on_progress)
         self._rows_update = Throttle(ROWS_EVERY_MS, self._add_new_rows, self)
         self._histogram_update = Throttle(HISTOGRAM_EVERY_MS, self._update_inspected_histogram, self)
         self.ok_panel = OkSetPanel()
@@ -149,7 +150,7 @@ class MainWindow(QMainWindow):
         c.busy_changed.connect(self.ok_panel.set_busy)
         c.progress.connect(self.on_progress)
         c.live_changed.connect(self.on_live_changed)
-        c.status.connect(lambda msg: self.statusBar().showMessage(msg, 15000))
+        c.status.connect(self.show_status)
         c.error.connect(self.show_error)
         c.question_asked.connect(self.ask)
         c.counters_changed.connect(self.shift_panel.set_counters)
@@ -281,14 +282,26 @@ class MainWindow(QMainWindow):
             self.view.show_waiting("Live: waiting for the first frame…")
             self.view.setFocus()  # Space stops live; it must not type into a text field
 
+    #: seconds an outcome stays on the status line before a job's progress may replace it
+    OUTCOME_HOLD_S = 3.0
+
     @Slot(int, int, str)
     def on_progress(self, done: int, total: int, message: str) -> None:
         self.ok_panel.set_progress(done, total, message)
-        self.statusBar().showMessage(message, 5000)
+        # a job queued by the step that just said how it ended (a refit's re-judging after its
+        # replay, a declined label's revert) must not overwrite that outcome with its progress
+        if time.monotonic() - self._said_at >= self.OUTCOME_HOLD_S:
+            self.statusBar().showMessage(message, 5000)
+
+    @Slot(str)
+    def show_status(self, message: str) -> None:
+        self._said_at = time.monotonic()
+        self.statusBar().showMessage(message, 15000)
 
     @Slot(str)
     def show_error(self, message: str) -> None:
         self.error_banner.show_message(message)
+        self._said_at = time.monotonic()
         self.statusBar().showMessage(message, 15000)
 
     @Slot(object)

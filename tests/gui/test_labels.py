@@ -207,3 +207,26 @@ def test_the_labels_panel_greys_out_channel_weights_for_a_model_that_learns_none
     assert not p.reweight_check.isEnabled()  # unlocking does not bring it back
     p.set_weights_learnable(True)  # a PaDiM model again
     assert p.reweight_check.isEnabled() and "Learn channel weights" in p.changed_label.text()
+
+
+def test_the_status_line_keeps_how_a_step_ended_over_the_progress_of_the_work_it_queued(qtbot, station, tmp_path):
+    """A refit ends by saying how many labels it replayed and then re-judges the results on
+    the engine thread; a declined label says so and then reverts: the queued job's progress
+    arrives after the outcome and must not overwrite it on the status line (the progress
+    bar shows it). Progress later than that shows there again."""
+    from gui.main_window import MainWindow
+
+    c = station
+    w = MainWindow(c, QSettings(str(tmp_path / "s.ini"), QSettings.Format.IniFormat))
+    qtbot.addWidget(w)
+    c.status.emit("1 stored label(s) replayed into the new model")
+    c.progress.emit(0, 3, "re-judging 3 results under the new model")
+    assert w.statusBar().currentMessage() == "1 stored label(s) replayed into the new model"
+    c.error.emit("Label not applied; the model is unchanged.")
+    c.progress.emit(0, 1, "undoing the last label")
+    assert w.statusBar().currentMessage() == "Label not applied; the model is unchanged."
+    w.OUTCOME_HOLD_S = 0.0  # the outcome has been up long enough
+    c.progress.emit(1, 3, "re-judging 3 results under the new model")
+    assert w.statusBar().currentMessage() == "re-judging 3 results under the new model"
+    c.session.mark_saved()
+    w.close()
