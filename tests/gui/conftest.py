@@ -74,3 +74,11 @@ def garbage_collected_on_the_test_thread():
     finally:
         gc.collect()
         gc.enable()
+
+
+@pytest.fixture(autouse=True)
+def station_data_in_a_temporary_folder(tmp_path_factory, monkeypatch):
+    """A controller built without ``labels_dir`` keeps its label stores and results in the
+    application data folder: in tests that is a temporary one, never the user's
+    (~/.local/share/OKNG/...)."""
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path_factory.mktemp("xdg-data")))

@@ -166,3 +166,11 @@ def test_a_model_chosen_in_the_gui_is_the_one_fitted(qtbot, controller, name):
     with qtbot.waitSignal(c.model_changed, timeout=60000):
         c.session.start_fit()
     assert c.session.detector.model.kind == name
+
+
+def test_a_controller_without_a_labels_folder_keeps_its_data_out_of_the_users_folder():
+    from pathlib import Path
+
+    from gui.controller import _app_data
+
+    assert not _app_data("labels").is_relative_to(Path.home() / ".local" / "share")
