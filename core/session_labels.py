@@ -549,12 +549,15 @@ class LabelBook:
         when restored; what changed, as the end of a status line."""
         s = self.session
         try:
-            lab = next((x for x in self.store().labels(include_undone=True) if x.id == label_id), None)
+            labels = self.store().labels(include_undone=True)
         except (sqlite3.Error, OSError, ValueError):
             return ""
+        lab = next((x for x in labels if x.id == label_id), None)
         if lab is None or not lab.added_ok:
             return ""
-        if not active and lab.image_path in s.recipe.ok_paths:
+        vouched = any(x.kind == "image_ok" and x.image_path == lab.image_path and x.undone_at is None
+                      and x.id != label_id for x in labels)  # another active "part is OK" on it
+        if not active and lab.image_path in s.recipe.ok_paths and not vouched:
             s.recipe.ok_paths.remove(lab.image_path)
         elif active and lab.image_path not in s.recipe.ok_paths:
             s.recipe.ok_paths.append(lab.image_path)
