@@ -380,6 +380,7 @@ class InspectionSession:
         th = det.thresholds
         mine = (self.image_threshold, self.pixel_threshold)
         keep_mine = self.thresholds_hand_set and None not in mine and th is not None
+        judged_ng = [r for r in self.results if r.verdict == "NG"]  # before the new thresholds re-judge them
         self.set_detector(det, *(mine if keep_mine else (None, None)))
         self.thresholds_hand_set = keep_mine
         self.mark_dirty()
@@ -390,7 +391,7 @@ class InspectionSession:
         self.status.emit(msg)
         if keep_mine:
             self._ask_thresholds_after_fit(th)
-        self.labels.model_replaced(det, replay=True)
+        self.labels.model_replaced(det, replay=True, judged_ng=judged_ng)
 
     def _ask_thresholds_after_fit(self, th: Thresholds) -> None:
         keep, new = "Keep my thresholds", "Use the new calibration"

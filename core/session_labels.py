@@ -113,9 +113,10 @@ class LabelBook:
         return f"{self.model_id}+{n}labels" if n else self.model_id
 
     # -- model & store lifecycle ------------------------------------------------------------
-    def model_replaced(self, detector: Detector | None, replay: bool) -> None:
+    def model_replaced(self, detector: Detector | None, replay: bool, judged_ng: list | None = None) -> None:
         """A fitted or loaded model: new learner, empty undo history. After a fit
-        (``replay``) every active stored label is applied to it again."""
+        (``replay``) every active stored label is applied to it again, its channel weights
+        keeping NG the results ``judged_ng`` before the fit (None: those judged NG now)."""
         if detector is not None:
             self.reweight = detector.model.channel_weights is not None or (replay and self.reweight)
         radius = self.session.recipe.station.get("feedback_radius")  # patches; None: anywhere on the part
@@ -131,11 +132,11 @@ class LabelBook:
         self.labels_changed.emit(self.rows())
         if replay and detector is not None and detector.config.tiled:
             self.session.status.emit("Labels are not replayed on a tiled model: feedback on tiles is not available yet")
-        elif replay and detector is not None and self._replay():
+        elif replay and detector is not None and self._replay(judged_ng):
             return  # the replay's end re-scores the results, under the model with the labels
         self.session.rescore_results()
 
-    def _replay(self) -> bool:
+    def _replay(self, judged_ng: list | None = None) -> bool:
         """Replay the active stored labels into the new model (a job); False: none to replay."""
         try:
             active = self.store().labels() if self.store_path.exists() else []
@@ -149,8 +150,8 @@ class LabelBook:
         # the parts judged NG until now stay NG under the replayed channel weights, as under a
         # label made now; a part a replayed label accepts may pass (that is the label)
         accepted = {lab.image_path for lab in active if lab.kind in ("false_alarm", "image_ok")}
-        protect = [r.embedding for r in s.results if r.verdict == "NG" and r.embedding is not None
-                   and r.path not in accepted]
+        ng = [r for r in s.results if r.verdict == "NG"] if judged_ng is None else judged_ng
+        protect = [r.embedding for r in ng if r.embedding is not None and r.path not in accepted]
 
         def done(out: ReplayOutcome) -> None:
             self._pending = False
