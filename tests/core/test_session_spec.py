@@ -490,6 +490,21 @@ def test_a_withdrawn_part_ok_takes_its_image_out_of_the_ok_set_and_a_restore_put
     assert s.ok_paths == ok_before
 
 
+def test_a_withdrawn_part_ok_leaves_its_image_in_the_ok_set_while_another_part_ok_vouches_for_it(
+        session, part_images):
+    s = session
+    s.inspect_paths(part_images[1][:2])
+    first, second = list(s.results)[-2:]
+    s.show_result(first.id)
+    s.labels.mark_image("image_ok")  # puts it into the OK set
+    s.show_result(first.id)
+    s.labels.mark_image("image_ok")  # the same part said OK again: it is already there
+    s.show_result(second.id)
+    s.labels.mark_image("image_ng")
+    s.labels.withdraw(s.labels.rows()[0].id)
+    assert first.path in s.ok_paths and "OK set" not in s.said[-1]
+
+
 def test_withdrawing_the_last_label_undoes_it_at_once_and_an_operator_cannot_withdraw(session, part_images):
     s = session
     s.inspect_paths(part_images[1][:1])
