@@ -18,6 +18,7 @@ cached (``features.pt`` next to them), so a rerun costs the simulation only.
     PYTHONPATH=. .venv/bin/python benchmarks/bench_feedback.py --case poly
     PYTHONPATH=. .venv/bin/python benchmarks/bench_feedback.py --case all --json out.json
     PYTHONPATH=. .venv/bin/python benchmarks/bench_feedback.py --timing --case none   # cost
+    PYTHONPATH=. .venv/bin/python benchmarks/bench_feedback.py --session-clicks 200 --case none
 """
 from __future__ import annotations
 
@@ -280,6 +281,41 @@ def run_timing(mark: str, model: str, cache: "FeatureCache", n_memory: int = 200
     return out
 
 
+def run_session_clicks(n_results: int, clicks: int = 4) -> dict:
+    """The station's label path (``label_job``, as the GUI runs it) with *Learn channel
+    weights* on, in a session of ``n_results`` demo results (the stream, then defective
+    evaluation cells): each click marks the hottest region of a part judged NG as a false
+    alarm, with every other NG result protected and every result re-judged."""
+    from core import CancelToken, run_job
+    from core.demo import demo_split
+    from core.feedback import FeedbackLearner
+    from core.feedback_jobs import label_job
+    from core.imageio import load_image
+    from core.simulate import hottest_region_mask
+
+    split = demo_split()
+    det = _fit(split.ok_train, 0.01, "padim")
+    det.warm_up(feedback=True)
+    paths = ([c.path for c in split.stream] + split.eval_ng)[:n_results]
+    images = [load_image(p) for p in paths]
+    embs = [det.embed([im]) for im in images]
+    learner = FeedbackLearner(det, reweight=True)
+    out: dict = {"results": len(embs), "clicks": []}
+    for k in range(clicks):
+        d = learner.detector
+        scores = [float(d.maps_and_scores(e)[1][0]) for e in embs]
+        ng = [i for i, s in enumerate(scores) if s > d.thresholds.image]
+        i = ng[k % len(ng)]
+        mask = hottest_region_mask(d.maps_and_scores(embs[i])[0][0], d.thresholds.pixel)
+        t = time.perf_counter()
+        o = run_job(label_job(learner, "false_alarm", images[i], paths[i], mask, list(enumerate(embs)),
+                              CancelToken(), protect=[embs[j] for j in ng if j != i]))
+        out["clicks"].append({"ms": 1000 * (time.perf_counter() - t), "learner_ms": 1000 * o.record.seconds,
+                              "judged_ng": len(ng), "weights_strength": None if o.record.weights is None
+                              else o.record.weights.strength})
+    return out
+
+
 def memory_steps(det, items: list[torch.Tensor], reps: int = 3) -> dict:
     """Where the memory's time goes on these images (ms per image): each step of
     ``FeedbackMemory.apply`` timed in place (a wrapper around it; nested steps are included
@@ -349,6 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reweight", action="store_true")
     ap.add_argument("--json", metavar="FILE")
     ap.add_argument("--timing", action="store_true", help="time scoring with a 2,000-patch memory and clicks")
+    ap.add_argument("--session-clicks", type=int, metavar="N",
+                    help="time clicks with Learn channel weights on in a session of N results")
     args = ap.parse_args(argv)
     for item in args.param:
         key, _, value = item.partition("=")
@@ -362,7 +400,11 @@ def main(argv: list[str] | None = None) -> int:
         t = run_timing(args.mark.split(",")[0], args.model, cache)
         print(json.dumps(t, indent=2))
         results.append({"case": "timing", **t})
-    if args.timing and args.case == "all":
+    if args.session_clicks:
+        t = run_session_clicks(args.session_clicks)
+        print(json.dumps(t, indent=2))
+        results.append({"case": "session_clicks", **t})
+    if (args.timing or args.session_clicks) and args.case == "all":
         args.case = "none"
     if args.case in ("mark", "all"):
         for mark in args.mark.split(","):

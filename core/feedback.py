@@ -165,10 +165,16 @@ class FeedbackLearner:
                                   else torch.zeros(0, c, h, w, dtype=torch.float16)),
         }
 
-    def _push(self) -> None:
-        self._undo.append((self.detector.copy(), len(self.fa_shares), len(self.defect_shares),
+    def _push(self) -> Detector:
+        """Keep the current detector for :meth:`undo` and go on with a copy of it (returned).
+        The kept one is the very object the caller and the session hold, left untouched from
+        here on: an undo gives it back by identity (one copy per label, not two: a copy of a
+        PaDiM detector takes ~40 ms)."""
+        self._undo.append((self.detector, len(self.fa_shares), len(self.defect_shares),
                            len(self.defect_embeddings)))
         del self._undo[: -self.max_undo]
+        self.detector = self.detector.copy()
+        return self.detector
 
     @property
     def can_undo(self) -> bool:
@@ -219,8 +225,7 @@ class FeedbackLearner:
         th_before = self.detector.thresholds.image if self.detector.thresholds else None
         model_changes = self.position_update or not self.generalise or self.reweight
         cached = None if model_changes else self._calibration_distances()
-        self._push()  # then at once a new detector: a failure from here on is undone by identity
-        det = self.detector = self.detector.copy()
+        det = self._push()  # a failure from here on is undone by identity
         mask = region_patch_mask(region_mask, det.model.grid)
         self.fa_shares.append(channel_shares(det, emb, mask))
         if self.generalise:
@@ -242,7 +247,6 @@ class FeedbackLearner:
         th_before = self.detector.thresholds.image if self.detector.thresholds else None
         cached = None if self.reweight else self._calibration_distances()
         self._push()
-        self.detector = self.detector.copy()
         if region_mask is None:  # the hottest quarter of patches stands for the defect
             d = self.detector.model.score(emb)[0]
             mask = (d >= torch.quantile(d.flatten(), 0.75))[None]
@@ -300,7 +304,6 @@ class FeedbackLearner:
 
     def reset_weights(self) -> None:
         self._push()
-        self.detector = self.detector.copy()
         self.detector.model.set_channel_weights(None)
         self.fa_shares.clear()
         self.defect_shares.clear()
@@ -320,14 +323,12 @@ class FeedbackLearner:
         w = 1.0 / (1.0 + strength * c * excess)
         return w.clamp_min(MIN_WEIGHT).to(torch.float32)
 
-    def _defects_still_caught(self, judged_ng: list[torch.Tensor] | None = None) -> bool:
-        """Every confirmed defect, and every protected part judged NG before this change,
-        still scores above the image threshold."""
+    def _defects_still_caught(self) -> bool:
+        """Every confirmed defect still scores above the image threshold."""
         det = self.detector
         if det.thresholds is None:
             return True
-        guarded = self.defect_embeddings + (judged_ng or [])
-        return all(self._score(e.to(torch.float32)) > det.thresholds.image for e in guarded)
+        return all(self._score(e.to(torch.float32)) > det.thresholds.image for e in self.defect_embeddings)
 
     def _keep_ok_scale(self, w: torch.Tensor) -> torch.Tensor:
         """Rescale weights so held-out OK parts keep their median score.
@@ -345,20 +346,49 @@ class FeedbackLearner:
         return w * (before / after) if after > 0 else w
 
     def _reweight(self) -> WeightChange | None:
+        """The strongest weights (of :data:`STRENGTHS`) under which every confirmed defect and
+        every protected part that is NG under the updated model with the previous weights
+        stays NG; the previous weights when none is.
+
+        The protected parts are judged lazily: under a candidate only those it would pass
+        are scored again with the previous weights (a part already OK there is no flip), and
+        a part that stopped a candidate is tried first under the next one. The same decision
+        as judging every protected part first, at a fraction of the scoring: a session of
+        200 results with 106 judged NG spent 0.7 s of its 1.3 s click scoring them."""
         model = self.detector.model
         if not model.supports_channel_weights:  # trained models: the memory alone learns
             return None
         previous = model.channel_weights
         self.detector.refresh_calibration()  # OK scores under the updated memory, old weights
         th = self.detector.thresholds
-        judged_ng = [] if th is None else [  # NG under the updated model, before reweighting
-            e for e in self.protected_embeddings if self._score(e.to(torch.float32)) > th.image]
+        protected = [e.to(torch.float32) for e in self.protected_embeddings] if th is not None else []
+        was_ng: dict[int, bool] = {}  # protected part -> NG under the updated memory, old weights
+        first: list[int] = []  # parts that stopped a candidate: tried first under the next
+
+        def judged_ng(i: int) -> bool:
+            if i not in was_ng:
+                current = model.channel_weights
+                model.set_channel_weights(previous)
+                was_ng[i] = self._score(protected[i]) > th.image
+                model.set_channel_weights(current)
+            return was_ng[i]
+
+        def still_ng(w: torch.Tensor | None) -> bool:
+            if not protected or _same_weights(w, previous):  # judged under these very weights
+                return True
+            for i in first + [i for i in range(len(protected)) if i not in first]:
+                if self._score(protected[i]) <= th.image and judged_ng(i):
+                    if i not in first:
+                        first.insert(0, i)
+                    return False
+            return True
+
         for strength in STRENGTHS:
             w = self._candidate_weights(strength)
             if w is not None:
                 w = self._keep_ok_scale(w)
             model.set_channel_weights(w)
-            if self._defects_still_caught(judged_ng):
+            if self._defects_still_caught() and still_ng(w):
                 return None if w is None else self._describe(w, strength)
         model.set_channel_weights(previous)  # under these, every guarded part was NG
         return None
@@ -385,3 +415,10 @@ class FeedbackLearner:
             expected_false_alarm_rate=th.expected_false_alarm_rate() if th else None,
             seconds=time.perf_counter() - t0, weights=change,
         )
+
+
+def _same_weights(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    """Both none, or equal channel weights."""
+    if a is None or b is None:
+        return a is b
+    return a.shape == b.shape and bool(torch.equal(a, b))

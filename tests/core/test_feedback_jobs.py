@@ -109,6 +109,7 @@ def test_a_label_cancelled_while_rejudging_leaves_no_trace_even_with_a_full_undo
     run_job(label_job(learner, "image_ok", img, ok[0], None, [], CancelToken()))
     assert learner.undo_depth == 1  # full
     before = learner.detector
+    memory_before = len(before.memory)
     token = CancelToken()
     gen = label_job(learner, "image_ok", load_image(ng[0]), ng[0], None, _kept(det, ng[:2]), token)
     next(gen)  # learning
@@ -118,8 +119,8 @@ def test_a_label_cancelled_while_rejudging_leaves_no_trace_even_with_a_full_undo
     with pytest.raises(Cancelled):
         while True:
             next(gen)
-    assert learner.detector is not before  # undo puts back a copy ...
-    assert len(learner.detector.memory) == len(before.memory)  # ... of the model before the label
+    assert learner.detector is before  # undo puts back the very model before the label ...
+    assert len(learner.detector.memory) == memory_before  # ... untouched by the label
     np.testing.assert_array_equal(learner.detector.thresholds.calibration_scores,
                                   before.thresholds.calibration_scores)
 

@@ -874,3 +874,34 @@ def test_after_warming_up_a_click_and_scoring_compile_no_kernel_again(detector, 
     det.maps_and_scores(again)
     learner.mark_false_alarm(again[1:], _region(1, 10))  # a click with a memory to search
     assert {"_search_kernel", "_gather_kernel", "_print_kernel", "_gate_kernel", "_kernel"} <= set(calls)
+
+
+def test_a_protected_part_that_is_ok_under_the_updated_model_never_stops_reweighting(detector):
+    """Protection keeps NG what is NG: a protected part that the label itself already passes
+    (OK under the updated model with the previous weights) is no flip, whatever the weights
+    do to it; the NG one among them still decides."""
+    rng = np.random.default_rng(6)
+    fa = _background(rng, 1)
+    fa[:, 4] += 6.0
+    ng = _background(rng, 1)
+    ng[0, 4, 5:8, 5:8] += 9.0  # NG, and passed by the unguarded weights
+    ok_parts = [_background(rng, 1) for _ in range(4)]
+    th = detector.thresholds.image
+    assert all(_score(detector, p) < th for p in ok_parts)
+
+    def weights_after(protect):
+        learner = FeedbackLearner(detector.copy(), reweight=True, generalise=False)
+        learner.protect(protect)
+        learner.mark_false_alarm(fa, np.ones((SIZE, SIZE), bool))
+        w = learner.detector.model.channel_weights
+        return None if w is None else w.clone()
+
+    unguarded = weights_after([])
+    assert unguarded is not None
+    torch.testing.assert_close(weights_after(ok_parts), unguarded, rtol=0, atol=0)
+    guarded = weights_after([ng])
+    mixed = weights_after(ok_parts[:2] + [ng] + ok_parts[2:])
+    assert (guarded is None) == (mixed is None)
+    if guarded is not None:
+        torch.testing.assert_close(mixed, guarded, rtol=0, atol=0)
+    assert guarded is None or not torch.equal(guarded, unguarded)
