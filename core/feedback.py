@@ -53,6 +53,16 @@ class WeightChange:
 
 
 @dataclass(frozen=True)
+class WeightGuard:
+    """Why reweighting stopped short of its full strength: the strengths it refused, and what
+    made it refuse them (a strength is refused at the first guarded part it would pass)."""
+
+    refused: tuple[float, ...]
+    defects: int  # refusals for a confirmed defect ("real defect" labels)
+    parts: tuple[int, ...]  # protected parts (their order as given to ``protect``) that stopped one
+
+
+@dataclass(frozen=True)
 class FeedbackRecord:
     kind: str
     patches: int
@@ -63,6 +73,7 @@ class FeedbackRecord:
     expected_false_alarm_rate: float | None
     seconds: float
     weights: WeightChange | None = None
+    guard: WeightGuard | None = None  # what reweighting refused (None: nothing)
 
 
 def region_patch_mask(region_mask: np.ndarray | None, grid: tuple[int, int], dilate: int = 1) -> torch.Tensor:
@@ -233,11 +244,11 @@ class FeedbackLearner:
         if self.position_update or not self.generalise:
             det.model.partial_fit(emb, mask)
         det.finalize()
-        change = self._reweight() if self.reweight else None
+        change, guard = self._reweight() if self.reweight else (None, None)
         self._refresh(cached)
         self._keep_evidence()
         kind = "image_ok" if region_mask is None else "false_alarm"
-        return self._record(kind, mask, emb, before, th_before, t0, change)
+        return self._record(kind, mask, emb, before, th_before, t0, change, guard)
 
     def mark_defect(self, image: np.ndarray | torch.Tensor, region_mask: np.ndarray | None = None) -> FeedbackRecord:
         """"This is a real defect": remember it so reweighting never hides it."""
@@ -256,11 +267,11 @@ class FeedbackLearner:
         self.defect_embeddings.append(emb.to(torch.float16))
         if self.generalise:
             self.detector.ensure_memory(**self.memory_params).add_defect(emb[:1], mask[0])
-        change = self._reweight() if self.reweight and self.fa_shares else None
+        change, guard = self._reweight() if self.reweight and self.fa_shares else (None, None)
         self._refresh(cached)
         self._keep_evidence()
         kind = "defect" if region_mask is not None else "image_ng"
-        return self._record(kind, mask, emb, before, th_before, t0, change)
+        return self._record(kind, mask, emb, before, th_before, t0, change, guard)
 
     def _calibration_distances(self) -> torch.Tensor | None:
         """The current model's distances of the held-out OK images (cached per detector)."""
@@ -345,10 +356,11 @@ class FeedbackLearner:
         after = float(np.median(det.calibration_scores()[0]))
         return w * (before / after) if after > 0 else w
 
-    def _reweight(self) -> WeightChange | None:
+    def _reweight(self) -> tuple[WeightChange | None, WeightGuard | None]:
         """The strongest weights (of :data:`STRENGTHS`) under which every confirmed defect and
         every protected part that is NG under the updated model with the previous weights
-        stays NG; the previous weights when none is.
+        stays NG; the previous weights when none is. Returns the change (None: weights
+        removed or kept) and what was refused (None: nothing).
 
         The protected parts are judged lazily: under a candidate only those it would pass
         are scored again with the previous weights (a part already OK there is no flip), and
@@ -357,13 +369,15 @@ class FeedbackLearner:
         200 results with 106 judged NG spent 0.7 s of its 1.3 s click scoring them."""
         model = self.detector.model
         if not model.supports_channel_weights:  # trained models: the memory alone learns
-            return None
+            return None, None
         previous = model.channel_weights
         self.detector.refresh_calibration()  # OK scores under the updated memory, old weights
         th = self.detector.thresholds
         protected = [e.to(torch.float32) for e in self.protected_embeddings] if th is not None else []
         was_ng: dict[int, bool] = {}  # protected part -> NG under the updated memory, old weights
         first: list[int] = []  # parts that stopped a candidate: tried first under the next
+        refused: list[float] = []
+        by_defect = 0
 
         def judged_ng(i: int) -> bool:
             if i not in was_ng:
@@ -383,15 +397,21 @@ class FeedbackLearner:
                     return False
             return True
 
+        def guard() -> WeightGuard | None:
+            return WeightGuard(tuple(refused), by_defect, tuple(sorted(first))) if refused else None
+
         for strength in STRENGTHS:
             w = self._candidate_weights(strength)
             if w is not None:
                 w = self._keep_ok_scale(w)
             model.set_channel_weights(w)
-            if self._defects_still_caught() and still_ng(w):
-                return None if w is None else self._describe(w, strength)
+            if not self._defects_still_caught():
+                by_defect += 1
+            elif still_ng(w):
+                return (None if w is None else self._describe(w, strength)), guard()
+            refused.append(strength)
         model.set_channel_weights(previous)  # under these, every guarded part was NG
-        return None
+        return None, guard()
 
     def held_weights(self) -> WeightChange | None:
         """The channel weights the current model holds, described as a change would be
@@ -407,13 +427,13 @@ class FeedbackLearner:
         order = torch.argsort(w)[:5]
         return WeightChange(strength, per_stage, [(int(emb.channel_idx[i]), float(w[i])) for i in order])
 
-    def _record(self, kind, mask, emb, before, th_before, t0, change) -> FeedbackRecord:
+    def _record(self, kind, mask, emb, before, th_before, t0, change, guard=None) -> FeedbackRecord:
         th = self.detector.thresholds
         return FeedbackRecord(
             kind=kind, patches=int(mask.sum()), score_before=before, score_after=self._score(emb),
             threshold_before=th_before, threshold_after=th.image if th else None,
             expected_false_alarm_rate=th.expected_false_alarm_rate() if th else None,
-            seconds=time.perf_counter() - t0, weights=change,
+            seconds=time.perf_counter() - t0, weights=change, guard=guard,
         )
 
 

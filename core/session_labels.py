@@ -26,7 +26,7 @@ import numpy as np
 from .atomic import write_bytes_atomic
 from .errors import OkngError
 from .events import Event, Question
-from .feedback import FeedbackLearner
+from .feedback import FeedbackLearner, WeightGuard
 from .feedback_jobs import (
     KIND_TEXT,
     LabelOutcome,
@@ -83,6 +83,7 @@ class LabelBook:
         self.session = session
         self.labels_changed = Event()  # ([LabelRow], oldest first)
         self.weights_changed = Event()  # (WeightChange | None)
+        self.weights_held_back = Event()  # (str) why the last label's reweighting was held back; "" none
         self.selection_changed = Event()  # ((N, 2) contour of the selected region, or None)
         self.can_undo_changed = Event()  # (bool)
         self.label_saved = Event()  # (label id), after the SQLite commit
@@ -326,8 +327,10 @@ class LabelBook:
         self._select(None)
         self._pending = True
         accepting = kind in ("false_alarm", "image_ok")
-        protect = [r.embedding for r in s.results if r.verdict == "NG" and r.embedding is not None
+        guarded = [r for r in s.results if r.verdict == "NG" and r.embedding is not None
                    and not (accepting and r.id == result_id)]  # the clicked part may pass: that is the label
+        protect = [r.embedding for r in guarded]
+        req["protected_ids"] = [r.id for r in guarded]
         job = partial(label_job, self.learner, kind, rec.image, rec.path, mask, s.results.with_embeddings(),
                       protect=protect)
         s.status.emit(f"Learning from '{KIND_TEXT[kind]}' on {rec.name}…")
@@ -408,15 +411,38 @@ class LabelBook:
             s.ok_paths_changed.emit(s.ok_paths)
         self._push_step(_Step(label_id, req["result_id"], req["before"], added))
         self._apply_model(out.detector, out.rescored, req["result_id"], out.labelled)
-        if rec.weights is not None:
-            self.weights_changed.emit(rec.weights)
+        held_back = self._held_back_text(rec.guard, req.get("protected_ids", []))
+        if rec.weights is not None or rec.guard is not None:
+            self.weights_changed.emit(rec.weights if rec.weights is not None else self.learner.held_weights())
+        if rec.weights is not None or rec.guard is not None or held_back:
+            self.weights_held_back.emit(held_back)
         far = "" if rec.expected_false_alarm_rate is None else \
             f"; expected false alarms now {rec.expected_false_alarm_rate:.1%}"
+        far += f". {held_back}" if held_back else ""
         self.labels_changed.emit(self.rows())
         self.label_saved.emit(label_id)
         self.can_undo_changed.emit(True)
         s.status.emit(f"Label #{label_id} saved: {KIND_TEXT[kind]} on {req['name']} — score "
                       f"{rec.score_before:.2f} → {rec.score_after:.2f}{far} (Ctrl+Z to undo)")
+
+    def _held_back_text(self, guard: WeightGuard | None, protected_ids: list[int]) -> str:
+        """What the reweighting guard refused and why, naming the parts it kept NG."""
+        if guard is None or not guard.refused:
+            return ""
+        names = []
+        for i in guard.parts:
+            rec = self.session.results.get(protected_ids[i]) if i < len(protected_ids) else None
+            if rec is not None:
+                names.append(rec.name)
+        why = []
+        if names:
+            shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+            why.append(f"would pass {shown} (judged NG)")
+        if guard.defects:
+            why.append("would pass a part labelled as a real defect")
+        strengths = ", ".join(f"{x:g}" for x in guard.refused)
+        return (f"Channel weights held back: strength {strengths} refused, it "
+                + (" and ".join(why) or "would pass a part judged NG") + ".")
 
     def _keep_frame(self, image: np.ndarray | None) -> tuple[str, str]:
         if image is None:

@@ -51,6 +51,7 @@ class StationController(QObject):
     # the labels' notifications
     labels_changed = Signal(list)  # [LabelRow]
     weights_changed = Signal(object)  # WeightChange | None
+    weights_held_back = Signal(str)  # why the last label's reweighting was held back, or ""
     selection_changed = Signal(object)  # (N, 2) contour or None
     can_undo_changed = Signal(bool)
     label_saved = Signal(int)
@@ -73,8 +74,8 @@ class StationController(QObject):
         for name in ("model_changed", "ok_paths_changed", "recipe_changed", "thresholds_changed", "results_changed",
                      "result_added", "live_changed", "status", "error", "dirty_changed", "role_changed"):
             getattr(s, name).connect(getattr(self, name).emit)
-        for name in ("labels_changed", "weights_changed", "selection_changed", "can_undo_changed", "label_saved",
-                     "reweight_changed"):
+        for name in ("labels_changed", "weights_changed", "weights_held_back", "selection_changed",
+                     "can_undo_changed", "label_saved", "reweight_changed"):
             getattr(s.labels, name).connect(getattr(self, name).emit)
         s.question.connect(self.question_asked.emit)
         s.shift.counters_changed.connect(self.counters_changed.emit)

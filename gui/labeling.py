@@ -60,6 +60,7 @@ def install_labeling(window, area=Qt.DockWidgetArea.RightDockWidgetArea):
     panel.operator_changed.connect(set_operator)
     c.labels_changed.connect(panel.set_rows)
     c.weights_changed.connect(panel.set_weight_change)
+    c.weights_held_back.connect(panel.set_held_back)
     c.can_undo_changed.connect(panel.set_can_undo)
     c.reweight_changed.connect(panel.set_reweight)
     c.selection_changed.connect(lambda contour: panel.set_region_selected(contour is not None))

@@ -70,7 +70,7 @@ class MainWindow(QMainWindow):
         self._wire()
         self.labels_panel, labels_dock = install_labeling(self)  # dock, Label menu, click popup
         self.line_link = install_line_link(self)  # the Line dock: a PLC triggers this window
-        self.resizeDocks([*docks, labels_dock], [150, 220, 300, 260], Qt.Orientation.Vertical)
+        self.resizeDocks([*docks, labels_dock], [150, 190, 280, 330], Qt.Orientation.Vertical)
         self.resizeDocks(docks[:1], [560], Qt.Orientation.Horizontal)
         self.tabifyDockWidget(self.findChild(QDockWidget, "Inspect"), shift_dock)
         self.findChild(QDockWidget, "Inspect").raise_()

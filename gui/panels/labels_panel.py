@@ -6,6 +6,7 @@ object with ``strength, stage_mean_weight, lowest`` (``core.feedback.WeightChang
 """
 from __future__ import annotations
 
+import html
 import time
 
 from PySide6.QtCore import Qt, Signal
@@ -93,6 +94,7 @@ class LabelsPanel(QWidget):
         self.reweight_check.setToolTip(REWEIGHT_TIP)
         self.reweight_check.toggled.connect(self.reweight_toggled)
         self.changed_label = QLabel()
+        self._weights_html, self._held_back = "", ""
         self.changed_label.setWordWrap(True)
         self.changed_label.setTextFormat(Qt.TextFormat.RichText)
         self.changed_label.setStyleSheet("background:#f4f4f4; padding:4px;")
@@ -205,19 +207,30 @@ class LabelsPanel(QWidget):
         self.table.scrollToBottom()
 
     def set_weight_change(self, change) -> None:
+        """What the weights are now; clears the note of what the guard held back."""
+        self._held_back = ""
         if change is None and not self._learnable:
-            self.changed_label.setText(f"<b>What changed:</b> {NO_WEIGHTS_TIP}")
-            return
-        if change is None:
-            self.changed_label.setText("<b>What changed:</b> channel weights unchanged (with "
-                                       "<i>Learn channel weights</i> on, a false alarm lowers the "
-                                       "channels that drove it)")
-            return
-        stages = ", ".join(f"{k} {v:.2f}" for k, v in change.stage_mean_weight.items())
-        lowest = ", ".join(f"#{i} {w:.2f}" for i, w in change.lowest)
-        title = ("<b>Channel weights the model holds</b>" if change.strength is None
-                 else f"<b>What changed</b> (strength {change.strength:g})")
-        self.changed_label.setText(f"{title}<br>mean weight per stage: {stages}<br>most lowered channels: {lowest}")
+            self._weights_html = f"<b>What changed:</b> {NO_WEIGHTS_TIP}"
+        elif change is None:
+            self._weights_html = ("<b>What changed:</b> channel weights unchanged (with "
+                                  "<i>Learn channel weights</i> on, a false alarm lowers the "
+                                  "channels that drove it)")
+        else:
+            stages = ", ".join(f"{k} {v:.2f}" for k, v in change.stage_mean_weight.items())
+            lowest = ", ".join(f"#{i} {w:.2f}" for i, w in change.lowest)
+            title = ("<b>Channel weights the model holds</b>" if change.strength is None
+                     else f"<b>What changed</b> (strength {change.strength:g})")
+            self._weights_html = f"{title}<br>mean weight per stage: {stages}<br>most lowered channels: {lowest}"
+        self._show_changed()
+
+    def set_held_back(self, text: str) -> None:
+        """Why the last label's reweighting was held back (the guard's refusal), or ""."""
+        self._held_back = text
+        self._show_changed()
+
+    def _show_changed(self) -> None:
+        note = f"<br><span style='color:#a05a00'>{html.escape(self._held_back)}</span>" if self._held_back else ""
+        self.changed_label.setText(self._weights_html + note)
 
     def row_menu(self, label_id: int) -> QMenu:
         """The actions on one label: withdraw an active one, restore an undone one."""

@@ -253,14 +253,17 @@ def test_reweighting_never_passes_a_part_judged_ng(detector):
         learner = FeedbackLearner(detector.copy(), reweight=True, generalise=False)
         if protect:
             assert learner.protect(ng) == 1
-        learner.mark_false_alarm(fa, np.ones((SIZE, SIZE), bool))
-        return learner
+        return learner, learner.mark_false_alarm(fa, np.ones((SIZE, SIZE), bool))
 
-    unguarded = click(protect=False)
-    assert unguarded.detector.model.channel_weights is not None
+    unguarded, record = click(protect=False)
+    assert unguarded.detector.model.channel_weights is not None and record.guard is None
     assert _score(unguarded.detector, ng) < unguarded.detector.thresholds.image  # the failure
-    guarded = click(protect=True)
+    guarded, record = click(protect=True)
     assert _score(guarded.detector, ng) > guarded.detector.thresholds.image
+    assert record.guard is not None and record.guard.parts == (0,)  # it says what it kept NG
+    assert record.guard.refused[0] == 1.0 and record.guard.defects == 0
+    if record.weights is not None:  # the strength it took is the first it did not refuse
+        assert record.weights.strength not in record.guard.refused
 
 
 def test_gaussian_view_is_public_for_padim_and_absent_for_patchcore(detector):

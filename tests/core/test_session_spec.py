@@ -311,6 +311,29 @@ def test_a_label_protects_every_other_part_judged_ng(session, part_images):
     assert len(s.labels.learner.protected_embeddings) == 2  # the other two; the clicked one may pass
 
 
+def test_a_label_whose_reweighting_was_held_back_names_the_parts_it_kept_ng(session, part_images, monkeypatch):
+    from core.feedback import FeedbackLearner, WeightGuard
+
+    s = session
+    ng = part_images[1]
+    s.inspect_paths(ng[:3])
+    recs = list(s.results)[-3:]
+    s.set_thresholds(min(r.score for r in recs) * (1 - 1e-4), s.pixel_threshold)
+    s.labels.set_reweight(True)
+    # the second of the parts it protects (the clicked one is not protected) stopped strength 1 and 0.5
+    monkeypatch.setattr(FeedbackLearner, "_reweight", lambda self: (None, WeightGuard((1.0, 0.5), 0, (1,))))
+    held, weights = [], []
+    s.labels.weights_held_back.connect(held.append)
+    s.labels.weights_changed.connect(weights.append)
+    s.show_result(recs[0].id)
+    s.question.connect(lambda q: q.answer("Apply the label"))
+    s.said.clear()
+    s.labels.mark_image("image_ok")
+    assert held == [f"Channel weights held back: strength 1, 0.5 refused, it would pass {recs[2].name} (judged NG)."]
+    assert weights == [None]  # the model holds no weights: the panel says so, with the note
+    assert held[0] in s.said[-1]
+
+
 def test_while_an_undo_runs_no_other_label_or_undo_starts(session, part_images):
     s = session
     s.inspect_paths(part_images[1][:1])

@@ -50,6 +50,10 @@ def test_labels_panel_with_plain_data(qtbot):
     assert p.changed_label.text().startswith("<b>Channel weights the model holds</b>")  # after a fit or open
     p.set_weight_change(None)
     assert "unchanged" in p.changed_label.text()
+    p.set_held_back("Channel weights held back: strength 1 refused, it would pass cell_7 <NG> (judged NG).")
+    assert "unchanged" in p.changed_label.text() and "cell_7 &lt;NG&gt; (judged NG)" in p.changed_label.text()
+    p.set_weight_change(None)  # the next change: the note was about the label before
+    assert "held back" not in p.changed_label.text()
     p.operator_edit.setText("ana")
     with qtbot.waitSignal(p.operator_changed) as op:
         p.operator_edit.editingFinished.emit()
