@@ -410,7 +410,7 @@ class LabelBook:
             s.recipe.ok_paths.append(added)
             s.ok_paths_changed.emit(s.ok_paths)
         self._push_step(_Step(label_id, req["result_id"], req["before"], added))
-        self._apply_model(out.detector, out.rescored, req["result_id"], out.labelled)
+        changed = self._apply_model(out.detector, out.rescored, req["result_id"], out.labelled)
         held_back = self._held_back_text(rec.guard, req.get("protected_ids", []))
         if rec.weights is not None or rec.guard is not None:
             self.weights_changed.emit(rec.weights if rec.weights is not None else self.learner.held_weights())
@@ -419,6 +419,10 @@ class LabelBook:
         far = "" if rec.expected_false_alarm_rate is None else \
             f"; expected false alarms now {rec.expected_false_alarm_rate:.1%}"
         far += f". {held_back}" if held_back else ""
+        if changed:
+            shown = ", ".join(f"{r.name} {r.changed_from} → {r.verdict}" for r in changed[:4])
+            more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
+            far += f". Verdicts changed: {shown}{more} (marked in the results)"
         self.labels_changed.emit(self.rows())
         self.label_saved.emit(label_id)
         self.can_undo_changed.emit(True)
@@ -461,9 +465,10 @@ class LabelBook:
         del self._steps[: -self.learner.max_undo]  # the learner keeps this many snapshots
 
     def _apply_model(self, detector: Detector, rescored: list[Rescored], result_id: int | None,
-                     labelled: Any) -> None:
+                     labelled: Any) -> list:
         """The new model becomes current (operator's thresholds stay); every re-judged result
-        takes its new score, and remembers a verdict the change flipped."""
+        takes its new score, and remembers a verdict the change flipped. Returns the results
+        whose verdict changed, other than the labelled one."""
         s = self.session
         s.detector = detector  # set_detector below re-judges; first update the scores
         for r in rescored:
@@ -475,12 +480,16 @@ class LabelBook:
             labelled_rec.score, labelled_rec.anomaly_map = labelled.score, labelled.anomaly_map
         before = {rec.id: rec.verdict for rec in s.results}
         s.set_detector(detector, s.image_threshold, s.pixel_threshold)
+        changed = []
         for rec in s.results:
             if rec.verdict != before[rec.id]:
                 rec.changed_from = before[rec.id]
+                if rec.id != result_id:
+                    changed.append(rec)
         s.results_changed.emit()
         if labelled_rec is not None:
             s.show_result(labelled_rec.id)
+        return changed
 
     # -- undo, reset ------------------------------------------------------------------------
     @property

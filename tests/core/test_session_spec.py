@@ -334,6 +334,21 @@ def test_a_label_whose_reweighting_was_held_back_names_the_parts_it_kept_ng(sess
     assert held[0] in s.said[-1]
 
 
+def test_a_label_names_the_other_verdicts_it_changed(session, part_images):
+    s = session
+    ng = part_images[1]
+    s.inspect_paths([ng[0], ng[0]])  # the same part twice: what the label accepts passes the copy too
+    first, copy = list(s.results)[-2:]
+    s.set_thresholds(min(first.score, copy.score) * (1 - 1e-4), s.pixel_threshold)
+    assert first.verdict == copy.verdict == "NG"
+    s.show_result(first.id)
+    s.question.connect(lambda q: q.answer("Apply the label"))
+    s.said.clear()
+    s.labels.mark_image("image_ok")
+    assert copy.verdict == "OK" and copy.changed_from == "NG"
+    assert f"Verdicts changed: {copy.name} NG → OK (marked in the results)" in s.said[-1]
+
+
 def test_while_an_undo_runs_no_other_label_or_undo_starts(session, part_images):
     s = session
     s.inspect_paths(part_images[1][:1])
