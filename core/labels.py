@@ -46,7 +46,8 @@ CREATE TABLE IF NOT EXISTS labels (
     undone_at REAL,
     reweight INTEGER,            -- 1: applied with channel reweighting, 0: without, NULL: not recorded
     undone_by TEXT,              -- who undid or withdrew it (NULL: active, or not recorded)
-    added_ok INTEGER             -- 1: the label put its image into the recipe's OK set
+    added_ok INTEGER,            -- 1: the label put its image into the recipe's OK set
+    score_after REAL             -- the part's score right after the label (NULL: not recorded)
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
@@ -112,6 +113,8 @@ class Label:
     #: a "part is OK" that put its image into the recipe's OK set (withdrawn: it leaves it
     #: again; restored: it comes back); False in a store written before this was recorded
     added_ok: bool = False
+    #: the part's image score right after the label took effect (None: not recorded)
+    score_after: float | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -137,7 +140,8 @@ class LabelStore:
                 # a column added within schema 1 (older stations read columns by name and
                 # leave it NULL): a store written before it gets it here
                 have = {r[1] for r in db.execute("PRAGMA table_info(labels)")}
-                for column, kind in (("reweight", "INTEGER"), ("undone_by", "TEXT"), ("added_ok", "INTEGER")):
+                for column, kind in (("reweight", "INTEGER"), ("undone_by", "TEXT"), ("added_ok", "INTEGER"),
+                                     ("score_after", "REAL")):
                     if column not in have:
                         db.execute(f"ALTER TABLE labels ADD COLUMN {column} {kind}")
                 db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
@@ -170,13 +174,14 @@ class LabelStore:
         r = label.region
         cur = retry_busy(lambda: self._db.execute(
             "INSERT INTO labels (created_at, operator, image_path, image_sha256, kind, region_json, region_mask,"
-            " map_size, model_id, score, reweight, added_ok) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " map_size, model_id, score, reweight, added_ok, score_after)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 time.time(), label.operator, label.image_path, label.image_sha256, label.kind,
                 None if r is None else json.dumps({"polygon": r.polygon, "bbox": r.bbox}),
                 None if r is None else r.mask_png(),
                 label.map_size, label.model_id, label.score, None if label.reweight is None else int(label.reweight),
-                int(label.added_ok),
+                int(label.added_ok), label.score_after,
             ),
         ))
         return int(cur.lastrowid)
@@ -209,7 +214,7 @@ class LabelStore:
                              None if reweight is None else bool(reweight),
                              # an older station's redo clears undone_at only: no stale "by"
                              d.get("undone_by") if d["undone_at"] is not None else None,
-                             bool(d.get("added_ok"))))
+                             bool(d.get("added_ok")), d.get("score_after")))
         return out
 
     def export_csv(self) -> str:
@@ -217,13 +222,14 @@ class LabelStore:
         buf = io.StringIO()
         w = csv.writer(buf)
         w.writerow(["id", "created_at", "operator", "image_path", "image_sha256", "kind", "region", "model_id",
-                    "score", "undone", "undone_by", "undone_at"])
+                    "score", "undone", "undone_by", "undone_at", "score_after"])
         for lab in self.labels(include_undone=True):
             region = "" if lab.region is None else json.dumps({"polygon": lab.region.polygon, "bbox": lab.region.bbox})
             w.writerow([lab.id, _iso(lab.created_at), lab.operator,
                         lab.image_path, lab.image_sha256, lab.kind, region, lab.model_id,
                         "" if lab.score is None else f"{lab.score:.6g}", "yes" if lab.undone_at else "",
-                        lab.undone_by or "", _iso(lab.undone_at) if lab.undone_at else ""])
+                        lab.undone_by or "", _iso(lab.undone_at) if lab.undone_at else "",
+                        "" if lab.score_after is None else f"{lab.score_after:.6g}"])
         return buf.getvalue()
 
     def export_json(self) -> str:

@@ -395,6 +395,7 @@ class LabelBook:
                           model_id=self.current_model_id, operator=self.operator,
                           region=RegionShape.from_mask(mask) if mask is not None else None,
                           map_size=int(req["before"][1].shape[0]), score=float(rec.score_before),
+                          score_after=float(rec.score_after),
                           reweight=bool(self.learner.reweight and out.detector.model.supports_channel_weights))
             label_id = self.store().add(label)  # committed (WAL, synchronous=FULL) before it returns
         except (sqlite3.Error, OSError, ValueError, OkngError) as exc:
@@ -639,7 +640,7 @@ class LabelBook:
         in_model = set(det.applied_labels) if det is not None else set()
         out = []
         for lab in labels:
-            before, after = self._scores.get(lab.id, (lab.score, None))
+            before, after = self._scores.get(lab.id, (lab.score, lab.score_after))
             out.append(LabelRow(lab.id, lab.created_at or 0.0, Path(lab.image_path).name, lab.kind, before, after,
                                 lab.undone_at is not None, lab.id in in_model, lab.undone_by or "", lab.undone_at))
         return out

@@ -225,3 +225,14 @@ def test_the_label_store_keeps_which_part_ok_labels_added_their_image_to_the_ok_
         c = store.add(Label("c.png", "ef" * 32, "image_ok", "m", added_ok=True))
         assert [(lab.image_path, lab.added_ok) for lab in store.labels()] == [("a.png", False), ("c.png", True)]
         assert store.labels()[1].id == c
+        assert store.labels()[0].score_after is None  # not recorded before it existed
+
+
+def test_the_label_store_keeps_the_score_each_label_left(tmp_path):
+    from core.labels import LabelStore
+
+    with LabelStore(tmp_path / "s.labels.sqlite") as store:
+        store.add(Label("a.png", "ab" * 32, "false_alarm", "m", score=71.5, score_after=40.25))
+        store.add(Label("b.png", "cd" * 32, "defect", "m", score=90.0))
+        assert [(lab.score, lab.score_after) for lab in store.labels()] == [(71.5, 40.25), (90.0, None)]
+        assert store.export_csv().splitlines()[1].endswith(",40.25")

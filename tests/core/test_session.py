@@ -241,6 +241,10 @@ def test_recipe_round_trip_restores_model_labels_and_reweighting(session, part_i
     assert again.detector.applied_labels == s.detector.applied_labels != ()
     assert states[-1] is (s.detector.model.channel_weights is not None)
     assert [r.in_model for r in again.labels.rows()] == [r.in_model for r in s.labels.rows()]
+    # the labels list shows each label's score before -> after, as it did in the session
+    assert [(r.score_before, r.score_after) for r in again.labels.rows()] == \
+        [(r.score_before, r.score_after) for r in s.labels.rows()]
+    assert all(r.score_after is not None for r in again.labels.rows())
     assert (again.image_threshold, again.pixel_threshold) == pytest.approx((s.image_threshold, s.pixel_threshold))
 
 
