@@ -373,7 +373,7 @@ class FeedbackLearner:
         previous = model.channel_weights
         self.detector.refresh_calibration()  # OK scores under the updated memory, old weights
         th = self.detector.thresholds
-        protected = [e.to(torch.float32) for e in self.protected_embeddings] if th is not None else []
+        protected = self.protected_embeddings if th is not None else []  # float16: converted when scored
         was_ng: dict[int, bool] = {}  # protected part -> NG under the updated memory, old weights
         first: list[int] = []  # parts that stopped a candidate: tried first under the next
         refused: list[float] = []
@@ -383,7 +383,7 @@ class FeedbackLearner:
             if i not in was_ng:
                 current = model.channel_weights
                 model.set_channel_weights(previous)
-                was_ng[i] = self._score(protected[i]) > th.image
+                was_ng[i] = self._score(protected[i].to(torch.float32)) > th.image
                 model.set_channel_weights(current)
             return was_ng[i]
 
@@ -391,7 +391,7 @@ class FeedbackLearner:
             if not protected or _same_weights(w, previous):  # judged under these very weights
                 return True
             for i in first + [i for i in range(len(protected)) if i not in first]:
-                if self._score(protected[i]) <= th.image and judged_ng(i):
+                if self._score(protected[i].to(torch.float32)) <= th.image and judged_ng(i):
                     if i not in first:
                         first.insert(0, i)
                     return False
