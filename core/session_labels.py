@@ -415,8 +415,7 @@ class LabelBook:
         held_back = self._held_back_text(rec.guard, req.get("protected_ids", []))
         if rec.weights is not None or rec.guard is not None:
             self.weights_changed.emit(rec.weights if rec.weights is not None else self.learner.held_weights())
-        if rec.weights is not None or rec.guard is not None or held_back:
-            self.weights_held_back.emit(held_back)
+        self.weights_held_back.emit(held_back)  # "" clears an earlier label's note
         far = "" if rec.expected_false_alarm_rate is None else \
             f"; expected false alarms now {rec.expected_false_alarm_rate:.1%}"
         far += f". {held_back}" if held_back else ""
