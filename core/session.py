@@ -75,6 +75,10 @@ class InspectionSession:
         self._embedder_key = ""  # what embeds for the current detector (_embedder_key)
         self.rescoring = False  # the results table is being scored under a new model
         self._rescore_gen = 0  # which re-scoring is the newest
+        #: results whose score came from a model that is no longer current (an inspection
+        #: that ran while a label changed the model): scored again under the current one
+        self._stale: set[int] = set()
+        self._stale_running = False
         self.extractor = None
         self.image_threshold: float | None = None
         self.pixel_threshold: float | None = None
@@ -424,15 +428,18 @@ class InspectionSession:
         self._stop_live()
         _, on_skipped, report = self._skip_reporter()
 
+        det = self.detector
+
         def on_item(item: Any) -> None:
-            self._add_result(item, from_file=True) if isinstance(item, ScoredImage) else on_skipped(item)
+            self._add_result(item, from_file=True, scored_by=det) if isinstance(item, ScoredImage) \
+                else on_skipped(item)
 
         def done(summary: Any) -> None:
             self.status.emit(self._done_message(summary.scored))
             self.shift.refresh()
             report()
 
-        job = partial(inspect_job, paths, self.detector, keep_images=True, batch_size=4, keep_embeddings=True)
+        job = partial(inspect_job, paths, det, keep_images=True, batch_size=4, keep_embeddings=True)
         self.status.emit(f"Inspecting {len(paths)} images…")
         self.submit(job, on_item=on_item, on_returned=done, on_failed=self._failed("Inspection failed", report),
                      on_cancelled=lambda: (self.status.emit("Inspection cancelled"), self.shift.refresh(), report()))
@@ -663,7 +670,7 @@ class InspectionSession:
                      f"({self.results.dropped} older ones are in the results log and the shift counts)")
         return text
 
-    def _add_result(self, item: ScoredImage, from_file: bool) -> None:
+    def _add_result(self, item: ScoredImage, from_file: bool, scored_by: Detector | None = None) -> None:
         insp = item.inspection
         rec = self.results.add(display_name(item.path, from_file, self.demo_truth), insp.score, insp.anomaly_map,
                                item.image, item.path if from_file else None, item.seconds, self.image_threshold,
@@ -671,6 +678,48 @@ class InspectionSession:
         self.shift.record(rec, self.labels.current_model_id)
         self.result_added.emit(rec)
         self.show_result(rec.id)
+        if scored_by is not None and scored_by is not self.detector:  # a label changed the model meanwhile
+            self.rescore_stale({rec.id})
+
+    def rescore_stale(self, ids: set[int]) -> None:
+        """Score these results again under the current model: their scores came from one that
+        is no longer current (an inspection queued before a label, or results added while a
+        label was learning). One job at a time; the results table takes the new scores (a
+        result that cannot be scored again leaves it, which says so)."""
+        self._stale |= {i for i in ids if i in self.results}
+        det = self.detector
+        if self._stale_running or det is None or not self._stale:
+            return
+        key = self._embedder_key
+        items = [(r.id, r.embedding) for r in self.results if r.id in self._stale
+                 and r.embedding is not None and r.embedder_key == key and not det.config.tiled]
+        self._drop_results(self._stale - {rid for rid, _ in items}, "the current model embeds images differently")
+        self._stale = {rid for rid, _ in items}
+        if not items:
+            return
+        self._stale_running = True
+
+        def done(rescored: list) -> None:
+            self._stale_running = False
+            if self.detector is det:
+                for r in rescored:
+                    rec = self.results.get(r.result_id)
+                    if rec is not None:
+                        rec.score, rec.anomaly_map = r.score, r.anomaly_map
+                    self._stale.discard(r.result_id)
+                self._rejudge()
+            self.rescore_stale(set())  # any left, or scored meanwhile by a model now replaced
+
+        def not_done(why: str) -> Callable[..., None]:
+            def drop(*_: Any) -> None:
+                self._stale_running = False
+                ids_now = {rid for rid, _ in items} & self._stale
+                self._stale -= ids_now
+                self._drop_results(ids_now, f"their re-scoring under the current model {why}")
+            return drop
+
+        self.submit(partial(rescore_job, det, items), on_returned=done, on_failed=not_done("failed"),
+                    on_cancelled=not_done("was cancelled"))
 
     def clear_results(self) -> None:
         self.results.clear()

@@ -480,6 +480,10 @@ class LabelBook:
             labelled_rec.score, labelled_rec.anomaly_map = labelled.score, labelled.anomaly_map
         before = {rec.id: rec.verdict for rec in s.results}
         s.set_detector(detector, s.image_threshold, s.pixel_threshold)
+        # results added after the job took its list (an inspection ran meanwhile) still carry
+        # the old model's scores: scored again
+        fresh = {r.result_id for r in rescored} | {result_id}
+        s.rescore_stale({rec.id for rec in s.results if rec.id not in fresh and rec.embedding is not None})
         changed = []
         for rec in s.results:
             if rec.verdict != before[rec.id]:

@@ -651,3 +651,42 @@ def test_the_stations_fit_and_open_load_the_feedback_search_before_the_first_cli
     again = InspectionSession(InlineExecutor(), labels_dir=tmp_path / "other")
     again.open_recipe(path)
     assert again.detector is not None and fm._search_kernel is not None
+
+
+def test_results_an_inspection_adds_while_a_label_learns_are_judged_under_the_labelled_model(
+        session, part_images):
+    """The engine runs one job at a time: an inspection started before a label, and results
+    it adds after the label took its list of results to re-judge, carry the old model's
+    scores. They are scored again under the model the label left, as if inspected now."""
+    import torch
+
+    s = session
+    ok, ng = part_images
+    _inspect(s, ng[:1])
+    s.executor = held = HoldingExecutor()
+    s.inspect_paths([ng[0], ok[0]])  # queued: the engine is busy with it
+    s.labels.mark_image("image_ok")  # on the shown part; queued behind the inspection
+    held.run_next()  # the inspection: its results arrive, scored by the old model
+    held.run_next()  # the label: it re-judges the results it knew of (the first one only)
+    while held.held:  # anything the session queued to catch up
+        held.run_next()
+    det = s.detector
+    for rec in s.results:
+        expected = det.maps_and_scores(rec.embedding.to(torch.float32))[1][0]
+        assert rec.score == pytest.approx(float(expected), rel=1e-5), rec.name
+
+
+def test_results_of_an_inspection_queued_before_a_label_are_scored_again_under_the_new_model(
+        session, part_images):
+    s = session
+    ok, ng = part_images
+    _inspect(s, ng[:1])
+    s.executor = held = HoldingExecutor()
+    s.labels.mark_image("image_ok")  # the label first ...
+    s.inspect_paths([ng[0]])  # ... then an inspection whose job holds the model of before the label
+    held.run_next()  # the label
+    held.run_next()  # the inspection: old model
+    while held.held:
+        held.run_next()
+    first, again = list(s.results)
+    assert again.score == pytest.approx(first.score, rel=1e-5)  # the same part, the same model now
