@@ -385,6 +385,7 @@ class InspectionSession:
         mine = (self.image_threshold, self.pixel_threshold)
         keep_mine = self.thresholds_hand_set and None not in mine and th is not None
         judged_ng = [r for r in self.results if r.verdict == "NG"]  # before the new thresholds re-judge them
+        verdicts = {r.id: r.verdict for r in self.results}
         self.set_detector(det, *(mine if keep_mine else (None, None)))
         self.thresholds_hand_set = keep_mine
         self.mark_dirty()
@@ -395,7 +396,7 @@ class InspectionSession:
         self.status.emit(msg)
         if keep_mine:
             self._ask_thresholds_after_fit(th)
-        self.labels.model_replaced(det, replay=True, judged_ng=judged_ng)
+        self.labels.model_replaced(det, replay=True, judged_ng=judged_ng, verdicts_before=verdicts)
 
     def _ask_thresholds_after_fit(self, th: Thresholds) -> None:
         keep, new = "Keep my thresholds", "Use the new calibration"
@@ -602,14 +603,15 @@ class InspectionSession:
         self.results.rejudge(self.image_threshold)
         self.results_changed.emit()
 
-    def rescore_results(self) -> None:
+    def rescore_results(self, before: dict[int, str] | None = None) -> None:
         """Score the results table again under the current model (after a fit: the table must
         never show what another model said). A result embedded differently (other backbone,
         image size, channels or bit depth), or any result when the new model tiles (a tiled
         model scores the image's tiles, not the kept whole-image embedding), cannot be: it
         leaves the table, which says so; the results log keeps it. Labels wait until it is
         done (:attr:`rescoring`); a cancelled or failed re-scoring takes the unscored results
-        out of the table too."""
+        out of the table too. ``before``: the verdicts under the model this one replaces (a
+        refit): the verdicts it changed are marked in the table and named in the status line."""
         det = self.detector
         if det is None or not len(self.results):
             return
@@ -619,7 +621,7 @@ class InspectionSession:
                            "the new model embeds images differently")
         items = self.results.with_embeddings()
         if not items:
-            self._rejudge()
+            self._rejudge_after_model(before)
             return
         self.rescoring = True
         self._rescore_gen += 1
@@ -637,7 +639,7 @@ class InspectionSession:
                 rec = self.results.get(r.result_id)
                 if rec is not None:
                     rec.score, rec.anomaly_map = r.score, r.anomaly_map
-            self._rejudge()
+            self._rejudge_after_model(before)
 
         def not_done(why: str) -> Callable[..., None]:
             def drop(*_: Any) -> None:
@@ -648,6 +650,23 @@ class InspectionSession:
 
         self.submit(partial(rescore_job, det, items), on_returned=done, on_failed=not_done("failed"),
                     on_cancelled=not_done("was cancelled"))
+
+    def _rejudge_after_model(self, before: dict[int, str] | None) -> None:
+        """Re-judge every result; with ``before`` (verdicts under the model replaced) mark and
+        name the verdicts the new model changed."""
+        self.results.rejudge(self.image_threshold)
+        changed = []
+        for rec in self.results:
+            was = (before or {}).get(rec.id)
+            if was is not None and was != rec.verdict:
+                rec.changed_from = was
+                changed.append(rec)
+        self.results_changed.emit()
+        if changed:
+            shown = ", ".join(f"{r.name} {r.changed_from} → {r.verdict}" for r in changed[:6])
+            more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
+            self.status.emit(f"The new model changed {len(changed)} verdict(s): {shown}{more} "
+                             f"(marked in the results)")
 
     def _drop_results(self, ids: set[int], why: str) -> None:
         ids = {rid for rid in ids if rid in self.results}

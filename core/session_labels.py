@@ -114,10 +114,12 @@ class LabelBook:
         return f"{self.model_id}+{n}labels" if n else self.model_id
 
     # -- model & store lifecycle ------------------------------------------------------------
-    def model_replaced(self, detector: Detector | None, replay: bool, judged_ng: list | None = None) -> None:
+    def model_replaced(self, detector: Detector | None, replay: bool, judged_ng: list | None = None,
+                       verdicts_before: dict[int, str] | None = None) -> None:
         """A fitted or loaded model: new learner, empty undo history. After a fit
         (``replay``) every active stored label is applied to it again, its channel weights
-        keeping NG the results ``judged_ng`` before the fit (None: those judged NG now)."""
+        keeping NG the results ``judged_ng`` before the fit (None: those judged NG now);
+        ``verdicts_before``: the results' verdicts before the fit (the table marks the changed)."""
         if detector is not None:
             self.reweight = detector.model.channel_weights is not None or (replay and self.reweight)
         radius = self.session.recipe.station.get("feedback_radius")  # patches; None: anywhere on the part
@@ -133,11 +135,11 @@ class LabelBook:
         self.labels_changed.emit(self.rows())
         if replay and detector is not None and detector.config.tiled:
             self.session.status.emit("Labels are not replayed on a tiled model: feedback on tiles is not available yet")
-        elif replay and detector is not None and self._replay(judged_ng):
+        elif replay and detector is not None and self._replay(judged_ng, verdicts_before):
             return  # the replay's end re-scores the results, under the model with the labels
-        self.session.rescore_results()
+        self.session.rescore_results(before=verdicts_before)
 
-    def _replay(self, judged_ng: list | None = None) -> bool:
+    def _replay(self, judged_ng: list | None = None, verdicts_before: dict[int, str] | None = None) -> bool:
         """Replay the active stored labels into the new model (a job); False: none to replay."""
         try:
             active = self.store().labels() if self.store_path.exists() else []
@@ -159,7 +161,6 @@ class LabelBook:
             learner.clear_undo()
             out.detector.applied_labels = tuple(out.applied)
             s.set_detector(out.detector, s.image_threshold, s.pixel_threshold)
-            s.rescore_results()
             if out.detector.model.channel_weights is not None and not self.reweight:
                 # labels made with reweighting learnt weights again: the box shows what the model holds
                 self.reweight = learner.reweight = True
@@ -172,11 +173,12 @@ class LabelBook:
                 s.error.emit(f"{msg}; {len(out.skipped)} could not be, e.g. label #{lid}: {why}")
             else:
                 s.status.emit(msg)
+            s.rescore_results(before=verdicts_before)  # then: which verdicts the new model changed
 
         def failed(exc: BaseException) -> None:
             self._pending = False
             s.error.emit(f"Stored labels could not be replayed: {exc}")
-            s.rescore_results()
+            s.rescore_results(before=verdicts_before)
 
         s.submit(partial(replay_labels_job, learner, active, protect=protect), on_returned=done, on_failed=failed,
                   on_cancelled=lambda: failed(RuntimeError("cancelled")))

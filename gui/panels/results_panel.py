@@ -116,7 +116,7 @@ class ResultsPanel(QWidget):
         item = self.table.item(row, 3)
         item.setText(verdict if not changed_from else f"{changed_from} → {verdict}")
         item.setToolTip("" if not changed_from
-                        else f"was {changed_from} before the last label (or its undo) changed the model")
+                        else f"was {changed_from} before the last change of the model (a label, its undo, a fit)")
         item.setBackground(QBrush(VERDICT_COLOURS.get(verdict, QColor(255, 255, 255))))
         item.setData(VERDICT_ROLE, verdict)
         item.setData(CHANGED_ROLE, changed_from or None)

@@ -690,3 +690,20 @@ def test_results_of_an_inspection_queued_before_a_label_are_scored_again_under_t
         held.run_next()
     first, again = list(s.results)
     assert again.score == pytest.approx(first.score, rel=1e-5)  # the same part, the same model now
+
+
+def test_a_refit_marks_and_names_the_verdicts_the_new_model_changed(session, part_images):
+    s = session
+    ok, ng = part_images
+    parts = _inspect(s, ng[:2])
+    s.set_thresholds(min(r.score for r in parts) * (1 - 1e-4), s.pixel_threshold)
+    assert [r.verdict for r in parts] == ["NG", "NG"]
+    s.add_ok_paths(ng[:2])  # the engineer decides these are good after all
+    said = []
+    s.status.connect(said.append)
+    s.start_fit()  # thresholds kept (the question's default)
+    flipped = [r for r in s.results if r.verdict == "OK"]
+    assert flipped, "the refit on these parts should pass them"
+    assert all(r.changed_from == "NG" for r in flipped)
+    assert said[-1].startswith(f"The new model changed {len(flipped)} verdict(s): ")
+    assert all(f"{r.name} NG → OK" in said[-1] for r in flipped)
