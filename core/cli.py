@@ -726,13 +726,14 @@ def build_parser() -> argparse.ArgumentParser:
     x.set_defaults(func=cmd_export)
 
     sf = sub.add_parser("simulate-feedback", help="measure what false-alarm clicks would buy (model unchanged)")
-    sf.add_argument("--model", required=True, metavar="MODEL")
+    sf.add_argument("--model", required=True, metavar="MODEL",
+                    help="a fitted model file (.okng), an exported bundle folder, or a recipe (.okrecipe)")
     sf.add_argument("--pool", nargs="+", required=True, metavar="PATH", help="unseen OK images to click on")
     sf.add_argument("--ok", nargs="+", required=True, metavar="PATH", help="held-out OK images")
     sf.add_argument("--ng", nargs="+", required=True, metavar="PATH", help="held-out defective images")
-    sf.add_argument("--clicks", default="5,10,20", help="checkpoints, comma separated")
+    sf.add_argument("--clicks", default="5,10,20", help="checkpoints, comma separated (default: 5,10,20)")
     sf.add_argument("--reweight", action="store_true", help="also learn per-channel weights (off by default)")
-    sf.add_argument("--json", metavar="FILE")
+    sf.add_argument("--json", metavar="FILE", help="also write the checkpoints as JSON to FILE")
     sf.set_defaults(func=cmd_simulate_feedback)
 
     m = sub.add_parser("models", help="list the available normality models")

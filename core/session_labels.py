@@ -40,6 +40,7 @@ from .feedback_jobs import (
 )
 from .labels import Label, LabelStore, RegionShape, file_sha256
 from .regions import find_regions, region_at
+from .roles import ENGINEER
 from .session_results import judge
 from .session_carry import CarriedStore, carry, put_back_carried
 from .sqlitedb import same_file
@@ -329,8 +330,10 @@ class LabelBook:
         self._select(None)
         self._pending = True
         accepting = kind in ("false_alarm", "image_ok")
+        accepted = self._accepted_paths()  # a part an active label accepts may pass, as in a replay
         guarded = [r for r in s.results if r.verdict == "NG" and r.embedding is not None
-                   and not (accepting and r.id == result_id)]  # the clicked part may pass: that is the label
+                   and not (accepting and r.id == result_id)  # the clicked part may pass: that is the label
+                   and not (r.path is not None and r.path in accepted)]
         protect = [r.embedding for r in guarded]
         req["protected_ids"] = [r.id for r in guarded]
         job = partial(label_job, self.learner, kind, rec.image, rec.path, mask, s.results.with_embeddings(),
@@ -338,6 +341,15 @@ class LabelBook:
         s.status.emit(f"Learning from '{KIND_TEXT[kind]}' on {rec.name}…")
         s.submit(job, on_returned=lambda out: self._on_label_outcome(req, out), on_failed=self._on_failed,
                   on_cancelled=lambda: self._on_failed(RuntimeError("cancelled")))
+
+    def _accepted_paths(self) -> set[str]:
+        """Image paths that an active "false alarm" or "part is OK" label accepts."""
+        if self._store is None and not self.store_path.exists():
+            return set()
+        try:
+            return {lab.image_path for lab in self.store().labels() if lab.kind in ("false_alarm", "image_ok")}
+        except (sqlite3.Error, OSError, ValueError):
+            return set()
 
     def _on_failed(self, exc: BaseException) -> None:
         self._pending = False
@@ -392,7 +404,9 @@ class LabelBook:
             path, sha = req["path"], out.sha256
             if path is None:  # a live frame: keep the image so the label can be replayed
                 path, sha = self._keep_frame(req["image"])
-            adds_ok = kind == "image_ok" and bool(req["path"]) and req["path"] not in s.recipe.ok_paths
+            # the OK set is locked in operator mode: the label teaches the model, an engineer adds the part
+            adds_ok = (kind == "image_ok" and bool(req["path"]) and req["path"] not in s.recipe.ok_paths
+                       and s.role == ENGINEER)
             label = Label(image_path=path, image_sha256=sha, kind=kind, added_ok=adds_ok,
                           model_id=self.current_model_id, operator=self.operator,
                           region=RegionShape.from_mask(mask) if mask is not None else None,
@@ -414,25 +428,33 @@ class LabelBook:
             s.ok_paths_changed.emit(s.ok_paths)
         self._push_step(_Step(label_id, req["result_id"], req["before"], added))
         changed = self._apply_model(out.detector, out.rescored, req["result_id"], out.labelled)
-        held_back = self._held_back_text(rec.guard, req.get("protected_ids", []))
+        held_back = self._held_back_text(rec.guard, rec.weights, req.get("protected_ids", []))
         if rec.weights is not None or rec.guard is not None:
             self.weights_changed.emit(rec.weights if rec.weights is not None else self.learner.held_weights())
         self.weights_held_back.emit(held_back)  # "" clears an earlier label's note
-        far = "" if rec.expected_false_alarm_rate is None else \
-            f"; expected false alarms now {rec.expected_false_alarm_rate:.1%}"
-        far += f". {held_back}" if held_back else ""
+        said = [f"Label #{label_id} saved: {KIND_TEXT[kind]} on {req['name']} — score "
+                f"{rec.score_before:.2f} → {rec.score_after:.2f} (Ctrl+Z to undo)"]
         if changed:
             shown = ", ".join(f"{r.name} {r.changed_from} → {r.verdict}" for r in changed[:4])
             more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
-            far += f". Verdicts changed: {shown}{more} (marked in the results)"
+            said.append(f"Verdicts changed: {shown}{more} (marked in the results)")
+        labelled_rec = s.results.get(req["result_id"])
+        if kind in ("defect", "image_ng") and labelled_rec is not None and labelled_rec.verdict == "OK":
+            said.append("The part stays OK at this threshold: the label is kept (the feedback never accepts "
+                        "what it shows), but only a lower threshold makes parts like it NG: an engineer's call")
+        if held_back:
+            said.append(held_back)
+        if added is None and kind == "image_ok" and req["path"] and req["path"] not in s.recipe.ok_paths:
+            said.append("Not added to the OK set (locked in operator mode): an engineer adds it")
+        if rec.expected_false_alarm_rate is not None:
+            said.append(f"Expected false alarms now {rec.expected_false_alarm_rate:.1%}")
         self.labels_changed.emit(self.rows())
         self.label_saved.emit(label_id)
         self.can_undo_changed.emit(True)
-        s.status.emit(f"Label #{label_id} saved: {KIND_TEXT[kind]} on {req['name']} — score "
-                      f"{rec.score_before:.2f} → {rec.score_after:.2f}{far} (Ctrl+Z to undo)")
+        s.status.emit(". ".join(said))
 
-    def _held_back_text(self, guard: WeightGuard | None, protected_ids: list[int]) -> str:
-        """What the reweighting guard refused and why, naming the parts it kept NG."""
+    def _held_back_text(self, guard: WeightGuard | None, weights: Any, protected_ids: list[int]) -> str:
+        """What the reweighting guard held back and why, naming the parts it kept NG."""
         if guard is None or not guard.refused:
             return ""
         names = []
@@ -443,12 +465,14 @@ class LabelBook:
         why = []
         if names:
             shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-            why.append(f"would pass {shown} (judged NG)")
+            why.append(f"{shown} (judged NG)")
         if guard.defects:
-            why.append("would pass a part labelled as a real defect")
-        strengths = ", ".join(f"{x:g}" for x in guard.refused)
-        return (f"Channel weights held back: strength {strengths} refused, it "
-                + (" and ".join(why) or "would pass a part judged NG") + ".")
+            why.append("a part labelled as a real defect")
+        passed = " and ".join(why) or "a part judged NG"
+        if weights is not None and weights.strength is not None:
+            return (f"Channel weights learnt at {weights.strength:g} of full strength: a stronger change "
+                    f"would pass {passed}")
+        return f"Channel weights left as they were: lowering the channels behind this label would pass {passed}"
 
     def _keep_frame(self, image: np.ndarray | None) -> tuple[str, str]:
         if image is None:

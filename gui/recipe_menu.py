@@ -51,7 +51,9 @@ class RecipeMenu:
             return True
         box = QMessageBox(QMessageBox.Icon.Warning, "Unsaved changes",
                           f"Recipe “{s.recipe.name}” has unsaved changes (OK set, thresholds, model or "
-                          f"labels' effect). Save them before you {doing}?", parent=self.w)
+                          f"labels' effect). Save them before you {doing}?\n\nThe labels themselves are "
+                          f"kept either way (each was stored when it was made; the next fit replays "
+                          f"them): undo or withdraw a label to take it back.", parent=self.w)
         save = box.addButton("Save", QMessageBox.ButtonRole.AcceptRole)
         discard = box.addButton("Discard changes", QMessageBox.ButtonRole.DestructiveRole)
         cancel = box.addButton("Cancel", QMessageBox.ButtonRole.RejectRole)

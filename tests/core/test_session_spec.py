@@ -14,6 +14,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 
 from core.jobs import CancelToken, InlineExecutor, JobCallbacks, deliver, drive
 from core.labels import LabelStore
@@ -329,7 +330,8 @@ def test_a_label_whose_reweighting_was_held_back_names_the_parts_it_kept_ng(sess
     s.question.connect(lambda q: q.answer("Apply the label"))
     s.said.clear()
     s.labels.mark_image("image_ok")
-    assert held == [f"Channel weights held back: strength 1, 0.5 refused, it would pass {recs[2].name} (judged NG)."]
+    assert held == ["Channel weights left as they were: lowering the channels behind this label would pass "
+                    f"{recs[2].name} (judged NG)"]
     assert weights == [None]  # the model holds no weights: the panel says so, with the note
     assert held[0] in s.said[-1]
 
@@ -347,6 +349,53 @@ def test_a_label_names_the_other_verdicts_it_changed(session, part_images):
     s.labels.mark_image("image_ok")
     assert copy.verdict == "OK" and copy.changed_from == "NG"
     assert f"Verdicts changed: {copy.name} NG → OK (marked in the results)" in s.said[-1]
+
+
+def test_in_operator_mode_part_is_ok_teaches_the_model_but_leaves_the_locked_ok_set(session, part_images):
+    s = session
+    part = part_images[1][0]
+    s.inspect_paths([part])
+    assert s.set_pin("4711")
+    s.lock()
+    s.question.connect(lambda q: q.answer("Apply the label"))
+    s.said.clear()
+    s.labels.mark_image("image_ok")
+    (row,) = s.labels.rows()
+    assert row.kind == "image_ok" and row.in_model  # the model learnt it
+    assert part not in s.ok_paths  # the OK set is the engineer's
+    assert "Not added to the OK set (locked in operator mode): an engineer adds it" in s.said[-1]
+    s.labels.withdraw(row.id)  # and nothing to take out of the OK set later
+    assert part not in s.ok_paths
+
+
+def test_a_real_defect_label_on_a_part_judged_ok_says_the_verdict_stays(session, part_images):
+    s = session
+    s.inspect_paths(part_images[0][:1])  # a good part, judged OK
+    (rec,) = list(s.results)
+    assert rec.verdict == "OK"
+    s.said.clear()
+    s.labels.mark_image("image_ng")
+    assert rec.verdict == "OK" and "The part stays OK at this threshold" in s.said[-1]
+
+
+def test_a_part_an_active_label_accepts_is_not_protected_by_the_next_label(session, part_images):
+    """As in a refit's replay: a part that an active "part is OK" label accepts may pass under
+    channel weights; protecting it would hold every later label's weights back for a good part."""
+    from core.labels import Label
+
+    s = session
+    ng = part_images[1]
+    s.inspect_paths(ng[:3])
+    recs = list(s.results)[-3:]
+    s.set_thresholds(min(r.score for r in recs) * (1 - 1e-4), s.pixel_threshold)
+    assert all(r.verdict == "NG" for r in recs)
+    # accepted by a label of an earlier session, not in this model yet: the part still shows NG
+    s.labels.store().add(Label(ng[0], "ab" * 32, "image_ok", "earlier", operator="ana"))
+    s.question.connect(lambda q: q.answer("Apply the label"))
+    s.show_result(recs[1].id)
+    s.labels.mark_image("image_ng")
+    protected = s.labels.learner.protected_embeddings  # the labelled part and recs[2]
+    assert len(protected) == 2 and not any(torch.equal(p, recs[0].embedding.to(torch.float16)) for p in protected)
 
 
 def test_while_an_undo_runs_no_other_label_or_undo_starts(session, part_images):
