@@ -349,11 +349,16 @@ class Detector:
         # patches well under the decision level cannot make a part NG: not looked up
         th = self.thresholds
         level = None if th is None else (min(th.pixel, th.image) if self.post.pooling == "topk" else th.pixel)
-        # with the PyTorch runtime its CNN keeps PyTorch's threads awake, so the look-up's product
-        # may use them; with another runtime that would wake them only to spin: one thread
-        threads = torch.get_num_threads() if self._runtime is None else 1
+        # with the PyTorch runtime its CNN keeps PyTorch's threads awake (spinning): the look-up's
+        # product uses them. With another runtime they sleep, and waking them would leave them
+        # spinning on the cores the next image needs: the look-up splits its search over two
+        # cores with a worker of its own instead (FeedbackMemory._search)
+        from .graph_runtime import num_threads
+
         with torch.inference_mode():
-            return self.memory.apply(emb, model_distances, level, threads)
+            if self._runtime is None:
+                return self.memory.apply(emb, model_distances, level, torch.get_num_threads())
+            return self.memory.apply(emb, model_distances, level, 1, pipeline=num_threads() >= 2)
 
     def maps_and_scores(self, emb: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """(B, C, h, w) -> ((B, S, S) float32 maps, (B,) float64 image scores)."""

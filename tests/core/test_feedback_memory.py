@@ -804,8 +804,9 @@ def test_each_stage_learns_its_radius_from_its_own_nearest_other_click():
 def test_the_look_up_product_uses_pytorchs_threads_only_where_its_cnn_keeps_them_busy(detector, monkeypatch):
     """With the PyTorch runtime the CNN's thread pool is awake anyway, so the memory's
     centre-patch product may use it; with ONNX Runtime or OpenVINO it runs on the calling
-    thread (waking PyTorch's pool leaves its threads spinning on the cores the next image
-    needs). Either way the scores are the same."""
+    thread and the search splits over a worker of the memory's own (waking PyTorch's pool
+    leaves its threads spinning on the cores the next image needs). Either way the scores
+    are the same."""
     rng = np.random.default_rng(5)
     learner = FeedbackLearner(detector)
     e = _with(_background(rng, 1), _pattern(rng), 4, 4, rng)
@@ -813,12 +814,38 @@ def test_the_look_up_product_uses_pytorchs_threads_only_where_its_cnn_keeps_them
     det = learner.detector
     seen = []
     apply = det.memory.apply
-    monkeypatch.setattr(det.memory, "apply", lambda *a: seen.append(a[-1]) or apply(*a))
+    monkeypatch.setattr(det.memory, "apply",
+                        lambda *a, **kw: seen.append((a[-1], kw.get("pipeline", False))) or apply(*a, **kw))
+    monkeypatch.setenv("OKNG_NUM_THREADS", "2")
     torch_scores = det.distances(e)
     det._runtime = object()  # another runtime embeds
     other_scores = det.distances(e)
-    assert seen == [torch.get_num_threads(), 1]
-    assert torch.equal(torch_scores, other_scores)
+    monkeypatch.setenv("OKNG_NUM_THREADS", "1")  # one core: nothing to split over
+    one_core = det.distances(e)
+    assert seen == [(torch.get_num_threads(), False), (1, True), (1, False)]
+    assert torch.equal(torch_scores, other_scores) and torch.equal(torch_scores, one_core)
+
+
+def test_the_search_split_over_two_cores_finds_what_one_core_finds(detector):
+    """Many looked-up patches (here: every patch of four images, the highest 256 of each):
+    the rows split between this thread and the worker give every distance bit for bit."""
+    import core.feedback_memory as fm
+
+    rng = np.random.default_rng(8)
+    learner = FeedbackLearner(detector)
+    stamp = _pattern(rng)
+    for y, x in ((2, 3), (9, 5), (5, 10)):
+        learner.mark_false_alarm(_with(_background(rng, 1), stamp, y, x, rng), _region(y, x))
+    mem = learner.detector.memory
+    emb = torch.cat([_with(_background(rng, 1), stamp, y, x, rng) for y, x in ((3, 3), (8, 8), (4, 11), (11, 2))])
+    dist = learner.detector.model.score(emb)
+    rows = []
+    search = mem._search
+    mem._search = lambda *a: rows.append(a[0].shape[0]) or search(*a)
+    one = mem.apply(emb, dist, None, 1, pipeline=False)
+    two = mem.apply(emb, dist, None, 1, pipeline=True)
+    assert rows[0] >= 2 * fm.PIPELINE_ROWS  # enough rows to split
+    assert torch.equal(one, two) and not torch.equal(one, dist)  # the memory lowered some patches
 
 
 def unload_memory_kernels(monkeypatch) -> None:
