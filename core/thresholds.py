@@ -99,7 +99,9 @@ def false_alarm_statement(th: Thresholds | None, threshold: float | None = None)
     bound = false_alarm_upper_bound(k, n)
     text = f"{k / n:.1%} of OK parts (at most {bound:.1%} with 95 % confidence; {n} held-out parts)"
     target, needed = th.target_false_alarm_rate, held_out_needed(th.target_false_alarm_rate)
-    if n < needed:
+    if k / n > target:  # measured above the target: more parts would not change that
+        text += f" — above the {target:.0%} target at this threshold: raise it, or teach the station these parts"
+    elif n < needed:
         text += f" — too few held-out parts to show {target:.0%}: add OK images ({needed} held out needed)"
     return text, n < needed or bound > 2 * max(target, 1e-9)
 

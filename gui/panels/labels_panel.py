@@ -54,6 +54,7 @@ class LabelsPanel(QWidget):
         super().__init__(parent)
         self._ready = False  # a model to label against
         self._unlocked = True  # engineer mode
+        self._weighted = False  # the model holds channel weights (Reset weights has work)
         self._learnable = True  # the model learns channel weights
         self.operator_edit = QLineEdit()
         self.operator_edit.setPlaceholderText("your name")
@@ -157,7 +158,9 @@ class LabelsPanel(QWidget):
             self.set_weight_change(None)
 
     def _update_engineer_controls(self) -> None:
-        self.reset_button.setEnabled(self._ready and self._unlocked and self._learnable)
+        self.reset_button.setEnabled(self._ready and self._unlocked and self._learnable and self._weighted)
+        self.reset_button.setToolTip("Set every channel weight back to 1 (the OK memory added stays)"
+                                     if self._weighted else "The model holds no channel weights to reset")
         self.reweight_check.setEnabled(self._unlocked and self._learnable)
 
     def set_reweight(self, on: bool) -> None:
@@ -207,8 +210,11 @@ class LabelsPanel(QWidget):
         self.table.scrollToBottom()
 
     def set_weight_change(self, change) -> None:
-        """What the weights are now; clears the note of what the guard held back."""
+        """What the weights are now (None: the model holds none); clears the note of what the
+        guard held back."""
         self._held_back = ""
+        self._weighted = change is not None
+        self._update_engineer_controls()
         if change is None and not self._learnable:
             self._weights_html = f"<b>What changed:</b> {NO_WEIGHTS_TIP}"
         elif change is None:

@@ -162,8 +162,11 @@ def test_the_false_alarm_statement_gives_the_rate_its_bound_and_the_warning():
     assert text == "1.0% of OK parts (at most 2.3% with 95 % confidence; 400 held-out parts)" and warn
     text, warn = false_alarm_statement(th, 379.5)  # 20 above: 5 %, bound far above 2 x 1 %
     assert text.startswith("5.0% of OK parts (at most 7.2%") and warn
+    assert text.endswith("— above the 1% target at this threshold: raise it, or teach the station these parts")
     few = calibrate(scores[:40], scores[:40], 0.01)
     text, warn = false_alarm_statement(few)
     assert text.endswith("— too few held-out parts to show 1%: add OK images (299 held out needed)") and warn
+    text, warn = false_alarm_statement(few, 32.5)  # 7 of 40 above: more parts would not change that
+    assert "17.5% of OK parts" in text and "above the 1% target" in text and "add OK images" not in text and warn
     assert false_alarm_statement(None) == ("unknown (no held-out OK images to measure them on)", True)
     assert false_alarm_statement(Thresholds(1.0, 1.0))[1]

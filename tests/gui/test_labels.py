@@ -200,7 +200,9 @@ def test_the_labels_panel_greys_out_channel_weights_for_a_model_that_learns_none
     p = LabelsPanel()
     qtbot.addWidget(p)
     p.set_model_ready(True)
-    assert p.reweight_check.isEnabled() and p.reset_button.isEnabled()
+    assert p.reweight_check.isEnabled() and not p.reset_button.isEnabled()  # no weights held: nothing to reset
+    p.set_weight_change(SimpleNamespace(strength=1.0, stage_mean_weight={"stage 3": 0.9}, lowest=[(4, 0.3)]))
+    assert p.reset_button.isEnabled()
     p.set_weights_learnable(False)  # a trained model (riad, favae, kdad)
     assert not p.reweight_check.isEnabled() and not p.reset_button.isEnabled()
     assert "learns no channel weights" in p.reweight_check.toolTip()
