@@ -20,7 +20,8 @@ def _store_with_two_labels(path, monkeypatch):
     with monkeypatch.context() as m:
         m.setattr(time, "time", lambda: CREATED)
         region = RegionShape.from_mask(mask)
-        first = store.add(Label("p.png", "ab" * 32, "false_alarm", "model-1", "ana", region, 32, 7.5))
+        first = store.add(Label("p.png", "ab" * 32, "false_alarm", "model-1", "ana", region, 32, 7.5,
+                                score_after=3.25))
         store.add(Label("q.png", "cd" * 32, "image_ng", "model-2", "ben"))
     store.undo(first, by="carla")
     return store
@@ -31,7 +32,7 @@ def test_the_csv_export_has_one_row_per_label_with_every_field(tmp_path, monkeyp
         labels = store.labels(include_undone=True)
         rows = list(csv.reader(io.StringIO(store.export_csv())))
     assert rows[0] == ["id", "created_at", "operator", "image_path", "image_sha256", "kind", "region", "model_id",
-                       "score", "undone", "undone_by", "undone_at"]
+                       "score", "undone", "undone_by", "undone_at", "score_after"]
     assert len(rows) == 3
     by_id = {int(r[0]): r for r in rows[1:]}
     for lab in labels:
@@ -44,6 +45,7 @@ def test_the_csv_export_has_one_row_per_label_with_every_field(tmp_path, monkeyp
     assert region["bbox"] == [10, 4, 10, 5] and len(region["polygon"]) >= 4
     assert marked[8] == "7.5" and marked[9] == "yes" and marked[10] == "carla" and marked[11].startswith("20")
     assert whole[6] == "" and whole[8] == "" and whole[9] == "" and whole[10] == "" and whole[11] == ""
+    assert marked[12] == "3.25" and whole[12] == ""  # the score right after the label, where recorded
 
 
 def test_the_json_export_keeps_undone_labels_and_their_regions(tmp_path, monkeypatch):
@@ -106,4 +108,4 @@ def test_a_label_an_older_station_made_active_again_names_nobody_as_having_taken
     with LabelStore(path) as store:
         assert store.labels()[0].undone_by is None
         row = list(csv.reader(io.StringIO(store.export_csv())))[1]
-    assert row[9:] == ["", "", ""]
+    assert row[9:] == ["", "", "", ""]
