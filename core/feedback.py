@@ -60,6 +60,7 @@ class WeightGuard:
     refused: tuple[float, ...]
     defects: int  # refusals for a confirmed defect ("real defect" labels)
     parts: tuple[int, ...]  # protected parts (their order as given to ``protect``) that stopped one
+    removed: bool = False  # the weights the model held were taken out (only "no weights" passed the guard)
 
 
 @dataclass(frozen=True)
@@ -178,14 +179,16 @@ class FeedbackLearner:
 
     def _push(self) -> Detector:
         """Keep the current detector for :meth:`undo` and go on with a copy of it (returned).
-        The kept one is the very object the caller and the session hold, left untouched from
-        here on: an undo gives it back by identity (one copy per label, not two: a copy of a
-        PaDiM detector takes ~40 ms)."""
+        The kept one is the very object the caller and the session hold (one copy per label,
+        not two: a copy of a PaDiM detector takes ~40 ms); the learner never changes it again,
+        the session at most rebinds its thresholds until the label applies, and puts its own
+        thresholds into whatever model an undo gives back."""
+        new = self.detector.copy()  # first: a failing copy leaves the undo stack as it was
         self._undo.append((self.detector, len(self.fa_shares), len(self.defect_shares),
                            len(self.defect_embeddings)))
         del self._undo[: -self.max_undo]
-        self.detector = self.detector.copy()
-        return self.detector
+        self.detector = new
+        return new
 
     @property
     def can_undo(self) -> bool:
@@ -397,8 +400,8 @@ class FeedbackLearner:
                     return False
             return True
 
-        def guard() -> WeightGuard | None:
-            return WeightGuard(tuple(refused), by_defect, tuple(sorted(first))) if refused else None
+        def guard(removed: bool = False) -> WeightGuard | None:
+            return WeightGuard(tuple(refused), by_defect, tuple(sorted(first)), removed) if refused else None
 
         for strength in STRENGTHS:
             w = self._candidate_weights(strength)
@@ -408,7 +411,7 @@ class FeedbackLearner:
             if not self._defects_still_caught():
                 by_defect += 1
             elif still_ng(w):
-                return (None if w is None else self._describe(w, strength)), guard()
+                return (None if w is None else self._describe(w, strength)), guard(w is None and previous is not None)
             refused.append(strength)
         model.set_channel_weights(previous)  # under these, every guarded part was NG
         return None, guard()

@@ -552,6 +552,7 @@ class FeedbackMemory:
             search(0, nq, product(0, nq, threads))
             return out_d, best, key, distinct
         half = nq // 2
+        self._centres(self.blocks)  # cached once here, not by both threads at once
         handed = _second_core().submit(lambda: search(half, nq, product(half, nq)))
         try:
             search(0, half, product(0, half))

@@ -38,7 +38,15 @@ from .roles import ENGINEER, OPERATOR, hash_pin, verify_pin
 from .runtime import graph_key
 from .session_labels import LabelBook
 from .session_shift import ShiftLog
-from .session_results import MAX_RESULTS, Display, ResultRecord, SessionResults, compose_display, display_name
+from .session_results import (
+    MAX_RESULTS,
+    Display,
+    ResultRecord,
+    SessionResults,
+    compose_display,
+    display_name,
+    judge,
+)
 from .sources import CapturedFrame, FolderWatchSource, VideoSource, capture_job, live_job
 from .thresholds import Thresholds
 
@@ -698,7 +706,13 @@ class InspectionSession:
         self.result_added.emit(rec)
         self.show_result(rec.id)
         if scored_by is not None and scored_by is not self.detector:  # a label changed the model meanwhile
+            rec.embedder_key = _embedder_key(scored_by)  # what embedded it, not what embeds now
             self.rescore_stale({rec.id})
+
+    @property
+    def rescoring_stale(self) -> bool:
+        """Results wait to be scored again under the current model (labels wait for them)."""
+        return self._stale_running or bool(self._stale)
 
     def rescore_stale(self, ids: set[int]) -> None:
         """Score these results again under the current model: their scores came from one that
@@ -721,20 +735,23 @@ class InspectionSession:
         def done(rescored: list) -> None:
             self._stale_running = False
             if self.detector is det:
-                for r in rescored:
+                for r in rescored:  # only these are re-judged: other results keep their marks
                     rec = self.results.get(r.result_id)
                     if rec is not None:
                         rec.score, rec.anomaly_map = r.score, r.anomaly_map
+                        rec.verdict = judge(rec.score, self.image_threshold)
                     self._stale.discard(r.result_id)
-                self._rejudge()
+                self.results_changed.emit()
             self.rescore_stale(set())  # any left, or scored meanwhile by a model now replaced
 
         def not_done(why: str) -> Callable[..., None]:
             def drop(*_: Any) -> None:
                 self._stale_running = False
-                ids_now = {rid for rid, _ in items} & self._stale
-                self._stale -= ids_now
-                self._drop_results(ids_now, f"their re-scoring under the current model {why}")
+                if self.detector is det:
+                    ids_now = {rid for rid, _ in items} & self._stale
+                    self._stale -= ids_now
+                    self._drop_results(ids_now, f"their re-scoring under the current model {why}")
+                self.rescore_stale(set())  # what came meanwhile
             return drop
 
         self.submit(partial(rescore_job, det, items), on_returned=done, on_failed=not_done("failed"),

@@ -307,7 +307,7 @@ class LabelBook:
         if self._pending:
             s.status.emit("Still learning from the previous label…")
             return True
-        if s.rescoring:
+        if s.rescoring or s.rescoring_stale:
             s.status.emit("Still re-judging the results under the new model…")
             return True
         if s._still_saving():  # the store may yet be put back: a label made now could be lost
@@ -326,7 +326,8 @@ class LabelBook:
         s = self.session
         rec = s.results.get(result_id)
         req = {"kind": kind, "result_id": result_id, "mask": mask, "name": rec.name, "path": rec.path,
-               "before": (rec.score, rec.anomaly_map, rec.verdict), "image": rec.image}
+               "before": (rec.score, rec.anomaly_map, rec.verdict), "image": rec.image,
+               "newer_from": s.results.next_id}  # results from this id on come after the job's list
         self._select(None)
         self._pending = True
         accepting = kind in ("false_alarm", "image_ok")
@@ -427,7 +428,7 @@ class LabelBook:
             s.recipe.ok_paths.append(added)
             s.ok_paths_changed.emit(s.ok_paths)
         self._push_step(_Step(label_id, req["result_id"], req["before"], added))
-        changed = self._apply_model(out.detector, out.rescored, req["result_id"], out.labelled)
+        changed = self._apply_model(out.detector, out.rescored, req["result_id"], out.labelled, req["newer_from"])
         held_back = self._held_back_text(rec.guard, rec.weights, req.get("protected_ids", []))
         if rec.weights is not None or rec.guard is not None:
             self.weights_changed.emit(rec.weights if rec.weights is not None else self.learner.held_weights())
@@ -469,6 +470,9 @@ class LabelBook:
         if guard.defects:
             why.append("a part labelled as a real defect")
         passed = " and ".join(why) or "a part judged NG"
+        if guard.removed:
+            return (f"Channel weights removed (back to 1): every lowering of the channels behind this label "
+                    f"would pass {passed}")
         if weights is not None and weights.strength is not None:
             return (f"Channel weights learnt at {weights.strength:g} of full strength: a stronger change "
                     f"would pass {passed}")
@@ -491,7 +495,7 @@ class LabelBook:
         del self._steps[: -self.learner.max_undo]  # the learner keeps this many snapshots
 
     def _apply_model(self, detector: Detector, rescored: list[Rescored], result_id: int | None,
-                     labelled: Any) -> list:
+                     labelled: Any, newer_from: int | None = None) -> list:
         """The new model becomes current (operator's thresholds stay); every re-judged result
         takes its new score, and remembers a verdict the change flipped. Returns the results
         whose verdict changed, other than the labelled one."""
@@ -506,10 +510,6 @@ class LabelBook:
             labelled_rec.score, labelled_rec.anomaly_map = labelled.score, labelled.anomaly_map
         before = {rec.id: rec.verdict for rec in s.results}
         s.set_detector(detector, s.image_threshold, s.pixel_threshold)
-        # results added after the job took its list (an inspection ran meanwhile) still carry
-        # the old model's scores: scored again
-        fresh = {r.result_id for r in rescored} | {result_id}
-        s.rescore_stale({rec.id for rec in s.results if rec.id not in fresh and rec.embedding is not None})
         changed = []
         for rec in s.results:
             if rec.verdict != before[rec.id]:
@@ -519,6 +519,9 @@ class LabelBook:
         s.results_changed.emit()
         if labelled_rec is not None:
             s.show_result(labelled_rec.id)
+        if newer_from is not None:  # added after the job took its list (an inspection ran
+            # meanwhile): they carry the old model's scores, scored again
+            s.rescore_stale({rec.id for rec in s.results if rec.id >= newer_from and rec.embedding is not None})
         return changed
 
     # -- undo, reset ------------------------------------------------------------------------
@@ -534,10 +537,11 @@ class LabelBook:
             return
         s, step = self.session, self._steps[-1]
         self._pending = True
+        newer_from = s.results.next_id
         s.submit(partial(undo_job, self.learner, s.results.with_embeddings()),
-                  on_returned=lambda out: self._on_undone(step, out), on_failed=self._on_failed)
+                  on_returned=lambda out: self._on_undone(step, out, newer_from), on_failed=self._on_failed)
 
-    def _on_undone(self, step: _Step, out: ModelOutcome) -> None:
+    def _on_undone(self, step: _Step, out: ModelOutcome, newer_from: int | None = None) -> None:
         s = self.session
         self._pending = False
         self._steps.pop()
@@ -551,7 +555,7 @@ class LabelBook:
             s.recipe.ok_paths.remove(step.added_ok_path)
             s.ok_paths_changed.emit(s.ok_paths)
         rescored = [r for r in out.rescored if r.result_id != step.result_id]
-        self._apply_model(out.detector, rescored, None, None)
+        self._apply_model(out.detector, rescored, None, None, newer_from)
         r = s.results.get(step.result_id)
         if r is not None and step.before is not None:
             # the model is exactly the one that produced these values: restore them bit for bit
@@ -574,11 +578,12 @@ class LabelBook:
         rec = s.shown
         before = (rec.score, rec.anomaly_map, rec.verdict) if rec is not None else None
         self._pending = True
+        newer_from = s.results.next_id
 
         def done(out: ModelOutcome) -> None:
             self._pending = False
             self._push_step(_Step(None, rec.id if rec is not None else None, before))
-            self._apply_model(out.detector, out.rescored, None, None)
+            self._apply_model(out.detector, out.rescored, None, None, newer_from)
             self.weights_changed.emit(None)
             self.can_undo_changed.emit(True)
             s.status.emit("Channel weights reset (Ctrl+Z to undo)")

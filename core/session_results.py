@@ -117,6 +117,11 @@ class SessionResults:
     def __len__(self) -> int:
         return len(self._records)
 
+    @property
+    def next_id(self) -> int:
+        """The id the next result gets (ids only grow: results from here on are newer)."""
+        return self._next_id
+
     def __iter__(self):
         return iter(self._records.values())
 

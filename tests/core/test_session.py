@@ -707,3 +707,28 @@ def test_a_refit_marks_and_names_the_verdicts_the_new_model_changed(session, par
     assert all(r.changed_from == "NG" for r in flipped)
     assert said[-1].startswith(f"The new model changed {len(flipped)} verdict(s): ")
     assert all(f"{r.name} NG → OK" in said[-1] for r in flipped)
+
+
+def test_catching_up_on_late_results_keeps_the_labels_marks_and_an_undo_restores_exactly(session, part_images):
+    """With the engine busy: the marks a label set stay while the results an inspection added
+    meanwhile are scored again; and an undo gives the labelled part back the very values it
+    had, queuing no re-scoring of it."""
+    s = session
+    ok, ng = part_images
+    first, copy = _inspect(s, [ng[0], ng[0]])
+    s.set_thresholds(min(first.score, copy.score) * (1 - 1e-4), s.pixel_threshold)
+    s.question.connect(lambda q: q.answer("Apply the label"))
+    s.show_result(first.id)
+    orig = (first.score, first.anomaly_map.copy())
+    s.executor = held = HoldingExecutor()
+    s.inspect_paths([ok[0]])  # queued first
+    s.labels.mark_image("image_ok")  # then the label
+    held.run_next()  # inspection: its result carries the old model's score
+    held.run_next()  # label: the copy of the accepted part passes, marked
+    assert copy.changed_from == "NG" and len(held.held) == 1  # the late result's re-scoring
+    held.run_next()
+    assert copy.changed_from == "NG" and copy.verdict == "OK"  # still marked
+    s.labels.undo_last()
+    held.run_next()
+    assert not held.held  # no re-scoring queued behind the undo
+    assert first.score == orig[0] and np.array_equal(first.anomaly_map, orig[1])  # bit for bit
