@@ -153,7 +153,8 @@ class LabelBook:
         self._pending = True
         # the parts judged NG until now stay NG under the replayed channel weights, as under a
         # label made now; a part a replayed label accepts may pass (that is the label)
-        accepted = {lab.image_path for lab in active if lab.kind in ("false_alarm", "image_ok")}
+        # (a "part is OK": a false alarm accepts one region, the part may be NG for another)
+        accepted = {lab.image_path for lab in active if lab.kind == "image_ok"}
         ng = [r for r in s.results if r.verdict == "NG"] if judged_ng is None else judged_ng
         protect = [r.embedding for r in ng if r.embedding is not None and r.path not in accepted]
 
@@ -344,11 +345,12 @@ class LabelBook:
                   on_cancelled=lambda: self._on_failed(RuntimeError("cancelled")))
 
     def _accepted_paths(self) -> set[str]:
-        """Image paths that an active "false alarm" or "part is OK" label accepts."""
+        """Image paths of parts an active "part is OK" label accepts (a false alarm accepts one
+        region only: the part may be NG for another)."""
         if self._store is None and not self.store_path.exists():
             return set()
         try:
-            return {lab.image_path for lab in self.store().labels() if lab.kind in ("false_alarm", "image_ok")}
+            return {lab.image_path for lab in self.store().labels() if lab.kind == "image_ok"}
         except (sqlite3.Error, OSError, ValueError):
             return set()
 

@@ -392,6 +392,8 @@ def test_a_part_an_active_label_accepts_is_not_protected_by_the_next_label(sessi
     assert all(r.verdict == "NG" for r in recs)
     # accepted by a label of an earlier session, not in this model yet: the part still shows NG
     s.labels.store().add(Label(ng[0], "ab" * 32, "image_ok", "earlier", operator="ana"))
+    # a false alarm accepts one region only: that part may be NG for another, it stays protected
+    s.labels.store().add(Label(ng[2], "cd" * 32, "false_alarm", "earlier", operator="ana"))
     s.question.connect(lambda q: q.answer("Apply the label"))
     s.show_result(recs[1].id)
     s.labels.mark_image("image_ng")
