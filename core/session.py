@@ -621,6 +621,7 @@ class InspectionSession:
         out of the table too. ``before``: the verdicts under the model this one replaces (a
         refit): the verdicts it changed are marked in the table and named in the status line."""
         det = self.detector
+        self._stale.clear()  # the whole table is scored again (or there is nothing to score)
         if det is None or not len(self.results):
             return
         key = self._embedder_key
@@ -712,7 +713,7 @@ class InspectionSession:
     @property
     def rescoring_stale(self) -> bool:
         """Results wait to be scored again under the current model (labels wait for them)."""
-        return self._stale_running or bool(self._stale)
+        return self._stale_running or any(i in self.results for i in self._stale)
 
     def rescore_stale(self, ids: set[int]) -> None:
         """Score these results again under the current model: their scores came from one that
