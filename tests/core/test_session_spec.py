@@ -299,13 +299,19 @@ def test_a_false_alarm_that_makes_its_own_part_pass_is_applied_without_asking(se
     assert rec.verdict == "OK"
 
 
-def test_a_label_protects_every_other_part_judged_ng(session, part_images):
-    s = session
-    ng = part_images[1]
-    s.inspect_paths(ng[:3])
+def _three_judged_ng(s, paths):
+    """Inspect the first three parts and set the threshold just under their scores: all NG."""
+    s.inspect_paths(paths[:3])
     recs = list(s.results)[-3:]
     s.set_thresholds(min(r.score for r in recs) * (1 - 1e-4), s.pixel_threshold)
     assert all(r.verdict == "NG" for r in recs)
+    return recs
+
+
+def test_a_label_protects_every_other_part_judged_ng(session, part_images):
+    s = session
+    ng = part_images[1]
+    recs = _three_judged_ng(s, ng)
     s.show_result(recs[0].id)
     s.question.connect(lambda q: q.answer("Apply the label"))
     s.labels.mark_image("image_ok")
@@ -317,9 +323,7 @@ def test_a_label_whose_reweighting_was_held_back_names_the_parts_it_kept_ng(sess
 
     s = session
     ng = part_images[1]
-    s.inspect_paths(ng[:3])
-    recs = list(s.results)[-3:]
-    s.set_thresholds(min(r.score for r in recs) * (1 - 1e-4), s.pixel_threshold)
+    recs = _three_judged_ng(s, ng)
     s.labels.set_reweight(True)
     # the second of the parts it protects (the clicked one is not protected) stopped strength 1 and 0.5
     monkeypatch.setattr(FeedbackLearner, "_reweight", lambda self: (None, WeightGuard((1.0, 0.5), 0, (1,))))
@@ -386,10 +390,7 @@ def test_a_part_an_active_label_accepts_is_not_protected_by_the_next_label(sessi
 
     s = session
     ng = part_images[1]
-    s.inspect_paths(ng[:3])
-    recs = list(s.results)[-3:]
-    s.set_thresholds(min(r.score for r in recs) * (1 - 1e-4), s.pixel_threshold)
-    assert all(r.verdict == "NG" for r in recs)
+    recs = _three_judged_ng(s, ng)
     # accepted by a label of an earlier session, not in this model yet: the part still shows NG
     s.labels.store().add(Label(ng[0], "ab" * 32, "image_ok", "earlier", operator="ana"))
     # a false alarm accepts one region only: that part may be NG for another, it stays protected
