@@ -380,8 +380,10 @@ class InspectionSession:
             self._fit_done(result)
             report()
 
+        # parts labelled "part is OK" are trained on, never held out (see split_calibration)
+        vouched = self.labels.accepted_paths() & set(self.recipe.ok_paths)
         job = partial(fit_job, list(self.recipe.ok_paths), config, extractor=self.extractor, runtime=self.runtime,
-                      feedback=True)
+                      feedback=True, keep_in_fit=vouched)
         self.status.emit(f"Fitting on {len(self.recipe.ok_paths)} OK images…")
         self.submit(job, on_returned=done, on_failed=self._failed("Fit failed", report),
                      on_cancelled=lambda: self.status.emit("Fit cancelled; the model is unchanged"))

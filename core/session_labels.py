@@ -332,7 +332,7 @@ class LabelBook:
         self._select(None)
         self._pending = True
         accepting = kind in ("false_alarm", "image_ok")
-        accepted = self._accepted_paths()  # a part an active label accepts may pass, as in a replay
+        accepted = self.accepted_paths()  # a part an active label accepts may pass, as in a replay
         guarded = [r for r in s.results if r.verdict == "NG" and r.embedding is not None
                    and not (accepting and r.id == result_id)  # the clicked part may pass: that is the label
                    and not (r.path is not None and r.path in accepted)]
@@ -344,7 +344,7 @@ class LabelBook:
         s.submit(job, on_returned=lambda out: self._on_label_outcome(req, out), on_failed=self._on_failed,
                   on_cancelled=lambda: self._on_failed(RuntimeError("cancelled")))
 
-    def _accepted_paths(self) -> set[str]:
+    def accepted_paths(self) -> set[str]:
         """Image paths of parts an active "part is OK" label accepts (a false alarm accepts one
         region only: the part may be NG for another)."""
         if self._store is None and not self.store_path.exists():

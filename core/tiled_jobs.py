@@ -46,14 +46,14 @@ def _load(path: str, bit_depth: int | None) -> tuple[np.ndarray | None, Skipped 
 
 def tiled_fit_job(paths: list[str], config: DetectorConfig, token: CancelToken, first_size: tuple[int, int],
                   extractor: FeatureExtractor | None = None,
-                  runtime: str | None = None) -> Generator[Progress, None, FitResult]:
+                  runtime: str | None = None, keep_in_fit: frozenset[str] = frozenset()) -> Generator[Progress, None, FitResult]:
     """:func:`core.jobs.fit_job` for resolved tiling settings; ``first_size``: (height, width)
     of the first readable OK image, whose tile count sizes the up-front checks."""
     t0 = time.perf_counter()
     # refuses a tile larger than the images now, not after the backbone is loaded
     per_image = plan_tiles(*first_size, config.tile, config.tile_overlap).n_tiles
     yield Progress(0, len(paths), "loading backbone")
-    fit_paths, cal_paths = split_calibration(paths, config.calibration_fraction)
+    fit_paths, cal_paths = split_calibration(paths, config.calibration_fraction, keep_in_fit)
     # every tile is a sample of the one model: the checks count tiles, not images
     det = Detector.create(config, extractor, n_images=len(paths) * per_image)
     det.model.check_fit_size(len(fit_paths) * per_image)

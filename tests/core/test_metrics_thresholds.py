@@ -116,6 +116,9 @@ def test_thresholds_match_their_calibration_until_either_is_moved_by_hand():
     assert not th.matches_calibration()
     from core.thresholds import Thresholds
     assert not Thresholds(5.0, 5.0).matches_calibration()  # nothing to match
+    # a model file written before the margin: thresholds exactly on the held-out scores
+    old = Thresholds(95.0, 105.0, np.arange(1.0, 101.0), np.arange(11.0, 111.0), 0.05)
+    assert old.matches_calibration()
 
 
 def test_the_confusion_counts_each_pair_once_with_ng_strictly_above_the_threshold():

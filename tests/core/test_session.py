@@ -732,3 +732,24 @@ def test_catching_up_on_late_results_keeps_the_labels_marks_and_an_undo_restores
     held.run_next()
     assert not held.held  # no re-scoring queued behind the undo
     assert first.score == orig[0] and np.array_equal(first.anomaly_map, orig[1])  # bit for bit
+
+
+def test_a_part_labelled_ok_is_trained_on_at_the_next_fit_never_held_out(session, part_images, monkeypatch):
+    """Held out, a part picked *because* it scored high would set the threshold by itself
+    (found trying the station: 66.9 -> 83.0, three defects passed)."""
+    import core.jobs as jobs
+
+    s = session
+    ng = part_images[1]
+    rec = _inspect(s, ng[:1])[0]
+    s.show_result(rec.id)
+    s.question.connect(lambda q: q.answer("Apply the label"))
+    s.labels.mark_image("image_ok")
+    assert ng[0] in s.recipe.ok_paths  # the engineer's label adds the part to the OK set
+    splits = []
+    real = jobs.split_calibration
+    monkeypatch.setattr(jobs, "split_calibration", lambda *a: splits.append(real(*a)) or splits[-1])
+    s.start_fit()
+    (fit, cal), = splits
+    assert ng[0] in fit and ng[0] not in cal
+    assert cal == real([p for p in s.recipe.ok_paths if p != ng[0]], s.config.calibration_fraction)[1]
