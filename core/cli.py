@@ -87,14 +87,16 @@ def _paths(inputs: list[str]) -> list[str]:
     missing = [item for item in inputs if not Path(item).exists()]
     if missing:
         raise OkngError(f"not found: {', '.join(missing)}")
-    paths = []
+    paths, empty = [], []
     for item in inputs:
         found = [str(p) for p in iter_image_paths([item])]
         if not found and Path(item).is_dir():
-            print(f"okng: warning: no images found in folder {item}", file=sys.stderr)
+            empty.append(item)
         paths += found
-    if not paths:
+    if not paths:  # one message: the error says it all
         raise OkngError(f"no images found in {' '.join(inputs)}")
+    for item in empty:  # the others had images: the run goes on, and says which gave none
+        print(f"okng: warning: no images found in folder {item}", file=sys.stderr)
     return paths
 
 
@@ -247,6 +249,8 @@ def _check_output(path: str | None, option: str, folder_itself: bool = False) ->
         return
     # not resolved: a save writes beside the name it is given (a link is replaced, not followed)
     target = Path(path).expanduser().absolute()
+    if not folder_itself and target.is_dir():  # a file cannot replace a folder: say so now
+        raise OkngError(f"{option} {path}: it is a folder; give a file name inside it (nothing was done)")
     folder = target if folder_itself and target.is_dir() else target.parent
     if not folder.is_dir():
         raise OkngError(f"{option} {path}: folder {Path(path).parent} does not exist (nothing was done)")
@@ -536,7 +540,7 @@ def _score(args: argparse.Namespace, ray, det) -> int:
         out.commit()
     n = sum(counts.values())
     no_verdict = f", {counts['?']} without a verdict (no threshold)" if counts["?"] else ""
-    print(f"{n} images: {counts['NG']} NG, {counts['OK']} OK{no_verdict}, {counts['ERROR']} not inspected "
+    print(f"{n} image{'' if n == 1 else 's'}: {counts['NG']} NG, {counts['OK']} OK{no_verdict}, {counts['ERROR']} not inspected "
           f"(runtime {det.runtime_name})",
           file=sys.stderr)
     return 0
@@ -599,7 +603,8 @@ def cmd_simulate_feedback(args: argparse.Namespace) -> int:
             print(f"no image of the pool ({len(_paths(args.pool))}) was judged NG: nothing to click "
                   f"(give --pool good parts the station flags)", file=sys.stderr)
         elif res.pool_exhausted:
-            print(f"the pool ran out after {res.checkpoints[-1].clicks} clicks", file=sys.stderr)
+            clicks = res.checkpoints[-1].clicks
+            print(f"the pool ran out after {clicks} click{'' if clicks == 1 else 's'}", file=sys.stderr)
     finally:  # and the file even when the reader of the table left (a closed pipe)
         _write_json(args.json, res.to_dict())
     return 0

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 
 from .allocator import release_free_memory
-from .errors import Cancelled, ImageLoadError, NotFittedError
+from .errors import Cancelled, ImageLoadError, NotFittedError, OkngError
 from .imageio import load_image, network_input
 
 if TYPE_CHECKING:  # PyTorch is imported where a job needs it: scoring from an exported graph never does
@@ -152,7 +152,10 @@ def drive(job: Callable[[CancelToken], Any], token: CancelToken, report: Callabl
     except Cancelled:
         log.debug("job cancelled")
         report("cancelled", None)
-    except Exception as exc:  # reported, never swallowed
+    except OkngError as exc:  # a refusal in words (a damaged file, no images): one line, no traceback
+        log.error("job failed: %s", exc)
+        report("failed", exc)
+    except Exception as exc:  # reported, never swallowed; a bug keeps its traceback in the log
         log.exception("job failed")
         report("failed", exc)
     finally:

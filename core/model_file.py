@@ -71,6 +71,28 @@ def seal_model_bytes(raw: bytes) -> list[bytes | memoryview]:
     return [view[: 8 + field.start(1)], digest, view[8 + field.end(1) :]]
 
 
+def _unreadable_reason(raw: bytes) -> str:
+    """What a file that does not parse as a model file is, in words that say what to do (the
+    parser's own message names its header fields)."""
+    if len(raw) < 8:
+        return "the file is empty or cut short: restore it from a backup or fit the model again"
+    n = struct.unpack("<Q", raw[:8])[0]
+    if raw[8:9] != b"{":  # a model file's description starts right after its 8-byte length
+        return "not an OK/NG model file (it does not start like one; model files end in .okng)"
+    cut = (f"the file is cut short ({len(raw):,} bytes, its start promises more): restore it from a "
+           "backup or fit the model again")
+    if 8 + n > len(raw):
+        return cut
+    try:  # the description lists where each array ends: past the file's end means cut short
+        header = json.loads(raw[8 : 8 + n])
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        end = 0
+    if 8 + n + end > len(raw):
+        return cut
+    return "the file is damaged: restore it from a backup or fit the model again"
+
+
 def read_checked(path: str | os.PathLike[str], check_config: Callable[[dict, Path], None] | None = None
                  ) -> tuple[dict[str, Any], dict[str, np.ndarray], str | None]:
     """(metadata, numpy arrays, the verified SHA-256 or None for a format-1 file) of a model
@@ -94,7 +116,7 @@ def read_checked(path: str | os.PathLike[str], check_config: Callable[[dict, Pat
         header = json.loads(raw[8 : 8 + n])
         header = header.get("__metadata__") or {}
     except Exception as exc:  # noqa: BLE001 - any parse failure means "not a model file"
-        raise ModelFileError(f"{path} is not a readable OK/NG model file ({str(exc)[:160]})") from None
+        raise ModelFileError(f"{path}: {_unreadable_reason(raw)} ({str(exc)[:120]})") from None
     raw_meta = header.get("okng") if isinstance(header, dict) else None
     if not isinstance(raw_meta, str):
         raise ModelFileError(f"{path} is a safetensors file but not an OK/NG Station model")

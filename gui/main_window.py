@@ -69,10 +69,12 @@ class MainWindow(QMainWindow):
         self._build_inspect_menu()
         self._wire()
         self.labels_panel, labels_dock = install_labeling(self)  # dock, Label menu, click popup
+        # Inspect and Shift in one tab group before the Line dock joins Shift's: tabified the
+        # other way round, Shift stayed behind a raised Line tab, apart from Inspect
+        self.tabifyDockWidget(self.findChild(QDockWidget, "Inspect"), shift_dock)
         self.line_link = install_line_link(self)  # the Line dock: a PLC triggers this window
         self.resizeDocks([*docks, labels_dock], [150, 190, 280, 330], Qt.Orientation.Vertical)
         self.resizeDocks(docks[:1], [560], Qt.Orientation.Horizontal)
-        self.tabifyDockWidget(self.findChild(QDockWidget, "Inspect"), shift_dock)
         self.findChild(QDockWidget, "Inspect").raise_()
         self.threshold_panel.set_far_describer(self.describe_false_alarms)
         self.on_recipe_changed(c.session.recipe.name)

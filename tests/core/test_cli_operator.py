@@ -26,6 +26,16 @@ def test_a_bad_output_folder_is_refused_before_the_fit(monkeypatch, capsys, part
     assert "does not exist (nothing was done)" in capsys.readouterr().err
 
 
+def test_an_existing_folder_as_the_model_file_is_refused_before_the_fit(monkeypatch, capsys, part_images, tmp_path):
+    """Found trying the station: `--out <folder>` fitted for minutes, then could not save."""
+    import core.jobs
+
+    monkeypatch.setattr(core.jobs, "fit_job", lambda *a, **k: pytest.fail("fitted before checking --out"))
+    (tmp_path / "models").mkdir()
+    assert main(["fit", *part_images[0], "--out", str(tmp_path / "models")]) == 1
+    assert "it is a folder; give a file name inside it (nothing was done)" in capsys.readouterr().err
+
+
 def test_a_fit_of_only_unreadable_images_says_why(tmp_path, capsys):
     """No OK image could be read: the error names each file and why, in words."""
     (tmp_path / "empty.png").write_bytes(b"")

@@ -175,3 +175,29 @@ def test_whole_numbers_are_accepted_where_a_number_is_expected():
     from core.detector import DetectorConfig
 
     assert DetectorConfig(model="padim", model_params={"epsilon": 1}).model_params == {"epsilon": 1}
+
+
+def test_a_refusal_in_words_is_logged_as_one_line_a_bug_with_its_traceback(caplog):
+    """Found trying the station: a recipe whose model file was cut short printed a 15-line
+    traceback in the terminal beside the window's clear message."""
+    import logging
+
+    from core.errors import ModelFileError
+    from core.jobs import drive
+
+    def refusing(token):
+        raise ModelFileError("m.okng: the file is cut short")
+        yield
+
+    def buggy(token):
+        raise RuntimeError("a bug")
+        yield
+
+    got = []
+    with caplog.at_level(logging.ERROR, logger="core.jobs"):
+        drive(refusing, CancelToken(), lambda kind, payload: got.append((kind, payload)))
+        drive(buggy, CancelToken(), lambda kind, payload: got.append((kind, payload)))
+    assert [k for k, _ in got if k == "failed"] == ["failed", "failed"]
+    refusal, bug = caplog.records
+    assert refusal.getMessage() == "job failed: m.okng: the file is cut short" and refusal.exc_info is None
+    assert bug.exc_info is not None  # a bug keeps its traceback

@@ -79,11 +79,16 @@ def test_wrong_shapes_and_non_finite_values_are_refused(fitted, tmp_path):
         load_detector(path)
 
 
-@pytest.mark.parametrize("content", [b"", b"\x00" * 64, b"\xff\xff\xff\xff\xff\xff\xff\x7f{}", b"PK\x03\x04 pickle"])
-def test_files_that_are_not_models_are_refused(tmp_path, content):
+@pytest.mark.parametrize("content, says", [
+    (b"", "the file is empty or cut short: restore it from a backup or fit the model again"),
+    (b"\x00" * 64, "not an OK/NG model file .it does not start like one"),
+    (b"\xff\xff\xff\xff\xff\xff\xff\x7f{}", "the file is cut short .* restore it from a backup or fit the model again"),
+    (b"PK\x03\x04 pickle", "not an OK/NG model file .it does not start like one"),
+])
+def test_files_that_are_not_models_are_refused_in_words_that_say_what_to_do(tmp_path, content, says):
     p = tmp_path / "x.okng"
     p.write_bytes(content)
-    with pytest.raises(ModelFileError, match="not a readable OK/NG model file"):
+    with pytest.raises(ModelFileError, match=says):
         load_detector(p)
 
 

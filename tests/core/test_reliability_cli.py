@@ -388,3 +388,11 @@ def test_model_and_csv_files_honour_the_umask(model, images, tmp_path):
         assert m2.stat().st_mode & 0o777 == 0o600
     finally:
         os.umask(old)
+
+
+def test_only_empty_folders_give_one_error_not_a_warning_and_an_error(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["fit", str(empty), "--out", str(tmp_path / "m.okng")]) == 1
+    err = capsys.readouterr().err
+    assert err == f"okng: error: no images found in {empty}\n"

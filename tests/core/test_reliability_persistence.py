@@ -64,16 +64,23 @@ def test_the_untampered_file_loads(path):
 def test_declared_header_larger_than_the_file(path):
     raw = path.read_bytes()
     path.write_bytes(struct.pack("<Q", len(raw) * 1000) + raw[8:])
-    _refused(path, "not a readable OK/NG model file")
+    _refused(path, "the file is cut short")
     path.write_bytes(struct.pack("<Q", 2**63 - 1) + raw[8:])
-    _refused(path, "not a readable OK/NG model file")
+    _refused(path, "the file is cut short")
+
+
+def test_a_model_file_cut_in_half_says_so(path):
+    """Found trying the station: the parser's 'incomplete metadata, file not fully covered'."""
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 2])
+    assert "the file is cut short" in _refused(path, "restore it from a backup or fit the model again")
 
 
 def test_header_that_is_not_json(path):
     raw = path.read_bytes()
     n = struct.unpack("<Q", raw[:8])[0]
     path.write_bytes(raw[:8] + b"\xff" * n + raw[8 + n :])
-    _refused(path, "not a readable OK/NG model file")
+    _refused(path, "not an OK/NG model file")
 
 
 @pytest.mark.parametrize("tamper", [

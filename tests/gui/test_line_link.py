@@ -95,3 +95,14 @@ def test_serving_without_an_image_source_says_what_is_missing(qtbot, window):
     assert started.args == [False] and not w.line_link.serving
     assert w.error_banner.isVisible() and "live source" in w.error_label.text()
     assert w.link_panel.button.isEnabled() and w.link_panel.button.text() == "Serve the line"
+
+
+def test_on_first_start_inspect_shift_and_line_share_one_tab_group_with_inspect_shown(window):
+    """Found trying the station: the Shift counters sat behind a raised Line tab, apart from
+    the Inspect dock they were meant to share a tab group with."""
+    from PySide6.QtWidgets import QDockWidget
+
+    dock = {name: window.findChild(QDockWidget, name) for name in ("Inspect", "Shift", "Line")}
+    assert set(window.tabifiedDockWidgets(dock["Inspect"])) == {dock["Shift"], dock["Line"]}
+    assert not dock["Inspect"].visibleRegion().isEmpty()
+    assert dock["Shift"].visibleRegion().isEmpty() and dock["Line"].visibleRegion().isEmpty()
