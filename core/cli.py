@@ -540,8 +540,8 @@ def _score(args: argparse.Namespace, ray, det) -> int:
         out.commit()
     n = sum(counts.values())
     no_verdict = f", {counts['?']} without a verdict (no threshold)" if counts["?"] else ""
-    print(f"{n} image{'' if n == 1 else 's'}: {counts['NG']} NG, {counts['OK']} OK{no_verdict}, {counts['ERROR']} not inspected "
-          f"(runtime {det.runtime_name})",
+    print(f"{n} image{'' if n == 1 else 's'}: {counts['NG']} NG, {counts['OK']} OK{no_verdict}, "
+          f"{counts['ERROR']} not inspected (runtime {det.runtime_name})",
           file=sys.stderr)
     return 0
 

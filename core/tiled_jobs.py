@@ -46,7 +46,8 @@ def _load(path: str, bit_depth: int | None) -> tuple[np.ndarray | None, Skipped 
 
 def tiled_fit_job(paths: list[str], config: DetectorConfig, token: CancelToken, first_size: tuple[int, int],
                   extractor: FeatureExtractor | None = None,
-                  runtime: str | None = None, keep_in_fit: frozenset[str] = frozenset()) -> Generator[Progress, None, FitResult]:
+                  runtime: str | None = None,
+                  keep_in_fit: frozenset[str] = frozenset()) -> Generator[Progress, None, FitResult]:
     """:func:`core.jobs.fit_job` for resolved tiling settings; ``first_size``: (height, width)
     of the first readable OK image, whose tile count sizes the up-front checks."""
     t0 = time.perf_counter()
