@@ -53,7 +53,9 @@ class MainWindow(QMainWindow):
         central = QWidget()
         lay = QVBoxLayout(central)
         lay.addWidget(self.view, 1)
-        self.error_banner = ErrorBanner(central)  # floats over the view: the image never moves
+        # floats over the top of the image area: the image never moves, and the verdict and
+        # score above it stay in sight (over the whole view it hid half of the big NG)
+        self.error_banner = ErrorBanner(self.view.graphics)
         self.error_label = self.error_banner.label
         self.statusBar()  # made now: made at the first message, it would shrink the image area then
         self.setCentralWidget(central)

@@ -1,5 +1,5 @@
-"""The error banner: floats over the top edge of the image area instead of taking a row of
-the layout. A banner pushed into the layout moved the image down by its height, so an
+"""The error banner: floats over the top edge of the image area (below the verdict) instead
+of taking a row of the layout. A banner pushed into the layout moved the image down by its height, so an
 operator's next click landed somewhere else than aimed (found trying the station)."""
 from __future__ import annotations
 

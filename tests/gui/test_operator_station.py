@@ -185,9 +185,15 @@ def test_an_error_banner_never_moves_the_image_the_operator_is_clicking_on(qtbot
     qtbot.wait(100)  # any layout change would have happened by now
     assert w.error_banner.isVisible() and "Enter your name" in w.error_label.text()
     assert w.view.geometry() == before
-    assert w.error_banner.geometry().top() == 0 and w.error_banner.width() == w.centralWidget().width()
+    area = w.view.graphics  # the image area, below the verdict and score
+    assert w.error_banner.parentWidget() is area
+    assert w.error_banner.geometry().top() == 0 and w.error_banner.width() == area.width()
+    banner = w.error_banner.geometry().translated(area.mapTo(w, area.rect().topLeft()))
+    verdict = w.view.verdict_label.geometry().translated(
+        w.view.verdict_label.parentWidget().mapTo(w, w.view.verdict_label.parentWidget().rect().topLeft()))
+    assert not banner.intersects(verdict)  # the verdict stays in sight (it hid half of the big NG)
     w.resize(w.width() - 120, w.height())
-    qtbot.waitUntil(lambda: w.error_banner.width() == w.centralWidget().width(), timeout=2000)
+    qtbot.waitUntil(lambda: w.error_banner.width() == area.width(), timeout=2000)
     qtbot.wait(100)
     resized = w.view.geometry()
     w.error_banner.findChild(type(w.labels_panel.reset_button)).click()  # Dismiss
