@@ -65,6 +65,9 @@ class InspectionSession:
         # notifications
         self.recipe_changed = Event()  # (name)
         self.ok_paths_changed = Event()  # (paths)
+        #: OK images the last fit could not read: path -> why (the OK set marks them)
+        self.unreadable_ok: dict[str, str] = {}
+        self.unreadable_ok_changed = Event()  # (unreadable_ok)
         self.model_changed = Event()  # ()
         self.thresholds_changed = Event()  # (image, pixel)
         self.results_changed = Event()  # () verdicts, scores or maps of stored results changed
@@ -127,6 +130,8 @@ class InspectionSession:
         self.recipe = Recipe(name, list(ok_paths or []), (config or DetectorConfig()).to_dict())
         self.recipe_path = None
         self.demo_stream, self.demo_truth = [], {}
+        self.unreadable_ok = {}
+        self.unreadable_ok_changed.emit(self.unreadable_ok)
         self.set_detector(None)
         self.labels.recipe_replaced()
         self.shift.recipe_replaced()
@@ -377,6 +382,8 @@ class InspectionSession:
 
         def done(result: FitResult) -> None:
             skipped.extend(result.skipped)
+            self.unreadable_ok = {item.path: item.reason for item in result.skipped}
+            self.unreadable_ok_changed.emit(self.unreadable_ok)
             self._fit_done(result)
             report()
 

@@ -39,6 +39,7 @@ class StationController(QObject):
     # the session's notifications, as Qt signals (GUI thread)
     model_changed = Signal()
     ok_paths_changed = Signal(list)
+    unreadable_ok_changed = Signal(dict)  # path -> why the last fit could not read it
     recipe_changed = Signal(str)
     thresholds_changed = Signal(float, float)
     results_changed = Signal()
@@ -71,7 +72,8 @@ class StationController(QObject):
             runner, labels_dir if labels_dir is not None else _app_data("labels"),
             captures_dir if captures_dir is not None else _app_data("captures"), runtime=gui_runtime())
         self._render_pending = False
-        for name in ("model_changed", "ok_paths_changed", "recipe_changed", "thresholds_changed", "results_changed",
+        for name in ("model_changed", "ok_paths_changed", "unreadable_ok_changed", "recipe_changed",
+                     "thresholds_changed", "results_changed",
                      "result_added", "live_changed", "status", "error", "dirty_changed", "role_changed"):
             getattr(s, name).connect(getattr(self, name).emit)
         for name in ("labels_changed", "weights_changed", "weights_held_back", "selection_changed",

@@ -145,6 +145,7 @@ class MainWindow(QMainWindow):
         self.shift_panel.copy_ng_toggled.connect(lambda on: s.set_station_setting("copy_ng_images", on))
         # notifications come back as the controller's Qt signals
         c.ok_paths_changed.connect(self.ok_panel.set_paths)
+        c.unreadable_ok_changed.connect(self.ok_panel.set_unreadable)
         c.recipe_changed.connect(self.on_recipe_changed)
         c.model_changed.connect(self.on_model_changed)
         c.thresholds_changed.connect(self.on_thresholds_changed)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from PySide6.QtCore import QSize, Qt, QTimer, Signal
-from PySide6.QtGui import QColor, QIcon, QPixmap
+from PySide6.QtGui import QColor, QIcon, QPainter, QPen, QPixmap
 from PySide6.QtWidgets import (
     QAbstractItemView, QComboBox, QFileDialog, QHBoxLayout, QLabel, QListView, QListWidget,
     QListWidgetItem, QProgressBar, QPushButton, QSpinBox, QVBoxLayout, QWidget,
@@ -14,6 +14,18 @@ from ..imaging import file_thumbnail
 
 IMAGE_FILTER = "Images (*.png *.jpg *.jpeg *.bmp *.tif *.tiff *.webp *.pgm *.ppm)"
 THUMBS_PER_TICK = 8
+
+
+def _unreadable_icon() -> QIcon:
+    """A grey tile with a red cross: an OK image the last fit could not read."""
+    pixmap = QPixmap(56, 56)
+    pixmap.fill(QColor(235, 235, 235))
+    painter = QPainter(pixmap)
+    painter.setPen(QPen(QColor(190, 0, 0), 5))
+    painter.drawLine(12, 12, 44, 44)
+    painter.drawLine(44, 12, 12, 44)
+    painter.end()
+    return QIcon(pixmap)
 
 
 class OkSetPanel(QWidget):
@@ -123,6 +135,7 @@ class OkSetPanel(QWidget):
         lay.addLayout(fit_row)
         lay.addWidget(self.progress)
         self._thumb_queue: list[QListWidgetItem] = []
+        self._unreadable: dict[str, str] = {}  # path -> why the last fit could not read it
         self._thumb_timer = QTimer(self)
         self._thumb_timer.setInterval(0)
         self._thumb_timer.timeout.connect(self._load_some_thumbnails)
@@ -141,11 +154,48 @@ class OkSetPanel(QWidget):
             item.setData(Qt.ItemDataRole.UserRole, p)
             item.setToolTip(p)
             self.list.addItem(item)
-            self._thumb_queue.append(item)
-        self.count_label.setText(f"<b>{len(paths)}</b> OK images" + ("" if paths else " — add some, then Fit"))
+            if p in self._unreadable:
+                self._mark_unreadable(item, self._unreadable[p])
+            else:
+                self._thumb_queue.append(item)
+        self._update_count()
         if self._thumb_queue:
             self._thumb_timer.start()
         self._update_enabled()
+
+    def set_unreadable(self, unreadable: dict[str, str]) -> None:
+        """Mark the OK images the last fit could not read (path -> why): it skipped them, so
+        the count says how many the model really saw (found trying the station: they sat there
+        as blank thumbnails, counted as OK images)."""
+        was, self._unreadable = self._unreadable, dict(unreadable)
+        for i in range(self.list.count()):  # in place: 200 thumbnails are not loaded again
+            item = self.list.item(i)
+            path = item.data(Qt.ItemDataRole.UserRole)
+            if path in self._unreadable:
+                if item in self._thumb_queue:
+                    self._thumb_queue.remove(item)
+                self._mark_unreadable(item, self._unreadable[path])
+            elif path in was:  # read this time: its thumbnail again
+                item.setText("")
+                item.setToolTip(path)
+                self._thumb_queue.append(item)
+                self._thumb_timer.start()
+        self._update_count()
+
+    def _mark_unreadable(self, item: QListWidgetItem, reason: str) -> None:
+        path = item.data(Qt.ItemDataRole.UserRole)
+        item.setIcon(_unreadable_icon())
+        item.setText(Path(path).name)
+        item.setToolTip(f"{path}\nNot read at the last fit, so not in the model: {reason}")
+
+    def _update_count(self) -> None:
+        paths = self.paths()
+        text = f"<b>{len(paths)}</b> OK images" + ("" if paths else " — add some, then Fit")
+        bad = sum(p in self._unreadable for p in paths)
+        if bad:
+            text += (f" — <span style='color:#a00'>{bad} could not be read at the last fit (marked ✕; "
+                     f"the model saw {len(paths) - bad}): remove or replace them</span>")
+        self.count_label.setText(text)
 
     def set_models(self, models: list[tuple[str, str]], current: str, trained: tuple[str, ...] = (),
                    budget_s: float | None = None) -> None:

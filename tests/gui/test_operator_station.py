@@ -264,3 +264,25 @@ def test_with_the_engine_thread_a_save_ends_before_the_new_recipe_the_question_a
         assert path.with_suffix(".okng").stat().st_mtime_ns != stamp
     finally:
         assert runner.shutdown(10_000)
+
+
+def test_ok_images_the_fit_could_not_read_are_marked_and_not_counted_as_seen(qtbot, window, tmp_path):
+    """Found trying the station: after "3 image(s) could not be read and were skipped" the OK
+    set still said "15 OK images" beside blank thumbnails."""
+    w, s = window, window.controller.session
+    broken = tmp_path / "broken.png"
+    broken.write_text("not a picture")
+    s.add_ok_paths([str(broken)])
+    n = len(s.ok_paths)
+    s.start_fit()
+    assert s.detector is not None and str(broken) in s.unreadable_ok
+    text = w.ok_panel.count_label.text()
+    assert f"<b>{n}</b> OK images" in text and "1 could not be read at the last fit" in text
+    assert f"the model saw {n - 1}" in text
+    item = next(w.ok_panel.list.item(i) for i in range(w.ok_panel.list.count())
+                if w.ok_panel.list.item(i).data(0x0100) == str(broken))
+    assert item.text() == "broken.png" and "Not read at the last fit" in item.toolTip()
+    s.remove_ok_paths([str(broken)])
+    assert "could not be read" not in w.ok_panel.count_label.text()
+    s.new_recipe("fresh")
+    assert s.unreadable_ok == {}
