@@ -48,7 +48,7 @@ from .session_results import (
     judge,
 )
 from .sources import CapturedFrame, FolderWatchSource, VideoSource, capture_job, live_job
-from .thresholds import Thresholds
+from .thresholds import Thresholds, held_out_needed
 
 log = logging.getLogger(__name__)
 DEMO_RECIPE_NAME = "ELPV mono cells (demo)"
@@ -403,6 +403,7 @@ class InspectionSession:
         keep_mine = self.thresholds_hand_set and None not in mine and th is not None
         judged_ng = [r for r in self.results if r.verdict == "NG"]  # before the new thresholds re-judge them
         verdicts = {r.id: r.verdict for r in self.results}
+        old_threshold = self.image_threshold
         self.set_detector(det, *(mine if keep_mine else (None, None)))
         self.thresholds_hand_set = keep_mine
         self.mark_dirty()
@@ -410,6 +411,8 @@ class InspectionSession:
                f"in {result.seconds:.1f} s; inspection runs on {det.runtime_name}")
         if th is None:
             msg += " — too few images to calibrate: set the thresholds by hand"
+        elif not keep_mine and old_threshold is not None:
+            msg += threshold_move_text(old_threshold, th, result.calibration)
         self.status.emit(msg)
         if keep_mine:
             self._ask_thresholds_after_fit(th)
@@ -924,3 +927,24 @@ def _embedder_key(det: Detector) -> str:
     """What a kept embedding depends on: the embedding graph (backbone, weights, image size,
     channels) and how images are read (bit depth)."""
     return f"{graph_key(det.embedder)}|bits={det.config.bit_depth}"
+
+
+def threshold_move_text(old: float, th: Thresholds, calibration: list[str], notable: float = 0.1) -> str:
+    """Why a refit moved the image threshold by more than ``notable`` (relative), or "": the
+    held-out part it now rests on. With a few dozen held-out parts and a 1 % target the
+    threshold is their highest score, so one unusual good part sets it (found trying the
+    station: 66.9 -> 83.0 after one more OK image, and nothing said why)."""
+    new = th.image
+    if abs(new - old) <= notable * max(abs(old), 1e-12) or th.calibration_scores.size == 0:
+        return ""
+    scores = th.calibration_scores
+    below = np.nonzero(scores <= new)[0]
+    text = f". Image threshold {old:.2f} → {new:.2f}"
+    if below.size and len(calibration) == scores.size:
+        i = int(below[np.argmax(scores[below])])
+        text += f": it rests on the held-out OK part {Path(calibration[i]).name} ({scores[i]:.2f})"
+    n = int(scores.size)
+    if n < held_out_needed(th.target_false_alarm_rate):
+        text += (f"; with {n} held-out parts one part sets it at a {th.target_false_alarm_rate:.0%} target: "
+                 "add OK images to steady it")
+    return text

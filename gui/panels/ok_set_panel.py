@@ -52,6 +52,7 @@ class OkSetPanel(QWidget):
         self.list.setUniformItemSizes(True)
         self.list.setSelectionMode(QAbstractItemView.SelectionMode.ExtendedSelection)
         self.count_label = QLabel()
+        self.count_label.setWordWrap(True)  # a long note must not widen the dock
         self.add_files_button = QPushButton("Add images…")
         self.add_folder_button = QPushButton("Add folder…")
         self.remove_button = QPushButton("Remove")

@@ -753,3 +753,16 @@ def test_a_part_labelled_ok_is_trained_on_at_the_next_fit_never_held_out(session
     (fit, cal), = splits
     assert ng[0] in fit and ng[0] not in cal
     assert cal == real([p for p in s.recipe.ok_paths if p != ng[0]], s.config.calibration_fraction)[1]
+
+
+def test_a_refit_that_moves_the_threshold_says_which_held_out_part_it_rests_on():
+    from core.session import threshold_move_text
+    from core.thresholds import calibrate
+
+    scores = np.array([20.0, 30.0, 95.4, 25.0])
+    th = calibrate(scores, scores, 0.01)
+    text = threshold_move_text(66.9, th, ["a.png", "b.png", "odd.png", "c.png"])
+    assert text.startswith(f". Image threshold 66.90 → {th.image:.2f}: "
+                           "it rests on the held-out OK part odd.png (95.40)")
+    assert "with 4 held-out parts one part sets it at a 1% target: add OK images to steady it" in text
+    assert threshold_move_text(th.image * 0.95, th, ["a.png", "b.png", "odd.png", "c.png"]) == ""  # 5 %: no news
