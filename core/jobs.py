@@ -154,6 +154,7 @@ def drive(job: Callable[[CancelToken], Any], token: CancelToken, report: Callabl
         report("cancelled", None)
     except OkngError as exc:  # a refusal in words (a damaged file, no images): one line, no traceback
         log.error("job failed: %s", exc)
+        log.debug("where it failed", exc_info=True)  # -v: the traceback of a wrapped cause
         report("failed", exc)
     except Exception as exc:  # reported, never swallowed; a bug keeps its traceback in the log
         log.exception("job failed")
@@ -294,6 +295,8 @@ def split_calibration(paths: list[str], fraction: float,
     """
     keep = set(keep_in_fit)
     free = [i for i, p in enumerate(paths) if p not in keep]
+    if len(free) < 5 <= len(paths):  # too few others to hold any out: calibrate on all, as before
+        free = list(range(len(paths)))
     n_cal = int(round(len(free) * fraction)) if len(free) >= 5 else 0
     if n_cal == 0:
         return list(paths), []

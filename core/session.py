@@ -392,7 +392,12 @@ class InspectionSession:
         job = partial(fit_job, list(self.recipe.ok_paths), config, extractor=self.extractor, runtime=self.runtime,
                       feedback=True, keep_in_fit=vouched)
         self.status.emit(f"Fitting on {len(self.recipe.ok_paths)} OK images…")
-        self.submit(job, on_returned=done, on_failed=self._failed("Fit failed", report),
+        def failed(exc: BaseException) -> None:
+            self.unreadable_ok = {}  # the last fit's marks are stale; the error names what it could not read
+            self.unreadable_ok_changed.emit(self.unreadable_ok)
+            self._failed("Fit failed", report)(exc)
+
+        self.submit(job, on_returned=done, on_failed=failed,
                      on_cancelled=lambda: self.status.emit("Fit cancelled; the model is unchanged"))
 
     def _fit_done(self, result: FitResult) -> None:

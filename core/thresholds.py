@@ -126,8 +126,9 @@ def quantile_threshold(ok_scores: np.ndarray, false_alarm_rate: float, margin: f
     allowed = int(np.floor(false_alarm_rate * s.size))  # how many may lie above
     base = float(s[s.size - 1 - allowed])
     raised = base + margin * max(abs(base), 1e-12)
-    if allowed:  # stay below the lowest score allowed above: half way at most
-        raised = min(raised, base + (float(s[s.size - allowed]) - base) / 2)
+    higher = s[s > base]
+    if higher.size:  # stay below the next higher score (a tie is passed along with base): half way at most
+        raised = min(raised, base + (float(higher[0]) - base) / 2)
     return float(raised)
 
 

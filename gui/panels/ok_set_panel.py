@@ -16,6 +16,13 @@ IMAGE_FILTER = "Images (*.png *.jpg *.jpeg *.bmp *.tif *.tiff *.webp *.pgm *.ppm
 THUMBS_PER_TICK = 8
 
 
+def _blank_icon() -> QIcon:
+    """A grey tile: a thumbnail not drawn yet."""
+    placeholder = QPixmap(56, 56)
+    placeholder.fill(QColor(225, 225, 225))
+    return QIcon(placeholder)
+
+
 def _unreadable_icon() -> QIcon:
     """A grey tile with a red cross: an OK image the last fit could not read."""
     pixmap = QPixmap(56, 56)
@@ -147,9 +154,7 @@ class OkSetPanel(QWidget):
     def set_paths(self, paths: list[str]) -> None:
         self.list.clear()
         self._thumb_queue = []
-        placeholder = QPixmap(56, 56)
-        placeholder.fill(QColor(225, 225, 225))
-        blank = QIcon(placeholder)  # uniform item sizes are measured on the first item: give it an icon
+        blank = _blank_icon()  # uniform item sizes are measured on the first item: give it an icon
         for p in paths:
             item = QListWidgetItem(blank, "")
             item.setData(Qt.ItemDataRole.UserRole, p)
@@ -176,7 +181,8 @@ class OkSetPanel(QWidget):
                 if item in self._thumb_queue:
                     self._thumb_queue.remove(item)
                 self._mark_unreadable(item, self._unreadable[path])
-            elif path in was:  # read this time: its thumbnail again
+            elif path in was:  # read this time: its thumbnail again (a blank one if Qt cannot draw it)
+                item.setIcon(_blank_icon())
                 item.setText("")
                 item.setToolTip(path)
                 self._thumb_queue.append(item)
@@ -194,8 +200,9 @@ class OkSetPanel(QWidget):
         text = f"<b>{len(paths)}</b> OK images" + ("" if paths else " — add some, then Fit")
         bad = sum(p in self._unreadable for p in paths)
         if bad:
-            text += (f" — <span style='color:#a00'>{bad} could not be read at the last fit (marked ✕; "
-                     f"the model saw {len(paths) - bad}): remove or replace them</span>")
+            text += (f" — <span style='color:#a00'>{bad} could not be read at the last fit and "
+                     f"{'was' if bad == 1 else 'were'} left out (marked ✕): remove or replace "
+                     f"{'it' if bad == 1 else 'them'}</span>")
         self.count_label.setText(text)
 
     def set_models(self, models: list[tuple[str, str]], current: str, trained: tuple[str, ...] = (),

@@ -149,6 +149,10 @@ def test_a_part_labelled_ok_is_trained_on_and_leaves_the_held_out_set_as_it_was(
     held = cal[0]  # a part already in the OK set, then labelled: moved to the fit set
     fit3, cal3 = split_calibration(paths, 0.2, keep_in_fit={held})
     assert held in fit3 and held not in cal3 and len(cal3) == 40
+    assert cal3 == split_calibration([p for p in paths if p != held], 0.2)[1]  # the rest split as without it
+    # too few others to hold any out: calibrated on all, as without labels (never silently uncalibrated)
+    few = paths[:6]
+    assert split_calibration(few, 0.2, keep_in_fit=set(few[:2])) == split_calibration(few, 0.2)
 
 
 def test_a_parameter_the_model_does_not_take_is_refused_by_name():

@@ -79,7 +79,7 @@ def test_thresholds_come_from_the_held_out_images_only(fitted):
 
 
 @pytest.mark.parametrize("n, far", [(10, 0.15), (7, 0.5), (20, 0.075), (3, 0.5), (40, 0.0375)])
-def test_quantile_threshold_is_the_smallest_meeting_the_target(n, far):
+def test_quantile_threshold_rests_on_the_smallest_score_meeting_the_target_a_hair_above_it(n, far):
     assert math.floor(far * n) != round(far * n)  # sizes where floor and round differ
     scores = np.random.default_rng(n).normal(10, 2, n)
     t = quantile_threshold(scores, far)
@@ -98,6 +98,12 @@ def test_the_part_a_threshold_rests_on_stays_ok_when_scored_again_a_little_highe
     assert verdict(66.8727, t) == "OK"  # the same part re-scored (float16 store, another runtime)
     assert verdict(66.86839 * 1.002, t) == "NG"  # the margin is a rounding allowance, no more
     assert (scores > t).sum() == 0  # and the stated rate stays what it was
+
+
+def test_a_tie_at_the_score_it_rests_on_keeps_the_allowance():
+    scores = np.array([10.0, 20.0, 30.0, 30.0, 40.0])  # 20 %: one above; the two 30s tie
+    t = quantile_threshold(scores, 0.2)
+    assert verdict(30.0 * 1.0005, t) == "OK" and (scores > t).sum() == 1
 
 
 def test_the_margin_never_reaches_the_next_score_the_target_lets_through():

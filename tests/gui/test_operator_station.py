@@ -277,11 +277,17 @@ def test_ok_images_the_fit_could_not_read_are_marked_and_not_counted_as_seen(qtb
     s.start_fit()
     assert s.detector is not None and str(broken) in s.unreadable_ok
     text = w.ok_panel.count_label.text()
-    assert f"<b>{n}</b> OK images" in text and "1 could not be read at the last fit" in text
-    assert f"the model saw {n - 1}" in text
+    assert f"<b>{n}</b> OK images" in text and "1 could not be read at the last fit and was left out" in text
     item = next(w.ok_panel.list.item(i) for i in range(w.ok_panel.list.count())
                 if w.ok_panel.list.item(i).data(0x0100) == str(broken))
     assert item.text() == "broken.png" and "Not read at the last fit" in item.toolTip()
+    cross = item.icon().pixmap(56, 56).toImage()
+    assert cross.pixelColor(28, 28).red() > 150 and cross.pixelColor(28, 28).green() < 60  # the red cross
+    s.unreadable_ok_changed.emit({})  # read at a later fit: the cross and its note go
+    assert item.text() == "" and item.toolTip() == str(broken)
+    assert item.icon().pixmap(56, 56).toImage().pixelColor(28, 28).red() < 240  # not the cross's red
+    assert "could not be read" not in w.ok_panel.count_label.text()
+    s.unreadable_ok_changed.emit({str(broken): "not a picture"})
     s.remove_ok_paths([str(broken)])
     assert "could not be read" not in w.ok_panel.count_label.text()
     s.new_recipe("fresh")
