@@ -130,9 +130,13 @@ class ShiftLog:
             return None
 
     def reset_counters(self) -> None:
+        """A new shift: counters from zero, and no operator until the next one gives a name (the
+        previous shift's name carried over, labels would be made under it)."""
         self.log().reset_counters()
+        self.session.operator = ""
         self.refresh()
-        self.session.status.emit("Counters reset: a new shift starts now (the log keeps every result)")
+        self.session.status.emit("Counters reset: a new shift starts now (the log keeps every result); "
+                                 "enter your name in the Labels panel before labelling")
 
     def export(self, path: str, ng_only: bool = False, shift_only: bool = False) -> None:
         """The log as CSV: all of it or the NG rows, since the shift started or ever."""

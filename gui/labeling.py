@@ -31,6 +31,12 @@ def install_labeling(window, area=Qt.DockWidgetArea.RightDockWidgetArea):
         fb.operator = name
         settings.setValue("operator", name)
 
+    def new_shift() -> None:  # the session forgot the name: so do the field and the settings
+        panel.set_operator(s.operator)
+        settings.setValue("operator", s.operator)
+
+    window.shift_panel.reset_requested.connect(new_shift)
+
     mark = fb.mark
     m = window.menuBar().addMenu("&Label")
     for kind in ("false_alarm", "defect", "image_ok", "image_ng"):

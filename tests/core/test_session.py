@@ -349,8 +349,12 @@ def test_every_inspection_is_logged_and_counted(session, part_images, tmp_path):
     assert all(e.operator == "ana" and len(e.image_sha256) == 64 and e.model_id.startswith("fit@") for e in entries)
     ng_rows = [e for e in entries if e.verdict == "NG"]
     assert all(e.ng_copy and cv2.imread(e.ng_copy) is not None for e in ng_rows)
+    statuses = []
+    s.status.connect(statuses.append)
     s.shift.reset_counters()
     assert s.shift.counters().total == 0 and len(s.shift.log().entries()) == 2
+    # a new shift: the last shift's name is not carried into its labels
+    assert s.operator == "" and "enter your name" in statuses[-1]
 
 
 def test_operator_mode_locks_thresholds_fit_and_settings_but_not_labels(session, part_images):

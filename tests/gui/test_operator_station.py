@@ -103,8 +103,13 @@ def test_shift_counters_follow_the_inspections(qtbot, window, defect_image, ok_i
     sp = w.shift_panel
     assert sp.values["total"].text() == "2"
     assert int(sp.values["ok"].text()) + int(sp.values["ng"].text()) == 2
+    w.labels_panel.operator_edit.setText("ana")
+    w.labels_panel.operator_edit.editingFinished.emit()
+    assert s.operator == "ana" and w.settings.value("operator") == "ana"
     sp.reset_requested.emit()
     assert sp.values["total"].text() == "0"
+    # a new shift: the next operator gives a name (the last one's would sign their labels)
+    assert s.operator == "" and w.labels_panel.operator() == "" and w.settings.value("operator") == ""
 
 
 def test_an_ng_with_nothing_above_the_pixel_threshold_still_shows_where(qtbot, window, defect_image):
