@@ -82,14 +82,19 @@ class RecipeMenu:
         return str(d)
 
     def open_dialog(self) -> None:
-        if not self.confirm_discard("open another recipe"):
-            return
         path, _ = QFileDialog.getOpenFileName(self.w, "Open recipe", self._recipes_dir(), RECIPE_FILTER)
-        if path:
-            self.open(path, confirmed=True)
+        if path:  # asked once the file is known: reopening the open recipe is asked as such
+            self.open(path)
+
+    def _opening(self, path: str) -> str:
+        """What opening ``path`` does, for the unsaved-changes question."""
+        current = self.session.recipe_path
+        if current is not None and Path(path).resolve() == Path(current).resolve():
+            return "reopen it as it was last saved (Discard goes back to that)"
+        return "open another recipe"
 
     def open(self, path: str, confirmed: bool = False) -> None:
-        if not confirmed and not self.confirm_discard("open another recipe"):
+        if not confirmed and not self.confirm_discard(self._opening(path)):
             return
         if not Path(path).is_file():
             self.session.error.emit(f"Recipe file not found: {path} (removed from the recent list)")

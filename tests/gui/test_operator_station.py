@@ -297,3 +297,25 @@ def test_ok_images_the_fit_could_not_read_are_marked_and_not_counted_as_seen(qtb
     assert "could not be read" not in w.ok_panel.count_label.text()
     s.new_recipe("fresh")
     assert s.unreadable_ok == {}
+
+
+def test_reopening_the_open_recipe_with_unsaved_changes_is_asked_as_a_reopen(qtbot, window, tmp_path):
+    """It used to ask "Save them before you open another recipe?" for the recipe already open."""
+    w, s = window, window.controller.session
+    path = tmp_path / "line1.okrecipe"
+    assert s.save_recipe(path)
+    w._let_the_save_end()
+    s.set_thresholds(1.0, 1.0)
+    assert s.dirty
+    asked = []
+
+    def answer():
+        box = getattr(w, "question_box", None)
+        if box is None or not box.isVisible():
+            QTimer.singleShot(20, answer)
+            return
+        asked.append(box.text())
+        next(b for b in box.buttons() if b.text() == "Cancel").click()
+    QTimer.singleShot(0, answer)
+    w.recipe_menu.open(str(path))
+    assert "reopen it as it was last saved" in asked[0] and s.dirty  # Cancel: nothing changed
