@@ -124,6 +124,15 @@ class InspectionSession:
         return [(name, cls.summary) for name, cls in MODELS.items()]
 
     def new_recipe(self, name: str, config: DetectorConfig | None = None, ok_paths: list[str] | None = None) -> None:
+        """A new, unsaved recipe. Engineer only: in operator mode it would leave the lock (a
+        new recipe has no PIN) and could then be saved over the protected one (found trying
+        the station)."""
+        if not self._engineer_only("start a new recipe"):
+            return
+        self._replace_recipe(name, config, ok_paths)
+
+    def _replace_recipe(self, name: str, config: DetectorConfig | None = None,
+                        ok_paths: list[str] | None = None) -> None:
         if self._still_saving():
             return
         self._stop_live()
@@ -816,7 +825,7 @@ class InspectionSession:
         except (OkngError, TypeError, ValueError) as exc:
             self.error.emit(f"Cannot open recipe: {exc}")
             return
-        self.new_recipe(recipe.name)
+        self._replace_recipe(recipe.name)
         self.recipe, self.recipe_path = recipe, path
         self.labels.recipe_replaced()  # now the labels and the results log beside this recipe
         self.shift.recipe_replaced()
@@ -855,6 +864,12 @@ class InspectionSession:
             return False
         if self.live:
             self.error.emit("Stop live inspection before saving the recipe.")
+            return True
+        elsewhere = self.recipe_path is None or path.resolve() != Path(self.recipe_path).resolve()
+        if elsewhere and not self._engineer_only("save the recipe under another name"):
+            return True
+        if elsewhere and (refusal := protected_by_another_pin(path, self.recipe.station.get("pin_hash"))):
+            self.error.emit(refusal)
             return True
         if self._still_saving():
             return True
@@ -953,3 +968,19 @@ def threshold_move_text(old: float, th: Thresholds, calibration: list[str], nota
         text += (f"; with {n} held-out parts one part sets it at a {th.target_false_alarm_rate:.0%} target: "
                  "add OK images to steady it")
     return text
+
+
+def protected_by_another_pin(path: Path, own_pin_hash: str | None) -> str:
+    """Why ``path`` must not be overwritten by a save-as, or "": a recipe file there with an
+    engineer PIN other than the saved recipe's own. Without this, a recipe with no PIN (or
+    another PIN) could be saved over the protected production recipe, PIN and all."""
+    if not path.is_file():
+        return ""
+    try:
+        theirs = load_recipe(path).station.get("pin_hash")
+    except (OkngError, OSError, ValueError, TypeError):
+        return ""  # not a readable recipe: nothing to protect
+    if theirs and theirs != own_pin_hash:
+        return (f"{path.name} is protected by an engineer PIN: nothing was saved. Save under another "
+                "name, or open that recipe and unlock it (Recipe ▸ Engineer mode) to change it.")
+    return ""

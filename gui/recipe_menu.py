@@ -11,6 +11,7 @@ from pathlib import Path
 from PySide6.QtCore import QStandardPaths
 from PySide6.QtGui import QKeySequence
 from PySide6.QtWidgets import QFileDialog, QInputDialog, QLineEdit, QMessageBox
+from core.roles import ENGINEER
 
 RECIPE_FILTER = "OK/NG recipes (*.okrecipe)"
 MAX_RECENT = 8
@@ -71,6 +72,9 @@ class RecipeMenu:
         return False
 
     def new_recipe(self) -> None:
+        if self.session.role != ENGINEER:  # refused (and said why) before asking about changes
+            self.session.new_recipe("untitled")
+            return
         if self.confirm_discard("start a new recipe"):
             self.session.new_recipe("untitled")
 
@@ -117,8 +121,11 @@ class RecipeMenu:
         path, _ = QFileDialog.getSaveFileName(self.w, "Save recipe", start, RECIPE_FILTER)
         if path:
             path = path if path.endswith(".okrecipe") else path + ".okrecipe"
-            self.session.save_recipe(path)
-            self._remember(path)
+            s = self.session
+            s.save_recipe(path)
+            self.w._let_the_save_end()  # its model is written on the engine thread
+            if s.recipe_path is not None and Path(s.recipe_path).resolve() == Path(path).resolve():
+                self._remember(path)  # only a recipe that was saved (a refused save is no recent file)
 
     def _remember(self, path: str) -> None:
         recent = [p for p in recent_list(self.w.settings.value("recent")) if p != path]

@@ -770,3 +770,31 @@ def test_a_refit_that_moves_the_threshold_says_which_held_out_part_it_rests_on()
                            "it rests on the held-out OK part odd.png (95.40)")
     assert "with 4 held-out parts one part sets it at a 1% target: add OK images to steady it" in text
     assert threshold_move_text(th.image * 0.95, th, ["a.png", "b.png", "odd.png", "c.png"]) == ""  # 5 %: no news
+
+
+def test_operator_mode_cannot_be_left_by_a_new_recipe_nor_a_protected_recipe_overwritten(session, tmp_path):
+    """Found trying the station: in operator mode New recipe gave engineer mode without the
+    PIN, and "Save as" then wrote a recipe without a PIN over the protected one."""
+    s = session
+    errors = s.errors
+    protected = tmp_path / "line1.okrecipe"
+    assert s.set_pin("4711") and s.save_recipe(protected)
+    s.lock()
+    errors.clear()
+    s.new_recipe("untitled")
+    s.open_demo()
+    assert s.role == "operator" and s.recipe_path == protected  # both refused, said why
+    assert len(errors) == 2 and all("Operator mode: an engineer must unlock" in e for e in errors)
+    assert s.save_recipe(tmp_path / "copy.okrecipe") and not (tmp_path / "copy.okrecipe").exists()
+    assert "save the recipe under another name" in errors[-1]
+    # an engineer's recipe without that PIN cannot be saved over the protected file either
+    assert s.unlock("4711")
+    s.new_recipe("untitled", s.config, list(s.ok_paths))
+    before = protected.read_bytes()
+    errors.clear()
+    assert s.save_recipe(protected)
+    assert protected.read_bytes() == before and "protected by an engineer PIN: nothing was saved" in errors[0]
+    # saved under another name it is fine, and the protected recipe itself still saves in place
+    assert s.save_recipe(tmp_path / "other.okrecipe") and (tmp_path / "other.okrecipe").is_file()
+    s.open_recipe(protected)
+    assert s.unlock("4711") and s.save_recipe(protected) and len(errors) == 1

@@ -319,3 +319,22 @@ def test_reopening_the_open_recipe_with_unsaved_changes_is_asked_as_a_reopen(qtb
     QTimer.singleShot(0, answer)
     w.recipe_menu.open(str(path))
     assert "reopen it as it was last saved" in asked[0] and s.dirty  # Cancel: nothing changed
+
+
+def test_a_refused_save_as_is_not_added_to_the_recent_recipes(qtbot, window, tmp_path, monkeypatch):
+    from PySide6.QtWidgets import QFileDialog
+
+    w, s = window, window.controller.session
+    protected = tmp_path / "line1.okrecipe"
+    assert s.set_pin("4711") and s.save_recipe(protected)
+    w._let_the_save_end()
+    w.settings.setValue("recent", [])
+    s.new_recipe("untitled", s.config, list(s.ok_paths))  # no PIN: may not replace line1
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, **k: (str(protected), ""))
+    w.recipe_menu.save_as()
+    assert "protected by an engineer PIN" in w.error_label.text()
+    assert recent_list(w.settings.value("recent")) == []
+    other = tmp_path / "line2.okrecipe"
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, **k: (str(other), ""))
+    w.recipe_menu.save_as()
+    assert recent_list(w.settings.value("recent")) == [str(other)]
