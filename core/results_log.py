@@ -100,9 +100,11 @@ class Counters:
 
     @property
     def parts_per_minute(self) -> float | None:
-        if self.total < 2 or self.first is None or self.last is None or self.last <= self.first:
+        """Parts per minute from the shift's start to its last part (a batch inspected in a
+        second gave 7,710 / min when counted from its first part to its last)."""
+        if self.last is None or self.total < 1 or self.last <= self.since:
             return None
-        return (self.total - 1) / (self.last - self.first) * 60.0
+        return self.total / (self.last - self.since) * 60.0
 
     def rates(self) -> dict[str, float | None]:
         """Detection and false-alarm rate on the parts whose truth is known."""

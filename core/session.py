@@ -832,7 +832,14 @@ class InspectionSession:
         self._set_role(OPERATOR if self.has_pin else ENGINEER)
         self.recipe_changed.emit(recipe.name)
         self.ok_paths_changed.emit(self.ok_paths)
-        if not (recipe.model_path and Path(recipe.model_path).is_file()):
+        if recipe.model_path and not Path(recipe.model_path).is_file():  # fitted once, the file is gone
+            kept = ("" if None in (recipe.image_threshold, recipe.pixel_threshold) else
+                    f"; its thresholds ({recipe.image_threshold:.4g} / {recipe.pixel_threshold:.4g}) stay in "
+                    "the recipe until a model is there")
+            self.error.emit(f"Recipe {recipe.name}: its model file {recipe.model_path} is missing. Put it back "
+                            f"beside the recipe and open the recipe again, or press Fit (F5) to fit anew{kept}")
+            return
+        if not recipe.model_path:
             self.status.emit(f"Recipe {recipe.name} opened; no fitted model yet — press Fit (F5)")
             return
 
@@ -879,7 +886,8 @@ class InspectionSession:
             self._save_ended(False)
             return True
         recipe = self.recipe
-        recipe.image_threshold, recipe.pixel_threshold = self.image_threshold, self.pixel_threshold
+        if self.detector is not None:  # without a model (its file missing) the stored thresholds stay
+            recipe.image_threshold, recipe.pixel_threshold = self.image_threshold, self.pixel_threshold
         if self.detector is None:
             self._write_recipe_file(recipe, path, recipe.model_path, model_written=False)
             return True

@@ -22,7 +22,7 @@ def test_counters_count_since_the_shift_start_and_never_count_no_verdict_as_ok(t
         c = log.counters()
         assert (c.total, c.ok, c.ng, c.unjudged) == (4, 2, 1, 1)
         assert c.yield_rate == pytest.approx(2 / 3)  # of the judged parts only
-        assert c.parts_per_minute == pytest.approx(3 / 90 * 60)  # 4 parts over 90 s
+        assert c.parts_per_minute == pytest.approx(4 / 90 * 60)  # 4 parts, the last 90 s after the shift started
         assert len(log.entries()) == 6 and log.entries()[0].verdict == "ERROR"  # newest first
         assert [e.verdict for e in log.entries(ng_only=True)] == ["NG", "NG"]
         assert [e.verdict for e in log.entries(ng_only=True, since=1000.0)] == ["NG"]

@@ -798,3 +798,23 @@ def test_operator_mode_cannot_be_left_by_a_new_recipe_nor_a_protected_recipe_ove
     assert s.save_recipe(tmp_path / "other.okrecipe") and (tmp_path / "other.okrecipe").is_file()
     s.open_recipe(protected)
     assert s.unlock("4711") and s.save_recipe(protected) and len(errors) == 1
+
+
+def test_a_recipe_whose_model_file_is_gone_says_so_and_a_save_keeps_its_thresholds(session, tmp_path):
+    """Found trying the station: it opened as "no fitted model yet — press Fit", and Ctrl+S
+    then wrote the recipe without the engineer's thresholds."""
+    from core.recipes import load_recipe
+
+    s = session
+    path = tmp_path / "line1.okrecipe"
+    s.set_thresholds(225.69, 304.45)
+    assert s.save_recipe(path)
+    model = Path(load_recipe(path).model_path)
+    model.rename(tmp_path / "moved.okng")
+    s.errors.clear()
+    s.open_recipe(path)
+    assert s.detector is None and len(s.errors) == 1
+    assert f"its model file {model} is missing" in s.errors[0] and "225.7 / 304.4" in s.errors[0]
+    assert s.save_recipe(path)
+    again = load_recipe(path)
+    assert (again.image_threshold, again.pixel_threshold) == (225.69, 304.45) and again.model_path == str(model)
