@@ -79,5 +79,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         service.stop()
     st = service.status()
-    print(f"okng serve: stopped after {st['cycles']} cycles ({st['refused']} triggers refused)", file=sys.stderr)
+    print(f"okng serve: {serve_summary(st)}", file=sys.stderr)
     return 0
+
+
+def serve_summary(status: dict) -> str:
+    """The last line of ``okng serve``: cycles, triggers refused, and the other refusals apart
+    (a recipe switch that failed was counted as a refused trigger)."""
+    def n(count: int, word: str) -> str:
+        return f"{count} {word}{'' if count == 1 else 's'}"
+
+    text = f"stopped after {n(status['cycles'], 'cycle')} ({n(status['refused'], 'trigger')} refused"
+    if status.get("faults"):
+        text += f"; {status['faults']} recipe load(s) or acknowledgement(s) failed"
+    return text + ")"

@@ -80,7 +80,8 @@ class Handshake:
         self.last_trigger: float | None = None
         self.last_result: CycleResult | None = None
         self.cycles = 0
-        self.refused = 0
+        self.refused = 0  # triggers refused (busy, a result not acknowledged, no recipe)
+        self.faults = 0  # other refusals: a recipe that would not load, an ack not recorded
 
     # -- observation --------------------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:
@@ -116,7 +117,10 @@ class Handshake:
                     log.exception("line listener failed")
 
     def _refuse(self, code: ErrorCode, text: str) -> None:
-        self.refused += 1
+        if code in (ErrorCode.TRIGGER_WHILE_BUSY, ErrorCode.RESULT_NOT_ACKNOWLEDGED, ErrorCode.NOT_READY):
+            self.refused += 1
+        else:
+            self.faults += 1
         log.info("refused: %s", text)
         self._set(ErrorCode=int(code), ErrorText=text[:200])
 
@@ -199,7 +203,9 @@ class Handshake:
             log.exception("ack of part %d not recorded", r.part_id)
             return self._refuse(ErrorCode.ACK_NOT_RECORDED, f"ack of part {r.part_id} not recorded: {exc}")
         self._held = None
-        self._set(ResultReady=False, Ok=False, Ng=False, PartId=0, ResultRecipe=0)
+        # the error went with the result (or said why a trigger was refused while it was held):
+        # left set, a PLC read "not acknowledged" beside Ready=1 (found trying the station)
+        self._set(ResultReady=False, Ok=False, Ng=False, PartId=0, ResultRecipe=0, ErrorCode=0, ErrorText="")
         self._update_ready()
 
     # -- station side -------------------------------------------------------------------

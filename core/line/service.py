@@ -165,6 +165,7 @@ class LineService:
             "active_recipe": hs.value("ActiveRecipe"),
             "cycles": hs.cycles,
             "refused": hs.refused,
+            "faults": hs.faults,
             "last_trigger_age": None if hs.last_trigger is None else time.monotonic() - hs.last_trigger,
             "last_result": None if r is None else {"part_id": r.part_id, "verdict": r.verdict, "score": r.score},
             "mqtt": [p.describe() for p in self.publishers.values()],

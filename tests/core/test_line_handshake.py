@@ -159,6 +159,10 @@ def test_trigger_while_a_result_waits_for_its_ack_is_refused_and_the_result_kept
     s = ln.hs.snapshot()
     assert s["ErrorCode"] == ErrorCode.RESULT_NOT_ACKNOWLEDGED and s["ResultReady"] and s["Ok"]
     assert ln.inspected == [(1, 5)]
+    ln.hs.plc_write("ResultAck", True)  # the ack releases the result and the refusal with it
+    ln.watch.until("Ready", True)
+    s = ln.hs.snapshot()
+    assert (s["ErrorCode"], s["ErrorText"]) == (ErrorCode.NONE, "")  # never "not acknowledged" beside Ready
 
 
 def test_trigger_before_any_recipe_is_loaded_is_refused(line):
@@ -264,6 +268,16 @@ def test_an_unknown_recipe_index_is_refused_and_the_active_recipe_kept(line):
     s = ln.hs.snapshot()
     assert (s["ErrorCode"], s["ActiveRecipe"], s["Ready"]) == (ErrorCode.UNKNOWN_RECIPE, 1, True)
     assert ln.cycle()["Ok"] is True
+    # a failed recipe switch is no refused trigger (okng serve's summary counted it as one)
+    assert (ln.hs.refused, ln.hs.faults) == (0, 1)
+
+
+def test_okng_serves_summary_counts_refused_triggers_and_other_refusals_apart():
+    from core.line.command import serve_summary
+
+    assert serve_summary({"cycles": 8, "refused": 1, "faults": 2}) == \
+        "stopped after 8 cycles (1 trigger refused; 2 recipe load(s) or acknowledgement(s) failed)"
+    assert serve_summary({"cycles": 1, "refused": 0, "faults": 0}) == "stopped after 1 cycle (0 triggers refused)"
 
 
 def test_a_restored_result_is_presented_and_held_until_acknowledged(line):
