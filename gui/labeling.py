@@ -43,7 +43,7 @@ def install_labeling(window, area=Qt.DockWidgetArea.RightDockWidgetArea):
         window.add_action(m, MENU_TEXT[kind], lambda _=False, k=kind: mark(k), SHORTCUTS[kind])
     m.addSeparator()
     window.add_action(m, "&Undo last label", fb.undo_last, "Ctrl+Z")
-    window.add_action(m, "&Reset channel weights", fb.reset_weights)
+    window.reset_weights_action = window.add_action(m, "&Reset channel weights", fb.reset_weights)
 
     def clicked(row: int, col: int) -> None:
         if not fb.select_at(row, col):

@@ -110,7 +110,7 @@ class MainWindow(QMainWindow):
         s = self.controller.session
         m = self.inspect_menu = self.menuBar().addMenu("&Inspect")
         self.add_action(m, "&Open images to inspect…", self.source_panel.ask_files, "Ctrl+O")
-        self.add_action(m, "&Fit model", s.start_fit, "F5")
+        self.fit_action = self.add_action(m, "&Fit model", s.start_fit, "F5")
         self.demo_action = self.add_action(m, "Inspect &demo stream", s.inspect_demo_stream, "Ctrl+D")
         self.add_action(m, "Start/stop &live", self.source_panel.request_live_toggle, "F6")
         self.add_action(m, "&Next image / stop live", self.next_or_stop, "Space")
@@ -200,6 +200,8 @@ class MainWindow(QMainWindow):
         locked = role == "operator"
         self.threshold_panel.setEnabled(not locked and self.controller.session.detector is not None)
         self.ok_panel.setEnabled(not locked)
+        self.fit_action.setEnabled(not locked)  # the menu greys out what the panels do
+        self.reset_weights_action.setEnabled(not locked)
         self.labels_panel.set_engineer_controls(not locked)
         self.histogram.line.setMovable(not locked)
         self.recipe_menu.show_role(role)

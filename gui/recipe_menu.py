@@ -31,11 +31,11 @@ class RecipeMenu:
         self.w = window
         self.session = s = window.controller.session
         m = window.menuBar().addMenu("&Recipe")
-        window.add_action(m, "&New recipe", self.new_recipe, QKeySequence.StandardKey.New)
+        self.new_action = window.add_action(m, "&New recipe", self.new_recipe, QKeySequence.StandardKey.New)
         window.add_action(m, "&Open recipe…", self.open_dialog, "Ctrl+Shift+O")
         self.recent_menu = m.addMenu("Open &recent")
         window.add_action(m, "&Save recipe", self.save, QKeySequence.StandardKey.Save)
-        window.add_action(m, "Save recipe &as…", self.save_as, "Ctrl+Shift+S")
+        self.save_as_action = window.add_action(m, "Save recipe &as…", self.save_as, "Ctrl+Shift+S")
         m.addSeparator()
         self.pin_action = window.add_action(m, "Set engineer &PIN…", self.set_pin)
         self.lock_action = window.add_action(m, "&Operator mode (lock settings)", s.lock, "Ctrl+L")
@@ -138,8 +138,14 @@ class RecipeMenu:
 
     def update_recent(self) -> None:
         self.recent_menu.clear()
-        for p in recent_list(self.w.settings.value("recent")):
-            self.recent_menu.addAction(Path(p).stem, lambda p=p: self.open(p))
+        self.recent_menu.setToolTipsVisible(True)
+        recent = recent_list(self.w.settings.value("recent"))
+        stems = [Path(p).stem for p in recent]
+        for p, stem in zip(recent, stems):
+            # two recipes of one name in different folders: the folder tells them apart
+            text = stem if stems.count(stem) == 1 else f"{stem} — {Path(p).parent}"
+            action = self.recent_menu.addAction(text, lambda p=p: self.open(p))
+            action.setToolTip(p)
         self.recent_menu.setEnabled(not self.recent_menu.isEmpty())
 
     # -- roles ----------------------------------------------------------------------------
@@ -164,5 +170,7 @@ class RecipeMenu:
     def show_role(self, role: str) -> None:
         locked = role == "operator"
         self.pin_action.setEnabled(not locked)
+        self.new_action.setEnabled(not locked)  # engineer only (a new recipe would leave the lock)
+        self.save_as_action.setEnabled(not locked)
         self.lock_action.setEnabled(not locked)
         self.unlock_action.setEnabled(locked)

@@ -3,7 +3,7 @@ holding registers (README "Connecting a line" prints it).
 
 ``owner`` says who writes a signal: ``plc`` (the station only reads it and clears the two
 command bits when it has taken them), ``station`` (read-only for the PLC: an OPC UA write is
-refused with BadNotWritable, a Modbus write with exception 2, illegal data address), or
+refused with BadUserAccessDenied, a Modbus write with exception 2, illegal data address), or
 ``both`` (PartId: the PLC writes the next part's id, 0 lets the station number it).
 
 Modbus: coils hold the booleans; holding registers hold the numbers, big-endian with the

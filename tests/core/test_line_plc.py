@@ -141,8 +141,9 @@ def test_a_write_to_a_station_signal_is_refused_over_modbus(line):
 def test_a_write_to_a_station_signal_is_refused_over_opcua(line):
     plc = OpcUaPlc(line["ports"]["opcua"])
     try:
-        with pytest.raises(ua.UaStatusCodeError):
+        with pytest.raises(ua.UaStatusCodeError) as refused:
             plc.nodes["ResultReady"].write_value(ua.DataValue(ua.Variant(True, ua.VariantType.Boolean)))
+        assert refused.value.code == ua.StatusCodes.BadUserAccessDenied  # what the README says
         assert plc.read("ResultReady")["ResultReady"] is False
     finally:
         plc.close()

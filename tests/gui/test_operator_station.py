@@ -67,6 +67,16 @@ def test_recent_recipes_survive_a_single_entry_and_a_missing_file(qtbot, window,
     assert errors and "not found" in errors[-1] and w.recipe_menu.recent_menu.isEmpty()
 
 
+def test_recent_recipes_of_one_name_in_two_folders_are_told_apart(qtbot, window, tmp_path):
+    w = window
+    a, b = tmp_path / "line1" / "cells.okrecipe", tmp_path / "line2" / "cells.okrecipe"
+    w.settings.setValue("recent", [str(a), str(b), str(tmp_path / "solar.okrecipe")])
+    w.recipe_menu.update_recent()
+    actions = w.recipe_menu.recent_menu.actions()
+    assert [x.text() for x in actions] == [f"cells — {a.parent}", f"cells — {b.parent}", "solar"]
+    assert [x.toolTip() for x in actions] == [str(a), str(b), str(tmp_path / "solar.okrecipe")]
+
+
 def test_operator_mode_disables_the_engineer_controls(qtbot, window):
     w, s = window, window.controller.session
     s.start_fit()
@@ -78,8 +88,11 @@ def test_operator_mode_disables_the_engineer_controls(qtbot, window):
     assert w.labels_panel.isEnabled()  # operators still label...
     lp = w.labels_panel
     assert not lp.reweight_check.isEnabled() and not lp.reset_button.isEnabled()  # ...but weights are set up
+    engineer_menu = [w.fit_action, w.reset_weights_action, w.recipe_menu.new_action, w.recipe_menu.save_as_action]
+    assert not any(a.isEnabled() for a in engineer_menu)  # the menus grey out what the panels lock
     assert s.unlock("2468")
     assert w.threshold_panel.isEnabled() and w.ok_panel.isEnabled()
+    assert all(a.isEnabled() for a in engineer_menu)
     assert lp.reweight_check.isEnabled() and not lp.reset_button.isEnabled()  # no weights held yet
 
 
