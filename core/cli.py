@@ -551,7 +551,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .persistence import load_detector
 
     _check_output(args.out, "--out", folder_itself=True)  # the bundle's folder, or its parent to make it in
-    det = load_detector(args.model, runtime="torch")
+    model = Path(args.model)
+    # a recipe stands for its model and its thresholds, as for score and eval
+    det = (_load_recipe_model(model, runtime="torch") if model.is_file() and _is_recipe(model)
+           else load_detector(args.model, runtime="torch"))
     out = export_bundle(det, args.out)
     print(f"exported {args.model} -> {out} (model.okng, embedding.onnx, bundle.json)")
     return 0
@@ -726,7 +729,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval)
 
     x = sub.add_parser("export", help="write a model as a bundle other tools and line PCs can run")
-    x.add_argument("model", metavar="MODEL", help="model file (.okng)")
+    x.add_argument("model", metavar="MODEL", help="model file (.okng), or a recipe (its model and thresholds)")
     x.add_argument("--out", required=True, metavar="DIR", help="bundle folder to write")
     x.set_defaults(func=cmd_export)
 

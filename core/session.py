@@ -878,6 +878,9 @@ class InspectionSession:
         if elsewhere and (refusal := protected_by_another_pin(path, self.recipe.station.get("pin_hash"))):
             self.error.emit(refusal)
             return True
+        if elsewhere and self.recipe.name == "untitled":  # a new recipe takes its file's name
+            self.recipe.name = path.stem
+            self.recipe_changed.emit(self.recipe.name)
         if self._still_saving():
             return True
         if not self.labels.recipe_saved_to(path):

@@ -85,6 +85,10 @@ def test_a_recipe_can_stand_for_its_model_with_its_thresholds(capsys, tmp_path, 
     empty = save_recipe(Recipe("e", [], {}), tmp_path / "e.okrecipe")
     assert main(["score", "--model", str(empty), str(img)]) == 1
     assert "has no fitted model yet" in capsys.readouterr().err
+    # export takes a recipe too (it said "not an OK/NG model file ... header too large")
+    assert main(["export", str(recipe), "--out", str(tmp_path / "bundle")]) == 0
+    from core.bundle import load_bundle
+    assert load_bundle(tmp_path / "bundle", None).thresholds.image == 1e9  # with the recipe's thresholds
 
 
 def test_a_camera_that_cannot_open_says_what_to_do():

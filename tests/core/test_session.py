@@ -796,6 +796,7 @@ def test_operator_mode_cannot_be_left_by_a_new_recipe_nor_a_protected_recipe_ove
     assert protected.read_bytes() == before and "protected by an engineer PIN: nothing was saved" in errors[0]
     # saved under another name it is fine, and the protected recipe itself still saves in place
     assert s.save_recipe(tmp_path / "other.okrecipe") and (tmp_path / "other.okrecipe").is_file()
+    assert s.recipe.name == "other"  # an untitled recipe takes its file's name (title, recent menu)
     s.open_recipe(protected)
     assert s.unlock("4711") and s.save_recipe(protected) and len(errors) == 1
 
