@@ -65,6 +65,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     options = ServeOptions([Path(r) for r in args.recipes], _source(args), opcua=args.opcua, modbus=args.modbus,
                            mqtt=args.mqtt, recipe_index=args.recipe_index, heartbeat=args.heartbeat,
                            runtime=args.runtime, operator=args.operator)
+    for warning in recipe_warnings(options.recipes):  # a typo is found now, not at a changeover mid-shift
+        print(f"okng serve: warning: {warning}", file=sys.stderr)
     service = LineService(options)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -93,3 +95,23 @@ def serve_summary(status: dict) -> str:
     if status.get("faults"):
         text += f"; {status['faults']} recipe load(s) or acknowledgement(s) failed"
     return text + ")"
+
+
+def recipe_warnings(paths) -> list[str]:
+    """What would keep each RecipeIndex from loading, checked at start without loading a model:
+    a file that is no recipe (a model file given by mistake), or a recipe without its model."""
+    from pathlib import Path
+
+    from ..recipes import load_recipe
+
+    out = []
+    for index, path in enumerate(paths, 1):
+        try:
+            recipe = load_recipe(path)
+        except (OkngError, OSError, ValueError) as exc:
+            out.append(f"recipe {index} ({path}) will not load: {exc}")
+            continue
+        if not recipe.model_path or not Path(recipe.model_path).is_file():
+            out.append(f"recipe {index} ({path}) has no model file"
+                       + (f" ({recipe.model_path} is missing)" if recipe.model_path else " (fit it first)"))
+    return out

@@ -49,3 +49,17 @@ def test_serve_without_a_link_or_with_a_missing_recipe_is_refused_before_any_wor
     assert "recipe file not found" in capsys.readouterr().err
     assert main(["serve", str(recipe), "--images", str(image), "--modbus", "127.0.0.1:0"]) == 1
     assert "has no fitted model" in capsys.readouterr().err
+
+
+def test_serve_names_at_start_every_recipe_that_will_not_load(tmp_path, saved_tiny_model):
+    """Found trying the station: a model file given as recipe 2 was only found when the PLC
+    switched to it mid-run."""
+    from core.line.command import recipe_warnings
+
+    model, _ = saved_tiny_model
+    good = save_recipe(Recipe("good", [], {}, str(model)), tmp_path / "good.okrecipe")
+    unfitted = save_recipe(Recipe("new", []), tmp_path / "new.okrecipe")
+    warnings = recipe_warnings([good, model, unfitted])
+    assert len(warnings) == 2
+    assert warnings[0].startswith(f"recipe 2 ({model}) will not load: ")
+    assert warnings[1] == f"recipe 3 ({unfitted}) has no model file (fit it first)"
