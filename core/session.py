@@ -68,6 +68,8 @@ class InspectionSession:
         #: OK images the last fit could not read: path -> why (the OK set marks them)
         self.unreadable_ok: dict[str, str] = {}
         self.unreadable_ok_changed = Event()  # (unreadable_ok)
+        #: why the last refit moved the threshold, for the verdicts-changed line that follows it
+        self._refit_note = ""
         self.model_changed = Event()  # ()
         self.thresholds_changed = Event()  # (image, pixel)
         self.results_changed = Event()  # () verdicts, scores or maps of stored results changed
@@ -423,10 +425,10 @@ class InspectionSession:
         self.mark_dirty()
         msg = (f"Model fitted on {len(result.fitted)} images, calibrated on {len(result.calibration)} "
                f"in {result.seconds:.1f} s; inspection runs on {det.runtime_name}")
-        if th is None:
-            msg += " — too few images to calibrate: set the thresholds by hand"
-        elif not keep_mine and old_threshold is not None:
-            msg += threshold_move_text(old_threshold, th, result.calibration)
+        moved = ("" if th is None or keep_mine or old_threshold is None
+                 else threshold_move_text(old_threshold, th, result.calibration))
+        msg += " — too few images to calibrate: set the thresholds by hand" if th is None else moved
+        self._refit_note = moved.lstrip(". ")  # said again by the verdicts-changed line put over this one
         self.status.emit(msg)
         if keep_mine:
             self._ask_thresholds_after_fit(th)
@@ -697,11 +699,12 @@ class InspectionSession:
                 rec.changed_from = was
                 changed.append(rec)
         self.results_changed.emit()
+        note, self._refit_note = (self._refit_note, "") if before is not None else ("", self._refit_note)
         if changed:
             shown = ", ".join(f"{r.name} {r.changed_from} → {r.verdict}" for r in changed[:6])
             more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
             self.status.emit(f"The new model changed {len(changed)} verdict(s): {shown}{more} "
-                             f"(marked in the results)")
+                             f"(marked in the results)" + (f". {note}" if note else ""))
 
     def _drop_results(self, ids: set[int], why: str) -> None:
         ids = {rid for rid in ids if rid in self.results}

@@ -819,3 +819,19 @@ def test_a_recipe_whose_model_file_is_gone_says_so_and_a_save_keeps_its_threshol
     assert s.save_recipe(path)
     again = load_recipe(path)
     assert (again.image_threshold, again.pixel_threshold) == (225.69, 304.45) and again.model_path == str(model)
+
+
+def test_the_verdicts_changed_line_after_a_refit_says_again_why_the_threshold_moved(session, part_images):
+    """The re-scoring's "The new model changed N verdict(s)" line replaces the fit's own line in
+    the status bar: it carries the threshold note on, once."""
+    s = session
+    rec = _inspect(s, part_images[1][:1])[0]
+    statuses = []
+    s.status.connect(statuses.append)
+    s._refit_note = "Image threshold 66.90 → 95.46: it rests on the held-out OK part odd.png (95.40)"
+    flipped = "OK" if rec.verdict == "NG" else "NG"
+    s._rejudge_after_model({rec.id: flipped})
+    assert statuses[-1].endswith("(marked in the results). Image threshold 66.90 → 95.46: it rests on the "
+                                 "held-out OK part odd.png (95.40)")
+    s._rejudge_after_model({rec.id: flipped})
+    assert "Image threshold" not in statuses[-1]  # said once
