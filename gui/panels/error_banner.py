@@ -1,6 +1,7 @@
 """The error banner: floats over the top edge of the image area (below the verdict) instead
-of taking a row of the layout. A banner pushed into the layout moved the image down by its height, so an
-operator's next click landed somewhere else than aimed (found trying the station)."""
+of taking a row of the layout. A banner pushed into the layout moved the image down by its
+height, so an operator's next click landed somewhere else than aimed (found trying the
+station); over the whole view it hid half of the big verdict."""
 from __future__ import annotations
 
 from PySide6.QtCore import QEvent, QObject, Qt

@@ -170,9 +170,9 @@ class OkSetPanel(QWidget):
         self._update_enabled()
 
     def set_unreadable(self, unreadable: dict[str, str]) -> None:
-        """Mark the OK images the last fit could not read (path -> why): it skipped them, so
-        the count says how many the model really saw (found trying the station: they sat there
-        as blank thumbnails, counted as OK images)."""
+        """Mark the OK images the last fit could not read (path -> why): it skipped them, and
+        the count says how many (found trying the station: they sat there as blank thumbnails,
+        counted as OK images without a word)."""
         was, self._unreadable = self._unreadable, dict(unreadable)
         for i in range(self.list.count()):  # in place: 200 thumbnails are not loaded again
             item = self.list.item(i)
