@@ -157,6 +157,10 @@ class Detector:
         #: that every model change (feedback, reweighting) can be recalibrated on truly
         #: unseen OK images in milliseconds, without re-reading them.
         self.calibration_embeddings: torch.Tensor | None = None
+        #: the held-out images' paths as the fit was given them, in calibration order; a
+        #: refit holds them out again (:func:`core.jobs.split_calibration`); saved in the
+        #: model file; () when unknown (a model saved before they were kept)
+        self.calibration_paths: tuple[str, ...] = ()
         #: ids of the stored operator labels this model has learnt, in order (see
         #: :mod:`core.session_labels`); saved in the model file
         self.applied_labels: tuple[int, ...] = ()
@@ -212,6 +216,7 @@ class Detector:
         th = None if self.thresholds is None else replace(self.thresholds)
         det = Detector(self.config, self.extractor, self.embedder.channel_idx.copy(), self.model.copy(), th)
         det.calibration_embeddings = self.calibration_embeddings  # never modified in place
+        det.calibration_paths = self.calibration_paths
         det.applied_labels = self.applied_labels
         det.feedback_evidence = self.feedback_evidence  # replaced, never modified in place
         det.memory = None if self.memory is None else self.memory.copy()

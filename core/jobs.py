@@ -277,8 +277,8 @@ def iter_batches(paths: list[str], size: int, batch_size: int, keep_images: bool
             yield batch
 
 
-def split_calibration(paths: list[str], fraction: float,
-                      keep_in_fit: Iterable[str] = ()) -> tuple[list[str], list[str]]:
+def split_calibration(paths: list[str], fraction: float, keep_in_fit: Iterable[str] = (),
+                      held_before: Iterable[str] = ()) -> tuple[list[str], list[str]]:
     """Deterministic, order-free split: which images are held out to calibrate the thresholds.
 
     Images are ranked by a hash of their path and every k-th in that ranking is held out, so
@@ -292,6 +292,14 @@ def split_calibration(paths: list[str], fraction: float,
     them). Parts an operator labelled "part is OK" go there: they were picked *because* they
     scored high, so held out they would set the threshold by themselves (one such part moved it
     from 66.9 to 83.0 and passed three defects), and added to the split they would reshuffle it.
+
+    ``held_before``: the images the model being refitted held out (:attr:`Detector.calibration_paths`).
+    Those still in the set (and not in ``keep_in_fit``) are held out again, the first in hash
+    order if there are now more than the share, and only the shortfall is dealt by the rule
+    above. Every k-th in hash order re-deals the whole ranking when one image comes or goes
+    (one more OK image moved 16 of 40 held-out parts, and with 40 held out at a 1 % target
+    the threshold is their highest score: 66.9 became 95.5); this way a refit after adding
+    or removing a few images holds out what it held out before, give or take those few.
     """
     keep = set(keep_in_fit)
     free = [i for i, p in enumerate(paths) if p not in keep]
@@ -300,10 +308,15 @@ def split_calibration(paths: list[str], fraction: float,
     n_cal = int(round(len(free) * fraction)) if len(free) >= 5 else 0
     if n_cal == 0:
         return list(paths), []
-    keys = {i: hashlib.sha256(os.path.realpath(paths[i]).encode()).digest() for i in free}
+    real = {i: os.path.realpath(paths[i]) for i in free}
+    keys = {i: hashlib.sha256(real[i].encode()).digest() for i in free}
     ranked = sorted(free, key=lambda i: (keys[i], i))
     step = len(free) / n_cal
-    cal_idx = {ranked[int(i * step + step / 2)] for i in range(n_cal)}
+    dealt = [ranked[int(i * step + step / 2)] for i in range(n_cal)]
+    before = {os.path.realpath(p) for p in held_before}
+    again = [i for i in ranked if real[i] in before][:n_cal]
+    cal_idx = set(again)
+    cal_idx.update([i for i in dealt if i not in cal_idx][: n_cal - len(cal_idx)])
     fit = [p for i, p in enumerate(paths) if i not in cal_idx]
     cal = [p for i, p in enumerate(paths) if i in cal_idx]
     return fit, cal
@@ -317,9 +330,11 @@ def fit_job(
     runtime: str | None = None,
     feedback: bool = False,
     keep_in_fit: Iterable[str] = (),
+    held_before: Iterable[str] = (),
 ) -> Generator[Progress, None, FitResult]:
     """Fit a detector on OK images and calibrate its thresholds on a held-out share
-    (``keep_in_fit``: images never held out, see :func:`split_calibration`).
+    (``keep_in_fit``: images never held out; ``held_before``: what the model being refitted
+    held out, held out again; see :func:`split_calibration`).
 
     Memory stays constant in the number of fitted images (statistics are streamed). The
     held-out images stay out of the model, so the stated false-alarm rate is measured on
@@ -338,6 +353,7 @@ def fit_job(
     t0 = time.perf_counter()
     paths = [str(p) for p in paths]
     keep_in_fit = frozenset(str(p) for p in keep_in_fit)
+    held_before = tuple(str(p) for p in held_before)
     if not paths:
         raise NotFittedError("no OK images given: add OK images to fit a model")
     if config.tile is not None:  # high resolution: tiles (core.tiling), "auto" decided by the first image
@@ -346,9 +362,10 @@ def fit_job(
         first = first_image_size(paths, config.bit_depth)
         config = config.resolve_tiling(*first)
         if config.tiled:
-            return (yield from tiled_fit_job(paths, config, token, first, extractor, runtime, keep_in_fit))
+            return (yield from tiled_fit_job(paths, config, token, first, extractor, runtime, keep_in_fit,
+                                                  held_before))
     yield Progress(0, len(paths), "loading backbone")
-    fit_paths, cal_paths = split_calibration(paths, config.calibration_fraction, keep_in_fit)
+    fit_paths, cal_paths = split_calibration(paths, config.calibration_fraction, keep_in_fit, held_before)
     det = Detector.create(config, extractor, n_images=len(paths))
     det.model.check_fit_size(len(fit_paths))  # e.g. more k-means components than images
     # Compiled scoring code now, while the heap is small: loaded at the first score, inside
@@ -394,6 +411,7 @@ def fit_job(
     det.finalize()
     if n_held:
         det.calibrate_on(held[:n_held] if n_held < held.shape[0] else held)
+        det.calibration_paths = tuple(result.calibration)
     else:
         log.warning("no OK images held out for calibration (fewer than 5 images, or calibration "
                     "fraction 0): set the thresholds by hand")

@@ -222,5 +222,8 @@ def check_meta(meta: Any, path: Path, check_config: Callable[[dict, Path], None]
         require(0.0 <= th["target_false_alarm_rate"] < 1.0, path,
                  "thresholds invalid: target_false_alarm_rate must be from 0 to 1, "
                  f"got {th['target_false_alarm_rate']!r}")
+    cal = meta.get("calibration_paths")
+    require(cal is None or (isinstance(cal, list) and all(isinstance(p, str) for p in cal)),
+            path, "the list of held-out images is damaged")
     fm = meta.get("feedback_memory")
     require(fm is None or isinstance(fm, dict), path, "feedback memory settings invalid")

@@ -68,6 +68,7 @@ def _metadata(det: Detector) -> dict[str, Any]:
             "image": th.image, "pixel": th.pixel, "target_false_alarm_rate": th.target_false_alarm_rate,
         },
         "feedback": {"applied_labels": [int(i) for i in det.applied_labels]},
+        "calibration_paths": list(det.calibration_paths),
         "feedback_memory": None if det.memory is None else det.memory.params(),
     }
 
@@ -230,6 +231,7 @@ def load_detector(path: str | os.PathLike[str], extractor: FeatureExtractor | Ba
         det.thresholds = Thresholds(float(th["image"]), float(th["pixel"]), cal_scores.numpy(), cal_peaks.numpy(),
                                     float(th["target_false_alarm_rate"]))
     det.calibration_embeddings = cal_emb
+    det.calibration_paths = tuple(meta.get("calibration_paths") or ())  # checked by check_meta
     fb = meta.get("feedback") or {}
     labels = fb.get("applied_labels", []) if isinstance(fb, dict) else None
     require(isinstance(labels, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in labels),

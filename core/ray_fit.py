@@ -87,6 +87,7 @@ def ray_fit_job(paths: Iterable[str | Path], config: DetectorConfig, token: Canc
     det.finalize()
     if held:
         det.calibrate_on(torch.cat(held))
+        det.calibration_paths = tuple(result.calibration)
     yield Progress(len(paths), len(paths), "preparing the inspection runtime")
     det.use_runtime(runtime)
     result.seconds = time.perf_counter() - t0

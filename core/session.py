@@ -400,8 +400,11 @@ class InspectionSession:
 
         # parts labelled "part is OK" are trained on, never held out (see split_calibration)
         vouched = self.labels.accepted_paths() & set(self.recipe.ok_paths)
+        # and what the model being replaced held out is held out again: one more OK image
+        # then moves one held-out part, not a third of them (and the threshold with them)
+        held_before = self.detector.calibration_paths if self.detector is not None else ()
         job = partial(fit_job, list(self.recipe.ok_paths), config, extractor=self.extractor, runtime=self.runtime,
-                      feedback=True, keep_in_fit=vouched)
+                      feedback=True, keep_in_fit=vouched, held_before=held_before)
         self.status.emit(f"Fitting on {len(self.recipe.ok_paths)} OK images…")
         def failed(exc: BaseException) -> None:
             self.unreadable_ok = {}  # the last fit's marks are stale; the error names what it could not read

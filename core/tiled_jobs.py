@@ -47,14 +47,15 @@ def _load(path: str, bit_depth: int | None) -> tuple[np.ndarray | None, Skipped 
 def tiled_fit_job(paths: list[str], config: DetectorConfig, token: CancelToken, first_size: tuple[int, int],
                   extractor: FeatureExtractor | None = None,
                   runtime: str | None = None,
-                  keep_in_fit: frozenset[str] = frozenset()) -> Generator[Progress, None, FitResult]:
+                  keep_in_fit: frozenset[str] = frozenset(),
+                  held_before: tuple[str, ...] = ()) -> Generator[Progress, None, FitResult]:
     """:func:`core.jobs.fit_job` for resolved tiling settings; ``first_size``: (height, width)
     of the first readable OK image, whose tile count sizes the up-front checks."""
     t0 = time.perf_counter()
     # refuses a tile larger than the images now, not after the backbone is loaded
     per_image = plan_tiles(*first_size, config.tile, config.tile_overlap).n_tiles
     yield Progress(0, len(paths), "loading backbone")
-    fit_paths, cal_paths = split_calibration(paths, config.calibration_fraction, keep_in_fit)
+    fit_paths, cal_paths = split_calibration(paths, config.calibration_fraction, keep_in_fit, held_before)
     # every tile is a sample of the one model: the checks count tiles, not images
     det = Detector.create(config, extractor, n_images=len(paths) * per_image)
     det.model.check_fit_size(len(fit_paths) * per_image)
@@ -112,6 +113,7 @@ def _calibrate(det: Detector, cal_paths: list[str], token: CancelToken, result: 
             yield Progress(done, total, f"calibrating: {done}/{total} images")
         if scores:
             det.thresholds = calibrate(np.asarray(scores), np.asarray(peaks), config.false_alarm_rate)
+            det.calibration_paths = tuple(result.calibration)
     if not result.calibration:
         log.warning("no OK images held out for calibration (fewer than 5 images, or calibration "
                     "fraction 0): set the thresholds by hand")

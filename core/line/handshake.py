@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from .signals import BY_NAME, SIGNALS, ErrorCode
+from .signals import BY_NAME, SIGNALS, ErrorCode, plc_text
 
 log = logging.getLogger(__name__)
 Listener = Callable[[dict[str, Any]], None]
@@ -122,7 +122,7 @@ class Handshake:
         else:
             self.faults += 1
         log.info("refused: %s", text)
-        self._set(ErrorCode=int(code), ErrorText=text[:200])
+        self._set(ErrorCode=int(code), ErrorText=plc_text(text))
 
     def _update_ready(self) -> None:
         self._set(Ready=self._engine is not None and not self._busy and self._held is None)
@@ -189,7 +189,7 @@ class Handshake:
         self.cycles += 1
         score = float(r.score) if r.score is not None else 0.0
         self._set(Score=score, ScoreX1000=_clamp_int32(round(score * 1000.0)), Ok=r.verdict == "OK",
-                  Ng=r.verdict == "NG", PartId=r.part_id, ErrorCode=int(r.error_code), ErrorText=r.error_text[:200],
+                  Ng=r.verdict == "NG", PartId=r.part_id, ErrorCode=int(r.error_code), ErrorText=plc_text(r.error_text),
                   ResultRecipe=r.recipe_index, Busy=False, Ready=False, ResultReady=True)
 
     def _acknowledge(self) -> None:

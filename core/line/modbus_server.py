@@ -20,7 +20,7 @@ from pymodbus.server import ModbusTcpServer
 
 from .handshake import Handshake
 from .server_thread import ServerThread
-from .signals import COILS, ERROR_TEXT_REGISTERS, N_COILS, N_REGISTERS, REGISTERS, Signal
+from .signals import COILS, ERROR_TEXT_REGISTERS, N_COILS, N_REGISTERS, REGISTERS, Signal, plc_text
 
 _BIT_CODES = {1, 2, 5, 15}  # read coils, read discrete inputs, write coil(s)
 _REGISTER_CODES = {3, 4, 6, 16, 22, 23}
@@ -35,7 +35,8 @@ def encode(sig: Signal, value: Any) -> list[int]:
     if sig.kind in ("uint32", "int32", "float"):
         fmt = {"uint32": ">I", "int32": ">i", "float": ">f"}[sig.kind]
         return list(struct.unpack(">HH", struct.pack(fmt, value)))
-    raw = str(value).encode("ascii", "replace")[: 2 * ERROR_TEXT_REGISTERS].ljust(2 * ERROR_TEXT_REGISTERS, b"\0")
+    n = 2 * ERROR_TEXT_REGISTERS
+    raw = plc_text(str(value), n).encode("ascii", "replace")[:n].ljust(n, b"\0")
     return list(struct.unpack(f">{ERROR_TEXT_REGISTERS}H", raw))
 
 

@@ -12,10 +12,30 @@ and ErrorText as ASCII, two characters per register, high byte first, NUL padded
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from enum import IntEnum
 
 ERROR_TEXT_REGISTERS = 32  # 64 characters
+#: ErrorText's length on OPC UA and MQTT (a PLC string variable, not a log)
+ERROR_TEXT_CHARS = 200
+
+# a path with at least one folder: folders, then the file name (group 1)
+_PATH = re.compile(r"(?:[A-Za-z]:)?(?:[\\/][^\\/\s:'\"]+)+[\\/]([^\\/\s:'\"]+)")
+
+
+def plc_text(text: str, limit: int = ERROR_TEXT_CHARS) -> str:
+    """``text`` for a PLC string of ``limit`` characters: paths shortened to their file names
+    (which part it was; a deep folder used to push the reason past the cut), then, if still
+    too long, cut at a word with "..." so the cut shows."""
+    text = _PATH.sub(r"\1", text)
+    if len(text) <= limit:
+        return text
+    cut = text[: limit - 3]
+    space = cut.rfind(" ")
+    if space >= limit // 2:
+        cut = cut[:space]
+    return cut.rstrip(" ,;:") + "..."
 
 
 @dataclass(frozen=True)

@@ -155,6 +155,61 @@ def test_a_part_labelled_ok_is_trained_on_and_leaves_the_held_out_set_as_it_was(
     assert split_calibration(few, 0.2, keep_in_fit=set(few[:2])) == split_calibration(few, 0.2)
 
 
+def test_a_refit_holds_out_again_what_the_model_held_out_give_or_take_the_images_that_changed():
+    """Every k-th in hash order re-deals the ranking when one image comes or goes: found
+    trying the station, one more OK image moved 16 of 40 held-out parts and the threshold
+    (their highest score at a 1 % target) from 66.9 to 95.5."""
+    paths = [f"/cells/cell{i:04d}.png" for i in range(200)]
+    _, cal = split_calibration(paths, 0.2)
+    moved_fresh = []
+    for extra in range(1000, 1020):
+        more = paths + [f"/cells/cell{extra:04d}.png"]
+        _, fresh = split_calibration(more, 0.2)
+        moved_fresh.append(len(set(fresh) - set(cal)))
+        _, again = split_calibration(more, 0.2, held_before=cal)
+        assert len(again) == 40 and set(again) == set(cal)  # 201 * 0.2 still rounds to 40
+    assert max(moved_fresh) > 5  # what the rule alone does (the reason for held_before)
+    grown = paths + [f"/cells/cell{i:04d}.png" for i in range(1000, 1010)]
+    _, cal2 = split_calibration(grown, 0.2, held_before=cal)
+    assert len(cal2) == 42 and set(cal) < set(cal2)  # only the shortfall is dealt
+    gone = cal[0]
+    _, cal3 = split_calibration([p for p in paths if p != gone], 0.2, held_before=cal)
+    assert len(cal3) == 40 and len(set(cal3) - set(cal)) == 1 and gone not in cal3
+    shrunk = paths[:150]
+    _, cal4 = split_calibration(shrunk, 0.2, held_before=cal)
+    assert len(cal4) == 30 and set(cal4) <= set(cal) | set(split_calibration(shrunk, 0.2)[1])
+    assert sum(p in cal for p in cal4) == min(30, len(set(cal) & set(shrunk)))
+
+
+def test_held_before_matches_files_however_spelt_and_gives_way_to_parts_labelled_ok(tmp_path, monkeypatch):
+    real = tmp_path / "cells"
+    real.mkdir()
+    names = [f"cell{i:03d}.png" for i in range(30)]
+    for n in names:
+        (real / n).write_bytes(b"x")
+    monkeypatch.chdir(tmp_path)
+    absolute = [str(real / n) for n in names]
+    _, cal = split_calibration(absolute, 0.2)
+    relative = [f"cells/{n}" for n in names]
+    _, again = split_calibration(relative, 0.2, held_before=cal)
+    assert {os.path.basename(p) for p in again} == {os.path.basename(p) for p in cal}
+    vouched = cal[0]
+    fit, cal2 = split_calibration(absolute, 0.2, keep_in_fit={vouched}, held_before=cal)
+    assert vouched in fit and vouched not in cal2 and len(cal2) == 6 and set(cal[1:]) < set(cal2)
+
+
+def test_a_fit_remembers_what_it_held_out_and_the_model_file_keeps_it(tmp_path, tiny_config, part_images):
+    from core.persistence import load_detector, save_detector
+
+    ok = part_images[0]
+    result = run_job(fit_job(ok, tiny_config, CancelToken()))
+    det = result.detector
+    assert det.calibration_paths == tuple(result.calibration) and len(result.calibration) > 0
+    assert det.copy().calibration_paths == det.calibration_paths
+    path = save_detector(det, tmp_path / "m.okng")
+    assert load_detector(path).calibration_paths == det.calibration_paths
+
+
 def test_a_parameter_the_model_does_not_take_is_refused_by_name():
     from core.detector import DetectorConfig
 

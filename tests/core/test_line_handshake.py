@@ -209,6 +209,25 @@ def test_a_failed_inspection_is_the_cycles_result_with_an_error_code(line):
     assert ln.acked == [3]  # acknowledged like any result: the line moves on
 
 
+def test_error_text_names_the_file_not_its_folders_and_shows_where_it_was_cut():
+    """A deep folder used to fill the 200 characters and cut the reason off mid-word."""
+    from core.line.modbus_server import decode, encode
+    from core.line.signals import plc_text
+
+    deep = "/srv/line/cameras/station-3/2026-12-03/batch-0042/shift-b/archive/incoming/" + "sub/" * 40
+    text = f"cannot read {deep}part_000123.png: the file is cut short (PNG); check the camera's share"
+    assert plc_text(text) == "cannot read part_000123.png: the file is cut short (PNG); check the camera's share"
+    assert plc_text(r"cannot read C:\line\in\part_7.bmp: empty") == "cannot read part_7.bmp: empty"
+    assert plc_text("opc.tcp://plc:4840 refused") == "opc.tcp://plc:4840 refused"  # no folders: as it was
+    long = "the recipe could not load because " + "its model file is damaged " * 12
+    cut = plc_text(long)
+    assert len(cut) <= 200 and cut.endswith("...") and long.startswith(cut[:-3]) and cut[-4] != " "
+    assert long.startswith(cut[:-3].rstrip()) and not cut[:-3].endswith("damag")  # cut at a word
+    on_modbus = decode(BY_NAME["ErrorText"], encode(BY_NAME["ErrorText"], text))
+    assert on_modbus == "cannot read part_000123.png: the file is cut short (PNG)..."
+    assert len(on_modbus) <= 64
+
+
 def test_the_station_signals_are_not_the_plcs_to_write(line):
     ln = line().started()
     for sig in SIGNALS:

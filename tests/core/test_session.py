@@ -759,6 +759,20 @@ def test_a_part_labelled_ok_is_trained_on_at_the_next_fit_never_held_out(session
     assert cal == real([p for p in s.recipe.ok_paths if p != ng[0]], s.config.calibration_fraction)[1]
 
 
+def test_a_refit_after_one_more_ok_image_holds_out_the_same_parts(session, part_images, tmp_path):
+    """What the replaced model held out is held out again, so the thresholds do not jump
+    because the held-out share was re-dealt (core.jobs.split_calibration, held_before)."""
+    s = session
+    held = s.detector.calibration_paths
+    assert len(held) == 2  # 20 % of 12
+    extra = tmp_path / "ok_extra.png"
+    cv2.imwrite(str(extra), make_part(np.random.default_rng(7)))
+    s.add_ok_paths([str(extra)])
+    s.start_fit()
+    now = s.detector.calibration_paths
+    assert len(now) == 3 and set(held) < set(now) and s.errors == []  # 20 % of 13: one more dealt
+
+
 def test_a_refit_that_moves_the_threshold_says_which_held_out_part_it_rests_on():
     from core.session import threshold_move_text
     from core.thresholds import calibrate
