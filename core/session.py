@@ -52,6 +52,8 @@ from .thresholds import Thresholds, held_out_needed
 
 log = logging.getLogger(__name__)
 DEMO_RECIPE_NAME = "ELPV mono cells (demo)"
+#: the demo's split (:func:`core.demo.demo_split`), kept in a saved demo recipe's station settings
+DEMO_SPLIT = {"kind": "mono", "seed": 0}
 
 
 class InspectionSession:
@@ -155,12 +157,30 @@ class InspectionSession:
     def open_demo(self) -> None:
         from .demo import demo_split
 
-        split = demo_split()
+        split = demo_split(**DEMO_SPLIT)
         self.new_recipe(DEMO_RECIPE_NAME, DetectorConfig(), split.ok_train)
-        self.demo_stream = split.stream_paths
-        self.demo_truth = {c.path: ("OK" if c.is_ok else "NG") for c in split.stream}
+        self.recipe.station["demo_split"] = dict(DEMO_SPLIT)  # a saved demo recipe gets its stream back
+        self._set_demo_stream(split)
         self.recipe_changed.emit(DEMO_RECIPE_NAME)  # again, now that the demo stream is known
         self.status.emit(f"Demo: {len(split.ok_train)} OK cells ready — press Fit (F5)")
+
+    def _set_demo_stream(self, split) -> None:
+        self.demo_stream = split.stream_paths
+        self.demo_truth = {c.path: ("OK" if c.is_ok else "NG") for c in split.stream}
+
+    def _restore_demo_stream(self, recipe: Recipe) -> str:
+        """The demo stream of a saved demo recipe (the unseen cells and their [truth] tags are
+        no part of a recipe, only the split that made them); "" or why it is not there."""
+        from .demo import demo_split
+
+        spec = recipe.station.get("demo_split")
+        if not isinstance(spec, dict) or set(spec) != set(DEMO_SPLIT):
+            return ""
+        try:
+            self._set_demo_stream(demo_split(**{k: type(DEMO_SPLIT[k])(v) for k, v in spec.items()}))
+        except (OkngError, TypeError, ValueError) as exc:
+            return f"; no demo stream ({exc})"
+        return ""
 
     # -- unsaved changes, roles -------------------------------------------------------------
     def mark_dirty(self) -> None:
@@ -833,6 +853,7 @@ class InspectionSession:
             return
         self._replace_recipe(recipe.name)
         self.recipe, self.recipe_path = recipe, path
+        no_demo = self._restore_demo_stream(recipe)
         self.labels.recipe_replaced()  # now the labels and the results log beside this recipe
         self.shift.recipe_replaced()
         self._set_role(OPERATOR if self.has_pin else ENGINEER)
@@ -846,7 +867,7 @@ class InspectionSession:
                             f"beside the recipe and open the recipe again, or press Fit (F5) to fit anew{kept}")
             return
         if not recipe.model_path:
-            self.status.emit(f"Recipe {recipe.name} opened; no fitted model yet — press Fit (F5)")
+            self.status.emit(f"Recipe {recipe.name} opened; no fitted model yet — press Fit (F5){no_demo}")
             return
 
         def loaded(det: Detector) -> None:
@@ -856,7 +877,7 @@ class InspectionSession:
             self.thresholds_hand_set = th is not None and not th.matches_calibration()
             self.labels.model_replaced(det, replay=False)
             self.mark_saved()  # what was just opened is what is on disk
-            self.status.emit(f"Recipe {recipe.name} ready; inspection runs on {det.runtime_name}")
+            self.status.emit(f"Recipe {recipe.name} ready; inspection runs on {det.runtime_name}{no_demo}")
 
         self.status.emit(f"Loading model {Path(recipe.model_path).name}…")
         self.submit(partial(load_model_job, recipe.model_path, self.extractor, runtime=self.runtime, feedback=True),

@@ -815,6 +815,32 @@ def test_operator_mode_cannot_be_left_by_a_new_recipe_nor_a_protected_recipe_ove
     assert s.unlock("4711") and s.save_recipe(protected) and len(errors) == 1
 
 
+def test_a_saved_demo_recipe_opens_with_its_demo_stream_and_truth_tags(session, elpv_split, tmp_path):
+    """Found trying the station: the demo saved as a recipe came back without the demo stream
+    button and without the [OK]/[NG] truth in the result names."""
+    s = session
+    s.open_demo()
+    stream, truth = list(s.demo_stream), dict(s.demo_truth)
+    assert stream and set(truth.values()) == {"OK", "NG"}
+    path = tmp_path / "demo.okrecipe"
+    assert s.save_recipe(path)
+    s.new_recipe("other")
+    assert s.demo_stream == [] and s.demo_truth == {}
+    s.open_recipe(path)
+    assert s.demo_stream == stream and s.demo_truth == truth and s.errors == []
+    # a recipe that names a split the station cannot make opens all the same, and says so
+    from core.recipes import load_recipe, save_recipe
+
+    odd = load_recipe(path)
+    odd.station["demo_split"] = {"kind": "mono", "seed": "x"}
+    save_recipe(odd, tmp_path / "odd.okrecipe")
+    statuses = []
+    s.status.connect(statuses.append)
+    s.open_recipe(tmp_path / "odd.okrecipe")
+    assert s.demo_stream == [] and s.recipe.name == odd.name and s.errors == []
+    assert "no demo stream" in statuses[-1]
+
+
 def test_a_recipe_whose_model_file_is_gone_says_so_and_a_save_keeps_its_thresholds(session, tmp_path):
     """Found trying the station: it opened as "no fitted model yet — press Fit", and Ctrl+S
     then wrote the recipe without the engineer's thresholds."""
