@@ -89,11 +89,12 @@ def export_bundle(det: Detector, out: str | os.PathLike[str]) -> Path:
     if out.exists() and not out.is_dir():
         raise OkngError(f"{out} exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
-    previous = det.model_path
+    previous, held_out = det.model_path, det.calibration_paths
+    det.calibration_paths = ()  # the engineer's file paths stay on the engineer's machine
     try:
         save_detector(det, out / MODEL_FILE, cache_derived=False)  # the documented files only
     finally:
-        det.model_path = previous
+        det.model_path, det.calibration_paths = previous, held_out
     try:
         graph = ensure_graph(det.embedder, previous)
     except Exception as exc:  # noqa: BLE001 - the exporter's own errors, as one clear message

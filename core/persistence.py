@@ -231,7 +231,8 @@ def load_detector(path: str | os.PathLike[str], extractor: FeatureExtractor | Ba
         det.thresholds = Thresholds(float(th["image"]), float(th["pixel"]), cal_scores.numpy(), cal_peaks.numpy(),
                                     float(th["target_false_alarm_rate"]))
     det.calibration_embeddings = cal_emb
-    det.calibration_paths = tuple(meta.get("calibration_paths") or ())  # checked by check_meta
+    held_out = tuple(meta.get("calibration_paths") or ())  # a list of strings (check_meta)
+    det.calibration_paths = held_out if len(held_out) == cal_scores.numel() else ()
     fb = meta.get("feedback") or {}
     labels = fb.get("applied_labels", []) if isinstance(fb, dict) else None
     require(isinstance(labels, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in labels),

@@ -170,16 +170,25 @@ class InspectionSession:
 
     def _restore_demo_stream(self, recipe: Recipe) -> str:
         """The demo stream of a saved demo recipe (the unseen cells and their [truth] tags are
-        no part of a recipe, only the split that made them); "" or why it is not there."""
+        no part of a recipe, only the split that made them); "" or why it is not there. Only
+        while the OK set is still the demo's: a demo recipe made into another product's keeps
+        the key but must not feed the ELPV cells to a line (``gui.line_link`` plays the demo
+        stream when there is one)."""
         from .demo import demo_split
 
         spec = recipe.station.get("demo_split")
-        if not isinstance(spec, dict) or set(spec) != set(DEMO_SPLIT):
+        if spec is None:
             return ""
+        kind, seed = (spec.get("kind"), spec.get("seed")) if isinstance(spec, dict) else (None, None)
+        if kind not in ("mono", "poly") or type(seed) is not int or not 0 <= seed < 2**32:
+            return "; no demo stream (the recipe's demo split is damaged)"
         try:
-            self._set_demo_stream(demo_split(**{k: type(DEMO_SPLIT[k])(v) for k, v in spec.items()}))
-        except (OkngError, TypeError, ValueError) as exc:
+            split = demo_split(kind=kind, seed=seed)
+        except Exception as exc:  # noqa: BLE001 - the recipe opens all the same; the demo is extra
             return f"; no demo stream ({exc})"
+        if not set(recipe.ok_paths) <= set(split.ok_train):
+            return ""  # no longer the demo's OK set: another product now, nothing to say
+        self._set_demo_stream(split)
         return ""
 
     # -- unsaved changes, roles -------------------------------------------------------------
@@ -853,10 +862,10 @@ class InspectionSession:
             return
         self._replace_recipe(recipe.name)
         self.recipe, self.recipe_path = recipe, path
-        no_demo = self._restore_demo_stream(recipe)
         self.labels.recipe_replaced()  # now the labels and the results log beside this recipe
         self.shift.recipe_replaced()
         self._set_role(OPERATOR if self.has_pin else ENGINEER)
+        no_demo = self._restore_demo_stream(recipe)
         self.recipe_changed.emit(recipe.name)
         self.ok_paths_changed.emit(self.ok_paths)
         if recipe.model_path and not Path(recipe.model_path).is_file():  # fitted once, the file is gone

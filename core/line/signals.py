@@ -20,15 +20,26 @@ ERROR_TEXT_REGISTERS = 32  # 64 characters
 #: ErrorText's length on OPC UA and MQTT (a PLC string variable, not a log)
 ERROR_TEXT_CHARS = 200
 
-# a path with at least one folder: folders, then the file name (group 1)
-_PATH = re.compile(r"(?:[A-Za-z]:)?(?:[\\/][^\\/\s:'\"]+)+[\\/]([^\\/\s:'\"]+)")
+# a file name with an extension at the end of a word (a path's last part)
+_FILE_NAME = re.compile(r"[^\\/]+\.\w{1,5}$")
+_WORD_EDGES = "\"'()[]<>,;:"
+
+
+def _short_path(word: str) -> str:
+    """``word`` with folders dropped if it is a path to a file ("/a/b/part.png:" ->
+    "part.png:"); anything else as it was: URLs, dates like 2026/12/03, folder names."""
+    core = word.strip(_WORD_EDGES)
+    if "://" in core or ("/" not in core and "\\" not in core):
+        return word
+    name = _FILE_NAME.search(core)
+    return word.replace(core, name.group(0)) if name else word
 
 
 def plc_text(text: str, limit: int = ERROR_TEXT_CHARS) -> str:
     """``text`` for a PLC string of ``limit`` characters: paths shortened to their file names
     (which part it was; a deep folder used to push the reason past the cut), then, if still
     too long, cut at a word with "..." so the cut shows."""
-    text = _PATH.sub(r"\1", text)
+    text = re.sub(r"\S+", lambda m: _short_path(m.group(0)), text)
     if len(text) <= limit:
         return text
     cut = text[: limit - 3]

@@ -191,8 +191,12 @@ def test_held_before_matches_files_however_spelt_and_gives_way_to_parts_labelled
     absolute = [str(real / n) for n in names]
     _, cal = split_calibration(absolute, 0.2)
     relative = [f"cells/{n}" for n in names]
-    _, again = split_calibration(relative, 0.2, held_before=cal)
-    assert {os.path.basename(p) for p in again} == {os.path.basename(p) for p in cal}
+    more = relative + [f"cells/extra{i}.png" for i in range(5)]  # 7 held out now, re-dealt from scratch
+    _, fresh = split_calibration(more, 0.2)
+    _, again = split_calibration(more, 0.2, held_before=cal)
+    base = {os.path.basename(p) for p in cal}
+    assert not base <= {os.path.basename(p) for p in fresh}  # without held_before they would move
+    assert base < {os.path.basename(p) for p in again} and len(again) == 7
     vouched = cal[0]
     fit, cal2 = split_calibration(absolute, 0.2, keep_in_fit={vouched}, held_before=cal)
     assert vouched in fit and vouched not in cal2 and len(cal2) == 6 and set(cal[1:]) < set(cal2)
@@ -208,6 +212,11 @@ def test_a_fit_remembers_what_it_held_out_and_the_model_file_keeps_it(tmp_path, 
     assert det.copy().calibration_paths == det.calibration_paths
     path = save_detector(det, tmp_path / "m.okng")
     assert load_detector(path).calibration_paths == det.calibration_paths
+    # an exported bundle goes to other machines: the engineer's file paths stay behind
+    from core.bundle import MODEL_FILE, export_bundle
+
+    out = export_bundle(det, tmp_path / "bundle")
+    assert load_detector(out / MODEL_FILE).calibration_paths == () and det.calibration_paths == tuple(result.calibration)
 
 
 def test_a_parameter_the_model_does_not_take_is_refused_by_name():

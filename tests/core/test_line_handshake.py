@@ -218,7 +218,10 @@ def test_error_text_names_the_file_not_its_folders_and_shows_where_it_was_cut():
     text = f"cannot read {deep}part_000123.png: the file is cut short (PNG); check the camera's share"
     assert plc_text(text) == "cannot read part_000123.png: the file is cut short (PNG); check the camera's share"
     assert plc_text(r"cannot read C:\line\in\part_7.bmp: empty") == "cannot read part_7.bmp: empty"
-    assert plc_text("opc.tcp://plc:4840 refused") == "opc.tcp://plc:4840 refused"  # no folders: as it was
+    assert plc_text("cannot read 'images/ok/p.png'; retried") == "cannot read 'p.png'; retried"
+    for other in ("mqtt://broker:1883/line/station/errors refused", "opc.tcp://plc:4840/freeopcua/server/ refused",
+                  "batch 2026/12/03 late", "OK/NG folders", r"C:\Users\Ana Lee\Pictures"):
+        assert plc_text(other) == other  # URLs, dates, folders: as they were
     long = "the recipe could not load because " + "its model file is damaged " * 12
     cut = plc_text(long)
     assert len(cut) <= 200 and cut.endswith("...") and long.startswith(cut[:-3]) and cut[-4] != " "

@@ -831,14 +831,22 @@ def test_a_saved_demo_recipe_opens_with_its_demo_stream_and_truth_tags(session, 
     # a recipe that names a split the station cannot make opens all the same, and says so
     from core.recipes import load_recipe, save_recipe
 
-    odd = load_recipe(path)
-    odd.station["demo_split"] = {"kind": "mono", "seed": "x"}
-    save_recipe(odd, tmp_path / "odd.okrecipe")
     statuses = []
     s.status.connect(statuses.append)
-    s.open_recipe(tmp_path / "odd.okrecipe")
-    assert s.demo_stream == [] and s.recipe.name == odd.name and s.errors == []
-    assert "no demo stream" in statuses[-1]
+    for damaged in ({"kind": "mono", "seed": "x"}, {"kind": "mono", "seed": True}, {"kind": "mono", "seed": 1e400},
+                    {"kind": "mono", "seed": -1}, {"kind": "tri", "seed": 0}, ["mono", 0]):
+        odd = load_recipe(path)
+        odd.station["demo_split"] = damaged
+        save_recipe(odd, tmp_path / "odd.okrecipe")
+        s.open_recipe(tmp_path / "odd.okrecipe")
+        assert s.demo_stream == [] and s.recipe_path == tmp_path / "odd.okrecipe" and s.errors == []
+        assert statuses[-1].endswith("no demo stream (the recipe's demo split is damaged)")
+    # made into another product's recipe (other OK images), it is no demo any more
+    other = load_recipe(path)
+    other.ok_paths = other.ok_paths[:50] + elpv_split.eval_ok[:1]
+    save_recipe(other, tmp_path / "product.okrecipe")
+    s.open_recipe(tmp_path / "product.okrecipe")
+    assert s.demo_stream == [] and s.errors == [] and "no demo stream" not in statuses[-1]
 
 
 def test_a_recipe_whose_model_file_is_gone_says_so_and_a_save_keeps_its_thresholds(session, tmp_path):
