@@ -216,7 +216,8 @@ def test_a_fit_remembers_what_it_held_out_and_the_model_file_keeps_it(tmp_path, 
     from core.bundle import MODEL_FILE, export_bundle
 
     out = export_bundle(det, tmp_path / "bundle")
-    assert load_detector(out / MODEL_FILE).calibration_paths == () and det.calibration_paths == tuple(result.calibration)
+    assert load_detector(out / MODEL_FILE).calibration_paths == ()
+    assert det.calibration_paths == tuple(result.calibration)
 
 
 def test_a_parameter_the_model_does_not_take_is_refused_by_name():
