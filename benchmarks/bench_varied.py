@@ -16,11 +16,24 @@ post-processing: blur, pooling). Prints one AUROC per row and split.
 Random splits instead (how the setting was first looked at): the cells of one type shuffled
 with seeds 100, 101, ...; the first 200 (and, where there are enough, 600) OK cells fitted,
 every other OK cell and every defective cell evaluated; mean and spread over the splits.
+
+    .venv/bin/python benchmarks/bench_varied.py --demo-splits 2-9 [--anomalib-at 0.897]
+
+How the recommended setting would fare on a split we cannot see, from one where only
+anomalib's result is known: on each poly ``demo_split(seed=S)`` (its 200 OK cells fitted,
+400 of its evaluation OK cells added for "600 OK", the other 280 OK + 382 defective held out)
+plain ``padim`` and the recommended setting with 200 and 600 OK, and anomalib's PaDiM with
+200 OK on the same cells (``bench_anomalib.py --padim-splits``, in ``.venv-bench``; skipped
+without it). Prints each split, the mean margin over anomalib and a straight-line fit of
+ours against anomalib's AUROC, read off at ``--anomalib-at``.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -93,11 +106,67 @@ def random_splits(full: Detector, embed, kind: str, n_splits: int) -> None:
         print(f"| {label} | {n_ok} | {np.mean(aucs):.3f} ± {np.std(aucs):.3f} |")
 
 
+RECOMMENDED = {"model_params": {"neighbourhood": 3}, "pooling": "topk", "topk": 1000}
+ANOMALIB_PY = Path(__file__).resolve().parents[1] / ".venv-bench" / "bin" / "python"
+
+
+def demo_splits(full: Detector, embed, seeds: list[int], anomalib_at: float) -> None:
+    """Ours and anomalib's PaDiM on the poly demo splits ``seeds`` (module docstring)."""
+    splits, ours = {}, {}
+    for seed in seeds:
+        split = demo_split(kind="poly", seed=seed)
+        ok, ng = split.eval_ok[400:], split.eval_ng
+        evals, labels = ok + ng, np.array([0] * len(ok) + [1] * len(ng))
+        splits[str(seed)] = {"train": split.ok_train, "evals": evals, "labels": labels.tolist()}
+        fit, ev = embed(split.ok_train + split.eval_ok[:400]), embed(evals)
+        ours[str(seed)] = {"padim, max, 200 OK": row_auroc(full, {}, fit[:200], ev, labels),
+                           "recommended, 200 OK": row_auroc(full, RECOMMENDED, fit[:200], ev, labels),
+                           "recommended, 600 OK": row_auroc(full, RECOMMENDED, fit, ev, labels)}
+        print(f"  split {seed}: " + "  ".join(f"{k} {v:.3f}" for k, v in ours[str(seed)].items()), flush=True)
+        del fit, ev
+    theirs: dict[str, dict] = {}
+    if ANOMALIB_PY.is_file():
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+            json.dump(splits, f)
+        out = subprocess.run([str(ANOMALIB_PY), str(Path(__file__).with_name("bench_anomalib.py")),
+                              "--padim-splits", f.name], capture_output=True, text=True, check=True).stdout
+        Path(f.name).unlink()
+        theirs = {r["split"]: r for r in (json.loads(line) for line in out.splitlines() if line.startswith("{"))}
+    else:
+        print(f"(no {ANOMALIB_PY}: anomalib's column skipped; see bench_anomalib.py)")
+    rows = list(next(iter(ours.values())))
+    print("\n| poly demo split | " + " | ".join(rows) + " | anomalib PaDiM 200 OK (ImageNet / Lite0 statistics) |")
+    print("| --- |" + " --- |" * (len(rows) + 1))
+    for k in ours:
+        a = theirs.get(k)
+        print(f"| {k} | " + " | ".join(f"{ours[k][r]:.3f}" for r in rows) + " | "
+              + (f"{a['imagenet']:.3f} / {a['lite0']:.3f}" if a else "-") + " |")
+    print("| mean | " + " | ".join(f"{np.mean([ours[k][r] for k in ours]):.3f}" for r in rows) + " | "
+          + (f"{np.mean([a['imagenet'] for a in theirs.values()]):.3f} / "
+             f"{np.mean([a['lite0'] for a in theirs.values()]):.3f}" if theirs else "-") + " |")
+    if len(theirs) < 3:
+        return
+    keys = [k for k in ours if k in theirs]
+    for stats in ("imagenet", "lite0"):
+        x = np.array([theirs[k][stats] for k in keys])
+        for r in rows:
+            y = np.array([ours[k][r] for k in keys])
+            slope, icpt = np.polyfit(x, y, 1)
+            d = y - x
+            print(f"{r} against anomalib ({stats} statistics): margin {d.mean():+.3f} ± {d.std(ddof=1):.3f} "
+                  f"(least {d.min():+.3f}); line slope {slope:.2f}, r {np.corrcoef(x, y)[0, 1]:.2f}: "
+                  f"at anomalib {anomalib_at:.3f} -> {slope * anomalib_at + icpt:.3f} "
+                  f"(anomalib's range here {x.min():.3f}-{x.max():.3f})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--splits", type=int, nargs="*", default=[0, 1])
     ap.add_argument("--random", type=int, default=0, metavar="N", help="N random splits of all cells instead")
     ap.add_argument("--kind", choices=("mono", "poly"), default="poly", help="cell type of --random")
+    ap.add_argument("--demo-splits", metavar="A-B", help="poly demo splits A..B against anomalib instead")
+    ap.add_argument("--anomalib-at", type=float, default=0.897,
+                    help="anomalib's AUROC on the split to predict (the issue's hidden split: 0.897)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     full = Detector.create(DetectorConfig(n_channels=None))
@@ -107,6 +176,10 @@ def main() -> None:
 
     if args.random:
         random_splits(full, embed, args.kind, args.random)
+        return
+    if args.demo_splits:
+        lo, _, hi = args.demo_splits.partition("-")
+        demo_splits(full, embed, list(range(int(lo), int(hi or lo) + 1)), args.anomalib_at)
         return
     results: dict[tuple[str, int], list[float]] = {}
     for seed in args.splits:
