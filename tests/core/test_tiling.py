@@ -169,6 +169,7 @@ def test_fit_records_the_resolved_tiling_and_calibrates_on_stitched_held_out_map
     # equal up to float rounding: the backbone may group the tiles into other batches
     np.testing.assert_allclose(det.thresholds.calibration_scores, [r.inspection.score for r in cal], rtol=1e-5)
     assert det.model.n_samples == len(tiled_fit.fitted) * plan_tiles(H, W, 64, 16).n_tiles  # every tile a sample
+    assert det.calibration_paths == tuple(tiled_fit.calibration)  # a refit holds them out again
 
 
 def test_tiling_round_trips_through_the_model_file_and_scores_identically(tiled_fit, tmp_path):
