@@ -202,6 +202,19 @@ def _ray_options(args: argparse.Namespace):
     return RayOptions(address, args.ray_cpus, args.ray_threads or 1, getattr(args, "ray_chunk", None))
 
 
+def _held_out_by(model: str) -> tuple[str, ...]:
+    """The images ``model`` held out to calibrate (``--hold-out-like``), read from its file
+    without building it; a model file older than that list says so and holds none out again."""
+    from .model_file import read_checked
+
+    meta, _, _ = read_checked(model)
+    held = tuple(meta.get("calibration_paths") or ())
+    if not held:
+        print(f"okng: warning: {model} lists no held-out images (saved before they were kept, or "
+              "fitted without any): the held-out share is dealt afresh", file=sys.stderr)
+    return held
+
+
 def cmd_fit(args: argparse.Namespace) -> int:
     from .jobs import CancelToken, fit_job
     from .persistence import save_detector
@@ -213,13 +226,14 @@ def cmd_fit(args: argparse.Namespace) -> int:
     ray = _ray_options(args)
     if ray is not None and config.tile is not None:
         raise ValueError("--ray does not fit tiled models yet: fit with --tile without --ray")
+    held_before = _held_out_by(args.hold_out_like) if args.hold_out_like else ()
     if ray is not None:
         from .ray_fit import ray_fit_job
 
-        job = ray_fit_job(paths, config, CancelToken(), ray, runtime="torch")
+        job = ray_fit_job(paths, config, CancelToken(), ray, runtime="torch", held_before=held_before)
     else:
         # no inspection here: the embedding graph is only exported, next to the model file
-        job = fit_job(paths, config, CancelToken(), runtime="torch")
+        job = fit_job(paths, config, CancelToken(), runtime="torch", held_before=held_before)
     result = _drive(job, "fit")
     for s in result.skipped:
         print(f"skipped {s.path}: {s.reason}", file=sys.stderr)
@@ -543,6 +557,9 @@ def _score(args: argparse.Namespace, ray, det) -> int:
     print(f"{n} image{'' if n == 1 else 's'}: {counts['NG']} NG, {counts['OK']} OK{no_verdict}, "
           f"{counts['ERROR']} not inspected (runtime {det.runtime_name})",
           file=sys.stderr)
+    if n and counts["ERROR"] == n:  # a script must be able to tell that nothing was judged
+        print(f"okng: error: none of the {n} image{'' if n == 1 else 's'} could be inspected", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -678,6 +695,9 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("fit", help="fit a normality model on OK images")
     f.add_argument("paths", nargs="+", metavar="PATH", help="OK image files or folders")
     f.add_argument("--out", required=True, metavar="MODEL", help="model file to write (.okng)")
+    f.add_argument("--hold-out-like", metavar="MODEL",
+                   help="a refit: hold out again the images MODEL held out to calibrate (those still "
+                        "given), so its thresholds do not move because the held-out share was re-dealt")
     f.add_argument("--model", default="padim", choices=sorted(KINDS), help="normality model")
     f.add_argument("--backbone", help=f"timm model name (default {D.backbone}, works offline)")
     f.add_argument("--weights", help="local backbone weights file (.safetensors or state dict)")

@@ -157,7 +157,7 @@ class Detector:
         #: that every model change (feedback, reweighting) can be recalibrated on truly
         #: unseen OK images in milliseconds, without re-reading them.
         self.calibration_embeddings: torch.Tensor | None = None
-        #: the held-out images' paths as the fit was given them, in calibration order; a
+        #: the held-out images' paths (absolute), in calibration order; a
         #: refit holds them out again (:func:`core.jobs.split_calibration`); saved in the
         #: model file; () when unknown (a model saved before they were kept)
         self.calibration_paths: tuple[str, ...] = ()

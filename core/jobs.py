@@ -411,7 +411,7 @@ def fit_job(
     det.finalize()
     if n_held:
         det.calibrate_on(held[:n_held] if n_held < held.shape[0] else held)
-        det.calibration_paths = tuple(result.calibration)
+        det.calibration_paths = tuple(os.path.abspath(p) for p in result.calibration)
     else:
         log.warning("no OK images held out for calibration (fewer than 5 images, or calibration "
                     "fraction 0): set the thresholds by hand")

@@ -9,6 +9,7 @@ caller saves the same model file a local fit writes.
 """
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Generator, Iterable
 from pathlib import Path
@@ -41,9 +42,9 @@ def fit_shard_task(config: DetectorConfig, paths: list[str], role: str, threads:
 
 
 def ray_fit_job(paths: Iterable[str | Path], config: DetectorConfig, token: CancelToken, options: RayOptions,
-                runtime: str | None = None) -> Generator[Progress, None, FitResult]:
+                runtime: str | None = None, held_before: Iterable[str] = ()) -> Generator[Progress, None, FitResult]:
     """:func:`core.jobs.fit_job` with the backbone passes on Ray (same result, see
-    :mod:`core.shards` for what is exact per model)."""
+    :mod:`core.shards` for what is exact per model; ``held_before`` as there)."""
     t0 = time.perf_counter()
     paths = [str(p) for p in paths]
     if not paths:
@@ -51,7 +52,7 @@ def ray_fit_job(paths: Iterable[str | Path], config: DetectorConfig, token: Canc
     if config.tile is not None:
         raise ValueError("a fit on Ray does not tile yet: fit tiled models locally (without --ray)")
     yield Progress(0, len(paths), "loading backbone")
-    fit_paths, cal_paths = split_calibration(paths, config.calibration_fraction)
+    fit_paths, cal_paths = split_calibration(paths, config.calibration_fraction, (), held_before)
     det = Detector.create(config, n_images=len(paths))
     det.model.check_fit_size(len(fit_paths))
     det.warm_up()
@@ -87,7 +88,7 @@ def ray_fit_job(paths: Iterable[str | Path], config: DetectorConfig, token: Canc
     det.finalize()
     if held:
         det.calibrate_on(torch.cat(held))
-        det.calibration_paths = tuple(result.calibration)
+        det.calibration_paths = tuple(os.path.abspath(p) for p in result.calibration)
     yield Progress(len(paths), len(paths), "preparing the inspection runtime")
     det.use_runtime(runtime)
     result.seconds = time.perf_counter() - t0

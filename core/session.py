@@ -103,6 +103,7 @@ class InspectionSession:
         self.shown_id: int | None = None
         self.demo_stream: list[str] = []
         self.demo_truth: dict[str, str] = {}
+        self._demo_ok: frozenset[str] = frozenset()  # the demo's own OK cells
         self.live = False
         self.saving = False  # a recipe save's model job is queued or running
         #: who is at the station: written into every label and results-log row
@@ -142,7 +143,7 @@ class InspectionSession:
         self._stop_live()
         self.recipe = Recipe(name, list(ok_paths or []), (config or DetectorConfig()).to_dict())
         self.recipe_path = None
-        self.demo_stream, self.demo_truth = [], {}
+        self.demo_stream, self.demo_truth, self._demo_ok = [], {}, frozenset()
         self.unreadable_ok = {}
         self.unreadable_ok_changed.emit(self.unreadable_ok)
         self.set_detector(None)
@@ -167,13 +168,22 @@ class InspectionSession:
     def _set_demo_stream(self, split) -> None:
         self.demo_stream = split.stream_paths
         self.demo_truth = {c.path: ("OK" if c.is_ok else "NG") for c in split.stream}
+        self._demo_ok = frozenset(split.ok_train)
+
+    def _drop_demo_stream_if_no_demo(self) -> None:
+        """The demo stream goes once no OK image is one of the demo's own cells: the recipe is
+        another product's now (its button hidden, not saved with the recipe). Cells added to
+        the demo (more OK cells, a stream cell labelled "part is OK") keep it."""
+        if not self.demo_stream or set(self.recipe.ok_paths) & self._demo_ok:
+            return
+        self.demo_stream, self.demo_truth, self._demo_ok = [], {}, frozenset()
+        self.recipe.station.pop("demo_split", None)
+        self.recipe_changed.emit(self.recipe.name)  # the window hides the demo button
 
     def _restore_demo_stream(self, recipe: Recipe) -> str:
         """The demo stream of a saved demo recipe (the unseen cells and their [truth] tags are
         no part of a recipe, only the split that made them); "" or why it is not there. Only
-        while the OK set is still the demo's: a demo recipe made into another product's keeps
-        the key but must not feed the ELPV cells to a line (``gui.line_link`` plays the demo
-        stream when there is one)."""
+        while the OK set still holds one of the demo's cells (:meth:`_drop_demo_stream_if_no_demo`)."""
         from .demo import demo_split
 
         spec = recipe.station.get("demo_split")
@@ -186,8 +196,8 @@ class InspectionSession:
             split = demo_split(kind=kind, seed=seed)
         except Exception as exc:  # noqa: BLE001 - the recipe opens all the same; the demo is extra
             return f"; no demo stream ({exc})"
-        if not set(recipe.ok_paths) <= set(split.ok_train):
-            return ""  # no longer the demo's OK set: another product now, nothing to say
+        if not set(recipe.ok_paths) & set(split.ok_train):
+            return ""  # none of the demo's cells left: another product now, nothing to say
         self._set_demo_stream(split)
         return ""
 
@@ -274,6 +284,7 @@ class InspectionSession:
         self.recipe.ok_paths = [p for p in self.recipe.ok_paths if p not in drop]
         self.mark_dirty()
         self.ok_paths_changed.emit(self.ok_paths)
+        self._drop_demo_stream_if_no_demo()
         self.status.emit(f"Removed {len(drop)} images; refit to apply")
 
     def set_model(self, name: str) -> None:

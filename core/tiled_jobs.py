@@ -17,6 +17,7 @@ constant in the image size:
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Generator
 from pathlib import Path
@@ -113,7 +114,7 @@ def _calibrate(det: Detector, cal_paths: list[str], token: CancelToken, result: 
             yield Progress(done, total, f"calibrating: {done}/{total} images")
         if scores:
             det.thresholds = calibrate(np.asarray(scores), np.asarray(peaks), config.false_alarm_rate)
-            det.calibration_paths = tuple(result.calibration)
+            det.calibration_paths = tuple(os.path.abspath(p) for p in result.calibration)
     if not result.calibration:
         log.warning("no OK images held out for calibration (fewer than 5 images, or calibration "
                     "fraction 0): set the thresholds by hand")

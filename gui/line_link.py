@@ -72,9 +72,11 @@ class LineLink(QObject):
     def _source(self):
         from core.line.sources import LiveGrab, Playlist
 
-        if self.session.demo_stream:
-            return Playlist(list(self.session.demo_stream))
         kind, target = self.live_source()
+        # a folder or video chosen in the Inspect panel comes first; the panel's camera is its
+        # default (index 0), so with the demo open the demo stream plays instead
+        if self.session.demo_stream and not (target and kind in ("folder", "video")):
+            return Playlist(list(self.session.demo_stream))
         if not target:
             raise OkngError("set a live source in the Inspect panel (camera, video or folder): triggers take "
                             "their image from it")

@@ -93,7 +93,7 @@ def serve_summary(status: dict) -> str:
 
     text = f"stopped after {n(status['cycles'], 'cycle')} ({n(status['refused'], 'trigger')} refused"
     if status.get("faults"):
-        text += f"; {status['faults']} recipe load(s) or acknowledgement(s) failed"
+        text += f"; {status['faults']} recipe switch(es) or acknowledgement(s) failed"
     return text + ")"
 
 

@@ -242,6 +242,10 @@ class Handshake:
                 self._loading = None
                 self._loaded.notify_all()
             self._set(ActiveRecipe=index)
+            if self._values["ErrorCode"] in (ErrorCode.UNKNOWN_RECIPE, ErrorCode.RECIPE_LOAD_FAILED):
+                # an earlier switch's refusal is over: a PLC waiting for ActiveRecipe == N and
+                # ErrorCode == 0 would otherwise wait for the next trigger
+                self._set(ErrorCode=int(ErrorCode.NONE), ErrorText="")
             self._update_ready()
 
     def _load_failed(self, index: int, code: ErrorCode, text: str) -> None:

@@ -52,7 +52,10 @@ class Playlist:
             image = load_image(path, self.bit_depth)
             return Grabbed(image, path, file_sha256(path))
         except (ImageLoadError, OSError) as exc:
-            raise LineError(ErrorCode.NO_IMAGE, f"image {Path(path).name} unreadable: {exc}") from None
+            # the reason first, the file by its name: a PLC string (64 characters on Modbus)
+            # keeps what went wrong even when a long name is cut
+            reason = exc.reason if isinstance(exc, ImageLoadError) else (exc.strerror or str(exc))
+            raise LineError(ErrorCode.NO_IMAGE, f"image unreadable ({reason}): {Path(path).name}") from None
 
     def close(self) -> None:
         pass

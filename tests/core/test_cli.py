@@ -42,6 +42,12 @@ def test_score_writes_one_csv_row_per_image_in_input_order(cli_model, elpv_split
     assert rows[1]["verdict"] == "ERROR" and "not a readable image" in rows[1]["error"]
     assert all(row["verdict"] in ("OK", "NG") for row in rows if row["path"] != str(bad))
     assert len(list((tmp_path / "maps").glob("*.png"))) == 4
+    # nothing readable at all: the rows are written, and the exit status says nothing was judged
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    r = okng("score", "--model", str(cli_model), str(bad), str(empty))
+    assert r.returncode == 1 and "okng: error: none of the 2 images could be inspected" in r.stderr
+    assert r.stdout.count("ERROR") == 2
 
 
 def test_eval_reports_auroc_and_writes_json(cli_model, elpv_split, tmp_path):
@@ -107,3 +113,22 @@ def test_the_progress_bar_counts_epochs_once_a_model_starts_training(monkeypatch
     assert bars[0].shown == [(10, "fit", "img"), 8]
     assert bars[1].shown == [(200, "train", "epoch"), "epoch 1/200, held-out loss 0.6", 1,
                              "epoch 2/200, held-out loss 0.5", 2]
+
+
+def test_a_refit_with_hold_out_like_holds_out_what_the_model_held_out(cli_model, elpv_split, tmp_path):
+    """Found trying the station: one more OK image re-dealt 7 of the 8 held-out parts of a
+    CLI refit (threshold 355.8 -> 338.9); the station's refit keeps them, now okng fit can."""
+    from core.model_file import read_checked
+
+    held = read_checked(cli_model)[0]["calibration_paths"]
+    assert len(held) == 4 and all(p.startswith("/") for p in held)
+    from core.jobs import split_calibration
+
+    more = elpv_split.ok_train[:20] + elpv_split.eval_ok[:2]
+    assert len(set(split_calibration(more, 0.2)[1]) & set(held)) < 4  # dealt afresh, they would move
+    out = tmp_path / "refit.okng"
+    r = okng("fit", *more, "--out", str(out), "--hold-out-like", str(cli_model))
+    assert r.returncode == 0, r.stderr
+    assert read_checked(out)[0]["calibration_paths"] == held  # 20 % of 22 is still 4: the same four
+    fresh = read_checked(cli_model)[0]  # the model asked is only read
+    assert fresh["calibration_paths"] == held

@@ -276,3 +276,24 @@ def test_a_crashing_source_is_the_cycles_error_result_logged_and_released_by_the
     logged = _cycles_in(recipe.with_suffix(".results.sqlite"))
     assert [(c.part_id, c.verdict, c.acked_at is not None) for c in logged] == [(1, "ERROR", True), (2, "ERROR", True)]
     assert "camera driver crashed" in logged[0].error_text
+
+
+def test_an_unreadable_image_tells_the_plc_why_before_which_file(tmp_path):
+    """Found trying the line: in a folder whose name had spaces the path's words filled the
+    PLC string and the reason ("file not found") never reached a Modbus PLC (64 characters)."""
+    from core.line.handshake import LineError
+    from core.line.modbus_server import decode, encode
+    from core.line.signals import BY_NAME
+    from core.line.sources import Playlist
+
+    folder = tmp_path / "camera output of line 3"
+    folder.mkdir()
+    (folder / "part_0042_from_the_camera_with_a_long_name.png").write_bytes(b"not a png")
+    for name, reason in (("gone.png", "file not found"), ("part_0042_from_the_camera_with_a_long_name.png", "")):
+        with pytest.raises(LineError) as err:
+            Playlist([str(folder / name)]).grab()
+        text = str(err.value)
+        assert text.startswith("image unreadable (") and text.endswith(f"): {name}") and "line 3" not in text
+        assert err.value.code == ErrorCode.NO_IMAGE
+        on_modbus = decode(BY_NAME["ErrorText"], encode(BY_NAME["ErrorText"], text))
+        assert on_modbus.startswith("image unreadable (") and reason in on_modbus and len(on_modbus) <= 64

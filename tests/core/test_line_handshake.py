@@ -292,13 +292,20 @@ def test_an_unknown_recipe_index_is_refused_and_the_active_recipe_kept(line):
     assert ln.cycle()["Ok"] is True
     # a failed recipe switch is no refused trigger (okng serve's summary counted it as one)
     assert (ln.hs.refused, ln.hs.faults) == (0, 1)
+    # a switch that then succeeds clears the refusal: a PLC waiting for ActiveRecipe == 2 and
+    # ErrorCode == 0 used to wait until the next trigger (found trying the line)
+    ln.hs.plc_write("RecipeIndex", 9)
+    assert ln.hs.wait_idle(10) and ln.hs.value("ErrorCode") == ErrorCode.UNKNOWN_RECIPE
+    ln.hs.plc_write("RecipeIndex", 2)
+    ln.watch.until("ActiveRecipe", 2)
+    assert (ln.hs.value("ErrorCode"), ln.hs.value("ErrorText"), ln.hs.value("Ready")) == (0, "", True)
 
 
 def test_okng_serves_summary_counts_refused_triggers_and_other_refusals_apart():
     from core.line.command import serve_summary
 
     assert serve_summary({"cycles": 8, "refused": 1, "faults": 2}) == \
-        "stopped after 8 cycles (1 trigger refused; 2 recipe load(s) or acknowledgement(s) failed)"
+        "stopped after 8 cycles (1 trigger refused; 2 recipe switch(es) or acknowledgement(s) failed)"
     assert serve_summary({"cycles": 1, "refused": 0, "faults": 0}) == "stopped after 1 cycle (0 triggers refused)"
 
 

@@ -841,12 +841,28 @@ def test_a_saved_demo_recipe_opens_with_its_demo_stream_and_truth_tags(session, 
         s.open_recipe(tmp_path / "odd.okrecipe")
         assert s.demo_stream == [] and s.recipe_path == tmp_path / "odd.okrecipe" and s.errors == []
         assert statuses[-1].endswith("no demo stream (the recipe's demo split is damaged)")
-    # made into another product's recipe (other OK images), it is no demo any more
+    # more OK cells added to the demo: still the demo, stream and all
+    more = load_recipe(path)
+    more.ok_paths = more.ok_paths + elpv_split.eval_ok[:1]
+    save_recipe(more, tmp_path / "more.okrecipe")
+    s.open_recipe(tmp_path / "more.okrecipe")
+    assert s.demo_stream == stream
+    # made into another product's recipe (none of the demo's cells left), it is no demo any more
     other = load_recipe(path)
-    other.ok_paths = other.ok_paths[:50] + elpv_split.eval_ok[:1]
+    other.ok_paths = elpv_split.eval_ok[:3]
     save_recipe(other, tmp_path / "product.okrecipe")
     s.open_recipe(tmp_path / "product.okrecipe")
     assert s.demo_stream == [] and s.errors == [] and "no demo stream" not in statuses[-1]
+    # and in the session: the demo's cells removed, the stream goes (and is not saved with it)
+    s.open_recipe(path)
+    assert s.demo_stream == stream
+    changed = []
+    s.recipe_changed.connect(changed.append)
+    s.add_ok_paths(elpv_split.eval_ok[:2])
+    s.remove_ok_paths(stream[:0] + [p for p in s.ok_paths if p not in elpv_split.eval_ok[:2]][:10])
+    assert s.demo_stream == stream and changed == []  # demo cells left: still the demo
+    s.remove_ok_paths([p for p in s.ok_paths if p not in elpv_split.eval_ok[:2]])
+    assert s.demo_stream == [] and s.demo_truth == {} and "demo_split" not in s.recipe.station and changed
 
 
 def test_a_recipe_whose_model_file_is_gone_says_so_and_a_save_keeps_its_thresholds(session, tmp_path):

@@ -106,3 +106,21 @@ def test_on_first_start_inspect_shift_and_line_share_one_tab_group_with_inspect_
     assert set(window.tabifiedDockWidgets(dock["Inspect"])) == {dock["Shift"], dock["Line"]}
     assert not dock["Inspect"].visibleRegion().isEmpty()
     assert dock["Shift"].visibleRegion().isEmpty() and dock["Line"].visibleRegion().isEmpty()
+
+
+def test_a_live_source_set_for_the_line_comes_before_the_demo_stream(window, tmp_path, ok_images):
+    """Found trying the station: a demo recipe made into another product's, with a folder set as
+    the live source, fed the PLC the ELPV demo cells."""
+    from core.line.sources import LiveGrab, Playlist
+
+    w, s = window, window.controller.session
+    s.demo_stream = list(ok_images[:3])  # as the demo leaves it
+    assert isinstance(w.line_link._source(), Playlist)  # no live source: the demo stream is played
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    w.source_panel.set_live_target("folder", str(inbox))
+    source = w.line_link._source()
+    try:
+        assert isinstance(source, LiveGrab)
+    finally:
+        source.close()
