@@ -463,10 +463,13 @@ class InspectionSession:
         judged_ng = [r for r in self.results if r.verdict == "NG"]  # before the new thresholds re-judge them
         verdicts = {r.id: r.verdict for r in self.results}
         old_threshold = self.image_threshold
+        held_before = set(self.detector.calibration_paths) if self.detector is not None else set()
+        again = len(held_before & set(det.calibration_paths))
         self.set_detector(det, *(mine if keep_mine else (None, None)))
         self.thresholds_hand_set = keep_mine
         self.mark_dirty()
-        msg = (f"Model fitted on {len(result.fitted)} images, calibrated on {len(result.calibration)} "
+        as_before = f" ({again} held out as before)" if held_before and det.calibration_paths else ""
+        msg = (f"Model fitted on {len(result.fitted)} images, calibrated on {len(result.calibration)}{as_before} "
                f"in {result.seconds:.1f} s; inspection runs on {det.runtime_name}")
         moved = ("" if th is None or keep_mine or old_threshold is None
                  else threshold_move_text(old_threshold, th, result.calibration))

@@ -768,9 +768,12 @@ def test_a_refit_after_one_more_ok_image_holds_out_the_same_parts(session, part_
     extra = tmp_path / "ok_extra.png"
     cv2.imwrite(str(extra), make_part(np.random.default_rng(7)))
     s.add_ok_paths([str(extra)])
+    statuses = []
+    s.status.connect(statuses.append)
     s.start_fit()
     now = s.detector.calibration_paths
     assert len(now) == 3 and set(held) < set(now) and s.errors == []  # 20 % of 13: one more dealt
+    assert any("calibrated on 3 (2 held out as before)" in m for m in statuses)
 
 
 def test_a_refit_that_moves_the_threshold_says_which_held_out_part_it_rests_on():
