@@ -72,6 +72,8 @@ class InspectionSession:
         self.unreadable_ok_changed = Event()  # (unreadable_ok)
         #: why the last refit moved the threshold, for the verdicts-changed line that follows it
         self._refit_note = ""
+        #: the last fit's status line until the stored labels' replay has said its own after it
+        self.fit_line = ""
         self.model_changed = Event()  # ()
         self.thresholds_changed = Event()  # (image, pixel)
         self.results_changed = Event()  # () verdicts, scores or maps of stored results changed
@@ -158,6 +160,8 @@ class InspectionSession:
     def open_demo(self) -> None:
         from .demo import demo_split
 
+        if not self._engineer_only("open the demo"):  # said once, not again by new_recipe
+            return
         split = demo_split(**DEMO_SPLIT)
         self.new_recipe(DEMO_RECIPE_NAME, DetectorConfig(), split.ok_train)
         self.recipe.station["demo_split"] = dict(DEMO_SPLIT)  # a saved demo recipe gets its stream back
@@ -263,6 +267,16 @@ class InspectionSession:
         if self.recipe.station.get(key) != value:
             self.recipe.station[key] = value
             self.mark_dirty()
+
+    def set_copy_ng_images(self, on: bool) -> bool:
+        """Keep copies of NG images beside the recipe (an engineer's recipe setting: it changes
+        the recipe); False if refused in operator mode."""
+        if bool(self.recipe.station.get("copy_ng_images")) == bool(on):
+            return True
+        if not self._engineer_only("change whether NG images are kept"):
+            return False
+        self.set_station_setting("copy_ng_images", bool(on))
+        return True
 
     def add_ok_paths(self, inputs: list[str]) -> None:
         if not self._engineer_only("change the OK set"):
@@ -475,6 +489,7 @@ class InspectionSession:
                  else threshold_move_text(old_threshold, th, result.calibration))
         msg += " — too few images to calibrate: set the thresholds by hand" if th is None else moved
         self._refit_note = moved.lstrip(". ")  # said again by the verdicts-changed line put over this one
+        self.fit_line = msg  # carried on by the stored labels' replay line, which comes right after it
         self.status.emit(msg)
         if keep_mine:
             self._ask_thresholds_after_fit(th)
@@ -487,7 +502,9 @@ class InspectionSession:
             if option == new:
                 self.set_thresholds(th.image, th.pixel)
                 self.thresholds_hand_set = False
-                self.status.emit(f"Thresholds from the new calibration: image {th.image:.4g}, pixel {th.pixel:.4g}")
+                text = f"Thresholds from the new calibration: image {th.image:.4g}, pixel {th.pixel:.4g}"
+                self.fit_line = text if self.fit_line else ""  # a replay still to come carries it on
+                self.status.emit(text)
 
         self.ask(Question(
             "Thresholds after refit",

@@ -170,6 +170,8 @@ class LabelBook:
             self.weights_changed.emit(learner.held_weights())
             self.labels_changed.emit(self.rows())
             msg = f"{len(out.applied)} stored label(s) replayed into the new model"
+            if s.fit_line:  # the fit's line (why the threshold moved, what was held out) stays said
+                msg, s.fit_line = f"{s.fit_line}. {msg[0].upper()}{msg[1:]}", ""
             if out.skipped:
                 lid, why = out.skipped[0]
                 s.error.emit(f"{msg}; {len(out.skipped)} could not be, e.g. label #{lid}: {why}")
@@ -442,6 +444,8 @@ class LabelBook:
             more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
             said.append(f"Verdicts changed: {shown}{more} (marked in the results)")
         labelled_rec = s.results.get(req["result_id"])
+        if kind == "false_alarm" and labelled_rec is not None and labelled_rec.verdict == "NG":
+            said.append(_still_ng_text(labelled_rec, req["mask"], s.image_threshold))
         if kind in ("defect", "image_ng") and labelled_rec is not None and labelled_rec.verdict == "OK":
             said.append("The part stays OK at this threshold: the label is kept (the feedback never accepts "
                         "what it shows), but only a lower threshold makes parts like it NG: an engineer's call")
@@ -692,6 +696,21 @@ class LabelBook:
             return
         self.session.status.emit(f"Labels exported to {path}")
 
+
+
+def _still_ng_text(rec: Any, mask: np.ndarray | None, threshold: float | None) -> str:
+    """Why a part marked as a false alarm is still NG (found trying the station: a 3-pixel spot
+    at the image's edge kept it NG, and nothing said so)."""
+    text = f"The part stays NG: score {rec.score:.2f}" + ("" if threshold is None else f" > threshold {threshold:.2f}")
+    m = rec.anomaly_map
+    if mask is None or m is None or mask.shape != m.shape:
+        return text
+    r, c = np.unravel_index(int(np.argmax(m)), m.shape)
+    if mask[r, c]:
+        return text + ", still from the marked region (one label lowers it; label it again, or an engineer " \
+                      "sets the threshold)"
+    return text + (f", now from another spot (row {r}, column {c} of {m.shape[0]} × {m.shape[1]}): click it "
+                   "and label it too if it is also a false alarm")
 
 
 def _question(text: str, options: tuple[str, ...], default: str, on_answer) -> Question:

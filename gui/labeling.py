@@ -71,7 +71,12 @@ def install_labeling(window, area=Qt.DockWidgetArea.RightDockWidgetArea):
     c.reweight_changed.connect(panel.set_reweight)
     c.selection_changed.connect(lambda contour: panel.set_region_selected(contour is not None))
     c.selection_changed.connect(view.set_selected_region)
-    c.model_changed.connect(lambda: panel.set_model_ready(s.detector is not None))
+    # "Part is OK / NG" label the shown part: with a model and a part on screen
+    def part_ready(*_: object) -> None:
+        panel.set_model_ready(s.detector is not None and s.shown_id is not None)
+
+    for signal in (c.model_changed, c.display_changed, c.results_changed):
+        signal.connect(part_ready)
     c.display_changed.connect(lambda d: None if fb.has_selection else view.set_selected_region(None))
     panel.set_rows(fb.rows())
     return panel, dock

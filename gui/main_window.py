@@ -142,7 +142,8 @@ class MainWindow(QMainWindow):
         self.results_panel.result_selected.connect(s.show_result)
         self.shift_panel.reset_requested.connect(s.shift.reset_counters)
         self.shift_panel.export_requested.connect(s.shift.export)
-        self.shift_panel.copy_ng_toggled.connect(lambda on: s.set_station_setting("copy_ng_images", on))
+        self.shift_panel.copy_ng_toggled.connect(
+            lambda on: s.set_copy_ng_images(on) or self.shift_panel.set_copy_ng(not on))  # refused: as it was
         # notifications come back as the controller's Qt signals
         c.ok_paths_changed.connect(self.ok_panel.set_paths)
         c.unreadable_ok_changed.connect(self.ok_panel.set_unreadable)
@@ -203,6 +204,7 @@ class MainWindow(QMainWindow):
         self.fit_action.setEnabled(not locked)  # the menu greys out what the panels do
         self.reset_weights_action.setEnabled(not locked)
         self.labels_panel.set_engineer_controls(not locked)
+        self.shift_panel.copy_ng_check.setEnabled(not locked)  # a recipe setting, like the thresholds
         self.histogram.line.setMovable(not locked)
         self.recipe_menu.show_role(role)
         self._update_title()

@@ -82,7 +82,8 @@ class ShiftPanel(QWidget):
     def _confusion_html(c) -> str:
         m = c.confusion
         if not m:
-            return "<i>Ground truth unknown (inspect folders named ok/ng to see detection rates)</i>"
+            return ("<i>No parts of known truth this shift (inspect folders named ok/ng, or the demo stream, "
+                    "to see detection rates)</i>")
         r = c.rates()
         cell = "<td align='right' style='padding:0 8px'>{}</td>"
         rows = "".join(f"<tr><td>truth {t}</td>" + "".join(cell.format(m.get((t, v), 0)) for v in ("OK", "NG"))

@@ -447,6 +447,44 @@ def test_a_flip_question_names_every_part_it_would_pass(session, part_images):
     assert f"2 part(s) judged NG would be judged OK: {name}, {name}." in q.text
 
 
+def test_a_false_alarm_that_leaves_the_part_ng_says_where_the_score_now_comes_from(session, part_images):
+    """Found trying the station: after "False alarm" the part stayed NG for a small spot elsewhere
+    and the status line only said the label was saved."""
+    s = session
+    rec = _inspect(s, part_images[1][:1])[0]
+    assert rec.verdict == "NG"
+    s.set_thresholds(s.image_threshold, float(np.percentile(rec.anomaly_map, 90)))
+    hottest = np.unravel_index(int(np.argmax(rec.anomaly_map)), rec.anomaly_map.shape)
+    regions = find_regions(rec.anomaly_map, s.pixel_threshold)
+    other = next(r for r in regions if not r.mask[hottest])  # a region away from the hottest spot
+    row, col = np.argwhere(other.mask)[len(np.argwhere(other.mask)) // 2]
+    assert s.labels.select_at(int(row), int(col))
+    said = []
+    s.status.connect(said.append)
+    s.labels.mark_region("false_alarm")
+    assert s.results.get(rec.id).verdict == "NG"
+    assert "The part stays NG: score " in said[-1] and "now from another spot (row " in said[-1]
+
+
+def test_a_refit_with_stored_labels_keeps_the_fits_line_in_the_replays(session, part_images):
+    """Found trying the station: "2 stored label(s) replayed into the new model" replaced the
+    fit's line half a second later, and with it why the threshold moved."""
+    s = session
+    rec = _inspect(s, part_images[1][:1])[0]
+    s.set_thresholds(s.image_threshold, float(np.percentile(rec.anomaly_map, 90)))
+    region = find_regions(rec.anomaly_map, s.pixel_threshold)[0]
+    row, col = np.argwhere(region.mask)[len(np.argwhere(region.mask)) // 2]
+    assert s.labels.select_at(int(row), int(col))
+    s.labels.mark_region("false_alarm")
+    said = []
+    s.status.connect(said.append)
+    s.start_fit()
+    fit_line = next(m for m in said if m.startswith("Model fitted on "))
+    replay = next(m for m in said if "stored label(s) replayed into the new model" in m)
+    assert replay.startswith(fit_line) and replay.endswith(". 1 stored label(s) replayed into the new model")
+    assert s.fit_line == ""  # said once
+
+
 def test_the_status_line_says_what_the_station_is_doing(session, tmp_path):
     s = session
     said = []

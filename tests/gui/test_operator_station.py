@@ -90,7 +90,13 @@ def test_operator_mode_disables_the_engineer_controls(qtbot, window):
     assert not lp.reweight_check.isEnabled() and not lp.reset_button.isEnabled()  # ...but weights are set up
     engineer_menu = [w.fit_action, w.reset_weights_action, w.recipe_menu.new_action, w.recipe_menu.save_as_action]
     assert not any(a.isEnabled() for a in engineer_menu)  # the menus grey out what the panels lock
+    # keeping NG copies changes the recipe: an engineer's setting (an operator's tick made it unsaved)
+    assert not w.shift_panel.copy_ng_check.isEnabled()
+    assert not s.set_copy_ng_images(True) and not s.recipe.station.get("copy_ng_images")
     assert s.unlock("2468")
+    assert w.shift_panel.copy_ng_check.isEnabled()
+    w.shift_panel.copy_ng_check.setChecked(True)
+    assert s.recipe.station.get("copy_ng_images") is True
     assert w.threshold_panel.isEnabled() and w.ok_panel.isEnabled()
     assert all(a.isEnabled() for a in engineer_menu)
     assert lp.reweight_check.isEnabled() and not lp.reset_button.isEnabled()  # no weights held yet
@@ -123,6 +129,19 @@ def test_shift_counters_follow_the_inspections(qtbot, window, defect_image, ok_i
     assert sp.values["total"].text() == "0"
     # a new shift: the next operator gives a name (the last one's would sign their labels)
     assert s.operator == "" and w.labels_panel.operator() == "" and w.settings.value("operator") == ""
+
+
+def test_part_is_ok_and_part_is_ng_wait_for_a_part_on_screen(qtbot, window, defect_image):
+    """Found trying the station: after opening a recipe they were enabled and only said "No
+    inspected image to label"."""
+    w, s = window, window.controller.session
+    p = w.labels_panel
+    s.start_fit()
+    assert s.detector is not None and not p.part_ok_button.isEnabled() and not p.part_ng_button.isEnabled()
+    s.inspect_paths([defect_image])
+    qtbot.waitUntil(lambda: p.part_ok_button.isEnabled() and p.part_ng_button.isEnabled(), timeout=5000)
+    s.clear_results()
+    qtbot.waitUntil(lambda: not p.part_ok_button.isEnabled(), timeout=5000)
 
 
 def test_an_ng_with_nothing_above_the_pixel_threshold_still_shows_where(qtbot, window, defect_image):
