@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import sqlite3
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -36,6 +37,15 @@ from .models import MODELS, TRAINED_KINDS
 from .recipes import Recipe, load_recipe, model_path_for, safe_file_stem, save_recipe
 from .roles import ENGINEER, OPERATOR, hash_pin, verify_pin
 from .runtime import graph_key
+from .session_carry import (
+    CarriedStore,
+    StoreCopy,
+    StoreNotCarried,
+    carry_job,
+    put_back_carried,
+    say_where_replaced_went,
+    stores_to_carry,
+)
 from .session_labels import LabelBook
 from .session_shift import ShiftLog
 from .session_results import (
@@ -107,7 +117,8 @@ class InspectionSession:
         self.demo_truth: dict[str, str] = {}
         self._demo_ok: frozenset[str] = frozenset()  # the demo's own OK cells
         self.live = False
-        self.saving = False  # a recipe save's model job is queued or running
+        self.saving = False  # a recipe save's job is queued or running
+        self._carried: list[CarriedStore] = []  # stores that save has copied, put back if it stops
         #: who is at the station: written into every label and results-log row
         self.operator = ""
         self.role = ENGINEER
@@ -927,55 +938,78 @@ class InspectionSession:
     def save_recipe(self, path: str | Path | None = None) -> bool:
         """Save the recipe (and its model beside it). False if there is no path yet.
 
-        The labels and results log are carried beside it first (a recipe saved where its
-        labels could not follow would replay another recipe's labels), then the model is
-        written (a job), then the recipe file. The session moves to the new path only when
-        the model is written: until then it keeps its own stores, and a save that stops puts
-        back what was beside the target. Meanwhile (``saving``) nothing that writes the
-        stores or replaces the recipe starts."""
+        One job on the engine thread carries the labels and results log beside it first (a
+        recipe saved where its labels could not follow would replay another recipe's labels)
+        and then writes the model; the recipe file is written when that job returns. The
+        session moves to the new path only then: until then it keeps its own stores, and a
+        save that stops puts back what was beside the target. Meanwhile (``saving``) nothing
+        that writes the stores or replaces the recipe starts, and a save that must carry the
+        stores waits for an idle engine (a running inspection would log rows after the copy)."""
         path = Path(path) if path is not None else self.recipe_path
         if path is None:
             return False
-        if self.live:
-            self.error.emit("Stop live inspection before saving the recipe.")
-            return True
         elsewhere = self.recipe_path is None or path.resolve() != Path(self.recipe_path).resolve()
-        if elsewhere and not self._engineer_only("save the recipe under another name"):
-            return True
-        if elsewhere and (refusal := protected_by_another_pin(path, self.recipe.station.get("pin_hash"))):
-            self.error.emit(refusal)
+        if (copies := self._stores_for_save(path, elsewhere)) is None:
             return True
         if elsewhere and self.recipe.name == "untitled":  # a new recipe takes its file's name
             self.recipe.name = path.stem
             self.recipe_changed.emit(self.recipe.name)
-        if self._still_saving():
-            return True
-        if not self.labels.recipe_saved_to(path):
-            return True
-        if not self.shift.recipe_saved_to(path):
-            self._save_ended(False)
-            return True
-        recipe = self.recipe
-        if self.detector is not None:  # without a model (its file missing) the stored thresholds stay
+        recipe, det = self.recipe, self.detector
+        if det is not None:  # without a model (its file missing) the stored thresholds stay
             recipe.image_threshold, recipe.pixel_threshold = self.image_threshold, self.pixel_threshold
-        if self.detector is None:
-            self._write_recipe_file(recipe, path, recipe.model_path, model_written=False)
-            return True
-        model = str(model_path_for(path))
+        model = str(model_path_for(path)) if det is not None else None
+        carried: list[CarriedStore] = []
 
-        def model_not_saved(exc: BaseException) -> None:
-            self.error.emit(f"Could not save the model: {exc}. Recipe NOT saved to {path}")
+        def save_job(token):
+            yield from carry_job(copies, carried, token)
+            if det is not None:
+                return (yield from save_model_job(det, model, token))
+            return None
+
+        def written(_model: Any) -> None:
+            say_where_replaced_went(carried, self)
+            self._write_recipe_file(recipe, path, recipe.model_path if det is None else model,
+                                    model_written=det is not None)
+
+        def not_saved(exc: BaseException) -> None:
+            if isinstance(exc, StoreNotCarried):
+                self.error.emit(str(exc))
+            else:
+                self.error.emit(f"Could not save the model: {exc}. Recipe NOT saved to {path}")
             self._save_ended(False)  # after the cause: a put-back that fails says so last
 
-        self.saving = True
+        self.saving, self._carried = True, carried
         try:
-            self.submit(partial(save_model_job, self.detector, model),
-                        on_returned=lambda _p: self._write_recipe_file(recipe, path, model, model_written=True),
-                        on_failed=model_not_saved, on_cancelled=lambda: model_not_saved(RuntimeError("cancelled")))
+            self.submit(save_job, on_returned=written, on_failed=not_saved,
+                        on_cancelled=lambda: not_saved(RuntimeError("cancelled")))
         except BaseException:  # e.g. the engine has stopped: nothing will end this save
             self._save_ended(False)
             raise
         return True
+
+    def _stores_for_save(self, path: Path, elsewhere: bool) -> list[StoreCopy] | None:
+        """The stores a save to ``path`` must carry, or None (and why on screen) when the
+        save is refused."""
+        if self.live:
+            self.error.emit("Stop live inspection before saving the recipe.")
+            return None
+        if elsewhere and not self._engineer_only("save the recipe under another name"):
+            return None
+        if elsewhere and (refusal := protected_by_another_pin(path, self.recipe.station.get("pin_hash"))):
+            self.error.emit(refusal)
+            return None
+        if self._still_saving():
+            return None
+        try:
+            copies = stores_to_carry(self, path)
+        except (sqlite3.Error, OSError, ValueError) as exc:
+            self.error.emit(f"Recipe NOT saved: this recipe's labels or results log could not be opened ({exc})")
+            return None
+        if copies and self.executor.busy:
+            self.error.emit("Recipe NOT saved: saving it to another file waits until the running job ends "
+                            "(or is cancelled, Esc): its labels and results log are copied beside it first.")
+            return None
+        return copies
 
     def _still_saving(self) -> bool:
         """True (and a word on screen) while a save is not finished: its carried stores may
@@ -987,17 +1021,16 @@ class InspectionSession:
     def _save_ended(self, saved: bool) -> None:
         """The save that carried the stores ended; not ``saved``: they are put back."""
         self.saving = False
-        for book in (self.labels, self.shift):
-            try:
-                book.save_ended(saved)
-            except Exception as exc:  # noqa: BLE001 - the other store must still be dealt with
-                log.exception("ending a recipe save")
-                self.error.emit(f"After saving the recipe: {exc}")
+        carried, self._carried = self._carried, []
+        if not saved:
+            for store in carried:
+                put_back_carried(store, self)
 
     def _write_recipe_file(self, recipe: Recipe, path: Path, model_path: str | None, model_written: bool) -> None:
         """Write the recipe file. Without a written model a failure puts the carried stores
         back; after one they stay (that model holds their labels) and the session moves to
-        ``path`` anyway, so saving again completes it."""
+        ``path`` anyway, so saving again completes it. The session's stores reopen beside
+        ``path`` when next used (they follow the recipe path)."""
         before = recipe.model_path
         recipe.model_path = model_path
         try:

@@ -42,8 +42,6 @@ from .labels import Label, LabelStore, RegionShape, file_sha256
 from .regions import find_regions, region_at
 from .roles import ENGINEER
 from .session_results import judge
-from .session_carry import CarriedStore, carry, put_back_carried
-from .sqlitedb import same_file
 
 if TYPE_CHECKING:
     from .detector import Detector
@@ -97,7 +95,6 @@ class LabelBook:
         self._steps: list[_Step] = []
         self._pending = False
         self._scores: dict[int, tuple[float, float]] = {}  # label id -> (before, after), this session
-        self._carried: CarriedStore | None = None  # beside a recipe being saved, until the save ends
 
     @property
     def operator(self) -> str:
@@ -229,32 +226,6 @@ class LabelBook:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._store = LabelStore(path)
         return self._store
-
-    def recipe_saved_to(self, recipe_path: Path) -> bool:
-        """Carry this session's labels to the file beside the recipe being saved. Saved over
-        another recipe, its labels store is first copied aside (``.replaced-<time>``), not
-        merged and not kept in place: the saved model holds this session's labels, and a
-        refit replays what the store beside the recipe holds. False (and an error on
-        screen): they could not be, and the recipe must not be saved there. Until the save
-        ends (:meth:`save_ended`) the copy can be put back."""
-        target = Path(recipe_path).with_suffix(".labels.sqlite")
-        self._carried = None
-        if same_file(self.store_path, target):
-            return True
-        self._carried = carry(self.store().copy_over, target, self.session, "labels")
-        if self._carried is None:
-            return False
-        self.close_store()
-        self.labels_changed.emit(self.rows())
-        return True
-
-    def save_ended(self, saved: bool) -> None:
-        """The recipe save that carried the labels ended; not ``saved``: the store beside
-        that recipe goes back to what it held (nothing, if it was new), so the recipe left
-        there is not paired with this session's labels."""
-        carried, self._carried = self._carried, None
-        if not saved:
-            put_back_carried(carried, self.session)
 
     # -- selection --------------------------------------------------------------------------
     def select_at(self, row: int, col: int) -> bool:

@@ -21,8 +21,6 @@ from .events import Event
 from .labels import file_sha256
 from .recipes import safe_file_stem
 from .results_log import Counters, LogEntry, ResultsLog, truth_from_path
-from .session_carry import CarriedStore, carry, put_back_carried
-from .sqlitedb import same_file
 
 if TYPE_CHECKING:
     from .session import InspectionSession
@@ -40,7 +38,6 @@ class ShiftLog:
         self.counters_changed = Event()  # (Counters)
         self._log: ResultsLog | None = None
         self._counted_at = 0.0  # when counters were last sent (a live run sends them twice a second)
-        self._carried: CarriedStore | None = None  # beside a recipe being saved, until the save ends
 
     @property
     def path(self) -> Path:
@@ -63,27 +60,6 @@ class ShiftLog:
     def recipe_replaced(self) -> None:
         self.close()
         self.refresh()
-
-    def recipe_saved_to(self, recipe_path: Path) -> bool:
-        """Carry this session's results log to the file beside the recipe being saved; saved
-        over another recipe, that one's log is first copied aside (``.replaced-<time>``), as
-        its labels are (:meth:`core.session_labels.LabelBook.recipe_saved_to`). False (and an
-        error on screen): it could not be, and the recipe must not be saved there."""
-        target = Path(recipe_path).with_suffix(".results.sqlite")
-        self._carried = None
-        if same_file(self.path, target):
-            return True
-        self._carried = carry(self.log().copy_over, target, self.session, "results log")
-        if self._carried is None:
-            return False
-        self.close()
-        return True
-
-    def save_ended(self, saved: bool) -> None:
-        """As :meth:`core.session_labels.LabelBook.save_ended`, for the results log."""
-        carried, self._carried = self._carried, None
-        if not saved:
-            put_back_carried(carried, self.session)
 
     def record(self, rec: ResultRecord, model_id: str) -> None:
         """Log one inspection; a log that cannot be written is an error on screen, never a

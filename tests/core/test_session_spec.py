@@ -18,6 +18,7 @@ import torch
 
 from core.jobs import CancelToken, InlineExecutor, JobCallbacks, deliver, drive
 from core.labels import LabelStore
+from core.results_log import ResultsLog
 from core.recipes import model_path_for
 from core.session import InspectionSession
 
@@ -517,7 +518,6 @@ def test_saving_over_another_recipe_carries_this_sessions_labels_and_log_and_set
     aside = sorted(path.parent.glob("station.labels.sqlite.replaced-*"))
     assert len(aside) == 1 and [r.operator for r in LabelStore(aside[0]).labels()] == ["ana"]
     assert any(str(aside[0]) in line for line in said)
-    from core.results_log import ResultsLog
 
     assert len(ResultsLog(path.with_suffix(".results.sqlite")).entries()) == 2  # t's two inspections
     old_log = [p for p in path.parent.glob("station.results.sqlite.replaced-*")
@@ -636,18 +636,21 @@ def test_a_save_stopped_by_the_results_log_puts_the_labels_beside_the_old_recipe
     its own labels, not this session's (nothing set aside is left behind either)."""
     import errno
 
-    from core.results_log import ResultsLog
+    import core.session_carry as carry
 
     s = session
     path = _recipe_saved_with_one_label(s, part_images, tmp_path)
     recipe_before = path.read_bytes()
 
     t, _, errors = _other_station_with_a_label(tmp_path, tiny_config, part_images)
+    copy_store = carry.copy_store
 
-    def full(self, target):
-        raise OSError(errno.ENOSPC, "No space left on device")
+    def full_at_the_log(source, target):
+        if target.name.endswith(".results.sqlite"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return copy_store(source, target)
 
-    monkeypatch.setattr(ResultsLog, "copy_over", full)
+    monkeypatch.setattr(carry, "copy_store", full_at_the_log)
     t.save_recipe(path)
     assert "Recipe NOT saved: the results log could not be copied" in errors[-1]
     assert [r.operator for r in LabelStore(path.with_suffix(".labels.sqlite")).labels()] == ["ana"]
@@ -657,12 +660,19 @@ def test_a_save_stopped_by_the_results_log_puts_the_labels_beside_the_old_recipe
 
 def test_a_save_to_a_new_place_stopped_by_the_results_log_leaves_no_labels_there(
         session, part_images, tmp_path, monkeypatch):
-    from core.results_log import ResultsLog
+    import core.session_carry as carry
 
     s = session
     s.inspect_paths(part_images[1][:1])
     s.labels.mark_image("image_ng")
-    monkeypatch.setattr(ResultsLog, "copy_over", lambda self, target: (_ for _ in ()).throw(OSError("disk full")))
+    copy_store = carry.copy_store
+
+    def full_at_the_log(source, target):
+        if target.name.endswith(".results.sqlite"):
+            raise OSError("disk full")
+        return copy_store(source, target)
+
+    monkeypatch.setattr(carry, "copy_store", full_at_the_log)
     path = tmp_path / "new" / "station.okng-recipe"
     s.save_recipe(path)
     assert "Recipe NOT saved" in s.errors[-1]
@@ -675,7 +685,6 @@ def test_a_model_that_cannot_be_saved_puts_the_stores_beside_the_old_recipe_back
     cannot be written, the labels and results log already carried beside the old recipe go
     back, and the session keeps its own recipe path (nothing was saved)."""
     import core.session as session_module
-    from core.results_log import ResultsLog
 
     s = session
     path = _recipe_saved_with_one_label(s, part_images, tmp_path)
@@ -742,6 +751,55 @@ def test_a_second_save_waits_for_the_first_one_to_end(session, part_images, tmp_
     assert first.exists() and not second.exists() and not s.saving
     s.save_recipe(second)
     assert second.exists()
+
+
+def test_the_stores_are_copied_on_the_engine_thread_in_the_saves_own_job(
+        session, part_images, tmp_path, tiny_config):
+    """A results log grows with every inspection (a million rows took 2 s to copy): the copy
+    is part of the save's job, so the window never waits for it; nothing is beside the
+    target until that job runs, and everything is once it has."""
+    from tests.core.test_session import HoldingExecutor
+
+    t, said, _ = _other_station_with_a_label(tmp_path, tiny_config, part_images)
+    path = tmp_path / "new" / "station.okrecipe"
+    t.executor, inline = HoldingExecutor(), t.executor
+    t.save_recipe(path)
+    assert t.saving and len(t.executor.held) == 1
+    assert not path.with_suffix(".labels.sqlite").exists() and not path.with_suffix(".results.sqlite").exists()
+    t.executor.run_next()
+    t.executor = inline
+    assert said[-1] == f"Recipe saved to {path}" and t.recipe_path == path
+    assert [r.operator for r in LabelStore(path.with_suffix(".labels.sqlite")).labels()] == ["ben"]
+    assert len(ResultsLog(path.with_suffix(".results.sqlite")).entries()) == 2
+    assert Path(t.labels.store().path) == path.with_suffix(".labels.sqlite") and len(t.labels.rows()) == 1
+
+
+def test_a_save_to_another_file_waits_for_the_running_job_and_one_in_place_does_not(
+        session, part_images, tmp_path, tiny_config):
+    """An inspection still running would log its last parts after the copy, into the old
+    recipe's log only: a save that must copy the stores is refused until the engine is idle
+    (the reason on screen, nothing written); saving the open recipe in place copies nothing
+    and goes ahead."""
+    from tests.core.test_session import HoldingExecutor
+
+    class Busy(HoldingExecutor):
+        busy = property(lambda self: bool(self.held))
+
+    s = session
+    path = _recipe_saved_with_one_label(s, part_images, tmp_path)
+    s.executor, inline = Busy(), s.executor
+    s.inspect_paths(part_images[1][:2])  # queued: the engine is busy with it
+    elsewhere = tmp_path / "elsewhere" / "copy.okrecipe"
+    s.save_recipe(elsewhere)
+    assert s.errors[-1].startswith("Recipe NOT saved: saving it to another file waits until the running job ends")
+    assert not s.saving and not elsewhere.parent.exists() and len(s.executor.held) == 1
+    s.save_recipe(path)
+    assert s.saving and len(s.executor.held) == 2
+    while s.executor.held:
+        s.executor.run_next()
+    s.executor = inline
+    assert not s.saving and s.recipe_path == path
+    assert len(ResultsLog(path.with_suffix(".results.sqlite")).entries()) == 3
 
 
 def test_while_a_save_runs_nothing_writes_the_stores_or_replaces_the_recipe_and_a_cancelled_one_puts_back(
