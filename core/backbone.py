@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.util
 import logging
 import os
 import socket
@@ -60,6 +61,16 @@ OFFLINE_WEIGHTS = {
     for i, tag in ((0, "57934424"), (1, "77cc7160"), (2, "9656183e"))
 }
 assert OFFLINE_WEIGHTS[DEFAULT_BACKBONE].identity == LITE0_PACKAGE_WEIGHTS
+
+
+def offline_backbones_text() -> str:
+    """The backbones whose weights are installed as packages, for messages: the default,
+    and Lite1 / Lite2 when their packages are there (found trying the station: the offline
+    error named only the default while Lite1 and Lite2 were installed and worked)."""
+    others = [name for name, w in OFFLINE_WEIGHTS.items()
+              if name != DEFAULT_BACKBONE and importlib.util.find_spec(w.module) is not None]
+    return f"the offline default backbone {DEFAULT_BACKBONE}" + (
+        f" (or {', '.join(others)}, installed here)" if others else "")
 
 
 def _package_state_dict(name: str) -> dict[str, torch.Tensor]:
@@ -218,8 +229,8 @@ def _offline_source(spec: BackboneSpec) -> str | None:
     why = "HF_HUB_OFFLINE is set" if _env_offline() else f"{host or 'the weights server'} cannot be reached"
     raise BackboneUnavailableError(
         f"pretrained weights for {spec.name!r} are not on this machine and cannot be downloaded "
-        f"({why}: offline?). Use the offline default backbone {DEFAULT_BACKBONE} (its weights come "
-        f"with the station), or pass a local weights file with --weights."
+        f"({why}: offline?). Use {offline_backbones_text()}, whose weights come with the station, "
+        f"or pass a local weights file with --weights."
     )
 
 
@@ -248,8 +259,8 @@ def _create_timm_model(spec: BackboneSpec, weights: LoadedWeights) -> torch.nn.M
     except Exception as exc:  # noqa: BLE001 - network, hub or cache failures
         raise BackboneUnavailableError(
             f"cannot download pretrained weights for {spec.name!r} ({exc.__class__.__name__}: "
-            f"{str(exc)[:200]}). This machine may be offline: use the offline default backbone "
-            f"{DEFAULT_BACKBONE}, or pass a local weights file."
+            f"{str(exc)[:200]}). This machine may be offline: use {offline_backbones_text()}, "
+            f"or pass a local weights file."
         ) from None
     if weights.state_dict is not None:
         missing, unexpected = model.load_state_dict(weights.state_dict, strict=False)

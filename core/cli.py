@@ -218,7 +218,7 @@ def _held_out_by(model: str) -> tuple[str, ...]:
 def cmd_fit(args: argparse.Namespace) -> int:
     from .jobs import CancelToken, fit_job
     from .persistence import save_detector
-    from .thresholds import false_alarm_statement
+    from .thresholds import false_alarm_statement, lone_part_text
 
     paths = _paths(args.paths)
     config = _config_from_args(args)
@@ -246,6 +246,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if th is not None:
         msg += (f"\nimage threshold {th.image:.4g}, pixel threshold {th.pixel:.4g}"
                 f"\nexpected false alarms: {false_alarm_statement(th)[0]}")
+        if lone := lone_part_text(th, result.calibration):
+            msg += f"\nnote: {lone}"
     if getattr(det.model, "trains", False) and det.model.history:
         best = min(det.model.history, key=lambda h: h[2])
         msg += (f"\ntrained {len(det.model.history)} epochs, stopped by {det.model.stop_reason}; kept epoch "

@@ -193,8 +193,8 @@ class DetectorConfig:
 
         if self.tile is not None and self.model in TRAINED_KINDS:
             raise ValueError(f"model {self.model!r} trains a network on whole images and cannot be fitted on "
-                             f"tiles (tile (--tile) is {self.tile!r}): use padim for high-resolution parts, or "
-                             f"leave --tile out")
+                             f"tiles (tiling: {self.tile!r}): use padim for high-resolution parts, or fit whole "
+                             f"images (no --tile; in the window: the tiling chooser's Whole image)")
 
     @property
     def tiled(self) -> bool:

@@ -148,6 +148,20 @@ def _read_as_it_stands(path: Path, attempts: int = 3) -> tuple[dict[str, Any], l
     raise sqlite3.OperationalError("it changed while it was read (being saved elsewhere): open it again")
 
 
+def _looks_like_a_model_file(path: Path) -> bool:
+    """An ``.okng`` file or any safetensors file (8-byte header length, then a JSON header):
+    found trying the station, a model from ``okng fit`` opened as a recipe was called "not a
+    readable OK/NG recipe (file is not a database)"."""
+    if path.suffix.lower() == ".okng":
+        return True
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < 100_000_000
+
+
 def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
     if not path.is_file():
@@ -160,6 +174,11 @@ def load_recipe(path: str | Path) -> Recipe:
                 raise
             meta, oks = _read_as_it_stands(path)
     except (sqlite3.Error, json.JSONDecodeError) as exc:
+        if _looks_like_a_model_file(path):
+            raise RecipeError(
+                f"{path.name} is a model file, not a recipe: a recipe is an .okrecipe file with its model "
+                f"beside it. Open the recipe this model belongs to, or inspect with the model from the "
+                f"command line (okng score --model {path.name} ...)") from None
         raise RecipeError(f"{path} is not a readable OK/NG recipe ({exc})") from None
     version = meta.get("schema_version")
     if not isinstance(version, int) or version > SCHEMA_VERSION:

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import time
+import uuid
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -58,7 +60,7 @@ from .session_results import (
     judge,
 )
 from .sources import CapturedFrame, FolderWatchSource, VideoSource, capture_job, live_job
-from .thresholds import Thresholds, held_out_needed
+from .thresholds import Thresholds, held_out_needed, lone_part_text, resting_part
 
 log = logging.getLogger(__name__)
 DEMO_RECIPE_NAME = "ELPV mono cells (demo)"
@@ -98,6 +100,7 @@ class InspectionSession:
         # state
         self.recipe = Recipe("untitled", config=DetectorConfig().to_dict())
         self.recipe_path: Path | None = None
+        self._unsaved_stem = unsaved_stem(self.recipe.name)  # its stores' name while it has no file
         self.detector: Detector | None = None
         self._embedder_key = ""  # what embeds for the current detector (_embedder_key)
         self.rescoring = False  # the results table is being scored under a new model
@@ -156,6 +159,7 @@ class InspectionSession:
         self._stop_live()
         self.recipe = Recipe(name, list(ok_paths or []), (config or DetectorConfig()).to_dict())
         self.recipe_path = None
+        self._unsaved_stem = unsaved_stem(name)
         self.demo_stream, self.demo_truth, self._demo_ok = [], {}, frozenset()
         self.unreadable_ok = {}
         self.unreadable_ok_changed.emit(self.unreadable_ok)
@@ -300,7 +304,8 @@ class InspectionSession:
         self.recipe.ok_paths.extend(new)
         self.mark_dirty()
         self.ok_paths_changed.emit(self.ok_paths)
-        self.status.emit(f"Added {len(new)} OK images ({len(self.recipe.ok_paths)} in total); refit to use them")
+        then = "refit to use them" if self.detector is not None else "press Fit (F5) to fit a model on them"
+        self.status.emit(f"Added {len(new)} OK images ({len(self.recipe.ok_paths)} in total); {then}")
 
     def remove_ok_paths(self, paths: list[str]) -> None:
         if not self._engineer_only("change the OK set"):
@@ -429,7 +434,7 @@ class InspectionSession:
         def report() -> None:
             if skipped:
                 first = skipped[0]
-                self.error.emit(f"{len(skipped)} image(s) could not be read and were skipped, "
+                self.error.emit(f"{len(skipped)} image(s) were skipped, "
                                 f"e.g. {first.path}: {first.reason}")
                 skipped.clear()
 
@@ -441,6 +446,16 @@ class InspectionSession:
             if after is not None:
                 after()
         return on_failed
+
+    def _set_unreadable_ok(self, unreadable: dict[str, str]) -> None:
+        """The OK images the last fit could not read (path -> why), kept in the recipe too:
+        found trying the station, a reopened recipe showed them as plain OK images again."""
+        self.unreadable_ok = unreadable
+        if unreadable:
+            self.recipe.station["unreadable_ok"] = dict(unreadable)
+        else:
+            self.recipe.station.pop("unreadable_ok", None)
+        self.unreadable_ok_changed.emit(self.unreadable_ok)
 
     def start_fit(self) -> None:
         if not self._engineer_only("fit a model"):
@@ -458,8 +473,7 @@ class InspectionSession:
 
         def done(result: FitResult) -> None:
             skipped.extend(result.skipped)
-            self.unreadable_ok = {item.path: item.reason for item in result.skipped}
-            self.unreadable_ok_changed.emit(self.unreadable_ok)
+            self._set_unreadable_ok({item.path: item.reason for item in result.skipped})
             self._fit_done(result)
             report()
 
@@ -472,8 +486,7 @@ class InspectionSession:
                       feedback=True, keep_in_fit=vouched, held_before=held_before)
         self.status.emit(f"Fitting on {len(self.recipe.ok_paths)} OK images…")
         def failed(exc: BaseException) -> None:
-            self.unreadable_ok = {}  # the last fit's marks are stale; the error names what it could not read
-            self.unreadable_ok_changed.emit(self.unreadable_ok)
+            self._set_unreadable_ok({})  # the last fit's marks are stale; the error names what it could not read
             self._failed("Fit failed", report)(exc)
 
         self.submit(job, on_returned=done, on_failed=failed,
@@ -498,6 +511,8 @@ class InspectionSession:
                f"in {result.seconds:.1f} s; inspection runs on {det.runtime_name}")
         moved = ("" if th is None or keep_mine or old_threshold is None
                  else threshold_move_text(old_threshold, th, result.calibration))
+        if not moved and not keep_mine and (lone := lone_part_text(th, result.calibration)):
+            moved = f". Note: {lone}"
         msg += " — too few images to calibrate: set the thresholds by hand" if th is None else moved
         self._refit_note = moved.lstrip(". ")  # said again by the verdicts-changed line put over this one
         self.fit_line = msg  # carried on by the stored labels' replay line, which comes right after it
@@ -622,16 +637,16 @@ class InspectionSession:
     # -- capture ----------------------------------------------------------------------------
     def file_beside_recipe(self, suffix: str) -> Path:
         """Where a recipe's companion file lives (labels, results log): beside the recipe, or
-        in the session's data folder while the recipe is not saved yet."""
+        in the session's data folder while the recipe is not saved yet (:func:`unsaved_stem`)."""
         if self.recipe_path is not None:
             return Path(self.recipe_path).with_suffix(suffix)
-        return self.labels_dir / f"{safe_file_stem(self.recipe.name)}{suffix}"
+        return self.labels_dir / f"{self._unsaved_stem}{suffix}"
 
     def capture_folder(self) -> Path:
         """Where captured OK frames go: beside the recipe, or ``<captures_dir>/<recipe>/``."""
         if self.recipe_path is not None:
             return self.recipe_path.parent / f"{self.recipe_path.stem}.captures"
-        return self.captures_dir / safe_file_stem(self.recipe.name)
+        return self.captures_dir / safe_file_stem(self.recipe.name)  # frames are kept by path: sharing is harmless
 
     def capture_ok(self, kind: str, target: str, count: int = 1) -> None:
         """Grab ``count`` frames from a camera (index) or video file and add them as OK images."""
@@ -892,15 +907,29 @@ class InspectionSession:
         return compose_display(rec, self.image_of(rec), self.image_threshold, self.pixel_threshold)
 
     # -- recipes on disk --------------------------------------------------------------------
-    def open_recipe(self, path: str | Path) -> None:
-        if self._still_saving():
-            return
-        path = Path(path)
+    @staticmethod
+    def _read_recipe(path: Path) -> tuple[Recipe | None, str]:
+        """(the recipe, "") or (None, why it cannot be opened)."""
         try:
             recipe = load_recipe(path)
             DetectorConfig.from_dict(dict(recipe.config))
         except (OkngError, TypeError, ValueError) as exc:
-            self.error.emit(f"Cannot open recipe: {exc}")
+            return None, f"Cannot open recipe: {exc}"
+        return recipe, ""
+
+    def recipe_file_problem(self, path: str | Path) -> str:
+        """Why ``path`` cannot be opened as a recipe, or "": asked before the window asks about
+        unsaved changes (found trying the station: Discard was asked for, then the file was
+        refused, a question about losing work for nothing)."""
+        return self._read_recipe(Path(path))[1]
+
+    def open_recipe(self, path: str | Path) -> None:
+        if self._still_saving():
+            return
+        path = Path(path)
+        recipe, problem = self._read_recipe(path)
+        if recipe is None:
+            self.error.emit(problem)
             return
         self._replace_recipe(recipe.name)
         self.recipe, self.recipe_path = recipe, path
@@ -910,6 +939,11 @@ class InspectionSession:
         no_demo = self._restore_demo_stream(recipe)
         self.recipe_changed.emit(recipe.name)
         self.ok_paths_changed.emit(self.ok_paths)
+        marks = recipe.station.get("unreadable_ok")
+        if isinstance(marks, dict):  # a damaged entry is no reason to refuse the recipe: no marks then
+            in_set = set(recipe.ok_paths)
+            self.unreadable_ok = {p: r for p, r in marks.items() if isinstance(r, str) and p in in_set}
+            self.unreadable_ok_changed.emit(self.unreadable_ok)
         if recipe.model_path and not Path(recipe.model_path).is_file():  # fitted once, the file is gone
             kept = ("" if None in (recipe.image_threshold, recipe.pixel_threshold) else
                     f"; its thresholds ({recipe.image_threshold:.4g} / {recipe.pixel_threshold:.4g}) stay in "
@@ -951,9 +985,6 @@ class InspectionSession:
         elsewhere = self.recipe_path is None or path.resolve() != Path(self.recipe_path).resolve()
         if (copies := self._stores_for_save(path, elsewhere)) is None:
             return True
-        if elsewhere and self.recipe.name == "untitled":  # a new recipe takes its file's name
-            self.recipe.name = path.stem
-            self.recipe_changed.emit(self.recipe.name)
         recipe, det = self.recipe, self.detector
         if det is not None:  # without a model (its file missing) the stored thresholds stay
             recipe.image_threshold, recipe.pixel_threshold = self.image_threshold, self.pixel_threshold
@@ -969,7 +1000,7 @@ class InspectionSession:
         def written(_model: Any) -> None:
             say_where_replaced_went(carried, self)
             self._write_recipe_file(recipe, path, recipe.model_path if det is None else model,
-                                    model_written=det is not None)
+                                    model_written=det is not None, name=path.stem if elsewhere else recipe.name)
 
         def not_saved(exc: BaseException) -> None:
             if isinstance(exc, StoreNotCarried):
@@ -1026,18 +1057,21 @@ class InspectionSession:
             for store in carried:
                 put_back_carried(store, self)
 
-    def _write_recipe_file(self, recipe: Recipe, path: Path, model_path: str | None, model_written: bool) -> None:
-        """Write the recipe file. Without a written model a failure puts the carried stores
-        back; after one they stay (that model holds their labels) and the session moves to
-        ``path`` anyway, so saving again completes it. The session's stores reopen beside
-        ``path`` when next used (they follow the recipe path)."""
-        before = recipe.model_path
-        recipe.model_path = model_path
+    def _write_recipe_file(self, recipe: Recipe, path: Path, model_path: str | None, model_written: bool,
+                           name: str) -> None:
+        """Write the recipe file, under ``name`` (saved to another file a recipe takes that
+        file's name: the title, the line's logs and default MQTT topic tell recipes apart by
+        it, and two files saved from one recipe kept one name). Without a written model a
+        failure puts the carried stores back; after one they stay (that model holds their
+        labels) and the session moves to ``path`` anyway, so saving again completes it. The
+        session's stores reopen beside ``path`` when next used (they follow the recipe path)."""
+        before = recipe.model_path, recipe.name
+        recipe.model_path, recipe.name = model_path, name
         try:
             save_recipe(recipe, path)
         except Exception as exc:  # noqa: BLE001 - any failure must end the save and say so
             if not model_written:
-                recipe.model_path = before
+                recipe.model_path, recipe.name = before
                 self.error.emit(f"Recipe NOT saved: {exc}")
                 self._save_ended(False)
                 return
@@ -1052,6 +1086,17 @@ class InspectionSession:
             self.recipe_path = path
             self.mark_saved()
         self.status.emit(f"Recipe saved to {path}")
+
+
+def unsaved_stem(name: str) -> str:
+    """The name of a new recipe's stores (labels, results log) in the station's
+    data folder until it is saved: the demo's is its name, so its labels carry over to the
+    next demo session; every other new recipe gets stores of its own (all "untitled" ones
+    shared one: a discarded product's false alarms were replayed into the next product's
+    fit, and its shift counters counted the other product's parts)."""
+    if name == DEMO_RECIPE_NAME:
+        return safe_file_stem(name)
+    return f"{safe_file_stem(name)}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
 
 def _embedder_key(det: Detector) -> str:
@@ -1069,10 +1114,9 @@ def threshold_move_text(old: float, th: Thresholds, calibration: list[str], nota
     if abs(new - old) <= notable * max(abs(old), 1e-12) or th.calibration_scores.size == 0:
         return ""
     scores = th.calibration_scores
-    below = np.nonzero(scores <= new)[0]
+    i = resting_part(th)
     text = f". Image threshold {old:.2f} → {new:.2f}"
-    if below.size and len(calibration) == scores.size:
-        i = int(below[np.argmax(scores[below])])
+    if i is not None and len(calibration) == scores.size:
         text += f": it rests on the held-out OK part {Path(calibration[i]).name} ({scores[i]:.2f})"
     n = int(scores.size)
     if n < held_out_needed(th.target_false_alarm_rate):

@@ -39,9 +39,9 @@ from .feedback_jobs import (
     undo_job,
 )
 from .labels import Label, LabelStore, RegionShape, file_sha256
-from .regions import find_regions, region_at
+from .regions import region_at
 from .roles import ENGINEER
-from .session_results import judge
+from .session_results import judge, outlined_regions
 
 if TYPE_CHECKING:
     from .detector import Detector
@@ -132,7 +132,9 @@ class LabelBook:
         self.reweight_changed.emit(self.reweight)
         self.labels_changed.emit(self.rows())
         if replay and detector is not None and detector.config.tiled:
-            self.session.status.emit("Labels are not replayed on a tiled model: feedback on tiles is not available yet")
+            if any(not row.undone for row in self.rows()):  # a recipe without labels hears nothing of it
+                self.session.status.emit("Labels are not replayed on a tiled model: feedback on tiles is not "
+                                         "available yet")
         elif replay and detector is not None and self._replay(judged_ng, verdicts_before):
             return  # the replay's end re-scores the results, under the model with the labels
         self.session.rescore_results(before=verdicts_before)
@@ -233,7 +235,7 @@ class LabelBook:
         s = self.session
         rec, region = s.shown, None
         if rec is not None and s.pixel_threshold is not None:
-            region = region_at(find_regions(rec.anomaly_map, s.pixel_threshold), row, col)
+            region = region_at(outlined_regions(rec, s.pixel_threshold)[0], row, col)
         if region is None:
             self._select(None)
             s.status.emit("No highlighted region here — nothing labelled. Click inside an outline.")

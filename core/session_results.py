@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .regions import find_regions
+from .regions import Region, find_regions
 from .thresholds import verdict
 
 #: results a session keeps (the results table); older ones drop out first
@@ -178,6 +178,20 @@ class SessionResults:
         return [(r.id, r.embedding) for r in self._records.values() if r.embedding is not None]
 
 
+def outlined_regions(rec: ResultRecord, pixel_threshold: float | None) -> tuple[list[Region], bool]:
+    """The regions outlined on ``rec`` (what a click can label), and whether they are the
+    hottest area instead of regions above the pixel threshold: an NG by the image score with
+    no pixel above the pixel threshold (usual with top-k pooling, whose calibrated pixel
+    threshold lies above its image threshold) is never shown with nothing to look at, and
+    what is outlined can be marked (found trying the station: the outline drawn was refused
+    as "no highlighted region here")."""
+    regions = [] if pixel_threshold is None else find_regions(rec.anomaly_map, pixel_threshold)
+    if rec.verdict == "NG" and not regions:
+        peak = float(rec.anomaly_map.max())
+        return find_regions(rec.anomaly_map, HOTTEST_SHARE * peak)[:1], True
+    return regions, False
+
+
 def compose_display(rec: ResultRecord, image: np.ndarray | None, image_threshold: float | None,
                     pixel_threshold: float | None) -> Display:
     """What to draw for ``rec``: the image (black if it is gone), map, region outlines."""
@@ -185,14 +199,11 @@ def compose_display(rec: ResultRecord, image: np.ndarray | None, image_threshold
     if image is None:
         image = np.zeros(rec.anomaly_map.shape + (3,), np.uint8)
         note = "The image is no longer available; the heat map is shown on black."
-    contours = [] if pixel_threshold is None else [r.contour for r in find_regions(rec.anomaly_map, pixel_threshold)]
-    if rec.verdict == "NG" and not contours:
-        # NG by the image score although no pixel passes the pixel threshold: never show an NG
-        # with nothing to look at; outline the hottest area instead and say why.
-        peak = float(rec.anomaly_map.max())
-        contours = [r.contour for r in find_regions(rec.anomaly_map, HOTTEST_SHARE * peak)][:1]
-        note = ("NG by image score; no pixel is above the pixel threshold — the hottest area is outlined. "
-                "Lower the pixel threshold to see the regions that count.")
+    regions, hottest = outlined_regions(rec, pixel_threshold)
+    contours = [r.contour for r in regions]
+    if hottest:
+        note = ("NG by image score; no pixel is above the pixel threshold — the hottest area is outlined "
+                "(click it to label it). Lower the pixel threshold to see the regions that count.")
     return Display(rec.id, rec.name, image, rec.anomaly_map, contours, rec.verdict, rec.score,
                    image_threshold, pixel_threshold, heat_vmax(pixel_threshold), note)
 

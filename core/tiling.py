@@ -126,7 +126,8 @@ def plan_tiles(height: int, width: int, tile: int, overlap: int) -> TileGrid:
     """The tiles of a ``height`` x ``width`` image; refuses an image smaller than a tile."""
     if tile > min(height, width):
         raise TilingError(f"the image is {width}x{height} pixels, smaller than the model's {tile}-pixel tiles: "
-                          "use a smaller --tile (or none) for images this size")
+                          "fit with smaller tiles (--tile; in the window: the tiling chooser) or whole images "
+                          "for images this size")
     if not 0 <= overlap < tile:
         raise TilingError(f"tile overlap {overlap} must be from 0 to {tile - 1} pixels (below the tile)")
     return TileGrid(height, width, tile, _axis_origins(height, tile, overlap), _axis_origins(width, tile, overlap))

@@ -42,6 +42,7 @@ class MainWindow(QMainWindow):
         self.view = InspectionView()
         self._new_rows: list = []  # results whose row is not in the table yet (see on_result_added)
         self._said_at = -1e9  # when the status line last said how something ended (on_progress)
+        self._error_at = -1e9  # when the error banner was last shown
         self._rows_update = Throttle(ROWS_EVERY_MS, self._add_new_rows, self)
         self._histogram_update = Throttle(HISTOGRAM_EVERY_MS, self._update_inspected_histogram, self)
         self.ok_panel = OkSetPanel()
@@ -154,6 +155,7 @@ class MainWindow(QMainWindow):
         c.results_changed.connect(self.on_results_changed)
         c.display_changed.connect(self.on_display)
         c.busy_changed.connect(self.ok_panel.set_busy)
+        c.busy_changed.connect(self._on_busy_changed)
         c.progress.connect(self.on_progress)
         c.live_changed.connect(self.on_live_changed)
         c.status.connect(self.show_status)
@@ -307,8 +309,19 @@ class MainWindow(QMainWindow):
         self._said_at = time.monotonic()
         self.statusBar().showMessage(message, 15000)
 
+    #: an error shown at least this long before a new job starts belongs to an earlier action
+    STALE_ERROR_S = 1.0
+
+    def _on_busy_changed(self, busy: bool) -> None:
+        """A new job (an inspection, a fit, a save) takes the banner of an earlier action down:
+        found trying the station, "No images to inspect were found." stayed over the next
+        folder's results. An error said by the very action that starts the job stays."""
+        if busy and time.monotonic() - self._error_at >= self.STALE_ERROR_S:
+            self.error_banner.hide()
+
     @Slot(str)
     def show_error(self, message: str) -> None:
+        self._error_at = time.monotonic()
         self.error_banner.show_message(message)
         self._said_at = time.monotonic()
         self.statusBar().showMessage(message, 15000)

@@ -12,6 +12,7 @@ from PySide6.QtCore import QStandardPaths
 from PySide6.QtGui import QKeySequence
 from PySide6.QtWidgets import QFileDialog, QInputDialog, QLineEdit, QMessageBox
 from core.roles import ENGINEER
+from core.session import DEMO_RECIPE_NAME
 
 RECIPE_FILTER = "OK/NG recipes (*.okrecipe)"
 MAX_RECENT = 8
@@ -50,11 +51,15 @@ class RecipeMenu:
         s = self.session
         if not s.dirty:
             return True
+        if s.recipe_path is None and s.recipe.name != DEMO_RECIPE_NAME and s.labels.store_path.exists():
+            kept = (f"This recipe was never saved: its labels stay in {s.labels.store_path} if you "
+                    f"discard it, and no other recipe uses them.")
+        else:
+            kept = ("The labels themselves are kept either way (each was stored when it was made; the "
+                    "next fit replays them): undo or withdraw a label to take it back.")
         box = QMessageBox(QMessageBox.Icon.Warning, "Unsaved changes",
                           f"Recipe “{s.recipe.name}” has unsaved changes (OK set, thresholds, model or "
-                          f"labels' effect). Save them before you {doing}?\n\nThe labels themselves are "
-                          f"kept either way (each was stored when it was made; the next fit replays "
-                          f"them): undo or withdraw a label to take it back.", parent=self.w)
+                          f"labels' effect). Save them before you {doing}?\n\n{kept}", parent=self.w)
         save = box.addButton("Save", QMessageBox.ButtonRole.AcceptRole)
         discard = box.addButton("Discard changes", QMessageBox.ButtonRole.DestructiveRole)
         cancel = box.addButton("Cancel", QMessageBox.ButtonRole.RejectRole)
@@ -98,11 +103,16 @@ class RecipeMenu:
         return "open another recipe"
 
     def open(self, path: str, confirmed: bool = False) -> None:
-        if not confirmed and not self.confirm_discard(self._opening(path)):
-            return
+        """Open ``path``; a file that is gone or no recipe is refused before the question
+        about unsaved changes."""
         if not Path(path).is_file():
             self.session.error.emit(f"Recipe file not found: {path} (removed from the recent list)")
             self._forget(path)
+            return
+        if problem := self.session.recipe_file_problem(path):
+            self.session.error.emit(problem)
+            return
+        if not confirmed and not self.confirm_discard(self._opening(path)):
             return
         self.session.open_recipe(path)
         self._remember(path)
@@ -124,6 +134,7 @@ class RecipeMenu:
             s = self.session
             s.save_recipe(path)
             self.w._let_the_save_end()  # its model is written on the engine thread
+            self.w._update_title()  # saved, the recipe took the file's name
             if s.recipe_path is not None and Path(s.recipe_path).resolve() == Path(path).resolve():
                 self._remember(path)  # only a recipe that was saved (a refused save is no recent file)
 

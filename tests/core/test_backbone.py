@@ -117,6 +117,16 @@ def test_offline_by_env_refuses_an_uncached_backbone_at_once(monkeypatch):
         FeatureExtractor(BackboneSpec(name="resnet10t", stages=(1, 2)))
     assert time.monotonic() - t < 5.0
     assert "HF_HUB_OFFLINE" in str(info.value) and "--weights" in str(info.value)
+    installed = [n for n in ("tf_efficientnet_lite1", "tf_efficientnet_lite2") if _package_installed(n)]
+    assert all(n in str(info.value) for n in installed)  # every offline choice there is, not only the default
+
+
+def _package_installed(name: str) -> bool:
+    import importlib.util
+
+    from core.backbone import OFFLINE_WEIGHTS
+
+    return importlib.util.find_spec(OFFLINE_WEIGHTS[name].module) is not None
 
 
 def test_an_unreachable_hub_is_detected_by_a_short_probe(monkeypatch):

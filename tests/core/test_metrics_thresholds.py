@@ -173,3 +173,19 @@ def test_the_false_alarm_statement_gives_the_rate_its_bound_and_the_warning():
     assert "17.5% of OK parts" in text and "above the 1% target" in text and "add OK images" not in text and warn
     assert false_alarm_statement(None) == ("unknown (no held-out OK images to measure them on)", True)
     assert false_alarm_statement(Thresholds(1.0, 1.0))[1]
+
+
+def test_one_held_out_part_far_above_the_others_is_named_when_it_sets_the_threshold():
+    """One unusual good part (or a defective one among the OK images) sets the threshold by
+    itself: the fit names it, with how far above the next held-out part it lies."""
+    from core.thresholds import lone_part_text
+
+    scores = np.array([10.0, 11.0, 12.0, 12.5, 30.0])
+    names = [f"/ok/cell{i}.png" for i in range(5)]
+    th = calibrate(scores, scores, 0.01)
+    text = lone_part_text(th, names)
+    assert "cell4.png (30" in text and "2.4x the next one" in text
+    close = np.array([10.0, 11.0, 12.0, 12.5, 14.9])  # 1.19x the next: an ordinary spread
+    assert lone_part_text(calibrate(close, close, 0.01), names) == ""
+    assert lone_part_text(calibrate(np.array([10.0, 11.0, 12.0, 12.5, 15.0]), close, 0.01), names) != ""
+    assert lone_part_text(th, names[:4]) == "" and lone_part_text(None, names) == ""

@@ -78,6 +78,31 @@ def test_thresholds_rejudge_stored_results_without_running_the_model(session, pa
     assert s.detector.thresholds.image == pytest.approx(rec.score + 1e-3)  # live jobs judge the same
 
 
+def test_the_hottest_area_outlined_on_an_ng_with_no_pixel_above_the_pixel_threshold_can_be_labelled(
+        session, part_images):
+    """Found trying the station: with top-k pooling the calibrated pixel threshold lies above
+    the image threshold, so a marginal NG shows the hottest area outlined, and clicking that
+    outline said "No highlighted region here". What is outlined is what a click selects; a
+    click outside it still selects nothing."""
+    s = session
+    _, ng = part_images
+    rec = _inspect(s, ng[:1])[0]
+    peak = float(rec.anomaly_map.max())
+    s.set_thresholds(rec.score - 1e-3, peak * 1.5)  # NG by the image score, no pixel above
+    s.show_result(rec.id)
+    shown = s.display()
+    assert rec.verdict == "NG" and len(shown.contours) == 1 and "click it to label it" in shown.note
+    inside = np.zeros(rec.anomaly_map.shape, np.uint8)
+    cv2.fillPoly(inside, [shown.contours[0]], 1)
+    row, col = np.argwhere(inside & (rec.anomaly_map > 0.8 * peak))[0]
+    coldest = np.unravel_index(int(np.argmin(rec.anomaly_map)), rec.anomaly_map.shape)
+    assert not s.labels.select_at(int(coldest[0]), int(coldest[1]))
+    assert s.labels.select_at(int(row), int(col))
+    s.labels.mark_region("false_alarm")
+    (label,) = s.labels.rows()
+    assert label.kind == "false_alarm" and s.detector.applied_labels == (label.id,)
+
+
 def test_false_alarm_click_travels_session_job_model_session(session, part_images):
     s = session
     _, ng = part_images
@@ -497,7 +522,7 @@ def test_the_status_line_says_what_the_station_is_doing(session, tmp_path):
     said.clear()
     s.open_recipe(tmp_path / "r.okng-recipe")
     assert f"Loading model {Path(s.recipe.model_path).name}…" in said
-    assert said[-1].startswith("Recipe parts ready; inspection runs on ")
+    assert said[-1].startswith("Recipe r ready; inspection runs on ")
 
 
 def test_a_fit_that_fails_is_reported_and_leaves_the_model(session, tmp_path):

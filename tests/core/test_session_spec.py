@@ -154,7 +154,7 @@ def test_a_cancelled_inspection_keeps_what_was_scored_and_reports_what_was_skipp
     s.inspect_paths([str(unreadable), ok[0], ok[1], ok[2], ok[3], ok[4]])
     assert s.said[-1] == "Inspection cancelled"
     assert [r.path for r in s.results] == [ok[0], ok[1]]
-    assert len(s.errors) == 1 and s.errors[0].startswith("1 image(s) could not be read and were skipped")
+    assert len(s.errors) == 1 and s.errors[0].startswith("1 image(s) were skipped")
     assert str(unreadable) in s.errors[0]
     assert counted and counted[-1].total == 2  # the shift counters are sent when the run ends
 
@@ -730,7 +730,7 @@ def test_a_recipe_file_that_cannot_be_written_after_its_model_keeps_the_stores_w
     t.save_recipe(path)  # saving again completes it
     from core.recipes import load_recipe
 
-    assert len(errors) == n_errors and t.recipe_path == path and load_recipe(path).name == "other"
+    assert len(errors) == n_errors and t.recipe_path == path and load_recipe(path).name == "station"
 
 
 def test_a_second_save_waits_for_the_first_one_to_end(session, part_images, tmp_path):
@@ -751,6 +751,54 @@ def test_a_second_save_waits_for_the_first_one_to_end(session, part_images, tmp_
     assert first.exists() and not second.exists() and not s.saving
     s.save_recipe(second)
     assert second.exists()
+
+
+def test_an_untitled_recipes_labels_and_log_follow_it_to_its_first_file(tmp_path, part_images, tiny_config):
+    """The everyday first save: a new recipe fitted, inspected and labelled, then saved. Its
+    stores are carried beside the file (they used to be looked up under the file's name
+    before the copy, and the saved recipe came without its labels)."""
+    s = InspectionSession(InlineExecutor(), labels_dir=tmp_path / "labels", captures_dir=tmp_path / "captures")
+    s.new_recipe("untitled", tiny_config, part_images[0])
+    s.operator = "ana"
+    s.start_fit()
+    s.inspect_paths(part_images[1][:1])
+    s.labels.mark_image("image_ng")
+    path = tmp_path / "line" / "cells.okrecipe"
+    assert s.save_recipe(path)
+    assert s.recipe.name == "cells" and s.recipe_path == path
+    assert [r.operator for r in LabelStore(path.with_suffix(".labels.sqlite")).labels()] == ["ana"]
+    assert len(ResultsLog(path.with_suffix(".results.sqlite")).entries()) == 1
+    assert len(s.labels.rows()) == 1
+
+
+def test_each_new_recipe_has_stores_of_its_own_and_the_demo_keeps_its_own(tmp_path, part_images, tiny_config):
+    """Found trying the station: every New recipe is "untitled", and all of them shared one
+    labels store and results log in the data folder, so a discarded product's false alarms
+    were replayed into the next product's fit and its counters counted the other parts. The
+    demo keeps one store under its name on purpose: its labels carry over between demo
+    sessions."""
+    from core.recipes import safe_file_stem
+    from core.session import DEMO_RECIPE_NAME
+
+    s = InspectionSession(InlineExecutor(), labels_dir=tmp_path / "labels", captures_dir=tmp_path / "captures")
+    s.new_recipe("untitled", tiny_config, part_images[0])
+    s.operator = "ana"
+    s.start_fit()
+    s.inspect_paths(part_images[1][:2])
+    s.labels.mark_image("image_ok")
+    assert len(s.labels.rows()) == 1 and s.shift.counters().total == 2
+    s.new_recipe("untitled", tiny_config, part_images[0])  # discarded: another product
+    assert s.labels.rows() == [] and s.shift.counters() is None
+    said = []
+    s.status.connect(said.append)
+    s.start_fit()
+    assert not any("replayed" in line for line in said) and s.detector.applied_labels == ()
+    demo_store = s.labels_dir / f"{safe_file_stem(DEMO_RECIPE_NAME)}.labels.sqlite"
+    s.new_recipe(DEMO_RECIPE_NAME, tiny_config, part_images[0])
+    assert s.labels.store_path == demo_store
+    s.new_recipe("untitled")
+    s.new_recipe(DEMO_RECIPE_NAME, tiny_config, part_images[0])
+    assert s.labels.store_path == demo_store
 
 
 def test_the_stores_are_copied_on_the_engine_thread_in_the_saves_own_job(

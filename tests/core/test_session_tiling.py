@@ -52,3 +52,19 @@ def test_results_of_a_whole_image_model_leave_the_table_when_a_tiled_model_is_fi
     s.start_fit()
     assert s.detector.config.tiled and len(s.results) == 0 and s.shown is None
     assert any("2 result(s) left the table: the new model embeds images differently" in x for x in s.statuses)
+
+
+def test_a_tiled_fit_says_labels_are_not_replayed_only_when_there_are_labels(tiled_session, part_images):
+    """Found trying the station: a tiled fit of a recipe without labels had its summary
+    replaced by "Labels are not replayed on a tiled model"."""
+    s = tiled_session
+    s.set_tiling(64)
+    s.start_fit()
+    assert not any("not replayed" in x for x in s.statuses) and s.statuses[-1].startswith("Model fitted")
+    s.set_tiling(None)
+    s.start_fit()
+    s.inspect_paths(part_images[1][:1])
+    s.labels.mark_image("image_ng")
+    s.set_tiling(64)
+    s.start_fit()
+    assert any("Labels are not replayed on a tiled model" in x for x in s.statuses)

@@ -212,6 +212,21 @@ def test_the_no_model_banner_goes_once_a_model_is_there(qtbot, window, defect_im
     assert not w.error_banner.isVisible()
 
 
+def test_an_earlier_actions_error_banner_goes_when_the_next_job_starts(qtbot, window, defect_image, tmp_path):
+    """Found trying the station: "No images to inspect were found." (an empty folder) stayed
+    over the next folder's results. An error of the very action that starts a job stays."""
+    w, s = window, window.controller.session
+    s.start_fit()
+    (tmp_path / "empty").mkdir()
+    s.inspect_paths([str(tmp_path / "empty")])
+    assert w.error_banner.isVisible() and "No images to inspect" in w.error_label.text()
+    s.inspect_paths([defect_image])  # at once: as if said by this action
+    assert w.error_banner.isVisible()
+    w._error_at -= w.STALE_ERROR_S  # an earlier action's
+    s.inspect_paths([defect_image])
+    assert not w.error_banner.isVisible()
+
+
 def test_an_error_banner_never_moves_the_image_the_operator_is_clicking_on(qtbot, window):
     """It floats over the top of the image area (it used to push the image down by its height,
     so the next click landed elsewhere) and stays as wide as that area."""
@@ -331,6 +346,28 @@ def test_ok_images_the_fit_could_not_read_are_marked_and_not_counted_as_seen(qtb
     assert s.unreadable_ok == {}
 
 
+def test_a_reopened_recipe_still_marks_the_ok_images_its_fit_could_not_read(qtbot, window, tmp_path):
+    """Found trying the station: saved and reopened, the recipe listed them as plain OK images
+    again until the next fit. A fit that reads them all clears the marks in the recipe too."""
+    w, s = window, window.controller.session
+    broken = tmp_path / "broken.png"
+    broken.write_text("not a picture")
+    s.add_ok_paths([str(broken)])
+    s.start_fit()
+    path = tmp_path / "kept.okrecipe"
+    s.save_recipe(path)
+    s.new_recipe("fresh")
+    w.recipe_menu.open(str(path), confirmed=True)
+    qtbot.waitUntil(lambda: s.detector is not None)
+    assert s.unreadable_ok and str(broken) in s.unreadable_ok
+    assert "1 could not be read at the last fit" in w.ok_panel.count_label.text()
+    s.remove_ok_paths([str(broken)])
+    s.start_fit()
+    s.save_recipe(path)
+    s.open_recipe(path)
+    assert s.unreadable_ok == {} and "could not be read" not in w.ok_panel.count_label.text()
+
+
 def test_reopening_the_open_recipe_with_unsaved_changes_is_asked_as_a_reopen(qtbot, window, tmp_path):
     """It used to ask "Save them before you open another recipe?" for the recipe already open."""
     w, s = window, window.controller.session
@@ -351,6 +388,27 @@ def test_reopening_the_open_recipe_with_unsaved_changes_is_asked_as_a_reopen(qtb
     QTimer.singleShot(0, answer)
     w.recipe_menu.open(str(path))
     assert "reopen it as it was last saved" in asked[0] and s.dirty  # Cancel: nothing changed
+
+
+def test_a_model_file_opened_as_a_recipe_is_refused_before_any_question_and_named_as_a_model(
+        qtbot, window, tmp_path, monkeypatch):
+    """Found trying the station: opening a model from okng fit asked about unsaved changes,
+    then said "not a readable OK/NG recipe (file is not a database)"."""
+    w, s = window, window.controller.session
+    s.start_fit()
+    model = tmp_path / "cli.okng"
+    s.save_recipe(tmp_path / "saved.okrecipe")
+    (tmp_path / "saved.okng").rename(model)
+    s.set_thresholds(1.0, 1.0)
+    asked, errors = [], []
+    monkeypatch.setattr(w.recipe_menu, "confirm_discard", lambda doing: asked.append(doing) or True)
+    s.error.connect(errors.append)
+    w.recipe_menu.open(str(model))
+    assert asked == [] and s.dirty and s.recipe_path == tmp_path / "saved.okrecipe"
+    assert errors[-1].startswith("Cannot open recipe: cli.okng is a model file, not a recipe")
+    assert "okng score --model cli.okng" in errors[-1]
+    w.recipe_menu.open(str(tmp_path / "saved.okrecipe"))  # a real recipe is asked about, then opened
+    assert asked and s.recipe_path == tmp_path / "saved.okrecipe"
 
 
 def test_a_refused_save_as_is_not_added_to_the_recent_recipes(qtbot, window, tmp_path, monkeypatch):
