@@ -408,8 +408,9 @@ class InspectionSession:
         """(label, ``tile`` setting) of the tilings the station offers, for the fit settings
         beside the model: whole image, automatic, or tiles of one or two network inputs."""
         size = self.config.image_size
-        return [(f"Whole image → {size} px", None), (f"Auto: {size}-px tiles for large images", "auto"),
-                (f"Tiles of {size} px (camera pixels)", size), (f"Tiles of {2 * size} px (half resolution)", 2 * size)]
+        # short enough for the chooser's half of the panel (the auto label was cut off)
+        return [(f"Whole image → {size} px", None), (f"Auto: tiles if ≥ {2 * size} px", "auto"),
+                (f"Tiles: {size} px, 1:1", size), (f"Tiles: {2 * size} px, half res.", 2 * size)]
 
     def set_tiling(self, tile: int | str | None) -> None:
         """Tile the next fit's images (None: the whole image); the overlap is the default,

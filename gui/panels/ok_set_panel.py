@@ -91,7 +91,9 @@ class OkSetPanel(QWidget):
         self.tiling_combo = QComboBox()
         self.tiling_combo.setToolTip("How the next fit sees large images: scaled down whole to the network's "
                                      "size, or as tiles stitched into one map at the image's own size "
-                                     "(small defects on multi-megapixel parts; slower per image). "
+                                     "(small defects on multi-megapixel parts; slower per image). Auto tiles "
+                                     "when the first OK image's shorter side is at least twice the network's "
+                                     "size; 1:1 tiles keep the camera's pixels, half res. halves them. "
                                      "The model keeps the tiling it was fitted with.")
         self.tiling_combo.activated.connect(lambda i: self.tiling_chosen.emit(self.tiling_combo.itemData(i)))
         self.features_combo = QComboBox()
