@@ -158,6 +158,10 @@ class LabelStore:
     def close(self) -> None:
         self._db.close()
 
+    def checkpoint(self) -> None:
+        """Everything into the database file itself (:func:`core.sqlitedb.checkpoint`)."""
+        sqlitedb.checkpoint(self._db)
+
     def copy_over(self, target: str | Path) -> str | None:
         """Copy the whole store to ``target``, an existing store there set aside
         (:func:`core.sqlitedb.copy_over`; returns where, or None)."""

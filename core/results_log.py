@@ -193,6 +193,10 @@ class ResultsLog:
         """Copy the whole log, consistently, to a new file."""
         sqlitedb.backup_to(self._db, target)
 
+    def checkpoint(self) -> None:
+        """Everything into the database file itself (:func:`core.sqlitedb.checkpoint`)."""
+        sqlitedb.checkpoint(self._db)
+
     def copy_over(self, target: str | Path) -> str | None:
         """Copy the whole log to ``target``, an existing log there set aside
         (:func:`core.sqlitedb.copy_over`; returns where, or None)."""

@@ -18,7 +18,6 @@ Example:
 from __future__ import annotations
 
 import logging
-import sqlite3
 import time
 import uuid
 from dataclasses import replace
@@ -30,6 +29,7 @@ import numpy as np
 
 from .config import model_default
 from .detector import Detector, DetectorConfig
+from .atomic import describe_error
 from .errors import OkngError
 from .events import Event, Question
 from .feedback_jobs import rescore_job
@@ -45,8 +45,11 @@ from .session_carry import (
     StoreNotCarried,
     carry_job,
     put_back_carried,
+    recover_interrupted_save,
+    remove_journal,
     say_where_replaced_went,
     stores_to_carry,
+    write_journal,
 )
 from .session_labels import LabelBook
 from .session_shift import ShiftLog
@@ -122,6 +125,7 @@ class InspectionSession:
         self.live = False
         self.saving = False  # a recipe save's job is queued or running
         self._carried: list[CarriedStore] = []  # stores that save has copied, put back if it stops
+        self._saving_to: Path | None = None  # that save's recipe path (its journal beside it)
         #: who is at the station: written into every label and results-log row
         self.operator = ""
         self.role = ENGINEER
@@ -932,6 +936,7 @@ class InspectionSession:
         if recipe is None:
             self.error.emit(problem)
             return
+        recovered = recover_interrupted_save(path)  # before its stores are read
         self._replace_recipe(recipe.name)
         self.recipe, self.recipe_path = recipe, path
         self.labels.recipe_replaced()  # now the labels and the results log beside this recipe
@@ -940,6 +945,8 @@ class InspectionSession:
         no_demo = self._restore_demo_stream(recipe)
         self.recipe_changed.emit(recipe.name)
         self.ok_paths_changed.emit(self.ok_paths)
+        if recovered:
+            self.error.emit(recovered)
         marks = recipe.station.get("unreadable_ok")
         if isinstance(marks, dict):  # a damaged entry is no reason to refuse the recipe: no marks then
             in_set = set(recipe.ok_paths)
@@ -1010,7 +1017,13 @@ class InspectionSession:
                 self.error.emit(f"Could not save the model: {exc}. Recipe NOT saved to {path}")
             self._save_ended(False)  # after the cause: a put-back that fails says so last
 
-        self.saving, self._carried = True, carried
+        try:
+            if copies:
+                write_journal(path, copies, Path(model) if model is not None else None)
+        except (OSError, OkngError) as exc:
+            self.error.emit(f"Recipe NOT saved to {path}: {describe_error(exc)}")
+            return True
+        self.saving, self._carried, self._saving_to = True, carried, path
         try:
             self.submit(save_job, on_returned=written, on_failed=not_saved,
                         on_cancelled=lambda: not_saved(RuntimeError("cancelled")))
@@ -1032,10 +1045,12 @@ class InspectionSession:
             return None
         if self._still_saving():
             return None
+        if recovered := recover_interrupted_save(path):  # an earlier save there was stopped: undone first
+            self.error.emit(recovered)
         try:
             copies = stores_to_carry(self, path)
-        except (sqlite3.Error, OSError, ValueError) as exc:
-            self.error.emit(f"Recipe NOT saved: this recipe's labels or results log could not be opened ({exc})")
+        except StoreNotCarried as exc:
+            self.error.emit(str(exc))
             return None
         if copies and self.executor.busy:
             self.error.emit("Recipe NOT saved: saving it to another file waits until the running job ends "
@@ -1051,12 +1066,15 @@ class InspectionSession:
         return self.saving
 
     def _save_ended(self, saved: bool) -> None:
-        """The save that carried the stores ended; not ``saved``: they are put back."""
+        """The save that carried the stores ended; not ``saved``: they are put back. Its
+        journal goes once nothing is left to undo (a put-back that failed keeps it, and the
+        next opening of that recipe tries again)."""
         self.saving = False
         carried, self._carried = self._carried, []
-        if not saved:
-            for store in carried:
-                put_back_carried(store, self)
+        put_back = saved or all([put_back_carried(store, self) for store in carried])
+        if put_back and self._saving_to is not None:
+            remove_journal(self._saving_to)
+        self._saving_to = None
 
     def _write_recipe_file(self, recipe: Recipe, path: Path, model_path: str | None, model_written: bool,
                            name: str) -> None:
@@ -1086,7 +1104,14 @@ class InspectionSession:
         if self.recipe is recipe:
             self.recipe_path = path
             self.mark_saved()
+            self._checkpoint_stores()
         self.status.emit(f"Recipe saved to {path}")
+
+    def _checkpoint_stores(self) -> None:
+        """After a save the files beside the recipe hold everything, without their ``-wal``
+        files (a copy of the recipe folder then has the labels)."""
+        self.labels.checkpoint()
+        self.shift.checkpoint()
 
 
 def unsaved_stem(name: str) -> str:

@@ -217,6 +217,11 @@ class LabelBook:
             self._store.close()
             self._store = None
 
+    def checkpoint(self) -> None:
+        """The open store's write-ahead log folded into its file (after a recipe save)."""
+        if self._store is not None and self._store.path == self.store_path:
+            self._store.checkpoint()
+
     @property
     def store_path(self) -> Path:
         return self.session.file_beside_recipe(".labels.sqlite")
@@ -565,7 +570,9 @@ class LabelBook:
             self._apply_model(out.detector, out.rescored, None, None, newer_from)
             self.weights_changed.emit(None)
             self.can_undo_changed.emit(True)
-            s.status.emit("Channel weights reset (Ctrl+Z to undo)")
+            s.mark_dirty()  # the model changed: quitting asks (found trying the station: it did not)
+            s.status.emit("Channel weights reset (Ctrl+Z to undo). A refit replays the labels, and those made "
+                          "with Learn channel weights on may lower channels again: withdraw them to keep it off")
 
         s.submit(partial(reset_weights_job, self.learner, s.results.with_embeddings()), on_returned=done,
                   on_failed=self._on_failed)

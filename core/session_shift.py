@@ -52,6 +52,11 @@ class ShiftLog:
             self._log = ResultsLog(path, st.get("log_max_rows"), st.get("log_max_age_days"))
         return self._log
 
+    def checkpoint(self) -> None:
+        """The open log's write-ahead log folded into its file (after a recipe save)."""
+        if self._log is not None and self._log.path == self.path:
+            self._log.checkpoint()
+
     def close(self) -> None:
         if self._log is not None:
             self._log.close()

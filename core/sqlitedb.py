@@ -8,6 +8,7 @@ check-then-insert cannot interleave with another process's (``UNIQUE constraint 
 """
 from __future__ import annotations
 
+import logging
 import os
 import random
 import sqlite3
@@ -17,6 +18,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 #: seconds a store waits for another process before giving up
 BUSY_TIMEOUT = 10.0
@@ -74,6 +76,17 @@ def enable_wal(con: sqlite3.Connection) -> None:
     retry_busy(lambda: con.execute("PRAGMA journal_mode=WAL").fetchone())
 
 
+def checkpoint(con: sqlite3.Connection) -> None:
+    """Fold the write-ahead log into the database file and empty it: after a save, the file
+    alone holds everything (found trying the station: a recipe folder copied while the
+    station ran had its labels only in the ``-wal`` file, and the copy came without them).
+    A busy database keeps its log until the next checkpoint; nothing is lost either way."""
+    try:
+        con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    except sqlite3.Error as exc:
+        log.info("checkpoint skipped: %s", exc)
+
+
 def write_transaction(con: sqlite3.Connection, body: Callable[[sqlite3.Connection], T],
                       timeout: float = BUSY_TIMEOUT) -> T:
     """Run ``body(con)`` in one ``BEGIN IMMEDIATE`` transaction, retried whole if busy."""
@@ -114,14 +127,27 @@ def same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
         return os.fspath(a) == os.fspath(b)
 
 
-def copy_over(con: sqlite3.Connection, target: str | os.PathLike[str]) -> str | None:
+def aside_name(target: str | os.PathLike[str]) -> str:
+    """A free ``<target>.replaced-<time>[-n]`` name for the database a copy replaces."""
+    target = os.fspath(target)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside, n = f"{target}.replaced-{stamp}", 1
+    while os.path.exists(aside) or os.path.exists(aside + ".part"):
+        n += 1
+        aside = f"{target}.replaced-{stamp}-{n}"
+    return aside
+
+
+def copy_over(con: sqlite3.Connection, target: str | os.PathLike[str], aside: str | None = None) -> str | None:
     """Copy a whole database to ``target``, where a database may already be (saving a recipe
     over another one). An existing one is first copied whole, its WAL content included, to
     ``<target>.replaced-<time>`` (returned; None when there was none), then overwritten in
     place by SQLite's backup, one locked transaction: no file is renamed, so a crash leaves
     the old or the new content, never neither, and another station that has it open reads
     the new content rather than writing on into a moved file. A new target is written beside
-    it and renamed into place."""
+    it and renamed into place. ``aside``: the name to set the existing one aside under (a
+    save's journal names it before the copy); it appears only once whole (written as
+    ``<aside>.part`` and renamed), so a copy aside that exists can always be put back."""
     target = os.fspath(target)
     if not os.path.exists(target):
         os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)  # as the recipe's own save does
@@ -134,16 +160,15 @@ def copy_over(con: sqlite3.Connection, target: str | os.PathLike[str]) -> str | 
             _remove_quietly(part)  # e.g. a full disk: no half copy left to fill it further
             raise
         return None
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    aside, n = f"{target}.replaced-{stamp}", 1
-    while os.path.exists(aside):
-        n += 1
-        aside = f"{target}.replaced-{stamp}-{n}"
+    aside = aside or aside_name(target)
+    part = f"{aside}.part"
     dst = connect(target)
     try:
-        backup_to(dst, aside)
+        backup_to(dst, part)
+        os.replace(part, aside)
         retry_busy(lambda: con.backup(dst))
     except BaseException:
+        _remove_quietly(part)
         _remove_quietly(aside)  # the target is unchanged (the backup is one transaction)
         raise
     finally:
@@ -170,6 +195,12 @@ def put_back(target: str | os.PathLike[str], aside: str | None) -> None:
     finally:
         src.close()
     _remove_database(aside)
+
+
+def remove_partial(aside: str | None) -> None:
+    """The unfinished ``<aside>.part`` a stopped :func:`copy_over` may have left."""
+    if aside is not None:
+        _remove_database(f"{aside}.part")
 
 
 def _remove_database(path: str) -> None:

@@ -199,6 +199,7 @@ class LineService:
     def _load(self, index: int) -> Engine:
         from ..persistence import load_detector
         from ..recipes import load_recipe
+        from ..session_carry import recover_interrupted_save
 
         if not 1 <= index <= self.n_recipes:
             raise LineError(ErrorCode.UNKNOWN_RECIPE, f"recipe index {index} unknown: 1..{self.n_recipes}")
@@ -206,6 +207,8 @@ class LineService:
         if w is not None:
             return Engine(1, w.name, w.detector, w.model_id, self._log(1))
         path = self.recipes[index - 1]
+        if recovered := recover_interrupted_save(path):  # a station's save onto it was stopped
+            log.warning("recipe %d: %s", index, recovered)
         try:
             recipe = load_recipe(path)
             if not recipe.model_path or not Path(recipe.model_path).is_file():

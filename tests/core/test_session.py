@@ -570,6 +570,18 @@ def test_operators_cannot_switch_channel_weight_learning_or_reset_the_weights(se
     assert s.labels.reweight is True
 
 
+def test_resetting_the_channel_weights_is_an_unsaved_change(session, part_images, tmp_path):
+    """Found trying the station: the reset changed the model but quitting did not ask, and the
+    saved weights came back on reopening."""
+    s = session
+    _inspect(s, part_images[1][:1])
+    assert s.save_recipe(tmp_path / "r.okrecipe") and not s.dirty
+    said = []
+    s.status.connect(said.append)
+    s.labels.reset_weights()
+    assert s.dirty and said[-1].startswith("Channel weights reset")
+
+
 def test_the_model_choice_can_go_back_to_padim(session):
     s = session
     s.set_model("patchcore")

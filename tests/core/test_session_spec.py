@@ -645,10 +645,10 @@ def test_a_save_stopped_by_the_results_log_puts_the_labels_beside_the_old_recipe
     t, _, errors = _other_station_with_a_label(tmp_path, tiny_config, part_images)
     copy_store = carry.copy_store
 
-    def full_at_the_log(source, target):
+    def full_at_the_log(source, target, aside=None):
         if target.name.endswith(".results.sqlite"):
             raise OSError(errno.ENOSPC, "No space left on device")
-        return copy_store(source, target)
+        return copy_store(source, target, aside)
 
     monkeypatch.setattr(carry, "copy_store", full_at_the_log)
     t.save_recipe(path)
@@ -667,10 +667,10 @@ def test_a_save_to_a_new_place_stopped_by_the_results_log_leaves_no_labels_there
     s.labels.mark_image("image_ng")
     copy_store = carry.copy_store
 
-    def full_at_the_log(source, target):
+    def full_at_the_log(source, target, aside=None):
         if target.name.endswith(".results.sqlite"):
             raise OSError("disk full")
-        return copy_store(source, target)
+        return copy_store(source, target, aside)
 
     monkeypatch.setattr(carry, "copy_store", full_at_the_log)
     path = tmp_path / "new" / "station.okng-recipe"
@@ -703,7 +703,7 @@ def test_a_model_that_cannot_be_saved_puts_the_stores_beside_the_old_recipe_back
     assert [r.operator for r in LabelStore(path.with_suffix(".labels.sqlite")).labels()] == ["ana"]
     assert len(ResultsLog(path.with_suffix(".results.sqlite")).entries()) == 1  # the old recipe's one
     assert path.read_bytes() == recipe_before and model_path_for(path).read_bytes() == model_before
-    assert not list(path.parent.glob("*.replaced-*"))
+    assert not list(path.parent.glob("*.replaced-*")) and not list(path.parent.glob("*.saving"))  # nothing to undo
     assert t.recipe_path == own_path and [r.id for r in t.labels.rows()]  # its labels where they were
 
 
@@ -799,6 +799,108 @@ def test_each_new_recipe_has_stores_of_its_own_and_the_demo_keeps_its_own(tmp_pa
     s.new_recipe("untitled")
     s.new_recipe(DEMO_RECIPE_NAME, tiny_config, part_images[0])
     assert s.labels.store_path == demo_store
+
+
+def test_after_a_save_the_store_files_alone_hold_the_labels_and_the_log(session, part_images, tmp_path):
+    """Found trying the station: after a save the labels were only in the ``-wal`` file, so a
+    copy of the recipe folder taken while the station ran came without them."""
+    import shutil
+
+    s = session
+    path = _recipe_saved_with_one_label(s, part_images, tmp_path)
+    s.inspect_paths(part_images[1][1:2])
+    s.labels.mark_image("image_ng")
+    assert s.save_recipe(path)
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for suffix in (".labels.sqlite", ".results.sqlite"):  # the files only, no -wal
+        shutil.copy(path.with_suffix(suffix), copy / f"station{suffix}")
+    assert len(LabelStore(copy / "station.labels.sqlite").labels()) == 2
+    assert len(ResultsLog(copy / "station.results.sqlite").entries()) == 2
+
+
+def test_a_damaged_results_log_never_stops_saving_in_place_and_a_copy_elsewhere_names_it(
+        session, part_images, tmp_path):
+    """Found trying the station: a truncated results log refused every save, Ctrl+S to the
+    same file too, so the model and thresholds could not be saved at all."""
+    s = session
+    path = _recipe_saved_with_one_label(s, part_images, tmp_path)
+    s.shift.close()
+    log = path.with_suffix(".results.sqlite")
+    for extra in ("-wal", "-shm"):
+        Path(f"{log}{extra}").unlink(missing_ok=True)
+    log.write_bytes(log.read_bytes()[:5000])
+    s.set_thresholds(s.image_threshold * 1.1, s.pixel_threshold)
+    n = len(s.errors)
+    assert s.save_recipe(path) and not s.dirty and len(s.errors) == n
+    s.save_recipe(tmp_path / "elsewhere" / "copy.okrecipe")
+    assert s.errors[-1].startswith(f"Recipe NOT saved there: its results log ({log}) cannot be read")
+    assert "Move that file aside" in s.errors[-1] and not (tmp_path / "elsewhere" / "copy.okrecipe").exists()
+
+
+def _killed_during_save_over(s, t, path, steps):
+    """Station ``t`` saves over ``path`` and its process dies after ``steps`` steps of the
+    save's job (no callback runs, nothing is closed); a fresh station then opens ``path``:
+    (that station, what it said as errors)."""
+    from tests.core.test_session import HoldingExecutor
+
+    t.executor = HoldingExecutor()
+    t.save_recipe(path)
+    job, _ = t.executor.held.pop()
+    gen = job(CancelToken())
+    try:
+        for _ in range(steps):
+            next(gen)
+    except StopIteration:
+        pass
+    u = InspectionSession(InlineExecutor(), labels_dir=path.parent / "l3", captures_dir=path.parent / "c3")
+    said = []
+    u.error.connect(said.append)
+    u.open_recipe(path)
+    return u, said
+
+
+def test_a_save_over_another_recipe_killed_before_its_model_is_put_back_when_that_recipe_opens(
+        session, part_images, tmp_path, tiny_config):
+    """Found trying the station: killed between copying the stores and writing the model, a
+    save left the other recipe with this session's labels and results log, and opening it
+    said nothing (its next fit would have replayed another product's labels)."""
+    s = session
+    path = _recipe_saved_with_one_label(s, part_images, tmp_path)
+    t, _, _ = _other_station_with_a_label(tmp_path, tiny_config, part_images)
+    u, said = _killed_during_save_over(s, t, path, steps=3)  # both stores copied, the model not yet
+    assert [r.operator for r in LabelStore(path.with_suffix(".labels.sqlite")).labels()] == ["ana"]
+    assert len(ResultsLog(path.with_suffix(".results.sqlite")).entries()) == 1
+    assert said[0].startswith("A save onto this recipe was interrupted (the station stopped) before its model")
+    assert not list(path.parent.glob("*.saving")) and not list(path.parent.glob("*.replaced-*"))
+    assert len(u.labels.rows()) == 1 and u.shift.counters().total == 1
+
+
+def test_a_save_killed_after_its_model_keeps_the_stores_with_that_model_and_says_so(
+        session, part_images, tmp_path, tiny_config):
+    s = session
+    path = _recipe_saved_with_one_label(s, part_images, tmp_path)
+    t, _, _ = _other_station_with_a_label(tmp_path, tiny_config, part_images)
+    u, said = _killed_during_save_over(s, t, path, steps=10)  # the whole job; the recipe file not written
+    assert [r.operator for r in LabelStore(path.with_suffix(".labels.sqlite")).labels()] == ["ben"]
+    assert said[0].startswith("A save onto this recipe stopped after its model was written")
+    assert "the replaced labels: in" in said[0] and not list(path.parent.glob("*.saving"))
+
+
+def test_a_save_killed_while_setting_the_old_store_aside_leaves_it_untouched(session, part_images, tmp_path):
+    """Killed while the replaced store was being copied aside: only an unfinished ``.part``
+    copy exists; the store itself was never touched and the ``.part`` goes."""
+    from core.session_carry import StoreCopy, write_journal
+
+    s = session
+    path = _recipe_saved_with_one_label(s, part_images, tmp_path)
+    target = path.with_suffix(".labels.sqlite")
+    aside = f"{target}.replaced-20261203-120000"
+    write_journal(path, [StoreCopy(tmp_path / "other.sqlite", target, "labels", aside)], None)
+    Path(f"{aside}.part").write_bytes(b"half a database")
+    s.open_recipe(path)
+    assert s.errors[-1].startswith("A save onto this recipe was interrupted")
+    assert not Path(f"{aside}.part").exists() and [r.operator for r in LabelStore(target).labels()] == ["ana"]
 
 
 def test_the_stores_are_copied_on_the_engine_thread_in_the_saves_own_job(
