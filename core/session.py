@@ -912,6 +912,14 @@ class InspectionSession:
         return compose_display(rec, self.image_of(rec), self.image_threshold, self.pixel_threshold)
 
     # -- recipes on disk --------------------------------------------------------------------
+    def _say_ok_parts_added_back(self, paths: list[str]) -> None:
+        """Parts labelled "part is OK" put back into the OK set on opening: an unsaved change."""
+        if paths:
+            self.mark_dirty()
+            self.error.emit(f"{len(paths)} part(s) labelled Part is OK were not in the saved OK set (the change "
+                            f"was not saved) and are in it again, e.g. {Path(paths[0]).name}: save the recipe, or "
+                            f"withdraw the label to leave the part out")
+
     @staticmethod
     def _read_recipe(path: Path) -> tuple[Recipe | None, str]:
         """(the recipe, "") or (None, why it cannot be opened)."""
@@ -947,6 +955,10 @@ class InspectionSession:
         self.ok_paths_changed.emit(self.ok_paths)
         if recovered:
             self.error.emit(recovered)
+        if missing := self.labels.ok_parts_missing_from(recipe.ok_paths):
+            recipe.ok_paths.extend(missing)
+            self.ok_paths_changed.emit(self.ok_paths)
+            self._say_ok_parts_added_back(missing)
         marks = recipe.station.get("unreadable_ok")
         if isinstance(marks, dict):  # a damaged entry is no reason to refuse the recipe: no marks then
             in_set = set(recipe.ok_paths)
@@ -967,10 +979,20 @@ class InspectionSession:
             self.extractor = det.extractor
             self.set_detector(det, recipe.image_threshold, recipe.pixel_threshold)
             th = det.thresholds
-            self.thresholds_hand_set = th is not None and not th.matches_calibration()
+            # saved with the recipe: a label re-measures the held-out scores but leaves the
+            # thresholds, so "they match the calibration" called them hand-set after reopening
+            # (found trying the station: a refit asked about thresholds nobody had set)
+            hand_set = recipe.station.get("thresholds_hand_set")
+            self.thresholds_hand_set = (hand_set if isinstance(hand_set, bool)
+                                        else th is not None and not th.matches_calibration())
             self.labels.model_replaced(det, replay=False)
             self.mark_saved()  # what was just opened is what is on disk
-            self.status.emit(f"Recipe {recipe.name} ready; inspection runs on {det.runtime_name}{no_demo}")
+            if missing:  # ... but for the parts put back into the OK set
+                self.mark_dirty()
+            waiting = sum(not r.undone and not r.in_model for r in self.labels.rows())
+            unlearnt = (f"; {waiting} label(s) are not in this model (made after it was saved): Fit (F5) replays "
+                        f"them" if waiting else "")
+            self.status.emit(f"Recipe {recipe.name} ready; inspection runs on {det.runtime_name}{unlearnt}{no_demo}")
 
         self.status.emit(f"Loading model {Path(recipe.model_path).name}…")
         self.submit(partial(load_model_job, recipe.model_path, self.extractor, runtime=self.runtime, feedback=True),
@@ -996,6 +1018,7 @@ class InspectionSession:
         recipe, det = self.recipe, self.detector
         if det is not None:  # without a model (its file missing) the stored thresholds stay
             recipe.image_threshold, recipe.pixel_threshold = self.image_threshold, self.pixel_threshold
+            recipe.station["thresholds_hand_set"] = bool(self.thresholds_hand_set)
         model = str(model_path_for(path)) if det is not None else None
         carried: list[CarriedStore] = []
 

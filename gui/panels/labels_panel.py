@@ -193,6 +193,8 @@ class LabelsPanel(QWidget):
                 kind += "  (undone)"
             elif not row.in_model:
                 kind += "  (not in model)"  # e.g. its image changed since; a refit could not replay it
+                tips.append("The current model has not learnt this label (made after the model was saved, or "
+                            "its image changed since): a fit (F5) replays it if its image is still there")
             tip = "\n".join(t for t in tips if t)
             for c, text in enumerate((when, row.image_name, kind, scores)):
                 item = QTableWidgetItem(text)

@@ -251,6 +251,65 @@ def test_hand_set_thresholds_survive_a_refit_or_the_engineer_chooses(session):
     assert not s.thresholds_hand_set
 
 
+def test_whether_thresholds_were_set_by_hand_is_saved_with_the_recipe(session, part_images, tmp_path):
+    """Found trying the station: a label re-measures the held-out scores and leaves the
+    thresholds, so after reopening they no longer "matched the calibration" and a refit asked
+    about thresholds nobody had set. The recipe keeps what the engineer did."""
+    s = session
+    s.labels.set_reweight(True)
+    _inspect(s, part_images[1][:1])
+    s.labels.mark_image("image_ok")
+    path = tmp_path / "parts.okrecipe"
+    assert s.save_recipe(path) and not s.thresholds_hand_set
+    s.open_recipe(path)
+    assert not s.thresholds_hand_set
+    asked = []
+    s.question.connect(asked.append)
+    s.start_fit()
+    assert asked == []
+    s.set_thresholds(s.image_threshold * 2, s.pixel_threshold)
+    assert s.save_recipe(path)
+    s.open_recipe(path)
+    assert s.thresholds_hand_set
+
+
+def test_a_reopened_recipe_says_which_labels_its_model_has_not_learnt(session, part_images, tmp_path):
+    """Found trying the station: reopened after a crash or Discard, the recipe showed labels
+    "(not in model)" and said nothing; the false alarm the operator had cleared was NG again."""
+    s = session
+    path = tmp_path / "parts.okrecipe"
+    assert s.save_recipe(path)
+    _inspect(s, part_images[1][:1])
+    s.labels.mark_image("image_ok")  # after the save: the saved model has not learnt it
+    said = []
+    s.status.connect(said.append)
+    s.open_recipe(path)
+    assert said[-1].startswith("Recipe parts ready") and "1 label(s) are not in this model" in said[-1]
+    s.start_fit()
+    assert s.save_recipe(path)
+    said.clear()
+    s.open_recipe(path)
+    assert "not in this model" not in said[-1]
+
+
+def test_a_part_labelled_ok_whose_ok_set_change_was_not_saved_is_put_back_on_opening(session, part_images, tmp_path):
+    """Found trying the station: Part is OK, then Discard (or a crash): the label stayed
+    active but its part had left the OK set, silently; the next fit trained without it."""
+    s = session
+    path = tmp_path / "parts.okrecipe"
+    assert s.save_recipe(path)
+    rec = _inspect(s, part_images[1][:1])[0]
+    s.labels.mark_image("image_ok")
+    assert rec.path in s.ok_paths
+    s.open_recipe(path)  # Discard: the saved OK set comes back without it
+    assert rec.path in s.ok_paths and s.dirty
+    assert s.errors[-1].startswith("1 part(s) labelled Part is OK were not in the saved OK set")
+    assert s.save_recipe(path)
+    n = len(s.errors)
+    s.open_recipe(path)
+    assert len(s.errors) == n and not s.dirty and s.ok_paths.count(rec.path) == 1
+
+
 def test_recipe_round_trip_restores_model_labels_and_reweighting(session, part_images, tmp_path):
     s = session
     s.labels.set_reweight(True)
