@@ -158,6 +158,21 @@ class LabelStore:
     def close(self) -> None:
         self._db.close()
 
+    def ids(self) -> set[int]:
+        """Every label's id, withdrawn ones included."""
+        return {int(r[0]) for r in self._db.execute("SELECT id FROM labels")}
+
+    def reserve_ids_through(self, last: int) -> None:
+        """New labels get ids above ``last``: a model that learnt labels this store no longer
+        holds keeps their ids, and a new label must never take one of them (it would be
+        listed as learnt by a model that never saw it)."""
+        def bump(db: sqlite3.Connection) -> None:
+            if db.execute("UPDATE sqlite_sequence SET seq = MAX(seq, ?) WHERE name = 'labels'",
+                          (int(last),)).rowcount == 0:
+                db.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('labels', ?)", (int(last),))
+
+        write_transaction(self._db, bump)
+
     def checkpoint(self) -> None:
         """Everything into the database file itself (:func:`core.sqlitedb.checkpoint`)."""
         sqlitedb.checkpoint(self._db)

@@ -130,6 +130,8 @@ class LabelBook:
         self.can_undo_changed.emit(False)
         self.weights_changed.emit(self.learner.held_weights() if self.learner is not None else None)
         self.reweight_changed.emit(self.reweight)
+        if not replay and detector is not None and detector.applied_labels:
+            self._check_learnt_labels_are_here(detector)
         self.labels_changed.emit(self.rows())
         if replay and detector is not None and detector.config.tiled:
             if any(not row.undone for row in self.rows()):  # a recipe without labels hears nothing of it
@@ -138,6 +140,26 @@ class LabelBook:
         elif replay and detector is not None and self._replay(judged_ng, verdicts_before):
             return  # the replay's end re-scores the results, under the model with the labels
         self.session.rescore_results(before=verdicts_before)
+
+    def _check_learnt_labels_are_here(self, detector: Detector) -> None:
+        """An opened model that learnt labels its store does not hold (the store beside the
+        recipe replaced, emptied, or copied without its ``-wal`` file): say so, and keep new
+        labels from taking their ids. Found trying the station: the next label became #1,
+        and was listed as learnt by a model that had learnt another #1."""
+        try:
+            store = self.store()
+            gone = sorted(set(detector.applied_labels) - store.ids())
+            if gone:
+                store.reserve_ids_through(max(detector.applied_labels))
+        except (sqlite3.Error, OSError, ValueError) as exc:
+            self.session.error.emit(f"Labels could not be read: {exc}")
+            return
+        if gone:
+            self.session.error.emit(
+                f"This model learnt {len(gone)} label(s) that the labels store beside the recipe does not hold "
+                f"(#{', #'.join(map(str, gone[:5]))}{', …' if len(gone) > 5 else ''}: the store was replaced, emptied "
+                f"or copied without its -wal file). Their effect stays in the model until the next fit, which "
+                f"leaves them out; new labels take new numbers")
 
     def _replay(self, judged_ng: list | None = None, verdicts_before: dict[int, str] | None = None) -> bool:
         """Replay the active stored labels into the new model (a job); False: none to replay."""

@@ -310,6 +310,31 @@ def test_a_part_labelled_ok_whose_ok_set_change_was_not_saved_is_put_back_on_ope
     assert len(s.errors) == n and not s.dirty and s.ok_paths.count(rec.path) == 1
 
 
+def test_a_model_whose_labels_store_lost_its_labels_says_so_and_new_labels_take_new_numbers(
+        session, part_images, tmp_path):
+    """Found trying the station: the recipe folder copied while the station ran had an empty
+    labels store; opened, nothing was said, and the next label became #1, listed as learnt
+    by the model (which had learnt another #1)."""
+    s = session
+    _inspect(s, part_images[1][:2])
+    s.labels.mark_image("image_ok")
+    s.show_result(list(s.results)[0].id)
+    s.labels.mark_image("image_ng")
+    path = tmp_path / "parts.okrecipe"
+    assert s.save_recipe(path)
+    learnt = s.detector.applied_labels
+    s.new_recipe("other")
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path.with_suffix('.labels.sqlite')}{suffix}").unlink(missing_ok=True)
+    s.open_recipe(path)
+    assert s.detector.applied_labels == learnt and s.labels.rows() == []
+    assert s.errors[-1].startswith("This model learnt 2 label(s) that the labels store beside the recipe does not hold")
+    _inspect(s, part_images[1][2:3])
+    s.labels.mark_image("image_ng")
+    (row,) = s.labels.rows()
+    assert row.id > max(learnt) and row.in_model
+
+
 def test_recipe_round_trip_restores_model_labels_and_reweighting(session, part_images, tmp_path):
     s = session
     s.labels.set_reweight(True)
