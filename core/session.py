@@ -955,7 +955,11 @@ class InspectionSession:
         self.ok_paths_changed.emit(self.ok_paths)
         if recovered:
             self.error.emit(recovered)
-        if missing := self.labels.ok_parts_missing_from(recipe.ok_paths):
+        try:
+            saved_at = path.stat().st_mtime
+        except OSError:
+            saved_at = float("inf")
+        if missing := self.labels.ok_parts_missing_from(recipe.ok_paths, saved_at):
             recipe.ok_paths.extend(missing)
             self.ok_paths_changed.emit(self.ok_paths)
             self._say_ok_parts_added_back(missing)

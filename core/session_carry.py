@@ -11,7 +11,9 @@ restores only what the save replaced."""
 from __future__ import annotations
 
 import json
+import logging
 import os
+import socket
 import sqlite3
 from collections.abc import Generator
 from dataclasses import dataclass
@@ -25,6 +27,8 @@ from .jobs import CancelToken, Progress
 
 if TYPE_CHECKING:
     from .session import InspectionSession
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -109,15 +113,39 @@ def write_journal(recipe_path: Path, copies: list[StoreCopy], model_path: Path |
     Path(recipe_path).parent.mkdir(parents=True, exist_ok=True)  # as the recipe's own save does
     entries = [{"target": str(c.target), "aside": c.aside, "what": c.what} for c in copies]
     model = None if model_path is None else {"path": str(model_path), "before": _file_identity(model_path)}
-    write_bytes_atomic(journal_path(recipe_path),
-                       json.dumps({"version": JOURNAL_VERSION, "stores": entries, "model": model}).encode())
+    owner = {"host": socket.gethostname(), "pid": os.getpid()}
+    write_bytes_atomic(journal_path(recipe_path), json.dumps(
+        {"version": JOURNAL_VERSION, "stores": entries, "model": model, "owner": owner}).encode())
 
 
 def remove_journal(recipe_path: Path) -> None:
+    """Remove the journal; one that cannot be removed is logged (the save itself is done)."""
     try:
         journal_path(recipe_path).unlink()
     except FileNotFoundError:
         pass
+    except OSError as exc:
+        log.warning("the save journal %s could not be removed: %s", journal_path(recipe_path), exc)
+
+
+def _owner_alive(owner: object) -> bool:
+    """The journal's save may still be running: its process is alive on this machine (a
+    second station or ``okng serve`` must not undo a save in progress). A journal written
+    on another machine is treated as stopped: its process cannot be checked from here."""
+    if not isinstance(owner, dict) or owner.get("host") != socket.gethostname():
+        return False
+    pid = owner.get("pid")
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    if pid == os.getpid():
+        return False  # this process: its save has ended (the session checks before it calls)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, another user's
+    return True
 
 
 def recover_interrupted_save(recipe_path: Path) -> str:
@@ -132,11 +160,17 @@ def recover_interrupted_save(recipe_path: Path) -> str:
         return ""
     try:
         data = json.loads(journal.read_text())
-        stores = [(Path(e["target"]), e["aside"], str(e["what"])) for e in data["stores"]]
+        if _owner_alive(data.get("owner")):
+            return ""  # a save still running in another process: not ours to undo
+        stores = [(Path(e["target"]), None if e["aside"] is None else str(e["aside"]), str(e["what"]))
+                  for e in data["stores"]]
         model = data.get("model")
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        return f"A save onto this recipe was interrupted and its journal {journal} cannot be read ({exc})"
-    if model is not None and _file_identity(Path(model["path"])) != model["before"]:
+        written = model is not None and _file_identity(Path(model["path"])) != model["before"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        _set_aside(journal)
+        return (f"A save onto this recipe was interrupted and its journal cannot be read ({exc}); it is kept "
+                f"as {journal.name}.failed: check the labels and results log beside the recipe")
+    if written:
         remove_journal(recipe_path)
         kept = "; ".join(f"the replaced {what}: in {aside}" for _, aside, what in stores
                          if aside and Path(aside).exists())
@@ -153,8 +187,10 @@ def recover_interrupted_save(recipe_path: Path) -> str:
                 sqlitedb.put_back(target, aside)
         except (sqlite3.Error, OSError) as exc:
             problems.append(f"its {what} could not be put back ({exc}; the recipe's own: {aside})")
-    if problems:
-        return "A save onto this recipe was interrupted (the station stopped): " + "; ".join(problems)
+    if problems:  # undone once only: a second run would delete stores in use by then
+        _set_aside(journal)
+        return ("A save onto this recipe was interrupted (the station stopped): " + "; ".join(problems)
+                + f" (the journal is kept as {journal.name}.failed)")
     remove_journal(recipe_path)
     return ("A save onto this recipe was interrupted (the station stopped) before its model was written: the "
             "recipe's own labels and results log were put back")
@@ -174,6 +210,13 @@ def carry_job(copies: list[StoreCopy], carried: list[CarriedStore],
         except (sqlite3.Error, OSError, ValueError) as exc:
             raise StoreNotCarried(f"Recipe NOT saved: the {copy.what} could not be copied beside it ({exc})") from exc
         carried.append(CarriedStore(copy.target, aside, copy.what))
+
+
+def _set_aside(journal: Path) -> None:
+    try:
+        os.replace(journal, f"{journal}.failed")
+    except OSError as exc:
+        log.warning("the save journal %s could not be set aside: %s", journal, exc)
 
 
 def say_where_replaced_went(carried: list[CarriedStore], session: InspectionSession) -> None:

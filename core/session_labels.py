@@ -346,11 +346,13 @@ class LabelBook:
         s.submit(job, on_returned=lambda out: self._on_label_outcome(req, out), on_failed=self._on_failed,
                   on_cancelled=lambda: self._on_failed(RuntimeError("cancelled")))
 
-    def ok_parts_missing_from(self, ok_paths: list[str]) -> list[str]:
-        """Images an active "part is OK" label put into the OK set that are not in
-        ``ok_paths`` and still exist: the label was kept (stored when made) but the change to
-        the OK set was not saved (a crash, or Discard). Found trying the station: the label
-        stayed active while the part had silently left the OK set."""
+    def ok_parts_missing_from(self, ok_paths: list[str], saved_at: float) -> list[str]:
+        """Images an active "part is OK" label made after ``saved_at`` (the recipe file's last
+        write) put into the OK set that are not in ``ok_paths`` and still exist: the label was
+        kept (stored when made) but the change to the OK set was not saved (a crash, or
+        Discard). Found trying the station: the label stayed active while the part had
+        silently left the OK set. A label older than the saved recipe whose part is not in it
+        was taken out on purpose and saved so: left out."""
         if self._store is None and not self.store_path.exists():
             return []
         try:
@@ -359,7 +361,8 @@ class LabelBook:
             return []
         have = set(ok_paths)
         return list(dict.fromkeys(lab.image_path for lab in labels if lab.kind == "image_ok" and lab.added_ok
-                                  and lab.image_path not in have and Path(lab.image_path).is_file()))
+                                  and (lab.created_at or 0.0) > saved_at and lab.image_path not in have
+                                  and Path(lab.image_path).is_file()))
 
     def accepted_paths(self) -> set[str]:
         """Image paths of parts an active "part is OK" label accepts (a false alarm accepts one

@@ -127,6 +127,12 @@ class RecipeMenu:
     def save_as(self) -> None:
         from core.recipes import safe_file_stem  # tiny, Qt-free helper module
 
+        link = getattr(self.w, "line_link", None)
+        if link is not None and link.serving:  # the line logs beside the recipe it started with
+            self.session.error.emit("Stop serving the line (Line panel) before saving the recipe under another "
+                                    "name: the line logs its parts beside the recipe it was started with")
+            return
+
         start = str(Path(self._recipes_dir()) / (safe_file_stem(self.session.recipe.name) + ".okrecipe"))
         path, _ = QFileDialog.getSaveFileName(self.w, "Save recipe", start, RECIPE_FILTER)
         if path:

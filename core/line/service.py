@@ -102,6 +102,11 @@ class LineService:
             raise ValueError("give --opcua and/or --modbus: without a link no PLC can trigger the station")
         self.options = options
         self.recipes = [Path(p).resolve() for p in options.recipes]
+        from ..session_carry import recover_interrupted_save
+
+        for i, path in enumerate(self.recipes, 1):  # before any of their logs is opened
+            if recovered := recover_interrupted_save(path):  # a station's save onto it was stopped
+                log.warning("recipe %d: %s", i, recovered)
         self.n_recipes = 1 if options.window is not None else len(self.recipes)
         self.source = options.source
         self._logs: dict[int, LineLog] = {}  # used from the inspection and ack paths (one at a time)
@@ -199,7 +204,6 @@ class LineService:
     def _load(self, index: int) -> Engine:
         from ..persistence import load_detector
         from ..recipes import load_recipe
-        from ..session_carry import recover_interrupted_save
 
         if not 1 <= index <= self.n_recipes:
             raise LineError(ErrorCode.UNKNOWN_RECIPE, f"recipe index {index} unknown: 1..{self.n_recipes}")
@@ -207,8 +211,6 @@ class LineService:
         if w is not None:
             return Engine(1, w.name, w.detector, w.model_id, self._log(1))
         path = self.recipes[index - 1]
-        if recovered := recover_interrupted_save(path):  # a station's save onto it was stopped
-            log.warning("recipe %d: %s", index, recovered)
         try:
             recipe = load_recipe(path)
             if not recipe.model_path or not Path(recipe.model_path).is_file():

@@ -308,6 +308,10 @@ def test_a_part_labelled_ok_whose_ok_set_change_was_not_saved_is_put_back_on_ope
     n = len(s.errors)
     s.open_recipe(path)
     assert len(s.errors) == n and not s.dirty and s.ok_paths.count(rec.path) == 1
+    s.remove_ok_paths([rec.path])  # taken out on purpose, and saved so: it stays out
+    assert s.save_recipe(path)
+    s.open_recipe(path)
+    assert rec.path not in s.ok_paths and not s.dirty and len(s.errors) == n
 
 
 def test_a_model_whose_labels_store_lost_its_labels_says_so_and_new_labels_take_new_numbers(

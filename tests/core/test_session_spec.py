@@ -903,6 +903,34 @@ def test_a_save_killed_while_setting_the_old_store_aside_leaves_it_untouched(ses
     assert not Path(f"{aside}.part").exists() and [r.operator for r in LabelStore(target).labels()] == ["ana"]
 
 
+def test_a_save_journal_is_undone_once_and_never_while_its_save_may_still_run(tmp_path):
+    """Recovery deletes stores a save created: run twice (after a put-back that failed) it
+    would delete stores in use by then, and run beside a save still going on in another
+    process (a second station, ``okng serve``) it would undo that save half-way."""
+    import json
+    import os
+    import socket
+
+    from core.session_carry import StoreCopy, journal_path, recover_interrupted_save, write_journal
+
+    recipe = tmp_path / "line.okrecipe"
+    target = tmp_path / "line.labels.sqlite"
+    aside = f"{target}.replaced-20261203-120000"
+    with LabelStore(target):
+        pass
+    Path(aside).write_bytes(b"not a database")  # its put-back fails
+    write_journal(recipe, [StoreCopy(tmp_path / "src.sqlite", target, "labels", aside)], None)
+    said = recover_interrupted_save(recipe)
+    assert "could not be put back" in said and "line.okrecipe.saving.failed" in said
+    assert not journal_path(recipe).exists() and target.exists()
+    assert recover_interrupted_save(recipe) == ""  # once only
+    write_journal(recipe, [StoreCopy(tmp_path / "src.sqlite", target, "labels", None)], None)
+    data = json.loads(journal_path(recipe).read_text())
+    data["owner"] = {"host": socket.gethostname(), "pid": os.getppid()}  # a live process
+    journal_path(recipe).write_text(json.dumps(data))
+    assert recover_interrupted_save(recipe) == "" and target.exists() and journal_path(recipe).exists()
+
+
 def test_the_stores_are_copied_on_the_engine_thread_in_the_saves_own_job(
         session, part_images, tmp_path, tiny_config):
     """A results log grows with every inspection (a million rows took 2 s to copy): the copy

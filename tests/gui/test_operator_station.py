@@ -411,6 +411,22 @@ def test_a_model_file_opened_as_a_recipe_is_refused_before_any_question_and_name
     assert asked and s.recipe_path == tmp_path / "saved.okrecipe"
 
 
+def test_save_as_waits_until_the_window_stops_serving_the_line(qtbot, window, tmp_path, monkeypatch):
+    """The line logs its parts beside the recipe it was started with: saved elsewhere while
+    serving, the window's counters would no longer see the line's parts."""
+    from PySide6.QtWidgets import QFileDialog
+
+    w, s = window, window.controller.session
+    asked = []
+    monkeypatch.setattr(QFileDialog, "getSaveFileName",
+                        lambda *a, **k: asked.append(a) or (str(tmp_path / "elsewhere.okrecipe"), ""))
+    monkeypatch.setattr(type(w.line_link), "serving", property(lambda self: True))
+    errors = []
+    s.error.connect(errors.append)
+    w.recipe_menu.save_as()
+    assert asked == [] and errors[-1].startswith("Stop serving the line") and s.recipe_path is None
+
+
 def test_a_refused_save_as_is_not_added_to_the_recent_recipes(qtbot, window, tmp_path, monkeypatch):
     from PySide6.QtWidgets import QFileDialog
 
