@@ -177,11 +177,6 @@ class LabelStore:
         """Everything into the database file itself (:func:`core.sqlitedb.checkpoint`)."""
         sqlitedb.checkpoint(self._db)
 
-    def copy_over(self, target: str | Path) -> str | None:
-        """Copy the whole store to ``target``, an existing store there set aside
-        (:func:`core.sqlitedb.copy_over`; returns where, or None)."""
-        return sqlitedb.copy_over(self._db, target)
-
     def __enter__(self) -> LabelStore:
         return self
 

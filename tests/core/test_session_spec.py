@@ -629,6 +629,21 @@ def test_a_recipe_is_not_saved_where_its_labels_cannot_follow(session, part_imag
     assert s.recipe_path == before and not path.exists() and not path.with_suffix(".okng").exists()
 
 
+def _the_log_copy_fails(monkeypatch, error: OSError) -> None:
+    """The results log's copy beside a recipe being saved raises ``error`` (a full disk);
+    the labels still copy."""
+    import core.session_carry as carry
+
+    copy_store = carry.copy_store
+
+    def fails_at_the_log(source, target, aside=None):
+        if target.name.endswith(".results.sqlite"):
+            raise error
+        return copy_store(source, target, aside)
+
+    monkeypatch.setattr(carry, "copy_store", fails_at_the_log)
+
+
 def test_a_save_stopped_by_the_results_log_puts_the_labels_beside_the_old_recipe_back(
         session, part_images, tmp_path, tiny_config, monkeypatch):
     """Saving over a recipe carries the labels first, then the results log; when the log
@@ -636,21 +651,12 @@ def test_a_save_stopped_by_the_results_log_puts_the_labels_beside_the_old_recipe
     its own labels, not this session's (nothing set aside is left behind either)."""
     import errno
 
-    import core.session_carry as carry
-
     s = session
     path = _recipe_saved_with_one_label(s, part_images, tmp_path)
     recipe_before = path.read_bytes()
 
     t, _, errors = _other_station_with_a_label(tmp_path, tiny_config, part_images)
-    copy_store = carry.copy_store
-
-    def full_at_the_log(source, target, aside=None):
-        if target.name.endswith(".results.sqlite"):
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return copy_store(source, target, aside)
-
-    monkeypatch.setattr(carry, "copy_store", full_at_the_log)
+    _the_log_copy_fails(monkeypatch, OSError(errno.ENOSPC, "No space left on device"))
     t.save_recipe(path)
     assert "Recipe NOT saved: the results log could not be copied" in errors[-1]
     assert [r.operator for r in LabelStore(path.with_suffix(".labels.sqlite")).labels()] == ["ana"]
@@ -660,19 +666,10 @@ def test_a_save_stopped_by_the_results_log_puts_the_labels_beside_the_old_recipe
 
 def test_a_save_to_a_new_place_stopped_by_the_results_log_leaves_no_labels_there(
         session, part_images, tmp_path, monkeypatch):
-    import core.session_carry as carry
-
     s = session
     s.inspect_paths(part_images[1][:1])
     s.labels.mark_image("image_ng")
-    copy_store = carry.copy_store
-
-    def full_at_the_log(source, target, aside=None):
-        if target.name.endswith(".results.sqlite"):
-            raise OSError("disk full")
-        return copy_store(source, target, aside)
-
-    monkeypatch.setattr(carry, "copy_store", full_at_the_log)
+    _the_log_copy_fails(monkeypatch, OSError("disk full"))
     path = tmp_path / "new" / "station.okng-recipe"
     s.save_recipe(path)
     assert "Recipe NOT saved" in s.errors[-1]
@@ -753,14 +750,20 @@ def test_a_second_save_waits_for_the_first_one_to_end(session, part_images, tmp_
     assert second.exists()
 
 
-def test_an_untitled_recipes_labels_and_log_follow_it_to_its_first_file(tmp_path, part_images, tiny_config):
-    """The everyday first save: a new recipe fitted, inspected and labelled, then saved. Its
-    stores are carried beside the file (they used to be looked up under the file's name
-    before the copy, and the saved recipe came without its labels)."""
+def _untitled_fitted_station(tmp_path, part_images, tiny_config) -> InspectionSession:
+    """A station with a new, never saved recipe ("untitled"), fitted; operator "ana"."""
     s = InspectionSession(InlineExecutor(), labels_dir=tmp_path / "labels", captures_dir=tmp_path / "captures")
     s.new_recipe("untitled", tiny_config, part_images[0])
     s.operator = "ana"
     s.start_fit()
+    return s
+
+
+def test_an_untitled_recipes_labels_and_log_follow_it_to_its_first_file(tmp_path, part_images, tiny_config):
+    """The everyday first save: a new recipe fitted, inspected and labelled, then saved. Its
+    stores are carried beside the file (they used to be looked up under the file's name
+    before the copy, and the saved recipe came without its labels)."""
+    s = _untitled_fitted_station(tmp_path, part_images, tiny_config)
     s.inspect_paths(part_images[1][:1])
     s.labels.mark_image("image_ng")
     path = tmp_path / "line" / "cells.okrecipe"
@@ -780,10 +783,7 @@ def test_each_new_recipe_has_stores_of_its_own_and_the_demo_keeps_its_own(tmp_pa
     from core.recipes import safe_file_stem
     from core.session import DEMO_RECIPE_NAME
 
-    s = InspectionSession(InlineExecutor(), labels_dir=tmp_path / "labels", captures_dir=tmp_path / "captures")
-    s.new_recipe("untitled", tiny_config, part_images[0])
-    s.operator = "ana"
-    s.start_fit()
+    s = _untitled_fitted_station(tmp_path, part_images, tiny_config)
     s.inspect_paths(part_images[1][:2])
     s.labels.mark_image("image_ok")
     assert len(s.labels.rows()) == 1 and s.shift.counters().total == 2
