@@ -232,18 +232,23 @@ class LabelStore:
         return out
 
     def export_csv(self) -> str:
-        """All labels (undone ones flagged) as CSV text, regions as JSON."""
+        """All labels (undone ones flagged) as CSV text, regions as JSON; every field the JSON
+        export has (``reweight``: empty where the store predates recording it)."""
         buf = io.StringIO()
         w = csv.writer(buf)
         w.writerow(["id", "created_at", "operator", "image_path", "image_sha256", "kind", "region", "model_id",
-                    "score", "undone", "undone_by", "undone_at", "score_after"])
+                    "score", "undone", "undone_by", "undone_at", "score_after",
+                    # after the first columns (their places unchanged): what the JSON export also says
+                    "map_size", "reweight", "added_ok"])
         for lab in self.labels(include_undone=True):
             region = "" if lab.region is None else json.dumps({"polygon": lab.region.polygon, "bbox": lab.region.bbox})
             w.writerow([lab.id, _iso(lab.created_at), lab.operator,
                         lab.image_path, lab.image_sha256, lab.kind, region, lab.model_id,
                         "" if lab.score is None else f"{lab.score:.6g}", "yes" if lab.undone_at else "",
                         lab.undone_by or "", _iso(lab.undone_at) if lab.undone_at else "",
-                        "" if lab.score_after is None else f"{lab.score_after:.6g}"])
+                        "" if lab.score_after is None else f"{lab.score_after:.6g}",
+                        lab.map_size or "", "" if lab.reweight is None else ("yes" if lab.reweight else "no"),
+                        "yes" if lab.added_ok else ""])
         return buf.getvalue()
 
     def export_json(self) -> str:

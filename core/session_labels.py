@@ -706,7 +706,11 @@ class LabelBook:
         return out
 
     def export(self, path: str) -> None:
-        fmt = "json" if path.lower().endswith(".json") else "csv"
+        fmt = Path(path).suffix.lower().lstrip(".")
+        if fmt not in ("csv", "json"):  # "labels.txt" silently got CSV
+            self.session.error.emit(f"Export refused: name the file .csv or .json ({Path(path).name} is "
+                                    "neither); nothing was written")
+            return
         try:
             st = self.store()
             text = st.export_json() if fmt == "json" else st.export_csv()
@@ -729,8 +733,23 @@ def _still_ng_text(rec: Any, mask: np.ndarray | None, threshold: float | None) -
     if mask[r, c]:
         return text + ", still from the marked region (one label lowers it; label it again, or an engineer " \
                       "sets the threshold)"
-    return text + (f", now from another spot (row {r}, column {c} of {m.shape[0]} × {m.shape[1]}): click it "
+    return text + (f", now from another spot ({_where_in_image(r, c, m.shape, rec.image)}): click it "
                    "and label it too if it is also a false alarm")
+
+
+def _where_in_image(row: int, col: int, map_shape: tuple[int, ...], image: np.ndarray | None) -> str:
+    """A map position as an operator finds it on screen: the part of the image it is in, and
+    its pixel in the image (the map may be 224 × 224 over a 300 × 300 image: found trying the
+    station, "row 12, column 200 of 224 × 224" sent an operator counting map cells)."""
+    h, w = map_shape[:2]
+    fy, fx = (row + 0.5) / h, (col + 0.5) / w
+    vertical = "top" if fy < 1 / 3 else "bottom" if fy > 2 / 3 else "middle"
+    horizontal = "left" if fx < 1 / 3 else "right" if fx > 2 / 3 else "centre"
+    area = "centre" if (vertical, horizontal) == ("middle", "centre") else f"{vertical} {horizontal}"
+    if image is None:
+        return f"{area} of the image"
+    ih, iw = image.shape[:2]
+    return f"{area} of the image, near x {int(fx * iw)}, y {int(fy * ih)}"
 
 
 def _question(text: str, options: tuple[str, ...], default: str, on_answer) -> Question:

@@ -18,6 +18,7 @@ from .labeling import install_labeling
 from .line_link import install_line_link
 from .panels.error_banner import ErrorBanner
 from .panels.histogram_panel import HistogramPanel
+from .panels.messages_panel import MessagesPanel
 from .panels.ok_set_panel import OkSetPanel
 from .panels.results_panel import ResultsPanel
 from .panels.shift_panel import ShiftPanel
@@ -51,6 +52,7 @@ class MainWindow(QMainWindow):
         self.histogram = HistogramPanel()
         self.results_panel = ResultsPanel()
         self.shift_panel = ShiftPanel()
+        self.messages_panel = MessagesPanel()
         central = QWidget()
         lay = QVBoxLayout(central)
         lay.addWidget(self.view, 1)
@@ -76,6 +78,9 @@ class MainWindow(QMainWindow):
         # other way round, Shift stayed behind a raised Line tab, apart from Inspect
         self.tabifyDockWidget(self.findChild(QDockWidget, "Inspect"), shift_dock)
         self.line_link = install_line_link(self)  # the Line dock: a PLC triggers this window
+        self.messages_dock = self.add_dock("Messages", self.messages_panel, left)
+        self.tabifyDockWidget(shift_dock, self.messages_dock)
+        self.messages_dock.visibilityChanged.connect(self._on_messages_visible)
         self.resizeDocks([*docks, labels_dock], [150, 190, 280, 330], Qt.Orientation.Vertical)
         self.resizeDocks(docks[:1], [560], Qt.Orientation.Horizontal)
         self.findChild(QDockWidget, "Inspect").raise_()
@@ -308,6 +313,8 @@ class MainWindow(QMainWindow):
     def show_status(self, message: str) -> None:
         self._said_at = time.monotonic()
         self.statusBar().showMessage(message, 15000)
+        self.statusBar().setToolTip(message)  # whole, where the line cuts it
+        self.messages_panel.add(message)
 
     #: an error shown at least this long before a new job starts belongs to an earlier action
     STALE_ERROR_S = 1.0
@@ -325,6 +332,20 @@ class MainWindow(QMainWindow):
         self.error_banner.show_message(message)
         self._said_at = time.monotonic()
         self.statusBar().showMessage(message, 15000)
+        self.statusBar().setToolTip(message)
+        self.messages_panel.add(message, error=True)
+        self._title_messages()
+
+    def _on_messages_visible(self, visible: bool) -> None:
+        if visible:
+            self.messages_panel.seen()
+        self._title_messages()
+
+    def _title_messages(self) -> None:
+        """The Messages tab counts the errors that came while it was out of sight."""
+        n, dock = self.messages_panel.unseen_errors, getattr(self, "messages_dock", None)
+        if dock is not None:  # an error said while the window is still being built
+            dock.setWindowTitle(f"Messages ({n} new error{'s' if n > 1 else ''})" if n else "Messages")
 
     @Slot(object)
     def ask(self, q) -> None:

@@ -21,8 +21,8 @@ def _store_with_two_labels(path, monkeypatch):
         m.setattr(time, "time", lambda: CREATED)
         region = RegionShape.from_mask(mask)
         first = store.add(Label("p.png", "ab" * 32, "false_alarm", "model-1", "ana", region, 32, 7.5,
-                                score_after=3.25))
-        store.add(Label("q.png", "cd" * 32, "image_ng", "model-2", "ben"))
+                                score_after=3.25, reweight=True))
+        store.add(Label("q.png", "cd" * 32, "image_ok", "model-2", "ben", reweight=False, added_ok=True))
     store.undo(first, by="carla")
     return store
 
@@ -32,7 +32,8 @@ def test_the_csv_export_has_one_row_per_label_with_every_field(tmp_path, monkeyp
         labels = store.labels(include_undone=True)
         rows = list(csv.reader(io.StringIO(store.export_csv())))
     assert rows[0] == ["id", "created_at", "operator", "image_path", "image_sha256", "kind", "region", "model_id",
-                       "score", "undone", "undone_by", "undone_at", "score_after"]
+                       "score", "undone", "undone_by", "undone_at", "score_after", "map_size", "reweight",
+                       "added_ok"]
     assert len(rows) == 3
     by_id = {int(r[0]): r for r in rows[1:]}
     for lab in labels:
@@ -46,12 +47,15 @@ def test_the_csv_export_has_one_row_per_label_with_every_field(tmp_path, monkeyp
     assert marked[8] == "7.5" and marked[9] == "yes" and marked[10] == "carla" and marked[11].startswith("20")
     assert whole[6] == "" and whole[8] == "" and whole[9] == "" and whole[10] == "" and whole[11] == ""
     assert marked[12] == "3.25" and whole[12] == ""  # the score right after the label, where recorded
+    assert marked[13] == "32" and whole[13] == ""  # the map the region was drawn on
+    assert marked[14] == "yes" and whole[14] == "no"  # applied with channel reweighting or not
+    assert marked[15] == "" and whole[15] == "yes"  # a part-is-OK that joined the OK set
 
 
 def test_the_json_export_keeps_undone_labels_and_their_regions(tmp_path, monkeypatch):
     with _store_with_two_labels(tmp_path / "l.sqlite", monkeypatch) as store:
         rows = json.loads(store.export_json())
-    assert [r["kind"] for r in rows] == ["false_alarm", "image_ng"]
+    assert [r["kind"] for r in rows] == ["false_alarm", "image_ok"]
     assert rows[0]["undone_at"] is not None and rows[1]["undone_at"] is None
     assert rows[0]["region"]["bbox"] == [10, 4, 10, 5] and rows[1]["region"] is None
     assert rows[0]["score"] == 7.5 and rows[0]["operator"] == "ana" and rows[1]["model_id"] == "model-2"
@@ -60,10 +64,10 @@ def test_the_json_export_keeps_undone_labels_and_their_regions(tmp_path, monkeyp
 def test_an_undone_label_can_be_redone(tmp_path, monkeypatch):
     with _store_with_two_labels(tmp_path / "l.sqlite", monkeypatch) as store:
         first = store.labels(include_undone=True)[0]
-        assert first.undone_at is not None and [lab.kind for lab in store.labels()] == ["image_ng"]
+        assert first.undone_at is not None and [lab.kind for lab in store.labels()] == ["image_ok"]
         assert first.undone_by == "carla"
         store.redo(first.id)
-        assert [lab.kind for lab in store.labels()] == ["false_alarm", "image_ng"]
+        assert [lab.kind for lab in store.labels()] == ["false_alarm", "image_ok"]
         assert store.labels()[0].undone_at is None and store.labels()[0].undone_by is None
 
 
@@ -108,4 +112,4 @@ def test_a_label_an_older_station_made_active_again_names_nobody_as_having_taken
     with LabelStore(path) as store:
         assert store.labels()[0].undone_by is None
         row = list(csv.reader(io.StringIO(store.export_csv())))[1]
-    assert row[9:] == ["", "", "", ""]
+    assert row[9:13] == ["", "", "", ""]

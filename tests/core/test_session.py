@@ -576,7 +576,23 @@ def test_a_false_alarm_that_leaves_the_part_ng_says_where_the_score_now_comes_fr
     s.status.connect(said.append)
     s.labels.mark_region("false_alarm")
     assert s.results.get(rec.id).verdict == "NG"
-    assert "The part stays NG: score " in said[-1] and "now from another spot (row " in said[-1]
+    assert "The part stays NG: score " in said[-1]
+    h, w = rec.anomaly_map.shape
+    ih, iw = rec.image.shape[:2]
+    y, x = np.unravel_index(int(np.argmax(rec.anomaly_map)), (h, w))
+    near = f"near x {int((x + 0.5) / w * iw)}, y {int((y + 0.5) / h * ih)})"  # the image's pixels, not the map's
+    assert "now from another spot (" in said[-1] and " of the image, " + near in said[-1]
+
+
+@pytest.mark.parametrize("row, col, area", [(0, 0, "top left"), (111, 112, "centre"), (223, 223, "bottom right"),
+                                             (100, 5, "middle left"), (10, 120, "top centre")])
+def test_a_spot_is_named_by_where_it_is_in_the_image_and_its_pixel_there(row, col, area):
+    from core.session_labels import _where_in_image
+
+    assert _where_in_image(row, col, (224, 224), None) == f"{area} of the image"
+    image = np.zeros((300, 600, 3), np.uint8)  # the map is stretched over the whole image
+    x, y = int((col + 0.5) / 224 * 600), int((row + 0.5) / 224 * 300)
+    assert _where_in_image(row, col, (224, 224), image) == f"{area} of the image, near x {x}, y {y}"
 
 
 def test_a_refit_with_stored_labels_keeps_the_fits_line_in_the_replays(session, part_images):

@@ -132,6 +132,10 @@ def test_part_ok_joins_ok_set_export_and_failed_store(qtbot, station, defect_ima
     assert "image_ok" in text and "defect.png" in text
     fb.export(str(tmp_path / "labels.json"))
     assert '"kind": "image_ok"' in (tmp_path / "labels.json").read_text()
+    errors = []
+    c.error.connect(errors.append)
+    fb.export(str(tmp_path / "labels.txt"))  # it used to get CSV, silently
+    assert not (tmp_path / "labels.txt").exists() and "name the file .csv or .json" in errors[-1]
     fb.undo_last()
     assert defect_image not in c.session.ok_paths
     # a label that cannot be committed is not acknowledged and the model goes back

@@ -253,6 +253,30 @@ def test_an_error_banner_never_moves_the_image_the_operator_is_clicking_on(qtbot
     assert not w.error_banner.isVisible() and w.view.geometry() == resized
 
 
+def test_every_message_stays_whole_in_the_messages_tab_with_its_time(qtbot, window, tmp_path, defect_image):
+    """Found trying the station: the status line showed a message for seconds and cut a long
+    one at the window's edge, and the banner only the latest error, so an earlier message
+    (a recovery note, the fit's note on one held-out part) was nowhere to be read again."""
+    w, s = window, window.controller.session
+    qtbot.waitExposed(w)
+    s.start_fit()  # says how the fit went
+    (tmp_path / "empty").mkdir()
+    s.inspect_paths([str(tmp_path / "empty")])  # an error
+    long = "a very long note " * 30
+    w.show_error(long.strip())  # a later error covers the first in the banner
+    kept = w.messages_panel.messages()
+    assert any("Fitted" in m or "fitted" in m for m in kept), kept
+    errors = [m for m in kept if "Error: " in m]
+    assert len(errors) == 2 and "No images to inspect" in errors[0] and errors[1].endswith(long.strip())
+    assert all(m[:8].count(":") == 2 and m[2] == ":" for m in kept)  # HH:MM:SS first
+    assert w.statusBar().toolTip() == long.strip()  # whole where the status line cuts it
+    assert w.messages_dock.windowTitle() == "Messages (2 new errors)"  # Inspect was the raised tab
+    w.messages_dock.raise_()
+    qtbot.waitUntil(lambda: w.messages_dock.windowTitle() == "Messages", timeout=2000)
+    w.messages_panel.clear_button.click()
+    assert w.messages_panel.messages() == []
+
+
 def test_the_features_and_score_chosen_in_the_window_are_the_ones_fitted(qtbot, window):
     panel, s = window.ok_panel, window.controller.session
     assert panel.features_combo.isVisible() and panel.features_combo.currentData() == 1
