@@ -223,6 +223,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     paths = _paths(args.paths)
     config = _config_from_args(args)
     _check_output(args.out, "--out")
+    if args.recipe:
+        _check_new_recipe(args.recipe)
     ray = _ray_options(args)
     if ray is not None and config.tile is not None:
         raise ValueError("--ray does not fit tiled models yet: fit with --tile without --ray")
@@ -252,9 +254,36 @@ def cmd_fit(args: argparse.Namespace) -> int:
         best = min(det.model.history, key=lambda h: h[2])
         msg += (f"\ntrained {len(det.model.history)} epochs, stopped by {det.model.stop_reason}; kept epoch "
                 f"{best[0]} (held-out loss {best[2]:.4g})")
+    if args.recipe:
+        msg += f"\nrecipe {_write_fit_recipe(args.recipe, out, paths, config)} (okng serve and the station open it)"
     print(msg)
     _warn_uncalibrated(det)
     return 0
+
+
+def _check_new_recipe(path: str) -> None:
+    """``--recipe`` names a new file: a recipe made in the station holds more than a fit gives
+    (thresholds set by hand, labels, a PIN, line settings), so it is never replaced here."""
+    from .recipes import RECIPE_SUFFIX
+
+    if not path.lower().endswith(RECIPE_SUFFIX):
+        raise OkngError(f"--recipe {path}: a recipe file ends with {RECIPE_SUFFIX} (nothing was done)")
+    if Path(path).exists():
+        raise OkngError(f"--recipe {path} exists: give a new name, or refit that recipe in the station (F5), which "
+                        "keeps its thresholds, labels and settings (nothing was done)")
+    _check_output(path, "--recipe")
+
+
+def _write_fit_recipe(path: str, model: Path, paths: list[str], config) -> Path:
+    """A recipe of the fit just made: its OK images, settings and model, the model's own
+    thresholds (found trying the station: a model fitted with ``okng fit`` could not be served,
+    and nothing documented how to make the recipe ``okng serve`` needs)."""
+    from .recipes import Recipe, save_recipe
+
+    target = Path(path).expanduser().absolute()
+    recipe = Recipe(target.stem, [str(Path(p).absolute()) for p in paths], config.to_dict(),
+                    str(Path(model).absolute()))
+    return save_recipe(recipe, target)
 
 
 def _check_output(path: str | None, option: str, folder_itself: bool = False) -> None:
@@ -697,6 +726,9 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("fit", help="fit a normality model on OK images")
     f.add_argument("paths", nargs="+", metavar="PATH", help="OK image files or folders")
     f.add_argument("--out", required=True, metavar="MODEL", help="model file to write (.okng)")
+    f.add_argument("--recipe", metavar="RECIPE",
+                   help="also write a new recipe (.okrecipe) with this model, these OK images and settings: what "
+                        "okng serve and the station open")
     f.add_argument("--hold-out-like", metavar="MODEL",
                    help="a refit: hold out again the images MODEL held out to calibrate (those still "
                         "given), so its thresholds do not move because the held-out share was re-dealt")
@@ -781,6 +813,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR,
                         format="%(levelname)s %(name)s: %(message)s")
+    # the line's warnings (an image skipped as another part's, a result presented again after a
+    # crash) are for the operator of okng serve even without -v; asyncua's INFO (1,100 lines at
+    # start-up, found on a night shift) is not, even with it
+    logging.getLogger("core.line").setLevel(logging.INFO if args.verbose else logging.WARNING)
+    for chatty in ("asyncua", "pymodbus"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     from .allocator import tune_allocator
 
     tune_allocator()

@@ -177,8 +177,9 @@ def load_recipe(path: str | Path) -> Recipe:
         if _looks_like_a_model_file(path):
             raise RecipeError(
                 f"{path.name} is a model file, not a recipe: a recipe is an .okrecipe file with its model "
-                f"beside it. Open the recipe this model belongs to, or inspect with the model from the "
-                f"command line (okng score --model {path.name} ...)") from None
+                f"beside it. Open the recipe this model belongs to, inspect with the model from the "
+                f"command line (okng score --model {path.name} ...), or make a recipe with okng fit ... "
+                f"--recipe NAME.okrecipe") from None
         raise RecipeError(f"{path} is not a readable OK/NG recipe ({exc})") from None
     version = meta.get("schema_version")
     if not isinstance(version, int) or version > SCHEMA_VERSION:

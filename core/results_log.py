@@ -92,6 +92,9 @@ class Counters:
     last: float | None
     #: when the truth is known: (truth, verdict) -> count, e.g. ("NG", "OK") = missed defects
     confusion: dict[tuple[str, str], int]
+    #: parts with no verdict because the cycle failed (no image in time, an unreadable image,
+    #: the inspection failed): not in ``total``, but parts the line sent on without a verdict
+    errors: int = 0
 
     @property
     def yield_rate(self) -> float | None:
@@ -211,7 +214,9 @@ class ResultsLog:
     def counters(self, since: float | None = None) -> Counters:
         since = self.shift_start if since is None else since
         rows = self._db.execute("SELECT verdict, COUNT(*), MIN(time), MAX(time) FROM inspections "
-                                "WHERE time >= ? AND verdict != 'ERROR' GROUP BY verdict", (since,)).fetchall()
+                                "WHERE time >= ? GROUP BY verdict", (since,)).fetchall()
+        errors = sum(n for v, n, _, _ in rows if v == "ERROR")
+        rows = [r for r in rows if r[0] != "ERROR"]
         by = {v: n for v, n, _, _ in rows}
         firsts = [t for _, _, t, _ in rows if t is not None]
         lasts = [t for _, _, _, t in rows if t is not None]
@@ -219,7 +224,7 @@ class ResultsLog:
             "SELECT truth, verdict, COUNT(*) FROM inspections WHERE time >= ? AND truth IS NOT NULL "
             "AND verdict IN ('OK', 'NG') GROUP BY truth, verdict", (since,))}
         return Counters(since, sum(by.values()), by.get("OK", 0), by.get("NG", 0), by.get("?", 0),
-                        min(firsts) if firsts else None, max(lasts) if lasts else None, confusion)
+                        min(firsts) if firsts else None, max(lasts) if lasts else None, confusion, errors)
 
     def entries(self, ng_only: bool = False, since: float | None = None, limit: int | None = 1000) -> list[LogEntry]:
         """Newest first."""
@@ -238,11 +243,53 @@ class ResultsLog:
         out = io.StringIO()
         w = csv.writer(out)
         names = [f.name for f in fields(LogEntry)]
-        w.writerow(["iso_time", *names])
+        w.writerow(["iso_time", *names, *LINE_COLUMNS])
+        line = self._line_fields()
         for e in reversed(self.entries(ng_only, since, limit=None)):
             iso = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(e.time))
-            w.writerow([iso, *(_cell(v) for v in astuple(e))])
+            w.writerow([iso, *(_cell(v) for v in astuple(e)), *(_cell(v) for v in line.get(e.id, EMPTY_LINE))])
         return out.getvalue()
+
+    def _line_fields(self) -> dict[int, tuple]:
+        """id -> (part id, error code, error text, acknowledged at) of the rows a PLC triggered
+        (``core.line.store`` writes them beside the inspections; a log never served has none).
+        Found on a night shift: the export left out which physical part an error row was and
+        why it failed."""
+        has = self._db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='line_cycles'").fetchone()
+        if not has:
+            return {}
+        out = {}
+        for rid, part, code, text, acked in self._db.execute(
+                "SELECT inspection_id, part_id, error_code, error_text, acked_at FROM line_cycles"):
+            when = "" if acked is None else time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(acked))
+            out[rid] = (part, code, text, when)
+        return out
+
+
+#: the line's columns of the CSV export, empty for inspections no PLC triggered
+LINE_COLUMNS = ("part_id", "error_code", "error_text", "acked_at")
+EMPTY_LINE = ("", "", "", "")
+
+
+def save_ng_copy(image, log_path: str | Path, name: str, number: int) -> str:
+    """Keep an NG image as PNG in ``<recipe>.ng/`` beside its results log (recipe setting
+    ``copy_ng_images``; the window and ``okng serve`` alike); returns the copy's path."""
+    import cv2
+    import numpy as np
+
+    from .atomic import write_bytes_atomic
+    from .errors import OkngError
+    from .recipes import safe_file_stem
+
+    folder = Path(log_path).with_suffix("").with_suffix(".ng")
+    folder.mkdir(parents=True, exist_ok=True)
+    ok, png = cv2.imencode(".png", cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise OkngError("could not encode the NG image")
+    stem = safe_file_stem(Path(name).stem)[:60]
+    target = folder / f"{time.strftime('%Y%m%dT%H%M%S')}-{number:06d}-{stem}.png"
+    write_bytes_atomic(target, png.tobytes())
+    return str(target)
 
 
 def _cell(v: object) -> object:

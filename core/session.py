@@ -549,7 +549,9 @@ class InspectionSession:
         else:
             q.answer(q.default)
 
-    def inspect_paths(self, inputs: list[str]) -> None:
+    def inspect_paths(self, inputs: list[str], record: bool = True, said: str = "") -> None:
+        """Inspect image files and folders; ``record=False``: results for the table only, not
+        logged or counted (a review of parts the log has already, :meth:`ShiftLog.review`)."""
         if not self._require_model():
             return
         paths = [str(p) for p in iter_image_paths(inputs)]
@@ -562,16 +564,16 @@ class InspectionSession:
         det = self.detector
 
         def on_item(item: Any) -> None:
-            self._add_result(item, from_file=True, scored_by=det) if isinstance(item, ScoredImage) \
+            self._add_result(item, from_file=True, scored_by=det, record=record) if isinstance(item, ScoredImage) \
                 else on_skipped(item)
 
         def done(summary: Any) -> None:
-            self.status.emit(self._done_message(summary.scored))
+            self.status.emit(self._done_message(summary.scored) + ("" if record else " (a review: not logged)"))
             self.shift.refresh()
             report()
 
         job = partial(inspect_job, paths, det, keep_images=True, batch_size=4, keep_embeddings=True)
-        self.status.emit(f"Inspecting {len(paths)} images…")
+        self.status.emit(said or f"Inspecting {len(paths)} images…")
         self.submit(job, on_item=on_item, on_returned=done, on_failed=self._failed("Inspection failed", report),
                      on_cancelled=lambda: (self.status.emit("Inspection cancelled"), self.shift.refresh(), report()))
 
@@ -821,12 +823,14 @@ class InspectionSession:
                      f"({self.results.dropped} older ones are in the results log and the shift counts)")
         return text
 
-    def _add_result(self, item: ScoredImage, from_file: bool, scored_by: Detector | None = None) -> None:
+    def _add_result(self, item: ScoredImage, from_file: bool, scored_by: Detector | None = None,
+                    record: bool = True) -> None:
         insp = item.inspection
         rec = self.results.add(display_name(item.path, from_file, self.demo_truth), insp.score, insp.anomaly_map,
                                item.image, item.path if from_file else None, item.seconds, self.image_threshold,
                                item.embedding, item.sha256, self._embedder_key)
-        self.shift.record(rec, self.labels.current_model_id)
+        if record:
+            self.shift.record(rec, self.labels.current_model_id)
         self.result_added.emit(rec)
         self.show_result(rec.id)
         if scored_by is not None and scored_by is not self.detector:  # a label changed the model meanwhile

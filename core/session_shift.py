@@ -12,15 +12,12 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import cv2
-import numpy as np
 
 from .atomic import write_bytes_atomic
 from .errors import OkngError
 from .events import Event
 from .labels import file_sha256
-from .recipes import safe_file_stem
-from .results_log import Counters, LogEntry, ResultsLog, truth_from_path
+from .results_log import Counters, LogEntry, ResultsLog, save_ng_copy, truth_from_path
 
 if TYPE_CHECKING:
     from .session import InspectionSession
@@ -91,15 +88,39 @@ class ShiftLog:
         image = rec.image if rec.image is not None else self.session.image_of(rec)
         if image is None:
             return None
-        folder = self.path.with_suffix("").with_suffix(".ng")
-        folder.mkdir(parents=True, exist_ok=True)
-        ok, png = cv2.imencode(".png", cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2BGR))
-        if not ok:
-            raise OkngError("could not encode the NG image")
-        stem = safe_file_stem(Path(rec.name).stem)[:60]
-        target = folder / f"{time.strftime('%Y%m%dT%H%M%S')}-{rec.id:06d}-{stem}.png"
-        write_bytes_atomic(target, png.tobytes())
-        return str(target)
+        return save_ng_copy(image, self.path, rec.name, rec.id)
+
+    def review(self) -> None:
+        """Show this shift's NG parts and failed cycles again in the results table, scored by
+        the current model, to look at their heat maps and label false alarms, *without*
+        logging them again (found on a night shift: the window showed nothing of the night, and
+        re-inspecting the files counted every one as a new part, moved the yield and went to
+        the plant's MQTT topic). Reads each part's image where the log says it was, else its
+        kept NG copy; parts whose image is gone are counted in the status line."""
+        s = self.session
+        try:
+            log = self.log()
+            rows = [e for e in reversed(log.entries(since=log.shift_start, limit=None))
+                    if e.verdict in ("NG", "ERROR")]
+        except (sqlite3.Error, OSError, OkngError) as exc:
+            s.error.emit(f"Cannot read the results log: {exc}")
+            return
+        paths, gone, seen = [], 0, set()
+        for e in rows:
+            found = next((p for p in (e.image_path, e.ng_copy) if p and Path(p).is_file()), None)
+            if found is None:
+                gone += 1
+            elif found not in seen:
+                seen.add(found)
+                paths.append(found)
+        if not paths:
+            s.error.emit("Nothing to review: no NG part or failed cycle of this shift has its image on disk"
+                         + (f" ({gone} image(s) gone)" if gone else ""))
+            return
+        note = f"; {gone} part(s) without an image on disk" if gone else ""
+        s.inspect_paths(paths, record=False,
+                        said=f"Reviewing {len(paths)} NG or failed part(s) of this shift with the current model "
+                             f"(not logged or counted again){note}…")
 
     def counters(self) -> Counters | None:
         if self._log is None and not self.path.exists():

@@ -100,22 +100,64 @@ class VideoSource:
             self._cap = None
 
 
+#: PNG's last chunk (IEND, empty, with its CRC): a PNG without it is still being written
+_PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+
+
+def looks_complete(path: Path, size: int) -> bool:
+    """Whether a file of ``size`` bytes looks written to its end, from its last bytes: PNG
+    ends with its IEND chunk, JPEG with its end-of-image marker (trailing zero padding
+    allowed), BMP is as long as its header says. Other formats (TIFF, WebP, ...) have no end
+    mark to look for: ``True``, and the size's stability alone decides. A JPEG cut short
+    decodes without an error in OpenCV (the missing rows come out grey), so this check, not
+    the decoder, is what keeps a half-written JPEG from being judged."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if head.startswith(b"\x89PNG"):
+                f.seek(max(size - len(_PNG_END), 0))
+                return f.read(len(_PNG_END)) == _PNG_END
+            if head.startswith(b"\xff\xd8"):
+                f.seek(max(size - 64, 0))
+                return f.read(64).rstrip(b"\x00").endswith(b"\xff\xd9")
+            if head.startswith(b"BM") and len(head) >= 6:
+                return size >= int.from_bytes(head[2:6], "little")
+    except OSError:
+        return False
+    return True
+
+
 class FolderWatchSource:
     """New image files appearing in a folder, in arrival order.
 
     A file is taken once its size is non-zero and unchanged over ``stable_polls`` successive
-    polls, so a file still being written is not read half-way.
+    polls and it looks written to its end (:func:`looks_complete`), so a file still being
+    written is not read half-way. One that fails to decode anyway (a writer that paused
+    longer than the polls) is tried again once it changes, and reported unreadable only after
+    it has stayed the same for ``settle_s`` seconds; so is a file that never gets its end
+    mark (found trying the station: a camera writing in chunks 150 ms apart lost the part as
+    "damaged or cut short").
+
+    ``first_seen`` keeps when each file was first listed, for a trigger's source to tell a
+    leftover from the image it waits for (:meth:`skip_seen_before`).
     """
 
     def __init__(self, folder: str | Path, include_existing: bool = False, stable_polls: int = 2,
-                 bit_depth: int | None = None) -> None:
-        self.folder = Path(folder)
+                 bit_depth: int | None = None, settle_s: float = 1.0) -> None:
+        # absolute: the results log and MQTT name images by this path (a relative --watch
+        # logged "feed/part_0001.png" where the window logs absolute paths)
+        self.folder = Path(folder).absolute()
         self.bit_depth = bit_depth  # how 16-bit files become 8-bit: the model's own rule
         self.include_existing = include_existing
         self.stable_polls = stable_polls
+        self.settle_s = settle_s
         self.finished = False
-        self._seen: set[str] = set()
-        self._pending: dict[str, tuple[int, int]] = {}  # path -> (size, polls seen at that size)
+        self._seen: set[str] = set()  # taken, skipped or there before opening: never listed again
+        self._pending: dict[str, tuple[int, int, int]] = {}  # path -> (size, mtime ns, polls seen so)
+        self._changed_at: dict[str, float] = {}  # path -> when its size or mtime last changed
+        self._failed: dict[str, tuple[int, int]] = {}  # path -> (size, mtime ns) it failed to decode at
+        self.first_seen: dict[str, float] = {}  # path -> when it was first listed (monotonic)
+        self._queue: list[str] = []
         self._n = 0
 
     def open(self) -> None:
@@ -130,37 +172,78 @@ class FolderWatchSource:
     def poll(self) -> list[str]:
         """Paths that became ready since the last poll, oldest first."""
         ready = []
+        now = time.monotonic()
         for p in self._list():
             key = str(p)
-            if key in self._seen:
+            if key in self._seen or key in self._queue:
                 continue
             try:
-                size = p.stat().st_size
+                st = p.stat()
             except OSError:
                 continue
-            prev, count = self._pending.get(key, (-1, 0))
-            count = count + 1 if size == prev and size > 0 else 1
-            self._pending[key] = (size, count)
-            if count >= self.stable_polls:
+            self.first_seen.setdefault(key, now)
+            size, mtime = st.st_size, st.st_mtime_ns
+            prev_size, prev_mtime, count = self._pending.get(key, (-1, -1, 0))
+            same = size == prev_size and mtime == prev_mtime
+            if not same:
+                self._changed_at[key] = now
+            count = count + 1 if same and size > 0 else 1
+            self._pending[key] = (size, mtime, count)
+            if count < self.stable_polls or size == 0:
+                continue
+            settled = now - self._changed_at.get(key, now) >= self.settle_s
+            if self._failed.get(key) == (size, mtime) and not settled:
+                continue  # failed to decode as it is: wait until it changes, or has settled
+            if settled or looks_complete(p, size):
                 ready.append(key)
         for key in ready:
-            self._seen.add(key)
             del self._pending[key]
         return ready
 
+    def waiting(self) -> list[str]:
+        """Files listed but not taken yet: ready in the queue, or still being written."""
+        return [*self._queue, *(k for k in self._pending if k not in self._queue)]
+
+    def skip_seen_before(self, moment: float) -> list[str]:
+        """Drop the files first listed before ``moment`` (monotonic) that were not taken,
+        ready or not, and return them: a trigger's source calls it with the time the previous
+        part's image was taken, so an image written for that part (a second frame, a file that
+        came after its part timed out) is never given to the next part."""
+        old = [k for k in self.waiting() if self.first_seen.get(k, moment) < moment]
+        for key in old:
+            self._forget(key)
+        return old
+
+    def _forget(self, key: str) -> None:
+        self._seen.add(key)
+        for d in (self._pending, self._changed_at, self._failed):
+            d.pop(key, None)
+        if key in self._queue:
+            self._queue.remove(key)
+
     def read(self) -> Frame | ImageLoadError | None:
-        if not hasattr(self, "_queue"):
-            self._queue: list[str] = []
         if not self._queue:
             self._queue = self.poll()
         if not self._queue:
             return None
         path = self._queue.pop(0)
-        self._n += 1
+        st = None
         try:
-            return Frame(load_image(path, self.bit_depth), path, self._n)
-        except ImageLoadError as exc:
-            return exc
+            st = Path(path).stat()
+            if not looks_complete(Path(path), st.st_size):  # settled without its end mark
+                raise ImageLoadError(path, "not a readable image (cut short: the file ends before the image)")
+            frame = Frame(load_image(path, self.bit_depth), path, self._n + 1)
+        except (ImageLoadError, OSError) as exc:
+            changed = self._changed_at.get(path)
+            if st is not None and changed is not None and time.monotonic() - changed < self.settle_s:
+                self._failed[path] = (st.st_size, st.st_mtime_ns)  # tried again once it changes or settles
+                self._pending[path] = (st.st_size, st.st_mtime_ns, self.stable_polls)
+                return None
+            self._forget(path)
+            return exc if isinstance(exc, ImageLoadError) else ImageLoadError(path, f"cannot read file ({exc})")
+        self._forget(path)
+        self._n += 1
+        return frame
 
     def close(self) -> None:
         pass

@@ -64,7 +64,7 @@ class LineLink(QObject):
         mqtt = st.get("line_mqtt") or None
         require("asyncua", "pymodbus", *(["paho"] if mqtt else []))
         window = WindowRecipe(s.recipe.name, s.shift.path, s.current_detector, lambda: s.labels.current_model_id,
-                              dict(st))
+                              dict(st), lambda: bool(s.recipe.station.get("copy_ng_images")))
         return LineService(ServeOptions([], self._source(), opcua=str(st.get("line_opcua") or DEFAULT_OPCUA),
                                         modbus=str(st.get("line_modbus") or DEFAULT_MODBUS), mqtt=mqtt,
                                         operator=s.operator or "line", window=window))

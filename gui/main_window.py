@@ -148,6 +148,7 @@ class MainWindow(QMainWindow):
         self.results_panel.result_selected.connect(s.show_result)
         self.shift_panel.reset_requested.connect(s.shift.reset_counters)
         self.shift_panel.export_requested.connect(s.shift.export)
+        self.shift_panel.review_requested.connect(s.shift.review)
         self.shift_panel.copy_ng_toggled.connect(
             lambda on: s.set_copy_ng_images(on) or self.shift_panel.set_copy_ng(not on))  # refused: as it was
         # notifications come back as the controller's Qt signals

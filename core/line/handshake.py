@@ -36,9 +36,10 @@ Listener = Callable[[dict[str, Any]], None]
 class LineError(Exception):
     """A refusal or failure with the ErrorCode the PLC sees."""
 
-    def __init__(self, code: ErrorCode, text: str) -> None:
+    def __init__(self, code: ErrorCode, text: str, image_path: str = "") -> None:
         super().__init__(text)
         self.code = code
+        self.image_path = image_path  # the image the failure concerns, when there was one (logged)
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import OkngError
-from ..results_log import LogEntry, truth_from_path
+from ..results_log import LogEntry, save_ng_copy, truth_from_path
 from .handshake import CycleResult, Handshake, LineError
 from .signals import ErrorCode
 from .sources import TriggerSource
@@ -52,6 +52,8 @@ class WindowRecipe:
     detector: Callable[[], Any]  # the window's current detector, or None before a fit
     model_id: Callable[[], str]
     station: dict[str, Any]
+    #: whether NG images are kept now (the window's *Keep copies of NG images*); None: as ``station`` says
+    copy_ng: Callable[[], bool] | None = None
 
 
 @dataclass
@@ -79,6 +81,7 @@ class Engine:
     detector: Callable[[], Any]
     model_id: Callable[[], str]
     log: LineLog
+    copy_ng: Callable[[], bool] = lambda: False  # recipe setting copy_ng_images: keep NG images as PNG
 
 
 def model_identity(model_path: str) -> str:
@@ -185,13 +188,20 @@ class LineService:
                 self._logs[index] = LineLog(path)
             return self._logs[index]
 
+    def _logged_indices(self) -> list[int]:
+        """The recipes whose results log exists: reading the others would create a log beside a
+        file that may be no recipe at all (a model file given by mistake got one)."""
+        w = self.options.window
+        return [i for i in range(1, self.n_recipes + 1)
+                if (w.results_log if w is not None else results_log_path(self.recipes[i - 1])).exists()]
+
     def _first_part_id(self) -> int:
-        return 1 + max(self._log(i).max_part_id() for i in range(1, self.n_recipes + 1))
+        return 1 + max([self._log(i).max_part_id() for i in self._logged_indices()], default=0)
 
     def _restore_unacknowledged(self) -> None:
         """After a crash: the newest cycle that was never acknowledged is presented again."""
         newest = None
-        for i in range(1, self.n_recipes + 1):
+        for i in self._logged_indices():
             c = self._log(i).unacknowledged()
             if c is not None and (newest is None or c.inspection_id > newest[1].inspection_id):
                 newest = (i, c)
@@ -209,7 +219,8 @@ class LineService:
             raise LineError(ErrorCode.UNKNOWN_RECIPE, f"recipe index {index} unknown: 1..{self.n_recipes}")
         w = self.options.window
         if w is not None:
-            return Engine(1, w.name, w.detector, w.model_id, self._log(1))
+            copy = w.copy_ng or (lambda: bool(w.station.get("copy_ng_images")))
+            return Engine(1, w.name, w.detector, w.model_id, self._log(1), copy)
         path = self.recipes[index - 1]
         try:
             recipe = load_recipe(path)
@@ -223,7 +234,8 @@ class LineService:
             raise LineError(ErrorCode.RECIPE_LOAD_FAILED, f"recipe {index} not loaded: {exc}") from None
         log.info("recipe %d loaded: %s (%s, runtime %s)", index, recipe.name, recipe.model_path, det.runtime_name)
         model_id = model_identity(recipe.model_path)
-        return Engine(index, recipe.name, lambda: det, lambda: model_id, self._log(index))
+        copy = bool(recipe.station.get("copy_ng_images"))
+        return Engine(index, recipe.name, lambda: det, lambda: model_id, self._log(index), lambda: copy)
 
     # -- one cycle ------------------------------------------------------------------------
     def _inspect(self, engine: Engine, part_id: int) -> CycleResult:
@@ -233,9 +245,13 @@ class LineService:
         det = engine.detector()
         th = det.thresholds if det is not None else None
         name, sha, score, verdict, code, text = "", "", None, "ERROR", ErrorCode.NONE, ""
+        ng_copy = None
         try:
             if det is None:
                 raise LineError(ErrorCode.INSPECTION_FAILED, "no model: fit the recipe first")
+            set_bits = getattr(self.source, "set_bit_depth", None)  # a camera driver's own source may lack it
+            if set_bits is not None:
+                set_bits(det.config.bit_depth)  # the active model's rule for 16-bit images
             try:
                 grabbed = self.source.grab()
             except LineError:
@@ -248,11 +264,17 @@ class LineService:
             except Exception as exc:  # noqa: BLE001 - the cycle reports it; the line goes on
                 raise LineError(ErrorCode.INSPECTION_FAILED, f"inspection failed: {exc}") from exc
             score, verdict = ins.score, ins.verdict
+            if verdict == "NG" and engine.copy_ng():
+                try:
+                    ng_copy = save_ng_copy(grabbed.image, engine.log.path, name, part_id)
+                except (OSError, OkngError) as exc:  # the verdict stands; the copy is what is missing
+                    log.error("part %d: NG image not kept: %s", part_id, exc)
         except LineError as exc:
-            code, text = exc.code, str(exc)
+            code, text, name = exc.code, str(exc), name or exc.image_path
         t1 = time.perf_counter()
         entry = LogEntry(time.time(), name or "(no image)", sha, score, verdict, th.image if th else None,
-                         th.pixel if th else None, engine.model_id(), self.options.operator, truth_from_path(name))
+                         th.pixel if th else None, engine.model_id(), self.options.operator, truth_from_path(name),
+                         ng_copy)
         rowid = engine.log.record(entry, part_id, engine.index, int(code), text)
         log.info("part %d: %s, grab and inspect %.2f ms, log %.2f ms", part_id, verdict, (t1 - t0) * 1e3,
                  (time.perf_counter() - t1) * 1e3)

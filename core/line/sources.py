@@ -9,6 +9,7 @@ with ErrorCode NO_IMAGE, never a hang.
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,8 @@ from ..labels import array_sha256, file_sha256
 from .handshake import LineError
 from .signals import ErrorCode
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class Grabbed:
@@ -31,6 +34,8 @@ class Grabbed:
 
 
 class TriggerSource(Protocol):
+    """What the service takes images from; ``set_bit_depth(bits)`` is optional (files only)."""
+
     def grab(self) -> Grabbed: ...
     def close(self) -> None: ...
 
@@ -55,18 +60,36 @@ class Playlist:
             # the reason first, the file by its name: a PLC string (64 characters on Modbus)
             # keeps what went wrong even when a long name is cut
             reason = exc.reason if isinstance(exc, ImageLoadError) else (exc.strerror or str(exc))
-            raise LineError(ErrorCode.NO_IMAGE, f"image unreadable ({reason}): {Path(path).name}") from None
+            raise LineError(ErrorCode.NO_IMAGE, f"image unreadable ({reason}): {Path(path).name}",
+                            image_path=path) from None
+
+    def set_bit_depth(self, bits: int | None) -> None:
+        self.bit_depth = bits
 
     def close(self) -> None:
         pass
 
 
 class LiveGrab:
-    """The next frame of a :class:`core.sources.FrameSource` (opened on first use)."""
+    """The next frame of a :class:`core.sources.FrameSource` (opened on first use).
+
+    A watched folder pairs files with triggers by time: a file first seen before the previous
+    part's image was taken (or before that part timed out) belongs to that part, or to none,
+    and is skipped with a warning, never given to this part. Found trying the station: a file
+    that came after its part's time-out, or a camera's second frame for one trigger, was
+    judged as the next part's image, and every later part was judged on its predecessor's.
+    A file that appears after the previous grab ended and before this trigger is this part's
+    (a camera faster than the PLC's trigger)."""
 
     def __init__(self, source, timeout: float = 5.0, poll: float = 0.005) -> None:
         self.source, self.timeout, self.poll = source, timeout, poll
         self._open = False
+        self._last_end: float | None = None  # when the previous grab ended (monotonic)
+
+    def set_bit_depth(self, bits: int | None) -> None:
+        """Read 16-bit files by the model's rule (the active recipe's; see ``--bit-depth``)."""
+        if hasattr(self.source, "bit_depth"):
+            self.source.bit_depth = bits
 
     def open(self) -> None:
         """Open the source now (the service does, when it starts serving). Opened at the first
@@ -76,19 +99,37 @@ class LiveGrab:
         if not self._open:
             self.source.open()
             self._open = True
+            self._last_end = time.monotonic()
 
     def grab(self) -> Grabbed:
         self.open()
+        try:
+            return self._grab()
+        finally:
+            self._last_end = time.monotonic()
+
+    def _grab(self) -> Grabbed:
+        skip = getattr(self.source, "skip_seen_before", None)
+        if skip is not None and self._last_end is not None:
+            left = skip(self._last_end)
+            if left:
+                log.warning("skipped %s: there before the previous part's image was taken (a second frame for "
+                            "one trigger, or an image that came after its part timed out)",
+                            ", ".join(Path(p).name for p in left))
         deadline = time.monotonic() + self.timeout
         while True:
             frame = self.source.read()
             if isinstance(frame, ImageLoadError):
-                raise LineError(ErrorCode.NO_IMAGE, f"image unreadable: {frame}")
+                raise LineError(ErrorCode.NO_IMAGE, f"image unreadable ({frame.reason}): {Path(frame.path).name}",
+                                image_path=str(frame.path))
             if frame is not None:
                 sha = file_sha256(frame.name) if Path(frame.name).is_file() else array_sha256(frame.image)
                 return Grabbed(frame.image, frame.name, sha)
             if self.source.finished or time.monotonic() > deadline:
-                raise LineError(ErrorCode.NO_IMAGE, f"no image from the source within {self.timeout:g} s")
+                waiting = getattr(self.source, "waiting", lambda: [])()
+                still = f" ({Path(waiting[0]).name} was still being written)" if waiting else ""
+                raise LineError(ErrorCode.NO_IMAGE, f"no image from the source within {self.timeout:g} s{still}",
+                                image_path=waiting[0] if waiting else "")
             time.sleep(self.poll)  # a camera or folder has no event to wait on: polled
 
     def close(self) -> None:

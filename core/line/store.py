@@ -3,8 +3,11 @@
 The results log stays the one source of truth: an inspection triggered by the PLC is a row
 of ``inspections`` like any other, written together with a row of ``line_cycles`` (part id,
 recipe index, error, when the PLC acknowledged it) in one transaction, before the PLC sees
-ResultReady. The MQTT outbox is the log itself: rows with an id above the sink's
-``published:<sink>`` mark in ``meta`` are still to send, oldest first. So a crash between
+ResultReady. The MQTT outbox is the log itself: line cycles with an id above the sink's
+``published:<sink>`` mark in ``meta`` are still to send, oldest first. Inspections no PLC
+triggered (an engineer re-inspecting the night's images in the window) are not line
+results and never published (found on a night shift: they reached the plant's topic as
+parts without a part id). So a crash between
 inspection and publish, or between result and ack, loses nothing: on restart the unsent rows
 are sent and an unacknowledged result is presented again; an acknowledged one never is.
 """
@@ -135,22 +138,18 @@ class Outbox:
         return int(v)
 
     def pending(self, after: int | None = None, limit: int = 100) -> list[tuple[LogEntry, dict]]:
-        """(log entry, line fields or {}) for rows after ``after`` (default: the mark), oldest first."""
+        """(log entry, line fields) for the line cycles after ``after`` (default: the mark), oldest first."""
         start = self.published_upto if after is None else after
         rows = sqlitedb.retry_busy(lambda: self._db.execute(
             "SELECT i.*, c.part_id, c.recipe_index, c.error_code, c.error_text FROM inspections i "
-            "LEFT JOIN line_cycles c ON c.inspection_id = i.id WHERE i.id > ? ORDER BY i.id LIMIT ?",
+            "JOIN line_cycles c ON c.inspection_id = i.id WHERE i.id > ? ORDER BY i.id LIMIT ?",
             (start, int(limit))).fetchall())
-        out = []
-        for r in rows:
-            entry = ResultsLog._entry(r[:12])
-            line = {} if r[12] is None else {"part_id": r[12], "recipe_index": r[13], "error_code": r[14],
-                                             "error_text": r[15]}
-            out.append((entry, line))
-        return out
+        return [(ResultsLog._entry(r[:12]), {"part_id": r[12], "recipe_index": r[13], "error_code": r[14],
+                                             "error_text": r[15]}) for r in rows]
 
     def count_pending(self) -> int:
-        (n,) = self._db.execute("SELECT COUNT(*) FROM inspections WHERE id > ?", (self.published_upto,)).fetchone()
+        (n,) = self._db.execute("SELECT COUNT(*) FROM line_cycles WHERE inspection_id > ?",
+                                (self.published_upto,)).fetchone()
         return int(n)
 
     def mark_published(self, inspection_id: int) -> None:

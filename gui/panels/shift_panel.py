@@ -18,6 +18,7 @@ def _pct(x: float | None) -> str:
 
 class ShiftPanel(QWidget):
     reset_requested = Signal()
+    review_requested = Signal()
     export_requested = Signal(str, bool, bool)  # path, NG only, this shift only
     copy_ng_toggled = Signal(bool)
 
@@ -26,19 +27,29 @@ class ShiftPanel(QWidget):
         self.values: dict[str, QLabel] = {}
         grid = QGridLayout()
         for i, (key, text) in enumerate([("total", "Inspected"), ("ok", "OK"), ("ng", "NG"), ("unjudged", "No verdict"),
-                                         ("yield", "Yield"), ("ppm", "Parts / min")]):
+                                         ("errors", "Errors"), ("yield", "Yield"), ("ppm", "Parts / min")]):
             name, value = QLabel(text), QLabel("—")
             value.setAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
             value.setStyleSheet("font-size:15px; font-weight:bold;")
             grid.addWidget(name, i // 2, (i % 2) * 2)
             grid.addWidget(value, i // 2, (i % 2) * 2 + 1)
             self.values[key] = value
+            if key == "errors":
+                tip = ("Parts the line sent on without a verdict: no image in time, an unreadable image, a failed "
+                       "inspection (the results log and its export give each one's reason)")
+                name.setToolTip(tip)
+                value.setToolTip(tip)
         self.since_label = QLabel("No inspection in this shift yet")
         self.truth_label = QLabel("")
         self.truth_label.setWordWrap(True)
         self.truth_label.setTextFormat(Qt.TextFormat.RichText)
         self.reset_button = QPushButton("Reset counters")
         self.reset_button.setToolTip("Start a new shift: the counters count from now; the log keeps every result")
+        self.review_button = QPushButton("Review NG of this shift")
+        self.review_button.setToolTip("Show this shift's NG parts and failed cycles (a line's night, too) in the "
+                                      "results table with their heat maps, to label false alarms; they are not "
+                                      "logged or counted again")
+        self.review_button.clicked.connect(self.review_requested)
         self.export_button = QPushButton("Export log…")
         self.ng_only_check = QCheckBox("NG only")
         self.shift_only_check = QCheckBox("this shift only")
@@ -56,11 +67,12 @@ class ShiftPanel(QWidget):
         lay.addWidget(self.since_label)
         lay.addWidget(self.truth_label)
         lay.addLayout(buttons)
+        lay.addWidget(self.review_button)
         lay.addWidget(self.copy_ng_check)
         lay.addStretch(1)
 
     def set_counters(self, c) -> None:
-        """``c``: an object with total, ok, ng, unjudged, since, yield_rate, parts_per_minute,
+        """``c``: an object with total, ok, ng, unjudged, errors, since, yield_rate, parts_per_minute,
         confusion {(truth, verdict): n} and rates(); or None when nothing was inspected."""
         if c is None:
             for v in self.values.values():
@@ -72,6 +84,9 @@ class ShiftPanel(QWidget):
         self.values["ok"].setText(str(c.ok))
         self.values["ng"].setText(str(c.ng))
         self.values["unjudged"].setText(str(c.unjudged))
+        errors = int(getattr(c, "errors", 0))
+        self.values["errors"].setText(str(errors))
+        self.values["errors"].setStyleSheet("font-size:15px; font-weight:bold;" + (" color:#b00;" if errors else ""))
         self.values["yield"].setText(_pct(c.yield_rate))
         ppm = c.parts_per_minute
         self.values["ppm"].setText("—" if ppm is None else f"{ppm:.1f}")

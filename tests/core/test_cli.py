@@ -132,3 +132,23 @@ def test_a_refit_with_hold_out_like_holds_out_what_the_model_held_out(cli_model,
     assert read_checked(out)[0]["calibration_paths"] == held  # 20 % of 22 is still 4: the same four
     fresh = read_checked(cli_model)[0]  # the model asked is only read
     assert fresh["calibration_paths"] == held
+
+
+def test_fit_can_write_the_recipe_that_okng_serve_and_the_station_open(elpv_split, tmp_path, capsys):
+    """Found on a night shift: a model fitted with ``okng fit`` could not be served (serve
+    takes recipes), and nothing but the Python API made one."""
+    from core.line.command import recipe_warnings
+    from core.recipes import load_recipe
+
+    model, recipe = tmp_path / "cells.okng", tmp_path / "cells.okrecipe"
+    ok = elpv_split.ok_train[:10]
+    assert main(["fit", *ok, "--out", str(model), "--recipe", str(recipe), "--param", "neighbourhood=3",
+                 "--pooling", "topk", "--topk", "500"]) == 0
+    assert f"recipe {recipe} (okng serve and the station open it)" in capsys.readouterr().out
+    r = load_recipe(recipe)
+    assert r.name == "cells" and r.ok_paths == [str(p) for p in ok] and r.model_path == str(model)
+    assert (r.config["pooling"], r.config["topk"], r.config["model_params"]) == ("topk", 500, {"neighbourhood": 3})
+    assert r.image_threshold is None  # the model's own calibrated thresholds
+    assert recipe_warnings([recipe]) == []
+    assert main(["fit", *ok, "--out", str(tmp_path / "other.okng"), "--recipe", str(recipe)]) == 1
+    assert "exists: give a new name" in capsys.readouterr().err and not (tmp_path / "other.okng").exists()

@@ -2,9 +2,12 @@
 killed with SIGKILL and restarted (no result acknowledged twice, none lost from the log)."""
 from __future__ import annotations
 
+import csv
+import io
 import random
 import shutil
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -297,3 +300,45 @@ def test_an_unreadable_image_tells_the_plc_why_before_which_file(tmp_path):
         assert err.value.code == ErrorCode.NO_IMAGE
         on_modbus = decode(BY_NAME["ErrorText"], encode(BY_NAME["ErrorText"], text))
         assert on_modbus.startswith("image unreadable (") and reason in on_modbus and len(on_modbus) <= 64
+
+
+def test_a_night_shift_leaves_a_log_the_morning_can_read(cells, tmp_path):
+    """Found on a night shift: error rows named no image, the export had no part id or reason,
+    the counters left out the parts that got no verdict, *Keep copies of NG images* did
+    nothing under ``okng serve``, and the engineer's re-inspections in the window went to the
+    plant's MQTT topic as parts."""
+    from core.line.sources import Playlist
+    from core.line.store import Outbox
+    from core.results_log import LogEntry, ResultsLog
+
+    ng = next(p for p in cells["images"] if cells["reference"][p][0] == "NG")
+    broken = tmp_path / "part_0016.png"
+    broken.write_bytes(b"no picture here")
+    recipe = make_recipe(tmp_path, "night", demo_model(tmp_path.parent / "line-demo"),
+                         station={"copy_ng_images": True})
+    log_path = recipe.with_suffix(".results.sqlite")
+    outbox = Outbox(log_path, "mqtt:test")  # a sink that exists before the shift
+    port = free_port()
+    svc = LineService(ServeOptions([recipe], Playlist([ng, str(broken)]), modbus=f"127.0.0.1:{port}"))
+    svc.start()
+    plc = ModbusPlc(port)
+    try:
+        judged, failed = run_cycle(plc, 901)[0], run_cycle(plc, 902)[0]
+    finally:
+        plc.close()
+        svc.stop()
+    assert judged["Ng"] and failed["ErrorCode"] == ErrorCode.NO_IMAGE
+    with ResultsLog(log_path) as log:
+        log.add(LogEntry(1e10, ng, "", 1.0, "NG", 1.0, 1.0, "m", "engineer"))  # a review in the window
+        error, part = log.entries(limit=3)[1:]
+        assert error.image_path == str(broken) and error.verdict == "ERROR"  # was "(no image)"
+        assert part.ng_copy and Path(part.ng_copy).is_file() and Path(part.ng_copy).parent == tmp_path / "night.ng"
+        c = log.counters(since=0.0)
+        assert (c.total, c.ng, c.errors) == (2, 2, 1)
+        rows = list(csv.DictReader(io.StringIO(log.export_csv())))
+    no_image = str(int(ErrorCode.NO_IMAGE))
+    assert [(r["part_id"], r["error_code"]) for r in rows] == [("901", "0"), ("902", no_image), ("", "")]
+    assert rows[1]["error_text"].startswith("image unreadable (") and rows[0]["acked_at"].startswith("20")
+    assert [line["part_id"] for _, line in outbox.pending()] == [901, 902]  # the review is no line result
+    assert outbox.count_pending() == 2
+    outbox.close()

@@ -20,7 +20,7 @@ def test_counters_count_since_the_shift_start_and_never_count_no_verdict_as_ok(t
         for t, v in [(1000.0, "OK"), (1030.0, "OK"), (1060.0, "NG"), (1090.0, "?"), (1120.0, "ERROR")]:
             log.add(_entry(t, v))
         c = log.counters()
-        assert (c.total, c.ok, c.ng, c.unjudged) == (4, 2, 1, 1)
+        assert (c.total, c.ok, c.ng, c.unjudged, c.errors) == (4, 2, 1, 1, 1)  # a failed cycle is no part judged
         assert c.yield_rate == pytest.approx(2 / 3)  # of the judged parts only
         assert c.parts_per_minute == pytest.approx(4 / 90 * 60)  # 4 parts, the last 90 s after the shift started
         assert len(log.entries()) == 6 and log.entries()[0].verdict == "ERROR"  # newest first

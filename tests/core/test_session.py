@@ -11,6 +11,8 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import shutil
+
 import pytest
 
 from core.detector import DetectorConfig
@@ -1081,3 +1083,27 @@ def test_the_verdicts_changed_line_after_a_refit_says_again_why_the_threshold_mo
                                  "held-out OK part odd.png (95.40)")
     s._rejudge_after_model({rec.id: flipped})
     assert "Image threshold" not in statuses[-1]  # said once
+
+
+def test_reviewing_the_shift_shows_its_ng_parts_again_without_counting_them_again(session, part_images, tmp_path):
+    """Found on a night shift: the window showed nothing of the night's parts, and inspecting
+    their files again logged each as a new part (counters 42 → 51, yield 78.6 % → 64.7 %)."""
+    s = session
+    ok, ng = part_images
+    first = _inspect(s, [ok[0], ng[0], ng[1]])
+    expected = [r.path for r in first if r.verdict == "NG"]
+    assert expected  # the fixture's defective parts are judged NG
+    moved = tmp_path / "kept-only-as-copy.png"  # a part whose image was moved away after the shift
+    shutil.copy(ng[1], moved)
+    s.inspect_paths([str(moved)])
+    moved.unlink()
+    before, rows = s.shift.counters(), len(s.shift.log().entries(limit=None))
+    said = []
+    s.status.connect(said.append)
+    s.results.clear()
+    s.shift.review()
+    assert [r.path for r in s.results] == expected  # oldest first, each image once
+    after = s.shift.counters()
+    assert (after.total, after.ng) == (before.total, before.ng) and len(s.shift.log().entries(limit=None)) == rows
+    assert "(not logged or counted again); 1 part(s) without an image on disk" in said[0]
+    assert said[-1].endswith("(a review: not logged)")

@@ -102,10 +102,10 @@ def test_on_first_start_inspect_shift_and_line_share_one_tab_group_with_inspect_
     the Inspect dock they were meant to share a tab group with."""
     from PySide6.QtWidgets import QDockWidget
 
-    dock = {name: window.findChild(QDockWidget, name) for name in ("Inspect", "Shift", "Line")}
-    assert set(window.tabifiedDockWidgets(dock["Inspect"])) == {dock["Shift"], dock["Line"]}
+    dock = {name: window.findChild(QDockWidget, name) for name in ("Inspect", "Shift", "Line", "Messages")}
+    assert set(window.tabifiedDockWidgets(dock["Inspect"])) == {dock["Shift"], dock["Line"], dock["Messages"]}
     assert not dock["Inspect"].visibleRegion().isEmpty()
-    assert dock["Shift"].visibleRegion().isEmpty() and dock["Line"].visibleRegion().isEmpty()
+    assert all(dock[name].visibleRegion().isEmpty() for name in ("Shift", "Line", "Messages"))
 
 
 def test_a_live_source_set_for_the_line_comes_before_the_demo_stream(window, tmp_path, ok_images):

@@ -131,6 +131,22 @@ def test_shift_counters_follow_the_inspections(qtbot, window, defect_image, ok_i
     assert s.operator == "" and w.labels_panel.operator() == "" and w.settings.value("operator") == ""
 
 
+def test_review_ng_of_this_shift_brings_the_ng_parts_back_without_counting_them(qtbot, window, defect_image,
+                                                                                ok_images):
+    w, s = window, window.controller.session
+    s.start_fit()
+    s.inspect_paths([defect_image, ok_images[0]])
+    ng = [r.path for r in s.results if r.verdict == "NG"]
+    assert ng and w.shift_panel.values["errors"].text() == "0"
+    qtbot.waitUntil(lambda: w.results_panel.row_count() == 2, timeout=2000)  # rows come throttled
+    s.results.clear()  # the table emptied, as after reopening the recipe next morning
+    w.results_panel.clear()
+    w.shift_panel.review_button.click()
+    assert [r.path for r in s.results] == ng
+    qtbot.waitUntil(lambda: w.results_panel.row_count() == len(ng), timeout=2000)
+    assert w.shift_panel.values["total"].text() == "2"  # not counted again
+
+
 def test_part_is_ok_and_part_is_ng_wait_for_a_part_on_screen(qtbot, window, defect_image):
     """Found trying the station: after opening a recipe they were enabled and only said "No
     inspected image to label"."""

@@ -1,4 +1,7 @@
 """Qt-free core.sources and core.recipes used by the station."""
+import time
+from pathlib import Path
+
 import cv2
 import numpy as np
 import pytest
@@ -51,8 +54,62 @@ def test_folder_watch_waits_for_stable_size(tmp_path):
     frame = src.read()  # size unchanged since last poll: ready
     assert frame is not None and frame.image.shape == (32, 32, 3)
     (tmp_path / "bad.png").write_bytes(b"not an image")
-    src.read()
+    src.settle_s = 0.1
+    assert src.read() is None and src.read() is None  # first sight; stable, fails: maybe still written
+    time.sleep(0.15)  # unchanged for settle_s: unreadable for good
     assert isinstance(src.read(), ImageLoadError)
+
+
+def _png(value: int = 100) -> bytes:
+    ok, data = cv2.imencode(".png", np.full((64, 64, 3), value, np.uint8))
+    return data.tobytes()
+
+
+def test_a_file_written_in_chunks_with_pauses_is_read_once_whole(tmp_path):
+    """Found trying the station: a camera writing 8 KB chunks 150 ms apart had its file read
+    after two unchanged polls (10 ms) and the part lost as "damaged or cut short"."""
+    src = FolderWatchSource(tmp_path, settle_s=5.0)
+    src.open()
+    data, part = _png(), tmp_path / "part.png"
+    with open(part, "wb") as f:
+        for start in range(0, len(data) - 30, 40):
+            f.write(data[start:start + 40])
+            f.flush()
+            for _ in range(4):  # a pause of several polls: the size stays the same meanwhile
+                assert src.read() is None
+    part.write_bytes(data)  # the last bytes: PNG's end chunk
+    frame = next(f for f in iter(src.read, "never") if f is not None)
+    assert not isinstance(frame, ImageLoadError) and frame.image.shape == (64, 64, 3)
+
+
+def test_a_jpeg_cut_short_is_not_judged_half_grey(tmp_path):
+    """OpenCV decodes a JPEG cut short without an error (the missing rows grey): the watched
+    folder waits for its end marker, and one that never comes is reported, not judged."""
+    ok, jpg = cv2.imencode(".jpg", np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8))
+    data = jpg.tobytes()
+    src = FolderWatchSource(tmp_path, settle_s=0.1)
+    src.open()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    assert [src.read() for _ in range(5)] == [None] * 5  # stable, but not written to its end
+    time.sleep(0.15)
+    out = src.read()
+    assert isinstance(out, ImageLoadError) and "cut short" in str(out)
+
+
+def test_files_seen_before_a_moment_are_skipped_ready_or_not(tmp_path):
+    src = FolderWatchSource(tmp_path)
+    src.open()
+    (tmp_path / "a.png").write_bytes(_png())
+    (tmp_path / "a2.png").write_bytes(_png())  # a second frame, written with the first
+    (tmp_path / "b.png").write_bytes(_png()[:30])  # still being written
+    assert src.read() is None  # first sight
+    assert Path(src.read().name).name == "a.png"  # a2 is ready and queued behind it, b is not ready
+    moment = time.monotonic()
+    (tmp_path / "c.png").write_bytes(_png(50))
+    assert sorted(Path(p).name for p in src.skip_seen_before(moment)) == ["a2.png", "b.png"]
+    (tmp_path / "b.png").write_bytes(_png())  # b completes: still skipped
+    frames = [f for f in (src.read() for _ in range(4)) if f is not None]
+    assert [Path(f.name).name for f in frames] == ["c.png"]
 
 
 def test_live_job_scores_every_video_frame(tmp_path):
