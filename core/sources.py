@@ -216,7 +216,7 @@ class FolderWatchSource:
 
     def _forget(self, key: str) -> None:
         self._seen.add(key)
-        for d in (self._pending, self._changed_at, self._failed):
+        for d in (self._pending, self._changed_at, self._failed, self.first_seen):
             d.pop(key, None)
         if key in self._queue:
             self._queue.remove(key)

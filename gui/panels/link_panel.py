@@ -6,6 +6,8 @@ not serving); emits ``serve_requested(bool)``.
 """
 from __future__ import annotations
 
+import time
+
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import QLabel, QPushButton, QVBoxLayout, QWidget
 
@@ -48,7 +50,8 @@ class LinkPanel(QWidget):
         self.button.setToolTip("Let a PLC trigger inspections of this recipe over OPC UA and Modbus TCP "
                                "(addresses: recipe settings line_opcua / line_modbus; results to line_mqtt)")
         self.button.clicked.connect(lambda: self.serve_requested.emit(not self.serving))
-        self.state_label = QLabel("Not serving: the line cannot trigger this station")
+        self._last: tuple[dict, float] | None = None  # the last serve's state, and when it was seen
+        self.state_label = QLabel(self.NOT_SERVING)
         self.state_label.setTextFormat(Qt.TextFormat.RichText)
         self.state_label.setWordWrap(True)
         self.state_label.setAlignment(Qt.AlignmentFlag.AlignTop | Qt.AlignmentFlag.AlignLeft)
@@ -56,11 +59,28 @@ class LinkPanel(QWidget):
         lay.addWidget(self.button)
         lay.addWidget(self.state_label, 1)
 
+    NOT_SERVING = "Not serving: the line cannot trigger this station"
+
     def set_serving(self, serving: bool) -> None:
         self.serving = serving
         self.button.setText("Stop serving the line" if serving else "Serve the line")
         if not serving:
-            self.state_label.setText("Not serving: the line cannot trigger this station")
+            self.state_label.setText(self.NOT_SERVING + self._last_served())
+
+    def _last_served(self) -> str:
+        """What the last serve did, kept after it stopped (found trying the station: the next
+        morning the dock only said "Not serving", nothing of the night)."""
+        last = self._last
+        if last is None:
+            return ""
+        state, until = last
+        text = (f"<br>Last served until {time.strftime('%H:%M', time.localtime(until))}: "
+                f"{state.get('cycles', 0)} cycles, {state.get('refused', 0)} triggers refused")
+        r = state.get("last_result")
+        if r is not None:
+            score = "" if r.get("score") is None else f" (score {r['score']:.4g})"
+            text += f"; last result part {r['part_id']} {r['verdict']}{score}"
+        return text + " (the Shift tab counts them; Review NG of this shift shows them)"
 
     def set_starting(self) -> None:
         self.button.setEnabled(False)
@@ -73,4 +93,5 @@ class LinkPanel(QWidget):
         if state is None:
             self.set_serving(False)
             return
+        self._last = (state, time.time())
         self.state_label.setText("<br>".join(describe(state)))

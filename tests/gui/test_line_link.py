@@ -85,6 +85,8 @@ def test_the_window_serves_a_plc_with_its_own_model_and_shows_the_link(qtbot, wi
     qtbot.waitUntil(lambda: w.shift_panel.values["total"].text() == "2", timeout=5000)  # the shift counts them
     w.link_panel.button.click()  # stop
     assert not w.line_link.serving and "Not serving" in w.link_panel.state_label.text()
+    text = w.link_panel.state_label.text()  # the night is still told the next morning
+    assert "Last served until " in text and ": 2 cycles, 0 triggers refused; last result part 78 OK" in text
 
 
 def test_serving_without_an_image_source_says_what_is_missing(qtbot, window):
