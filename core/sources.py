@@ -110,7 +110,7 @@ def looks_complete(path: Path, size: int) -> bool:
     allowed), BMP is as long as its header says. Other formats (TIFF, WebP, ...) have no end
     mark to look for: ``True``, and the size's stability alone decides. A JPEG cut short
     decodes without an error in OpenCV (the missing rows come out grey), so this check, not
-    the decoder, is what keeps a half-written JPEG from being judged."""
+    the decoder, is what keeps a JPEG still being written from being judged."""
     try:
         with open(path, "rb") as f:
             head = f.read(8)
@@ -132,14 +132,15 @@ class FolderWatchSource:
 
     A file is taken once its size is non-zero and unchanged over ``stable_polls`` successive
     polls and it looks written to its end (:func:`looks_complete`), so a file still being
-    written is not read half-way. One that fails to decode anyway (a writer that paused
+    written is not read half-way. A file that fails to decode anyway (a writer that paused
     longer than the polls) is tried again once it changes, and reported unreadable only after
-    it has stayed the same for ``settle_s`` seconds; so is a file that never gets its end
-    mark (found trying the station: a camera writing in chunks 150 ms apart lost the part as
-    "damaged or cut short").
+    it has stayed the same for ``settle_s`` seconds (found trying the station: a camera
+    writing in chunks 150 ms apart lost the part as "damaged or cut short"). A file without
+    its end mark is taken once it has stayed the same for ``settle_s``: a valid image with a
+    vendor's trailer after its end marker is decoded as before.
 
-    ``first_seen`` keeps when each file was first listed, for a trigger's source to tell a
-    leftover from the image it waits for (:meth:`skip_seen_before`).
+    ``first_seen`` keeps when each file was first listed, for a trigger's source to tell the
+    files that appeared while it waited from those there before (:meth:`appeared_since`).
     """
 
     def __init__(self, folder: str | Path, include_existing: bool = False, stable_polls: int = 2,
@@ -170,11 +171,14 @@ class FolderWatchSource:
         return sorted(p for p in self.folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
     def poll(self) -> list[str]:
-        """Paths that became ready since the last poll, oldest first."""
+        """Paths that became ready since the last poll, in arrival order (first listed, then
+        modification time: ``p10.png`` written after ``p9.png`` comes after it)."""
         ready = []
         now = time.monotonic()
+        listed = set()
         for p in self._list():
             key = str(p)
+            listed.add(key)
             if key in self._seen or key in self._queue:
                 continue
             try:
@@ -194,8 +198,13 @@ class FolderWatchSource:
             settled = now - self._changed_at.get(key, now) >= self.settle_s
             if self._failed.get(key) == (size, mtime) and not settled:
                 continue  # failed to decode as it is: wait until it changes, or has settled
+            # a file with no end mark yet waits, but only until it has settled: a valid image with
+            # bytes after its end marker (a vendor's trailer) is then decoded as before
             if settled or looks_complete(p, size):
                 ready.append(key)
+        for key in [k for k in self._pending if k not in listed]:  # deleted or renamed before it was taken
+            self._forget(key)
+        ready.sort(key=lambda k: (self.first_seen[k], self._pending[k][1], k))
         for key in ready:
             del self._pending[key]
         return ready
@@ -204,15 +213,19 @@ class FolderWatchSource:
         """Files listed but not taken yet: ready in the queue, or still being written."""
         return [*self._queue, *(k for k in self._pending if k not in self._queue)]
 
-    def skip_seen_before(self, moment: float) -> list[str]:
-        """Drop the files first listed before ``moment`` (monotonic) that were not taken,
-        ready or not, and return them: a trigger's source calls it with the time the previous
-        part's image was taken, so an image written for that part (a second frame, a file that
-        came after its part timed out) is never given to the next part."""
-        old = [k for k in self.waiting() if self.first_seen.get(k, moment) < moment]
-        for key in old:
+    def note_present(self) -> None:
+        """List the folder now, so that every file already there counts as there before this
+        moment (:meth:`appeared_since`); nothing is taken."""
+        self._queue += self.poll()
+
+    def appeared_since(self, moment: float) -> list[str]:
+        """Files not taken yet that were first listed at or after ``moment`` (monotonic)."""
+        return [k for k in self.waiting() if self.first_seen.get(k, -1.0) >= moment]
+
+    def skip(self, keys: list[str]) -> None:
+        """Never take these files."""
+        for key in keys:
             self._forget(key)
-        return old
 
     def _forget(self, key: str) -> None:
         self._seen.add(key)
@@ -230,8 +243,6 @@ class FolderWatchSource:
         st = None
         try:
             st = Path(path).stat()
-            if not looks_complete(Path(path), st.st_size):  # settled without its end mark
-                raise ImageLoadError(path, "not a readable image (cut short: the file ends before the image)")
             frame = Frame(load_image(path, self.bit_depth), path, self._n + 1)
         except (ImageLoadError, OSError) as exc:
             changed = self._changed_at.get(path)

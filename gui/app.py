@@ -96,6 +96,8 @@ def collect_garbage_on_ui_thread() -> None:
 
 def run_gui(recipe_path: str | None = None, demo: bool = False) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for chatty in ("asyncua", "pymodbus"):  # serving the line: ~1,100 lines of asyncua INFO at start
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     app = QApplication.instance() or QApplication(sys.argv[:1])
     collect_garbage_on_ui_thread()
     splash = show_splash(app)

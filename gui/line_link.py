@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+from pathlib import Path
 
 from PySide6.QtCore import QObject, QTimer, Signal
 
@@ -32,6 +33,7 @@ class LineLink(QObject):
         self.session, self.live_source = session, live_source
         self.service = None
         self._cycles = 0
+        self._skipped = 0  # skipped images already said
         self._timer = QTimer(self)
         self._timer.setInterval(500)
         self._timer.timeout.connect(self._tick)
@@ -53,6 +55,7 @@ class LineLink(QObject):
             self.started.emit(False)
             return
         self.service = service
+        self._skipped = 0  # a new source: its own count
         threading.Thread(target=self._start, args=(service,), name="line-start", daemon=True).start()
 
     def _build(self):
@@ -114,6 +117,13 @@ class LineLink(QObject):
             if status["cycles"] != self._cycles:  # the line's results count in the shift: counters from the log
                 self._cycles = status["cycles"]
                 self.session.shift.refresh()
+            skipped, total = status.get("skipped", []), status.get("skipped_total", 0)
+            if total > self._skipped:  # said where the operator reads (the Messages tab keeps it)
+                names = ", ".join(Path(p).name for p in skipped[-min(total - self._skipped, len(skipped)):])
+                self.session.status.emit(f"Line: skipped {names}: appeared while the previous part waited for its "
+                                         "image (a second frame for one trigger, or an image still being written "
+                                         "when its part timed out); not judged")
+            self._skipped = total
             self.state.emit(status)
 
 

@@ -177,6 +177,9 @@ class LineService:
             "last_trigger_age": None if hs.last_trigger is None else time.monotonic() - hs.last_trigger,
             "last_result": None if r is None else {"part_id": r.part_id, "verdict": r.verdict, "score": r.score},
             "mqtt": [p.describe() for p in self.publishers.values()],
+            # images a watched folder skipped as another part's (core.line.sources.LiveGrab)
+            "skipped": list(getattr(self.source, "skipped", [])),  # the last 100
+            "skipped_total": int(getattr(self.source, "skipped_total", 0)),
         }
 
     # -- recipes and logs ---------------------------------------------------------------

@@ -73,18 +73,23 @@ class Playlist:
 class LiveGrab:
     """The next frame of a :class:`core.sources.FrameSource` (opened on first use).
 
-    A watched folder pairs files with triggers by time: a file first seen before the previous
-    part's image was taken (or before that part timed out) belongs to that part, or to none,
-    and is skipped with a warning, never given to this part. Found trying the station: a file
-    that came after its part's time-out, or a camera's second frame for one trigger, was
-    judged as the next part's image, and every later part was judged on its predecessor's.
-    A file that appears after the previous grab ended and before this trigger is this part's
-    (a camera faster than the PLC's trigger)."""
+    A watched folder gives its files in arrival order, one per trigger. A file that *appeared
+    while a trigger waited* and was not that trigger's image (a camera's second frame for one
+    trigger, a file still being written when its part timed out) belongs to that trigger: it is
+    skipped with a warning at the next trigger, never judged as the next part. Found trying
+    the station: either of those was judged as the next part's image, and every later part
+    was judged on its predecessor's. Files that arrived *between* triggers are taken in order
+    (a camera quicker than the PLC's trigger, a station running behind). What timing cannot
+    tell apart: a file written entirely after its part timed out and before the next trigger
+    is taken as the next part's image (name the files by part and check the log's paths, or
+    give the station the time it needs: ``--grab-timeout``)."""
 
     def __init__(self, source, timeout: float = 5.0, poll: float = 0.005) -> None:
         self.source, self.timeout, self.poll = source, timeout, poll
         self._open = False
-        self._last_end: float | None = None  # when the previous grab ended (monotonic)
+        self._theirs: list[str] = []  # files that appeared while the previous trigger waited
+        self.skipped: list[str] = []  # files skipped so, oldest first (the last 100)
+        self.skipped_total = 0
 
     def set_bit_depth(self, bits: int | None) -> None:
         """Read 16-bit files by the model's rule (the active recipe's; see ``--bit-depth``)."""
@@ -99,23 +104,29 @@ class LiveGrab:
         if not self._open:
             self.source.open()
             self._open = True
-            self._last_end = time.monotonic()
 
     def grab(self) -> Grabbed:
         self.open()
+        src = self.source
+        if self._theirs:
+            src.skip(self._theirs)
+            log.warning("skipped %s: appeared while the previous part waited for its image (a second frame "
+                        "for one trigger, or an image still being written when its part timed out)",
+                        ", ".join(Path(p).name for p in self._theirs))
+            self.skipped = (self.skipped + self._theirs)[-100:]
+            self.skipped_total += len(self._theirs)
+            self._theirs = []
+        watched = hasattr(src, "appeared_since")
+        if watched:
+            src.note_present()  # what is there now arrived before this trigger: taken in order
+        start = time.monotonic()
         try:
             return self._grab()
         finally:
-            self._last_end = time.monotonic()
+            if watched:
+                self._theirs = src.appeared_since(start)
 
     def _grab(self) -> Grabbed:
-        skip = getattr(self.source, "skip_seen_before", None)
-        if skip is not None and self._last_end is not None:
-            left = skip(self._last_end)
-            if left:
-                log.warning("skipped %s: there before the previous part's image was taken (a second frame for "
-                            "one trigger, or an image that came after its part timed out)",
-                            ", ".join(Path(p).name for p in left))
         deadline = time.monotonic() + self.timeout
         while True:
             frame = self.source.read()

@@ -148,8 +148,8 @@ class Outbox:
                                              "error_text": r[15]}) for r in rows]
 
     def count_pending(self) -> int:
-        (n,) = self._db.execute("SELECT COUNT(*) FROM line_cycles WHERE inspection_id > ?",
-                                (self.published_upto,)).fetchone()
+        (n,) = self._db.execute("SELECT COUNT(*) FROM line_cycles c JOIN inspections i ON i.id = c.inspection_id "
+                                "WHERE c.inspection_id > ?", (self.published_upto,)).fetchone()  # as pending()
         return int(n)
 
     def mark_published(self, inspection_id: int) -> None:

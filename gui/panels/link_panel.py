@@ -33,6 +33,10 @@ def describe(state: dict) -> list[str]:
         score = "—" if r.get("score") is None else f"{r['score']:.4g}"
         colour = {"OK": "#070", "NG": "#b00"}.get(r["verdict"], "#555")
         lines.append(f"Last result: part {r['part_id']} <b style='color:{colour}'>{r['verdict']}</b> (score {score})")
+    if state.get("skipped_total"):
+        last = state.get("skipped") or [""]
+        lines.append(f"<b style='color:#b35900'>{state['skipped_total']} image(s) skipped</b> as another part's "
+                     f"(last: {last[-1].replace(chr(92), '/').rsplit('/', 1)[-1]}; see Messages)")
     for m in state.get("mqtt", []):
         up = "connected" if m.get("connected") else "<b style='color:#b00'>not connected</b>"
         lines.append(f"MQTT {m['broker']} <code>{m['topic']}</code>: {up}, {m.get('pending', 0)} waiting, "

@@ -77,6 +77,7 @@ class ShiftPanel(QWidget):
         if c is None:
             for v in self.values.values():
                 v.setText("—")
+            self.values["errors"].setStyleSheet("font-size:15px; font-weight:bold;")
             self.since_label.setText("No inspection in this shift yet")
             self.truth_label.setText("")
             return

@@ -55,7 +55,7 @@ def test_a_file_that_lands_after_its_part_timed_out_is_not_the_next_parts_image(
     grab = LiveGrab(FolderWatchSource(inbox), timeout=0.3)
     grab.open()
     late = inbox / "p301.png"
-    late.write_bytes(b"")  # the camera opened the file ...
+    threading.Timer(0.05, lambda: late.write_bytes(b"")).start()  # the camera opens the file while the part waits
     with pytest.raises(LineError) as failed:
         grab.grab()
     assert failed.value.code == ErrorCode.NO_IMAGE and "p301.png was still being written" in str(failed.value)
@@ -68,12 +68,26 @@ def test_a_file_that_lands_after_its_part_timed_out_is_not_the_next_parts_image(
 def test_a_second_frame_for_one_trigger_is_skipped_not_given_to_the_next_part(inbox, caplog):
     grab = LiveGrab(FolderWatchSource(inbox), timeout=2.0)
     grab.open()
-    (inbox / "p46.png").write_bytes(_png(46))
-    (inbox / "p46b.png").write_bytes(_png(47))  # the camera fired twice
+    def fire_twice():  # the camera fired twice for the trigger the station waits on
+        (inbox / "p46.png").write_bytes(_png(46))
+        (inbox / "p46b.png").write_bytes(_png(47))
+    threading.Timer(0.05, fire_twice).start()
     assert _grab_value(grab) == 46
     threading.Timer(0.1, lambda: (inbox / "p47.png").write_bytes(_png(70))).start()
     assert _grab_value(grab) == 70
-    assert "skipped p46b.png" in caplog.text
+    assert "skipped p46b.png" in caplog.text and [Path(p).name for p in grab.skipped] == ["p46b.png"]
+
+
+def test_images_that_arrived_between_triggers_are_taken_in_order_none_skipped(inbox):
+    """A station running behind, or a camera a cycle ahead: the images wait, one per trigger."""
+    grab = LiveGrab(FolderWatchSource(inbox), timeout=2.0)
+    grab.open()
+    threading.Timer(0.05, lambda: (inbox / "p1.png").write_bytes(_png(10))).start()
+    assert _grab_value(grab) == 10
+    for name, value in (("p2.png", 20), ("p3.png", 30), ("p4.png", 40)):  # while part 1 is judged
+        (inbox / name).write_bytes(_png(value))
+        time.sleep(0.02)
+    assert [_grab_value(grab) for _ in range(3)] == [20, 30, 40] and grab.skipped == []
 
 
 def test_an_unreadable_image_is_named_reason_first_and_logged_by_its_path(inbox):

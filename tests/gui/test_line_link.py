@@ -126,3 +126,29 @@ def test_a_live_source_set_for_the_line_comes_before_the_demo_stream(window, tmp
         assert isinstance(source, LiveGrab)
     finally:
         source.close()
+
+
+def test_images_the_line_skipped_are_said_in_the_messages_tab_and_the_line_dock(qtbot, window):
+    """Images skipped as another part's went to the log only: the operator at the window never
+    learnt that an image was set aside."""
+    w = window
+
+    class Serving:  # the service's status as the line thread leaves it
+        skipped, total = [], 0
+
+        def status(self):
+            return {"links": [], "cycles": 0, "refused": 0, "last_trigger_age": None, "last_result": None,
+                    "mqtt": [], "skipped": list(self.skipped), "skipped_total": self.total}
+
+    w.line_link.service = Serving()
+    try:
+        w.line_link._tick()
+        assert not any("skipped" in m for m in w.messages_panel.messages())
+        Serving.skipped, Serving.total = ["/line/in/p46b.png"], 1
+        w.line_link._tick()
+        w.line_link._tick()  # said once
+        said = [m for m in w.messages_panel.messages() if "skipped" in m]
+        assert len(said) == 1 and "Line: skipped p46b.png: appeared while the previous part waited" in said[0]
+        assert "1 image(s) skipped" in w.link_panel.state_label.text() and "p46b.png" in w.link_panel.state_label.text()
+    finally:
+        w.line_link.service = None

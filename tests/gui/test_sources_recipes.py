@@ -96,20 +96,29 @@ def test_a_jpeg_cut_short_is_not_judged_half_grey(tmp_path):
     assert isinstance(out, ImageLoadError) and "cut short" in str(out)
 
 
-def test_files_seen_before_a_moment_are_skipped_ready_or_not(tmp_path):
+def test_files_that_appeared_since_a_moment_are_told_apart_and_can_be_skipped(tmp_path):
     src = FolderWatchSource(tmp_path)
     src.open()
-    (tmp_path / "a.png").write_bytes(_png())
-    (tmp_path / "a2.png").write_bytes(_png())  # a second frame, written with the first
-    (tmp_path / "b.png").write_bytes(_png()[:30])  # still being written
-    assert src.read() is None  # first sight
-    assert Path(src.read().name).name == "a.png"  # a2 is ready and queued behind it, b is not ready
+    (tmp_path / "before.png").write_bytes(_png())
+    src.note_present()  # listed now: there before the moment
     moment = time.monotonic()
-    (tmp_path / "c.png").write_bytes(_png(50))
-    assert sorted(Path(p).name for p in src.skip_seen_before(moment)) == ["a2.png", "b.png"]
+    (tmp_path / "a.png").write_bytes(_png())
+    (tmp_path / "b.png").write_bytes(_png()[:30])  # still being written
+    assert Path(src.read().name).name == "before.png"  # this poll also lists a.png and b.png first
+    assert sorted(Path(p).name for p in src.appeared_since(moment)) == ["a.png", "b.png"]
+    src.skip(src.appeared_since(moment))
     (tmp_path / "b.png").write_bytes(_png())  # b completes: still skipped
-    frames = [f for f in (src.read() for _ in range(4)) if f is not None]
-    assert [Path(f.name).name for f in frames] == ["c.png"]
+    assert [src.read() for _ in range(4)] == [None] * 4
+
+
+def test_files_that_land_in_one_poll_come_in_the_order_they_were_written(tmp_path):
+    src = FolderWatchSource(tmp_path, stable_polls=1)
+    src.open()
+    for name in ("p9.png", "p10.png"):  # by name p10 would come first
+        (tmp_path / name).write_bytes(_png())
+        time.sleep(0.02)
+    names = [Path(f.name).name for f in (src.read() for _ in range(3)) if f is not None]
+    assert names == ["p9.png", "p10.png"]
 
 
 def test_live_job_scores_every_video_frame(tmp_path):
