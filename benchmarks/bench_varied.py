@@ -17,7 +17,7 @@ Random splits instead (how the setting was first looked at): the cells of one ty
 with seeds 100, 101, ...; the first 200 (and, where there are enough, 600) OK cells fitted,
 every other OK cell and every defective cell evaluated; mean and spread over the splits.
 
-    .venv/bin/python benchmarks/bench_varied.py --demo-splits 2-9 [--anomalib-at 0.897]
+    .venv/bin/python benchmarks/bench_varied.py --demo-splits 2-9 [--anomalib-at 0.897] [--contrast stretch]
 
 How the recommended setting would fare on a split we cannot see, from one where only
 anomalib's result is known: on each poly ``demo_split(seed=S)`` (its 200 OK cells fitted,
@@ -110,7 +110,7 @@ RECOMMENDED = {"model_params": {"neighbourhood": 3}, "pooling": "topk", "topk": 
 ANOMALIB_PY = Path(__file__).resolve().parents[1] / ".venv-bench" / "bin" / "python"
 
 
-def demo_splits(full: Detector, embed, seeds: list[int], anomalib_at: float) -> None:
+def demo_splits(full: Detector, embed, seeds: list[int], anomalib_at: float, with_anomalib: bool = True) -> None:
     """Ours and anomalib's PaDiM on the poly demo splits ``seeds`` (module docstring)."""
     splits, ours = {}, {}
     for seed in seeds:
@@ -125,7 +125,7 @@ def demo_splits(full: Detector, embed, seeds: list[int], anomalib_at: float) -> 
         print(f"  split {seed}: " + "  ".join(f"{k} {v:.3f}" for k, v in ours[str(seed)].items()), flush=True)
         del fit, ev
     theirs: dict[str, dict] = {}
-    if ANOMALIB_PY.is_file():
+    if with_anomalib and ANOMALIB_PY.is_file():
         with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
             json.dump(splits, f)
         out = subprocess.run([str(ANOMALIB_PY), str(Path(__file__).with_name("bench_anomalib.py")),
@@ -167,9 +167,12 @@ def main() -> None:
     ap.add_argument("--demo-splits", metavar="A-B", help="poly demo splits A..B against anomalib instead")
     ap.add_argument("--anomalib-at", type=float, default=0.897,
                     help="anomalib's AUROC on the split to predict (the issue's hidden split: 0.897)")
+    ap.add_argument("--contrast", choices=["stretch"], default=None,
+                    help="every row with --contrast stretch (each cell's grey levels stretched before the network)")
+    ap.add_argument("--no-anomalib", action="store_true", help="--demo-splits without anomalib's column")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    full = Detector.create(DetectorConfig(n_channels=None))
+    full = Detector.create(DetectorConfig(n_channels=None, contrast=args.contrast))
 
     def embed(paths: list[str]) -> torch.Tensor:
         return torch.cat([full.embed([load_image(p) for p in paths[i : i + 16]]) for i in range(0, len(paths), 16)])
@@ -179,7 +182,7 @@ def main() -> None:
         return
     if args.demo_splits:
         lo, _, hi = args.demo_splits.partition("-")
-        demo_splits(full, embed, list(range(int(lo), int(hi or lo) + 1)), args.anomalib_at)
+        demo_splits(full, embed, list(range(int(lo), int(hi or lo) + 1)), args.anomalib_at, not args.no_anomalib)
         return
     results: dict[tuple[str, int], list[float]] = {}
     for seed in args.splits:

@@ -130,12 +130,12 @@ def check_memory(config: DetectorConfig, grid: tuple[int, int], n_channels: int,
         f"{_gb(avail)} is available: {hint} (or keep --image-size and inspect large images as tiles: --tile)")
 
 
-def preprocess(images: list[np.ndarray], size: int) -> torch.Tensor:
+def preprocess(images: list[np.ndarray], size: int, contrast: str | None = None) -> torch.Tensor:
     """RGB uint8 images of any size -> (B, 3, size, size) float32 in [0, 1]
     (:func:`core.imageio.network_input`, as a tensor viewing it)."""
     from .imageio import network_input
 
-    return torch.from_numpy(network_input(images, size))
+    return torch.from_numpy(network_input(images, size, contrast))
 
 
 class Detector:
@@ -330,7 +330,7 @@ class Detector:
             return images
         if isinstance(images, np.ndarray) and images.ndim == 4 and images.dtype == np.float32:
             return torch.from_numpy(images)
-        return preprocess(images, self.image_size)
+        return preprocess(images, self.image_size, self.config.contrast)
 
     def fit_embeddings(self, emb: torch.Tensor, patch_mask: torch.Tensor | None = None) -> None:
         self.model.partial_fit(emb, patch_mask)

@@ -323,15 +323,31 @@ def iter_image_paths(inputs: Iterable[str | os.PathLike[str]]) -> Iterator[Path]
             yield p
 
 
-def network_input(images: list[np.ndarray], size: int) -> np.ndarray:
+def network_input(images: list[np.ndarray], size: int, contrast: str | None = None) -> np.ndarray:
     """RGB uint8 images of any size -> the network's input, (B, 3, size, size) float32 in
     [0, 1], C-contiguous: each image resized whole (``INTER_AREA`` when shrinking,
     ``INTER_LINEAR`` when enlarging). The one place this happens, for PyTorch
-    (:func:`core.detector.preprocess` views it) and the exported graph alike."""
+    (:func:`core.detector.preprocess` views it) and the exported graph alike.
+
+    ``contrast="stretch"`` (the model's setting): each resized image's grey levels from its
+    1st to its 99th percentile (over all its pixels and channels) are stretched to 0..1,
+    clipped outside. A part imaged darker or brighter overall then looks like the others, and
+    the network sees the part's structure rather than the exposure; a dark spot stays as dark
+    relative to the rest of its part. An image of one level is left as it is."""
     batch = np.empty((len(images), size, size, 3), dtype=np.uint8)
     for i, img in enumerate(images):
         interp = cv2.INTER_AREA if min(img.shape[:2]) >= size else cv2.INTER_LINEAR
         batch[i] = cv2.resize(img, (size, size), interpolation=interp)
     out = np.ascontiguousarray(batch.transpose(0, 3, 1, 2), dtype=np.float32)
     out /= np.float32(255.0)  # bit for bit what torch's .float().div_(255.0) gave
+    if contrast == "stretch":
+        for i in range(len(out)):
+            lo, hi = np.percentile(batch[i], (1.0, 99.0))
+            if hi - lo >= 1.0:  # at least one grey level apart
+                x = out[i]
+                x -= np.float32(lo / 255.0)
+                x *= np.float32(255.0 / (hi - lo))
+                np.clip(x, 0.0, 1.0, out=x)
+    elif contrast is not None:
+        raise ValueError(f"unknown contrast rule {contrast!r}")
     return out

@@ -236,7 +236,8 @@ class _Batch:
         return torch.from_numpy(self.pixels)
 
 
-def _load_batch(paths: list[str], size: int, keep_images: bool, bit_depth: int | None = None) -> _Batch:
+def _load_batch(paths: list[str], size: int, keep_images: bool, bit_depth: int | None = None,
+                contrast: str | None = None) -> _Batch:
     ok_paths, imgs, skipped, order = [], [], [], []
     for p in paths:
         try:
@@ -247,7 +248,7 @@ def _load_batch(paths: list[str], size: int, keep_images: bool, bit_depth: int |
             skipped.append(Skipped(p, exc.reason))
             order.append((p, skipped[-1]))
             log.warning("skipped %s", exc)
-    pixels = network_input(imgs, size) if imgs else None
+    pixels = network_input(imgs, size, contrast) if imgs else None
     hashes = [_sha256(p) for p in ok_paths] if keep_images else []
     return _Batch(ok_paths, pixels, imgs if keep_images else [], skipped, order, hashes)
 
@@ -262,18 +263,19 @@ def _sha256(path: str) -> str:
 
 
 def iter_batches(paths: list[str], size: int, batch_size: int, keep_images: bool = False,
-                 bit_depth: int | None = None) -> Iterator[_Batch]:
+                 bit_depth: int | None = None, contrast: str | None = None) -> Iterator[_Batch]:
     """Decode batches one ahead in a helper thread, so decoding overlaps the backbone.
-    ``bit_depth``: the 16-bit rule of :func:`core.imageio.load_image` (the detector's setting)."""
+    ``bit_depth``: the 16-bit rule of :func:`core.imageio.load_image`, ``contrast``: the grey
+    levels' of :func:`core.imageio.network_input` (the detector's settings)."""
     chunks = [paths[i : i + batch_size] for i in range(0, len(paths), batch_size)]
     if not chunks:
         return
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="okng-decode") as pool:
-        pending = pool.submit(_load_batch, chunks[0], size, keep_images, bit_depth)
+        pending = pool.submit(_load_batch, chunks[0], size, keep_images, bit_depth, contrast)
         for nxt in chunks[1:] + [None]:
             batch = pending.result()
             if nxt is not None:
-                pending = pool.submit(_load_batch, nxt, size, keep_images, bit_depth)
+                pending = pool.submit(_load_batch, nxt, size, keep_images, bit_depth, contrast)
             yield batch
 
 
@@ -374,7 +376,8 @@ def fit_job(
     det.warm_up(feedback)  # feedback: clicks will follow (the station), load their kernels too
     result = FitResult(det)
     done = 0
-    for batch in iter_batches(fit_paths, det.image_size, config.batch_size, bit_depth=config.bit_depth):
+    for batch in iter_batches(fit_paths, det.image_size, config.batch_size, bit_depth=config.bit_depth,
+                              contrast=config.contrast):
         token.raise_if_cancelled()
         result.skipped += batch.skipped
         if batch.tensor is not None:
@@ -391,7 +394,8 @@ def fit_job(
     h, w = det.embedder.grid_size
     held = torch.empty((len(cal_paths), det.embedder.n_channels, h, w), dtype=torch.float16)
     n_held = 0
-    for batch in iter_batches(cal_paths, det.image_size, config.batch_size, bit_depth=config.bit_depth):
+    for batch in iter_batches(cal_paths, det.image_size, config.batch_size, bit_depth=config.bit_depth,
+                              contrast=config.contrast):
         token.raise_if_cancelled()
         result.skipped += batch.skipped
         if batch.tensor is not None:
@@ -449,7 +453,7 @@ def inspect_job(
     bs = batch_size or detector.config.batch_size
     done = scored = 0
     for batch in iter_batches(paths, detector.image_size, bs, keep_images=keep_images,
-                              bit_depth=detector.config.bit_depth):
+                              bit_depth=detector.config.bit_depth, contrast=detector.config.contrast):
         token.raise_if_cancelled()
         t = time.perf_counter()
         emb = detector.embed(batch.pixels) if batch.pixels is not None else None

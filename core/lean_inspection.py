@@ -67,6 +67,7 @@ class InspectionSettings:
     bit_depth: int | None
     spec: BackboneSpec
     post: PostProcess
+    contrast: str | None = None  # the grey-level rule before the network (DetectorConfig.contrast)
     #: always whole images: a tiled model is scored by the full detector (see :func:`_unsupported`)
     tile: None = None
     tile_overlap: None = None
@@ -88,7 +89,7 @@ class InspectionSettings:
             post = PostProcess(sigma=probe.sigma, pooling=probe.pooling, topk=probe.topk)
         except (TypeError, ValueError) as exc:
             raise ModelFileError(f"{where}: invalid settings in the model file ({exc})") from None
-        return cls(probe.image_size, probe.batch_size, probe.bit_depth, spec, post)
+        return cls(probe.image_size, probe.batch_size, probe.bit_depth, spec, post, probe.contrast)
 
 
 def patch_distances(emb: np.ndarray, mean: np.ndarray, precision: np.ndarray,
@@ -158,7 +159,7 @@ class LeanDetector:
         if isinstance(images, np.ndarray) and images.ndim == 4 and images.dtype == np.float32:
             batch = images
         else:
-            batch = network_input(images, self.image_size)
+            batch = network_input(images, self.image_size, self.config.contrast)
         if self._full is None:
             try:
                 return self._runtime(batch)

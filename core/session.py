@@ -408,6 +408,17 @@ class InspectionSession:
                     "blob": "the largest hot region (area × mean)"}.get(pooling, pooling)
             self._change_next_fit("the score", f"Next fit scores images by {what}", pooling=pooling, topk=int(topk))
 
+    def contrast_choices(self) -> list[tuple[str, str | None]]:
+        """(label, ``contrast`` setting) of the grey-level rules the station offers."""
+        return [("Grey levels: as recorded", None), ("Grey levels: stretched", "stretch")]
+
+    def set_contrast(self, contrast: str | None) -> None:
+        """See each image's grey levels as recorded, or stretched from its 1st to its 99th
+        percentile, from the next fit on (``DetectorConfig.contrast``; whole images only)."""
+        if contrast != self.config.contrast:
+            what = "each image's grey levels stretched" if contrast else "grey levels as recorded"
+            self._change_next_fit("the grey levels", f"Next fit: {what}", contrast=contrast)
+
     def tiling_choices(self) -> list[tuple[str, object]]:
         """(label, ``tile`` setting) of the tilings the station offers, for the fit settings
         beside the model: whole image, automatic, or tiles of one or two network inputs."""
@@ -1159,7 +1170,7 @@ def unsaved_stem(name: str) -> str:
 def _embedder_key(det: Detector) -> str:
     """What a kept embedding depends on: the embedding graph (backbone, weights, image size,
     channels) and how images are read (bit depth)."""
-    return f"{graph_key(det.embedder)}|bits={det.config.bit_depth}"
+    return f"{graph_key(det.embedder)}|bits={det.config.bit_depth}|contrast={det.config.contrast}"
 
 
 def threshold_move_text(old: float, th: Thresholds, calibration: list[str], notable: float = 0.1) -> str:

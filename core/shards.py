@@ -87,7 +87,8 @@ def fit_shard(config: DetectorConfig, paths: list[str], role: str,
     how = strategy(config.model) if role == FIT else "held"
     out = ShardResult(role, {})
     kept: list[torch.Tensor] = []
-    for batch in iter_batches(paths, det.image_size, config.batch_size, bit_depth=config.bit_depth):
+    for batch in iter_batches(paths, det.image_size, config.batch_size, bit_depth=config.bit_depth,
+                              contrast=config.contrast):
         out.skipped += batch.skipped
         if batch.tensor is None:
             continue

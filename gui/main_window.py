@@ -136,6 +136,8 @@ class MainWindow(QMainWindow):
         self.ok_panel.neighbourhood_chosen.connect(lambda _n: self._show_scoring())  # what the session kept
         self.ok_panel.pooling_chosen.connect(lambda choice: s.set_pooling(tuple(choice)))
         self.ok_panel.pooling_chosen.connect(lambda _c: self._show_scoring())
+        self.ok_panel.contrast_chosen.connect(s.set_contrast)
+        self.ok_panel.contrast_chosen.connect(lambda _c: self._show_scoring())  # what the session kept
         self.ok_panel.cancel_requested.connect(s.cancel)
         self.ok_panel.capture_requested.connect(self.capture_ok)
         self.source_panel.inspect_files_requested.connect(s.inspect_paths)
@@ -186,6 +188,7 @@ class MainWindow(QMainWindow):
         s = self.controller.session
         self.ok_panel.set_features(s.feature_choices(), s.neighbourhood())
         self.ok_panel.set_poolings(s.pooling_choices(), (s.config.pooling, s.config.topk))
+        self.ok_panel.set_contrasts(s.contrast_choices(), s.config.contrast)
 
     @Slot(str)
     def on_recipe_changed(self, name: str) -> None:

@@ -45,6 +45,7 @@ class OkSetPanel(QWidget):
     tiling_chosen = Signal(object)  # the next fit's tile setting: None, "auto" or pixels
     neighbourhood_chosen = Signal(int)  # the next fit's patch features: 1 (own patch) or n x n averaged
     pooling_chosen = Signal(object)  # the next fit's image score: (pooling, topk)
+    contrast_chosen = Signal(object)  # the next fit's grey-level rule: None (as recorded) or "stretch"
     budget_chosen = Signal(float)  # seconds the next fit may train a network (trained models)
 
     def __init__(self, parent: QWidget | None = None) -> None:
@@ -108,6 +109,12 @@ class OkSetPanel(QWidget):
                                       "judges: the hottest pixel (small defects), the mean of the hottest 2 % "
                                       "(ignores single hot specks; varied parts), or the largest hot region")
         self.pooling_combo.activated.connect(lambda i: self.pooling_chosen.emit(self.pooling_combo.itemData(i)))
+        self.contrast_combo = QComboBox()
+        self.contrast_combo.setToolTip("Grey levels the next fit's network sees: as recorded, or each image "
+                                       "stretched from its 1st to its 99th percentile (parts whose exposure varies; "
+                                       "more accurate on both ELPV cell types, see the README's 'Which model'; "
+                                       "whole images only)")
+        self.contrast_combo.activated.connect(lambda i: self.contrast_chosen.emit(self.contrast_combo.itemData(i)))
         self.fit_button = QPushButton("Fit model  (F5)")
         self.fit_button.setStyleSheet("font-weight:bold; padding:6px;")
         self.cancel_button = QPushButton("Cancel")
@@ -131,6 +138,9 @@ class OkSetPanel(QWidget):
         scoring_row = QHBoxLayout()  # how the next fit describes patches and scores images
         scoring_row.addWidget(self.features_combo, 1)
         scoring_row.addWidget(self.pooling_combo, 1)
+        contrast_row = QHBoxLayout()  # what the network sees of the next fit's images
+        contrast_row.addWidget(self.contrast_combo, 1)
+        contrast_row.addStretch(1)
         fit_row = QHBoxLayout()
         fit_row.addWidget(self.fit_button, 1)
         fit_row.addWidget(self.cancel_button)
@@ -141,6 +151,7 @@ class OkSetPanel(QWidget):
         lay.addLayout(capture_row)
         lay.addLayout(settings_row)
         lay.addLayout(scoring_row)
+        lay.addLayout(contrast_row)
         lay.addWidget(self.budget_box)
         lay.addLayout(fit_row)
         lay.addWidget(self.progress)
@@ -249,6 +260,14 @@ class OkSetPanel(QWidget):
         if current not in [n for _, n in choices]:
             self.features_combo.addItem(f"Features: {current} × {current} mean", current)
         self.features_combo.setCurrentIndex(self.features_combo.findData(current))
+
+    def set_contrasts(self, choices: list[tuple[str, object]], current: object) -> None:
+        """Fill the grey-level chooser with (label, setting) pairs and select ``current``."""
+        self.contrast_combo.clear()
+        for label, value in choices:
+            self.contrast_combo.addItem(label, value)
+        values = [v for _, v in choices]
+        self.contrast_combo.setCurrentIndex(values.index(current) if current in values else 0)
 
     def set_poolings(self, choices: list[tuple[str, tuple[str, int]]], current: tuple[str, int]) -> None:
         """Fill the score chooser with (label, (pooling, topk)) pairs and select ``current``; a

@@ -300,9 +300,15 @@ def test_the_features_and_score_chosen_in_the_window_are_the_ones_fitted(qtbot, 
     assert s.config.model_params["neighbourhood"] == 3 and panel.features_combo.currentData() == 3
     panel.pooling_combo.activated.emit(1)
     assert s.config.pooling == "topk" and panel.pooling_combo.currentIndex() == 1
+    assert panel.contrast_combo.currentData() is None
+    panel.contrast_combo.activated.emit(1)
+    assert s.config.contrast == "stretch" and panel.contrast_combo.currentData() == "stretch"
     with qtbot.waitSignal(window.controller.model_changed, timeout=60000):
         s.start_fit()
     assert s.detector.model.neighbourhood == 3 and s.detector.post.pooling == "topk"
+    assert s.detector.config.contrast == "stretch"
+    panel.tiling_combo.activated.emit(2)  # tiles: the stretch works on whole images
+    assert "stretch works on whole images" in window.error_label.text() and s.config.tile is None
     panel.model_combo.activated.emit(panel.model_combo.findData("favae"))  # trains a network: no such setting
     assert not panel.features_combo.isVisible() and panel.pooling_combo.isVisible()
 

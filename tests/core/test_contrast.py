@@ -1,0 +1,75 @@
+"""``contrast="stretch"``: each image's grey levels from its 1st to its 99th percentile become
+the network's full range, the same way in a fit, at inspection, in a saved model and on every
+runtime (README, "Which model": parts whose exposure varies)."""
+from __future__ import annotations
+
+import importlib.util
+
+import cv2
+import numpy as np
+import pytest
+
+from core.cli import _config_from_args, build_parser
+from core.detector import DetectorConfig
+from core.imageio import load_image, network_input
+from core.jobs import CancelToken, fit_job, inspect_paths, run_job
+from core.persistence import load_detector, save_detector
+from tests.conftest import make_part
+
+
+def _exposed(img: np.ndarray, gain: float, offset: float) -> np.ndarray:
+    return np.clip(img.astype(np.float32) * gain + offset, 0, 255).astype(np.uint8)
+
+
+def test_a_stretched_part_looks_the_same_however_it_was_exposed():
+    part = make_part(np.random.default_rng(0), size=64)
+    dark, bright = _exposed(part, 0.5, 10), _exposed(part, 1.0, 30)
+    plain = network_input([dark, bright], 64)
+    assert np.abs(plain[0] - plain[1]).mean() > 0.1  # as recorded: another picture
+    stretched = network_input([dark, bright], 64, "stretch")
+    assert np.abs(stretched[0] - stretched[1]).mean() < 0.02  # stretched: the same part
+    assert stretched.min() == 0.0 and stretched.max() == 1.0 and stretched.dtype == np.float32
+    flat = np.full((64, 64, 3), 77, np.uint8)  # one grey level: nothing to stretch
+    assert np.array_equal(network_input([flat], 64, "stretch"), network_input([flat], 64))
+    with pytest.raises(ValueError, match="unknown contrast rule"):
+        network_input([flat], 64, "equalise")
+
+
+def test_the_setting_is_checked_by_name_and_refused_with_tiles():
+    with pytest.raises(ValueError, match=r"contrast \(--contrast\) must be one of stretch or none"):
+        DetectorConfig(weights="random", contrast="equalise")
+    with pytest.raises(ValueError, match="stretch works on whole images"):
+        DetectorConfig(weights="random", contrast="stretch", tile=224)
+    args = build_parser().parse_args(["fit", "x", "--out", "m.okng", "--contrast", "stretch", "--weights", "random"])
+    assert _config_from_args(args).contrast == "stretch"
+    args = build_parser().parse_args(["fit", "x", "--out", "m.okng", "--contrast", "as-is", "--weights", "random"])
+    assert _config_from_args(args).contrast is None
+
+
+def test_a_model_fitted_with_stretch_scores_the_same_after_saving_and_on_every_path(tmp_path, cache):
+    rng = np.random.default_rng(5)
+    oks = []
+    for i in range(10):
+        p = tmp_path / f"ok_{i}.png"
+        cv2.imwrite(str(p), _exposed(make_part(rng), rng.uniform(0.5, 1.0), rng.uniform(0, 40)))
+        oks.append(str(p))
+    part = tmp_path / "part.png"
+    cv2.imwrite(str(part), _exposed(make_part(rng, defect=True), 0.6, 5))
+    cfg = DetectorConfig(weights="random", image_size=64, n_channels=24, batch_size=4, contrast="stretch")
+    det = run_job(fit_job(oks, cfg, CancelToken(), runtime="torch")).detector
+    direct = det.inspect([load_image(str(part))])[0].score
+    batched = inspect_paths([str(part)], det)[0].inspection.score  # the decode thread's path
+    loaded = load_detector(save_detector(det, tmp_path / "m.okng"), runtime="torch")
+    assert loaded.config.contrast == "stretch"
+    assert batched == pytest.approx(direct, rel=1e-5)
+    assert loaded.inspect([load_image(str(part))])[0].score == pytest.approx(direct, rel=1e-4)
+    if importlib.util.find_spec("onnxruntime") is not None:  # okng score's lean path (no PyTorch)
+        from core.lean_inspection import LeanDetector, load_lean
+        from core.runtime import ensure_graph
+
+        ensure_graph(det.embedder, tmp_path / "m.okng")
+        lean = load_lean(tmp_path / "m.okng", "onnxruntime")
+        assert isinstance(lean, LeanDetector) and lean.config.contrast == "stretch"
+        assert lean.inspect([load_image(str(part))])[0].score == pytest.approx(direct, rel=1e-3)
+    plain = run_job(fit_job(oks, cfg.with_(contrast=None), CancelToken(), runtime="torch")).detector
+    assert plain.inspect([load_image(str(part))])[0].score != pytest.approx(direct, rel=1e-3)  # it is applied
