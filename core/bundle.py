@@ -65,6 +65,8 @@ def describe_bundle(det: Detector, graph_sha256: str) -> dict[str, Any]:
     s = det.image_size
     graph = describe_graph(det.embedder, graph_key(det.embedder))
     graph["embedding_graph"] = {"file": GRAPH_FILE, "sha256": graph_sha256, **graph["embedding_graph"]}
+    # before the graph, on each resized image (core.imageio.network_input): another tool must do it too
+    graph["embedding_graph"]["input"]["contrast"] = cfg.contrast
     return {
         "format": BUNDLE_FORMAT,
         "format_version": BUNDLE_VERSION,

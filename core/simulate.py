@@ -56,7 +56,8 @@ class SimulationResult:
 
 def _embed_all(det: Detector, paths: list[str], token: CancelToken) -> list[torch.Tensor]:
     out = []
-    for batch in iter_batches(paths, det.image_size, det.config.batch_size):
+    for batch in iter_batches(paths, det.image_size, det.config.batch_size, bit_depth=det.config.bit_depth,
+                              contrast=det.config.contrast):
         token.raise_if_cancelled()
         if batch.tensor is not None:
             out.append(det.embed(batch.tensor))
@@ -112,7 +113,7 @@ def simulate_feedback_job(
 
     checkpoint(0, 0)
     n_clicks, seen = 0, 0
-    for batch in iter_batches(pool, det.image_size, 1):
+    for batch in iter_batches(pool, det.image_size, 1, bit_depth=det.config.bit_depth, contrast=det.config.contrast):
         if not targets or n_clicks >= targets[-1]:
             break
         token.raise_if_cancelled()

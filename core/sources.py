@@ -127,6 +127,19 @@ def looks_complete(path: Path, size: int) -> bool:
     return True
 
 
+def jpeg_ends_after_its_scan(path: Path) -> bool:
+    """A JPEG's end-of-image marker comes after its last scan (start-of-scan marker): true
+    also with a vendor's trailer after the end, false for a file cut short even when an
+    embedded thumbnail carries an end marker of its own (inside the scan's coded data a 0xFF
+    byte is always stuffed, so neither marker appears there by chance). Reads the file."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return False
+    scan = data.rfind(b"\xff\xda")
+    return scan >= 0 and data.find(b"\xff\xd9", scan) >= 0
+
+
 class FolderWatchSource:
     """New image files appearing in a folder, in arrival order.
 
@@ -137,7 +150,8 @@ class FolderWatchSource:
     it has stayed the same for ``settle_s`` seconds (found trying the station: a camera
     writing in chunks 150 ms apart lost the part as "damaged or cut short"). A file without
     its end mark is taken once it has stayed the same for ``settle_s``: a valid image with a
-    vendor's trailer after its end marker is decoded as before.
+    vendor's trailer after its end marker is decoded as before, a JPEG cut short (no end
+    marker after its image data) is reported unreadable, never judged with grey rows.
 
     ``first_seen`` keeps when each file was first listed, for a trigger's source to tell the
     files that appeared while it waited from those there before (:meth:`appeared_since`).
@@ -157,6 +171,7 @@ class FolderWatchSource:
         self._pending: dict[str, tuple[int, int, int]] = {}  # path -> (size, mtime ns, polls seen so)
         self._changed_at: dict[str, float] = {}  # path -> when its size or mtime last changed
         self._failed: dict[str, tuple[int, int]] = {}  # path -> (size, mtime ns) it failed to decode at
+        self._unmarked: set[str] = set()  # taken once settled, without the end mark looked for
         self.first_seen: dict[str, float] = {}  # path -> when it was first listed (monotonic)
         self._queue: list[str] = []
         self._n = 0
@@ -200,10 +215,14 @@ class FolderWatchSource:
                 continue  # failed to decode as it is: wait until it changes, or has settled
             # a file with no end mark yet waits, but only until it has settled: a valid image with
             # bytes after its end marker (a vendor's trailer) is then decoded as before
-            if settled or looks_complete(p, size):
+            if looks_complete(p, size):
                 ready.append(key)
+            elif settled:
+                ready.append(key)
+                self._unmarked.add(key)
         for key in [k for k in self._pending if k not in listed]:  # deleted or renamed before it was taken
             self._forget(key)
+        self._seen &= listed  # a file gone from the folder is no longer remembered (a month of parts)
         ready.sort(key=lambda k: (self.first_seen[k], self._pending[k][1], k))
         for key in ready:
             del self._pending[key]
@@ -231,6 +250,7 @@ class FolderWatchSource:
         self._seen.add(key)
         for d in (self._pending, self._changed_at, self._failed, self.first_seen):
             d.pop(key, None)
+        self._unmarked.discard(key)
         if key in self._queue:
             self._queue.remove(key)
 
@@ -243,6 +263,10 @@ class FolderWatchSource:
         st = None
         try:
             st = Path(path).stat()
+            if path in self._unmarked and Path(path).suffix.lower() in (".jpg", ".jpeg") \
+                    and not jpeg_ends_after_its_scan(Path(path)):
+                # OpenCV would decode it with grey rows for the missing part, and judge that
+                raise ImageLoadError(path, "not a readable image (cut short: the JPEG ends inside its image data)")
             frame = Frame(load_image(path, self.bit_depth), path, self._n + 1)
         except (ImageLoadError, OSError) as exc:
             changed = self._changed_at.get(path)

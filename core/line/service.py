@@ -180,6 +180,7 @@ class LineService:
             # images a watched folder skipped as another part's (core.line.sources.LiveGrab)
             "skipped": list(getattr(self.source, "skipped", [])),  # the last 100
             "skipped_total": int(getattr(self.source, "skipped_total", 0)),
+            "out_of_step": int(getattr(self.source, "out_of_step", 0)),  # triggers that found several images
         }
 
     # -- recipes and logs ---------------------------------------------------------------

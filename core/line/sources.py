@@ -74,15 +74,16 @@ class LiveGrab:
     """The next frame of a :class:`core.sources.FrameSource` (opened on first use).
 
     A watched folder gives its files in arrival order, one per trigger. A file that *appeared
-    while a trigger waited* and was not that trigger's image (a camera's second frame for one
-    trigger, a file still being written when its part timed out) belongs to that trigger: it is
+    while a trigger waited* and was not that trigger's image (a second frame written together
+    with the first, a file still being written when its part timed out) belongs to that trigger: it is
     skipped with a warning at the next trigger, never judged as the next part. Found trying
     the station: either of those was judged as the next part's image, and every later part
     was judged on its predecessor's. Files that arrived *between* triggers are taken in order
     (a camera quicker than the PLC's trigger, a station running behind). What timing cannot
-    tell apart: a file written entirely after its part timed out and before the next trigger
-    is taken as the next part's image (name the files by part and check the log's paths, or
-    give the station the time it needs: ``--grab-timeout``)."""
+    tell apart: a file that lands between triggers (a second frame written later, a file
+    written entirely after its part timed out) is taken as the next part's image; a trigger
+    that finds more than one image waiting says so (``out_of_step``, a warning), it cannot
+    know which image is whose."""
 
     def __init__(self, source, timeout: float = 5.0, poll: float = 0.005) -> None:
         self.source, self.timeout, self.poll = source, timeout, poll
@@ -90,6 +91,7 @@ class LiveGrab:
         self._theirs: list[str] = []  # files that appeared while the previous trigger waited
         self.skipped: list[str] = []  # files skipped so, oldest first (the last 100)
         self.skipped_total = 0
+        self.out_of_step = 0  # triggers that found more than one image waiting
 
     def set_bit_depth(self, bits: int | None) -> None:
         """Read 16-bit files by the model's rule (the active recipe's; see ``--bit-depth``)."""
@@ -119,6 +121,12 @@ class LiveGrab:
         watched = hasattr(src, "appeared_since")
         if watched:
             src.note_present()  # what is there now arrived before this trigger: taken in order
+            waiting = src.waiting()
+            if len(waiting) > 1:  # more than one image per trigger: behind, or out of step (said, not guessed)
+                self.out_of_step += 1
+                log.warning("%d images wait at one trigger (%s, ...): the station is running behind the camera, or "
+                            "the camera wrote more images than there were triggers; each trigger takes the oldest",
+                            len(waiting), Path(waiting[0]).name)
         start = time.monotonic()
         try:
             return self._grab()

@@ -37,6 +37,10 @@ def describe(state: dict) -> list[str]:
         last = state.get("skipped") or [""]
         lines.append(f"<b style='color:#b35900'>{state['skipped_total']} image(s) skipped</b> as another part's "
                      f"(last: {last[-1].replace(chr(92), '/').rsplit('/', 1)[-1]}; see Messages)")
+    if state.get("out_of_step"):
+        lines.append(f"<b style='color:#b35900'>{state['out_of_step']} trigger(s) found several images waiting</b>: "
+                     "the station runs behind the camera, or the camera writes more images than there are "
+                     "triggers (each trigger takes the oldest)")
     for m in state.get("mqtt", []):
         up = "connected" if m.get("connected") else "<b style='color:#b00'>not connected</b>"
         lines.append(f"MQTT {m['broker']} <code>{m['topic']}</code>: {up}, {m.get('pending', 0)} waiting, "

@@ -88,6 +88,7 @@ def test_images_that_arrived_between_triggers_are_taken_in_order_none_skipped(in
         (inbox / name).write_bytes(_png(value))
         time.sleep(0.02)
     assert [_grab_value(grab) for _ in range(3)] == [20, 30, 40] and grab.skipped == []
+    assert grab.out_of_step == 2  # three, then two images waited at one trigger: said, none guessed away
 
 
 def test_an_unreadable_image_is_named_reason_first_and_logged_by_its_path(inbox):

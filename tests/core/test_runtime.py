@@ -292,6 +292,7 @@ def test_bundle_describes_inputs_outputs_and_thresholds(bundle):
     g = d["embedding_graph"]
     assert g["input"]["shape"] == ["batch", 3, 64, 64] and g["input"]["channel_order"] == "RGB"
     assert g["input"]["normalisation"]["mean"] == list(det.extractor.norm_mean)
+    assert g["input"]["contrast"] is None  # images fed as recorded (a --contrast stretch model says "stretch")
     assert g["output"]["shape"] == ["batch", 24, *det.embedder.grid_size]
     assert d["embedding"]["channel_indices"] == det.embedder.channel_idx.tolist()
     assert d["thresholds"]["image"] == pytest.approx(det.thresholds.image)

@@ -93,7 +93,30 @@ def test_a_jpeg_cut_short_is_not_judged_half_grey(tmp_path):
     assert [src.read() for _ in range(5)] == [None] * 5  # stable, but not written to its end
     time.sleep(0.15)
     out = src.read()
-    assert isinstance(out, ImageLoadError) and "cut short" in str(out)
+    assert isinstance(out, ImageLoadError) and "cut short: the JPEG ends inside its image data" in str(out)
+
+
+def test_a_jpeg_with_a_vendors_trailer_after_its_end_is_read_once_settled(tmp_path):
+    ok, jpg = cv2.imencode(".jpg", np.full((64, 64, 3), 90, np.uint8))
+    src = FolderWatchSource(tmp_path, settle_s=0.1)
+    src.open()
+    (tmp_path / "trailer.jpg").write_bytes(jpg.tobytes() + b"VENDOR-TRAILER-0042" * 8)
+    assert [src.read() for _ in range(3)] == [None] * 3  # no end marker at the very end: it waits
+    time.sleep(0.15)
+    frame = src.read()
+    assert not isinstance(frame, ImageLoadError) and frame.image.shape == (64, 64, 3)
+
+
+def test_a_name_used_again_after_its_file_was_removed_is_a_new_image(tmp_path):
+    """A camera whose counter starts again after the folder was emptied."""
+    src = FolderWatchSource(tmp_path, stable_polls=1)
+    src.open()
+    (tmp_path / "img_0001.png").write_bytes(_png(10))
+    assert int(next(f for f in iter(src.read, "never") if f is not None).image[0, 0, 0]) == 10
+    (tmp_path / "img_0001.png").unlink()
+    assert src.read() is None  # the folder is listed without it: forgotten
+    (tmp_path / "img_0001.png").write_bytes(_png(20))
+    assert int(next(f for f in iter(src.read, "never") if f is not None).image[0, 0, 0]) == 20
 
 
 def test_files_that_appeared_since_a_moment_are_told_apart_and_can_be_skipped(tmp_path):
