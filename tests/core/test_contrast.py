@@ -35,6 +35,17 @@ def test_a_stretched_part_looks_the_same_however_it_was_exposed():
         network_input([flat], 64, "equalise")
 
 
+def test_the_stretchs_percentiles_are_numpys_exactly():
+    """The histogram shortcut must give what np.percentile gives (the benchmarks measured that)."""
+    from core.imageio import _percentiles_u8
+
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        h, w = rng.integers(1, 60, 2)
+        img = rng.integers(rng.integers(0, 100), rng.integers(150, 256), (h, w, 3)).astype(np.uint8)
+        assert _percentiles_u8(img, (1.0, 99.0)) == pytest.approx(np.percentile(img, (1.0, 99.0)), abs=1e-9)
+
+
 def test_the_setting_is_checked_by_name_and_refused_with_tiles():
     with pytest.raises(ValueError, match=r"contrast \(--contrast\) must be one of stretch or none"):
         DetectorConfig(weights="random", contrast="equalise")
