@@ -244,31 +244,32 @@ class ResultsLog:
         w = csv.writer(out)
         names = [f.name for f in fields(LogEntry)]
         w.writerow(["iso_time", *names, *LINE_COLUMNS])
-        line = self._line_fields()
-        for e in reversed(self.entries(ng_only, since, limit=None)):
+        for row in self._export_rows(ng_only, since):
+            e = self._entry(row[:12])
+            acked = row[15]
+            line = ("", "", "", "") if row[12] is None else (
+                row[12], row[13], row[14], "" if acked is None else time.strftime("%Y-%m-%dT%H:%M:%S",
+                                                                                  time.localtime(acked)))
             iso = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(e.time))
-            w.writerow([iso, *(_cell(v) for v in astuple(e)), *(_cell(v) for v in line.get(e.id, EMPTY_LINE))])
+            w.writerow([iso, *(_cell(v) for v in astuple(e)), *(_cell(v) for v in line)])
         return out.getvalue()
 
-    def _line_fields(self) -> dict[int, tuple]:
-        """id -> (part id, error code, error text, acknowledged at) of the rows a PLC triggered
-        (``core.line.store`` writes them beside the inspections; a log never served has none).
-        Found on a night shift: the export left out which physical part an error row was and
-        why it failed."""
-        has = self._db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='line_cycles'").fetchone()
-        if not has:
-            return {}
-        out = {}
-        for rid, part, code, text, acked in self._db.execute(
-                "SELECT inspection_id, part_id, error_code, error_text, acked_at FROM line_cycles"):
-            when = "" if acked is None else time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(acked))
-            out[rid] = (part, code, text, when)
-        return out
+    def _export_rows(self, ng_only: bool, since: float | None):
+        """The export's rows, oldest first, streamed: each inspection with the part id, error
+        code and text and acknowledgement time of its line cycle (``core.line.store`` writes
+        them beside the inspections; NULL for the window's own inspections and in a log never
+        served). Found on a night shift: the export left out which physical part an error row
+        was and why it failed."""
+        served = self._db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='line_cycles'").fetchone()
+        line = ("c.part_id, c.error_code, c.error_text, c.acked_at FROM inspections i "
+                "LEFT JOIN line_cycles c ON c.inspection_id = i.id" if served
+                else "NULL, NULL, NULL, NULL FROM inspections i")
+        sql = f"SELECT i.*, {line} WHERE i.time >= ?" + (" AND i.verdict = 'NG'" if ng_only else "") + " ORDER BY i.id"
+        return self._db.execute(sql, (since or 0.0,))
 
 
 #: the line's columns of the CSV export, empty for inspections no PLC triggered
 LINE_COLUMNS = ("part_id", "error_code", "error_text", "acked_at")
-EMPTY_LINE = ("", "", "", "")
 
 
 def save_ng_copy(image, log_path: str | Path, name: str, number: int) -> str:

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-
 from .atomic import write_bytes_atomic
 from .errors import OkngError
 from .events import Event

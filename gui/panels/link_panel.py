@@ -7,6 +7,7 @@ not serving); emits ``serve_requested(bool)``.
 from __future__ import annotations
 
 import time
+from pathlib import PurePath
 
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import QLabel, QPushButton, QVBoxLayout, QWidget
@@ -36,7 +37,7 @@ def describe(state: dict) -> list[str]:
     if state.get("skipped_total"):
         last = state.get("skipped") or [""]
         lines.append(f"<b style='color:#b35900'>{state['skipped_total']} image(s) skipped</b> as another part's "
-                     f"(last: {last[-1].replace(chr(92), '/').rsplit('/', 1)[-1]}; see Messages)")
+                     f"(last: {PurePath(last[-1]).name}; see Messages)")
     if state.get("out_of_step"):
         lines.append(f"<b style='color:#b35900'>{state['out_of_step']} trigger(s) found several images waiting</b>: "
                      "the station runs behind the camera, or the camera writes more images than there are "

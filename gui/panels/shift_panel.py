@@ -12,6 +12,9 @@ from PySide6.QtWidgets import (QCheckBox, QFileDialog, QGridLayout, QHBoxLayout,
                                QWidget)
 
 
+VALUE_STYLE = "font-size:15px; font-weight:bold;"
+
+
 def _pct(x: float | None) -> str:
     return "—" if x is None else f"{x:.1%}"
 
@@ -30,7 +33,7 @@ class ShiftPanel(QWidget):
                                          ("errors", "Errors"), ("yield", "Yield"), ("ppm", "Parts / min")]):
             name, value = QLabel(text), QLabel("—")
             value.setAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
-            value.setStyleSheet("font-size:15px; font-weight:bold;")
+            value.setStyleSheet(VALUE_STYLE)
             grid.addWidget(name, i // 2, (i % 2) * 2)
             grid.addWidget(value, i // 2, (i % 2) * 2 + 1)
             self.values[key] = value
@@ -77,7 +80,7 @@ class ShiftPanel(QWidget):
         if c is None:
             for v in self.values.values():
                 v.setText("—")
-            self.values["errors"].setStyleSheet("font-size:15px; font-weight:bold;")
+            self.values["errors"].setStyleSheet(VALUE_STYLE)
             self.since_label.setText("No inspection in this shift yet")
             self.truth_label.setText("")
             return
@@ -87,7 +90,7 @@ class ShiftPanel(QWidget):
         self.values["unjudged"].setText(str(c.unjudged))
         errors = int(getattr(c, "errors", 0))
         self.values["errors"].setText(str(errors))
-        self.values["errors"].setStyleSheet("font-size:15px; font-weight:bold;" + (" color:#b00;" if errors else ""))
+        self.values["errors"].setStyleSheet(VALUE_STYLE + (" color:#b00;" if errors else ""))
         self.values["yield"].setText(_pct(c.yield_rate))
         ppm = c.parts_per_minute
         self.values["ppm"].setText("—" if ppm is None else f"{ppm:.1f}")
