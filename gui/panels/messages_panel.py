@@ -37,8 +37,8 @@ class MessagesPanel(QWidget):
         self._kept: deque[str] = deque(maxlen=self.KEEP)  # the same, as plain text
         self.unseen_errors = 0  # errors added while the panel was out of sight (the dock's title says so)
 
-    def add(self, message: str, error: bool = False, when: float | None = None) -> None:
-        stamp = time.strftime("%H:%M:%S", time.localtime(time.time() if when is None else when))
+    def add(self, message: str, error: bool = False) -> None:
+        stamp = time.strftime("%H:%M:%S")
         body = html.escape(message).replace("\n", "<br>")
         if error:
             line = f'<span style="color:#a00; font-weight:bold;">{stamp}  Error: {body}</span>'
