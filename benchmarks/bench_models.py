@@ -1,11 +1,13 @@
 """Compare the station's normality models on ELPV cells (run on purpose; not a test).
 
-    nice -n 10 .venv/bin/python benchmarks/bench_models.py [--kind mono|poly] [--train 200] [--eval 150]
+    nice -n 10 .venv/bin/python benchmarks/bench_models.py [--kind mono|poly] [--train 200] [--eval 150] \
+        [--contrast stretch|flatten]
 
 Fit on ``demo_split(kind=...).ok_train`` (200 OK cells), evaluate on ``eval_ok[:150]`` +
 ``eval_ng[:150]`` of the same cell type (mono by default; poly: the varied good parts).
 Image score = the detector's own post-processing (blur sigma 4, max pooling by default).
-Every row uses the same backbone (default recipe: Lite0, stages 2+3, 224 px); the images
+Every row uses the same backbone (default recipe: Lite0, stages 2+3, 224 px, grey levels as
+recorded unless ``--contrast`` says otherwise, then for every row); the images
 are embedded ONCE with all channels and each model gets its own channel subset sliced from
 that (identical to embedding with the subset), so the table compares models, not backbone
 runs.
@@ -69,12 +71,12 @@ class Row:
     file_mb: float
 
 
-def load_data(n_train: int = 200, n_eval: int = 150, kind: str = "mono") -> Data:
+def load_data(n_train: int = 200, n_eval: int = 150, kind: str = "mono", contrast: str | None = None) -> Data:
     split = demo_split(kind=kind)
     train = split.ok_train[:n_train]
     evals = split.eval_ok[:n_eval] + split.eval_ng[:n_eval]
     labels = np.array([0] * len(split.eval_ok[:n_eval]) + [1] * len(split.eval_ng[:n_eval]))
-    base = DetectorConfig(n_channels=None)
+    base = DetectorConfig(n_channels=None, contrast=contrast)
     det = Detector.create(base)
 
     def embed(paths: list[str]) -> torch.Tensor:
@@ -172,15 +174,16 @@ def row_fusion(data: Data) -> Row:
 
 
 def row_riad(data: Data) -> Row:
-    return bench(data, "riad (trained)", DetectorConfig.for_model("riad"))
+    return bench(data, "riad (trained)", DetectorConfig.for_model("riad").with_(contrast=data.base.contrast))
 
 
 def row_favae(data: Data) -> Row:
-    return bench(data, "favae (trained)", DetectorConfig.for_model("favae"))
+    return bench(data, "favae (trained)", DetectorConfig.for_model("favae").with_(contrast=data.base.contrast))
 
 
 def row_kdad(data: Data) -> Row:
-    return bench(data, "kdad (trained, 152 channels)", DetectorConfig.for_model("kdad"))
+    return bench(data, "kdad (trained, 152 channels)",
+                 DetectorConfig.for_model("kdad").with_(contrast=data.base.contrast))
 
 
 ROWS: list[Callable[[Data], Row]] = [
@@ -195,8 +198,9 @@ def main() -> None:
     ap.add_argument("--eval", type=int, default=150, help="OK and NG images each")
     ap.add_argument("--only", nargs="*", help="row function names (e.g. row_padim)")
     ap.add_argument("--kind", choices=("mono", "poly"), default="mono", help="ELPV cell type")
+    ap.add_argument("--contrast", choices=("stretch", "flatten"), help="every row with this grey-level rule")
     args = ap.parse_args()
-    data = load_data(args.train, args.eval, args.kind)
+    data = load_data(args.train, args.eval, args.kind, args.contrast)
     print(f"ELPV {args.kind}: fit {len(data.train_paths)} OK, eval {int((data.labels == 0).sum())} OK + "
           f"{int(data.labels.sum())} NG; embedding {data.embed_ms:.1f} ms/image (batch 1), "
           f"torch threads {torch.get_num_threads()}", flush=True)

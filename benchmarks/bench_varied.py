@@ -17,7 +17,7 @@ Random splits instead (how the setting was first looked at): the cells of one ty
 with seeds 100, 101, ...; the first 200 (and, where there are enough, 600) OK cells fitted,
 every other OK cell and every defective cell evaluated; mean and spread over the splits.
 
-    .venv/bin/python benchmarks/bench_varied.py --demo-splits 2-9 [--anomalib-at 0.897] [--contrast stretch]
+    .venv/bin/python benchmarks/bench_varied.py --demo-splits 2-9 [--anomalib-at 0.897] [--contrast stretch|flatten]
 
 How the recommended setting would fare on a split we cannot see, from one where only
 anomalib's result is known: on each poly ``demo_split(seed=S)`` (its 200 OK cells fitted,
@@ -167,8 +167,9 @@ def main() -> None:
     ap.add_argument("--demo-splits", metavar="A-B", help="poly demo splits A..B against anomalib instead")
     ap.add_argument("--anomalib-at", type=float, default=0.897,
                     help="anomalib's AUROC on the split to predict (the issue's hidden split: 0.897)")
-    ap.add_argument("--contrast", choices=["stretch"], default=None,
-                    help="every row with --contrast stretch (each cell's grey levels stretched before the network)")
+    ap.add_argument("--contrast", choices=["stretch", "flatten"], default=None,
+                    help="every row with this --contrast rule (each cell's grey levels stretched, or its shading "
+                         "flattened and then stretched, before the network)")
     ap.add_argument("--no-anomalib", action="store_true", help="--demo-splits without anomalib's column")
     args = ap.parse_args()
     torch.set_num_threads(2)

@@ -754,9 +754,11 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--bit-depth", choices=["range", "8", "10", "12", "14", "16"],
                    help="16-bit images: scale by each image's own range (default) or by this fixed bit "
                         "depth (keeps absolute brightness; e.g. 12 for a 12-bit camera)")
-    f.add_argument("--contrast", choices=["as-is", "stretch"],
-                   help="grey levels before the network: as recorded (default), or stretch: each image's 1st..99th "
-                        "percentile to the full range (parts whose exposure varies; not with --tile)")
+    f.add_argument("--contrast", choices=["as-is", "stretch", "flatten"],
+                   help="grey levels before the network: as recorded (default); stretch: each image's 1st..99th "
+                        "percentile to the full range (parts whose exposure varies); flatten: each image's shading "
+                        "(brightness changing over a quarter of the part) taken out, then stretched (parts whose "
+                        "lighting varies too). Not with --tile")
     f.add_argument("--tile", type=tile_option, metavar="N|auto",
                    help="inspect large images as N x N pixel tiles, each seen at --image-size, stitched into one "
                         "map at the image's own size; auto: tiles of --image-size when the images are at least "

@@ -64,7 +64,7 @@ MAX_BATCH_SIZE = 1024
 MAX_CALIBRATION_FRACTION = 0.5  # the fit set keeps the majority
 MAX_FALSE_ALARM_RATE = 0.5
 #: the grey-level rules of ``contrast`` (None: as recorded)
-CONTRASTS = (None, "stretch")
+CONTRASTS = (None, "stretch", "flatten")
 
 
 def _name(key: str) -> str:
@@ -140,8 +140,9 @@ class DetectorConfig:
     #: least overlap of neighbouring tiles (pixels); None = an eighth of the tile
     tile_overlap: int | None = None
     #: grey levels before the network: None = as recorded; "stretch" = each image's 1st..99th
-    #: percentile stretched to the full range (core.imageio.network_input). Parts whose
-    #: exposure varies (README, Which model: +0.006 / +0.004 AUROC on average on ten poly splits)
+    #: percentile stretched to the full range; "flatten" = its shading (brightness changes
+    #: over a quarter of the part) subtracted first, then stretched (core.imageio.network_input).
+    #: Parts whose exposure or lighting varies (README, Which model)
     contrast: str | None = None
 
     def __post_init__(self) -> None:
@@ -199,8 +200,8 @@ class DetectorConfig:
             raise ValueError(f"contrast (--contrast) must be one of {', '.join(str(c) for c in CONTRASTS[1:])} "
                              f"or none, got {self.contrast!r}")
         if self.contrast is not None and self.tile is not None:
-            raise ValueError("contrast (--contrast) stretch works on whole images: each tile stretched on its own "
-                             "would change what it shows; fit tiled models without it")
+            raise ValueError(f"contrast (--contrast) {self.contrast} works on whole images: each tile stretched on "
+                             "its own would change what it shows; fit tiled models without it")
         from .models import TRAINED_KINDS
 
         if self.tile is not None and self.model in TRAINED_KINDS:

@@ -348,7 +348,18 @@ def network_input(images: list[np.ndarray], size: int, contrast: str | None = No
     1st to its 99th percentile (over all its pixels and channels) are stretched to 0..1,
     clipped outside. A part imaged darker or brighter overall then looks like the others, and
     the network sees the part's structure rather than the exposure; a dark spot stays as dark
-    relative to the rest of its part. An image of one level is left as it is."""
+    relative to the rest of its part. An image of one level is left as it is.
+
+    ``contrast="flatten"``: the image's shading is taken out first, then stretched as above.
+    Shading is the slow change of brightness across a part (uneven light, a cell brighter at
+    one end than the other), different on every part; the Gaussians of a PaDiM otherwise spend
+    their spread on it. It is each resized image's grey (the mean of its channels) shrunk to
+    an eighth of its side (``INTER_AREA``), blurred with a Gaussian of sigma a quarter of that
+    side (``BORDER_REFLECT_101``) and enlarged back (``INTER_LINEAR``): a blur over about a
+    quarter of the part. It is subtracted from every channel (colours keep their balance;
+    a subtraction, unlike a division, stays tame where a part's background is black), and the
+    result's 1st..99th percentile is stretched to 0..1. Anything as wide as a quarter of the
+    part that is darker or brighter fades; narrow marks, cracks and spots stay."""
     batch = np.empty((len(images), size, size, 3), dtype=np.uint8)
     for i, img in enumerate(images):
         interp = cv2.INTER_AREA if min(img.shape[:2]) >= size else cv2.INTER_LINEAR
@@ -363,6 +374,35 @@ def network_input(images: list[np.ndarray], size: int, contrast: str | None = No
                 x -= np.float32(lo / 255.0)
                 x *= np.float32(255.0 / (hi - lo))
                 np.clip(x, 0.0, 1.0, out=x)
+    elif contrast == "flatten":
+        for i in range(len(out)):
+            _flatten_shading(out[i])
     elif contrast is not None:
         raise ValueError(f"unknown contrast rule {contrast!r}")
     return out
+
+
+def shading(grey: np.ndarray) -> np.ndarray:
+    """The slow brightness changes of a (S, S) float32 grey image: shrunk to S/8 (at least 4
+    pixels), blurred with sigma a quarter of that, enlarged back (``network_input``'s
+    ``"flatten"``). The shrink makes a blur over a quarter of the image cost 0.1 ms instead of
+    4.5 ms at 224 px."""
+    h, w = grey.shape
+    small = max(4, round(min(h, w) / 8))
+    bg = cv2.resize(grey, (small, small), interpolation=cv2.INTER_AREA)
+    bg = cv2.GaussianBlur(bg, (0, 0), small / 4.0, borderType=cv2.BORDER_REFLECT_101)
+    return cv2.resize(bg, (w, h), interpolation=cv2.INTER_LINEAR)
+
+
+def _flatten_shading(x: np.ndarray) -> None:
+    """In place on one (3, S, S) image in [0, 1]: minus its shading, stretched from its 1st to
+    its 99th percentile to [0, 1] (see :func:`network_input`). Left as it is when what remains
+    spans less than one grey level (an image of one level, or one smooth ramp)."""
+    grey_image = bool((x[0] == x[1]).all() and (x[0] == x[2]).all())
+    flat = x - shading(x[0] if grey_image else x.mean(axis=0))
+    lo, hi = np.percentile(flat[0] if grey_image else flat, (1.0, 99.0))  # grey: one channel says it all
+    if hi - lo < 1.0 / 255.0:
+        return
+    flat -= np.float32(lo)
+    flat *= np.float32(1.0 / (hi - lo))
+    np.clip(flat, 0.0, 1.0, out=x)

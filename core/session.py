@@ -410,13 +410,16 @@ class InspectionSession:
 
     def contrast_choices(self) -> list[tuple[str, str | None]]:
         """(label, ``contrast`` setting) of the grey-level rules the station offers."""
-        return [("Grey levels: as recorded", None), ("Grey levels: stretched", "stretch")]
+        return [("Grey levels: as recorded", None), ("Grey levels: stretched", "stretch"),
+                ("Grey levels: shading flattened", "flatten")]
 
     def set_contrast(self, contrast: str | None) -> None:
-        """See each image's grey levels as recorded, or stretched from its 1st to its 99th
-        percentile, from the next fit on (``DetectorConfig.contrast``; whole images only)."""
+        """See each image's grey levels as recorded, stretched from its 1st to its 99th
+        percentile, or with its shading taken out and then stretched, from the next fit on
+        (``DetectorConfig.contrast``; whole images only)."""
         if contrast != self.config.contrast:
-            what = "each image's grey levels stretched" if contrast else "grey levels as recorded"
+            what = {None: "grey levels as recorded", "stretch": "each image's grey levels stretched",
+                    "flatten": "each image's shading flattened, grey levels stretched"}.get(contrast, str(contrast))
             self._change_next_fit("the grey levels", f"Next fit: {what}", contrast=contrast)
 
     def tiling_choices(self) -> list[tuple[str, object]]:

@@ -45,7 +45,7 @@ class OkSetPanel(QWidget):
     tiling_chosen = Signal(object)  # the next fit's tile setting: None, "auto" or pixels
     neighbourhood_chosen = Signal(int)  # the next fit's patch features: 1 (own patch) or n x n averaged
     pooling_chosen = Signal(object)  # the next fit's image score: (pooling, topk)
-    contrast_chosen = Signal(object)  # the next fit's grey-level rule: None (as recorded) or "stretch"
+    contrast_chosen = Signal(object)  # the next fit's grey-level rule: None (as recorded), "stretch", "flatten"
     budget_chosen = Signal(float)  # seconds the next fit may train a network (trained models)
 
     def __init__(self, parent: QWidget | None = None) -> None:
@@ -110,10 +110,11 @@ class OkSetPanel(QWidget):
                                       "(ignores single hot specks; varied parts), or the largest hot region")
         self.pooling_combo.activated.connect(lambda i: self.pooling_chosen.emit(self.pooling_combo.itemData(i)))
         self.contrast_combo = QComboBox()
-        self.contrast_combo.setToolTip("Grey levels the next fit's network sees: as recorded, or each image "
-                                       "stretched from its 1st to its 99th percentile (parts whose exposure varies; "
-                                       "more accurate on both ELPV cell types, see the README's 'Which model'; "
-                                       "whole images only)")
+        self.contrast_combo.setToolTip("Grey levels the next fit's network sees: as recorded; each image "
+                                       "stretched from its 1st to its 99th percentile (parts whose exposure varies); "
+                                       "or its shading, brightness changing across a quarter of the part, taken out "
+                                       "and then stretched (lighting varies too). Both more accurate on both ELPV "
+                                       "cell types, see the README's 'Which model'; whole images only")
         self.contrast_combo.activated.connect(lambda i: self.contrast_chosen.emit(self.contrast_combo.itemData(i)))
         self.fit_button = QPushButton("Fit model  (F5)")
         self.fit_button.setStyleSheet("font-weight:bold; padding:6px;")
@@ -139,7 +140,9 @@ class OkSetPanel(QWidget):
         scoring_row.addWidget(self.features_combo, 1)
         scoring_row.addWidget(self.pooling_combo, 1)
         contrast_row = QHBoxLayout()  # what the network sees of the next fit's images
-        contrast_row.addWidget(self.contrast_combo, 1)
+        # as wide as its longest rule (half the row cut "shading flattened" off)
+        self.contrast_combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToContents)
+        contrast_row.addWidget(self.contrast_combo)
         contrast_row.addStretch(1)
         fit_row = QHBoxLayout()
         fit_row.addWidget(self.fit_button, 1)

@@ -1,6 +1,7 @@
 """``contrast="stretch"``: each image's grey levels from its 1st to its 99th percentile become
-the network's full range, the same way in a fit, at inspection, in a saved model and on every
-runtime (README, "Which model": parts whose exposure varies)."""
+the network's full range; ``contrast="flatten"``: its shading (brightness changing across a
+quarter of the part) is taken out first. Both the same way in a fit, at inspection, in a saved
+model and on every runtime (README, "Which model": parts whose exposure or lighting varies)."""
 from __future__ import annotations
 
 import importlib.util
@@ -35,6 +36,59 @@ def test_a_stretched_part_looks_the_same_however_it_was_exposed():
         network_input([flat], 64, "equalise")
 
 
+def _lit(img: np.ndarray, left: float, right: float) -> np.ndarray:
+    """``img`` under light that adds ``left`` grey levels at its left edge, ``right`` at its right."""
+    ramp = np.linspace(left, right, img.shape[1], dtype=np.float32)[None, :, None]
+    return np.clip(img.astype(np.float32) + ramp, 0, 255).astype(np.uint8)
+
+
+def _textured_part(size: int = 128) -> np.ndarray:
+    rng = np.random.default_rng(3)
+    grain = cv2.GaussianBlur(rng.normal(128, 80, (size, size)).astype(np.float32), (0, 0), 1.0)  # sd 22
+    return np.repeat(np.clip(grain, 0, 255).astype(np.uint8)[..., None], 3, axis=2)
+
+
+def test_a_flattened_part_looks_the_same_however_it_was_lit():
+    part = _textured_part()
+    even, uneven = part, _lit(part, -50, 50)  # one end darker, the other brighter
+    stretched = network_input([even, uneven], 128, "stretch")
+    flattened = network_input([even, uneven], 128, "flatten")
+    assert np.abs(stretched[0] - stretched[1]).mean() > 0.08  # a stretch cannot undo a slope
+    assert np.abs(flattened[0] - flattened[1]).mean() < 0.5 * np.abs(stretched[0] - stretched[1]).mean()
+    assert flattened.min() == 0.0 and flattened.max() == 1.0 and flattened.dtype == np.float32
+    assert flattened.flags.c_contiguous
+
+
+def test_flattening_keeps_a_crack_and_a_spot_as_dark_as_they_were_against_their_part():
+    part = np.full((128, 128, 3), 150, np.uint8)
+    part[:, :, :] = _lit(part, -50, 50)
+    cv2.line(part, (20, 30), (100, 40), (40, 40, 40), 2)  # a crack
+    cv2.circle(part, (90, 95), 5, (40, 40, 40), -1)  # a spot
+    x = network_input([part], 128, "flatten")[0, 0]
+    background = np.median(x)
+    assert background - x[35, 60] > 0.5 and background - x[95, 90] > 0.5  # both still dark
+
+
+def test_flattening_leaves_an_image_of_one_level_and_keeps_colours_apart():
+    flat = np.full((64, 64, 3), 77, np.uint8)
+    assert np.array_equal(network_input([flat], 64, "flatten"), network_input([flat], 64))
+    colour = _lit(_textured_part(64), -40, 40)
+    colour[..., 0] = np.clip(colour[..., 0].astype(int) + 40, 0, 255)  # a red cast
+    x = network_input([colour], 64, "flatten")[0]
+    assert x[0].mean() > x[1].mean() + 0.05 and np.array_equal(x[1], x[2])  # red stays red; G = B stays
+
+
+def test_the_shading_is_a_blur_over_a_quarter_of_the_image():
+    from core.imageio import shading
+
+    ramp = np.tile(np.linspace(0, 200, 224, dtype=np.float32), (224, 1))
+    ramp[100:104, :] = 0  # a dark line four pixels thick barely moves it
+    bg = shading(ramp)
+    assert bg.shape == (224, 224) and bg.dtype == np.float32
+    assert abs(float(bg[102, 112] - bg[50, 112])) < 20  # the line: a few grey levels of 100
+    assert bg[112, 180] - bg[112, 40] > 90  # the slow slope: followed
+
+
 def test_the_stretchs_percentiles_are_numpys_exactly():
     """The histogram shortcut must give what np.percentile gives (the benchmarks measured that)."""
     from core.imageio import _percentiles_u8
@@ -47,17 +101,23 @@ def test_the_stretchs_percentiles_are_numpys_exactly():
 
 
 def test_the_setting_is_checked_by_name_and_refused_with_tiles():
-    with pytest.raises(ValueError, match=r"contrast \(--contrast\) must be one of stretch or none"):
+    with pytest.raises(ValueError, match=r"contrast \(--contrast\) must be one of stretch, flatten or none"):
         DetectorConfig(weights="random", contrast="equalise")
     with pytest.raises(ValueError, match="stretch works on whole images"):
         DetectorConfig(weights="random", contrast="stretch", tile=224)
+    with pytest.raises(ValueError, match="flatten works on whole images"):
+        DetectorConfig(weights="random", contrast="flatten", tile=224)
     args = build_parser().parse_args(["fit", "x", "--out", "m.okng", "--contrast", "stretch", "--weights", "random"])
     assert _config_from_args(args).contrast == "stretch"
+    args = build_parser().parse_args(["fit", "x", "--out", "m.okng", "--contrast", "flatten", "--weights", "random"])
+    assert _config_from_args(args).contrast == "flatten"
     args = build_parser().parse_args(["fit", "x", "--out", "m.okng", "--contrast", "as-is", "--weights", "random"])
     assert _config_from_args(args).contrast is None
 
 
-def test_a_model_fitted_with_stretch_scores_the_same_after_saving_and_on_every_path(tmp_path, cache):
+@pytest.mark.parametrize("contrast", ["stretch", "flatten"])
+def test_a_model_fitted_with_a_contrast_rule_scores_the_same_after_saving_and_on_every_path(tmp_path, cache,
+                                                                                           contrast):
     rng = np.random.default_rng(5)
     oks = []
     for i in range(10):
@@ -66,12 +126,12 @@ def test_a_model_fitted_with_stretch_scores_the_same_after_saving_and_on_every_p
         oks.append(str(p))
     part = tmp_path / "part.png"
     cv2.imwrite(str(part), _exposed(make_part(rng, defect=True), 0.6, 5))
-    cfg = DetectorConfig(weights="random", image_size=64, n_channels=24, batch_size=4, contrast="stretch")
+    cfg = DetectorConfig(weights="random", image_size=64, n_channels=24, batch_size=4, contrast=contrast)
     det = run_job(fit_job(oks, cfg, CancelToken(), runtime="torch")).detector
     direct = det.inspect([load_image(str(part))])[0].score
     batched = inspect_paths([str(part)], det)[0].inspection.score  # the decode thread's path
     loaded = load_detector(save_detector(det, tmp_path / "m.okng"), runtime="torch")
-    assert loaded.config.contrast == "stretch"
+    assert loaded.config.contrast == contrast
     assert batched == pytest.approx(direct, rel=1e-5)
     assert loaded.inspect([load_image(str(part))])[0].score == pytest.approx(direct, rel=1e-4)
     if importlib.util.find_spec("onnxruntime") is not None:  # okng score's lean path (no PyTorch)
@@ -80,7 +140,7 @@ def test_a_model_fitted_with_stretch_scores_the_same_after_saving_and_on_every_p
 
         ensure_graph(det.embedder, tmp_path / "m.okng")
         lean = load_lean(tmp_path / "m.okng", "onnxruntime")
-        assert isinstance(lean, LeanDetector) and lean.config.contrast == "stretch"
+        assert isinstance(lean, LeanDetector) and lean.config.contrast == contrast
         assert lean.inspect([load_image(str(part))])[0].score == pytest.approx(direct, rel=1e-3)
     plain = run_job(fit_job(oks, cfg.with_(contrast=None), CancelToken(), runtime="torch")).detector
     assert plain.inspect([load_image(str(part))])[0].score != pytest.approx(direct, rel=1e-3)  # it is applied

@@ -47,3 +47,23 @@ def test_operators_cannot_change_features_or_score(session):
     assert s.neighbourhood() == 1 and "Operator mode" in s.errors[-1]
     s.set_pooling(("blob", 100))
     assert s.config.pooling == "max" and "Operator mode" in s.errors[-1]
+
+
+def test_the_grey_level_rule_chosen_is_the_one_fitted_and_said_in_words(session):
+    s = session
+    assert [c for _, c in s.contrast_choices()] == [None, "stretch", "flatten"] and s.config.contrast is None
+    s.set_contrast("flatten")
+    assert s.config.contrast == "flatten" and s.statuses[-1] == (
+        "Next fit: each image's shading flattened, grey levels stretched (press F5 to fit)")
+    s.start_fit()
+    assert not s.errors and s.detector.config.contrast == "flatten"
+    s.set_contrast(None)
+    assert s.config.contrast is None and s.statuses[-1].startswith("Next fit: grey levels as recorded")
+
+
+def test_a_grey_level_rule_with_tiles_is_refused_and_the_recipe_kept(session):
+    s = session
+    s.set_tiling(64)
+    s.set_contrast("flatten")
+    assert s.config.contrast is None and s.config.tile == 64
+    assert "Cannot use the grey levels" in s.errors[-1] and "flatten works on whole images" in s.errors[-1]

@@ -301,6 +301,8 @@ def test_the_features_and_score_chosen_in_the_window_are_the_ones_fitted(qtbot, 
     panel.pooling_combo.activated.emit(1)
     assert s.config.pooling == "topk" and panel.pooling_combo.currentIndex() == 1
     assert panel.contrast_combo.currentData() is None
+    assert [panel.contrast_combo.itemData(i) for i in range(panel.contrast_combo.count())] == [
+        None, "stretch", "flatten"]
     panel.contrast_combo.activated.emit(1)
     assert s.config.contrast == "stretch" and panel.contrast_combo.currentData() == "stretch"
     with qtbot.waitSignal(window.controller.model_changed, timeout=60000):
