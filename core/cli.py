@@ -757,7 +757,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--contrast", choices=["as-is", "stretch", "flatten"],
                    help="grey levels before the network: as recorded (default); stretch: each image's 1st..99th "
                         "percentile to the full range (parts whose exposure varies); flatten: each image's shading "
-                        "(brightness changing over a quarter of the part) taken out, then stretched (parts whose "
+                        "(brightness changing slowly across the part) taken out, then stretched (parts whose "
                         "lighting varies too). Not with --tile")
     f.add_argument("--tile", type=tile_option, metavar="N|auto",
                    help="inspect large images as N x N pixel tiles, each seen at --image-size, stitched into one "

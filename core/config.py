@@ -140,8 +140,8 @@ class DetectorConfig:
     #: least overlap of neighbouring tiles (pixels); None = an eighth of the tile
     tile_overlap: int | None = None
     #: grey levels before the network: None = as recorded; "stretch" = each image's 1st..99th
-    #: percentile stretched to the full range; "flatten" = its shading (brightness changes
-    #: over a quarter of the part) subtracted first, then stretched (core.imageio.network_input).
+    #: percentile stretched to the full range; "flatten" = its shading (brightness changing
+    #: slowly across the part) subtracted first, then stretched (core.imageio.network_input).
     #: Parts whose exposure or lighting varies (README, Which model)
     contrast: str | None = None
 

@@ -112,7 +112,7 @@ class OkSetPanel(QWidget):
         self.contrast_combo = QComboBox()
         self.contrast_combo.setToolTip("Grey levels the next fit's network sees: as recorded; each image "
                                        "stretched from its 1st to its 99th percentile (parts whose exposure varies); "
-                                       "or its shading, brightness changing across a quarter of the part, taken out "
+                                       "or its shading, brightness changing slowly across the part, taken out "
                                        "and then stretched (lighting varies too). Both more accurate on both ELPV "
                                        "cell types, see the README's 'Which model'; whole images only")
         self.contrast_combo.activated.connect(lambda i: self.contrast_chosen.emit(self.contrast_combo.itemData(i)))

@@ -56,7 +56,6 @@ def test_a_flattened_part_looks_the_same_however_it_was_lit():
     assert np.abs(stretched[0] - stretched[1]).mean() > 0.08  # a stretch cannot undo a slope
     assert np.abs(flattened[0] - flattened[1]).mean() < 0.5 * np.abs(stretched[0] - stretched[1]).mean()
     assert flattened.min() == 0.0 and flattened.max() == 1.0 and flattened.dtype == np.float32
-    assert flattened.flags.c_contiguous
 
 
 def test_flattening_keeps_a_crack_and_a_spot_as_dark_as_they_were_against_their_part():
@@ -78,15 +77,40 @@ def test_flattening_leaves_an_image_of_one_level_and_keeps_colours_apart():
     assert x[0].mean() > x[1].mean() + 0.05 and np.array_equal(x[1], x[2])  # red stays red; G = B stays
 
 
-def test_the_shading_is_a_blur_over_a_quarter_of_the_image():
+def _readme_shading(grey: np.ndarray) -> np.ndarray:
+    """The shading as the README's bundle.json section tells another tool to compute it, with
+    the Gaussian written out here rather than taken from OpenCV."""
+    n = max(4, min(grey.shape) // 8)
+    small = cv2.resize(grey, (n, n), interpolation=cv2.INTER_AREA).astype(np.float64)
+    sigma = n / 4.0
+    radius = (int(round(8 * sigma + 1)) | 1) // 2
+    taps = np.exp(-np.arange(-radius, radius + 1) ** 2 / (2 * sigma**2))
+    taps /= taps.sum()
+
+    def reflect_101(i: int) -> int:  # ...2 1 | 0 1 2 ... n-1 | n-2 ..., repeated
+        i = abs(i) % (2 * n - 2)
+        return i if i < n else 2 * n - 2 - i
+
+    rows = np.array([[reflect_101(i + k) for k in range(-radius, radius + 1)] for i in range(n)])
+    blurred = (small[:, rows] * taps).sum(axis=2)  # along each row
+    blurred = (blurred[rows, :] * taps[None, :, None]).sum(axis=1)  # then along each column
+    return cv2.resize(blurred.astype(np.float32), grey.shape[::-1], interpolation=cv2.INTER_LINEAR)
+
+
+@pytest.mark.parametrize("size", [64, 108, 224])  # 108: 13.5 pixels, floored
+def test_another_tool_following_the_readme_gets_the_same_network_input(size):
+    rng = np.random.default_rng(size)
+    img = _lit(_textured_part(size), -30, 50)
+    img[..., 0] = np.clip(img[..., 0].astype(int) + rng.integers(-20, 20, img.shape[:2]), 0, 255)  # colour
+    x = cv2.resize(img, (size, size)).transpose(2, 0, 1).astype(np.float32) / 255.0
+    grey = x.mean(axis=0)
     from core.imageio import shading
 
-    ramp = np.tile(np.linspace(0, 200, 224, dtype=np.float32), (224, 1))
-    ramp[100:104, :] = 0  # a dark line four pixels thick barely moves it
-    bg = shading(ramp)
-    assert bg.shape == (224, 224) and bg.dtype == np.float32
-    assert abs(float(bg[102, 112] - bg[50, 112])) < 20  # the line: a few grey levels of 100
-    assert bg[112, 180] - bg[112, 40] > 90  # the slow slope: followed
+    assert np.abs(shading(grey) - _readme_shading(grey)).max() < 1e-5
+    flat = x - _readme_shading(grey)
+    lo, hi = np.percentile(grey - _readme_shading(grey), (1.0, 99.0))
+    expected = np.clip((flat - lo) / (hi - lo), 0.0, 1.0)
+    assert np.abs(network_input([img], size, "flatten")[0] - expected).max() < 1e-4
 
 
 def test_the_stretchs_percentiles_are_numpys_exactly():
