@@ -1,6 +1,6 @@
 """``contrast="stretch"``: each image's grey levels from its 1st to its 99th percentile become
-the network's full range; ``contrast="flatten"``: its shading (brightness changing across a
-quarter of the part) is taken out first. Both the same way in a fit, at inspection, in a saved
+the network's full range; ``contrast="flatten"``: its shading (brightness changing slowly
+across the part) is taken out first. Both the same way in a fit, at inspection, in a saved
 model and on every runtime (README, "Which model": parts whose exposure or lighting varies)."""
 from __future__ import annotations
 
@@ -106,9 +106,10 @@ def test_another_tool_following_the_readme_gets_the_same_network_input(size):
     grey = x.mean(axis=0)
     from core.imageio import shading
 
-    assert np.abs(shading(grey) - _readme_shading(grey)).max() < 1e-5
-    flat = x - _readme_shading(grey)
-    lo, hi = np.percentile(grey - _readme_shading(grey), (1.0, 99.0))
+    bg = _readme_shading(grey)
+    assert np.abs(shading(grey) - bg).max() < 1e-5
+    flat = x - bg
+    lo, hi = np.percentile(grey - bg, (1.0, 99.0))
     expected = np.clip((flat - lo) / (hi - lo), 0.0, 1.0)
     assert np.abs(network_input([img], size, "flatten")[0] - expected).max() < 1e-4
 
