@@ -26,6 +26,12 @@ plain ``padim`` and the recommended setting with 200 and 600 OK, and anomalib's 
 200 OK on the same cells (``bench_anomalib.py --padim-splits``, in ``.venv-bench``; skipped
 without it). Prints each split, the mean margin over anomalib and a straight-line fit of
 ours against anomalib's AUROC, read off at ``--anomalib-at``.
+
+    .venv/bin/python benchmarks/bench_varied.py --demo-splits 0-1 --models [--only padim-kmeans] [--contrast flatten]
+
+Why ``patchcore`` and ``padim-kmeans`` lose to ``padim`` on varied good parts and how far
+their own settings close it (``MODEL_ROWS``: top-k pooling, coreset size, neighbourhood, more
+OK cells for the mixture, the mixture's tied covariance), on the same cells as ``--demo-splits``.
 """
 from __future__ import annotations
 
@@ -70,9 +76,11 @@ def held_out(seed: int) -> tuple[list[str], list[str], list[str], np.ndarray]:
 
 
 def row_auroc(full: Detector, changes: dict, fit: torch.Tensor, evals: torch.Tensor, labels: np.ndarray) -> float:
-    """One row: a PaDiM with ``changes`` fitted on the embeddings ``fit`` (all channels; its
-    subset sliced), its image scores of ``evals`` against ``labels``."""
-    det = Detector.create(DetectorConfig(model="padim").with_(**changes), full.extractor)
+    """One row: a model (``changes["model"]``, PaDiM without it; its defaults otherwise) with
+    ``changes`` fitted on the embeddings ``fit`` (all channels; its subset sliced), its image
+    scores of ``evals`` against ``labels``."""
+    config = DetectorConfig(model=changes.get("model", "padim"))
+    det = Detector.create(config.with_(**{k: v for k, v in changes.items() if k != "model"}), full.extractor)
     idx = torch.from_numpy(det.embedder.channel_idx)
     for i in range(0, fit.shape[0], 16):
         det.fit_embeddings(fit[i : i + 16].index_select(1, idx))
@@ -107,6 +115,50 @@ def random_splits(full: Detector, embed, kind: str, n_splits: int) -> None:
 
 
 RECOMMENDED = {"model_params": {"neighbourhood": 3}, "pooling": "topk", "topk": 1000}
+TOPK = {"pooling": "topk", "topk": 1000}
+KMEANS_TIED = {"model": "padim-kmeans", "model_params": {"tied": 1, "neighbourhood": 3}, **TOPK}
+#: --models: why ``patchcore`` and ``padim-kmeans`` lose to ``padim`` on varied good parts, and
+#: what of it is fixable by their settings (label, OK cells fitted, config changes)
+MODEL_ROWS = [
+    ("padim, recommended", 200, RECOMMENDED),
+    ("padim, recommended", 600, RECOMMENDED),
+    ("patchcore, max", 200, {"model": "patchcore"}),
+    ("patchcore, top-k 1000", 200, {"model": "patchcore", **TOPK}),
+    ("patchcore, top-k 1000, coreset 1 %", 200,
+     {"model": "patchcore", "model_params": {"coreset_ratio": 0.01}, **TOPK}),
+    ("patchcore, top-k 1000, neighbourhood=1", 200,
+     {"model": "patchcore", "model_params": {"neighbourhood": 1}, **TOPK}),
+    ("patchcore, top-k 1000, neighbourhood=1, coreset 1 %", 200,
+     {"model": "patchcore", "model_params": {"neighbourhood": 1, "coreset_ratio": 0.01}, **TOPK}),
+    ("padim-kmeans, max", 200, {"model": "padim-kmeans"}),
+    ("padim-kmeans, top-k 1000", 200, {"model": "padim-kmeans", **TOPK}),
+    ("padim-kmeans, top-k 1000", 600, {"model": "padim-kmeans", **TOPK}),
+    ("padim-kmeans, tied, neighbourhood=3, top-k 1000", 200, KMEANS_TIED),
+    ("padim-kmeans, tied, neighbourhood=3, top-k 1000", 600, KMEANS_TIED),
+]
+
+
+def model_splits(full: Detector, embed, seeds: list[int], only: str = "") -> None:
+    """``MODEL_ROWS`` (those whose label starts with ``only``) on the poly demo splits
+    ``seeds`` (cells as in :func:`demo_splits`)."""
+    results: dict[tuple[str, int], list[float]] = {}
+    for seed in seeds:
+        split = demo_split(kind="poly", seed=seed)
+        ok, ng = split.eval_ok[400:], split.eval_ng
+        labels = np.array([0] * len(ok) + [1] * len(ng))
+        fit, ev = embed(split.ok_train + split.eval_ok[:400]), embed(ok + ng)
+        for label, n_ok, changes in MODEL_ROWS:
+            if not label.startswith(only) and not label.startswith("padim, recommended"):
+                continue
+            t0 = time.perf_counter()
+            results.setdefault((label, n_ok), []).append(row_auroc(full, changes, fit[:n_ok], ev, labels))
+            print(f"  split {seed}: {label:40s} {n_ok} OK  AUROC {results[(label, n_ok)][-1]:.3f} "
+                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+        del fit, ev
+    print("\n| poly demo splits | OK fitted | " + " | ".join(f"split {s}" for s in seeds) + " | mean |")
+    print("| --- | --- |" + " --- |" * (len(seeds) + 1))
+    for (label, n_ok), aucs in results.items():
+        print(f"| {label} | {n_ok} | " + " | ".join(f"{a:.3f}" for a in aucs) + f" | {np.mean(aucs):.3f} |")
 ANOMALIB_PY = Path(__file__).resolve().parents[1] / ".venv-bench" / "bin" / "python"
 
 
@@ -171,6 +223,10 @@ def main() -> None:
                     help="every row with this --contrast rule (each cell's grey levels stretched, or its shading "
                          "flattened and then stretched, before the network)")
     ap.add_argument("--no-anomalib", action="store_true", help="--demo-splits without anomalib's column")
+    ap.add_argument("--models", action="store_true",
+                    help="--demo-splits: patchcore and padim-kmeans settings against padim instead")
+    ap.add_argument("--only", default="", metavar="MODEL",
+                    help="--models: only the rows of this model (e.g. padim-kmeans) beside the recommended padim")
     args = ap.parse_args()
     torch.set_num_threads(2)
     full = Detector.create(DetectorConfig(n_channels=None, contrast=args.contrast))
@@ -183,6 +239,9 @@ def main() -> None:
         return
     if args.demo_splits:
         lo, _, hi = args.demo_splits.partition("-")
+        if args.models:
+            model_splits(full, embed, list(range(int(lo), int(hi or lo) + 1)), args.only)
+            return
         demo_splits(full, embed, list(range(int(lo), int(hi or lo) + 1)), args.anomalib_at, not args.no_anomalib)
         return
     results: dict[tuple[str, int], list[float]] = {}

@@ -368,7 +368,7 @@ class InspectionSession:
 
     def feature_choices(self) -> list[tuple[str, int]] | None:
         """(label, ``neighbourhood``) of the patch features the recipe's model can be fitted
-        on (PaDiM, PatchCore); None for models without that setting."""
+        on (PaDiM, PatchCore, the k-means mixture); None for models without that setting."""
         if "neighbourhood" not in MODELS[self.config.model].param_ranges:
             return None
         return [("Features: own patch", 1), ("Features: 3 × 3 mean", 3)]

@@ -112,10 +112,12 @@ def test_channel_weights_of_one_change_nothing():
     torch.testing.assert_close(model.score(probe), base)
 
 
-def test_save_load_round_trip_gives_identical_scores(tiny_config, part_images, tmp_path):
+@pytest.mark.parametrize("params", [{}, {"tied": 1, "neighbourhood": 3}])
+def test_save_load_round_trip_gives_identical_scores(tiny_config, part_images, tmp_path, params):
     ok, ng = part_images
-    det = run_job(fit_job(ok, tiny_config.with_(model="padim-kmeans"), CancelToken())).detector
+    det = run_job(fit_job(ok, tiny_config.with_(model="padim-kmeans", model_params=params), CancelToken())).detector
     back = load_detector(save_detector(det, tmp_path / "m.okng"))
+    assert back.model.params() == det.model.params() and back.model.tied == params.get("tied", 0)
     from core.imageio import load_image
     imgs = [load_image(p) for p in ng + ok[:2]]
     emb = det.embed(imgs)
@@ -125,10 +127,13 @@ def test_save_load_round_trip_gives_identical_scores(tiny_config, part_images, t
         KMeansPadimModel((2, 2), 3, components=0)
 
 
-def test_feedback_refreshes_only_touched_components_and_equals_a_fresh_derivation():
+@pytest.mark.parametrize("tied", [0, 1])
+def test_feedback_refreshes_only_touched_components_and_equals_a_fresh_derivation(tied):
+    """A feedback sample joins one component; its own precision is recomputed, or with
+    ``tied=1`` the shared precision of every component at that position."""
     rng = np.random.default_rng(5)
     train, _ = clustered(rng)
-    model = KMeansPadimModel((2, 3), 4)
+    model = KMeansPadimModel((2, 3), 4, tied=tied)
     model.partial_fit(torch.from_numpy(train))
     model.finalize()
     untouched = model._precisions.clone()
@@ -138,9 +143,61 @@ def test_feedback_refreshes_only_touched_components_and_equals_a_fresh_derivatio
     probe = torch.from_numpy(train[:3] + 0.7)
     got = model.score(probe)
     changed = (model._precisions != untouched).any(-1)  # (components, patches)
-    assert int(changed.sum()) == 1 and bool(changed[:, 1].any())  # patch (0, 1) is patch 1
-    fresh = KMeansPadimModel((2, 3), 4)
+    # patch (0, 1) is patch 1: one component of it, or all three when tied
+    assert int(changed.sum()) == (3 if tied else 1) and int(changed[:, 1].sum()) == (3 if tied else 1)
+    fresh = KMeansPadimModel((2, 3), 4, tied=tied)
     fresh.load_tensors(model.tensors())
     torch.testing.assert_close(fresh.score(probe), got)
     clone = model.copy()
     torch.testing.assert_close(clone.score(probe), got)
+
+
+def tied_reference(train, labels, test, eps=EPS):
+    """Min over true clusters of the Mahalanobis distance under one covariance per patch:
+    every sample's offset from its own cluster's mean, pooled, over N - (clusters used)."""
+    n, c, h, w = train.shape
+    out = np.full((test.shape[0], h, w), np.inf)
+    for i in range(h):
+        for j in range(w):
+            x, lab = train[:, :, i, j].astype(np.float64), labels[:, i, j]
+            means = {k: x[lab == k].mean(0) for k in np.unique(lab)}
+            resid = x - np.stack([means[k] for k in lab])
+            inv = np.linalg.inv(resid.T @ resid / (n - len(means)) + eps * np.eye(c))
+            for b in range(test.shape[0]):
+                out[b, i, j] = min(np.sqrt((test[b, :, i, j] - mu) @ inv @ (test[b, :, i, j] - mu))
+                                   for mu in means.values())
+    return out
+
+
+def test_tied_components_share_one_covariance_pooled_over_all_samples():
+    """With fewer samples per component than channels each component's own covariance is
+    mostly epsilon; ``tied=1`` estimates one per position from every sample (a mixture with
+    tied covariance)."""
+    rng = np.random.default_rng(6)
+    train, labels = clustered(rng)
+    test = train[:6] + rng.normal(0, 2, train[:6].shape).astype(np.float32)
+    model = KMeansPadimModel((2, 3), 4, components=3, epsilon=EPS, tied=1)
+    model.partial_fit(torch.from_numpy(train))
+    got = model.score(torch.from_numpy(test)).numpy()
+    np.testing.assert_allclose(got, tied_reference(train, labels, test), rtol=1e-3)
+    assert not np.allclose(got, reference(train, labels, test), rtol=1e-2)
+    assert torch.equal(model._precisions[0], model._precisions[2])
+
+
+def test_neighbourhood_averages_patches_first_as_padim_does():
+    rng = np.random.default_rng(8)
+    train = torch.from_numpy(rng.normal(0, 1, (30, 5, 4, 4)).astype(np.float32))
+    probe = torch.from_numpy(rng.normal(0, 1, (3, 5, 4, 4)).astype(np.float32))
+    for tied in (0, 1):
+        mix = KMeansPadimModel((4, 4), 5, components=1, neighbourhood=3, tied=tied)
+        mix.partial_fit(train)
+        padim = PadimModel((4, 4), 5, neighbourhood=3)
+        padim.partial_fit(train)
+        torch.testing.assert_close(mix.score(probe), padim.score(probe), rtol=1e-4, atol=1e-4)
+    plain = KMeansPadimModel((4, 4), 5, components=1)
+    plain.partial_fit(train)
+    assert not torch.allclose(plain.score(probe), mix.score(probe), rtol=1e-2)
+    for bad in ({"tied": 2}, {"neighbourhood": 2}):
+        with pytest.raises(ValueError):
+            KMeansPadimModel((4, 4), 5, **bad)
+

@@ -22,6 +22,8 @@ def test_each_model_shows_its_own_features_setting_or_none(session):
     s = session
     s.set_model("patchcore")
     assert s.neighbourhood() == 3  # PatchCore's own default: locally aware features
+    s.set_model("padim-kmeans")
+    assert s.neighbourhood() == 1  # the mixture's own default: each patch on its own
     s.set_model("favae")
     assert s.feature_choices() is None and s.neighbourhood() is None
     s.set_neighbourhood(3)  # nothing to set: nothing changes
