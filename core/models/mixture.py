@@ -146,8 +146,9 @@ class KMeansPadimModel(NormalityModel):
         if self._stale:
             self._derive()
         p, k = self.n_patches, self.components
-        x = patches_first(self.features(emb))  # (P, B, C)
-        nearest = self._component_distances(patches_first(self.weighted(emb))).argmin(2)
+        feats = self.features(emb)
+        x = patches_first(feats)  # (P, B, C)
+        nearest = self._component_distances(patches_first(NormalityModel.weighted(self, feats))).argmin(2)
         weight = torch.nn.functional.one_hot(nearest, k).permute(0, 2, 1).to(torch.float64)  # (P, K, B)
         if patch_mask is not None:
             weight = weight * patches_first(patch_mask[:, None].to(torch.float64))[..., 0][:, None, :]

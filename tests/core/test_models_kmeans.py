@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from core import CancelToken, fit_job, load_detector, run_job, save_detector
+from core.models.base import local_features
 from core.models.mixture import KMeansPadimModel
 from core.models.padim import PadimModel
 
@@ -194,6 +195,14 @@ def test_neighbourhood_averages_patches_first_as_padim_does():
         padim = PadimModel((4, 4), 5, neighbourhood=3)
         padim.partial_fit(train)
         torch.testing.assert_close(mix.score(probe), padim.score(probe), rtol=1e-4, atol=1e-4)
+    # with several components too: the plain mixture on averaged features, fit and feedback
+    three = KMeansPadimModel((4, 4), 5, components=3, neighbourhood=3, tied=1)
+    on_means = KMeansPadimModel((4, 4), 5, components=3, tied=1)
+    for model, data in ((three, train), (on_means, local_features(train, 3))):
+        model.partial_fit(data[:25])
+        model.finalize()
+        model.partial_fit(data[25:], torch.rand(5, 4, 4, generator=torch.Generator().manual_seed(0)) > 0.5)
+    torch.testing.assert_close(three.score(probe), on_means.score(local_features(probe, 3)))
     plain = KMeansPadimModel((4, 4), 5, components=1)
     plain.partial_fit(train)
     assert not torch.allclose(plain.score(probe), mix.score(probe), rtol=1e-2)
