@@ -159,6 +159,8 @@ def model_splits(full: Detector, embed, seeds: list[int], only: str = "") -> Non
     print("| --- | --- |" + " --- |" * (len(seeds) + 1))
     for (label, n_ok), aucs in results.items():
         print(f"| {label} | {n_ok} | " + " | ".join(f"{a:.3f}" for a in aucs) + f" | {np.mean(aucs):.3f} |")
+
+
 ANOMALIB_PY = Path(__file__).resolve().parents[1] / ".venv-bench" / "bin" / "python"
 
 
